@@ -10,7 +10,7 @@ Every error the service raises on purpose derives from one root, so callers can 
     ├── ConfigError          bad configuration; names the offending field
     ├── ModelError           model file or manifest missing, corrupt or inconsistent
     ├── SchemaError          an Avro schema that cannot be parsed or does not fit
-    ├── BrokerError          Kafka is unreachable or refused a request (carries topic/partition/offset)
+    ├── BrokerError          Kafka unreachable or a request refused (topic/partition/offset)
     │   └── DeliveryError    the broker did not acknowledge a prediction or dead letter
     ├── ScoringError         the model failed on a batch
     └── LocalKafkaError      the local development broker could not be fetched, started or stopped
