@@ -1,0 +1,70 @@
+"""Values that flow between the stages, and the small protocols the stages depend on.
+
+Nothing here imports Kafka: a confluent-kafka ``Message`` satisfies ``Message`` structurally,
+and unit tests pass plain objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+Headers = Sequence[tuple[str, bytes | None]]
+
+
+class Message(Protocol):
+    """The parts of a consumed Kafka record the pipeline reads."""
+
+    def topic(self) -> str | None: ...  # noqa: D102
+    def partition(self) -> int | None: ...  # noqa: D102
+    def offset(self) -> int | None: ...  # noqa: D102
+    def key(self) -> bytes | None: ...  # noqa: D102
+    def value(self) -> bytes | None: ...  # noqa: D102
+    def headers(self) -> Headers | None: ...  # noqa: D102
+    def timestamp(self) -> tuple[int, int]: ...  # noqa: D102
+
+
+class Stage(StrEnum):
+    """The pipeline stage at which a record was rejected."""
+
+    DECODE = "decode"
+    FEATURES = "features"
+    SCORE = "score"
+    ENCODE = "encode"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that cannot be scored, with everything needed to find and replay it.
+
+    Attributes:
+        message: the original record (its key, value and headers are published unchanged).
+        stage: where it was rejected.
+        reason: a short stable code, e.g. ``truncated`` or ``non_finite``; metrics label.
+        error_type: the exception class (or ``stream_scorer`` for our own guards).
+        error_message: a human-readable explanation.
+    """
+
+    message: Message
+    stage: Stage
+    reason: str
+    error_type: str
+    error_message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A record that decoded cleanly."""
+
+    message: Message
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A prediction ready to publish: the encoded value and the record it answers."""
+
+    message: Message
+    value: bytes

@@ -1,0 +1,195 @@
+"""Source: the group consumer, handing out batches and committing delivered offsets.
+
+Rebalance and broker errors are kept as values for the main loop to raise.
+
+Offsets: ``enable.auto.offset.store`` is off, so only offsets the worker stores — those whose
+records' outputs the broker acknowledged — are ever committed (by auto-commit, on revoke and at
+shutdown).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from stream_scorer.errors import BrokerError
+from stream_scorer.metrics import Metrics, lag_from_stats
+from stream_scorer.records import Message
+
+log = logging.getLogger(__name__)
+
+Partitions = list[tuple[str, int]]
+#: Called with partitions about to be revoked (cleanly: commit what is done) or lost.
+RevokeHook = Callable[[Partitions], None]
+
+
+class Source:
+    """A subscribed consumer that hands out batches."""
+
+    def __init__(
+        self,
+        settings: dict[str, str],
+        topic: str,
+        metrics: Metrics,
+        *,
+        unreachable_timeout_s: float,
+        on_revoke: RevokeHook,
+        on_lost: RevokeHook,
+    ) -> None:
+        """Prepare a consumer; it is created and subscribed on ``__enter__``."""
+        self._settings = settings
+        self._topic = topic
+        self._metrics = metrics
+        self._unreachable_timeout = unreachable_timeout_s
+        self._on_revoke_hook = on_revoke
+        self._on_lost_hook = on_lost
+        self._errors: list[BrokerError] = []
+        self._down_since: float | None = None
+        self._assigned: set[tuple[str, int]] = set()
+        self._consumer: Any = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Source:
+        settings: dict[str, Any] = dict(self._settings)
+        settings["error_cb"] = self._on_error
+        settings["stats_cb"] = self._on_stats
+        try:
+            self._consumer = Consumer(settings)
+            self._consumer.subscribe(
+                [self._topic],
+                on_assign=self._assigned_cb,
+                on_revoke=self._revoked_cb,
+                on_lost=self._lost_cb,
+            )
+        except KafkaException as exc:
+            raise BrokerError(f"cannot create the consumer: {exc}", topic=self._topic) from exc
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()  # commits stored offsets and leaves the group
+            except (KafkaException, RuntimeError) as err:
+                log.warning("consumer close failed: %s", err)
+            self._consumer = None
+
+    # --- callbacks: never raise ------------------------------------------------------------
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._down_since = self._down_since or time.monotonic()
+        if err.fatal():
+            self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
+        else:
+            log.warning("kafka: %s", err)
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            self._metrics.update_lag(lag_from_stats(stats_json))
+            brokers = json.loads(stats_json).get("brokers", {}).values()
+            if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
+                self._down_since = None
+        except Exception as exc:  # statistics are advisory; never let them break the loop
+            log.warning("cannot parse librdkafka statistics: %s", exc)
+
+    def _assigned_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._assigned.update((p.topic, p.partition) for p in partitions)
+        self._metrics.assigned_partitions.set(len(self._assigned))
+        log.info("assigned %s", sorted(p.partition for p in partitions))
+
+    def _drop(self, partitions: list[TopicPartition], hook: RevokeHook, what: str) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        try:
+            hook(tps)
+        except Exception as exc:  # recorded, raised by the main loop
+            self._errors.append(BrokerError(f"handling {what} partitions failed: {exc}"))
+        self._assigned.difference_update(tps)
+        self._metrics.forget_partitions(tps)
+        self._metrics.assigned_partitions.set(len(self._assigned))
+        log.info("%s %s", what, sorted(p for _t, p in tps))
+
+    def _revoked_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._drop(partitions, self._on_revoke_hook, "revoked")
+
+    def _lost_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._drop(partitions, self._on_lost_hook, "lost")
+
+    # --- the main loop's calls -------------------------------------------------------------
+    def poll_batch(self, max_records: int, max_wait_s: float) -> list[Message]:
+        """Return up to ``max_records`` records, waiting at most ``max_wait_s`` for a full batch.
+
+        Raises:
+            BrokerError: a non-retriable consume error (unknown topic, authorization, …).
+        """
+        try:
+            messages = self._consumer.consume(num_messages=max_records, timeout=max_wait_s)
+        except KafkaException as exc:
+            raise BrokerError(f"consume failed: {exc}", topic=self._topic) from exc
+        batch: list[Message] = []
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                batch.append(msg)
+            elif err.code() == KafkaError._PARTITION_EOF:
+                continue
+            elif err.retriable() or (not err.fatal() and err.code() < 0):
+                log.warning("consume: %s", err)
+            else:
+                raise BrokerError(
+                    f"consume error: {err}", topic=msg.topic(), partition=msg.partition()
+                )
+        if batch:
+            self._down_since = None
+        return batch
+
+    def store(self, offsets: list[tuple[str, int, int]]) -> None:
+        """Store ``(topic, partition, next_offset)`` for commit; skips unassigned partitions."""
+        tps = [TopicPartition(t, p, o) for t, p, o in offsets if (t, p) in self._assigned]
+        if tps:
+            try:
+                self._consumer.store_offsets(offsets=tps)
+            except KafkaException as exc:
+                log.warning("store_offsets: %s", exc)
+
+    def commit(self, offsets: list[tuple[str, int, int]] | None = None) -> None:
+        """Commit synchronously: ``offsets`` if given, else everything stored.
+
+        Failures are logged, not raised: uncommitted records are redelivered (at-least-once),
+        and a commit during a rebalance may fail with an invalid generation.
+        """
+        try:
+            if offsets is None:
+                self._consumer.commit(asynchronous=False)
+            elif offsets:
+                tps = [TopicPartition(t, p, o) for t, p, o in offsets]
+                self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit: %s", exc)
+
+    def raise_errors(self) -> None:
+        """Raise a recorded fatal error, or one when no broker answered for too long."""
+        if self._errors:
+            raise self._errors[0]
+        if self._down_since is not None:
+            down = time.monotonic() - self._down_since
+            if down > self._unreachable_timeout:
+                raise BrokerError(
+                    f"no broker reachable for {down:.0f} s "
+                    f"(kafka.unreachable_timeout_s = {self._unreachable_timeout:.0f})"
+                )
+
+    @property
+    def assignment(self) -> set[tuple[str, int]]:
+        """Partitions currently assigned."""
+        return set(self._assigned)
