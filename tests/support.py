@@ -1,0 +1,193 @@
+"""Shared test helpers: a second, non-example schema, tiny models, plain message objects."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import xgboost as xgb
+
+from stream_scorer.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
+
+# A second input contract, unlike the example: nested record, boolean, float, string category.
+PAYMENT_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "Payment",
+    "namespace": "test.payments",
+    "fields": [
+        {"name": "txn_id", "type": "string"},
+        {"name": "amount", "type": "float"},
+        {"name": "card_present", "type": "boolean"},
+        {"name": "country", "type": "string"},
+        {
+            "name": "channel",
+            "type": {"type": "enum", "name": "Channel", "symbols": ["WEB", "POS", "APP"]},
+        },
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {
+            "name": "customer",
+            "type": {
+                "type": "record",
+                "name": "Customer",
+                "fields": [
+                    {"name": "age", "type": ["null", "int"], "default": None},
+                    {"name": "tenure_days", "type": "long"},
+                ],
+            },
+        },
+    ],
+}
+
+PAYMENT_FEATURES = (
+    FeatureSpec("amount", "amount"),
+    FeatureSpec("card_present", "card_present"),
+    FeatureSpec("country", "country", "category", ("DE", "FR", "NL", "US")),
+    FeatureSpec("channel", "channel", "category", ("WEB", "POS", "APP")),
+    FeatureSpec("hour", "at", "hour_of_day"),
+    FeatureSpec("age", "customer.age"),
+    FeatureSpec("tenure", "customer.tenure_days"),
+)
+
+COUNTRIES = ("DE", "FR", "NL", "US")
+CHANNELS = ("WEB", "POS", "APP")
+
+
+def payments(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Generate ``n`` payment records."""
+    rng = np.random.default_rng(seed)
+    base = 1_763_900_000_000
+    out = []
+    for i in range(n):
+        out.append(
+            {
+                "txn_id": f"txn-{seed}-{i}",
+                "amount": float(np.float32(rng.gamma(2.0, 40.0))),
+                "card_present": bool(rng.random() < 0.6),
+                "country": COUNTRIES[int(rng.integers(0, 4))],
+                "channel": CHANNELS[int(rng.integers(0, 3))],
+                "at": base + int(rng.integers(0, 86_400_000)),
+                "customer": {
+                    "age": None if rng.random() < 0.2 else int(rng.integers(18, 90)),
+                    "tenure_days": int(rng.integers(0, 3000)),
+                },
+            }
+        )
+    return out
+
+
+def payment_matrix(records: list[dict[str, Any]]) -> np.ndarray:
+    """The classifier's features computed independently of stream_scorer.features."""
+    rows = []
+    for r in records:
+        hour = datetime.fromtimestamp(r["at"] / 1000, tz=UTC).hour
+        age = r["customer"]["age"]
+        rows.append(
+            [
+                r["amount"],
+                1.0 if r["card_present"] else 0.0,
+                COUNTRIES.index(r["country"]),
+                CHANNELS.index(r["channel"]),
+                hour,
+                np.nan if age is None else age,
+                r["customer"]["tenure_days"],
+            ]
+        )
+    return np.asarray(rows, dtype=np.float32)
+
+
+def fraud_labels(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A learnable binary target."""
+    rng = np.random.default_rng(seed)
+    score = 0.02 * x[:, 0] - 1.5 * x[:, 1] + 0.8 * (x[:, 3] == 0) + rng.normal(0, 0.5, len(x))
+    return (score > 1.0).astype(np.float32)
+
+
+def train_model(
+    model_dir: Path,
+    features: tuple[FeatureSpec, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    objective: str,
+    *,
+    version: str = "test-model-1",
+    threshold: float = 0.5,
+    rounds: int = 20,
+) -> Manifest:
+    """Train a small booster and save it with its manifest."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dtrain = xgb.DMatrix(x, label=y, feature_names=[f.name for f in features])
+    booster = xgb.train({"objective": objective, "max_depth": 3, "nthread": 1}, dtrain, rounds)
+    path = model_dir / "model.ubj"
+    booster.save_model(str(path))
+    manifest = Manifest(
+        model_version=version,
+        model_file="model.ubj",
+        model_sha256=sha256_file(path),
+        objective=objective,
+        features=features,
+        xgboost_version=xgb.__version__,
+        threshold=threshold,
+    )
+    write_manifest(model_dir, manifest)
+    return manifest
+
+
+def train_payment_classifier(model_dir: Path, *, threshold: float = 0.5) -> Manifest:
+    """Train the binary classifier over the payment schema."""
+    x = payment_matrix(payments(2000, seed=99))
+    return train_model(
+        model_dir, PAYMENT_FEATURES, x, fraud_labels(x), "binary:logistic", threshold=threshold
+    )
+
+
+def write_schema(path: Path, schema: dict[str, Any]) -> Path:
+    """Write an Avro schema as JSON and return its path."""
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    return path
+
+
+def avro(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
+    """Encode one record, schemaless."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), record)
+    return buf.getvalue()
+
+
+@dataclass
+class Msg:
+    """A plain object with the Message protocol's methods."""
+
+    val: bytes | None
+    k: bytes | None = b"key"
+    t: str = "in"
+    p: int = 0
+    o: int = 0
+    ts: int = 1_763_900_000_000
+    hdrs: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+    def topic(self) -> str:
+        return self.t
+
+    def partition(self) -> int:
+        return self.p
+
+    def offset(self) -> int:
+        return self.o
+
+    def key(self) -> bytes | None:
+        return self.k
+
+    def value(self) -> bytes | None:
+        return self.val
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return self.hdrs
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self.ts)

@@ -1,0 +1,141 @@
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stream_scorer.config import consumer_settings, load_config, producer_settings
+from stream_scorer.errors import ConfigError
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "model").mkdir()
+    return {
+        "kafka": {"bootstrap_servers": "h:1"},
+        "input": {
+            "topic": "in",
+            "group_id": "g",
+            "schema": str(ROOT / "schemas" / "prediction.v1.avsc"),
+            "id_field": "id",
+        },
+        "output": {"topic": "out", "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
+        "dead_letter": {"topic": "dlq"},
+        "model": {"path": str(tmp_path / "model")},
+    }
+
+
+def _write(tmp_path: Path, raw: dict[str, Any], name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field", "message"),
+    [
+        ("batch.max_records", 0, "batch.max_records", "greater than 0"),
+        ("batch.max_records", "many", "batch.max_records", "integer"),
+        ("batch.max_wait_ms", -5, "batch.max_wait_ms", "greater than 0"),
+        ("batch.speed", 3, "batch.speed", "unknown key"),
+        ("surprise", {}, "surprise", "unknown key"),
+        ("input.topic", _DELETE, "input.topic", "required"),
+        ("input.topic", "", "input.topic", "empty"),
+        ("output.topic", "in", "output.topic", "must differ"),
+        ("model.path", "/nonexistent/model", "model.path", "no such directory"),
+        ("model.threshold", 1.5, "model.threshold", "between 0 and 1"),
+        ("input.schema", "/nope.avsc", "input.schema", "no such file"),
+        ("metrics.port", 70000, "metrics.port", "port"),
+        ("worker.idle_timeout_s", "soon", "worker.idle_timeout_s", "number"),
+        ("kafka.consumer", {"group.id": "x"}, "kafka.consumer.group.id", "set by stream-scorer"),
+        ("kafka.client", "sasl", "kafka.client", "table"),
+    ],
+)
+def test_bad_config_names_the_field(
+    tmp_path: Path, base: dict[str, Any], key: str, value: Any, field: str, message: str
+) -> None:
+    _set(base, key, value)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(_write(tmp_path, base), environ={})
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_environment_overrides_file_and_passthrough_keys(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    env = {
+        "STREAM_SCORER_BATCH__MAX_RECORDS": "250",
+        "STREAM_SCORER_KAFKA__CLIENT__SASL_PASSWORD": "hunter2",
+        "STREAM_SCORER_KAFKA__CONSUMER__FETCH_MIN_BYTES": "1",
+        "OTHER": "ignored",
+    }
+    cfg = load_config(_write(tmp_path, base), environ=env)
+    assert cfg.batch.max_records == 250
+    assert consumer_settings(cfg, "w")["fetch.min.bytes"] == "1"
+    assert producer_settings(cfg, "w")["sasl.password"] == "hunter2"
+    assert "hunter2" not in repr(cfg)  # secrets stay out of logs
+    with pytest.raises(ConfigError, match="batch.max_records"):
+        load_config(_write(tmp_path, base), environ={"STREAM_SCORER_BATCH__MAX_RECORDS": "x"})
+
+
+def test_toml_and_relative_paths(tmp_path: Path, base: dict[str, Any]) -> None:
+    toml = f"""
+[kafka]
+bootstrap_servers = "h:1"
+[input]
+topic = "in"
+group_id = "g"
+schema = "{ROOT / "schemas" / "prediction.v1.avsc"}"
+id_field = "id"
+[output]
+topic = "out"
+schema = "{ROOT / "schemas" / "prediction.v1.avsc"}"
+[dead_letter]
+topic = "dlq"
+[model]
+path = "model"
+threshold = 0.3
+"""
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    cfg = load_config(path, environ={})
+    assert cfg.model.path == tmp_path / "model"
+    assert cfg.model.threshold == 0.3
+    assert cfg.batch.max_records == 1000  # default
+
+
+def test_consumer_never_stores_offsets_automatically(tmp_path: Path, base: dict[str, Any]) -> None:
+    settings = consumer_settings(load_config(_write(tmp_path, base), environ={}), "w1")
+    assert settings["enable.auto.offset.store"] == "false"
+    assert settings["group.id"] == "g"
+
+
+def test_shipped_example_config_loads() -> None:
+    raw = yaml.safe_load((ROOT / "deploy" / "config" / "rides.yaml").read_text())
+    assert set(raw) == {
+        "kafka",
+        "input",
+        "output",
+        "dead_letter",
+        "model",
+        "batch",
+        "worker",
+        "metrics",
+    }

@@ -1,0 +1,172 @@
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import pytest
+import xgboost as xgb
+from support import (
+    PAYMENT_SCHEMA,
+    Msg,
+    avro,
+    payment_matrix,
+    payments,
+    train_payment_classifier,
+)
+
+from stream_scorer.decode import Decoder, load_schema
+from stream_scorer.encode import PredictionEncoder
+from stream_scorer.errors import DeliveryError
+from stream_scorer.features import FeatureBuilder
+from stream_scorer.metrics import Metrics
+from stream_scorer.offsets import OffsetTracker
+from stream_scorer.pipeline import Pipeline
+from stream_scorer.records import DeadLetter, Stage
+from stream_scorer.score import Scorer
+from stream_scorer.sink import Sink, SinkContext
+
+PREDICTION_SCHEMA = Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("payments")
+    train_payment_classifier(path, threshold=0.4)
+    return path
+
+
+def _pipeline(model_dir: Path, timer: Any = None) -> Pipeline:
+    scorer = Scorer(model_dir)
+    kwargs = {"timer": timer} if timer else {}
+    return Pipeline(
+        Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
+        FeatureBuilder(scorer.manifest.features),
+        scorer,
+        PredictionEncoder(load_schema(PREDICTION_SCHEMA)),
+        id_field="txn_id",
+        event_time_field="at",
+        clock=lambda: 1_800_000_000.0,
+        **kwargs,
+    )
+
+
+def test_batch_with_bad_records_scores_the_rest_exactly_like_xgboost(model_dir: Path) -> None:
+    recs = payments(20, seed=11)
+    inf = dict(recs[4], amount=math.inf)
+    msgs = [Msg(avro(PAYMENT_SCHEMA, r), o=i) for i, r in enumerate(recs)]
+    msgs[4] = Msg(avro(PAYMENT_SCHEMA, inf), o=4)
+    msgs[7] = Msg(b"\x00\x01", o=7)
+    stages: list[str] = []
+    result = _pipeline(model_dir, lambda s, _t: stages.append(s)).process(msgs)
+
+    assert stages == ["decode", "features", "predict", "encode"]
+    assert sorted((d.message.offset(), d.stage, d.reason) for d in result.dead) == [
+        (4, Stage.FEATURES, "non_finite"),
+        (7, Stage.DECODE, "truncated"),
+    ]
+    good = [r for i, r in enumerate(recs) if i not in (4, 7)]
+    assert [s.message.offset() for s in result.scored] == [i for i in range(20) if i not in (4, 7)]
+    expected = xgb.Booster(model_file=str(model_dir / "model.ubj")).inplace_predict(
+        payment_matrix(good)
+    )
+    schema = load_schema(PREDICTION_SCHEMA)
+    decoded = [fastavro.schemaless_reader(io.BytesIO(s.value), schema, None) for s in result.scored]
+    np.testing.assert_allclose([d["prediction"] for d in decoded], expected, rtol=1e-6)
+    assert [d["label"] for d in decoded] == [int(p >= 0.4) for p in expected]
+    assert [d["input_id"] for d in decoded] == [r["txn_id"] for r in good]
+    assert [int(d["event_time"].timestamp() * 1000) for d in decoded] == [r["at"] for r in good]
+    assert {int(d["scored_at"].timestamp()) for d in decoded} == {1_800_000_000}
+    assert {d["model_version"] for d in decoded} == {"test-model-1"}
+
+
+class FakeProducer:
+    """A plain producer object: records calls, delivers on poll/flush."""
+
+    def __init__(self, fail_topic: str | None = None, full_times: int = 0) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.pending: list[Any] = []
+        self.fail_topic = fail_topic
+        self.full_times = full_times
+
+    def produce(
+        self,
+        topic: str,
+        value: Any = None,
+        key: Any = None,
+        *,
+        on_delivery: Any = None,
+        headers: Any = None,
+    ) -> None:
+        if self.full_times:
+            self.full_times -= 1
+            raise BufferError("queue full")
+        self.sent.append({"topic": topic, "value": value, "key": key, "headers": dict(headers)})
+        self.pending.append((on_delivery, "boom" if topic == self.fail_topic else None))
+
+    def poll(self, timeout: float = 0) -> int:
+        done, self.pending = self.pending, []
+        for callback, err in done:
+            callback(err, None)
+        return len(done)
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll()
+        return 0
+
+
+CTX = SinkContext("out", "dlq", "grp", "w1", "v9")
+
+
+def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
+    producer, tracker, metrics = FakeProducer(), OffsetTracker(), Metrics()
+    msg = Msg(b"\xde\xad", k=b"k1", t="in", p=2, o=17, ts=123, hdrs=[("trace", b"abc")])
+    tracker.track("in", 2, 17)
+    Sink(producer, CTX, tracker, metrics).publish(
+        [], [DeadLetter(msg, Stage.DECODE, "truncated", "EOFError", "short")]
+    )
+    [sent] = producer.sent
+    assert (sent["topic"], sent["value"], sent["key"]) == ("dlq", b"\xde\xad", b"k1")
+    h = sent["headers"]
+    assert h["trace"] == b"abc"
+    assert h["__connect.errors.topic"] == b"in"
+    assert h["__connect.errors.partition"] == b"2"
+    assert h["__connect.errors.offset"] == b"17"
+    assert h["__connect.errors.stage"] == b"decode"
+    assert h["__connect.errors.exception.class.name"] == b"EOFError"
+    assert h["__connect.errors.exception.message"] == b"short"
+    assert h["stream_scorer.error.reason"] == b"truncated"
+    assert h["stream_scorer.original.timestamp"] == b"123"
+    assert h["stream_scorer.consumer.group"] == b"grp"
+    assert h["stream_scorer.worker.id"] == b"w1"
+    assert tracker.take_committable() == [("in", 2, 18)]  # acked on delivery
+    assert (
+        metrics.registry.get_sample_value(
+            "stream_scorer_dead_letters_total", {"stage": "decode", "reason": "truncated"}
+        )
+        == 1
+    )
+
+
+def test_failed_delivery_is_raised_by_the_loop_not_the_callback_and_blocks_commit() -> None:
+    producer, tracker = FakeProducer(fail_topic="out"), OffsetTracker()
+    tracker.track("in", 0, 5)
+    sink = Sink(producer, CTX, tracker, Metrics())
+    from stream_scorer.records import Scored
+
+    sink.publish([Scored(Msg(b"x", o=5), b"pred")], [])  # callback runs inside poll: no raise
+    assert tracker.take_committable() == []
+    with pytest.raises(DeliveryError, match=r"prediction.*\[in\[0\]@5\]"):
+        sink.raise_errors()
+
+
+def test_full_queue_is_retried() -> None:
+    producer, tracker = FakeProducer(full_times=3), OffsetTracker()
+    tracker.track("in", 0, 0)
+    from stream_scorer.records import Scored
+
+    Sink(producer, CTX, tracker, Metrics()).publish([Scored(Msg(b"x"), b"pred")], [])
+    assert len(producer.sent) == 1
+    assert producer.sent[0]["headers"]["stream_scorer.model.version"] == b"v9"
+    assert tracker.take_committable() == [("in", 0, 1)]
