@@ -191,3 +191,110 @@ class Msg:
 
     def timestamp(self) -> tuple[int, int]:
         return (1, self.ts)
+
+
+# --- Kafka helpers for integration tests ----------------------------------------------------
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:
+    """Read every committed record of ``topic`` up to its current end offsets."""
+    import time
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": "false",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        ends = {}
+        for p in meta.partitions:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        out: list[Any] = []
+        positions = dict.fromkeys(ends, 0)
+        deadline = time.monotonic() + timeout
+        while any(positions[p] < ends[p] for p in ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"read {len(out)} records of {topic}; positions {positions} ends {ends}"
+                )
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error():
+                    raise RuntimeError(msg.error())
+                out.append(msg)
+                positions[msg.partition()] = msg.offset() + 1
+        return out
+    finally:
+        consumer.close()
+
+
+def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """High watermark minus committed offset per partition, for ``group``."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": "false"}
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        tps = [TopicPartition(topic, p) for p in meta.partitions]
+        committed = consumer.committed(tps, timeout=10)
+        lag = {}
+        for tp in committed:
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, tp.partition), timeout=10
+            )
+            lag[tp.partition] = high - (tp.offset if tp.offset >= 0 else 0)
+        return lag
+    finally:
+        consumer.close()
+
+
+def produce_raw(
+    bootstrap: str,
+    topic: str,
+    items: list[tuple[bytes | None, bytes | None]],
+    partitions: int,
+    *,
+    per_second: float | None = None,
+) -> None:
+    """Produce ``(key, value)`` pairs round-robin over partitions and wait for every ack.
+
+    With ``per_second``, production is paced in chunks of 1% of the items.
+    """
+    import threading
+    import time
+
+    from confluent_kafka import Producer
+
+    pace = threading.Event()  # never set: its wait() paces production
+    started = time.monotonic()
+    chunk = max(1, len(items) // 100)
+
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": "true", "linger.ms": "5"}
+    )
+    errors: list[Any] = []
+    for i, (key, value) in enumerate(items):
+        producer.produce(
+            topic,
+            value=value,
+            key=key,
+            partition=i % partitions,
+            headers=[("origin", b"test")],
+            on_delivery=lambda err, _m: errors.append(err) if err else None,
+        )
+        producer.poll(0)
+        if per_second and (i + 1) % chunk == 0:
+            pace.wait(max(0.0, started + (i + 1) / per_second - time.monotonic()))
+    assert producer.flush(30) == 0
+    assert errors == []

@@ -91,7 +91,7 @@ def test_environment_overrides_file_and_passthrough_keys(
     assert consumer_settings(cfg, "w")["fetch.min.bytes"] == "1"
     assert producer_settings(cfg, "w")["sasl.password"] == "hunter2"
     assert "hunter2" not in repr(cfg)  # secrets stay out of logs
-    with pytest.raises(ConfigError, match="batch.max_records"):
+    with pytest.raises(ConfigError, match=r"batch\.max_records"):
         load_config(_write(tmp_path, base), environ={"STREAM_SCORER_BATCH__MAX_RECORDS": "x"})
 
 

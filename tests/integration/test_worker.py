@@ -1,0 +1,248 @@
+"""The worker against a real broker, with a second schema (not the example) and a classifier."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import pytest
+import xgboost as xgb
+import yaml
+from support import (
+    PAYMENT_SCHEMA,
+    avro,
+    committed_lag,
+    payment_matrix,
+    payments,
+    produce_raw,
+    read_topic,
+    train_payment_classifier,
+    write_schema,
+)
+
+from stream_scorer.app import run_worker
+from stream_scorer.config import load_config
+from stream_scorer.decode import load_schema
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
+PARTITIONS = 3
+
+
+@dataclass
+class Env:
+    bootstrap: str
+    config: Path
+    topic: str
+    out: str
+    dlq: str
+    group: str
+    model_dir: Path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fraud-model")
+    train_payment_classifier(path, threshold=0.3)
+    return path
+
+
+@pytest.fixture
+def env(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    model_dir: Path,
+) -> Env:
+    topic, out, dlq, group = unique("payments"), unique("scores"), unique("dlq"), unique("grp")
+    make_topics({topic: PARTITIONS, out: PARTITIONS, dlq: 1})
+    raw = {
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "statistics_interval_ms": 1000},
+        "input": {
+            "topic": topic,
+            "group_id": group,
+            "schema": str(write_schema(tmp_path / "payment.avsc", PAYMENT_SCHEMA)),
+            "id_field": "txn_id",
+            "event_time_field": "at",
+        },
+        "output": {"topic": out, "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
+        "dead_letter": {"topic": dlq},
+        "model": {"path": str(model_dir)},
+        "batch": {"max_records": 200, "max_wait_ms": 20},
+        "metrics": {"port": 0},
+    }
+    config = tmp_path / "worker.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return Env(kafka_bootstrap, config, topic, out, dlq, group, model_dir)
+
+
+def _headers(msg: Any) -> dict[str, bytes]:
+    return dict(msg.headers() or [])
+
+
+def _decode_predictions(msgs: list[Any]) -> list[dict[str, Any]]:
+    schema = load_schema(ROOT / "schemas" / "prediction.v1.avsc")
+    return [fastavro.schemaless_reader(io.BytesIO(m.value()), schema, None) for m in msgs]
+
+
+def test_classifier_on_a_second_schema_scores_everything_and_dead_letters_the_rest(
+    env: Env,
+) -> None:
+    recs = payments(600, seed=21)
+    items: list[tuple[bytes | None, bytes | None]] = [
+        (r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs
+    ]
+    bad = {
+        600: (b"bad-empty", b""),
+        601: (b"bad-trunc", items[0][1][:5]),  # type: ignore[index]
+        602: (b"bad-trailing", items[1][1] + b"\x02"),  # type: ignore[operator]
+        603: (b"bad-inf", avro(PAYMENT_SCHEMA, dict(recs[2], amount=math.inf))),
+        604: (None, b"\x00\x01\x02"),
+    }
+    items.extend(bad.values())
+    produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
+
+    cfg = load_config(env.config, environ={}, overrides={"worker": {"max_messages": len(items)}})
+    report = run_worker(cfg)
+
+    assert report.consumed == len(items)
+    assert report.predictions == 600
+    assert sum(report.dead_letters.values()) == 5
+    preds = read_topic(env.bootstrap, env.out)
+    dead = read_topic(env.bootstrap, env.dlq)
+    assert len(preds) == 600
+    assert len(dead) == 5
+
+    # values: the model's own prediction for the same rows, keyed and labelled
+    by_id = {r["txn_id"]: r for r in recs}
+    decoded = _decode_predictions(preds)
+    ids = [d["input_id"] for d in decoded]
+    assert sorted(ids) == sorted(by_id)
+    assert [m.key().decode() for m in preds] == ids  # the input's key
+    booster = xgb.Booster(model_file=str(env.model_dir / "model.ubj"))
+    expected = booster.inplace_predict(payment_matrix([by_id[i] for i in ids]))
+    np.testing.assert_allclose([d["prediction"] for d in decoded], expected, rtol=1e-6)
+    assert [d["label"] for d in decoded] == [int(p >= 0.3) for p in expected]
+    assert {d["model_version"] for d in decoded} == {"test-model-1"}
+    assert [int(d["event_time"].timestamp() * 1000) for d in decoded] == [
+        by_id[i]["at"] for i in ids
+    ]
+
+    # headers: model version and the source record's partition and offset (item i went to
+    # partition i % 3 at offset i // 3 of a fresh topic)
+    for msg, d in zip(preds, decoded, strict=True):
+        h = _headers(msg)
+        assert h["stream_scorer.model.version"] == b"test-model-1"
+        assert h["stream_scorer.source.topic"] == env.topic.encode()
+        index = int(h["stream_scorer.source.offset"]) * PARTITIONS + int(
+            h["stream_scorer.source.partition"]
+        )
+        assert recs[index]["txn_id"] == d["input_id"]
+
+    # dead letters: original bytes, reasons, source coordinates
+    got = {m.key(): m for m in dead}
+    reasons = {k: _headers(m)["stream_scorer.error.reason"].decode() for k, m in got.items()}
+    assert reasons == {
+        b"bad-empty": "empty",
+        b"bad-trunc": "truncated",
+        b"bad-trailing": "trailing_bytes",
+        b"bad-inf": "non_finite",
+        None: "truncated",
+    }
+    for index, (key, value) in bad.items():
+        msg = got[key]
+        assert msg.value() == value
+        h = _headers(msg)
+        assert h["origin"] == b"test"  # original headers kept
+        assert h["__connect.errors.topic"] == env.topic.encode()
+        assert h["__connect.errors.stage"] in (b"decode", b"features")
+        assert h["stream_scorer.consumer.group"] == env.group.encode()
+        assert h["__connect.errors.partition"] == str(index % PARTITIONS).encode()
+        assert h["__connect.errors.offset"] == str(index // PARTITIONS).encode()
+
+    assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
+
+
+def _worker(env: Env, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_scorer", "run", "--config", str(env.config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+
+
+def _produced(env: Env) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": env.bootstrap, "group.id": "probe"})
+    try:
+        return sum(
+            c.get_watermark_offsets(TopicPartition(env.topic, p), 10)[1] for p in range(PARTITIONS)
+        )
+    finally:
+        c.close()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: Env) -> None:
+    recs = payments(20_000, seed=5)
+    items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs]
+    first = _worker(env, "--worker-id", "first")
+    # events keep arriving (over ~8 s) while the first worker runs and is stopped
+    producing = threading.Thread(
+        target=produce_raw,
+        args=(env.bootstrap, env.topic, items, PARTITIONS),
+        kwargs={"per_second": 2500},
+    )
+    producing.start()
+    try:
+        _wait_for(
+            lambda: (
+                sum(committed_lag(env.bootstrap, env.group, env.topic).values()) < _produced(env)
+            ),
+            60,
+            "first worker committed nothing",
+        )
+        first.send_signal(signal.SIGTERM)
+    finally:
+        producing.join()
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    report_1 = json.loads(out.strip().splitlines()[-1])
+    assert report_1["stopped_by"] == "SIGTERM"
+    assert 0 < report_1["consumed"] < len(recs)  # really stopped mid-stream
+
+    second = _worker(env, "--worker-id", "second", "--idle-timeout", "3")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    report_2 = json.loads(out.strip().splitlines()[-1])
+
+    ids = Counter(d["input_id"] for d in _decode_predictions(read_topic(env.bootstrap, env.out)))
+    assert set(ids) == {r["txn_id"] for r in recs}  # nothing lost
+    assert max(ids.values()) == 1  # a clean stop commits what it delivered: no duplicates
+    assert report_1["predictions"] + report_2["predictions"] == len(recs)
+    assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
