@@ -246,3 +246,62 @@ def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: 
     assert max(ids.values()) == 1  # a clean stop commits what it delivered: no duplicates
     assert report_1["predictions"] + report_2["predictions"] == len(recs)
     assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
+    recs = payments(1000, seed=8)
+    items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs] + [(b"bad", b"")]
+    produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
+    port = _free_port()
+    worker = _worker(env, "--metrics-port", str(port))
+    try:
+
+        def settled() -> bool:
+            try:
+                m = _scrape(port)
+            except OSError:
+                return False
+            lags = [v for k, v in m.items() if k.startswith("stream_scorer_consumer_lag_records{")]
+            return (
+                m.get("stream_scorer_predictions_produced_total") == 1000
+                and len(lags) == PARTITIONS
+                and sum(lags) == 0
+            )
+
+        _wait_for(settled, 60, "metrics never showed 1000 predictions and zero lag")
+        m = _scrape(port)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=60)
+    assert m["stream_scorer_records_consumed_total"] == 1001
+    assert m["stream_scorer_dead_letters_total{reason=empty,stage=decode}"] == 1
+    assert m["stream_scorer_batch_size_records_sum"] == 1001
+    for stage in ("decode", "features", "predict", "encode", "produce"):
+        assert m[f"stream_scorer_stage_duration_seconds_count{{stage={stage}}}"] >= 1
+    assert m["stream_scorer_model_info{model_version=test-model-1}"] == 1
+    assert m["stream_scorer_assigned_partitions"] == PARTITIONS
+    assert m["stream_scorer_in_flight_records"] == 0
+    assert m["stream_scorer_delivery_errors_total"] == 0

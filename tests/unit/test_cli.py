@@ -1,0 +1,81 @@
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import PAYMENT_SCHEMA, train_payment_classifier, write_schema
+
+ROOT = Path(__file__).parents[2]
+
+
+def _config(tmp_path: Path, **changes: Any) -> Path:
+    model = tmp_path / "model"
+    train_payment_classifier(model)
+    raw: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+        "input": {
+            "topic": "in",
+            "group_id": "g",
+            "schema": str(write_schema(tmp_path / "in.avsc", PAYMENT_SCHEMA)),
+            "id_field": "txn_id",
+        },
+        "output": {"topic": "out", "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
+        "dead_letter": {"topic": "dlq"},
+        "model": {"path": str(model)},
+        "metrics": {"port": 0},
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream_scorer", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "message"),
+    [
+        ({"batch__max_records": 0}, 2, "batch.max_records: must be greater than 0"),
+        ({"input__colour": "red"}, 2, "input.colour: unknown key"),
+        ({"input__id_field": "nope"}, 2, "input.id_field: field 'nope' is not in the input schema"),
+        ({"model__nthread": "two"}, 2, "model.nthread: must be an integer"),
+    ],
+)
+def test_bad_config_stops_start_up_naming_the_field(
+    tmp_path: Path, changes: dict[str, Any], code: int, message: str
+) -> None:
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        raw.setdefault(section, {})[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = _run("run", "--config", str(path))
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_model_reading_a_field_the_schema_lacks_is_refused(tmp_path: Path) -> None:
+    schema = dict(
+        PAYMENT_SCHEMA, fields=[f for f in PAYMENT_SCHEMA["fields"] if f["name"] != "amount"]
+    )
+    path = _config(tmp_path)
+    write_schema(tmp_path / "in.avsc", schema)
+    result = _run("run", "--config", str(path))
+    assert result.returncode == 1
+    assert "feature 'amount' reads field 'amount'" in result.stderr
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    result = _run("run", "--config", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2
+    assert "absent.yaml" in result.stderr
