@@ -237,6 +237,29 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:
         consumer.close()
 
 
+def _retry(call: Any, attempts: int = 20) -> Any:
+    """Retry a client call while the broker answers with a retriable error (e.g. coordinator
+    still loading on a fresh broker)."""
+    import threading
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    coordinator = {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+    for attempt in range(attempts):
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if attempt == attempts - 1 or not (err.retriable() or err.code() in coordinator):
+                raise
+            threading.Event().wait(0.25)
+    raise AssertionError("unreachable")
+
+
 def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """High watermark minus committed offset per partition, for ``group``."""
     from confluent_kafka import Consumer, TopicPartition
@@ -247,7 +270,7 @@ def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         tps = [TopicPartition(topic, p) for p in meta.partitions]
-        committed = consumer.committed(tps, timeout=10)
+        committed = _retry(lambda: consumer.committed(tps, timeout=10))
         lag = {}
         for tp in committed:
             _low, high = consumer.get_watermark_offsets(
