@@ -1,0 +1,262 @@
+"""``stream-scorer demo``: the shipped example end to end on a local broker.
+
+Starts a single-node Kafka broker (unless one already answers on the port), creates run-unique
+topics, trains the example model if there is none, starts worker processes, produces example
+ride events with a share of malformed ones, waits until the group has committed everything,
+stops the workers with SIGTERM, reads every prediction and dead letter back, prints a summary
+and stops the broker it started. Exit 0 only when the books balance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+
+from stream_scorer.errors import StreamScorerError
+from stream_scorer.example.produce import ProduceReport, produce_events
+from stream_scorer.localkafka import LocalKafka, default_cache_dir
+from stream_scorer.manifest import MANIFEST_FILE, read_manifest
+from stream_scorer.topics import ensure_topics, group_lag
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "deploy" / "config" / "rides.yaml"
+MODEL_DIR = ROOT / "models" / "rides"
+INPUT_PARTITIONS = 4
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _read_all(bootstrap: str, topic: str, on_message: Callable[[Any], None]) -> int:
+    """Read ``topic`` from the start to its current end (read_committed); return the count."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"demo-reader-{os.getpid()}",
+            "enable.auto.commit": "false",
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in parts
+        }
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends if ends[p] > 0])
+        remaining = {p for p, end in ends.items() if end > 0}
+        count = 0
+        deadline = time.monotonic() + 120
+        while remaining and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 1.0):
+                if msg.error():
+                    continue
+                on_message(msg)
+                count += 1
+                partition, offset = msg.partition(), msg.offset()
+                if partition is not None and offset is not None and offset + 1 >= ends[partition]:
+                    remaining.discard(partition)
+        return count
+    finally:
+        consumer.close()
+
+
+def _start_workers(
+    n: int, env: dict[str, str], log_dir: Path
+) -> list[tuple[subprocess.Popen[str], Path]]:
+    procs = []
+    for i in range(n):
+        log_path = log_dir / f"worker-{i}.log"
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "stream_scorer",
+                    "run",
+                    "--config",
+                    str(CONFIG),
+                    "--worker-id",
+                    f"demo-{i}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
+                env=env,
+            )
+        procs.append((proc, log_path))
+    return procs
+
+
+def _ensure_model() -> None:
+    if (MODEL_DIR / MANIFEST_FILE).is_file():
+        manifest = read_manifest(MODEL_DIR)
+        _say(f"model: {manifest.model_version} (existing, {MODEL_DIR.relative_to(ROOT)})")
+        return
+    from stream_scorer.example.train import train
+
+    _say("model: none yet, training the example model ...")
+    manifest = train(MODEL_DIR)
+    val = manifest.metrics.get("validation", {})
+    base = manifest.metrics.get("baseline", {})
+    _say(f"model: {manifest.model_version}")
+    _say(f"      validation {json.dumps(val)}; mean-predictor baseline {json.dumps(base)}")
+
+
+def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float) -> int:
+    """Run the demo; return the process exit code."""
+    state = default_cache_dir() / f"demo-broker-{port}"
+    broker = LocalKafka(state, port=port)
+    running = broker.status()
+    ours = running is None or not running.answering
+    _say(
+        f"[1/6] broker: {'starting a local Kafka broker' if ours else 'reusing the running broker'}"
+    )
+    bootstrap = broker.start()
+    _say(f"      bootstrap {bootstrap}")
+    procs: list[tuple[subprocess.Popen[str], Path]] = []
+    try:
+        run = time.strftime("%Y%m%d-%H%M%S")
+        topic, out, dlq, group = (
+            f"rides-{run}",
+            f"ride-predictions-{run}",
+            f"ride-dead-letters-{run}",
+            f"demo-{run}",
+        )
+        ensure_topics(bootstrap, {topic: INPUT_PARTITIONS, out: INPUT_PARTITIONS, dlq: 1})
+        _say(f"[2/6] topics: {topic} ({INPUT_PARTITIONS} partitions), {out}, {dlq}")
+        _say("[3/6] model")
+        _ensure_model()
+        env = {
+            **os.environ,
+            "STREAM_SCORER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "STREAM_SCORER_INPUT__TOPIC": topic,
+            "STREAM_SCORER_INPUT__GROUP_ID": group,
+            "STREAM_SCORER_OUTPUT__TOPIC": out,
+            "STREAM_SCORER_DEAD_LETTER__TOPIC": dlq,
+            "STREAM_SCORER_METRICS__PORT": "0",
+            "STREAM_SCORER_WORKER__IDLE_TIMEOUT_S": "300",
+        }
+        log_dir = state / "demo-logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        procs = _start_workers(workers, env, log_dir)
+        _say(f"[4/6] workers: {workers} processes (logs in {log_dir})")
+        _say(f"[5/6] producing {events:,} ride events, {malformed_fraction:.1%} malformed")
+        started = time.monotonic()
+        step = max(1, events // 5)
+        report = produce_events(
+            bootstrap,
+            topic,
+            events,
+            malformed_fraction=malformed_fraction,
+            progress=lambda n: _say(f"      produced {n:,}") if n % step == 0 else None,
+        )
+        _say(f"      produced {report.produced:,} in {report.elapsed_s:.1f} s; draining")
+        last = -1
+        while True:
+            lag = sum(group_lag(bootstrap, group, topic).values())
+            if lag == 0:
+                break
+            dead_workers = [p for p, _ in procs if p.poll() is not None]
+            if dead_workers:
+                raise StreamScorerError(
+                    f"a worker exited early with code {dead_workers[0].returncode}; see {log_dir}"
+                )
+            if lag != last:
+                _say(f"      committed {report.produced - lag:,} / {report.produced:,}")
+                last = lag
+            time.sleep(0.5)
+        drained = time.monotonic() - started
+        _say("[6/6] stopping workers (SIGTERM), reading back every prediction and dead letter")
+        reports = []
+        for proc, log_path in procs:
+            proc.send_signal(signal.SIGTERM)
+            stdout, _ = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                raise StreamScorerError(f"worker exited with {proc.returncode}; see {log_path}")
+            reports.append(json.loads(stdout.strip().splitlines()[-1]))
+        return _summary(bootstrap, (topic, out, dlq), group, report, reports, drained)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if ours:
+            broker.stop()
+            _say("broker stopped")
+
+
+def _summary(
+    bootstrap: str,
+    topics: tuple[str, str, str],
+    group: str,
+    produced: ProduceReport,
+    reports: list[dict[str, Any]],
+    drained: float,
+) -> int:
+    topic, out, dlq = topics
+    event_ts: dict[tuple[int, int], int] = {}
+
+    def on_event(msg: Any) -> None:
+        event_ts[(msg.partition(), msg.offset())] = msg.timestamp()[1]
+
+    latencies: list[int] = []
+
+    def on_prediction(msg: Any) -> None:
+        h = dict(msg.headers() or [])
+        src = (int(h["stream_scorer.source.partition"]), int(h["stream_scorer.source.offset"]))
+        latencies.append(msg.timestamp()[1] - event_ts[src])
+
+    reasons: Counter[str] = Counter()
+
+    def on_dead_letter(msg: Any) -> None:
+        reasons[dict(msg.headers() or [])["stream_scorer.error.reason"].decode()] += 1
+
+    _read_all(bootstrap, topic, on_event)
+    predictions = _read_all(bootstrap, out, on_prediction)
+    _read_all(bootstrap, dlq, on_dead_letter)
+    dead = sum(reasons.values())
+    lag = sum(group_lag(bootstrap, group, topic).values())
+    malformed = sum(produced.malformed_by_kind.values())
+    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (math.nan, math.nan)
+    per_worker = ", ".join(f"{r['worker_id']} {r['consumed']:,}" for r in reports)
+    rows = [
+        (
+            "events produced",
+            f"{produced.produced:,} ({produced.valid:,} valid, {malformed:,} malformed)",
+        ),
+        ("malformed by kind", json.dumps(produced.malformed_by_kind)),
+        ("predictions published", f"{predictions:,}"),
+        ("dead letters", f"{dead:,} by reason {json.dumps(dict(sorted(reasons.items())))}"),
+        ("predictions + dead", f"{predictions + dead:,}"),
+        ("elapsed", f"{drained:.1f} s (first event produced -> all committed)"),
+        ("throughput", f"{produced.produced / drained:,.0f} events/s"),
+        (
+            "end-to-end latency",
+            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms (event produced -> prediction)",
+        ),
+        ("records per worker", per_worker),
+        ("remaining lag", f"{lag:,}"),
+    ]
+    _say("\nsummary")
+    for name, value in rows:
+        _say(f"  {name:<23} {value}")
+    balanced = predictions + dead == produced.produced and dead == malformed and lag == 0
+    if balanced:
+        _say("OK: every event has exactly one prediction or one dead letter, and the lag is 0")
+        return 0
+    _say("FAILED: predictions + dead letters != events, dead letters != malformed, or lag > 0")
+    return 1

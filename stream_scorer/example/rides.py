@@ -1,0 +1,172 @@
+"""Synthetic taxi ride requests and their trip durations.
+
+Trip duration in minutes (the training target)::
+
+    speed_kmh = 30
+              * 0.6   on weekdays 07:00-09:59 and 16:00-19:59 (rush hours)
+              * 1.35  from 00:00 to 05:59
+              * 1.1   on Saturdays and Sundays
+              * {STANDARD: 1.0, XL: 0.95, LUX: 1.05, GREEN: 0.97}[vehicle_type]
+              / (0.8 + 0.2 * surge_multiplier)        (surge means traffic; null counts as 1)
+    minutes   = 2 + 60 * distance_km / speed_kmh
+              + 5 if is_airport_trip
+              + 3 if |pickup_zone - dropoff_zone| > 100 (crossing boroughs)
+              + 0.4 * (passenger_count - 1)            (loading time)
+    observed  = max(1, minutes * LogNormal(0, 0.08) + Normal(0, 1.5))
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import numpy.typing as npt
+
+from stream_scorer.manifest import FeatureSpec
+
+RIDE_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "ride_request.v1.avsc"
+VEHICLES = ("STANDARD", "XL", "LUX", "GREEN")
+PAYMENTS = ("CARD", "CASH", "WALLET")
+_VEHICLE_SPEED = np.array([1.0, 0.95, 1.05, 0.97])
+_DAY_MS = 86_400_000
+
+FEATURES: tuple[FeatureSpec, ...] = (
+    FeatureSpec("distance_km", "distance_km"),
+    FeatureSpec("pickup_zone", "pickup_zone"),
+    FeatureSpec("dropoff_zone", "dropoff_zone"),
+    FeatureSpec("hour", "requested_at", "hour_of_day"),
+    FeatureSpec("weekday", "requested_at", "day_of_week"),
+    FeatureSpec("passenger_count", "passenger_count"),
+    FeatureSpec("vehicle_type", "vehicle_type", "category", VEHICLES),
+    FeatureSpec("is_airport_trip", "is_airport_trip"),
+    FeatureSpec("surge_multiplier", "surge_multiplier"),
+)
+
+Columns = dict[str, npt.NDArray[Any]]
+
+
+def load_ride_schema() -> dict[str, Any]:
+    """Return the parsed ride request schema."""
+    parsed = fastavro.parse_schema(json.loads(RIDE_SCHEMA_PATH.read_text(encoding="utf-8")))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def generate_columns(
+    n: int, seed: int, *, start_ms: int | None = None, span_ms: int = 28 * _DAY_MS
+) -> Columns:
+    """Generate ``n`` rides as columns (numpy arrays), deterministic for a seed and start.
+
+    Args:
+        n: how many rides.
+        seed: random seed.
+        start_ms: the earliest request time (default: now minus ``span_ms``).
+        span_ms: request times spread uniformly over this many milliseconds after ``start_ms``.
+    """
+    rng = np.random.default_rng(seed)
+    if start_ms is None:
+        start_ms = int(time.time() * 1000) - span_ms
+    pickup = rng.integers(1, 264, n)
+    hop = rng.integers(-60, 61, n)
+    far = rng.random(n) < 0.15
+    dropoff = np.where(far, rng.integers(1, 264, n), np.clip(pickup + hop, 1, 263))
+    airport = rng.random(n) < 0.08
+    distance = np.round(rng.gamma(2.0, 2.5, n) + np.where(airport, 15.0, 0.0), 2)
+    surge = np.round(1.0 + rng.gamma(1.5, 0.3, n), 2)
+    surge_null = rng.random(n) < 0.2
+    rating = np.round(rng.uniform(3.0, 5.0, n), 1).astype(np.float32)
+    rating_null = rng.random(n) < 0.1
+    return {
+        "ride_id": np.array([f"ride-{seed}-{i}" for i in range(n)], dtype=object),
+        "requested_at": start_ms + np.sort(rng.integers(0, max(1, span_ms), n)),
+        "pickup_zone": pickup,
+        "dropoff_zone": dropoff,
+        "distance_km": distance,
+        "passenger_count": rng.choice([1, 1, 1, 2, 2, 3, 4, 5, 6], n),
+        "vehicle_type": rng.choice(4, n, p=[0.7, 0.12, 0.08, 0.1]),
+        "payment_type": rng.choice(3, n, p=[0.7, 0.1, 0.2]),
+        "pickup_lat": np.round(40.60 + rng.random(n) * 0.25, 6),
+        "pickup_lon": np.round(-74.05 + rng.random(n) * 0.30, 6),
+        "is_airport_trip": airport,
+        "surge_multiplier": np.where(surge_null, np.nan, surge),
+        "rider_rating": np.where(rating_null, np.nan, rating),
+    }
+
+
+def to_records(cols: Columns) -> list[dict[str, Any]]:
+    """Turn columns into ride dicts that fit the schema (null where a nullable value is NaN)."""
+    out = []
+    lists = {k: v.tolist() for k, v in cols.items()}
+    for i in range(len(lists["ride_id"])):
+        surge = lists["surge_multiplier"][i]
+        rating = lists["rider_rating"][i]
+        out.append(
+            {
+                "ride_id": lists["ride_id"][i],
+                "requested_at": lists["requested_at"][i],
+                "pickup_zone": lists["pickup_zone"][i],
+                "dropoff_zone": lists["dropoff_zone"][i],
+                "distance_km": lists["distance_km"][i],
+                "passenger_count": lists["passenger_count"][i],
+                "vehicle_type": VEHICLES[lists["vehicle_type"][i]],
+                "payment_type": PAYMENTS[lists["payment_type"][i]],
+                "pickup_lat": lists["pickup_lat"][i],
+                "pickup_lon": lists["pickup_lon"][i],
+                "is_airport_trip": lists["is_airport_trip"][i],
+                "surge_multiplier": None if surge != surge else surge,
+                "rider_rating": None if rating != rating else rating,
+            }
+        )
+    return out
+
+
+def generate_rides(n: int, seed: int, start_ms: int | None = None) -> list[dict[str, Any]]:
+    """Generate ``n`` ride request dicts (see ``generate_columns``)."""
+    return to_records(generate_columns(n, seed, start_ms=start_ms))
+
+
+def _hours_weekdays(requested_at: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    ms = requested_at.astype(np.int64)
+    hour = (ms // 3_600_000) % 24
+    weekday = (ms // _DAY_MS + 3) % 7  # 1970-01-01 was a Thursday (Monday = 0)
+    return hour, weekday
+
+
+def trip_duration_minutes(cols: Columns, rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    """Return each ride's observed trip duration from the formula in this module's docstring."""
+    hour, weekday = _hours_weekdays(cols["requested_at"])
+    rush = (weekday < 5) & (((hour >= 7) & (hour <= 9)) | ((hour >= 16) & (hour <= 19)))
+    speed = 30.0 * np.where(rush, 0.6, 1.0) * np.where(hour <= 5, 1.35, 1.0)
+    speed = speed * np.where(weekday >= 5, 1.1, 1.0) * _VEHICLE_SPEED[cols["vehicle_type"]]
+    surge = np.nan_to_num(cols["surge_multiplier"], nan=1.0)
+    speed = speed / (0.8 + 0.2 * surge)
+    minutes = 2.0 + 60.0 * cols["distance_km"] / speed
+    minutes += np.where(cols["is_airport_trip"], 5.0, 0.0)
+    minutes += np.where(np.abs(cols["pickup_zone"] - cols["dropoff_zone"]) > 100, 3.0, 0.0)
+    minutes += 0.4 * (cols["passenger_count"] - 1)
+    n = len(minutes)
+    observed = minutes * rng.lognormal(0.0, 0.08, n) + rng.normal(0.0, 1.5, n)
+    out: npt.NDArray[np.float64] = np.maximum(1.0, observed)
+    return out
+
+
+def feature_matrix(cols: Columns) -> npt.NDArray[np.float32]:
+    """The model's features straight from columns, in ``FEATURES`` order (for training)."""
+    hour, weekday = _hours_weekdays(cols["requested_at"])
+    return np.column_stack(
+        [
+            cols["distance_km"],
+            cols["pickup_zone"],
+            cols["dropoff_zone"],
+            hour,
+            weekday,
+            cols["passenger_count"],
+            cols["vehicle_type"],
+            cols["is_airport_trip"],
+            cols["surge_multiplier"],
+        ]
+    ).astype(np.float32)
