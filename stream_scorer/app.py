@@ -132,11 +132,11 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         )
         sink = Sink(producer, ctx, tracker, metrics)
 
-        def release(partitions: Partitions) -> None:  # revoke: hand over what is delivered
+        def release(partitions: Partitions) -> None:
+            # revoke: store what is delivered; librdkafka commits stored offsets of revoked
+            # partitions itself (auto-commit), without blocking this callback on the group
             sink.flush(cfg.worker.shutdown_timeout_s)
-            done = tracker.committable(partitions)
-            source.store(done)
-            source.commit(done)
+            source.store(tracker.committable(partitions))
             tracker.forget(partitions)
 
         csettings = consumer_settings(cfg, worker_id)
@@ -216,11 +216,10 @@ def _loop(
 def _drain(
     cfg: Config, source: Source, sink: Sink, tracker: OffsetTracker, metrics: Metrics
 ) -> None:
-    """Deliver what is in flight, store and commit it; the consumer then leaves the group."""
+    """Deliver what is in flight and store it; closing the consumer commits and leaves."""
     remaining = sink.flush(cfg.worker.shutdown_timeout_s)
     sink.raise_errors()
     source.store(tracker.take_committable())
-    source.commit()
     metrics.in_flight.set(tracker.pending)
     if remaining:
         raise BrokerError(

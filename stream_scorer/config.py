@@ -26,6 +26,8 @@ import yaml
 from stream_scorer.errors import ConfigError
 
 ENV_PREFIX = "STREAM_SCORER_"
+#: Variables with the prefix that are not configuration keys.
+_NOT_CONFIG = frozenset({"STREAM_SCORER_CACHE"})
 _SECRET_MARKERS = ("password", "secret", "token", "key")
 
 
@@ -354,7 +356,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Turn ``STREAM_SCORER_*`` variables into a nested override table."""
     tree: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if len(parts) == 3 and parts[0] == "kafka" and parts[1] in _PASSTHROUGH:
@@ -437,6 +439,8 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
     }
     settings.update(cfg.kafka.client)
     settings.update(cfg.kafka.consumer)
+    if settings.get("group.protocol") == "consumer":  # KIP-848: the broker assigns
+        settings.pop("partition.assignment.strategy", None)
     return settings
 
 

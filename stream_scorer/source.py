@@ -3,8 +3,8 @@
 Rebalance and broker errors are kept as values for the main loop to raise.
 
 Offsets: ``enable.auto.offset.store`` is off, so only offsets the worker stores — those whose
-records' outputs the broker acknowledged — are ever committed (by auto-commit, on revoke and at
-shutdown).
+records' outputs the broker acknowledged — are ever committed. librdkafka's auto-commit commits
+them periodically, for revoked partitions before they move, and when the consumer closes.
 """
 
 from __future__ import annotations
@@ -160,22 +160,6 @@ class Source:
                 self._consumer.store_offsets(offsets=tps)
             except KafkaException as exc:
                 log.warning("store_offsets: %s", exc)
-
-    def commit(self, offsets: list[tuple[str, int, int]] | None = None) -> None:
-        """Commit synchronously: ``offsets`` if given, else everything stored.
-
-        Failures are logged, not raised: uncommitted records are redelivered (at-least-once),
-        and a commit during a rebalance may fail with an invalid generation.
-        """
-        try:
-            if offsets is None:
-                self._consumer.commit(asynchronous=False)
-            elif offsets:
-                tps = [TopicPartition(t, p, o) for t, p, o in offsets]
-                self._consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("commit: %s", exc)
 
     def raise_errors(self) -> None:
         """Raise a recorded fatal error, or one when no broker answered for too long."""

@@ -321,3 +321,16 @@ def produce_raw(
             pace.wait(max(0.0, started + (i + 1) / per_second - time.monotonic()))
     assert producer.flush(30) == 0
     assert errors == []
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -> None:
+    """Poll ``condition`` until it is true; raise TimeoutError naming ``what`` after ``timeout``."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        tick.wait(interval)

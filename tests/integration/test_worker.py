@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from support import (
     produce_raw,
     read_topic,
     train_payment_classifier,
+    wait_for,
     write_schema,
 )
 
@@ -200,14 +200,6 @@ def _produced(env: Env) -> int:
         c.close()
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.2)
-
-
 def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: Env) -> None:
     recs = payments(20_000, seed=5)
     items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs]
@@ -220,7 +212,7 @@ def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: 
     )
     producing.start()
     try:
-        _wait_for(
+        wait_for(
             lambda: (
                 sum(committed_lag(env.bootstrap, env.group, env.topic).values()) < _produced(env)
             ),
@@ -291,7 +283,7 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
                 and sum(lags) == 0
             )
 
-        _wait_for(settled, 60, "metrics never showed 1000 predictions and zero lag")
+        wait_for(settled, 60, "metrics never showed 1000 predictions and zero lag")
         m = _scrape(port)
     finally:
         worker.send_signal(signal.SIGTERM)
