@@ -178,13 +178,15 @@ def test_classifier_on_a_second_schema_scores_everything_and_dead_letters_the_re
     assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
 
 
-def _worker(env: Env, *extra: str) -> subprocess.Popen[str]:
+def _worker(
+    env: Env, *extra: str, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "stream_scorer", "run", "--config", str(env.config), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONWARNINGS": "error"},
+        env={**os.environ, "PYTHONWARNINGS": "error", **(extra_env or {})},
     )
 
 
@@ -297,3 +299,17 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
     assert m["stream_scorer_assigned_partitions"] == PARTITIONS
     assert m["stream_scorer_in_flight_records"] == 0
     assert m["stream_scorer_delivery_errors_total"] == 0
+
+
+def test_unreachable_broker_fails_loudly_instead_of_idling(env: Env) -> None:
+    port = _free_port()  # nothing listens there: every connection is refused
+    worker = _worker(
+        env,
+        "--bootstrap-servers",
+        f"127.0.0.1:{port}",
+        extra_env={"STREAM_SCORER_KAFKA__UNREACHABLE_TIMEOUT_S": "3"},
+    )
+    _out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 1
+    assert "no broker reachable for" in err
+    assert "kafka.unreachable_timeout_s = 3" in err
