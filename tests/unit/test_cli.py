@@ -10,7 +10,7 @@ from support import PAYMENT_SCHEMA, train_payment_classifier, write_schema
 ROOT = Path(__file__).parents[2]
 
 
-def _config(tmp_path: Path, **changes: Any) -> Path:
+def _config(tmp_path: Path) -> Path:
     model = tmp_path / "model"
     train_payment_classifier(model)
     raw: dict[str, Any] = {
@@ -26,9 +26,6 @@ def _config(tmp_path: Path, **changes: Any) -> Path:
         "model": {"path": str(model)},
         "metrics": {"port": 0},
     }
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        raw[section][key] = value
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
