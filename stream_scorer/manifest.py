@@ -9,17 +9,18 @@ Example ``manifest.json``::
 
     {
       "format": 1,
-      "model_version": "ride-duration-20261123-1a2b3c4d",
+      "model_version": "fraud-20261123-1a2b3c4d",
       "model_file": "model.ubj",
       "model_sha256": "…",
-      "objective": "reg:squarederror",
+      "objective": "binary:logistic",
       "threshold": 0.5,
       "xgboost_version": "3.2.0",
       "features": [
-        {"name": "distance_km", "field": "distance_km", "transform": "number"},
-        {"name": "pickup_hour", "field": "requested_at", "transform": "hour_of_day"},
-        {"name": "vehicle", "field": "vehicle_type", "transform": "category",
-         "categories": ["STANDARD", "XL"]}
+        {"name": "amount", "field": "amount", "transform": "number"},
+        {"name": "hour", "field": "created_at", "transform": "hour_of_day"},
+        {"name": "age", "field": "customer.age", "transform": "number"},
+        {"name": "channel", "field": "channel", "transform": "category",
+         "categories": ["WEB", "POS", "APP"]}
       ],
       "metrics": {"validation": {"rmse": 1.0}},
       "created_at": "2026-11-23T12:00:00+00:00"
