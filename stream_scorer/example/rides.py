@@ -1,24 +1,16 @@
 """Synthetic taxi ride requests and their trip durations.
 
-Trip duration in minutes (the training target)::
-
-    speed_kmh = 30
-              * 0.6   on weekdays 07:00-09:59 and 16:00-19:59 (rush hours)
-              * 1.35  from 00:00 to 05:59
-              * 1.1   on Saturdays and Sundays
-              * {STANDARD: 1.0, XL: 0.95, LUX: 1.05, GREEN: 0.97}[vehicle_type]
-              / (0.8 + 0.2 * surge_multiplier)        (surge means traffic; null counts as 1)
-    minutes   = 2 + 60 * distance_km / speed_kmh
-              + 5 if is_airport_trip
-              + 3 if |pickup_zone - dropoff_zone| > 100 (crossing boroughs)
-              + 0.4 * (passenger_count - 1)            (loading time)
-    observed  = max(1, minutes * LogNormal(0, 0.08) + Normal(0, 1.5))
+Rides are generated as columns (numpy arrays, fast) and turned into dicts that fit
+``schemas/ride_request.v1.avsc``. The training target, the trip duration, follows the formula
+documented on ``trip_duration_minutes``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +42,7 @@ Columns = dict[str, npt.NDArray[Any]]
 
 
 def load_ride_schema() -> dict[str, Any]:
-    """Return the parsed ride request schema."""
+    """Return the ride request schema (``RIDE_SCHEMA_PATH``) parsed by fastavro."""
     parsed = fastavro.parse_schema(json.loads(RIDE_SCHEMA_PATH.read_text(encoding="utf-8")))
     assert isinstance(parsed, dict)
     return parsed
@@ -66,6 +58,9 @@ def generate_columns(
         seed: random seed.
         start_ms: the earliest request time (default: now minus ``span_ms``).
         span_ms: request times spread uniformly over this many milliseconds after ``start_ms``.
+
+    Returns:
+        One array per schema field; enums as symbol indexes, null as NaN.
     """
     rng = np.random.default_rng(seed)
     if start_ms is None:
@@ -125,7 +120,19 @@ def to_records(cols: Columns) -> list[dict[str, Any]]:
 
 
 def generate_rides(n: int, seed: int, start_ms: int | None = None) -> list[dict[str, Any]]:
-    """Generate ``n`` ride request dicts (see ``generate_columns``)."""
+    """Generate ``n`` ride request dicts that fit the ride request schema.
+
+    Ids are ``ride-<seed>-<i>`` (unique for a seed); about 20% of ``surge_multiplier`` and 10%
+    of ``rider_rating`` are null. Request times spread over 28 days from ``start_ms``.
+
+    Args:
+        n: how many rides.
+        seed: random seed; the same seed and ``start_ms`` give the same rides.
+        start_ms: the earliest request time, epoch milliseconds (default: 28 days ago).
+
+    Returns:
+        The rides, ``requested_at`` as epoch milliseconds and enums as their symbols.
+    """
     return to_records(generate_columns(n, seed, start_ms=start_ms))
 
 
@@ -136,8 +143,76 @@ def _hours_weekdays(requested_at: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], n
     return hour, weekday
 
 
-def trip_duration_minutes(cols: Columns, rng: np.random.Generator) -> npt.NDArray[np.float64]:
-    """Return each ride's observed trip duration from the formula in this module's docstring."""
+def to_columns(rides: Sequence[Mapping[str, Any]]) -> Columns:
+    """Turn ride dicts (generated, or decoded by fastavro) back into columns.
+
+    ``requested_at`` may be epoch milliseconds or a datetime; enum symbols become their index;
+    null becomes NaN.
+
+    Args:
+        rides: ride dicts that fit the ride request schema.
+
+    Returns:
+        The columns, as ``generate_columns`` makes them.
+    """
+
+    def millis(value: Any) -> int:
+        if isinstance(value, datetime):
+            return round(value.timestamp() * 1000)
+        return int(value)
+
+    def nullable(key: str) -> npt.NDArray[np.float64]:
+        return np.array(
+            [np.nan if r[key] is None else float(r[key]) for r in rides], dtype=np.float64
+        )
+
+    def column(key: str, dtype: Any) -> npt.NDArray[Any]:
+        return np.array([r[key] for r in rides], dtype=dtype)
+
+    return {
+        "ride_id": column("ride_id", object),
+        "requested_at": np.array([millis(r["requested_at"]) for r in rides], dtype=np.int64),
+        "pickup_zone": column("pickup_zone", np.int64),
+        "dropoff_zone": column("dropoff_zone", np.int64),
+        "distance_km": column("distance_km", np.float64),
+        "passenger_count": column("passenger_count", np.int64),
+        "vehicle_type": np.array([VEHICLES.index(r["vehicle_type"]) for r in rides], np.int64),
+        "payment_type": np.array([PAYMENTS.index(r["payment_type"]) for r in rides], np.int64),
+        "pickup_lat": column("pickup_lat", np.float64),
+        "pickup_lon": column("pickup_lon", np.float64),
+        "is_airport_trip": column("is_airport_trip", bool),
+        "surge_multiplier": nullable("surge_multiplier"),
+        "rider_rating": nullable("rider_rating"),
+    }
+
+
+def trip_duration_minutes(
+    rides: Columns | Sequence[Mapping[str, Any]], rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
+    """Return each ride's observed trip duration in minutes (the training target).
+
+    The formula (hours and weekdays in UTC, Monday = 0)::
+
+        speed_kmh = 30
+                  * 0.6   on weekdays 07:00-09:59 and 16:00-19:59 (rush hours)
+                  * 1.35  from 00:00 to 05:59
+                  * 1.1   on Saturdays and Sundays
+                  * {STANDARD: 1.0, XL: 0.95, LUX: 1.05, GREEN: 0.97}[vehicle_type]
+                  / (0.8 + 0.2 * surge_multiplier)        (surge means traffic; null counts as 1)
+        minutes   = 2 + 60 * distance_km / speed_kmh
+                  + 5 if is_airport_trip
+                  + 3 if |pickup_zone - dropoff_zone| > 100 (crossing boroughs)
+                  + 0.4 * (passenger_count - 1)            (loading time)
+        observed  = max(1, minutes * LogNormal(0, 0.08) + Normal(0, 1.5))
+
+    Args:
+        rides: the rides, as columns (``generate_columns``) or as ride dicts.
+        rng: the source of the noise terms.
+
+    Returns:
+        One duration per ride, at least one minute.
+    """
+    cols = rides if isinstance(rides, Mapping) else to_columns(rides)
     hour, weekday = _hours_weekdays(cols["requested_at"])
     rush = (weekday < 5) & (((hour >= 7) & (hour <= 9)) | ((hour >= 16) & (hour <= 19)))
     speed = 30.0 * np.where(rush, 0.6, 1.0) * np.where(hour <= 5, 1.35, 1.0)

@@ -1,6 +1,9 @@
 import io
 import math
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, ClassVar
 
 import fastavro
 import numpy as np
@@ -9,21 +12,69 @@ import xgboost as xgb
 from support import Msg
 
 from stream_scorer.decode import Decoder
-from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
+from stream_scorer.errors import BrokerError
+from stream_scorer.example import produce
+from stream_scorer.example.produce import (
+    MALFORMED_KINDS,
+    UNDECODABLE_KINDS,
+    RideEncoder,
+    encode_ride,
+    malformed_payload,
+    produce_events,
+)
 from stream_scorer.example.rides import (
     FEATURES,
     feature_matrix,
     generate_columns,
     generate_rides,
+    load_ride_schema,
     to_records,
+    trip_duration_minutes,
 )
 from stream_scorer.example.train import train
 from stream_scorer.features import FeatureBuilder
 from stream_scorer.manifest import read_manifest, sha256_file
 from stream_scorer.records import DeadLetter, Decoded
 
+SCHEMA = load_ride_schema()
 ENCODER = RideEncoder()
 RIDE = generate_rides(1, seed=3)[0]
+LONG_ID_RIDE = {**RIDE, "ride_id": "r" * 300}  # a two-byte length varint
+RIDES = [RIDE, LONG_ID_RIDE, *generate_rides(20, seed=11)]
+
+
+def strict_decode(payload: bytes) -> dict[str, Any]:
+    """fastavro's reader plus the checks it lacks: every byte consumed (UTF-8 it checks)."""
+    buf = io.BytesIO(payload)
+    record = fastavro.schemaless_reader(buf, SCHEMA, None)
+    if buf.tell() != len(payload):
+        raise ValueError(f"trailing bytes: record ends at {buf.tell()} of {len(payload)}")
+    assert isinstance(record, dict)
+    return record
+
+
+def expected_decoded(ride: dict[str, Any]) -> dict[str, Any]:
+    when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ride["requested_at"])
+    return {**ride, "requested_at": when}
+
+
+@pytest.mark.parametrize("ride", RIDES, ids=lambda r: r["ride_id"][:12])
+@pytest.mark.parametrize("kind", UNDECODABLE_KINDS)
+@pytest.mark.parametrize("seeded", [False, True], ids=["no-rng", "rng"])
+def test_every_undecodable_kind_fails_a_strict_decode(
+    kind: str, ride: dict[str, Any], seeded: bool
+) -> None:
+    rng = np.random.default_rng(5) if seeded else None
+    payload = malformed_payload(kind, ride, SCHEMA, rng)
+    with pytest.raises((ValueError, EOFError, IndexError)):  # UnicodeDecodeError is a ValueError
+        strict_decode(payload)
+
+
+@pytest.mark.parametrize("ride", RIDES[:3], ids=lambda r: r["ride_id"][:12])
+def test_infinite_distance_decodes_strictly_with_infinite_distance(ride: dict[str, Any]) -> None:
+    record = strict_decode(malformed_payload("infinite_distance", ride, SCHEMA))
+    assert record["distance_km"] == math.inf
+    assert record["ride_id"] == ride["ride_id"]
 
 
 @pytest.mark.parametrize(
@@ -53,28 +104,52 @@ def test_infinite_distance_decodes_and_is_rejected_by_the_feature_stage() -> Non
 
 def test_kinds_list_is_complete() -> None:
     assert len(MALFORMED_KINDS) == 8
+    assert set(MALFORMED_KINDS) - set(UNDECODABLE_KINDS) == {"infinite_distance"}
     with pytest.raises(ValueError, match="unknown malformed kind"):
-        ENCODER.malformed("gremlins", RIDE)
+        malformed_payload("gremlins", RIDE, SCHEMA)
 
 
-def test_rides_round_trip_and_are_deterministic() -> None:
-    rides = generate_rides(500, seed=9, start_ms=1_700_000_000_000)
-    assert rides == generate_rides(500, seed=9, start_ms=1_700_000_000_000)
-    assert len({r["ride_id"] for r in rides}) == 500
-    assert any(r["surge_multiplier"] is None for r in rides)
-    for ride in rides[:50]:
-        back = fastavro.schemaless_reader(io.BytesIO(ENCODER.encode(ride)), ENCODER.schema, None)
-        assert back["ride_id"] == ride["ride_id"]
-        assert back["vehicle_type"] == ride["vehicle_type"]
-        assert back["surge_multiplier"] == ride["surge_multiplier"]
+def test_trailing_bytes_with_an_rng_is_deterministic() -> None:
+    def make(seed: int) -> bytes:
+        return malformed_payload("trailing_bytes", RIDE, SCHEMA, np.random.default_rng(seed))
+
+    assert make(1) == make(1)
+    assert make(1).startswith(encode_ride(RIDE, SCHEMA))
+
+
+@pytest.mark.parametrize("ride", RIDES, ids=lambda r: r["ride_id"][:12])
+def test_valid_rides_round_trip_to_the_same_dict(ride: dict[str, Any]) -> None:
+    payload = encode_ride(ride, SCHEMA)
+    assert payload == ENCODER.encode(ride)
+    assert strict_decode(payload) == expected_decoded(ride)
+
+
+@pytest.mark.parametrize("seed", [0, 9, 12345])
+def test_generate_rides_is_deterministic_with_unique_ids(seed: int) -> None:
+    rides = generate_rides(2000, seed=seed, start_ms=1_700_000_000_000)
+    assert rides == generate_rides(2000, seed=seed, start_ms=1_700_000_000_000)
+    assert rides != generate_rides(2000, seed=seed + 1, start_ms=1_700_000_000_000)
+    assert len({r["ride_id"] for r in rides}) == 2000
+    null_surge = sum(r["surge_multiplier"] is None for r in rides) / len(rides)
+    assert 0.15 < null_surge < 0.25
+    assert all(1 <= r["pickup_zone"] <= 263 and 1 <= r["dropoff_zone"] <= 263 for r in rides)
+    assert all(r["distance_km"] > 0 and 1 <= r["passenger_count"] <= 6 for r in rides)
+
+
+def test_trip_duration_is_the_same_from_columns_dicts_and_decoded_events() -> None:
+    cols = generate_columns(500, seed=4)
+    rides = to_records(cols)
+    decoded = [strict_decode(encode_ride(r, SCHEMA)) for r in rides]
+    by_cols = trip_duration_minutes(cols, np.random.default_rng(1))
+    np.testing.assert_array_equal(by_cols, trip_duration_minutes(rides, np.random.default_rng(1)))
+    np.testing.assert_array_equal(by_cols, trip_duration_minutes(decoded, np.random.default_rng(1)))
+    assert by_cols.min() >= 1.0
+    assert 5.0 < float(np.median(by_cols)) < 40.0
 
 
 def test_training_features_equal_what_the_worker_builds_from_decoded_events() -> None:
     cols = generate_columns(300, seed=4)
-    decoded = [
-        fastavro.schemaless_reader(io.BytesIO(ENCODER.encode(r)), ENCODER.schema, None)
-        for r in to_records(cols)
-    ]
+    decoded = [strict_decode(ENCODER.encode(r)) for r in to_records(cols)]
     built, rejected = FeatureBuilder(FEATURES).build(decoded)
     assert rejected == []
     np.testing.assert_array_equal(built, feature_matrix(cols))
@@ -84,9 +159,12 @@ def test_training_features_equal_what_the_worker_builds_from_decoded_events() ->
 def test_training_beats_the_baseline_and_writes_a_consistent_manifest(
     tmp_path: Path, objective: str
 ) -> None:
-    manifest = train(tmp_path, rows=4000, n_estimators=30, objective=objective)
+    manifest = train(tmp_path, rows=3000, n_estimators=20, objective=objective)
     assert read_manifest(tmp_path) == manifest
     assert manifest.model_sha256 == sha256_file(tmp_path / "model.ubj")
+    assert manifest.model_version.endswith(manifest.model_sha256[:8])
+    assert manifest.objective == objective
+    assert manifest.metrics["rows"] == {"train": 2400, "validation": 600}
     assert (
         xgb.Booster(model_file=str(tmp_path / "model.ubj")).feature_names == manifest.feature_names
     )
@@ -97,4 +175,102 @@ def test_training_beats_the_baseline_and_writes_a_consistent_manifest(
     else:
         assert val["rmse"] < base["rmse"] / 2
         assert val["mae"] < base["mae"] / 2
-    assert not math.isnan(val[next(iter(val))])
+    assert not any(math.isnan(v) for v in val.values())
+
+
+# --- produce_events against a fake producer (no Kafka) ------------------------------------
+
+
+class FakeProducer:
+    """Records produced messages; raises BufferError every ``full_every`` produce calls."""
+
+    instances: ClassVar[list["FakeProducer"]] = []
+    full_every: ClassVar[int] = 0
+    fail_keys: ClassVar[frozenset[bytes]] = frozenset()
+
+    def __init__(self, config: dict[str, str]) -> None:
+        self.config = config
+        self.sent: list[tuple[bytes, bytes, Callable[[Any, Any], None]]] = []
+        self.calls = 0
+        self.buffer_errors = 0
+        FakeProducer.instances.append(self)
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: bytes,
+        key: bytes,
+        headers: Any,
+        on_delivery: Callable[[Any, Any], None],
+    ) -> None:
+        self.calls += 1
+        if self.full_every and self.calls % self.full_every == 0:
+            self.buffer_errors += 1
+            raise BufferError("queue full")
+        self.sent.append((key, value, on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        for key, _value, callback in self.sent:
+            callback("boom" if key in self.fail_keys else None, None)
+        return 0
+
+
+@pytest.fixture
+def fake_producer(monkeypatch: pytest.MonkeyPatch) -> type[FakeProducer]:
+    FakeProducer.instances = []
+    FakeProducer.full_every = 0
+    FakeProducer.fail_keys = frozenset()
+    monkeypatch.setattr(produce, "Producer", FakeProducer)
+    return FakeProducer
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "full_every"),
+    [(100, 0.0, 0), (1000, 0.02, 0), (800, 0.1, 7), (16, 1.0, 3)],
+)
+def test_produce_events_mixes_exactly_the_asked_malformed_share(
+    fake_producer: type[FakeProducer], n: int, fraction: float, full_every: int
+) -> None:
+    fake_producer.full_every = full_every
+    seen: list[int] = []
+    report = produce_events("x:9092", "rides", n, malformed_fraction=fraction, progress=seen.append)
+    (producer,) = fake_producer.instances
+    assert producer.config["acks"] == "all"
+    assert producer.config["enable.idempotence"] == "true"
+    assert len(producer.sent) == n == report.produced
+    n_bad = round(n * fraction)
+    assert report.valid == n - n_bad
+    assert sum(report.malformed_by_kind.values()) == n_bad
+    if n_bad >= len(MALFORMED_KINDS):
+        assert set(report.malformed_by_kind) == set(MALFORMED_KINDS)
+    assert len(set(report.malformed_keys)) == n_bad
+    assert seen[-1] == n
+    bad = set(report.malformed_keys)
+    undecodable = 0
+    for key, value, _ in producer.sent:
+        try:
+            record = strict_decode(value)
+        except (ValueError, EOFError, IndexError):
+            assert key in bad
+            undecodable += 1
+            continue
+        assert record["ride_id"].encode() == key
+        assert (key in bad) == math.isinf(record["distance_km"])
+    assert undecodable == n_bad - report.malformed_by_kind.get("infinite_distance", 0)
+    if full_every:
+        assert producer.buffer_errors > 0
+
+
+def test_produce_events_raises_when_a_delivery_fails(fake_producer: type[FakeProducer]) -> None:
+    fake_producer.fail_keys = frozenset({b"ride-1-3"})
+    with pytest.raises(BrokerError, match="1 of 10 events were not acknowledged"):
+        produce_events("x:9092", "rides", 10)
+
+
+def test_produce_events_paces_to_the_rate(fake_producer: type[FakeProducer]) -> None:
+    report = produce_events("x:9092", "rides", 50, rate=200.0)
+    assert report.elapsed_s >= 50 / 200.0 * 0.9
