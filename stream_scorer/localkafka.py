@@ -1,13 +1,19 @@
 """A real single-node Apache Kafka broker (KRaft, broker+controller) on loopback.
 
-For development, the demo and the tests, on machines without Docker: the broker jars come
+For development, the demo and the tests on machines without Docker: the broker jars come
 from Maven Central (``deploy/local-kafka/pom.xml``) into a cache outside the repository, and
 the broker runs as a detached ``java`` process whose pid and address are kept in a state
-directory, so ``start``, ``status`` and ``stop`` work across commands.
+directory, so ``start``, ``status`` and ``stop`` work across commands and processes.
+
+State directory layout: ``server.properties``, ``log4j2.properties``, ``data/`` (the log
+dirs), ``broker.out`` (the JVM's stdout and stderr), ``server.log`` (WARN and above) and,
+while a broker runs, ``state.json``.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import re
@@ -17,90 +23,171 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
 from stream_scorer.errors import LocalKafkaError
 
 KAFKA_VERSION = "4.1.1"
+
+_JAVA_HINT = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless"
+# Kafka logs through SLF4J 1.7, and kafka_2.13's runtime dependencies bring no binding for it:
+# without this jar the broker logs nothing at all ("SLF4J: Defaulting to no-operation").
+_SLF4J_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl"
 _MARKER = ".complete"
+_MARKER_TEXT = f"kafka_2.13 {KAFKA_VERSION} + {_SLF4J_BINDING}\n"
 _STATE = "state.json"
+_HEAP = ("-Xms256m", "-Xmx1g")
 
 
 def default_cache_dir() -> Path:
-    """Return ``$STREAM_SCORER_CACHE``, else ``~/.cache/stream-scorer``."""
+    """Return the cache folder: ``$STREAM_SCORER_CACHE``, else ``~/.cache/stream-scorer``."""
     env = os.environ.get("STREAM_SCORER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "stream-scorer"
 
 
 def find_pom() -> Path:
-    """Return the pom that resolves the broker jars (``deploy/local-kafka/pom.xml``)."""
+    """Return the pom that resolves the broker jars (``deploy/local-kafka/pom.xml``).
+
+    Raises:
+        LocalKafkaError: the pom is not there (not running from a checkout).
+    """
     pom = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "pom.xml"
     if not pom.is_file():
-        raise LocalKafkaError(f"{pom} is missing: run from a checkout of the repository")
+        raise LocalKafkaError(
+            f"{pom} is missing: the local broker needs a checkout of the stream-scorer repository"
+        )
     return pom
 
 
-def _java_major() -> int:
+def _find_java() -> str:
+    """Return the path of a ``java`` that is version 17 or newer."""
     java = shutil.which("java")
     if java is None:
         raise LocalKafkaError(
-            "Java 17 or newer is needed to run the local Kafka broker and was not found: "
-            "install it (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+            "Java 17 or newer is needed to run the local Kafka broker and `java` is not on "
+            f"PATH: install it ({_JAVA_HINT})"
         )
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LocalKafkaError(f"cannot run `{java} -version`: {exc}") from exc
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    if not match:
-        raise LocalKafkaError(f"cannot tell the Java version from: {out.stderr.strip()[:200]}")
+    if match is None:
+        raise LocalKafkaError(
+            f"cannot tell the Java version of {java} from: {out.stderr.strip()[:200]!r}"
+        )
     major = int(match.group(1))
-    return int(match.group(2) or 0) if major == 1 else major
+    if major == 1:  # "1.8.0_392" is Java 8
+        major = int(match.group(2) or 0)
+    if major < 17:
+        raise LocalKafkaError(
+            f"Java 17 or newer is needed to run Kafka {KAFKA_VERSION}, and {java} is Java "
+            f"{major}: install a newer one ({_JAVA_HINT}) and put it first on PATH"
+        )
+    return java
+
+
+def _complete(libs: Path) -> bool:
+    try:
+        return (libs / _MARKER).read_text() == _MARKER_TEXT
+    except OSError:
+        return False
+
+
+def _maven(mvn: str, pom: Path, *args: str) -> None:
+    cmd = [mvn, "-B", "-q", "-f", str(pom), *args]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout if isinstance(exc.stdout, str) else ""
+        result = subprocess.CompletedProcess(cmd, -1, out, "(Maven timed out after 900 s)")
+    except OSError as exc:
+        raise LocalKafkaError(f"cannot run Maven ({mvn}): {exc}") from exc
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+        raise LocalKafkaError(
+            f"Maven could not fetch Apache Kafka {KAFKA_VERSION}'s jars (`{' '.join(args[:1])}` "
+            f"exited with {result.returncode}). Check that Maven Central "
+            "(https://repo.maven.apache.org) is reachable from this machine, directly or through "
+            "the proxy or mirror configured in ~/.m2/settings.xml. Maven's last lines:\n" + tail
+        )
 
 
 def fetch_jars(cache_dir: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
     """Resolve Apache Kafka's broker jars with Maven into the cache; return their folder.
 
+    The jars land in ``<cache>/kafka-<version>/libs``. Maven runs only when that folder lacks
+    its completion marker; the download goes to a temporary folder renamed into place at the
+    end, so an interrupted download is never mistaken for a complete one.
+
+    Args:
+        cache_dir: the cache folder; ``default_cache_dir()`` when None.
+        log: receives one-line progress messages.
+
+    Returns:
+        The folder holding the jars (for ``java -cp '<folder>/*'``).
+
     Raises:
-        LocalKafkaError: Java or Maven is missing, or Maven cannot download the jars.
+        LocalKafkaError: Java 17+ or Maven is missing, or Maven cannot download the jars.
     """
     libs = (cache_dir or default_cache_dir()) / f"kafka-{KAFKA_VERSION}" / "libs"
-    if (libs / _MARKER).is_file():
+    _find_java()
+    if _complete(libs):
         return libs
-    major = _java_major()
-    if major < 17:
-        raise LocalKafkaError(f"Kafka {KAFKA_VERSION} needs Java 17 or newer, found Java {major}")
     mvn = shutil.which("mvn")
     if mvn is None:
         raise LocalKafkaError(
-            "Maven is needed to fetch Kafka's broker jars and was not found: "
+            "Maven is needed to fetch Apache Kafka's broker jars and `mvn` is not on PATH: "
             "install it (Debian/Ubuntu: apt-get install maven)"
         )
+    pom = find_pom()
     libs.parent.mkdir(parents=True, exist_ok=True)
-    log(f"fetching org.apache.kafka:kafka_2.13:{KAFKA_VERSION} and its dependencies with Maven ...")
-    tmp = Path(tempfile.mkdtemp(prefix="libs-", dir=libs.parent))
-    cmd = [
-        mvn, "-B", "-q", "-f", str(find_pom()), "dependency:copy-dependencies",
-        f"-DoutputDirectory={tmp}", "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+    log(f"fetching org.apache.kafka:kafka_2.13:{KAFKA_VERSION} and its dependencies with Maven")
+    tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=libs.parent))
+    try:
+        _maven(mvn, pom, "dependency:copy-dependencies", f"-DoutputDirectory={tmp}",
+               "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}")  # fmt: skip
+        if not (tmp / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
+            raise LocalKafkaError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is missing")
+        cores = [re.fullmatch(r"log4j-core-(.+)\.jar", p.name) for p in tmp.iterdir()]
+        log4j = next((m.group(1) for m in cores if m), "2.24.3")
+        _maven(mvn, pom, "dependency:copy", f"-Dartifact={_SLF4J_BINDING}:{log4j}",
+               f"-DoutputDirectory={tmp}")  # fmt: skip
+        (tmp / _MARKER).write_text(_MARKER_TEXT)
+        trash = Path(tempfile.mkdtemp(prefix=".old-", dir=libs.parent))
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                libs.rename(trash / "libs")
+            try:
+                tmp.rename(libs)
+            except OSError as exc:
+                if not _complete(libs):  # a concurrent fetch may have won the race
+                    raise LocalKafkaError(f"cannot move the jars into {libs}: {exc}") from exc
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
-        raise LocalKafkaError(
-            "Maven could not fetch Kafka's broker jars. Check that Maven Central is reachable "
-            f"(proxy or mirror settings in ~/.m2/settings.xml). Maven said:\n{tail}"
-        )
-    (tmp / _MARKER).write_text(KAFKA_VERSION)
-    shutil.rmtree(libs, ignore_errors=True)
-    tmp.rename(libs)
     log(f"broker jars in {libs}")
     return libs
 
 
 @dataclass(frozen=True)
 class BrokerStatus:
-    """What the state directory says about a broker, checked against reality."""
+    """What a state directory records about a broker, checked against reality.
+
+    Attributes:
+        pid: the recorded java process id.
+        bootstrap: the recorded bootstrap address, ``127.0.0.1:PORT``.
+        running: that process is alive and is this state directory's broker.
+        answering: it answers a metadata request.
+    """
 
     pid: int
     bootstrap: str
@@ -115,18 +202,34 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child is not alive
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().split()[2] != "Z"
-    except OSError:
+    try:  # an exited child not yet reaped (zombie) is not alive
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 
+def _is_broker(pid: int, props: Path) -> bool:
+    """Whether ``pid`` is alive and is ``kafka.Kafka`` run on ``props`` (not a recycled pid)."""
+    if not _alive(pid):
+        return False
+    if not Path("/proc/self/cmdline").exists():  # no procfs: trust the recorded pid
+        return True
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return b"kafka.Kafka" in args and os.fsencode(props) in args
+
+
 def _answers(bootstrap: str, timeout: float = 3.0) -> bool:
+    """Whether a broker at ``bootstrap`` answers a metadata request (TCP alone is not enough)."""
     from confluent_kafka.admin import AdminClient
 
     try:
-        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": "0"})
+        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
         return bool(admin.list_topics(timeout=timeout).brokers)
     except Exception:
         return False
@@ -134,12 +237,28 @@ def _answers(bootstrap: str, timeout: float = 3.0) -> bool:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def _cluster_id() -> str:
+    """A Kafka cluster id (``StorageTool random-uuid``'s format) without starting a JVM."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+        if not cid.startswith("-"):  # Kafka never hands out ids that look like an option
+            return cid
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f"--- last lines of {path} ---\n" + "\n".join(text[-lines:]) if text else ""
 
 
 _PROPERTIES = """\
@@ -164,24 +283,24 @@ log.retention.hours=24
 """
 
 _LOG4J2 = """\
-Configuration:
-  status: warn
-  Appenders:
-    File:
-      name: file
-      fileName: "{log}"
-      PatternLayout:
-        pattern: "[%d] %p %m (%c)%n"
-  Loggers:
-    Root:
-      level: warn
-      AppenderRef:
-        - ref: file
+status = warn
+shutdownHook = disable
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
 """
 
 
 class LocalKafka:
-    """One local broker, identified by its state directory."""
+    """One local broker, identified by its state directory.
+
+    Usable as a context manager: ``with LocalKafka(path, port=p) as bootstrap: ...`` starts
+    the broker (or reuses the one running) and stops it on exit.
+    """
 
     def __init__(
         self,
@@ -189,128 +308,225 @@ class LocalKafka:
         port: int = 9092,
         controller_port: int | None = None,
         cache_dir: Path | None = None,
+        *,
+        log: Callable[[str], None] = print,
     ) -> None:
-        """Describe a broker; nothing starts until ``start``."""
-        self.state_dir = state_dir
+        """Describe a broker; nothing starts until ``start``.
+
+        Args:
+            state_dir: folder for its configuration, data, logs and ``state.json``.
+            port: the client (PLAINTEXT) port on 127.0.0.1.
+            controller_port: the KRaft controller port; ``port + 1`` when None.
+            cache_dir: where the jars are cached; ``default_cache_dir()`` when None.
+            log: receives one-line progress messages.
+        """
+        self.state_dir = Path(state_dir).resolve()
         self.port = port
-        self.controller_port = controller_port or port + 1
+        self.controller_port = port + 1 if controller_port is None else controller_port
+        if self.controller_port == port:
+            raise LocalKafkaError(f"the client and controller ports must differ (both {port})")
         self.cache_dir = cache_dir
         self.bootstrap = f"127.0.0.1:{port}"
-        self._proc: subprocess.Popen[bytes] | None = None  # kept so it is reaped, not leaked
+        self._log = log
+        self._proc: subprocess.Popen[bytes] | None = None  # kept so it can be reaped
 
-    def _state(self) -> dict[str, object] | None:
+    @property
+    def _props(self) -> Path:
+        return self.state_dir / "server.properties"
+
+    @property
+    def _state_file(self) -> Path:
+        return self.state_dir / _STATE
+
+    def _recorded(self) -> tuple[int, str] | None:
+        """The pid and bootstrap address in ``state.json``, or None (absent or unreadable)."""
         try:
-            raw = json.loads((self.state_dir / _STATE).read_text())
-        except (OSError, ValueError):
+            raw = json.loads(self._state_file.read_text())
+            return int(raw["pid"]), str(raw["bootstrap"])
+        except (OSError, ValueError, TypeError, KeyError):
             return None
-        return raw if isinstance(raw, dict) else None
+
+    def _logs(self) -> str:
+        parts = (_tail(self.state_dir / "server.log"), _tail(self.state_dir / "broker.out"))
+        return "\n".join(p for p in parts if p) or f"(no broker output in {self.state_dir})"
 
     def status(self) -> BrokerStatus | None:
-        """Return the recorded broker's status, or None when none is recorded."""
-        state = self._state()
-        if state is None:
+        """Return the recorded broker's status, or None when none is recorded.
+
+        A ``state.json`` left by a broker that died (or whose pid now belongs to another
+        process) gives ``running=False``.
+        """
+        recorded = self._recorded()
+        if recorded is None:
             return None
-        pid, bootstrap = int(str(state["pid"])), str(state["bootstrap"])
-        running = _alive(pid)
+        pid, bootstrap = recorded
+        running = _is_broker(pid, self._props)
         return BrokerStatus(pid, bootstrap, running, running and _answers(bootstrap))
 
-    def _tail(self, lines: int = 30) -> str:
-        out = []
-        for name in ("broker.out", "server.log"):
-            path = self.state_dir / name
-            if path.is_file():
-                text = path.read_text(errors="replace").strip().splitlines()[-lines:]
-                out.append(f"--- {path} ---\n" + "\n".join(text))
-        return "\n".join(out)
+    def _wait_answering(self, bootstrap: str, deadline: float, alive: Callable[[], bool]) -> bool:
+        """Poll until the broker answers (True), or it dies or the deadline passes (False)."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient(
+            {"bootstrap.servers": bootstrap, "log_level": 0, "reconnect.backoff.max.ms": 500}
+        )
+        while True:
+            try:
+                if admin.list_topics(timeout=1.0).brokers:
+                    return True
+            except Exception:  # not listening yet, or not serving metadata yet
+                pass
+            if not alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
 
     def start(self, timeout: float = 60.0) -> str:
-        """Start the broker (or report the one running) and return its bootstrap address.
+        """Start the broker, or report the one already running; return its bootstrap address.
+
+        Args:
+            timeout: seconds to wait until the broker answers a metadata request (the first
+                run also downloads the jars, which is not counted).
+
+        Returns:
+            ``127.0.0.1:PORT``.
 
         Raises:
-            LocalKafkaError: a port is taken, the jars cannot be fetched, or the broker does
-                not answer a metadata request within ``timeout``.
+            LocalKafkaError: a port is taken, Java or the jars are missing, or the broker
+                exits or does not answer within ``timeout`` (with the end of its logs).
         """
-        status = self.status()
-        if status is not None and status.running:
-            if status.answering or _answers(status.bootstrap, timeout=10):
-                print(f"a local Kafka broker already runs at {status.bootstrap} (pid {status.pid})")
-                return status.bootstrap
-            raise LocalKafkaError(
-                f"pid {status.pid} from {self.state_dir} runs but does not answer at "
-                f"{status.bootstrap}: stop it with `stream-scorer local-kafka stop`\n{self._tail()}"
-            )
-        for port in (self.port, self.controller_port):
+        recorded = self._recorded()
+        if recorded is not None:
+            pid, bootstrap = recorded
+            if _is_broker(pid, self._props):
+                deadline = time.monotonic() + timeout
+                if self._wait_answering(bootstrap, deadline, lambda: _is_broker(pid, self._props)):
+                    self._log(f"already running at {bootstrap} (pid {pid})")
+                    return bootstrap
+                if _is_broker(pid, self._props):
+                    raise LocalKafkaError(
+                        f"the broker recorded in {self.state_dir} (pid {pid}) runs but does not "
+                        f"answer at {bootstrap}: stop it (`stream-scorer local-kafka stop`) and "
+                        f"start again\n{self._logs()}"
+                    )
+            self._state_file.unlink(missing_ok=True)  # stale: that broker is gone
+        for port, what in ((self.port, "client"), (self.controller_port, "controller")):
             if not _port_free(port):
                 raise LocalKafkaError(
-                    f"port {port} on 127.0.0.1 is taken: stop the process using it "
-                    f"(e.g. `ss -ltnp 'sport = :{port}'`) or choose another with --port"
+                    f"port {port} on 127.0.0.1 (the broker's {what} port) is taken by another "
+                    f"process: stop that process (see `ss -ltnp 'sport = :{port}'`) or choose "
+                    "another port with --port"
                 )
-        libs = fetch_jars(self.cache_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        java = _find_java()
+        libs = fetch_jars(self.cache_dir, log=self._log)
         data = self.state_dir / "data"
-        props = self.state_dir / "server.properties"
-        props.write_text(_PROPERTIES.format(port=self.port, cport=self.controller_port, data=data))
-        log4j = self.state_dir / "log4j2.yaml"
+        data.mkdir(parents=True, exist_ok=True)
+        self._props.write_text(
+            _PROPERTIES.format(port=self.port, cport=self.controller_port, data=data)
+        )
+        log4j = self.state_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.state_dir / "server.log"))
-        java = ["java", "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}",
-                "-cp", f"{libs}/*"]  # fmt: skip
+        jvm = [
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-Djava.awt.headless=true",
+            "-cp",
+            f"{libs}/*",
+        ]
         if not (data / "meta.properties").is_file():
-            uuid = subprocess.run(
-                [*java, "kafka.tools.StorageTool", "random-uuid"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip().splitlines()[-1]  # fmt: skip
-            fmt = subprocess.run(
-                [*java, "kafka.tools.StorageTool", "format", "-t", uuid, "-c", str(props)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if fmt.returncode != 0:
-                raise LocalKafkaError(f"formatting {data} failed:\n{fmt.stdout}{fmt.stderr}")
-        with (self.state_dir / "broker.out").open("w") as out:
-            proc = subprocess.Popen(
-                [*java, "kafka.Kafka", str(props)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
+            self._format([java, "-Xmx256m", *jvm], data)
+        try:
+            with (self.state_dir / "broker.out").open("wb") as out:
+                proc = subprocess.Popen(
+                    [java, *_HEAP, *jvm, "kafka.Kafka", str(self._props)],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=self.state_dir, start_new_session=True,  # outlives this process
+                )  # fmt: skip
+        except OSError as exc:
+            raise LocalKafkaError(f"cannot start {java}: {exc}") from exc
         self._proc = proc
-        state = {"pid": proc.pid, "port": self.port, "controller_port": self.controller_port,
-                 "bootstrap": self.bootstrap, "started_at": time.time()}  # fmt: skip
-        (self.state_dir / _STATE).write_text(json.dumps(state))
+        state = {
+            "pid": proc.pid,
+            "port": self.port,
+            "controller_port": self.controller_port,
+            "bootstrap": self.bootstrap,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        partial = self._state_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(state, indent=2) + "\n")
+        partial.replace(self._state_file)
+        if self._wait_answering(self.bootstrap, time.monotonic() + timeout,
+                                lambda: proc.poll() is None):  # fmt: skip
+            return self.bootstrap
+        if proc.poll() is not None:
+            self._state_file.unlink(missing_ok=True)
+            self._proc = None
+            raise LocalKafkaError(
+                f"the broker exited with code {proc.returncode} while starting\n{self._logs()}"
+            )
+        self.stop()
+        raise LocalKafkaError(
+            f"the broker did not answer at {self.bootstrap} within {timeout:.0f} s\n{self._logs()}"
+        )
+
+    def _format(self, java: list[str], data: Path) -> None:
+        """Format ``data`` for KRaft (once per data directory) with the ``java`` command line."""
+        cmd = [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(),
+               "-c", str(self._props)]  # fmt: skip
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LocalKafkaError(f"formatting {data} failed: {exc}") from exc
+        if result.returncode != 0:
+            raise LocalKafkaError(
+                f"formatting {data} failed (exit {result.returncode}):\n"
+                f"{result.stdout}{result.stderr}".rstrip()
+            )
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        proc = self._proc
+        if proc is not None and proc.pid == pid:  # our child: wait() also reaps it
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            self._proc = None
+            return True
         deadline = time.monotonic() + timeout
-        while not _answers(self.bootstrap, timeout=2.0):
-            if proc.poll() is not None:
-                (self.state_dir / _STATE).unlink(missing_ok=True)
-                raise LocalKafkaError(
-                    f"the broker exited with code {proc.returncode} while starting\n{self._tail()}"
-                )
+        while _alive(pid):
             if time.monotonic() > deadline:
-                self.stop()
-                raise LocalKafkaError(
-                    f"the broker did not answer within {timeout:.0f} s\n{self._tail()}"
-                )
-            time.sleep(0.2)
-        return self.bootstrap
+                return False
+            time.sleep(0.1)
+        return True
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the recorded broker (SIGTERM, then SIGKILL if it hangs); return whether one ran."""
-        state = self._state()
-        if state is None:
+        """Stop the recorded broker: SIGTERM, then SIGKILL if it outlasts ``timeout``.
+
+        Safe when nothing runs; a stale ``state.json`` is removed.
+
+        Args:
+            timeout: seconds to wait for a clean shutdown before SIGKILL.
+
+        Returns:
+            Whether a broker was running.
+
+        Raises:
+            LocalKafkaError: the process survives SIGKILL.
+        """
+        recorded = self._recorded()
+        if recorded is None:
             return False
-        pid = int(str(state["pid"]))
-        was_running = _alive(pid)
-        if was_running:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-                while _alive(pid):
-                    time.sleep(0.05)
-        if self._proc is not None and self._proc.pid == pid:
-            self._proc.wait()
-            self._proc = None
-        (self.state_dir / _STATE).unlink(missing_ok=True)
-        return was_running
+        pid, _ = recorded
+        running = _is_broker(pid, self._props)
+        if running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_gone(pid, timeout):
+                self._log(f"the broker (pid {pid}) ignored SIGTERM for {timeout:.0f} s: killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                if not self._wait_gone(pid, 10.0):
+                    raise LocalKafkaError(f"the broker (pid {pid}) survives SIGKILL")
+        self._state_file.unlink(missing_ok=True)
+        return running
 
     def __enter__(self) -> str:
         return self.start()

@@ -22,37 +22,74 @@ def ensure_topics(
 ) -> None:
     """Create ``topics`` (name to partition count, replication factor 1) unless they exist.
 
-    Returns once every topic has a leader for each partition.
+    A topic that already exists with the asked partition count is fine. Returns once every
+    topic appears in the metadata with a leader for each partition.
+
+    Args:
+        bootstrap: the brokers, ``host:port[,host:port...]``.
+        topics: topic name to partition count.
+        timeout: seconds for the whole operation.
+        config: topic configuration applied to the topics created (not to existing ones).
 
     Raises:
-        BrokerError: a topic cannot be created or does not become ready in time.
+        BrokerError: the broker does not answer, refuses a topic, an existing topic has
+            another partition count, or the topics get no leaders within ``timeout``.
     """
+    if not topics:
+        return
+    deadline = time.monotonic() + timeout
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = [NewTopic(name, n, 1, config=dict(config or {})) for name, n in topics.items()]
-    futures = admin.create_topics(new, request_timeout=timeout)
+    new = [
+        NewTopic(name, num_partitions=n, replication_factor=1, config=dict(config or {}))
+        for name, n in topics.items()
+    ]
+    try:
+        futures = admin.create_topics(new, request_timeout=timeout)
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise BrokerError(f"cannot create topics {sorted(topics)} at {bootstrap}: {exc}") from exc
+    existed: set[str] = set()
     for name, future in futures.items():
         try:
-            future.result(timeout=timeout)
+            future.result(timeout=max(0.1, deadline - time.monotonic()))
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise BrokerError(f"cannot create topic: {exc}", topic=name) from exc
-    deadline = time.monotonic() + timeout
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                existed.add(name)
+                continue
+            raise BrokerError(f"cannot create topic at {bootstrap}: {err}", topic=name) from exc
+        except TimeoutError as exc:
+            raise BrokerError(
+                f"the broker at {bootstrap} did not answer within {timeout:.0f} s", topic=name
+            ) from exc
     pending = dict(topics)
-    while pending:
-        meta = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+    while True:
+        try:
+            listed = admin.list_topics(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+        except KafkaException:
+            listed = None  # retried until the deadline
+        found = listed.topics if listed is not None else {}
         for name in list(pending):
-            tmeta = meta.topics.get(name)
-            if (
-                tmeta is not None
-                and tmeta.error is None
-                and len(tmeta.partitions) >= pending[name]
-                and all(p.leader >= 0 for p in tmeta.partitions.values())
+            tmeta = found.get(name)
+            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+                continue
+            if name in existed and len(tmeta.partitions) != pending[name]:
+                raise BrokerError(
+                    f"topic exists with {len(tmeta.partitions)} partitions, {pending[name]} "
+                    "asked: delete it or use another name",
+                    topic=name,
+                )
+            if len(tmeta.partitions) >= pending[name] and all(
+                p.leader >= 0 for p in tmeta.partitions.values()
             ):
                 del pending[name]
-        if pending and time.monotonic() > deadline:
-            raise BrokerError(f"topics not ready after {timeout:.0f} s: {', '.join(pending)}")
-        if pending:
-            time.sleep(0.1)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"topics without a leader for every partition at {bootstrap} after "
+                f"{timeout:.0f} s: {', '.join(sorted(pending))}"
+            )
+        time.sleep(0.1)
 
 
 _COORDINATOR_CODES = frozenset(

@@ -1,63 +1,144 @@
-"""Fixtures shared by the tests: a real Kafka broker for the session, unique names, topics."""
+"""Fixtures shared by the tests: a real Kafka broker for the session, unique names, topics.
+
+The broker comes from, in order: ``$KAFKA_BOOTSTRAP_SERVERS``; a container of the official
+``apache/kafka`` image when a Docker engine answers; a local broker from Maven jars
+(``stream_scorer.localkafka``). When none can be had, tests that need Kafka fail: they never
+skip.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from stream_scorer.errors import StreamScorerError
 
+KAFKA_IMAGE = "apache/kafka:4.1.1"
+
 
 def _docker_answers() -> bool:
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+        done = subprocess.run(["docker", "info"], capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):  # no client, or an engine that hangs
         return False
+    return done.returncode == 0
 
 
-def _free_port_pair() -> int:
-    """Return a port p such that p and p + 1 are both free on loopback."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports")
+def _free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _wait_answering(bootstrap: str, timeout: float) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if admin.list_topics(timeout=1.0).brokers:
+                return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{bootstrap} did not answer within {timeout:.0f} s") from exc
+            time.sleep(0.2)  # poll interval: the broker refused or is still starting
+
+
+def _container_broker() -> Iterator[str]:
+    """A broker in an ``apache/kafka`` container (KRaft, one node).
+
+    testcontainers' own Kafka module drives Confluent's cp-kafka images only (it runs their
+    ``/etc/confluent/docker`` scripts) and ``testcontainers.kafka`` is deprecated, so the
+    official image is configured here through its documented environment variables. The
+    advertised port must be the host's, hence a fixed binding to a port found free.
+    """
+    try:
+        from testcontainers.core.container import DockerContainer
+    except ImportError as exc:
+        pytest.fail(f"a Docker engine answers but testcontainers is not installed: {exc}")
+    (port,) = _free_ports(1)
+    container = (
+        DockerContainer(KAFKA_IMAGE)
+        .with_bind_ports(port, port)
+        .with_envs(
+            KAFKA_NODE_ID="1",
+            KAFKA_PROCESS_ROLES="broker,controller",
+            KAFKA_LISTENERS=f"PLAINTEXT://0.0.0.0:{port},CONTROLLER://0.0.0.0:9093",
+            KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://127.0.0.1:{port}",
+            KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+            KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            KAFKA_INTER_BROKER_LISTENER_NAME="PLAINTEXT",
+            KAFKA_CONTROLLER_QUORUM_VOTERS="1@localhost:9093",
+            KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1",
+            KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS="4",
+            KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1",
+            KAFKA_TRANSACTION_STATE_LOG_NUM_PARTITIONS="4",
+            KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0",
+            KAFKA_AUTO_CREATE_TOPICS_ENABLE="false",
+        )
+    )
+    bootstrap = f"127.0.0.1:{port}"
+    with warnings.catch_warnings():  # a third party's deprecations must not fail the session
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            container.start()
+            _wait_answering(bootstrap, timeout=120)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                container.stop()
+            pytest.fail(f"a Docker engine answers but {KAFKA_IMAGE} did not start: {exc}")
+    try:
+        yield bootstrap
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            container.stop()
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real broker: $KAFKA_BOOTSTRAP_SERVERS, else testcontainers, else a local broker.
+    """A real broker: $KAFKA_BOOTSTRAP_SERVERS, else a container, else a local broker.
 
-    When none can be had, tests that need Kafka fail; they never skip.
+    When none can be had, the tests that need Kafka fail; they never skip.
     """
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
     if _docker_answers():
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer("apache/kafka:4.1.1") as container:
-            yield container.get_bootstrap_server()
+        yield from _container_broker()
         return
     from stream_scorer.localkafka import LocalKafka
 
-    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), port=_free_port_pair())
+    port, controller_port = _free_ports(2)
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("kafka"), port=port, controller_port=controller_port
+    )
     try:
-        bootstrap = broker.start(timeout=90)
+        bootstrap = broker.start(timeout=120)
     except StreamScorerError as exc:
         broker.stop()
-        pytest.fail(f"no Kafka broker could be started for the integration tests: {exc}")
+        pytest.fail(
+            "no Kafka broker for the integration tests: $KAFKA_BOOTSTRAP_SERVERS is unset, no "
+            f"Docker engine answers, and the local broker could not start: {exc}"
+        )
     try:
         yield bootstrap
     finally:
@@ -66,9 +147,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def unique() -> Callable[[str], str]:
-    """Return a function making names unique to this test (topics, groups)."""
-    run = uuid.uuid4().hex[:8]
-    return lambda prefix: f"{prefix}-{run}"
+    """Return ``unique(prefix)``: a topic or group name no other test or call uses."""
+    return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
@@ -76,4 +156,7 @@ def make_topics(kafka_bootstrap: str) -> Callable[[dict[str, int]], None]:
     """Return a function creating topics (name to partition count) on the test broker."""
     from stream_scorer.topics import ensure_topics
 
-    return lambda topics: ensure_topics(kafka_bootstrap, topics)
+    def make(topics: dict[str, int]) -> None:
+        ensure_topics(kafka_bootstrap, topics)
+
+    return make

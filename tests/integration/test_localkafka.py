@@ -1,96 +1,209 @@
-"""The local development broker: start, status, no duplicate start, stop, clear errors."""
+"""The local development broker and topic creation, against real brokers.
+
+Start, status, no second broker on a second start, a message through it, stop, restart over a
+stale state file; clear errors for taken ports, missing or old Java, missing or failing Maven;
+``ensure_topics`` on the session broker.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-import subprocess
-import sys
+import stat
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from stream_scorer.errors import LocalKafkaError
-from stream_scorer.localkafka import LocalKafka, default_cache_dir
+from stream_scorer.errors import BrokerError, LocalKafkaError
+from stream_scorer.localkafka import LocalKafka, fetch_jars
 from stream_scorer.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
 
-def _port_pair() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-
-
-def test_start_status_second_start_and_stop(tmp_path: Path) -> None:
-    broker = LocalKafka(tmp_path / "k", port=_port_pair())
-    bootstrap = broker.start()
+def free_ports(count: int) -> list[int]:
+    socks = [socket.socket() for _ in range(count)]
     try:
-        status = broker.status()
-        assert status is not None and status.running and status.answering
-        assert (
-            LocalKafka(tmp_path / "k", port=broker.port).start() == bootstrap
-        )  # reported, not doubled
-        status_again = broker.status()
-        assert status_again is not None and status_again.pid == status.pid
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
-        ensure_topics(bootstrap, {"hello": 3})
-        ensure_topics(bootstrap, {"hello": 3})  # existing is fine
-        producer = Producer({"bootstrap.servers": bootstrap})
-        producer.produce("hello", value=b"world", key=b"k", partition=2)
-        assert producer.flush(30) == 0
-        consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": "t", "auto.offset.reset": "earliest"}
-        )
-        consumer.subscribe(["hello"])
-        got = None
-        for _ in range(60):
+
+def brokers_of(state_dir: Path) -> list[int]:
+    """Pids of every ``kafka.Kafka`` process running on ``state_dir``'s server.properties."""
+    props = os.fsencode(state_dir.resolve() / "server.properties")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kafka.Kafka" in args and props in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def consume_one(bootstrap: str, topic: str, group: str, timeout: float = 30.0) -> bytes | None:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
-                got = msg
-                break
-        consumer.close()
-        assert got is not None and got.value() == b"world" and got.partition() == 2
+                value = msg.value()
+                return value if isinstance(value, bytes) else None
+        return None
     finally:
-        assert broker.stop() is True
+        consumer.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalKafka]:
+    port, controller_port = free_ports(2)
+    kafka = LocalKafka(tmp_path / "broker", port=port, controller_port=controller_port)
+    try:
+        yield kafka
+    finally:
+        kafka.stop()  # whatever the test did, no broker outlives it
+
+
+def test_start_status_second_start_message_stop_restart(
+    broker: LocalKafka, unique: Callable[[str], str]
+) -> None:
+    started = time.monotonic()
+    bootstrap = broker.start()
+    startup_s = time.monotonic() - started
+    assert bootstrap == f"127.0.0.1:{broker.port}"
+
+    status = broker.status()
+    assert status is not None
+    assert (status.bootstrap, status.running, status.answering) == (bootstrap, True, True)
+    assert brokers_of(broker.state_dir) == [status.pid]
+    state = json.loads((broker.state_dir / "state.json").read_text())
+    assert state["pid"] == status.pid and state["controller_port"] == broker.controller_port
+
+    # A second start, from another object as another command would do, reuses the broker.
+    said: list[str] = []
+    again = LocalKafka(broker.state_dir, port=broker.port, log=said.append)
+    assert again.start() == bootstrap
+    assert any("already running at " + bootstrap in line for line in said)
+    assert brokers_of(broker.state_dir) == [status.pid]
+
+    topic = unique("hello")
+    ensure_topics(bootstrap, {topic: 1})
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, key=b"k", value=b"world")
+    assert producer.flush(30) == 0
+    assert consume_one(bootstrap, topic, unique("grp")) == b"world"
+
+    assert broker.stop() is True
     assert broker.status() is None
-    with pytest.raises(ProcessLookupError):
-        os.kill(status.pid, 0)
-    assert broker.stop() is False  # nothing left to stop
+    assert gone(status.pid)
+    assert brokers_of(broker.state_dir) == []
+    assert broker.stop() is False  # nothing left: safe
+
+    # A state file left by a dead broker is stale, not a running broker; restarting reuses
+    # the formatted data directory, so the message is still there.
+    (broker.state_dir / "state.json").write_text(json.dumps(state))
+    stale = broker.status()
+    assert stale is not None and not stale.running and not stale.answering
+    assert broker.start() == bootstrap
+    restarted = broker.status()
+    assert restarted is not None and restarted.running and restarted.pid != status.pid
+    assert consume_one(bootstrap, topic, unique("grp")) == b"world"
+    assert broker.stop() is True
+    assert gone(restarted.pid)
+    assert startup_s < 60
 
 
-def test_taken_port_is_reported_with_what_to_do(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["client", "controller"])
+def test_taken_port_is_named_with_what_to_do(tmp_path: Path, which: str) -> None:
+    port, controller_port = free_ports(2)
+    taken = port if which == "client" else controller_port
     with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", 0))
+        blocker.bind(("127.0.0.1", taken))
         blocker.listen()
-        port = blocker.getsockname()[1]
-        with pytest.raises(LocalKafkaError, match=f"port {port} on 127.0.0.1 is taken.*--port"):
-            LocalKafka(tmp_path / "k", port=port).start()
+        kafka = LocalKafka(tmp_path / "k", port=port, controller_port=controller_port)
+        with pytest.raises(LocalKafkaError, match=f"port {taken} .*{which}.*--port") as info:
+            kafka.start()
+    assert "stop that process" in str(info.value)
+    assert kafka.status() is None
+    assert brokers_of(tmp_path / "k") == []
 
 
-def test_missing_java_is_reported_with_what_to_install(tmp_path: Path) -> None:
-    env = {
-        "PATH": str(Path(sys.executable).parent),  # python, but no java and no mvn
-        "STREAM_SCORER_CACHE": str(tmp_path / "empty-cache"),
-        "HOME": str(tmp_path),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "stream_scorer", "local-kafka", "fetch"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
+def test_ensure_topics_creates_waits_and_is_idempotent(
+    kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
+    topic = unique("three")
+    ensure_topics(kafka_bootstrap, {topic: 3})
+    meta = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(topic, timeout=10)
+    partitions = meta.topics[topic].partitions
+    assert sorted(partitions) == [0, 1, 2]
+    assert all(p.leader >= 0 for p in partitions.values())
+
+    ensure_topics(kafka_bootstrap, {topic: 3})  # already there: fine
+    with pytest.raises(BrokerError, match="exists with 3 partitions, 5 asked") as info:
+        ensure_topics(kafka_bootstrap, {topic: 5})
+    assert info.value.topic == topic
+
+
+def fake_tool(bin_dir: Path, name: str, script: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_missing_java_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(LocalKafkaError, match="Java 17 or newer is needed") as info:
+        fetch_jars(tmp_path / "cache", log=lambda _: None)
+    assert "apt-get install openjdk-17-jre-headless" in str(info.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_old_java_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_tool(tmp_path / "bin", "java", "echo 'openjdk version \"11.0.22\" 2024-01-16' >&2\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(LocalKafkaError, match=r"Java 17 or newer.*is Java 11.*openjdk-17"):
+        fetch_jars(tmp_path / "cache", log=lambda _: None)
+
+
+def test_missing_and_failing_maven_are_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_tool(tmp_path / "bin", "java", "echo 'openjdk version \"17.0.15\" 2025-04-15' >&2\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(LocalKafkaError, match=r"Maven is needed.*apt-get install maven"):
+        fetch_jars(tmp_path / "cache", log=lambda _: None)
+
+    fake_tool(
+        tmp_path / "bin",
+        "mvn",
+        "echo '[ERROR] Could not transfer artifact: repo.maven.apache.org: Unknown host'\nexit 1\n",
     )
-    assert result.returncode == 1
-    assert "Java 17 or newer is needed" in result.stderr
-    assert "apt-get install openjdk-17-jre-headless" in result.stderr
-    assert default_cache_dir() != tmp_path / "empty-cache"  # the real cache was not touched
+    with pytest.raises(LocalKafkaError) as info:
+        fetch_jars(tmp_path / "cache", log=lambda _: None)
+    message = str(info.value)
+    assert "Unknown host" in message and "~/.m2/settings.xml" in message
+    libs = tmp_path / "cache" / "kafka-4.1.1"
+    assert [p.name for p in libs.iterdir()] == []  # no half download left to look complete
