@@ -1,15 +1,14 @@
 """The worker: wire the stages together and run the main loop.
 
-poll a batch → decode/features/score/encode (``Pipeline``) → produce → store delivered offsets
-→ health, until a signal, a limit or an error stops it. Then: flush, commit, leave the group.
+poll a batch → decode/features/score/encode (``Pipeline``) → deliver (``delivery.py``: produce
+and store acknowledged offsets, or one transaction per batch) → health, until a signal, a limit
+or an error stops it. Then: drain, commit, leave the group.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,17 +17,26 @@ from types import FrameType
 
 from confluent_kafka import Producer
 
-from stream_scorer.config import Config, consumer_settings, producer_settings, redacted
+from stream_scorer.config import (
+    EXACTLY_ONCE,
+    Config,
+    consumer_settings,
+    producer_settings,
+    redacted,
+    worker_identity,
+)
 from stream_scorer.decode import Decoder, load_schema, record_fields
+from stream_scorer.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.features import FeatureBuilder, check_schema
+from stream_scorer.flow import BatchSizer, PoisonGuard
 from stream_scorer.metrics import Metrics
 from stream_scorer.offsets import OffsetTracker
 from stream_scorer.pipeline import Pipeline
 from stream_scorer.score import Scorer
 from stream_scorer.sink import Sink, SinkContext
-from stream_scorer.source import Partitions, Source
+from stream_scorer.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -103,42 +111,59 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
     return pipeline, scorer
 
 
+def _delivery(
+    cfg: Config,
+    worker_id: str,
+    ctx: SinkContext,
+    source: Source,
+    tracker: OffsetTracker,
+    metrics: Metrics,
+) -> Delivery:
+    """Create the producer side of the configured delivery mode."""
+    psettings = producer_settings(cfg, worker_id)
+    log.info("producer settings: %s", redacted(psettings))
+    if cfg.delivery.mode == EXACTLY_ONCE:
+        return ExactlyOnce(
+            lambda: Producer(psettings),
+            ctx,
+            source,
+            tracker,
+            metrics,
+            timeout_s=cfg.delivery.transaction_timeout_s,
+        )
+    return AtLeastOnce(
+        Sink(Producer(psettings), ctx, tracker, metrics),
+        source,
+        tracker,
+        max_in_flight=cfg.batch.max_in_flight,
+        flush_timeout_s=cfg.worker.shutdown_timeout_s,
+    )
+
+
 def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     """Run one worker until stopped; return what it did.
 
     Raises:
         StreamScorerError: a configuration, model, broker or delivery failure (exit non-zero).
     """
-    worker_id = cfg.worker.id or f"{socket.gethostname()}-{os.getpid()}"
+    worker_id = worker_identity(cfg)
     report = WorkerReport(worker_id)
     stop = stop if stop is not None else StopFlag()
     metrics = Metrics()
     pipeline, scorer = build_pipeline(cfg, metrics)
     metrics.model_info.labels(scorer.model_version).set(1)
     tracker = OffsetTracker()
+    ctx = SinkContext(
+        cfg.output.topic,
+        cfg.dead_letter.topic,
+        cfg.input.group_id,
+        worker_id,
+        scorer.model_version,
+        cfg.kafka.unreachable_timeout_s,
+    )
     with ExitStack() as stack:
         if cfg.metrics.port:
             stack.callback(metrics.serve(cfg.metrics.port, cfg.metrics.host).shutdown)
-        psettings = producer_settings(cfg, worker_id)
-        log.info("producer settings: %s", redacted(psettings))
-        producer = Producer(psettings)
-        ctx = SinkContext(
-            cfg.output.topic,
-            cfg.dead_letter.topic,
-            cfg.input.group_id,
-            worker_id,
-            scorer.model_version,
-            cfg.kafka.unreachable_timeout_s,
-        )
-        sink = Sink(producer, ctx, tracker, metrics)
-
-        def release(partitions: Partitions) -> None:
-            # revoke: store what is delivered; librdkafka commits stored offsets of revoked
-            # partitions itself (auto-commit), without blocking this callback on the group
-            sink.flush(cfg.worker.shutdown_timeout_s)
-            source.store(tracker.committable(partitions))
-            tracker.forget(partitions)
-
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
         source = stack.enter_context(
@@ -147,13 +172,20 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                 cfg.input.topic,
                 metrics,
                 unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
-                on_revoke=release,
-                on_lost=tracker.forget,
+                on_revoke=lambda parts: delivery.on_revoke(parts),
+                on_lost=lambda parts: delivery.on_lost(parts),
             )
         )
+        delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
         stack.enter_context(stop.on_signals())
-        _loop(cfg, source, pipeline, sink, tracker, metrics, report, stop)
-        _drain(cfg, source, sink, tracker, metrics)
+        _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
+        remaining = delivery.drain()
+        metrics.in_flight.set(tracker.pending)
+        if remaining:
+            raise BrokerError(
+                f"{remaining} outputs not acknowledged within worker.shutdown_timeout_s = "
+                f"{cfg.worker.shutdown_timeout_s}; their records stay uncommitted (redelivered)"
+            )
     report.dead_letters = {
         f"{s.labels['stage']}/{s.labels['reason']}": int(s.value)
         for m in metrics.dead_letters.collect()
@@ -170,40 +202,42 @@ def _loop(
     cfg: Config,
     source: Source,
     pipeline: Pipeline,
-    sink: Sink,
+    delivery: Delivery,
     tracker: OffsetTracker,
     metrics: Metrics,
     report: WorkerReport,
     stop: StopFlag,
 ) -> None:
-    """The main loop: poll → score → produce → store delivered offsets → health."""
+    """The main loop: poll → score → deliver (→ offsets) → health."""
     limit, idle_limit = cfg.worker.max_messages, cfg.worker.idle_timeout_s
     max_wait = cfg.batch.max_wait_ms / 1000.0
+    sizer = BatchSizer(cfg.batch.max_records, cfg.batch.max_processing_s)
+    poison = PoisonGuard(
+        cfg.dead_letter.max_ratio, cfg.dead_letter.window, cfg.dead_letter.max_consecutive
+    )
     started = last_record = time.monotonic()
     while not stop:
-        want = (
-            cfg.batch.max_records
-            if not limit
-            else min(cfg.batch.max_records, limit - report.consumed)
-        )
+        want = sizer.size if not limit else min(sizer.size, limit - report.consumed)
         batch = source.poll_batch(want, max_wait)
         if batch:
-            last_record = time.monotonic()
+            t0 = last_record = time.monotonic()
             for msg in batch:
                 tracker.track(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
-            report.consumed += len(batch)
-            report.batches += 1
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
             result = pipeline.process(batch)
-            t0 = time.perf_counter()
-            sink.publish(result.scored, result.dead)
-            metrics.observe_stage("produce", time.perf_counter() - t0)
-        sink.poll(0)
-        sink.raise_errors()
+            dead = {id(d.message) for d in result.dead}
+            poison.observe([id(m) in dead for m in batch])
+            t1 = time.perf_counter()
+            if delivery.deliver(batch, result) is not False:
+                report.consumed += len(batch)
+                report.batches += 1
+            metrics.observe_stage("produce", time.perf_counter() - t1)
+            metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
+        delivery.service()
         source.raise_errors()
-        source.store(tracker.take_committable())
         metrics.in_flight.set(tracker.pending)
+        metrics.paused.set(delivery.paused)
         metrics.last_progress.set(time.time())
         if limit and report.consumed >= limit:
             stop.set("max_messages")
@@ -211,18 +245,3 @@ def _loop(
             stop.set("idle_timeout")
     report.stopped_by = stop.reason
     report.elapsed_s = time.monotonic() - started
-
-
-def _drain(
-    cfg: Config, source: Source, sink: Sink, tracker: OffsetTracker, metrics: Metrics
-) -> None:
-    """Deliver what is in flight and store it; closing the consumer commits and leaves."""
-    remaining = sink.flush(cfg.worker.shutdown_timeout_s)
-    sink.raise_errors()
-    source.store(tracker.take_committable())
-    metrics.in_flight.set(tracker.pending)
-    if remaining:
-        raise BrokerError(
-            f"{remaining} outputs not acknowledged within worker.shutdown_timeout_s = "
-            f"{cfg.worker.shutdown_timeout_s}; their records stay uncommitted (redelivered later)"
-        )

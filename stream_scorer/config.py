@@ -13,6 +13,7 @@ This module is also the one place where settings become librdkafka's dotted keys
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -109,9 +110,16 @@ class DeadLetterConfig:
 
     Attributes:
         topic: dead-letter topic.
+        max_ratio: stop the worker when more than this fraction of the last ``window``
+            records were dead-lettered (0 = no limit).
+        window: how many recent records ``max_ratio`` looks at.
+        max_consecutive: stop the worker after this many dead letters in a row (0 = no limit).
     """
 
     topic: str
+    max_ratio: float = 0.0
+    window: int = 1000
+    max_consecutive: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,10 +145,18 @@ class BatchConfig:
     Attributes:
         max_records: a batch is scored as soon as it holds this many records.
         max_wait_ms: a partial batch is scored after waiting this long.
+        max_processing_s: target upper bound for processing one batch; when a batch takes
+            longer (a slow model), the batch size shrinks so the worker keeps calling poll well
+            within ``max.poll.interval.ms`` (which must be at least twice this).
+        max_in_flight: at-least-once mode: when this many records wait for their outputs'
+            acknowledgement (a backed-up producer), the worker pauses its partitions until
+            half of them are acknowledged.
     """
 
     max_records: int = 1000
     max_wait_ms: int = 50
+    max_processing_s: float = 30.0
+    max_in_flight: int = 50_000
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,31 @@ class MetricsConfig:
     host: str = "0.0.0.0"
 
 
+AT_LEAST_ONCE = "at-least-once"
+EXACTLY_ONCE = "exactly-once"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """The delivery guarantee (README.md, "Guarantees").
+
+    Attributes:
+        mode: ``at-least-once`` (outputs first, then offsets; a crash can repeat outputs) or
+            ``exactly-once`` (each batch's outputs and input offsets in one transaction).
+        transactional_id: exactly-once: the producer's transactional id; default
+            ``stream-scorer-<group>-<worker id>``, stable across restarts when the worker id is
+            (it defaults to the host name in this mode).
+        transaction_timeout_s: exactly-once: the broker aborts a transaction open this long.
+        static_membership: use the worker id as ``group.instance.id`` so a quick restart keeps
+            its partitions without a rebalance (pair with a larger ``session.timeout.ms``).
+    """
+
+    mode: str = AT_LEAST_ONCE
+    transactional_id: str = ""
+    transaction_timeout_s: float = 60.0
+    static_membership: bool = False
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration of one worker."""
@@ -186,6 +227,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -198,8 +240,13 @@ _POSITIVE = {
     "model.nthread",
     "worker.shutdown_timeout_s",
     "kafka.unreachable_timeout_s",
+    "batch.max_processing_s",
+    "batch.max_in_flight",
+    "dead_letter.window",
+    "delivery.transaction_timeout_s",
 }
 _NON_NEGATIVE = {
+    "dead_letter.max_consecutive",
     "worker.max_messages",
     "worker.idle_timeout_s",
     "kafka.statistics_interval_ms",
@@ -228,6 +275,24 @@ def _check(cfg: Config) -> None:
         raise ConfigError("metrics.port", f"must be a port number, got {cfg.metrics.port}")
     if cfg.model.threshold is not None and not 0.0 < cfg.model.threshold < 1.0:
         raise ConfigError("model.threshold", "must be strictly between 0 and 1")
+    if cfg.delivery.mode not in (AT_LEAST_ONCE, EXACTLY_ONCE):
+        raise ConfigError(
+            "delivery.mode", f"must be {AT_LEAST_ONCE} or {EXACTLY_ONCE}, got {cfg.delivery.mode!r}"
+        )
+    if not 0.0 <= cfg.dead_letter.max_ratio < 1.0:
+        raise ConfigError("dead_letter.max_ratio", "must be at least 0 and below 1 (0 = no limit)")
+    raw_poll = cfg.kafka.consumer.get("max.poll.interval.ms", "300000")
+    try:
+        poll_ms = int(raw_poll)
+    except ValueError:
+        raise ConfigError(
+            "kafka.consumer.max.poll.interval.ms", f"must be an integer, got {raw_poll!r}"
+        ) from None
+    if poll_ms < 2000 * cfg.batch.max_processing_s:
+        raise ConfigError(
+            "batch.max_processing_s",
+            f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
         raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
@@ -253,6 +318,9 @@ _OWNED_KEYS = frozenset(
         "enable.auto.offset.store",
         "statistics.interval.ms",
         "transactional.id",
+        "group.instance.id",
+        "isolation.level",
+        "enable.auto.commit",
     }
 )
 
@@ -423,13 +491,37 @@ def with_worker(cfg: Config, **changes: Any) -> Config:
     return replace(cfg, worker=replace(cfg.worker, **changes))
 
 
+def worker_identity(cfg: Config) -> str:
+    """Return the worker id.
+
+    ``worker.id`` when set; else the host name in exactly-once mode (so that the transactional
+    id survives restarts); else ``<hostname>-<pid>``.
+    """
+    if cfg.worker.id:
+        return cfg.worker.id
+    if cfg.delivery.mode == EXACTLY_ONCE:
+        return socket.gethostname()
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def transactional_id(cfg: Config, worker_id: str) -> str:
+    """Return the exactly-once producer's transactional id."""
+    return cfg.delivery.transactional_id or f"stream-scorer-{cfg.input.group_id}-{worker_id}"
+
+
 def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
-    """Return the librdkafka settings for the worker's consumer."""
+    """Return the librdkafka settings for the worker's consumer.
+
+    At-least-once: auto-commit of stored offsets (plus explicit commits on revoke and close).
+    Exactly-once: no consumer commits at all; offsets commit inside each transaction.
+    """
+    exactly_once = cfg.delivery.mode == EXACTLY_ONCE
     settings = {
         "bootstrap.servers": cfg.kafka.bootstrap_servers,
         "group.id": cfg.input.group_id,
         "client.id": f"stream-scorer-{worker_id}",
-        "enable.auto.commit": "true",
+        "enable.auto.commit": "false" if exactly_once else "true",
+        "isolation.level": "read_committed",
         "auto.commit.interval.ms": "1000",
         "enable.auto.offset.store": "false",
         "auto.offset.reset": "earliest",
@@ -437,6 +529,8 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
         "statistics.interval.ms": str(cfg.kafka.statistics_interval_ms),
         "fetch.max.bytes": str(max(52_428_800, cfg.input.max_message_bytes * 2)),
     }
+    if cfg.delivery.static_membership:
+        settings["group.instance.id"] = f"{cfg.input.group_id}-{worker_id}"
     settings.update(cfg.kafka.client)
     settings.update(cfg.kafka.consumer)
     if settings.get("group.protocol") == "consumer":  # KIP-848: the broker assigns
@@ -445,7 +539,12 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
 
 
 def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
-    """Return the librdkafka settings for the worker's producer (predictions, dead letters)."""
+    """Return the librdkafka settings for the worker's producer (predictions, dead letters).
+
+    A message not acknowledged within ``message.timeout.ms`` (default: two minutes; in
+    exactly-once mode at most the transaction timeout) fails its delivery, and the worker stops.
+    """
+    txn_ms = int(cfg.delivery.transaction_timeout_s * 1000)
     settings = {
         "bootstrap.servers": cfg.kafka.bootstrap_servers,
         "client.id": f"stream-scorer-{worker_id}",
@@ -453,9 +552,19 @@ def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
         "acks": "all",
         "linger.ms": "5",
         "message.max.bytes": str(max(1_000_000, cfg.input.max_message_bytes + 65_536)),
+        "message.timeout.ms": "120000",
     }
+    if cfg.delivery.mode == EXACTLY_ONCE:
+        settings["transactional.id"] = transactional_id(cfg, worker_id)
+        settings["transaction.timeout.ms"] = str(txn_ms)
+        settings["message.timeout.ms"] = str(txn_ms)
     settings.update(cfg.kafka.client)
     settings.update(cfg.kafka.producer)
+    if cfg.delivery.mode == EXACTLY_ONCE and int(settings["message.timeout.ms"]) > txn_ms:
+        raise ConfigError(
+            "kafka.producer.message.timeout.ms",
+            "must not exceed delivery.transaction_timeout_s in exactly-once mode",
+        )
     return settings
 
 

@@ -11,8 +11,10 @@ Every error the service raises on purpose derives from one root, so callers can 
     ├── ModelError           model file or manifest missing, corrupt or inconsistent
     ├── SchemaError          an Avro schema that cannot be parsed or does not fit
     ├── BrokerError          Kafka unreachable or a request refused (topic/partition/offset)
-    │   └── DeliveryError    the broker did not acknowledge a prediction or dead letter
+    │   ├── DeliveryError    the broker did not acknowledge a prediction or dead letter
+    │   └── FencedError      exactly-once: another producer took this transactional id
     ├── ScoringError         the model failed on a batch
+    ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
     └── LocalKafkaError      the local development broker could not be fetched, started or stopped
 """
 
@@ -76,6 +78,14 @@ class BrokerError(StreamScorerError):
 
 class DeliveryError(BrokerError):
     """The broker did not acknowledge a produced prediction or dead letter."""
+
+
+class FencedError(BrokerError):
+    """A newer producer with the same transactional id (or group generation) fenced this one."""
+
+
+class PoisonLimitError(StreamScorerError):
+    """Too many records were dead-lettered (``dead_letter.max_ratio`` / ``max_consecutive``)."""
 
 
 class ScoringError(StreamScorerError):

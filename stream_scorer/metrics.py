@@ -94,6 +94,25 @@ class Metrics:
             "stream_scorer_model_info", "The loaded model (value 1).", ["model_version"], registry=r
         )
 
+        self.transactions = Counter(
+            "stream_scorer_transactions",
+            "Exactly-once transactions by outcome (committed, aborted, recreated: the producer "
+            "was re-created after an ambiguous error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            "stream_scorer_input_paused",
+            "1 while the input partitions are paused because too many outputs await "
+            "acknowledgement (at-least-once back-pressure).",
+            registry=r,
+        )
+        self.batch_limit = Gauge(
+            "stream_scorer_batch_limit_records",
+            "The current batch size limit (shrinks when batches take too long).",
+            registry=r,
+        )
+
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one batch's time in ``stage``."""
         self.stage_seconds.labels(stage).observe(seconds)

@@ -10,13 +10,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from stream_scorer.decode import Decoder
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.features import FeatureBuilder, field_getter
-from stream_scorer.records import DeadLetter, Message, Scored, Stage
-from stream_scorer.score import Scorer
+from stream_scorer.records import DeadLetter, Decoded, Message, Scored, Stage
+from stream_scorer.score import Predictions
 
 #: Called with a stage name and the seconds it took for the batch.
 StageTimer = Callable[[str, float], None]
@@ -24,6 +27,14 @@ StageTimer = Callable[[str, float], None]
 
 def _no_timer(stage: str, seconds: float) -> None:
     """Discard a stage timing."""
+
+
+class Model(Protocol):
+    """What the pipeline needs of a model (``score.Scorer``)."""
+
+    @property
+    def model_version(self) -> str: ...  # noqa: D102
+    def predict(self, matrix: npt.NDArray[np.float32]) -> Predictions: ...  # noqa: D102
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ class Pipeline:
         self,
         decoder: Decoder,
         features: FeatureBuilder,
-        scorer: Scorer,
+        scorer: Model,
         encoder: PredictionEncoder,
         *,
         id_field: str,
@@ -88,8 +99,8 @@ class Pipeline:
     def process(self, messages: Sequence[Message]) -> BatchResult:
         """Score a batch. Bad records come back as dead letters; nothing is dropped.
 
-        Raises:
-            ScoringError: the model failed on the whole batch.
+        When the model fails on the batch, the batch is split in halves and each half retried,
+        until the records it fails on are isolated and dead-lettered; the others are scored.
         """
         t0 = time.perf_counter()
         decoded, dead = self._decoder.decode_batch(messages)
@@ -107,18 +118,17 @@ class Pipeline:
             decoded = [decoded[i] for i in keep]
             matrix = matrix[keep]
         t2 = time.perf_counter()
-        predictions = self._scorer.predict(matrix)
+        decoded, values, labels = self._predict(decoded, matrix, dead)
         t3 = time.perf_counter()
         scored: list[Scored] = []
         version = self._scorer.model_version
-        labels = predictions.labels
         now_ms = int(self._clock() * 1000)
         for i, item in enumerate(decoded):
             raw_id = self._get_id(item.record)
             try:
                 value = self._encoder.encode(
                     "" if raw_id is None else str(raw_id),
-                    float(predictions.values[i]),
+                    float(values[i]),
                     None if labels is None else int(labels[i]),
                     version,
                     self._event_time(item.message, item.record),
@@ -141,3 +151,51 @@ class Pipeline:
         ):
             self._timer(stage, seconds)
         return BatchResult(scored, dead)
+
+    def _predict(
+        self, decoded: list[Decoded], matrix: npt.NDArray[np.float32], dead: list[DeadLetter]
+    ) -> tuple[list[Decoded], list[float], list[int] | None]:
+        """Predict, isolating the rows the model fails on by splitting the batch in halves."""
+        try:
+            predictions = self._scorer.predict(matrix)
+        except Exception as exc:
+            if len(decoded) == 1:
+                dead.append(
+                    DeadLetter(
+                        decoded[0].message,
+                        Stage.SCORE,
+                        "model_failed",
+                        type(exc).__name__,
+                        str(exc) or repr(exc),
+                    )
+                )
+                return [], [], None
+            mid = len(decoded) // 2
+            left = self._predict(decoded[:mid], matrix[:mid], dead)
+            right = self._predict(decoded[mid:], matrix[mid:], dead)
+            labels = (
+                None if left[2] is None and right[2] is None else (left[2] or []) + (right[2] or [])
+            )
+            return left[0] + right[0], left[1] + right[1], labels
+        values = predictions.values.tolist()
+        labels = None if predictions.labels is None else predictions.labels.tolist()
+        finite = np.isfinite(predictions.values)
+        if finite.all():
+            return decoded, values, labels
+        keep = [i for i in range(len(decoded)) if finite[i]]
+        dead.extend(
+            DeadLetter(
+                decoded[i].message,
+                Stage.SCORE,
+                "non_finite_prediction",
+                "stream_scorer",
+                f"the model returned {values[i]} for this record",
+            )
+            for i in range(len(decoded))
+            if not finite[i]
+        )
+        return (
+            [decoded[i] for i in keep],
+            [values[i] for i in keep],
+            None if labels is None else [labels[i] for i in keep],
+        )

@@ -201,6 +201,11 @@ class Sink:
         """Wait up to ``timeout`` s for every outstanding delivery; return how many remain."""
         return self._producer.flush(timeout)
 
+    def clear_errors(self) -> list[DeliveryError]:
+        """Forget recorded delivery failures (an aborted transaction's purged outputs)."""
+        errors, self._errors = self._errors, []
+        return errors
+
     def raise_errors(self) -> None:
         """Raise the first recorded delivery failure, if any."""
         if self._errors:

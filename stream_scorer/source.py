@@ -16,7 +16,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from stream_scorer.errors import BrokerError
 from stream_scorer.metrics import Metrics, lag_from_stats
@@ -172,6 +178,63 @@ class Source:
                     f"no broker reachable for {down:.0f} s "
                     f"(kafka.unreachable_timeout_s = {self._unreachable_timeout:.0f})"
                 )
+
+    def commit(self, offsets: list[tuple[str, int, int]] | None = None) -> None:
+        """Commit ``(topic, partition, next_offset)`` now, or every stored offset when ``None``.
+
+        A failed commit is logged, not raised: during a cooperative rebalance the broker may
+        refuse it with an invalid generation (librdkafka#3306); the records are then redelivered
+        to the partition's next owner (at-least-once).
+        """
+        try:
+            if offsets is None:
+                self._consumer.commit(asynchronous=False)
+            elif offsets:
+                tps = [TopicPartition(t, p, o) for t, p, o in offsets]
+                self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else exc
+            if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
+                return
+            log.warning("commit failed (records will be redelivered): %s", err)
+
+    def group_metadata(self) -> Any:
+        """The consumer's group metadata, for ``send_offsets_to_transaction``."""
+        return self._consumer.consumer_group_metadata()
+
+    def rewind(self, timeout_s: float = 30.0) -> None:
+        """Seek every assigned partition back to its committed offset (after an abort).
+
+        Raises:
+            BrokerError: the committed offsets cannot be read or a seek is refused.
+        """
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        if not tps:
+            return
+        try:
+            committed = self._consumer.committed(tps, timeout=timeout_s)
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        except KafkaException as exc:
+            raise BrokerError(f"cannot rewind to the committed offsets: {exc}") from exc
+
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition (the producer is backed up)."""
+        self._set_paused(True)
+
+    def resume(self) -> None:
+        """Fetch again from every assigned partition."""
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        if not tps:
+            return
+        try:
+            (self._consumer.pause if paused else self._consumer.resume)(tps)
+        except KafkaException as exc:
+            log.warning("%s failed: %s", "pause" if paused else "resume", exc)
 
     @property
     def assignment(self) -> set[tuple[str, int]]:

@@ -1,0 +1,275 @@
+"""Delivery modes: when a batch's outputs count as delivered and its input offsets move.
+
+``AtLeastOnce``: outputs are produced asynchronously; an input offset is stored (and then
+committed by auto-commit, on revoke and on close) only after the broker acknowledged the
+record's prediction or dead letter. A crash repeats at most the records not yet committed.
+
+``ExactlyOnce``: each batch's predictions, dead letters and input offsets go in one Kafka
+transaction. Abortable errors abort it and rewind the consumer to the committed offsets;
+ambiguous ones (timeouts) re-create the producer, whose ``init_transactions`` finishes or aborts
+the previous incarnation's transaction first; a fenced producer stops the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from stream_scorer.errors import BrokerError, FencedError
+from stream_scorer.metrics import Metrics
+from stream_scorer.offsets import OffsetTracker
+from stream_scorer.pipeline import BatchResult
+from stream_scorer.records import Message
+from stream_scorer.sink import Producer, Sink, SinkContext
+from stream_scorer.source import Partitions, Source
+
+log = logging.getLogger(__name__)
+
+_FENCED_CODES = frozenset(
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    }
+)
+_SEND_OFFSETS_TRIES = 5
+#: Transactions rolled back in a row before the worker gives up (a dead-letter topic that keeps
+#: refusing writes, a broker that keeps failing): the worker exits non-zero.
+MAX_FAILED_TRANSACTIONS = 5
+
+
+class TransactionalProducer(Producer, Protocol):
+    """The transactional parts of confluent-kafka's ``Producer``."""
+
+    def init_transactions(self, timeout: float = ...) -> None: ...  # noqa: D102
+    def begin_transaction(self) -> None: ...  # noqa: D102
+    def send_offsets_to_transaction(  # noqa: D102
+        self, positions: list[TopicPartition], group_metadata: Any, timeout: float = ...
+    ) -> None: ...
+    def commit_transaction(self, timeout: float = ...) -> None: ...  # noqa: D102
+    def abort_transaction(self, timeout: float = ...) -> None: ...  # noqa: D102
+    def purge(  # noqa: D102
+        self, in_queue: bool = ..., in_flight: bool = ..., blocking: bool = ...
+    ) -> None: ...
+
+
+def next_offsets(batch: Sequence[Message]) -> list[tuple[str, int, int]]:
+    """Return ``(topic, partition, last offset + 1)`` per partition of ``batch``, sorted."""
+    last: dict[tuple[str, int], int] = {}
+    for msg in batch:
+        tp = (msg.topic() or "", msg.partition() or 0)
+        last[tp] = max(last.get(tp, -1), msg.offset() or 0)
+    return [(t, p, o + 1) for (t, p), o in sorted(last.items())]
+
+
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """Return the ``KafkaError`` behind ``exc`` (following ``raise ... from``), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException) and seen.args and isinstance(seen.args[0], KafkaError):
+            return seen.args[0]
+        seen = seen.__cause__
+    return None
+
+
+class AtLeastOnce:
+    """Asynchronous produce; offsets stored once every output of a record is acknowledged."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        source: Source,
+        tracker: OffsetTracker,
+        *,
+        max_in_flight: int,
+        flush_timeout_s: float,
+    ) -> None:
+        """Deliver through ``sink`` and store offsets on ``source``."""
+        self.sink = sink
+        self._source = source
+        self._tracker = tracker
+        self._max_in_flight = max_in_flight
+        self._flush_timeout = flush_timeout_s
+        self.paused = False
+
+    def deliver(self, batch: Sequence[Message], result: BatchResult) -> None:
+        """Produce the batch's outputs; their acknowledgements move the watermark later."""
+        self.sink.publish(result.scored, result.dead)
+
+    def service(self) -> None:
+        """Serve delivery reports, raise failures, store offsets, apply back-pressure."""
+        self.sink.poll(0)
+        self.sink.raise_errors()
+        self._source.store(self._tracker.take_committable())
+        pending = self._tracker.pending
+        if not self.paused and pending >= self._max_in_flight:
+            log.warning("%d records await acknowledgement: pausing input partitions", pending)
+            self._source.pause()
+            self.paused = True
+        elif self.paused and pending <= self._max_in_flight // 2:
+            log.info("producer caught up (%d in flight): resuming input partitions", pending)
+            self._source.resume()
+            self.paused = False
+
+    def on_revoke(self, partitions: Partitions) -> None:
+        """Deliver what is in flight, then commit the revoked partitions' watermarks."""
+        self.sink.flush(self._flush_timeout)
+        offsets = self._tracker.committable(partitions)
+        self._source.store(offsets)
+        self._source.commit(offsets)
+        self._tracker.forget(partitions)
+
+    def on_lost(self, partitions: Partitions) -> None:
+        """Partitions already belong to someone else: commit nothing, forget them."""
+        self._tracker.forget(partitions)
+
+    def drain(self) -> int:
+        """Deliver what is in flight and commit it; return how many outputs stayed unacked."""
+        remaining = self.sink.flush(self._flush_timeout)
+        self.sink.raise_errors()
+        self._source.store(self._tracker.take_committable())
+        self._source.commit()
+        return remaining
+
+
+class ExactlyOnce:
+    """One transaction per batch: outputs and input offsets commit together or not at all."""
+
+    def __init__(
+        self,
+        make_producer: Callable[[], TransactionalProducer],
+        ctx: SinkContext,
+        source: Source,
+        tracker: OffsetTracker,
+        metrics: Metrics,
+        *,
+        timeout_s: float,
+    ) -> None:
+        """Create the transactional producer and initialise its transactions."""
+        self._make_producer = make_producer
+        self._ctx = ctx
+        self._source = source
+        self._tracker = tracker
+        self._metrics = metrics
+        self._timeout = timeout_s
+        self._failed_in_a_row = 0
+        self.paused = False  # transactions are synchronous: never backed up
+        self._producer: TransactionalProducer = self._start_producer()
+        self.sink = Sink(self._producer, ctx, tracker, metrics)
+
+    def _start_producer(self) -> TransactionalProducer:
+        producer = self._make_producer()
+        try:
+            producer.init_transactions(self._timeout)
+        except KafkaException as exc:
+            raise self._fatal(exc, "cannot initialise transactions") from exc
+        return producer
+
+    def _fatal(self, exc: BaseException, what: str) -> BrokerError:
+        err = kafka_error(exc)
+        if err is not None and (err.code() in _FENCED_CODES or err.fatal()):
+            return FencedError(
+                f"{what}: fenced by a newer producer with the same transactional id or a newer "
+                f"group generation ({err}); stopping this worker"
+            )
+        return BrokerError(f"{what}: {exc}")
+
+    def deliver(self, batch: Sequence[Message], result: BatchResult) -> bool:
+        """Publish the batch and commit it with its offsets; return False if it was rolled back.
+
+        Raises:
+            FencedError: this producer was fenced (another worker took over).
+            BrokerError: an unclassified transaction error.
+        """
+        offsets = [TopicPartition(t, p, o) for t, p, o in next_offsets(batch)]
+        try:
+            self._producer.begin_transaction()
+            self.sink.publish(result.scored, result.dead)
+            self._send_offsets(offsets)
+            self._producer.commit_transaction(self._timeout)
+        except Exception as exc:
+            self._recover(exc)
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= MAX_FAILED_TRANSACTIONS:
+                raise BrokerError(
+                    f"{self._failed_in_a_row} transactions in a row rolled back; last error: {exc}"
+                ) from exc
+            time.sleep(min(0.1 * 2**self._failed_in_a_row, 5.0))  # back off before the retry
+            return False
+        self._failed_in_a_row = 0
+        self.sink.poll(0)  # serve the delivery reports: metrics, tracker
+        self._metrics.transactions.labels("committed").inc()
+        return True
+
+    def _send_offsets(self, offsets: list[TopicPartition]) -> None:
+        for attempt in range(1, _SEND_OFFSETS_TRIES + 1):
+            try:
+                self._producer.send_offsets_to_transaction(
+                    offsets, self._source.group_metadata(), self._timeout
+                )
+                return
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err is None or not err.retriable() or attempt == _SEND_OFFSETS_TRIES:
+                    raise
+                log.warning("send_offsets_to_transaction: %s (retrying, same offsets)", err)
+
+    def _recover(self, exc: BaseException) -> None:
+        err = kafka_error(exc)
+        if err is None or err.code() in _FENCED_CODES or err.fatal():
+            raise self._fatal(exc, "transaction failed") from exc
+        if err.txn_requires_abort():
+            log.warning("transaction aborted: %s; rewinding to the committed offsets", err)
+            try:
+                self._producer.abort_transaction(self._timeout)
+            except KafkaException as abort_exc:
+                log.warning("abort failed (%s): re-creating the producer", abort_exc)
+                self._recreate()
+            self._metrics.transactions.labels("aborted").inc()
+        elif err.retriable():
+            log.warning("transaction outcome unknown (%s): re-creating the producer", err)
+            self._recreate()
+            self._metrics.transactions.labels("recreated").inc()
+        else:
+            raise self._fatal(exc, "transaction failed") from exc
+        self._rewind()
+
+    def _recreate(self) -> None:
+        try:
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self._producer.flush(0)
+        except Exception as exc:  # the old producer is being dropped anyway
+            log.debug("purging the old producer: %s", exc)
+        self._producer = self._start_producer()
+        self.sink = Sink(self._producer, self._ctx, self._tracker, self._metrics)
+
+    def _rewind(self) -> None:
+        self.sink.poll(0)
+        self.sink.clear_errors()  # the aborted outputs' purge reports
+        self._tracker.forget(list(self._source.assignment))
+        self._source.rewind(self._timeout)
+
+    def service(self) -> None:
+        """Serve delivery reports (their failures surface through the transaction)."""
+        self.sink.poll(0)
+
+    def on_revoke(self, partitions: Partitions) -> None:
+        """Nothing to commit: every batch's transaction ended before the next poll."""
+        self._tracker.forget(partitions)
+
+    def on_lost(self, partitions: Partitions) -> None:
+        """Nothing to commit; forget the partitions."""
+        self._tracker.forget(partitions)
+
+    def drain(self) -> int:
+        """Nothing is in flight between transactions."""
+        self.sink.poll(0)
+        return 0
+
+
+Delivery = AtLeastOnce | ExactlyOnce

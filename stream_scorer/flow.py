@@ -1,0 +1,85 @@
+"""Flow control of the main loop: how big the next batch may be, and when poison is too much.
+
+Both are pure: they see counts and durations, never a Kafka client.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from stream_scorer.errors import PoisonLimitError
+
+
+class BatchSizer:
+    """Adapts the batch size so one batch's processing stays within ``max_processing_s``.
+
+    A batch that took longer than half the bound shrinks the next one to what the measured time
+    per record allows in half the bound; faster batches let the size grow back by half each
+    time, up to ``max_records``. So a slow model never keeps the worker from calling poll within
+    ``max.poll.interval.ms`` (which the configuration keeps at least twice the bound).
+    """
+
+    def __init__(self, max_records: int, max_processing_s: float) -> None:
+        """Start at ``max_records``."""
+        self.max_records = max_records
+        self.max_processing_s = max_processing_s
+        self.size = max_records
+
+    def observe(self, records: int, seconds: float) -> int:
+        """Record that ``records`` took ``seconds``; return the next batch size."""
+        if records <= 0:
+            return self.size
+        budget = self.max_processing_s / 2
+        if seconds > budget:
+            per_record = seconds / records
+            self.size = max(1, min(self.max_records, int(budget / per_record)))
+        elif self.size < self.max_records and records >= self.size:
+            self.size = min(self.max_records, self.size + max(1, self.size // 2))
+        return self.size
+
+
+class PoisonGuard:
+    """Stops the worker when dead letters pass the configured tolerance.
+
+    ``max_ratio``: more than this fraction of the last ``window`` records dead-lettered (checked
+    once the window is full); ``max_consecutive``: this many dead letters in a row. Zero turns a
+    limit off; both are off by default.
+    """
+
+    def __init__(self, max_ratio: float, window: int, max_consecutive: int) -> None:
+        """Configure the limits."""
+        self.max_ratio = max_ratio
+        self.max_consecutive = max_consecutive
+        self._recent: deque[bool] = deque(maxlen=window)
+        self._dead_in_window = 0
+        self.consecutive = 0
+
+    def observe(self, outcomes: list[bool]) -> None:
+        """Record each record's outcome in consume order (True = dead letter).
+
+        Raises:
+            PoisonLimitError: a limit was passed.
+        """
+        if not self.max_ratio and not self.max_consecutive:
+            return
+        recent = self._recent
+        for dead in outcomes:
+            if len(recent) == recent.maxlen and recent[0]:
+                self._dead_in_window -= 1
+            recent.append(dead)
+            self._dead_in_window += dead
+            self.consecutive = self.consecutive + 1 if dead else 0
+            if self.max_consecutive and self.consecutive >= self.max_consecutive:
+                raise PoisonLimitError(
+                    f"{self.consecutive} dead letters in a row "
+                    f"(dead_letter.max_consecutive = {self.max_consecutive})"
+                )
+            if (
+                self.max_ratio
+                and len(recent) == recent.maxlen
+                and self._dead_in_window > self.max_ratio * len(recent)
+            ):
+                raise PoisonLimitError(
+                    f"{self._dead_in_window} of the last {len(recent)} records dead-lettered "
+                    f"(dead_letter.max_ratio = {self.max_ratio})"
+                )
