@@ -150,18 +150,19 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     report = WorkerReport(worker_id)
     stop = stop if stop is not None else StopFlag()
     metrics = Metrics()
-    pipeline, scorer = build_pipeline(cfg, metrics)
-    metrics.model_info.labels(scorer.model_version).set(1)
     tracker = OffsetTracker()
-    ctx = SinkContext(
-        cfg.output.topic,
-        cfg.dead_letter.topic,
-        cfg.input.group_id,
-        worker_id,
-        scorer.model_version,
-        cfg.kafka.unreachable_timeout_s,
-    )
     with ExitStack() as stack:
+        stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
+        pipeline, scorer = build_pipeline(cfg, metrics)
+        metrics.model_info.labels(scorer.model_version).set(1)
+        ctx = SinkContext(
+            cfg.output.topic,
+            cfg.dead_letter.topic,
+            cfg.input.group_id,
+            worker_id,
+            scorer.model_version,
+            cfg.kafka.unreachable_timeout_s,
+        )
         if cfg.metrics.port:
             stack.callback(metrics.serve(cfg.metrics.port, cfg.metrics.host).shutdown)
         csettings = consumer_settings(cfg, worker_id)
@@ -177,7 +178,6 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             )
         )
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
-        stack.enter_context(stop.on_signals())
         _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)

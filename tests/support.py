@@ -196,12 +196,17 @@ class Msg:
 # --- Kafka helpers for integration tests ----------------------------------------------------
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:
-    """Read every committed record of ``topic`` up to its current end offsets."""
+def read_topic(
+    bootstrap: str, topic: str, timeout: float = 60.0, *, isolation: str = "read_committed"
+) -> list[Any]:
+    """Read every committed record of ``topic`` up to its current end offsets.
+
+    With ``isolation="read_uncommitted"`` records of aborted transactions are read too.
+    """
     import time
     import uuid
 
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
 
     consumer = Consumer(
         {
@@ -209,7 +214,8 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:
             "group.id": f"reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": "false",
             "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
+            "isolation.level": isolation,
+            "enable.partition.eof": "true",
         }
     )
     try:
@@ -220,18 +226,21 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:
             ends[p] = high
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
         out: list[Any] = []
-        positions = dict.fromkeys(ends, 0)
         deadline = time.monotonic() + timeout
-        while any(positions[p] < ends[p] for p in ends):
+        # the partition-EOF events tell where each partition's readable data ends: the last
+        # offsets may be transaction markers or aborted records, which are never delivered
+        reached = {p: 0 if ends[p] else -1 for p in ends}
+        while any(reached[p] < ends[p] for p in ends):
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"read {len(out)} records of {topic}; positions {positions} ends {ends}"
-                )
+                raise TimeoutError(f"read {len(out)} records of {topic}; ends {ends}")
             for msg in consumer.consume(1000, 0.5):
-                if msg.error():
-                    raise RuntimeError(msg.error())
-                out.append(msg)
-                positions[msg.partition()] = msg.offset() + 1
+                err = msg.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    reached[msg.partition()] = msg.offset()
+                elif err is not None:
+                    raise RuntimeError(err)
+                else:
+                    out.append(msg)
         return out
     finally:
         consumer.close()
@@ -258,6 +267,21 @@ def _retry(call: Any, attempts: int = 20) -> Any:
                 raise
             threading.Event().wait(0.25)
     raise AssertionError("unreachable")
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The committed offset per partition of ``topic`` for ``group`` (-1001 when none)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": "false"}
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        tps = [TopicPartition(topic, p) for p in meta.partitions]
+        return {tp.partition: tp.offset for tp in _retry(lambda: consumer.committed(tps, 10))}
+    finally:
+        consumer.close()
 
 
 def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
