@@ -303,7 +303,7 @@ def test_lock_holds_the_installed_closure_of_the_runtime_dependencies() -> None:
     lock_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lock_script)
     closure = lock_script.runtime_closure()
-    assert set(closure) == set(_lock())
+    assert set(closure) == set(_lock()), "regenerate it: .venv/bin/python deploy/lock.py"
 
 
 # --- deploy/k8s ---------------------------------------------------------------------------------
