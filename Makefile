@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint unit clean
+.PHONY: setup tools demo test lint unit clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
-# virtualenv, the package, and Apache Kafka's broker jars (through Maven, cached outside the repo)
-setup: $(STAMP)
+# promtool for the tests of deploy/prometheus: apt-get installs Debian's `prometheus` package when
+# promtool is missing (without starting its service); does nothing when promtool is on PATH
+tools:
+	@sh deploy/tools/install-promtool.sh
+
+# virtualenv, the package, Apache Kafka's broker jars (through Maven, cached outside the repo), tools
+setup: $(STAMP) tools
 	$(BIN)/stream-scorer local-kafka fetch
 
 demo: setup
