@@ -1,8 +1,9 @@
 """The ``stream-scorer`` command line.
 
-Subcommands: ``run`` (a worker), ``train`` and ``produce`` (the shipped example's model and
-load generator), ``demo`` (everything end to end on a local broker) and ``local-kafka``
-(a single-node Apache Kafka broker for development and tests).
+Subcommands: ``run`` (a worker), ``dlq replay`` (publish dead letters again), ``train`` and
+``produce`` (the shipped example's model and load generator), ``demo`` (everything end to end
+on a local broker) and ``local-kafka`` (a single-node Apache Kafka broker for development and
+tests).
 """
 
 from __future__ import annotations
@@ -84,6 +85,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _time_ms(name: str, text: str | None) -> int | None:
+    """Milliseconds since the epoch from an ISO 8601 time (UTC unless it says) or a number."""
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(name, f"not an ISO 8601 time or epoch milliseconds: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from stream_scorer.config import load_config
+    from stream_scorer.replay import ReplayFilter, replay
+
+    bootstrap, dlq, target, client = args.bootstrap_servers, args.dead_letter_topic, args.to, {}
+    if args.config is not None:
+        cfg = load_config(args.config)
+        bootstrap = bootstrap or cfg.kafka.bootstrap_servers
+        dlq = dlq or cfg.dead_letter.topic
+        target = target or cfg.input.topic
+        client = dict(cfg.kafka.client)
+    for name, value in (
+        ("--bootstrap-servers", bootstrap),
+        ("--dead-letter-topic", dlq),
+        ("--to", target),
+    ):
+        if not value:
+            raise ConfigError(name, "is required (or give --config)")
+    flt = ReplayFilter(
+        frozenset(args.reason or ()),
+        _time_ms("--since", args.since),
+        _time_ms("--until", args.until),
+    )
+    report = replay(bootstrap, dlq, target, flt, rate=args.rate, group=args.group, client=client)
+    print(json.dumps(asdict(report)), flush=True)
+    return 0
+
+
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
     from stream_scorer.localkafka import LocalKafka, default_cache_dir, fetch_jars
 
@@ -149,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=39092)
     demo.add_argument("--malformed-fraction", type=float, default=0.005)
     demo.set_defaults(func=_cmd_demo)
+
+    dlq = sub.add_parser("dlq", help="dead-letter tools")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    rp = dlq_sub.add_parser(
+        "replay",
+        help="publish dead letters again (all, or by reason or time range), once",
+        description="Re-publish dead letters with their original key, value and headers. "
+        "Safe to run twice: progress commits with the records in one transaction.",
+    )
+    rp.add_argument("--config", type=Path, help="worker configuration (topics, connection)")
+    rp.add_argument("--bootstrap-servers", help="default: the config's kafka.bootstrap_servers")
+    rp.add_argument("--dead-letter-topic", help="default: the config's dead_letter.topic")
+    rp.add_argument("--to", help="target topic (default: the config's input.topic)")
+    rp.add_argument("--reason", action="append", help="replay only this reason (repeatable)")
+    rp.add_argument("--since", help="dead-lettered at or after (ISO 8601 or epoch ms)")
+    rp.add_argument("--until", help="dead-lettered before (ISO 8601 or epoch ms)")
+    rp.add_argument("--rate", type=float, help="records per second (default: unlimited)")
+    rp.add_argument("--group", help="progress group (default: derived from topics and filter)")
+    rp.set_defaults(func=_cmd_dlq_replay)
 
     lk = sub.add_parser("local-kafka", help="a local single-node Kafka broker")
     lk.add_argument("action", choices=["start", "stop", "status", "fetch"])

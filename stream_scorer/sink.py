@@ -30,6 +30,11 @@ from stream_scorer.offsets import OffsetTracker
 from stream_scorer.records import DeadLetter, Message, Scored
 
 DLQ_PREFIX = "__connect.errors."
+EXTRA_PREFIX = "stream_scorer."
+REASON_HEADER = "stream_scorer.error.reason"
+#: How many times the record has been through the worker: 1, or one more than the attempt
+#: header a replay (``stream-scorer dlq replay``) put on it.
+ATTEMPT_HEADER = "stream_scorer.attempt"
 
 
 class Producer(Protocol):
@@ -73,15 +78,18 @@ def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, byt
         "exception.class.name": dl.error_type,
         "exception.message": dl.error_message[:2000],
     }
+    original = list(msg.headers() or ())
+    attempt = next((v for k, v in original if k == ATTEMPT_HEADER and v), b"1")
     extras = {
-        "stream_scorer.error.reason": dl.reason,
+        REASON_HEADER: dl.reason,
         "stream_scorer.original.timestamp": str(ts),
         "stream_scorer.original.timestamp.type": str(ts_type),
         "stream_scorer.consumer.group": ctx.group_id,
         "stream_scorer.worker.id": ctx.worker_id,
         "stream_scorer.model.version": ctx.model_version,
+        ATTEMPT_HEADER: attempt.decode(errors="replace"),
     }
-    headers: list[tuple[str, bytes | None]] = list(msg.headers() or ())
+    headers: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != ATTEMPT_HEADER]
     headers.extend((DLQ_PREFIX + k, v.encode()) for k, v in context.items())
     headers.extend((k, v.encode()) for k, v in extras.items())
     return headers

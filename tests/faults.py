@@ -165,8 +165,11 @@ class FaultRun:
         self.config.write_text(yaml.safe_dump(raw))
 
     # --- workers ---------------------------------------------------------------------------
-    def start(self, wid: str) -> Worker:
-        """Start (or restart) worker ``wid``; its stdout and stderr go to a log file."""
+    def start(self, wid: str, worker_id: str | None = None) -> Worker:
+        """Start (or restart) worker ``wid``; its stdout and stderr go to a log file.
+
+        ``worker_id`` (default ``wid``) is the worker id it runs with.
+        """
         self._starts[wid] += 1
         log = self.workdir / f"{self.name}-{self.mode}-{wid}-{self._starts[wid]}.log"
         with log.open("wb") as out:
@@ -347,15 +350,16 @@ def tail(path: Path, lines: int = 8) -> str:
         return "(no log)"
 
 
-def after_progress(run: FaultRun, records: int, timeout: float = 120) -> None:
-    """Supervise until the group has committed ``records`` more input records than now.
+def when_committed(run: FaultRun, fraction: float, timeout: float = 120) -> None:
+    """Supervise until the group has committed ``fraction`` of the run's events.
 
-    Faults are injected on progress, not on a clock: each one hits a group that is working.
+    Faults are injected on progress, not on a clock: at a fraction below 1 the stream is still
+    going, so each fault hits a group that is working.
     """
-    start = sum(max(0, o) for o in run.committed().values())
+    target = int(fraction * len(run.items))
 
-    def moved() -> bool:
+    def reached() -> bool:
         run.supervise()
-        return sum(max(0, o) for o in run.committed().values()) >= start + records
+        return sum(max(0, o) for o in run.committed().values()) >= target
 
-    wait_for(moved, timeout, f"{records} more records committed", interval=0.2)
+    wait_for(reached, timeout, f"{target} records committed", interval=0.2)

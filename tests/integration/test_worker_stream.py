@@ -300,3 +300,36 @@ def test_unreachable_broker_fails_loudly_instead_of_idling(env: Env) -> None:
     assert worker.returncode == 1
     assert "no broker reachable for" in err
     assert "kafka.unreachable_timeout_s = 3" in err
+
+
+@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+def test_a_refused_dead_letter_stops_the_worker_and_its_offset_stays_uncommitted(
+    env: Env, unique: Callable[[str], str], mode: str
+) -> None:
+    from stream_scorer.errors import BrokerError
+    from stream_scorer.topics import ensure_topics
+
+    # a dead-letter topic that refuses anything but tiny records: the dead letter cannot land
+    tiny_dlq = unique("tiny-dlq")
+    ensure_topics(env.bootstrap, {tiny_dlq: 1}, config={"max.message.bytes": "200"})
+    recs = payments(300, seed=13)
+    items: list[tuple[bytes | None, bytes | None]] = [
+        (r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs
+    ]
+    items.insert(150, (b"poison", b"\x00" * 400))  # partition 0 (round robin), offset 50
+    produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
+    cfg = load_config(
+        env.config,
+        environ={},
+        overrides={
+            "dead_letter": {"topic": tiny_dlq},
+            "delivery": {"mode": mode},
+            "worker": {"id": f"refused-{mode}", "idle_timeout_s": 20},
+        },
+    )
+    with pytest.raises(BrokerError) as info:
+        run_worker(cfg)
+    assert "MSG_SIZE_TOO_LARGE" in str(info.value) or "too large" in str(info.value).lower()
+    committed = committed_offsets(env.bootstrap, env.group, env.topic)
+    assert committed[0] <= 50  # the poison (partition 0, offset 50) was not committed
+    assert read_topic(env.bootstrap, tiny_dlq) == []

@@ -65,6 +65,25 @@ _DELETE = object()
         ("worker.idle_timeout_s", "soon", "worker.idle_timeout_s", "number"),
         ("kafka.consumer", {"group.id": "x"}, "kafka.consumer.group.id", "set by stream-scorer"),
         ("kafka.client", "sasl", "kafka.client", "table"),
+        ("delivery.mode", "at-most-once", "delivery.mode", "exactly-once"),
+        ("delivery.transaction_timeout_s", 0, "delivery.transaction_timeout_s", "greater"),
+        ("delivery.static_membership", "perhaps", "delivery.static_membership", "true or"),
+        ("dead_letter.max_ratio", 1.0, "dead_letter.max_ratio", "below 1"),
+        ("dead_letter.max_consecutive", -1, "dead_letter.max_consecutive", "negative"),
+        ("batch.max_processing_s", 200, "batch.max_processing_s", "half of"),
+        (
+            "kafka.consumer",
+            {"max.poll.interval.ms": "soon"},
+            "kafka.consumer.max.poll.interval.ms",
+            "integer",
+        ),
+        (
+            "kafka.consumer",
+            {"enable.auto.commit": "true"},
+            "kafka.consumer.enable.auto.commit",
+            "set by",
+        ),
+        ("kafka.consumer", {"isolation.level": "x"}, "kafka.consumer.isolation.level", "set by"),
     ],
 )
 def test_bad_config_names_the_field(
@@ -139,3 +158,73 @@ def test_shipped_example_config_loads() -> None:
         "worker",
         "metrics",
     }
+
+
+@pytest.mark.parametrize(
+    ("delivery", "worker_id", "consumer", "producer"),
+    [
+        (
+            {},
+            "w1",
+            {"enable.auto.commit": "true", "isolation.level": "read_committed"},
+            {"message.timeout.ms": "120000", "transactional.id": None},
+        ),
+        (
+            {"mode": "exactly-once"},
+            "w1",
+            {"enable.auto.commit": "false", "isolation.level": "read_committed"},
+            {
+                "transactional.id": "stream-scorer-g-w1",
+                "transaction.timeout.ms": "60000",
+                "message.timeout.ms": "60000",
+            },
+        ),
+        (
+            {"mode": "exactly-once", "transactional_id": "fixed", "transaction_timeout_s": 15},
+            "w1",
+            {"group.instance.id": None},
+            {"transactional.id": "fixed", "transaction.timeout.ms": "15000"},
+        ),
+        ({"static_membership": True}, "w7", {"group.instance.id": "g-w7"}, {}),
+    ],
+)
+def test_delivery_mode_maps_to_librdkafka_settings(
+    tmp_path: Path,
+    base: dict[str, Any],
+    delivery: dict[str, Any],
+    worker_id: str,
+    consumer: dict[str, str | None],
+    producer: dict[str, str | None],
+) -> None:
+    base["delivery"] = delivery
+    cfg = load_config(_write(tmp_path, base), environ={})
+    csettings = consumer_settings(cfg, worker_id)
+    psettings = producer_settings(cfg, worker_id)
+    assert {k: csettings.get(k) for k in consumer} == consumer
+    assert {k: psettings.get(k) for k in producer} == producer
+
+
+def test_exactly_once_refuses_a_message_timeout_above_the_transaction_timeout(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    base["delivery"] = {"mode": "exactly-once", "transaction_timeout_s": 10}
+    base["kafka"]["producer"] = {"message.timeout.ms": "20000"}
+    cfg = load_config(_write(tmp_path, base), environ={})
+    with pytest.raises(ConfigError) as info:
+        producer_settings(cfg, "w")
+    assert info.value.field == "kafka.producer.message.timeout.ms"
+
+
+def test_worker_id_defaults(tmp_path: Path, base: dict[str, Any]) -> None:
+    import os
+    import socket
+
+    from stream_scorer.config import worker_identity
+
+    cfg = load_config(_write(tmp_path, base), environ={})
+    assert worker_identity(cfg) == f"{socket.gethostname()}-{os.getpid()}"
+    base["delivery"] = {"mode": "exactly-once"}
+    cfg = load_config(_write(tmp_path, base), environ={})
+    assert worker_identity(cfg) == socket.gethostname()  # stable across restarts
+    base["worker"] = {"id": "scorer-3"}
+    assert worker_identity(load_config(_write(tmp_path, base), environ={})) == "scorer-3"
