@@ -83,9 +83,9 @@ def test_infinite_distance_decodes_strictly_with_infinite_distance(ride: dict[st
         ("truncated", "truncated"),
         ("trailing_bytes", "trailing_bytes"),
         ("empty", "empty"),
-        ("bad_enum_index", "malformed_avro"),
+        ("bad_enum_index", "bad_enum_index"),
         ("invalid_utf8", "invalid_utf8"),
-        ("negative_length", "truncated"),
+        ("negative_length", "negative_length"),
         ("wrong_schema", "truncated"),
     ],
 )
