@@ -532,9 +532,11 @@ class AvroGuard:
             max_depth: how deeply recursive types may nest.
         """
         parsed: Any = schema
-        if not (isinstance(schema, dict) and schema.get("__fastavro_parsed")):
-            parsed = fastavro.parse_schema(schema)  # type: ignore[arg-type]
-        named = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
+        named: dict[str, Any] = {}
+        if isinstance(schema, dict) and schema.get("__fastavro_parsed"):
+            named = schema.get("__named_schemas", {})
+        else:
+            parsed = fastavro.parse_schema(schema, named_schemas=named)  # type: ignore[arg-type]
         self._walk = _Compiler(named).compile(parsed)
         self._max_zero = max_zero_size_items
         self._max_depth = max_depth

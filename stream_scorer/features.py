@@ -95,23 +95,23 @@ def _number(spec: FeatureSpec, policy: ValuePolicy) -> Callable[[Any], float]:
     return convert
 
 
-def _as_datetime(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
+def _as_utc(value: Any) -> datetime:
+    try:
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+        if isinstance(value, int) and not isinstance(value, bool):
             return datetime.fromtimestamp(value / 1000.0, tz=UTC)
-        except (OverflowError, OSError, ValueError) as exc:
-            raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is no valid time: {exc}") from None
+    except (OverflowError, OSError, ValueError) as exc:
+        raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is no valid time: {exc}") from None
     raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is not a timestamp")
 
 
 def _hour(value: Any) -> float:
-    return float(_as_datetime(value).astimezone(UTC).hour)
+    return float(_as_utc(value).hour)
 
 
 def _weekday(value: Any) -> float:
-    return float(_as_datetime(value).astimezone(UTC).weekday())
+    return float(_as_utc(value).weekday())
 
 
 def _category(categories: tuple[str, ...]) -> Callable[[Any], float]:

@@ -222,3 +222,14 @@ def test_guard_accepts_what_fastavro_writes_for_every_type() -> None:
     refusals = [guard.check(payload[:n]) for n in range(len(payload))]
     assert all(r is not None for r in refusals)
     assert {r.reason for r in refusals if r} == {"truncated", "count_too_large"}
+
+
+def test_a_top_level_union_with_a_recursive_record() -> None:
+    schema = [
+        "null",
+        {"type": "record", "name": "A", "fields": [{"name": "next", "type": ["null", "A"]}]},
+    ]
+    guard = AvroGuard(schema)
+    assert guard.check(v(1) + v(1) + v(0)) is None  # an A whose next is an A whose next is null
+    got = guard.check(v(1) + v(1) + v(2))
+    assert got is not None and got.reason == "bad_union_index"

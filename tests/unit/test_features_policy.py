@@ -1,5 +1,6 @@
 import json
 import math
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,13 @@ CASES: list[tuple[str, FeatureSpec, ValuePolicy, Any, float | str]] = [
     ("hour from ms", spec("hour_of_day"), ValuePolicy(), 3_600_000 * 5, 5.0),
     ("hour, time past year 9999", spec("hour_of_day"), ValuePolicy(), 2**62, "not_timestamp"),
     ("weekday of a string", spec("day_of_week"), ValuePolicy(), "monday", "not_timestamp"),
+    (
+        "hour, datetime that cannot be UTC",
+        spec("hour_of_day"),
+        ValuePolicy(),
+        datetime.min.replace(tzinfo=timezone(timedelta(hours=5))),
+        "not_timestamp",
+    ),
 ]
 
 
