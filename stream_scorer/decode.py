@@ -1,11 +1,14 @@
 """Decode: Avro bytes to records, or dead letters that say why not.
 
 fastavro reads without the guards hostile input needs (see the project's notes on Avro input):
-this stage adds a size limit, refuses null and empty values and bytes left over after the
-record, and turns every exception, whatever its type, into a ``DeadLetter`` with a reason code.
+this stage refuses null, empty and oversized values, runs the schema's compiled ``AvroGuard``
+(varint lengths, int ranges, lengths, enum and union indexes, array and map counts, UTF-8, no
+trailing bytes), and only then lets fastavro build the record. Every exception, whatever its
+type, becomes a ``DeadLetter`` with a reason code.
 
-Reason codes: ``null_value``, ``empty``, ``too_large``, ``truncated``, ``trailing_bytes``,
-``invalid_utf8``, ``malformed_avro``.
+Reason codes (``DECODE_REASONS``, defined in ``avro_guard.py``): ``null_value``, ``empty``,
+``too_large`` here; the others from the guard, or from fastavro's own failures (``truncated``,
+``invalid_utf8``, otherwise ``malformed_avro``, e.g. a timestamp beyond year 9999).
 """
 
 from __future__ import annotations
@@ -18,8 +21,23 @@ from typing import Any
 
 import fastavro
 
+from stream_scorer.avro_guard import (
+    DECODE_REASONS,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ZERO_SIZE_ITEMS,
+    EMPTY,
+    INVALID_UTF8,
+    MALFORMED_AVRO,
+    NULL_VALUE,
+    TOO_LARGE,
+    TRAILING_BYTES,
+    TRUNCATED,
+    AvroGuard,
+)
 from stream_scorer.errors import SchemaError
 from stream_scorer.records import DeadLetter, Decoded, Message, Stage
+
+__all__ = ["DECODE_REASONS", "Decoder", "load_schema", "record_fields"]
 
 _GUARD = "stream_scorer"
 
@@ -43,24 +61,43 @@ def record_fields(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
-        return "invalid_utf8"
+        return INVALID_UTF8
     if isinstance(exc, EOFError):
-        return "truncated"
-    return "malformed_avro"
+        return TRUNCATED
+    return MALFORMED_AVRO
 
 
 class Decoder:
     """Decodes Avro record values written with one schema (schemaless encoding)."""
 
-    def __init__(self, schema: dict[str, Any], max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        schema: dict[str, Any],
+        max_message_bytes: int,
+        *,
+        max_zero_size_items: int = DEFAULT_MAX_ZERO_SIZE_ITEMS,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
         """Create a decoder.
 
         Args:
             schema: the parsed writer schema (see ``load_schema``).
             max_message_bytes: larger values are dead-lettered without being read.
+            max_zero_size_items: items of zero-byte types (``null``, empty records) allowed in
+                one value's arrays together (see ``AvroGuard``).
+            max_depth: how deeply recursive types may nest.
+
+        Raises:
+            SchemaError: the schema cannot be compiled into a guard.
         """
         self._schema = schema
         self._max = max_message_bytes
+        try:
+            self._guard = AvroGuard(
+                schema, max_zero_size_items=max_zero_size_items, max_depth=max_depth
+            )
+        except (KeyError, TypeError, ValueError, fastavro.schema.SchemaParseException) as exc:
+            raise SchemaError(f"cannot compile the Avro guard: {exc}") from exc
 
     def _dead(self, msg: Message, reason: str, kind: str, text: str) -> DeadLetter:
         return DeadLetter(msg, Stage.DECODE, reason, kind, text)
@@ -69,14 +106,20 @@ class Decoder:
         """Decode one record's value; never raises for bad bytes."""
         value = msg.value()
         if value is None:
-            return self._dead(msg, "null_value", _GUARD, "record value is null (tombstone)")
+            return self._dead(msg, NULL_VALUE, _GUARD, "record value is null (tombstone)")
         size = len(value)
         if size == 0:
-            return self._dead(msg, "empty", _GUARD, "record value is empty")
+            return self._dead(msg, EMPTY, _GUARD, "record value is empty")
         if size > self._max:
             return self._dead(
-                msg, "too_large", _GUARD, f"value has {size} bytes, limit is {self._max}"
+                msg, TOO_LARGE, _GUARD, f"value has {size} bytes, limit is {self._max}"
             )
+        try:
+            violation = self._guard.check(value)
+        except Exception as exc:  # the guard must not raise; if it does, still a dead letter
+            return self._dead(msg, MALFORMED_AVRO, type(exc).__name__, str(exc) or repr(exc))
+        if violation is not None:
+            return self._dead(msg, violation.reason, _GUARD, violation.message)
         buf = io.BytesIO(value)
         try:
             record = fastavro.schemaless_reader(buf, self._schema, None)
@@ -84,11 +127,9 @@ class Decoder:
             return self._dead(msg, _reason(exc), type(exc).__name__, str(exc) or repr(exc))
         used = buf.tell()
         if used != size:
-            return self._dead(
-                msg, "trailing_bytes", _GUARD, f"record ends at byte {used} of {size}"
-            )
+            return self._dead(msg, TRAILING_BYTES, _GUARD, f"record ends at byte {used} of {size}")
         if not isinstance(record, dict):
-            return self._dead(msg, "malformed_avro", _GUARD, "value is not a record")
+            return self._dead(msg, MALFORMED_AVRO, _GUARD, "value is not a record")
         return Decoded(msg, record)
 
     def decode_batch(self, messages: Iterable[Message]) -> tuple[list[Decoded], list[DeadLetter]]:

@@ -4,15 +4,29 @@ Pure functions of their inputs; nothing here knows Kafka or any particular schem
 
 Transforms (``FeatureSpec.transform``):
 
-- ``number``: int, long, float, double or boolean to float; null and NaN are *missing* (NaN,
-  which XGBoost treats as missing); +/-infinity is rejected (``non_finite``); any other type is
-  rejected (``not_numeric``).
-- ``category``: a string or enum symbol to its position in ``categories``; null or an unseen
-  symbol is missing.
+- ``number``: int, long, float, double or boolean to float; any other type is rejected
+  (``not_numeric``).
+- ``category``: a string or enum symbol to its position in ``categories``; an unseen symbol is
+  NaN (missing to XGBoost).
 - ``hour_of_day`` / ``day_of_week``: a timestamp (a datetime, or epoch milliseconds) to its UTC
-  hour (0-23) or weekday (Monday = 0); null is missing.
+  hour (0-23) or weekday (Monday = 0); anything else, or a time no datetime can hold, is
+  rejected (``not_timestamp``).
 
-A rejected row becomes a ``DeadLetter`` at stage ``features``; the other rows go on.
+Each feature's value policy (``FeatureSpec.effective_policy``: the manifest's, with the
+feature's overrides) decides, per kind of unusual value, between ``pass`` and ``dead_letter``:
+
+=============  ========================================  ===================  ===============
+policy key     value                                     ``pass`` sends       reason
+=============  ========================================  ===================  ===============
+missing        null or absent (any transform)            NaN                  missing_value
+nan            NaN (``number``)                          NaN                  nan_value
+infinite       +/-inf, or beyond float32 (``number``)    NaN                  non_finite
+out_of_range   outside ``min``/``max`` (``number``)      the value            out_of_range
+=============  ========================================  ===================  ===============
+
+Defaults: missing and nan pass, infinite and out_of_range dead-letter (XGBoost refuses infinite
+input, so ``pass`` turns it into NaN). A rejected row becomes a ``DeadLetter`` at stage
+``features``; the other rows go on.
 """
 
 from __future__ import annotations
@@ -27,10 +41,20 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_scorer.errors import SchemaError
-from stream_scorer.manifest import FeatureSpec
+from stream_scorer.manifest import FeatureSpec, ValuePolicy
 
 Matrix = npt.NDArray[np.float32]
 _NAN = math.nan
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+MISSING_VALUE = "missing_value"
+NAN_VALUE = "nan_value"
+NON_FINITE = "non_finite"
+OUT_OF_RANGE = "out_of_range"
+NOT_NUMERIC = "not_numeric"
+NOT_TIMESTAMP = "not_timestamp"
+#: Every reason code of the feature stage.
+FEATURE_REASONS = (MISSING_VALUE, NAN_VALUE, NON_FINITE, OUT_OF_RANGE, NOT_NUMERIC, NOT_TIMESTAMP)
 
 
 class FeatureError(ValueError):
@@ -41,35 +65,53 @@ class FeatureError(ValueError):
         self.reason = reason
 
 
-def _number(value: Any) -> float:
-    if value is None:
-        return _NAN
-    if isinstance(value, bool | int | float):
-        out = float(value)
-        if math.isinf(out):
-            raise FeatureError("non_finite", f"value {value!r} is not finite")
+def _number(spec: FeatureSpec, policy: ValuePolicy) -> Callable[[Any], float]:
+    reject_nan = policy.nan == "dead_letter"
+    reject_inf = policy.infinite == "dead_letter"
+    reject_range = policy.out_of_range == "dead_letter"
+    low = -math.inf if spec.min is None else spec.min
+    high = math.inf if spec.max is None else spec.max
+    bounded = spec.min is not None or spec.max is not None
+
+    def convert(value: Any) -> float:
+        if not isinstance(value, bool | int | float):
+            raise FeatureError(NOT_NUMERIC, f"value {value!r} is not a number")
+        try:
+            out = float(value)
+        except OverflowError:  # an int beyond any float
+            out = math.inf if value > 0 else -math.inf
+        if out != out:
+            if reject_nan:
+                raise FeatureError(NAN_VALUE, "value is NaN")
+            return _NAN
+        if not -_FLOAT32_MAX <= out <= _FLOAT32_MAX:
+            if reject_inf:
+                raise FeatureError(NON_FINITE, f"value {value!r} is not finite as float32")
+            return _NAN
+        if bounded and not low <= out <= high and reject_range:
+            raise FeatureError(OUT_OF_RANGE, f"value {value!r} is outside [{low}, {high}]")
         return out
-    raise FeatureError("not_numeric", f"value {value!r} is not a number")
+
+    return convert
 
 
-def _as_datetime(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value / 1000.0, tz=UTC)
-    raise FeatureError("not_timestamp", f"value {value!r} is not a timestamp")
+def _as_utc(value: Any) -> datetime:
+    try:
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return datetime.fromtimestamp(value / 1000.0, tz=UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is no valid time: {exc}") from None
+    raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is not a timestamp")
 
 
 def _hour(value: Any) -> float:
-    dt = _as_datetime(value)
-    return _NAN if dt is None else float(dt.astimezone(UTC).hour)
+    return float(_as_utc(value).hour)
 
 
 def _weekday(value: Any) -> float:
-    dt = _as_datetime(value)
-    return _NAN if dt is None else float(dt.astimezone(UTC).weekday())
+    return float(_as_utc(value).weekday())
 
 
 def _category(categories: tuple[str, ...]) -> Callable[[Any], float]:
@@ -79,6 +121,23 @@ def _category(categories: tuple[str, ...]) -> Callable[[Any], float]:
         return index.get(value, _NAN) if isinstance(value, str) else _NAN
 
     return convert
+
+
+def _with_missing(convert: Callable[[Any], float], policy: ValuePolicy) -> Callable[[Any], float]:
+    """Apply the missing-value policy before ``convert`` sees a value."""
+    if policy.missing == "dead_letter":
+
+        def reject_missing(value: Any) -> float:
+            if value is None:
+                raise FeatureError(MISSING_VALUE, "value is missing (null or absent)")
+            return convert(value)
+
+        return reject_missing
+
+    def pass_missing(value: Any) -> float:
+        return _NAN if value is None else convert(value)
+
+    return pass_missing
 
 
 def field_getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -100,13 +159,17 @@ def field_getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
 
 
 def _converter(spec: FeatureSpec) -> Callable[[Any], float]:
+    policy = spec.effective_policy
+    convert: Callable[[Any], float]
     if spec.transform == "number":
-        return _number
-    if spec.transform == "category":
-        return _category(spec.categories)
-    if spec.transform == "hour_of_day":
-        return _hour
-    return _weekday
+        convert = _number(spec, policy)
+    elif spec.transform == "category":
+        convert = _category(spec.categories)
+    elif spec.transform == "hour_of_day":
+        convert = _hour
+    else:
+        convert = _weekday
+    return _with_missing(convert, policy)
 
 
 @dataclass(frozen=True)

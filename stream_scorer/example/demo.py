@@ -102,13 +102,17 @@ def _start_workers(
 
 
 def _ensure_model() -> None:
+    from stream_scorer.example.rides import FEATURES
+
     if (MODEL_DIR / MANIFEST_FILE).is_file():
         manifest = read_manifest(MODEL_DIR)
-        _say(f"model: {manifest.model_version} (existing, {MODEL_DIR.relative_to(ROOT)})")
-        return
+        if manifest.features == FEATURES:
+            _say(f"model: {manifest.model_version} (existing, {MODEL_DIR.relative_to(ROOT)})")
+            return
+        _say("model: the existing one predates the example's features or value policies")
     from stream_scorer.example.train import train
 
-    _say("model: none yet, training the example model ...")
+    _say("model: training the example model ...")
     manifest = train(MODEL_DIR)
     val = manifest.metrics.get("validation", {})
     base = manifest.metrics.get("baseline", {})

@@ -1,23 +1,36 @@
 """The load generator: example ride events, optionally with malformed records mixed in.
 
-Malformed kinds. Each of the first seven fails a strict decode of the ride schema (fastavro's
-``schemaless_reader``, every byte consumed, valid UTF-8) whatever the ride, deterministically:
+Malformed kinds (``MALFORMED_KINDS``), each built from a real ride, deterministically, and each
+landing on a known dead letter (``EXPECTED_DEAD_LETTERS``: kind to stage and reason code):
 
-- ``truncated``: a valid payload cut in half (the reader runs out of bytes).
+Refused by the decoder (stage ``decode``):
+
+- ``truncated``: a valid payload cut in half (the reader runs out of bytes): ``truncated``.
 - ``trailing_bytes``: a valid payload followed by 1-8 extra bytes (random when an rng is given,
-  else ``00 02``); the record ends before the payload does.
-- ``empty``: no bytes at all.
-- ``bad_enum_index``: ``vehicle_type`` written as index 50 of a 4-symbol enum.
-- ``invalid_utf8``: ``ride_id``'s bytes (the first field) replaced by as many 0xFF bytes.
-- ``negative_length``: the first byte, ``ride_id``'s length varint, set to 0x01 (zigzag -1): a
-  string of negative length.
+  else ``00 02``): ``trailing_bytes``.
+- ``empty``: no bytes at all: ``empty``.
+- ``bad_enum_index``: ``vehicle_type`` written as index 50 of a 4-symbol enum: ``bad_enum_index``.
+- ``invalid_utf8``: ``ride_id``'s bytes (the first field) replaced by as many 0xFF bytes:
+  ``invalid_utf8``.
+- ``negative_length``: the first byte, ``ride_id``'s length varint, set to 0x01 (zigzag -1):
+  ``negative_length``.
 - ``wrong_schema``: a record of another schema (a click event: two short strings) that runs
-  out of bytes three fields into a ride.
+  out of bytes three fields into a ride: ``truncated`` (the one kind sharing a reason).
+- ``varint_too_long``: ``requested_at``'s varint padded to 11 bytes: ``varint_too_long``.
+- ``int_out_of_range``: ``pickup_zone`` (an Avro ``int``) written as 2**40:
+  ``int_out_of_range``.
+- ``bad_union_index``: ``surge_multiplier``'s union branch index 2 of 2: ``bad_union_index``.
+- ``tombstone``: a null value (a Kafka tombstone): ``null_value``.
+- ``timestamp_in_micros``: ``requested_at`` in microseconds instead of milliseconds; valid
+  Avro, but past year 9999 so no datetime holds it: ``malformed_avro``.
 
-And one that decodes but cannot be scored:
+Decoded, then refused by the example model's value policy (stage ``features``; see
+``rides.FEATURES``):
 
-- ``infinite_distance``: ``distance_km`` is +infinity; the worker's feature stage rejects
-  non-finite numbers (NaN would be a legal "missing", infinity is not).
+- ``infinite_distance``: ``distance_km`` is +infinity: ``non_finite``.
+- ``nan_distance``: ``distance_km`` is NaN (its policy dead-letters NaN): ``nan_value``.
+- ``too_many_passengers``: ``passenger_count`` 12, above the feature's max of 6:
+  ``out_of_range``.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,19 +49,48 @@ from confluent_kafka import Producer
 
 from stream_scorer.errors import BrokerError
 from stream_scorer.example.rides import generate_columns, load_ride_schema, to_records
+from stream_scorer.records import Stage
 
-MALFORMED_KINDS = (
-    "truncated",
-    "trailing_bytes",
-    "empty",
-    "bad_enum_index",
-    "invalid_utf8",
-    "negative_length",
-    "wrong_schema",
-    "infinite_distance",
-)
+#: Each malformed kind and the dead letter it becomes: (stage, reason code).
+EXPECTED_DEAD_LETTERS: dict[str, tuple[Stage, str]] = {
+    "truncated": (Stage.DECODE, "truncated"),
+    "trailing_bytes": (Stage.DECODE, "trailing_bytes"),
+    "empty": (Stage.DECODE, "empty"),
+    "bad_enum_index": (Stage.DECODE, "bad_enum_index"),
+    "invalid_utf8": (Stage.DECODE, "invalid_utf8"),
+    "negative_length": (Stage.DECODE, "negative_length"),
+    "wrong_schema": (Stage.DECODE, "truncated"),
+    "varint_too_long": (Stage.DECODE, "varint_too_long"),
+    "int_out_of_range": (Stage.DECODE, "int_out_of_range"),
+    "bad_union_index": (Stage.DECODE, "bad_union_index"),
+    "tombstone": (Stage.DECODE, "null_value"),
+    "timestamp_in_micros": (Stage.DECODE, "malformed_avro"),
+    "infinite_distance": (Stage.FEATURES, "non_finite"),
+    "nan_distance": (Stage.FEATURES, "nan_value"),
+    "too_many_passengers": (Stage.FEATURES, "out_of_range"),
+}
+MALFORMED_KINDS = tuple(EXPECTED_DEAD_LETTERS)
 #: The kinds that fail decoding; the others decode and fail at the feature stage.
-UNDECODABLE_KINDS = MALFORMED_KINDS[:-1]
+UNDECODABLE_KINDS = tuple(
+    k for k, (stage, _) in EXPECTED_DEAD_LETTERS.items() if stage is Stage.DECODE
+)
+
+
+def expected_reasons(malformed_by_kind: Mapping[str, int]) -> Counter[tuple[Stage, str]]:
+    """How many dead letters of each (stage, reason) the given malformed kinds must produce.
+
+    Args:
+        malformed_by_kind: count per malformed kind (e.g. ``ProduceReport.malformed_by_kind``).
+
+    Returns:
+        The expected count per (stage, reason code).
+    """
+    out: Counter[tuple[Stage, str]] = Counter()
+    for kind, count in malformed_by_kind.items():
+        out[EXPECTED_DEAD_LETTERS[kind]] += count
+    return out
+
+
 HEADERS: list[tuple[str, str | bytes | None]] = [
     ("content-type", b"application/avro"),
     ("schema", b"ride_request.v1"),
@@ -60,15 +103,39 @@ _CLICK: dict[str, Any] = fastavro.parse_schema(  # type: ignore[assignment]
     }
 )
 _BAD_ENUM_INDEX = 50
+_INT_OUT_OF_RANGE = 2**40
+_BAD_UNION_INDEX = 2  # surge_multiplier is ["null", "double"]
+_TOO_MANY_PASSENGERS = 12
+# fields written as a plain long, to put any value where the schema has an int, enum or union
+_AS_LONG = {
+    "bad_enum_index": "vehicle_type",
+    "int_out_of_range": "pickup_zone",
+    "bad_union_index": "surge_multiplier",
+}
 
 
-def _enum_as_int(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """The ride schema with ``vehicle_type`` as a plain int, to write any enum index."""
-    fields = [{**f, "type": "int"} if f["name"] == "vehicle_type" else f for f in schema["fields"]]
+def _as_long(schema: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The ride schema with field ``name`` as a plain long, to write any value there."""
+    fields = [
+        {k: v for k, v in f.items() if k != "default"} | {"type": "long"}
+        if f["name"] == name
+        else f
+        for f in schema["fields"]
+    ]
     raw = {k: v for k, v in schema.items() if not k.startswith("__")}
     parsed = fastavro.parse_schema({**raw, "fields": fields})
     assert isinstance(parsed, dict)
     return parsed
+
+
+def _padded_varint(payload: bytes, at: int) -> bytes:
+    """``payload`` with the varint at ``at`` padded to 11 bytes (same value, too long)."""
+    end = at
+    while payload[end] & 0x80:
+        end += 1
+    groups = [b | 0x80 for b in payload[at : end + 1]]
+    padding = [0x80] * (10 - len(groups))
+    return payload[:at] + bytes(groups + padding + [0x00]) + payload[end + 1 :]
 
 
 def _varint_size(n: int) -> int:
@@ -83,7 +150,7 @@ class RideEncoder:
     def __init__(self, schema: dict[str, Any] | None = None) -> None:
         """Create an encoder for the parsed ride ``schema`` (default: ``load_ride_schema()``)."""
         self.schema = load_ride_schema() if schema is None else schema
-        self._enum_int: dict[str, Any] | None = None
+        self._as_long: dict[str, dict[str, Any]] = {}
         self._buf = io.BytesIO()
 
     def _write(self, schema: dict[str, Any], record: Mapping[str, Any]) -> bytes:
@@ -97,34 +164,55 @@ class RideEncoder:
         """Return a valid ride as schemaless Avro."""
         return self._write(self.schema, ride)
 
+    def _long_field(self, kind: str, ride: Mapping[str, Any], value: int) -> bytes:
+        name = _AS_LONG[kind]
+        if name not in self._as_long:
+            self._as_long[name] = _as_long(self.schema, name)
+        return self._write(self._as_long[name], {**ride, name: value})
+
     def malformed(
         self, kind: str, ride: Mapping[str, Any], rng: np.random.Generator | None = None
-    ) -> bytes:
-        """Return the payload of malformed ``kind`` built from ``ride`` (see the module doc).
+    ) -> bytes | None:
+        """Return the value of malformed ``kind`` built from ``ride`` (see the module doc).
+
+        Returns:
+            The record value: bytes, or None for ``tombstone``.
 
         Raises:
             ValueError: ``kind`` is not one of ``MALFORMED_KINDS``.
         """
+        if kind == "tombstone":
+            return None
         if kind == "empty":
             return b""
         if kind == "wrong_schema":
             return self._write(_CLICK, {"user": "u-1", "page": "/"})
         if kind == "infinite_distance":
             return self.encode({**ride, "distance_km": float("inf")})
+        if kind == "nan_distance":
+            return self.encode({**ride, "distance_km": float("nan")})
+        if kind == "too_many_passengers":
+            return self.encode({**ride, "passenger_count": _TOO_MANY_PASSENGERS})
+        if kind == "timestamp_in_micros":
+            return self.encode({**ride, "requested_at": int(ride["requested_at"]) * 1000})
         if kind == "bad_enum_index":
-            if self._enum_int is None:
-                self._enum_int = _enum_as_int(self.schema)
-            return self._write(self._enum_int, {**ride, "vehicle_type": _BAD_ENUM_INDEX})
+            return self._long_field(kind, ride, _BAD_ENUM_INDEX)
+        if kind == "int_out_of_range":
+            return self._long_field(kind, ride, _INT_OUT_OF_RANGE)
+        if kind == "bad_union_index":
+            return self._long_field(kind, ride, _BAD_UNION_INDEX)
         good = self.encode(ride)
+        id_size = len(ride["ride_id"].encode())
+        if kind == "varint_too_long":  # requested_at follows ride_id
+            return _padded_varint(good, _varint_size(id_size) + id_size)
         if kind == "truncated":
             return good[: len(good) // 2]
         if kind == "trailing_bytes":
             extra = b"\x00\x02" if rng is None else rng.bytes(int(rng.integers(1, 9)))
             return good + extra
         if kind == "invalid_utf8":
-            n = len(ride["ride_id"].encode())
-            head = _varint_size(n)
-            return good[:head] + b"\xff" * n + good[head + n :]
+            head = _varint_size(id_size)
+            return good[:head] + b"\xff" * id_size + good[head + id_size :]
         if kind == "negative_length":
             return b"\x01" + good[1:]
         raise ValueError(f"unknown malformed kind {kind!r} (known: {', '.join(MALFORMED_KINDS)})")
@@ -150,7 +238,7 @@ def malformed_payload(
     ride: Mapping[str, Any],
     parsed_schema: dict[str, Any],
     rng: np.random.Generator | None = None,
-) -> bytes:
+) -> bytes | None:
     """Return a malformed payload of ``kind`` derived from ``ride``.
 
     Args:
@@ -160,7 +248,7 @@ def malformed_payload(
         rng: randomises the extra bytes of ``trailing_bytes``; other kinds ignore it.
 
     Returns:
-        The bytes to send as the record value.
+        The record value to send (None for ``tombstone``).
 
     Raises:
         ValueError: ``kind`` is unknown.
@@ -247,6 +335,7 @@ def produce_events(
         ride["requested_at"] = int(time.time() * 1000)
         key = ride["ride_id"].encode()
         kind = bad_at.get(i)
+        value: bytes | None
         if kind is None:
             value = encoder.encode(ride)
         else:

@@ -26,13 +26,16 @@ PAYMENTS = ("CARD", "CASH", "WALLET")
 _VEHICLE_SPEED = np.array([1.0, 0.95, 1.05, 0.97])
 _DAY_MS = 86_400_000
 
+#: The model's features. Value policies (the manifest's defaults otherwise): a NaN distance is
+#: dead-lettered (``nan_value``); distances, zones and passenger counts outside the schema's
+#: documented ranges are dead-lettered (``out_of_range``); a null surge passes as missing.
 FEATURES: tuple[FeatureSpec, ...] = (
-    FeatureSpec("distance_km", "distance_km"),
-    FeatureSpec("pickup_zone", "pickup_zone"),
-    FeatureSpec("dropoff_zone", "dropoff_zone"),
+    FeatureSpec("distance_km", "distance_km", min=0.0, max=1000.0, policy={"nan": "dead_letter"}),
+    FeatureSpec("pickup_zone", "pickup_zone", min=1, max=263),
+    FeatureSpec("dropoff_zone", "dropoff_zone", min=1, max=263),
     FeatureSpec("hour", "requested_at", "hour_of_day"),
     FeatureSpec("weekday", "requested_at", "day_of_week"),
-    FeatureSpec("passenger_count", "passenger_count"),
+    FeatureSpec("passenger_count", "passenger_count", min=1, max=6),
     FeatureSpec("vehicle_type", "vehicle_type", "category", VEHICLES),
     FeatureSpec("is_airport_trip", "is_airport_trip"),
     FeatureSpec("surge_multiplier", "surge_multiplier"),

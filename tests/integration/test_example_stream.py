@@ -20,7 +20,7 @@ import xgboost as xgb
 from support import committed_lag, read_topic, wait_for
 
 from stream_scorer.decode import load_schema
-from stream_scorer.example.produce import produce_events
+from stream_scorer.example.produce import expected_reasons, produce_events
 from stream_scorer.example.rides import FEATURES, load_ride_schema
 from stream_scorer.features import FeatureBuilder
 
@@ -86,15 +86,18 @@ def test_two_workers_score_the_example_stream_with_every_malformed_kind_dead_let
     dead = read_topic(kafka_bootstrap, dlq)
     assert len(predictions) == report.valid
     assert sorted(m.key() for m in dead) == sorted(report.malformed_keys)
-    reasons = Counter(dict(m.headers())["stream_scorer.error.reason"] for m in dead)
-    assert reasons == {
-        b"truncated": 30,  # truncated, negative_length and wrong_schema: 10 each
-        b"trailing_bytes": 10,
-        b"empty": 10,
-        b"malformed_avro": 10,  # bad_enum_index
-        b"invalid_utf8": 10,
-        b"non_finite": 10,  # infinite_distance, rejected by the feature stage
+    by_reason = Counter(
+        (
+            dict(m.headers())["__connect.errors.stage"].decode(),
+            dict(m.headers())["stream_scorer.error.reason"].decode(),
+        )
+        for m in dead
+    )
+    assert by_reason == {
+        (stage.value, reason): n
+        for (stage, reason), n in expected_reasons(report.malformed_by_kind).items()
     }
+    assert len(by_reason) >= 12
     for msg in dead:
         assert msg.value() == inputs[msg.key()].value()  # byte for byte
 

@@ -1,13 +1,44 @@
+import struct
+from typing import Any
+
 import fastavro
 import pytest
 from support import PAYMENT_SCHEMA, Msg, avro, payments
 
-from stream_scorer.decode import Decoder
+from stream_scorer import decode
+from stream_scorer.decode import DECODE_REASONS, Decoder
 from stream_scorer.records import DeadLetter, Decoded, Stage
 
 SCHEMA = fastavro.parse_schema(PAYMENT_SCHEMA)
 GOOD = payments(1)[0]
 GOOD_BYTES = avro(PAYMENT_SCHEMA, GOOD)
+
+
+def v(n: int) -> bytes:
+    """Avro's zigzag varint of ``n``."""
+    u = n << 1 if n >= 0 else ((-n) << 1) - 1
+    out = bytearray()
+    while u >= 0x80:
+        out.append((u & 0x7F) | 0x80)
+        u >>= 7
+    out.append(u)
+    return bytes(out)
+
+
+def payment(**parts: bytes) -> bytes:
+    """A payment built field by field; ``parts`` replace a field's encoded bytes."""
+    fields: dict[str, bytes] = {
+        "txn_id": v(3) + b"t-1",
+        "amount": struct.pack("<f", 12.5),
+        "card_present": b"\x01",
+        "country": v(2) + b"DE",
+        "channel": v(1),
+        "at": v(1_763_900_000_000),
+        "customer": v(1) + v(40) + v(100),  # age: branch 1 (int) 40; tenure_days 100
+    }
+    unknown = set(parts) - set(fields)
+    assert not unknown, unknown
+    return b"".join(parts.get(k, b) for k, b in fields.items())
 
 
 def _invalid_utf8() -> bytes:
@@ -26,7 +57,18 @@ def _invalid_utf8() -> bytes:
         (GOOD_BYTES[:1], "truncated"),
         (GOOD_BYTES + b"\x00", "trailing_bytes"),
         (_invalid_utf8(), "invalid_utf8"),
-        (b"\x7f" + GOOD_BYTES[1:], "truncated"),  # string length -64: fastavro cannot read it
+        (b"\x7f" + GOOD_BYTES[1:], "negative_length"),  # txn_id length -64
+        (payment(txn_id=v(-1)), "negative_length"),
+        (payment(txn_id=v(5000) + b"t-1"), "truncated"),
+        (payment(at=b"\x80" * 10 + b"\x01"), "varint_too_long"),
+        (payment(channel=v(3)), "bad_enum_index"),
+        (payment(channel=v(-1)), "bad_enum_index"),
+        (payment(customer=v(2) + v(40) + v(100)), "bad_union_index"),
+        (payment(customer=v(-1) + v(40) + v(100)), "bad_union_index"),
+        (payment(customer=v(1) + v(2**31) + v(100)), "int_out_of_range"),
+        (payment(card_present=b"\x07"), "malformed_avro"),
+        # the guard passes these; fastavro cannot build a datetime past year 9999
+        (payment(at=v(1_763_900_000_000_000)), "malformed_avro"),
     ],
 )
 def test_bad_values_become_dead_letters(value: bytes | None, reason: str) -> None:
@@ -34,8 +76,79 @@ def test_bad_values_become_dead_letters(value: bytes | None, reason: str) -> Non
     assert isinstance(out, DeadLetter)
     assert out.stage is Stage.DECODE
     assert out.reason == reason
+    assert out.reason in DECODE_REASONS
     assert out.message.value() == value  # original bytes kept
     assert out.error_message
+
+
+def test_hand_built_payment_decodes() -> None:
+    out = Decoder(SCHEMA, 2048).decode(Msg(payment()))
+    assert isinstance(out, Decoded)
+    assert out.record["txn_id"] == "t-1"
+    assert out.record["channel"] == "POS"
+    assert out.record["customer"] == {"age": 40, "tenure_days": 100}
+
+
+def test_a_failure_after_the_guard_names_fastavros_exception() -> None:
+    out = Decoder(SCHEMA, 2048).decode(Msg(payment(at=v(1_763_900_000_000_000))))
+    assert isinstance(out, DeadLetter)
+    assert (out.reason, out.error_type) == ("malformed_avro", "OverflowError")
+
+
+def test_guard_refusals_are_typed_as_our_own_guard() -> None:
+    out = Decoder(SCHEMA, 2048).decode(Msg(payment(channel=v(9))))
+    assert isinstance(out, DeadLetter)
+    assert out.error_type == "stream_scorer"
+    assert "enum index 9" in out.error_message
+
+
+def test_even_a_failing_guard_gives_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = Decoder(SCHEMA, 2048)
+
+    def boom(payload: bytes) -> Any:
+        raise RuntimeError("guard bug")
+
+    monkeypatch.setattr(decoder._guard, "check", boom)
+    out = decoder.decode(Msg(GOOD_BYTES))
+    assert isinstance(out, DeadLetter)
+    assert (out.reason, out.error_type, out.error_message) == (
+        "malformed_avro",
+        "RuntimeError",
+        "guard bug",
+    )
+
+
+def test_zero_size_item_cap_reaches_the_guard() -> None:
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "N",
+            "fields": [{"name": "n", "type": {"type": "array", "items": "null"}}],
+        }
+    )
+    payload = v(300) + v(0)
+    assert isinstance(Decoder(schema, 2048).decode(Msg(payload)), Decoded)
+    out = Decoder(schema, 2048, max_zero_size_items=299).decode(Msg(payload))
+    assert isinstance(out, DeadLetter) and out.reason == "count_too_large"
+
+
+def test_reason_codes_are_the_documented_set() -> None:
+    assert set(DECODE_REASONS) == {
+        "null_value",
+        "empty",
+        "too_large",
+        "truncated",
+        "varint_too_long",
+        "int_out_of_range",
+        "negative_length",
+        "bad_enum_index",
+        "bad_union_index",
+        "count_too_large",
+        "invalid_utf8",
+        "trailing_bytes",
+        "malformed_avro",
+    }
+    assert decode.DECODE_REASONS is DECODE_REASONS
 
 
 def test_valid_record_decodes_to_the_written_values() -> None:

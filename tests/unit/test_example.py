@@ -1,5 +1,6 @@
 import io
 import math
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,10 +16,12 @@ from stream_scorer.decode import Decoder
 from stream_scorer.errors import BrokerError
 from stream_scorer.example import produce
 from stream_scorer.example.produce import (
+    EXPECTED_DEAD_LETTERS,
     MALFORMED_KINDS,
     UNDECODABLE_KINDS,
     RideEncoder,
     encode_ride,
+    expected_reasons,
     malformed_payload,
     produce_events,
 )
@@ -34,7 +37,7 @@ from stream_scorer.example.rides import (
 from stream_scorer.example.train import train
 from stream_scorer.features import FeatureBuilder
 from stream_scorer.manifest import read_manifest, sha256_file
-from stream_scorer.records import DeadLetter, Decoded
+from stream_scorer.records import DeadLetter, Stage
 
 SCHEMA = load_ride_schema()
 ENCODER = RideEncoder()
@@ -58,55 +61,99 @@ def expected_decoded(ride: dict[str, Any]) -> dict[str, Any]:
     return {**ride, "requested_at": when}
 
 
+DECODER = Decoder(SCHEMA, 1 << 20)
+BUILDER = FeatureBuilder(FEATURES)
+
+
+def outcome(value: bytes | None) -> tuple[Stage, str] | None:
+    """What the worker's decode and feature stages make of a value: a dead letter or None."""
+    out = DECODER.decode(Msg(value))
+    if isinstance(out, DeadLetter):
+        assert out.stage is Stage.DECODE
+        return (out.stage, out.reason)
+    _, rejected = BUILDER.build([out.record])
+    return (Stage.FEATURES, rejected[0].reason) if rejected else None
+
+
+# written out, not derived: the fault-injection suite counts dead letters by these
+EXPECTED = {
+    "truncated": ("decode", "truncated"),
+    "trailing_bytes": ("decode", "trailing_bytes"),
+    "empty": ("decode", "empty"),
+    "bad_enum_index": ("decode", "bad_enum_index"),
+    "invalid_utf8": ("decode", "invalid_utf8"),
+    "negative_length": ("decode", "negative_length"),
+    "wrong_schema": ("decode", "truncated"),
+    "varint_too_long": ("decode", "varint_too_long"),
+    "int_out_of_range": ("decode", "int_out_of_range"),
+    "bad_union_index": ("decode", "bad_union_index"),
+    "tombstone": ("decode", "null_value"),
+    "timestamp_in_micros": ("decode", "malformed_avro"),
+    "infinite_distance": ("features", "non_finite"),
+    "nan_distance": ("features", "nan_value"),
+    "too_many_passengers": ("features", "out_of_range"),
+}
+
+
+def test_the_expected_dead_letters_are_as_documented() -> None:
+    assert {k: (s.value, r) for k, (s, r) in EXPECTED_DEAD_LETTERS.items()} == EXPECTED
+    assert tuple(EXPECTED) == MALFORMED_KINDS
+    assert len(set(EXPECTED.values())) >= 12  # distinct reasons; wrong_schema shares one
+    assert set(MALFORMED_KINDS) - set(UNDECODABLE_KINDS) == {
+        "infinite_distance",
+        "nan_distance",
+        "too_many_passengers",
+    }
+    with pytest.raises(ValueError, match="unknown malformed kind"):
+        malformed_payload("gremlins", RIDE, SCHEMA)
+
+
 @pytest.mark.parametrize("ride", RIDES, ids=lambda r: r["ride_id"][:12])
-@pytest.mark.parametrize("kind", UNDECODABLE_KINDS)
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
 @pytest.mark.parametrize("seeded", [False, True], ids=["no-rng", "rng"])
-def test_every_undecodable_kind_fails_a_strict_decode(
-    kind: str, ride: dict[str, Any], seeded: bool
-) -> None:
+def test_every_kind_lands_on_its_dead_letter(kind: str, ride: dict[str, Any], seeded: bool) -> None:
     rng = np.random.default_rng(5) if seeded else None
     payload = malformed_payload(kind, ride, SCHEMA, rng)
-    with pytest.raises((ValueError, EOFError, IndexError)):  # UnicodeDecodeError is a ValueError
-        strict_decode(payload)
-
-
-@pytest.mark.parametrize("ride", RIDES[:3], ids=lambda r: r["ride_id"][:12])
-def test_infinite_distance_decodes_strictly_with_infinite_distance(ride: dict[str, Any]) -> None:
-    record = strict_decode(malformed_payload("infinite_distance", ride, SCHEMA))
-    assert record["distance_km"] == math.inf
-    assert record["ride_id"] == ride["ride_id"]
+    assert outcome(payload) == EXPECTED_DEAD_LETTERS[kind]
 
 
 @pytest.mark.parametrize(
-    ("kind", "reason"),
+    ("kind", "field", "check"),
     [
-        ("truncated", "truncated"),
-        ("trailing_bytes", "trailing_bytes"),
-        ("empty", "empty"),
-        ("bad_enum_index", "malformed_avro"),
-        ("invalid_utf8", "invalid_utf8"),
-        ("negative_length", "truncated"),
-        ("wrong_schema", "truncated"),
+        ("infinite_distance", "distance_km", lambda v: v == math.inf),
+        ("nan_distance", "distance_km", math.isnan),
+        ("too_many_passengers", "passenger_count", lambda v: v == 12),
     ],
 )
-def test_every_malformed_kind_fails_the_guarded_decoder(kind: str, reason: str) -> None:
-    out = Decoder(ENCODER.schema, 1 << 20).decode(Msg(ENCODER.malformed(kind, RIDE)))
-    assert isinstance(out, DeadLetter)
-    assert out.reason == reason
+@pytest.mark.parametrize("ride", RIDES[:3], ids=lambda r: r["ride_id"][:12])
+def test_feature_kinds_are_valid_avro_with_one_bad_value(
+    kind: str, field: str, check: Callable[[Any], bool], ride: dict[str, Any]
+) -> None:
+    record = strict_decode(malformed_payload(kind, ride, SCHEMA))
+    assert check(record[field])
+    assert {k: v for k, v in record.items() if k != field} == {
+        k: v for k, v in expected_decoded(ride).items() if k != field
+    }
 
 
-def test_infinite_distance_decodes_and_is_rejected_by_the_feature_stage() -> None:
-    out = Decoder(ENCODER.schema, 1 << 20).decode(Msg(ENCODER.malformed("infinite_distance", RIDE)))
-    assert isinstance(out, Decoded)
-    _, rejected = FeatureBuilder(FEATURES).build([out.record])
-    assert [r.reason for r in rejected] == ["non_finite"]
+def test_varint_too_long_pads_requested_at_to_eleven_bytes() -> None:
+    good = ENCODER.encode(RIDE)
+    bad = ENCODER.malformed("varint_too_long", RIDE)
+    assert bad is not None
+    start = 1 + len(RIDE["ride_id"])
+    end = start + 11
+    assert [b >> 7 for b in bad[start:end]] == [1] * 10 + [0]
+    assert bad[:start] == good[:start]
+    assert bad[end:] == good[len(good) - len(bad) + end :]
 
 
-def test_kinds_list_is_complete() -> None:
-    assert len(MALFORMED_KINDS) == 8
-    assert set(MALFORMED_KINDS) - set(UNDECODABLE_KINDS) == {"infinite_distance"}
-    with pytest.raises(ValueError, match="unknown malformed kind"):
-        malformed_payload("gremlins", RIDE, SCHEMA)
+def test_tombstone_is_a_null_value() -> None:
+    assert malformed_payload("tombstone", RIDE, SCHEMA) is None
+
+
+def test_expected_reasons_counts_by_stage_and_reason() -> None:
+    got = expected_reasons({"truncated": 2, "wrong_schema": 3, "nan_distance": 1})
+    assert got == {(Stage.DECODE, "truncated"): 5, (Stage.FEATURES, "nan_value"): 1}
 
 
 def test_trailing_bytes_with_an_rng_is_deterministic() -> None:
@@ -161,6 +208,8 @@ def test_training_beats_the_baseline_and_writes_a_consistent_manifest(
 ) -> None:
     manifest = train(tmp_path, rows=3000, n_estimators=20, objective=objective)
     assert read_manifest(tmp_path) == manifest
+    assert manifest.features == FEATURES  # the value policies travel with the model
+    assert read_manifest(tmp_path).features[0].effective_policy.nan == "dead_letter"
     assert manifest.model_sha256 == sha256_file(tmp_path / "model.ubj")
     assert manifest.model_version.endswith(manifest.model_sha256[:8])
     assert manifest.objective == objective
@@ -190,7 +239,7 @@ class FakeProducer:
 
     def __init__(self, config: dict[str, str]) -> None:
         self.config = config
-        self.sent: list[tuple[bytes, bytes, Callable[[Any, Any], None]]] = []
+        self.sent: list[tuple[bytes, bytes | None, Callable[[Any, Any], None]]] = []
         self.calls = 0
         self.buffer_errors = 0
         FakeProducer.instances.append(self)
@@ -199,7 +248,7 @@ class FakeProducer:
         self,
         topic: str,
         *,
-        value: bytes,
+        value: bytes | None,
         key: bytes,
         headers: Any,
         on_delivery: Callable[[Any, Any], None],
@@ -250,17 +299,15 @@ def test_produce_events_mixes_exactly_the_asked_malformed_share(
     assert len(set(report.malformed_keys)) == n_bad
     assert seen[-1] == n
     bad = set(report.malformed_keys)
-    undecodable = 0
+    dead: Counter[tuple[Stage, str]] = Counter()
     for key, value, _ in producer.sent:
-        try:
-            record = strict_decode(value)
-        except (ValueError, EOFError, IndexError):
-            assert key in bad
-            undecodable += 1
-            continue
-        assert record["ride_id"].encode() == key
-        assert (key in bad) == math.isinf(record["distance_km"])
-    assert undecodable == n_bad - report.malformed_by_kind.get("infinite_distance", 0)
+        got = outcome(value)
+        assert (got is not None) == (key in bad)
+        if got is not None:
+            dead[got] += 1
+        else:
+            assert strict_decode(value)["ride_id"].encode() == key
+    assert dead == expected_reasons(report.malformed_by_kind)
     if full_every:
         assert producer.buffer_errors > 0
 

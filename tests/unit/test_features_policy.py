@@ -1,0 +1,223 @@
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stream_scorer.errors import ModelError
+from stream_scorer.features import FEATURE_REASONS, FeatureBuilder
+from stream_scorer.manifest import (
+    FeatureSpec,
+    Manifest,
+    ValuePolicy,
+    manifest_from_dict,
+    read_manifest,
+    write_manifest,
+)
+
+NAN, INF = math.nan, math.inf
+PASS, DEAD = "pass", "dead_letter"
+
+
+def spec(transform: str = "number", **kw: Any) -> FeatureSpec:
+    cats = ("A", "B") if transform == "category" else ()
+    return FeatureSpec("f", "v", transform, cats, **kw)
+
+
+def manifest(*features: FeatureSpec, **kw: Any) -> Manifest:
+    return Manifest("v1", "model.ubj", "0" * 64, "binary:logistic", features, "3.2.0", **kw)
+
+
+# (feature, manifest-wide policy, value, expected float or reason code)
+CASES: list[tuple[str, FeatureSpec, ValuePolicy, Any, float | str]] = [
+    # defaults: missing and NaN pass as NaN, infinities dead-letter, range only when set
+    ("missing default", spec(), ValuePolicy(), None, NAN),
+    ("nan default", spec(), ValuePolicy(), NAN, NAN),
+    ("+inf default", spec(), ValuePolicy(), INF, "non_finite"),
+    ("-inf default", spec(), ValuePolicy(), -INF, "non_finite"),
+    ("beyond float32", spec(), ValuePolicy(), 1e300, "non_finite"),
+    ("huge int", spec(), ValuePolicy(), 10**400, "non_finite"),
+    ("float32 max", spec(), ValuePolicy(), 3.4028234663852886e38, 3.4028234663852886e38),
+    ("no bounds", spec(), ValuePolicy(), -1e30, -1e30),
+    ("below min", spec(min=0), ValuePolicy(), -0.5, "out_of_range"),
+    ("above max", spec(max=10), ValuePolicy(), 10.5, "out_of_range"),
+    ("at min", spec(min=0, max=10), ValuePolicy(), 0, 0.0),
+    ("at max", spec(min=0, max=10), ValuePolicy(), 10, 10.0),
+    ("bool in range", spec(min=0, max=1), ValuePolicy(), True, 1.0),
+    ("nan is not out of range", spec(min=0), ValuePolicy(), NAN, NAN),
+    ("not numeric", spec(), ValuePolicy(), "12", "not_numeric"),
+    ("not numeric, policy pass", spec(), ValuePolicy(infinite=PASS), [1], "not_numeric"),
+    # manifest-wide policy
+    ("missing dead", spec(), ValuePolicy(missing=DEAD), None, "missing_value"),
+    ("nan dead", spec(), ValuePolicy(nan=DEAD), NAN, "nan_value"),
+    ("inf pass is NaN", spec(), ValuePolicy(infinite=PASS), INF, NAN),
+    ("beyond float32 pass is NaN", spec(), ValuePolicy(infinite=PASS), -1e39, NAN),
+    ("range pass is the value", spec(max=10), ValuePolicy(out_of_range=PASS), 99, 99.0),
+    # a feature's override wins over the manifest's
+    ("override missing", spec(policy={"missing": DEAD}), ValuePolicy(), None, "missing_value"),
+    ("override nan", spec(policy={"nan": DEAD}), ValuePolicy(), NAN, "nan_value"),
+    ("override inf", spec(policy={"infinite": PASS}), ValuePolicy(), INF, NAN),
+    ("override range", spec(min=1, policy={"out_of_range": PASS}), ValuePolicy(), 0, 0.0),
+    ("override back to pass", spec(policy={"missing": PASS}), ValuePolicy(missing=DEAD), None, NAN),
+    (
+        "other key untouched",
+        spec(policy={"nan": PASS}),
+        ValuePolicy(missing=DEAD),
+        None,
+        "missing_value",
+    ),
+    # missing applies to every transform; unseen categories stay NaN
+    ("category missing", spec("category"), ValuePolicy(missing=DEAD), None, "missing_value"),
+    ("category unseen", spec("category"), ValuePolicy(missing=DEAD), "Z", NAN),
+    ("category seen", spec("category"), ValuePolicy(missing=DEAD), "B", 1.0),
+    ("hour missing", spec("hour_of_day"), ValuePolicy(missing=DEAD), None, "missing_value"),
+    ("hour missing pass", spec("hour_of_day"), ValuePolicy(), None, NAN),
+    ("weekday missing", spec("day_of_week"), ValuePolicy(missing=DEAD), None, "missing_value"),
+    ("hour from ms", spec("hour_of_day"), ValuePolicy(), 3_600_000 * 5, 5.0),
+    ("hour, time past year 9999", spec("hour_of_day"), ValuePolicy(), 2**62, "not_timestamp"),
+    ("weekday of a string", spec("day_of_week"), ValuePolicy(), "monday", "not_timestamp"),
+    (
+        "hour, datetime that cannot be UTC",
+        spec("hour_of_day"),
+        ValuePolicy(),
+        datetime.min.replace(tzinfo=timezone(timedelta(hours=5))),
+        "not_timestamp",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("feature", "policy", "value", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_value_policy(
+    feature: FeatureSpec, policy: ValuePolicy, value: Any, expected: float | str
+) -> None:
+    (resolved,) = manifest(feature, value_policy=policy).features
+    matrix, rejected = FeatureBuilder([resolved]).build([{"v": 1}, {"v": value}, {"v": 1}])
+    assert matrix.dtype == np.float32
+    if isinstance(expected, str):
+        assert [(r.index, r.feature, r.reason) for r in rejected] == [(1, "f", expected)]
+        assert expected in FEATURE_REASONS
+        assert math.isnan(float(matrix[1, 0]))
+    else:
+        assert rejected == []
+        got = float(matrix[1, 0])
+        assert (math.isnan(got) and math.isnan(expected)) or got == np.float32(expected)
+
+
+def test_absent_field_is_missing() -> None:
+    strict = manifest(FeatureSpec("f", "outer.v"), value_policy=ValuePolicy(missing=DEAD)).features
+    _, rejected = FeatureBuilder(strict).build([{"outer": {"v": 1}}, {}, {"outer": None}])
+    assert [(r.index, r.reason) for r in rejected] == [(1, "missing_value"), (2, "missing_value")]
+
+
+def test_first_rejecting_feature_names_the_row() -> None:
+    feats = manifest(
+        FeatureSpec("a", "a", min=0), FeatureSpec("b", "b", policy={"nan": DEAD})
+    ).features
+    _, rejected = FeatureBuilder(feats).build([{"a": -1, "b": NAN}, {"a": 1, "b": NAN}])
+    assert [(r.index, r.feature, r.reason) for r in rejected] == [
+        (0, "a", "out_of_range"),
+        (1, "b", "nan_value"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"policy": {"nan": "drop"}}, "not one of"),
+        ({"policy": {"weird": PASS}}, "unknown value policy key"),
+        ({"min": 5, "max": 1}, "above max"),
+        ({"min": INF}, "finite"),
+        ({"max": NAN}, "finite"),
+        ({"transform": "category", "categories": ("A",), "min": 0}, "'number' features only"),
+    ],
+)
+def test_bad_feature_policies_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        FeatureSpec("f", "v", **kwargs)
+
+
+def test_bad_manifest_policy_is_refused() -> None:
+    with pytest.raises(ModelError, match="not one of"):
+        ValuePolicy(nan="ignore")
+
+
+BASE: dict[str, Any] = {
+    "format": 1,
+    "model_version": "v1",
+    "model_file": "model.ubj",
+    "model_sha256": "0" * 64,
+    "objective": "reg:squarederror",
+    "xgboost_version": "3.2.0",
+    "features": [
+        {"name": "a", "field": "a"},
+        {"name": "c", "field": "c", "transform": "hour_of_day"},
+    ],
+}
+
+
+def test_old_manifests_load_with_the_default_policy() -> None:
+    loaded = manifest_from_dict(BASE)
+    assert loaded.value_policy == ValuePolicy("pass", "pass", "dead_letter", "dead_letter")
+    assert [f.effective_policy for f in loaded.features] == [ValuePolicy(), ValuePolicy()]
+    assert [(f.min, f.max, dict(f.policy)) for f in loaded.features] == [(None, None, {})] * 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"value_policy": {"nan": "skip"}}, "not one of"),
+        ({"value_policy": {"nans": PASS}}, "unknown value policy key"),
+        ({"value_policy": ["pass"]}, "must be a JSON object"),
+        ({"features": [{"name": "a", "field": "a", "min": "0"}]}, "is not a number"),
+        ({"features": [{"name": "a", "field": "a", "policy": {"nan": "skip"}}]}, "not one of"),
+        ({"features": [{"name": "a", "field": "a", "policy": "dead_letter"}]}, "JSON object"),
+    ],
+)
+def test_bad_policies_in_json_are_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        manifest_from_dict({**BASE, **change})
+
+
+def test_policies_round_trip_through_manifest_json(tmp_path: Path) -> None:
+    written = Manifest(
+        "v1",
+        "model.ubj",
+        "0" * 64,
+        "reg:squarederror",
+        (
+            FeatureSpec("d", "d", min=0, max=500, policy={"nan": DEAD}),
+            FeatureSpec("z", "z", policy={"out_of_range": PASS}),
+            FeatureSpec("h", "t", "hour_of_day"),
+        ),
+        "3.2.0",
+        value_policy=ValuePolicy(missing=DEAD),
+    )
+    write_manifest(tmp_path, written)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert raw["value_policy"] == {
+        "missing": "dead_letter",
+        "nan": "pass",
+        "infinite": "dead_letter",
+        "out_of_range": "dead_letter",
+    }
+    assert raw["features"][0] == {
+        "name": "d",
+        "field": "d",
+        "transform": "number",
+        "min": 0.0,
+        "max": 500.0,
+        "policy": {"nan": "dead_letter"},
+    }
+    assert raw["features"][2] == {"name": "h", "field": "t", "transform": "hour_of_day"}
+    loaded = read_manifest(tmp_path)
+    assert loaded == written
+    assert [f.effective_policy for f in loaded.features] == [
+        ValuePolicy(missing=DEAD, nan=DEAD),
+        ValuePolicy(missing=DEAD, out_of_range=PASS),
+        ValuePolicy(missing=DEAD),
+    ]
