@@ -8,12 +8,9 @@ or an error stops it. Then: drain, commit, leave the group.
 from __future__ import annotations
 
 import logging
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from types import FrameType
 
 from confluent_kafka import Producer
 
@@ -30,7 +27,7 @@ from stream_scorer.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.features import FeatureBuilder, check_schema
-from stream_scorer.flow import BatchSizer, PoisonGuard
+from stream_scorer.flow import BatchSizer, PoisonGuard, StopFlag
 from stream_scorer.metrics import Metrics
 from stream_scorer.offsets import OffsetTracker
 from stream_scorer.pipeline import Pipeline
@@ -52,35 +49,6 @@ class WorkerReport:
     batches: int = 0
     elapsed_s: float = 0.0
     stopped_by: str = ""
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes its batch, then drains and leaves."""
-
-    def __init__(self) -> None:
-        """Create an unset flag."""
-        self.reason = ""
-
-    def set(self, reason: str) -> None:
-        """Ask the loop to stop."""
-        self.reason = self.reason or reason
-
-    def __bool__(self) -> bool:
-        return bool(self.reason)
-
-    @contextmanager
-    def on_signals(self) -> Iterator[StopFlag]:
-        """Install SIGTERM/SIGINT handlers for the duration of the block."""
-
-        def handler(signum: int, _frame: FrameType | None) -> None:
-            self.set(signal.Signals(signum).name)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:

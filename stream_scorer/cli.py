@@ -15,14 +15,25 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream_scorer.errors import ConfigError, StreamScorerError
+
+if TYPE_CHECKING:
+    from stream_scorer.flow import StopFlag
 
 log = logging.getLogger("stream_scorer")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from stream_scorer.flow import StopFlag
+
+    stop = StopFlag()
+    with stop.on_signals():  # before the heavy imports: a SIGTERM during start-up stops cleanly
+        return _run(args, stop)
+
+
+def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     from stream_scorer.app import run_worker
     from stream_scorer.config import load_config
 
@@ -39,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.bootstrap_servers is not None:
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
     cfg = load_config(args.config, overrides=overrides)
-    report = run_worker(cfg)
+    report = run_worker(cfg, stop)
     print(json.dumps(asdict(report)), flush=True)
     return 0
 

@@ -13,8 +13,10 @@ the previous incarnation's transaction first; a fenced producer stops the worker
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -41,6 +43,10 @@ _SEND_OFFSETS_TRIES = 5
 #: Transactions rolled back in a row before the worker gives up (a dead-letter topic that keeps
 #: refusing writes, a broker that keeps failing): the worker exits non-zero.
 MAX_FAILED_TRANSACTIONS = 5
+#: Producers left blocked in a call that ignored its timeout before the worker exits instead.
+MAX_ABANDONED_PRODUCERS = 3
+#: Beyond a call's own timeout, how long to wait before deciding it ignores it.
+_GRACE_S = 5.0
 
 
 class TransactionalProducer(Producer, Protocol):
@@ -56,6 +62,37 @@ class TransactionalProducer(Producer, Protocol):
     def purge(  # noqa: D102
         self, in_queue: bool = ..., in_flight: bool = ..., blocking: bool = ...
     ) -> None: ...
+
+
+class _StuckCall(Exception):
+    """A transactional call did not return within its timeout (librdkafka#5456)."""
+
+
+def bounded(call: Callable[[], None], timeout_s: float, what: str) -> None:
+    """Run a blocking client call, giving up after ``timeout_s`` (it keeps running).
+
+    librdkafka's ``send_offsets_to_transaction`` can ignore its timeout and block forever when
+    the group coordinator went away (librdkafka#5456, #5511; seen here after a broker restart).
+
+    Raises:
+        _StuckCall: the call did not return in time.
+    """
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise _StuckCall(f"{what} did not return within {timeout_s:.0f} s")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def next_offsets(batch: Sequence[Message]) -> list[tuple[str, int, int]]:
@@ -158,6 +195,7 @@ class ExactlyOnce:
         self._metrics = metrics
         self._timeout = timeout_s
         self._failed_in_a_row = 0
+        self._abandoned = 0
         self.paused = False  # transactions are synchronous: never backed up
         self._producer: TransactionalProducer = self._start_producer()
         self.sink = Sink(self._producer, ctx, tracker, metrics)
@@ -191,7 +229,11 @@ class ExactlyOnce:
             self._producer.begin_transaction()
             self.sink.publish(result.scored, result.dead)
             self._send_offsets(offsets)
-            self._producer.commit_transaction(self._timeout)
+            bounded(
+                partial(self._producer.commit_transaction, self._timeout),
+                self._timeout + _GRACE_S,
+                "commit_transaction",
+            )
         except Exception as exc:
             self._recover(exc)
             self._failed_in_a_row += 1
@@ -208,9 +250,17 @@ class ExactlyOnce:
 
     def _send_offsets(self, offsets: list[TopicPartition]) -> None:
         for attempt in range(1, _SEND_OFFSETS_TRIES + 1):
+            call = partial(
+                self._producer.send_offsets_to_transaction,
+                offsets,
+                self._source.group_metadata(),
+                self._timeout,
+            )
             try:
-                self._producer.send_offsets_to_transaction(
-                    offsets, self._source.group_metadata(), self._timeout
+                bounded(
+                    call,
+                    self._timeout + _GRACE_S,
+                    "send_offsets_to_transaction",
                 )
                 return
             except KafkaException as exc:
@@ -220,6 +270,17 @@ class ExactlyOnce:
                 log.warning("send_offsets_to_transaction: %s (retrying, same offsets)", err)
 
     def _recover(self, exc: BaseException) -> None:
+        if isinstance(exc, _StuckCall):
+            # the blocked call still holds the producer: leave it, fence it with a new one
+            self._abandoned += 1
+            if self._abandoned > MAX_ABANDONED_PRODUCERS:
+                raise BrokerError(f"{exc} again; giving up (librdkafka#5456)") from exc
+            log.warning("%s: abandoning this producer for a new one (librdkafka#5456)", exc)
+            self._producer = self._start_producer()
+            self.sink = Sink(self._producer, self._ctx, self._tracker, self._metrics)
+            self._metrics.transactions.labels("recreated").inc()
+            self._rewind()
+            return
         err = kafka_error(exc)
         if err is None or err.code() in _FENCED_CODES or err.fatal():
             raise self._fatal(exc, "transaction failed") from exc

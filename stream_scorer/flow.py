@@ -1,11 +1,16 @@
-"""Flow control of the main loop: how big the next batch may be, and when poison is too much.
+"""Flow control of the main loop: when to stop, batch size, poison tolerance.
 
-Both are pure: they see counts and durations, never a Kafka client.
+Pure: counts, durations and signals, never a Kafka client. The CLI imports this module before
+the heavy ones, so a SIGTERM during start-up is a clean stop.
 """
 
 from __future__ import annotations
 
+import signal
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 from stream_scorer.errors import PoisonLimitError
 
@@ -83,3 +88,32 @@ class PoisonGuard:
                     f"{self._dead_in_window} of the last {len(recent)} records dead-lettered "
                     f"(dead_letter.max_ratio = {self.max_ratio})"
                 )
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its batch, then drains and leaves."""
+
+    def __init__(self) -> None:
+        """Create an unset flag."""
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        """Ask the loop to stop."""
+        self.reason = self.reason or reason
+
+    def __bool__(self) -> bool:
+        return bool(self.reason)
+
+    @contextmanager
+    def on_signals(self) -> Iterator[StopFlag]:
+        """Install SIGTERM/SIGINT handlers for the duration of the block."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.set(signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)

@@ -235,14 +235,19 @@ def _answers(bootstrap: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _port_free(port: int, wait_s: float = 0.0) -> bool:
+    """Whether ``port`` can be bound on loopback, polling up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return False
+        time.sleep(0.2)
 
 
 def _cluster_id() -> str:
@@ -409,8 +414,12 @@ class LocalKafka:
                         f"start again\n{self._logs()}"
                     )
             self._state_file.unlink(missing_ok=True)  # stale: that broker is gone
+            stale = True
+        else:
+            stale = False
         for port, what in ((self.port, "client"), (self.controller_port, "controller")):
-            if not _port_free(port):
+            # right after a crash the dead broker's connections may hold its ports a moment
+            if not _port_free(port, wait_s=30.0 if stale else 0.0):
                 raise LocalKafkaError(
                     f"port {port} on 127.0.0.1 (the broker's {what} port) is taken by another "
                     f"process: stop that process (see `ss -ltnp 'sport = :{port}'`) or choose "

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from support import produce_raw, read_topic, wait_for
+from support import committed_offsets, produce_raw, read_topic, wait_for
 
-from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
+from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import generate_rides
 from stream_scorer.topics import ensure_topics, group_lag
 
@@ -32,8 +32,10 @@ ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
 WORKERS = 3
 MAX_MESSAGE_BYTES = 4096
-#: Poison kinds: the example generator's malformed kinds plus two the harness makes itself.
-POISON_KINDS = (*MALFORMED_KINDS, "null_value", "too_large")
+#: Poison kinds: the example generator's malformed kinds plus one the harness makes itself.
+POISON_KINDS = (*MALFORMED_KINDS, "too_large")
+EXPECTED_REASON = {k: reason for k, (_stage, reason) in EXPECTED_DEAD_LETTERS.items()}
+EXPECTED_REASON["too_large"] = "too_large"
 
 
 def make_events(n: int, poison_every: int, seed: int) -> list[tuple[bytes, bytes | None, str]]:
@@ -50,9 +52,7 @@ def make_events(n: int, poison_every: int, seed: int) -> list[tuple[bytes, bytes
             kind = POISON_KINDS[(i // poison_every) % len(POISON_KINDS)]
             key = f"poison-{kind}-{i}".encode()
             value: bytes | None
-            if kind == "null_value":
-                value = None
-            elif kind == "too_large":
+            if kind == "too_large":
                 value = enc.encode(ride) + bytes(MAX_MESSAGE_BYTES)
             else:
                 value = enc.malformed(kind, ride)
@@ -86,6 +86,7 @@ class Outcome:
     dead_letters_found: int
     dead_letter_mismatches: int
     aborted_records: int
+    poison_kinds: int
     unexpected_exits: list[str] = field(default_factory=list)
     duplicates: list[tuple[int, int]] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
@@ -96,6 +97,7 @@ class Outcome:
             f"{self.mode:14} {self.fault:16} events={self.events} valid={self.valid} "
             f"lost={self.lost} duplicated={self.duplicated} "
             f"dead_letters={self.dead_letters_found}/{self.dead_letters_expected} "
+            f"poison_kinds={self.poison_kinds} "
             f"dl_mismatch={self.dead_letter_mismatches} aborted_records={self.aborted_records} "
             f"unexpected_exits={len(self.unexpected_exits)} {' '.join(self.notes)}"
         )
@@ -227,15 +229,8 @@ class FaultRun:
         return code
 
     def committed(self) -> dict[int, int]:
-        """The group's committed offset per input partition (-1 when none)."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
-        try:
-            tps = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
-            return {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=20)}
-        finally:
-            consumer.close()
+        """The group's committed offset per input partition (negative when none)."""
+        return committed_offsets(self.bootstrap, self.group, self.topic)
 
     # --- the stream ------------------------------------------------------------------------
     def produce_in_background(self) -> None:
@@ -297,6 +292,11 @@ class FaultRun:
                 worker.proc.kill()
                 worker.proc.wait(timeout=30)
 
+    def aborted_records(self) -> int:
+        """Output records written in aborted transactions so far (uncommitted view - committed)."""
+        everything = len(read_topic(self.bootstrap, self.out, isolation="read_uncommitted"))
+        return everything - len(read_topic(self.bootstrap, self.out))
+
     # --- verification ----------------------------------------------------------------------
     def verify(self) -> Outcome:
         """Compare outputs and dead letters with the input, as an independent reader."""
@@ -314,6 +314,10 @@ class FaultRun:
             original = inputs.get(_source(m, "__connect.errors."))
             if original is None or (original.key(), original.value()) != (m.key(), m.value()):
                 mismatches += 1
+                continue
+            reason = dict(m.headers() or [])["stream_scorer.error.reason"].decode()
+            if reason != EXPECTED_REASON[kinds[original.key()]]:
+                mismatches += 1
         uncommitted_view = len(read_topic(self.bootstrap, self.out, isolation="read_uncommitted"))
         lost = sum(1 for tp in valid if pred_count[tp] == 0)
         dups = [tp for tp, c in pred_count.items() for _ in range(c - 1)]
@@ -330,6 +334,7 @@ class FaultRun:
             dead_letters_expected=len(poison),
             dead_letters_found=len(dead),
             dead_letter_mismatches=mismatches + stray,
+            poison_kinds=len({kinds[inputs[tp].key()] for tp in poison}),
             aborted_records=uncommitted_view - len(preds),
             unexpected_exits=list(self.unexpected),
             duplicates=dups,

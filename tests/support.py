@@ -254,6 +254,7 @@ def _retry(call: Any, attempts: int = 20) -> Any:
     from confluent_kafka import KafkaError, KafkaException
 
     coordinator = {
+        KafkaError._TIMED_OUT,  # e.g. offsets unstable while a transaction is pending
         KafkaError.NOT_COORDINATOR,
         KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
         KafkaError.COORDINATOR_NOT_AVAILABLE,
