@@ -23,6 +23,8 @@ from stream_scorer.decode import Decoder, load_schema, record_fields
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.features import FeatureBuilder, check_schema
+from stream_scorer.health import Monitor
+from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.metrics import Metrics
 from stream_scorer.offsets import OffsetTracker
 from stream_scorer.pipeline import Pipeline
@@ -111,14 +113,14 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     """
     worker_id = cfg.worker.id or f"{socket.gethostname()}-{os.getpid()}"
     report = WorkerReport(worker_id)
+    set_log_context(worker_id=worker_id, group=cfg.input.group_id)
     stop = stop if stop is not None else StopFlag()
     metrics = Metrics()
     pipeline, scorer = build_pipeline(cfg, metrics)
     metrics.model_info.labels(scorer.model_version).set(1)
     tracker = OffsetTracker()
     with ExitStack() as stack:
-        if cfg.metrics.port:
-            stack.callback(metrics.serve(cfg.metrics.port, cfg.metrics.host).shutdown)
+        monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         psettings = producer_settings(cfg, worker_id)
         log.info("producer settings: %s", redacted(psettings))
         producer = Producer(psettings)
@@ -151,6 +153,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                 on_lost=tracker.forget,
             )
         )
+        monitor.watch(source)
         stack.enter_context(stop.on_signals())
         _loop(cfg, source, pipeline, sink, tracker, metrics, report, stop)
         _drain(cfg, source, sink, tracker, metrics)
@@ -198,6 +201,7 @@ def _loop(
             result = pipeline.process(batch)
             t0 = time.perf_counter()
             sink.publish(result.scored, result.dead)
+            metrics.observe_latency(result.scored)
             metrics.observe_stage("produce", time.perf_counter() - t0)
         sink.poll(0)
         sink.raise_errors()

@@ -19,7 +19,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from stream_scorer.errors import BrokerError
-from stream_scorer.metrics import Metrics, lag_from_stats
+from stream_scorer.lag import LagTracker
+from stream_scorer.metrics import Metrics
 from stream_scorer.records import Message
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class Source:
         self._down_since: float | None = None
         self._assigned: set[tuple[str, int]] = set()
         self._consumer: Any = None
+        self._broker_seen = False  # a broker answered since start (statistics or assignment)
+        self.joined = False  # an assignment (possibly empty) has been received
+        #: Per-partition lag in records and seconds (``stream_scorer.lag``).
+        self.lag = LagTracker()
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Source:
@@ -95,15 +100,18 @@ class Source:
 
     def _on_stats(self, stats_json: str) -> None:
         try:
-            self._metrics.update_lag(lag_from_stats(stats_json))
-            brokers = json.loads(stats_json).get("brokers", {}).values()
+            stats = json.loads(stats_json)
+            self.lag.update_from_stats(stats, self.assignment)
+            brokers = stats.get("brokers", {}).values()
             if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
                 self._down_since = None
+                self._broker_seen = True
         except Exception as exc:  # statistics are advisory; never let them break the loop
             log.warning("cannot parse librdkafka statistics: %s", exc)
 
     def _assigned_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
+        self.joined = self._broker_seen = True
         self._metrics.assigned_partitions.set(len(self._assigned))
         log.info("assigned %s", sorted(p.partition for p in partitions))
 
@@ -114,6 +122,7 @@ class Source:
         except Exception as exc:  # recorded, raised by the main loop
             self._errors.append(BrokerError(f"handling {what} partitions failed: {exc}"))
         self._assigned.difference_update(tps)
+        self.lag.forget(tps)
         self._metrics.forget_partitions(tps)
         self._metrics.assigned_partitions.set(len(self._assigned))
         log.info("%s %s", what, sorted(p for _t, p in tps))
@@ -150,11 +159,14 @@ class Source:
                 )
         if batch:
             self._down_since = None
+            self.lag.consumed(batch)
         return batch
 
     def store(self, offsets: list[tuple[str, int, int]]) -> None:
         """Store ``(topic, partition, next_offset)`` for commit; skips unassigned partitions."""
         tps = [TopicPartition(t, p, o) for t, p, o in offsets if (t, p) in self._assigned]
+        for tp in tps:
+            self.lag.committed(tp.topic, tp.partition, tp.offset)
         if tps:
             try:
                 self._consumer.store_offsets(offsets=tps)
@@ -172,6 +184,11 @@ class Source:
                     f"no broker reachable for {down:.0f} s "
                     f"(kafka.unreachable_timeout_s = {self._unreachable_timeout:.0f})"
                 )
+
+    @property
+    def broker_reachable(self) -> bool:
+        """A broker has answered since start and not every broker is down now."""
+        return self._broker_seen and self._down_since is None
 
     @property
     def assignment(self) -> set[tuple[str, int]]:
