@@ -61,7 +61,7 @@ class Watchdog:
                 if part is None:
                     self._parts[tp] = _Progress(offset, now, lag)
                     continue
-                if offset != part.offset or lag == 0:
+                if offset != part.offset or part.lag == 0:  # moved, or lag just appeared
                     part.offset, part.since = offset, now
                 part.lag = lag
 

@@ -105,11 +105,17 @@ class Supervisor:
                     if code is None or i in codes:
                         continue
                     codes[i] = code
-                    expected = code == 0 or bool(self._stop_reason)
-                    (log.info if code == 0 else log.error)(
-                        "worker %d exited with %d", i, code, extra={"pid": proc.pid}
-                    )
-                    if not expected:
+                    if code == 0 or self._stop_reason:
+                        (log.info if code == 0 else log.error)(
+                            "worker %d exited with %d", i, code, extra={"pid": proc.pid}
+                        )
+                    else:
+                        log.error(
+                            "worker %d exited unexpectedly with %d: stopping the others",
+                            i,
+                            code,
+                            extra={"pid": proc.pid},
+                        )
                         self.stop(f"worker {i} exited unexpectedly with {code}")
                 if (
                     self._stop_at is not None
