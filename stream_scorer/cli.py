@@ -238,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except StreamScorerError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
+        where = {k: getattr(exc, k, None) for k in ("topic", "partition", "offset")}
+        extra = {k: v for k, v in where.items() if v is not None}
+        log.error("%s: %s", type(exc).__name__, exc, extra={**extra, "error": type(exc).__name__})
         return 1
     except KeyboardInterrupt:
         return 130

@@ -166,7 +166,7 @@ def _committed_offsets(
 ) -> dict[TP, int | None]:
     from confluent_kafka import ConsumerGroupTopicPartitions
 
-    admin = AdminClient(dict(settings))
+    admin = AdminClient({"log_level": "4", **settings})  # librdkafka: warnings and worse
     request_tps: list[TopicPartition] | None = None
     if topic is not None:
         meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
@@ -216,6 +216,7 @@ def describe_group(
     committed = _committed_offsets(settings, group, topic, timeout)
     probe = Consumer(
         {
+            "log_level": "4",
             **settings,
             "group.id": f"stream-scorer-lag-{uuid.uuid4().hex[:8]}",  # never joined: assign()
             "enable.auto.commit": "false",

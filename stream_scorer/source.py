@@ -113,7 +113,11 @@ class Source:
         self._assigned.update((p.topic, p.partition) for p in partitions)
         self.joined = self._broker_seen = True
         self._metrics.assigned_partitions.set(len(self._assigned))
-        log.info("assigned %s", sorted(p.partition for p in partitions))
+        log.info(
+            "assigned %s",
+            sorted(p.partition for p in partitions),
+            extra={"topic": self._topic, "assigned": len(self._assigned)},
+        )
 
     def _drop(self, partitions: list[TopicPartition], hook: RevokeHook, what: str) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -125,7 +129,12 @@ class Source:
         self.lag.forget(tps)
         self._metrics.forget_partitions(tps)
         self._metrics.assigned_partitions.set(len(self._assigned))
-        log.info("%s %s", what, sorted(p for _t, p in tps))
+        log.info(
+            "%s %s",
+            what,
+            sorted(p for _t, p in tps),
+            extra={"topic": self._topic, "assigned": len(self._assigned)},
+        )
 
     def _revoked_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, self._on_revoke_hook, "revoked")
@@ -172,6 +181,16 @@ class Source:
                 self._consumer.store_offsets(offsets=tps)
             except KafkaException as exc:
                 log.warning("store_offsets: %s", exc)
+
+    def mark_committed(self, offsets: list[tuple[str, int, int]]) -> None:
+        """Tell the lag tracker ``(topic, partition, next_offset)`` were committed elsewhere.
+
+        For commits that do not go through ``store`` (exactly-once: the offsets are committed
+        by the producer's transaction, which the consumer's statistics do not see).
+        """
+        for topic, partition, offset in offsets:
+            if (topic, partition) in self._assigned:
+                self.lag.committed(topic, partition, offset)
 
     def raise_errors(self) -> None:
         """Raise a recorded fatal error, or one when no broker answered for too long."""

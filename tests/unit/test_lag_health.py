@@ -330,3 +330,21 @@ def test_endpoints_follow_the_checks(base_cfg: dict[str, Any]) -> None:
 def test_port_zero_serves_nothing(base_cfg: dict[str, Any]) -> None:
     with Monitor(_cfg(base_cfg, metrics={"port": 0}), Metrics(), "m") as monitor:
         assert monitor.port is None
+
+
+def test_commits_outside_store_reach_the_lag_tracker() -> None:
+    from stream_scorer.source import Source
+
+    source = Source(
+        {},
+        "in",
+        Metrics(),
+        unreachable_timeout_s=1,
+        on_revoke=lambda _p: None,
+        on_lost=lambda _p: None,
+    )  # never entered: no consumer is created
+    source._assigned = {("in", 0)}
+    source.lag.update_from_stats(_stats({0: {"hi_offset": 10, "committed_offset": 2}}), [("in", 0)])
+    source.lag.consumed([Msg(b"", p=0, o=o, ts=(100 + o) * 1000) for o in range(2, 10)])
+    source.mark_committed([("in", 0, 7), ("in", 1, 3)])  # partition 1 is not ours: ignored
+    assert source.lag.snapshot(now=200.0) == {("in", 0): (7, 3, 200.0 - 107.0)}
