@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream_scorer.config import Config
+from stream_scorer.errors import ConfigError
 from stream_scorer.lag import TP, LagTracker
 from stream_scorer.metrics import Metrics
 
@@ -173,7 +174,13 @@ class Monitor:
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
         if self._cfg.metrics.port:
-            self._server = _make_server(self, self._cfg.metrics.host, self._cfg.metrics.port)
+            host, port = self._cfg.metrics.host, self._cfg.metrics.port
+            try:
+                self._server = _make_server(self, host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    "metrics.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
             self._spawn(self._server.serve_forever, "http")
         self._spawn(self._refresh_loop, "watchdog")
         return self

@@ -42,6 +42,7 @@ class _Part:
     committed: int = -1  # next offset to read per the last commit or store we know of
     end: int = -1  # last stable offset / high watermark per the last statistics
     low: int = -1
+    position: int = -1  # next offset the consumer fetches, per the last statistics
     waiting_since: float | None = None  # lag > 0 with nothing in flight since then
 
 
@@ -91,6 +92,9 @@ class LagTracker:
                     end = ls if ls >= 0 else hi
                     if end >= 0:
                         part.end = end
+                    position = int(pdata.get("next_offset", -1))
+                    if position >= 0:
+                        part.position = position
                     low = int(pdata.get("lo_offset", -1))
                     if low >= 0:
                         part.low = low
@@ -119,6 +123,8 @@ class LagTracker:
                 if base < 0:
                     continue
                 lag = max(0, part.end - base)
+                if lag and not part.in_flight and part.position >= part.end:
+                    lag = 0  # fetched to the end, nothing left: only transaction markers remain
                 if lag == 0:
                     part.waiting_since = None
                     seconds = 0.0
@@ -237,7 +243,7 @@ def describe_group(
             start = low if start is None else max(start, low)
             if start < high:
                 starts[tp] = start
-        oldest = _read_first(probe, starts, timeout)
+        oldest = _read_first(probe, starts, {tp: marks[tp][1] for tp in starts}, timeout)
     finally:
         probe.close()
     now = time.time() if now is None else now
@@ -248,17 +254,26 @@ def describe_group(
         base = low if done is None else done
         lag = max(0, high - base)
         ts = oldest.get(tp) if lag else None
-        seconds = 0.0 if lag == 0 else (None if ts is None else max(0.0, now - ts / 1000.0))
+        if lag == 0 or (tp in oldest and ts is None):  # no record: transaction markers only
+            seconds: float | None = 0.0
+        else:
+            seconds = None if ts is None else max(0.0, now - ts / 1000.0)
         rows.append(PartitionLag(tp[0], tp[1], committed[tp], low, high, lag, seconds, ts))
     return rows
 
 
-def _read_first(consumer: Any, starts: Mapping[TP, int], timeout: float) -> dict[TP, int]:
-    """Read the first record at or after each start offset; return its timestamp in ms."""
+def _read_first(
+    consumer: Any, starts: Mapping[TP, int], ends: Mapping[TP, int], timeout: float
+) -> dict[TP, int | None]:
+    """Read the first record at or after each start offset; return its timestamp in ms.
+
+    None for a partition read up to ``ends`` without a record (only transaction markers);
+    partitions not read within ``timeout`` are left out.
+    """
     if not starts:
         return {}
     consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
-    found: dict[TP, int] = {}
+    found: dict[TP, int | None] = {}
     deadline = time.monotonic() + timeout
     while len(found) < len(starts) and time.monotonic() < deadline:
         for msg in consumer.consume(num_messages=len(starts) * 10, timeout=0.5):
@@ -268,6 +283,10 @@ def _read_first(consumer: Any, starts: Mapping[TP, int], timeout: float) -> dict
             if tp in starts and tp not in found and (msg.offset() or 0) >= starts[tp]:
                 found[tp] = msg.timestamp()[1]
                 consumer.pause([TopicPartition(*tp)])
+        pending = [TopicPartition(*tp) for tp in starts if tp not in found]
+        for tp in consumer.position(pending) if pending else []:
+            if tp.offset >= ends[(tp.topic, tp.partition)]:
+                found[(tp.topic, tp.partition)] = None
     return found
 
 

@@ -129,7 +129,8 @@ def main() -> int:
             )
             recs = payments(args.events, seed=1)
             items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs]
-            produce_raw(bootstrap, topic, items, PARTITIONS)
+            for start in range(0, len(items), 40_000):  # below the producer's queue limit
+                produce_raw(bootstrap, topic, items[start : start + 40_000], PARTITIONS)
             results: dict[int, list[float]] = {1: [], 2: []}
             for rnd in range(args.rounds):
                 for workers in (1, 2):

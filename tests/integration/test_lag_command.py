@@ -145,3 +145,39 @@ def test_lag_of_an_unknown_topic_fails_cleanly(kafka_bootstrap: str) -> None:
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
+
+
+def test_transaction_markers_after_the_committed_offset_are_no_waiting_record(
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    topic, group = unique("txn-in"), unique("txn-grp")
+    make_topics({topic: 1})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique("tx")})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for _ in range(3):
+        producer.produce(topic, b"x", partition=0)
+    producer.commit_transaction(30)  # offsets 0-2 records, offset 3 the commit marker
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    try:
+        probe.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+        assert probe.get_watermark_offsets(TopicPartition(topic, 0), 10) == (0, 4)
+    finally:
+        probe.close()
+    result = _lag(
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--json",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--timeout",
+        "10",
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["partitions"]
+    assert (row["committed"], row["high"], row["lag_records"]) == (3, 4, 1)  # as Kafka counts
+    assert (row["lag_seconds"], row["oldest_timestamp_ms"]) == (0.0, None)  # nothing waits

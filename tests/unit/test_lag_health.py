@@ -348,3 +348,36 @@ def test_commits_outside_store_reach_the_lag_tracker() -> None:
     source.lag.consumed([Msg(b"", p=0, o=o, ts=(100 + o) * 1000) for o in range(2, 10)])
     source.mark_committed([("in", 0, 7), ("in", 1, 3)])  # partition 1 is not ours: ignored
     assert source.lag.snapshot(now=200.0) == {("in", 0): (7, 3, 200.0 - 107.0)}
+
+
+@pytest.mark.parametrize(
+    ("next_offset", "in_flight", "lag"),
+    [
+        (11, False, 0),  # fetched past the end with nothing left: only transaction markers
+        (11, True, 1),  # the record at the committed offset is still being scored
+        (10, False, 1),  # not fetched to the end yet
+    ],
+)
+def test_trailing_transaction_markers_are_not_lag(
+    next_offset: int, in_flight: bool, lag: int
+) -> None:
+    tracker = LagTracker()
+    stats = _stats({0: {"hi_offset": 11, "committed_offset": 10, "next_offset": next_offset}})
+    tracker.update_from_stats(stats, [("in", 0)])
+    if in_flight:
+        tracker.consumed([Msg(b"", p=0, o=10, ts=5_000)])
+    assert tracker.snapshot(now=6.0)[("in", 0)][1] == lag
+
+
+def test_a_taken_port_is_a_configuration_error(base_cfg: dict[str, Any]) -> None:
+    import socket
+
+    from stream_scorer.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        cfg = _cfg(base_cfg, metrics={"port": port, "host": "127.0.0.1"})
+        with pytest.raises(ConfigError, match="metrics.port: cannot listen on 127.0.0.1"):
+            Monitor(cfg, Metrics(), "m").__enter__()
