@@ -379,5 +379,5 @@ def test_a_taken_port_is_a_configuration_error(base_cfg: dict[str, Any]) -> None
         taken.listen()
         port = int(taken.getsockname()[1])
         cfg = _cfg(base_cfg, metrics={"port": port, "host": "127.0.0.1"})
-        with pytest.raises(ConfigError, match="metrics.port: cannot listen on 127.0.0.1"):
+        with pytest.raises(ConfigError, match=r"metrics\.port: cannot listen on 127\.0\.0\.1"):
             Monitor(cfg, Metrics(), "m").__enter__()
