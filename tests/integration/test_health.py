@@ -33,6 +33,7 @@ from support import (
 )
 
 pytestmark = pytest.mark.integration
+SECRET = "s3cret-Zq9-never-logged"
 ROOT = Path(__file__).parents[2]
 
 
@@ -105,6 +106,7 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
             "statistics_interval_ms": 500,
             # wait for a missing topic to appear instead of failing the message after 30 s
             "producer": {"topic.metadata.propagation.max.ms": 600_000},
+            "client": {"ssl.key.password": SECRET},  # unused on plaintext; must not be logged
         },
         "input": {
             "topic": topic,
@@ -191,6 +193,10 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
         )
         assert _sample(port, "stream_scorer_consumer_lag_seconds", p1) == 0
         assert _sample(port, "stream_scorer_ready", {}) == 1
+        # one latency observation per prediction (Kafka timestamps: produced seconds ago)
+        assert _sample(port, "stream_scorer_end_to_end_latency_seconds_count", {}) == 200
+        latency_sum = _sample(port, "stream_scorer_end_to_end_latency_seconds_sum", {}) or 0
+        assert 0 < latency_sum / 200 < 600
         assert (
             _sample(
                 port, "stream_scorer_dead_letters_total", {"stage": "decode", "reason": "empty"}
@@ -208,3 +214,6 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
     assert len(recovered) == 1 and recovered[0]["partition"] == 1
     assert all({"ts", "level", "logger", "msg", "worker_id", "group"} <= e.keys() for e in events)
     assert json.loads(stdout.strip().splitlines()[-1])["consumed"] == len(items)
+    assert SECRET not in "".join(logs.lines)
+    settings = [e for e in events if e["msg"].startswith("consumer settings")]
+    assert len(settings) == 1 and "'ssl.key.password': '***'" in settings[0]["msg"]
