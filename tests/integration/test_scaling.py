@@ -177,7 +177,6 @@ class Flow:
 
     def __init__(self, bootstrap: str, topic: str, per_second: float) -> None:
         self.records = payments(60_000, seed=17)
-        self._encoded = io.BytesIO()
         self.sent = 0
         self._stop = threading.Event()
         self._rate = per_second
