@@ -117,6 +117,7 @@ class Monitor:
         self._source: SourceView | None = None
         self._started = time.time()
         self._stalled: dict[TP, bool] = {}
+        self._published: set[TP] = set()
         self.watchdog = Watchdog(cfg.health.stall_timeout_s)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -136,6 +137,10 @@ class Monitor:
                 self.watchdog.observe(snapshot)
                 self._stalled = self.watchdog.evaluate()
                 self._metrics.update_partitions(snapshot, self._stalled)
+                # a partition revoked while this ran may have been set again: drop it
+                gone = self._published - snapshot.keys()
+                self._metrics.forget_partitions(sorted(gone))
+                self._published = set(snapshot)
             ready, _body = self.readiness()
             self._metrics.ready.set(1 if ready else 0)
 

@@ -381,3 +381,21 @@ def test_a_taken_port_is_a_configuration_error(base_cfg: dict[str, Any]) -> None
         cfg = _cfg(base_cfg, metrics={"port": port, "host": "127.0.0.1"})
         with pytest.raises(ConfigError, match=r"metrics\.port: cannot listen on 127\.0\.0\.1"):
             Monitor(cfg, Metrics(), "m").__enter__()
+
+
+def test_refresh_publishes_exactly_the_partitions_owned_now(base_cfg: dict[str, Any]) -> None:
+    metrics = Metrics()
+    source = FakeSource()
+    stats = _stats({0: {"hi_offset": 5, "committed_offset": 5}, 1: {"hi_offset": 5}})
+    source.lag.update_from_stats(stats, [("in", 0), ("in", 1)])
+    monitor = Monitor(_cfg(base_cfg, metrics={"port": 0}), metrics, "m")
+    monitor.watch(source)
+    monitor.refresh()
+    get = metrics.registry.get_sample_value
+    assert get("stream_scorer_consumer_lag_records", {"topic": "in", "partition": "0"}) == 0
+    # a revoke that raced with an earlier refresh left partition 0's series behind
+    source.lag.forget([("in", 0)])
+    metrics.update_partitions({("in", 0): (5, 0, 0.0)}, {})
+    monitor.refresh()
+    assert get("stream_scorer_consumer_lag_records", {"topic": "in", "partition": "0"}) is None
+    assert get("stream_scorer_partition_stalled", {"topic": "in", "partition": "0"}) is None
