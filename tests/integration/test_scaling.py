@@ -282,7 +282,7 @@ def test_one_to_three_to_one_workers_while_producing_loses_nothing(
     duplicates = sum(n - 1 for n in ids.values())
     record_property("events", sent)
     record_property("duplicates", duplicates)
-    print(f"scaling 1→3→1: {sent} events, 0 lost expected, {len(lost)} lost, {duplicates} dup")
+    print(f"scaling 1→3→1: {sent} events, {len(lost)} lost, {duplicates} duplicates")
     assert not lost, f"{len(lost)} events without a prediction"
     assert set(ids) == expected  # nothing else
     assert sum(r["predictions"] for r in reports) == sum(ids.values())
