@@ -54,7 +54,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _supervise(args: argparse.Namespace, cfg: Config) -> int:
-    import os
     import socket
 
     from stream_scorer.supervisor import Supervisor, worker_commands
@@ -68,7 +67,8 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
         ("--bootstrap-servers", args.bootstrap_servers),
     ):
         base += [flag, str(value)] if value is not None else []
-    worker_id = cfg.worker.id or f"{socket.gethostname()}-{os.getpid()}"
+    # stable across restarts (exactly-once's transactional ids, static membership)
+    worker_id = cfg.worker.id or socket.gethostname()
     commands = worker_commands(base, args.workers, worker_id, cfg.metrics.port)
     return Supervisor(commands, grace_s=cfg.worker.shutdown_timeout_s + 60).run()
 
