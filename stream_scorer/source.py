@@ -64,6 +64,7 @@ class Source:
         settings: dict[str, Any] = dict(self._settings)
         settings["error_cb"] = self._on_error
         settings["stats_cb"] = self._on_stats
+        settings["logger"] = logging.getLogger("librdkafka.consumer")  # its lines as log events
         try:
             self._consumer = Consumer(settings)
             self._consumer.subscribe(
