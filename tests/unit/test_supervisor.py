@@ -62,6 +62,15 @@ def _pid(tmp_path: Path, i: int) -> int:
     return int((tmp_path / f"ready-{i}").read_text())
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not reaped yet counts: it takes no more signals)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
 def _drained(tmp_path: Path) -> set[int]:
     return {int(p.name.split("-")[1]) for p in tmp_path.glob("drained-*")}
 
@@ -77,6 +86,7 @@ def test_a_stop_signal_reaches_every_worker_and_each_drains(tmp_path: Path, sig:
 
 def test_a_worker_finishing_cleanly_leaves_the_others_running(tmp_path: Path) -> None:
     parent = _start(tmp_path, ["exit0", "wait"])
+    wait_for(lambda: _gone(_pid(tmp_path, 0)), 30, "worker 0 did not exit", interval=0.02)
     assert parent.poll() is None
     os.kill(_pid(tmp_path, 1), 0)  # still alive
     parent.send_signal(signal.SIGTERM)
