@@ -18,6 +18,7 @@ partition waits). The ``lag`` command reads the record at the committed offset i
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ from stream_scorer.errors import BrokerError
 from stream_scorer.records import Message
 
 TP = tuple[str, int]
+_RDKAFKA_LOG = logging.getLogger("librdkafka.lag")
 _INVALID = -1001
 
 
@@ -172,10 +174,15 @@ def _committed_offsets(
 ) -> dict[TP, int | None]:
     from confluent_kafka import ConsumerGroupTopicPartitions
 
-    admin = AdminClient({"log_level": "4", **settings})  # librdkafka: warnings and worse
+    # librdkafka's own lines (warnings and worse) through Python logging
+    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
+    admin = AdminClient(admin_settings)
     request_tps: list[TopicPartition] | None = None
     if topic is not None:
-        meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+        try:
+            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
         if meta is None or meta.error is not None:
             raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
         request_tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
@@ -187,6 +194,8 @@ def _committed_offsets(
         try:
             result = future.result(timeout=timeout)
             break
+        except TimeoutError as exc:
+            raise BrokerError(f"no answer about group {group!r} within {timeout:g} s") from exc
         except KafkaException as exc:
             err = exc.args[0]
             if time.monotonic() > deadline or not err.retriable():
@@ -223,6 +232,7 @@ def describe_group(
     probe = Consumer(
         {
             "log_level": "4",
+            "logger": _RDKAFKA_LOG,
             **settings,
             "group.id": f"stream-scorer-lag-{uuid.uuid4().hex[:8]}",  # never joined: assign()
             "enable.auto.commit": "false",

@@ -113,3 +113,15 @@ def test_text_logs_when_asked(config: Path) -> None:
     )
     assert result.returncode == 2
     assert not result.stderr.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("topic", [[], ["--topic", "t"]])
+def test_lag_against_no_broker_fails_cleanly(topic: list[str]) -> None:
+    result = _run(
+        "lag", "--group", "g", "--bootstrap-servers", "127.0.0.1:1", "--timeout", "2", *topic
+    )
+    assert result.returncode == 1
+    events = [json.loads(line) for line in result.stderr.splitlines()]  # all JSON, librdkafka too
+    assert events[-1]["level"] == "ERROR"
+    assert events[-1]["msg"].startswith("BrokerError: ")
+    assert "Traceback" not in result.stderr
