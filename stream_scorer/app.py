@@ -28,6 +28,8 @@ from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.features import FeatureBuilder, check_schema
 from stream_scorer.flow import BatchSizer, PoisonGuard, StopFlag
+from stream_scorer.health import Monitor
+from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.metrics import Metrics
 from stream_scorer.offsets import OffsetTracker
 from stream_scorer.pipeline import Pipeline
@@ -116,6 +118,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     """
     worker_id = worker_identity(cfg)
     report = WorkerReport(worker_id)
+    set_log_context(worker_id=worker_id, group=cfg.input.group_id)
     stop = stop if stop is not None else StopFlag()
     metrics = Metrics()
     tracker = OffsetTracker()
@@ -123,6 +126,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
         pipeline, scorer = build_pipeline(cfg, metrics)
         metrics.model_info.labels(scorer.model_version).set(1)
+        monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         ctx = SinkContext(
             cfg.output.topic,
             cfg.dead_letter.topic,
@@ -131,8 +135,6 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             scorer.model_version,
             cfg.kafka.unreachable_timeout_s,
         )
-        if cfg.metrics.port:
-            stack.callback(metrics.serve(cfg.metrics.port, cfg.metrics.host).shutdown)
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
         source = stack.enter_context(
@@ -146,6 +148,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             )
         )
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
+        monitor.watch(source)
         _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
@@ -200,6 +203,7 @@ def _loop(
             if delivery.deliver(batch, result) is not False:
                 report.consumed += len(batch)
                 report.batches += 1
+                metrics.observe_latency(result.scored)
             metrics.observe_stage("produce", time.perf_counter() - t1)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         delivery.service()

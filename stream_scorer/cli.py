@@ -1,9 +1,9 @@
 """The ``stream-scorer`` command line.
 
-Subcommands: ``run`` (a worker), ``dlq replay`` (publish dead letters again), ``train`` and
-``produce`` (the shipped example's model and load generator), ``demo`` (everything end to end
-on a local broker) and ``local-kafka`` (a single-node Apache Kafka broker for development and
-tests).
+Subcommands: ``run`` (a worker, or ``--workers N`` of them), ``lag`` (a group's lag),
+``dlq replay`` (publish dead letters again), ``train`` and ``produce`` (the shipped example's
+model and load generator), ``demo`` (everything end to end on a local broker) and
+``local-kafka`` (a single-node Apache Kafka broker for development and tests).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stream_scorer import logs
 from stream_scorer.errors import ConfigError, StreamScorerError
 
 if TYPE_CHECKING:
+    from stream_scorer.config import Config
     from stream_scorer.flow import StopFlag
 
 log = logging.getLogger("stream_scorer")
@@ -50,8 +52,56 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     if args.bootstrap_servers is not None:
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
     cfg = load_config(args.config, overrides=overrides)
+    logs.setup(cfg.logging.format, args.log_level or cfg.logging.level)
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        return _supervise(args, cfg)
     report = run_worker(cfg, stop)
     print(json.dumps(asdict(report)), flush=True)
+    return 0
+
+
+def _supervise(args: argparse.Namespace, cfg: Config) -> int:
+    import socket
+
+    from stream_scorer.supervisor import Supervisor, worker_commands
+
+    base = [sys.executable, "-m", "stream_scorer"]
+    base += ["--log-level", args.log_level] if args.log_level else []
+    base += ["run", "--config", str(args.config)]
+    for flag, value in (
+        ("--max-messages", args.max_messages),
+        ("--idle-timeout", args.idle_timeout),
+        ("--bootstrap-servers", args.bootstrap_servers),
+    ):
+        base += [flag, str(value)] if value is not None else []
+    # stable across restarts (exactly-once's transactional ids, static membership)
+    worker_id = cfg.worker.id or socket.gethostname()
+    commands = worker_commands(base, args.workers, worker_id, cfg.metrics.port)
+    return Supervisor(commands, grace_s=cfg.worker.shutdown_timeout_s + 60).run()
+
+
+def _cmd_lag(args: argparse.Namespace) -> int:
+    from stream_scorer.lag import describe_group, to_json, to_table
+
+    settings: dict[str, str] = {}
+    group, topic = args.group, args.topic
+    if args.config is not None:
+        from stream_scorer.config import load_config
+
+        cfg = load_config(args.config)
+        settings = {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}
+        group = group or cfg.input.group_id
+        topic = topic or cfg.input.topic
+    if args.bootstrap_servers:
+        settings["bootstrap.servers"] = args.bootstrap_servers
+    if not settings.get("bootstrap.servers"):
+        raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
+    if not group:
+        raise ConfigError("input.group_id", "give --group or --config")
+    rows = describe_group(settings, group, topic, timeout=args.timeout)
+    print(to_json(group, rows) if args.json else to_table(group, rows), flush=True)
     return 0
 
 
@@ -167,7 +217,9 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="stream-scorer", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: logging.level or INFO)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scoring worker")
@@ -177,7 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="Prometheus port (0 disables)")
     run.add_argument("--worker-id", help="worker id (default: host-pid)")
     run.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, one group member each (worker i: id <id>-<i>, port+i)",
+    )
     run.set_defaults(func=_cmd_run)
+
+    lag = sub.add_parser("lag", help="a consumer group's lag in records and seconds")
+    lag.add_argument("--group", help="consumer group (default with --config: input.group_id)")
+    lag.add_argument("--topic", help="only this topic (default with --config: input.topic)")
+    lag.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lag.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
+    lag.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
+    lag.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
+    lag.set_defaults(func=_cmd_lag)
 
     train = sub.add_parser("train", help="train the example ride-duration model")
     train.add_argument("--out", type=Path, default=Path("models/rides"))
@@ -237,18 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (2 for bad configuration, 1 for failures)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup("auto", args.log_level or "INFO")
     try:
         return int(args.func(args))
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     except StreamScorerError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
+        where = {k: getattr(exc, k, None) for k in ("topic", "partition", "offset")}
+        extra = {k: v for k, v in where.items() if v is not None}
+        log.error("%s: %s", type(exc).__name__, exc, extra={**extra, "error": type(exc).__name__})
         return 1
     except KeyboardInterrupt:
         return 130

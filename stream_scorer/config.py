@@ -216,6 +216,35 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Liveness, readiness and the per-partition progress watchdog (README.md, "Health").
+
+    Attributes:
+        liveness_timeout_s: ``/healthz`` fails when the main loop has not completed an
+            iteration for this long.
+        stall_timeout_s: a partition with lag whose committed offset has not moved for this
+            long is stalled: metric, ``/readyz`` fails, one warning.
+    """
+
+    liveness_timeout_s: float = 60.0
+    stall_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log output (README.md, "Logs").
+
+    Attributes:
+        format: ``json`` (one event per line), ``text``, or ``auto``: text when stderr is a
+            terminal, else JSON.
+        level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
+    """
+
+    format: str = "auto"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one worker."""
 
@@ -228,6 +257,8 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -244,6 +275,8 @@ _POSITIVE = {
     "batch.max_in_flight",
     "dead_letter.window",
     "delivery.transaction_timeout_s",
+    "health.liveness_timeout_s",
+    "health.stall_timeout_s",
 }
 _NON_NEGATIVE = {
     "dead_letter.max_consecutive",
@@ -271,6 +304,14 @@ def _check(cfg: Config) -> None:
             raise ConfigError(name, f"must not be negative, got {value!r}")
         if name in _NON_EMPTY and not str(value).strip():
             raise ConfigError(name, "must not be empty")
+    if cfg.logging.format not in ("auto", "json", "text"):
+        raise ConfigError(
+            "logging.format", f"must be auto, json or text, got {cfg.logging.format!r}"
+        )
+    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}"
+        )
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError("metrics.port", f"must be a port number, got {cfg.metrics.port}")
     if cfg.model.threshold is not None and not 0.0 < cfg.model.threshold < 1.0:

@@ -244,6 +244,7 @@ class ExactlyOnce:
             time.sleep(min(0.1 * 2**self._failed_in_a_row, 5.0))  # back off before the retry
             return False
         self._failed_in_a_row = 0
+        self._source.mark_committed([(tp.topic, tp.partition, tp.offset) for tp in offsets])
         self.sink.poll(0)  # serve the delivery reports: metrics, tracker
         self._metrics.transactions.labels("committed").inc()
         return True

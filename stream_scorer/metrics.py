@@ -1,17 +1,19 @@
 """Prometheus metrics of one worker process.
 
-Every metric is listed, with its meaning, in README.md ("Metrics"). Each worker owns its
-registry and serves it on ``metrics.port``.
+Every metric is listed, with its meaning, in README.md ("Metrics"). Each worker process owns its
+registry and serves it on its own port (``stream_scorer.health``), so with ``--workers N``
+nothing is counted twice: Prometheus scrapes each process and sums.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from stream_scorer.records import Scored
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _STAGE_BUCKETS = (
@@ -30,6 +32,9 @@ _STAGE_BUCKETS = (
     1,
     2.5,
 )
+
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
 class Metrics:
@@ -71,9 +76,29 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
+        self.end_to_end_latency = Histogram(
+            "stream_scorer_end_to_end_latency_seconds",
+            "Time a prediction was produced minus its event time.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "stream_scorer_consumer_lag_records",
-            "Records behind the high watermark per assigned partition (librdkafka statistics).",
+            "End offset minus committed offset per assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "stream_scorer_consumer_lag_seconds",
+            "Now minus the timestamp of the oldest uncommitted record per assigned partition "
+            "(0 without lag).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_stalled = Gauge(
+            "stream_scorer_partition_stalled",
+            "1 when the partition has lag and its committed offset has not moved for "
+            "health.stall_timeout_s, else 0.",
             ["topic", "partition"],
             registry=r,
         )
@@ -90,6 +115,7 @@ class Metrics:
             "Unix time of the main loop's last completed iteration.",
             registry=r,
         )
+        self.ready = Gauge("stream_scorer_ready", "1 when /readyz answers 200, else 0.", registry=r)
         self.model_info = Gauge(
             "stream_scorer_model_info", "The loaded model (value 1).", ["model_version"], registry=r
         )
@@ -117,37 +143,33 @@ class Metrics:
         """Record one batch's time in ``stage``."""
         self.stage_seconds.labels(stage).observe(seconds)
 
-    def update_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
-        """Set the lag gauge from parsed statistics."""
-        for (topic, partition), lag in lags.items():
-            self.consumer_lag.labels(topic, str(partition)).set(lag)
+    def observe_latency(self, scored: Sequence[Scored], now: float | None = None) -> None:
+        """Observe now minus the event time of each prediction just produced."""
+        now = time.time() if now is None else now
+        observe = self.end_to_end_latency.observe
+        for item in scored:
+            if item.event_time_ms:
+                observe(max(0.0, now - item.event_time_ms / 1000.0))
+
+    def update_partitions(
+        self,
+        lags: Mapping[tuple[str, int], tuple[int, int, float]],
+        stalled: Mapping[tuple[str, int], bool],
+    ) -> None:
+        """Set the per-partition gauges from ``(committed, lag records, lag seconds)``."""
+        for (topic, partition), (_committed, records, seconds) in lags.items():
+            labels = (topic, str(partition))
+            self.consumer_lag.labels(*labels).set(records)
+            self.consumer_lag_seconds.labels(*labels).set(seconds)
+            self.partition_stalled.labels(*labels).set(1 if stalled.get((topic, partition)) else 0)
 
     def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
-        """Drop the lag series of partitions this worker no longer owns."""
+        """Drop the per-partition series of partitions this worker no longer owns."""
         for topic, partition in partitions:
-            with suppress(KeyError):
-                self.consumer_lag.remove(topic, str(partition))
+            for gauge in (self.consumer_lag, self.consumer_lag_seconds, self.partition_stalled):
+                with suppress(KeyError):
+                    gauge.remove(topic, str(partition))
 
-    def serve(self, port: int, host: str) -> Any:
-        """Serve ``/metrics`` on ``host:port``; returns the server (call ``shutdown()``)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
-
-
-def lag_from_stats(stats_json: str) -> dict[tuple[str, int], int]:
-    """Extract per-partition consumer lag from a librdkafka statistics JSON document.
-
-    Only partitions this consumer fetches (``fetch_state`` active) with a known lag count;
-    librdkafka reports -1 while it does not know the committed offset or high watermark.
-    """
-    stats = json.loads(stats_json)
-    out: dict[tuple[str, int], int] = {}
-    for topic, tdata in stats.get("topics", {}).items():
-        for pid, pdata in tdata.get("partitions", {}).items():
-            partition = int(pid)
-            if partition < 0 or pdata.get("fetch_state") in (None, "none", "stopped"):
-                continue
-            lag = int(pdata.get("consumer_lag", -1))
-            if lag >= 0:
-                out[(topic, partition)] = lag
-    return out
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format."""
+        return generate_latest(self.registry)

@@ -126,12 +126,13 @@ class Pipeline:
         for i, item in enumerate(decoded):
             raw_id = self._get_id(item.record)
             try:
+                event_ms = self._event_time(item.message, item.record)
                 value = self._encoder.encode(
                     "" if raw_id is None else str(raw_id),
                     float(values[i]),
                     None if labels is None else int(labels[i]),
                     version,
-                    self._event_time(item.message, item.record),
+                    event_ms,
                     now_ms,
                 )
             except Exception as exc:  # a row the encoder refuses is a dead letter, not a crash
@@ -141,7 +142,7 @@ class Pipeline:
                     )
                 )
                 continue
-            scored.append(Scored(item.message, value))
+            scored.append(Scored(item.message, value, event_ms))
         t4 = time.perf_counter()
         for stage, seconds in (
             ("decode", t1 - t0),

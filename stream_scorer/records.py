@@ -64,7 +64,11 @@ class Decoded:
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """A prediction ready to publish: the encoded value and the record it answers."""
+    """A prediction ready to publish: the encoded value and the record it answers.
+
+    ``event_time_ms`` is the event time written into the prediction (0: unknown).
+    """
 
     message: Message
     value: bytes
+    event_time_ms: int = 0

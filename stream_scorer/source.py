@@ -25,7 +25,8 @@ from confluent_kafka import (
 )
 
 from stream_scorer.errors import BrokerError
-from stream_scorer.metrics import Metrics, lag_from_stats
+from stream_scorer.lag import LagTracker
+from stream_scorer.metrics import Metrics
 from stream_scorer.records import Message
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,17 @@ class Source:
         self._down_since: float | None = None
         self._assigned: set[tuple[str, int]] = set()
         self._consumer: Any = None
+        self._broker_seen = False  # a broker answered since start (statistics or assignment)
+        self.joined = False  # an assignment (possibly empty) has been received
+        #: Per-partition lag in records and seconds (``stream_scorer.lag``).
+        self.lag = LagTracker()
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Source:
         settings: dict[str, Any] = dict(self._settings)
         settings["error_cb"] = self._on_error
         settings["stats_cb"] = self._on_stats
+        settings["logger"] = logging.getLogger("librdkafka.consumer")  # its lines as log events
         try:
             self._consumer = Consumer(settings)
             self._consumer.subscribe(
@@ -101,17 +107,24 @@ class Source:
 
     def _on_stats(self, stats_json: str) -> None:
         try:
-            self._metrics.update_lag(lag_from_stats(stats_json))
-            brokers = json.loads(stats_json).get("brokers", {}).values()
+            stats = json.loads(stats_json)
+            self.lag.update_from_stats(stats, self.assignment)
+            brokers = stats.get("brokers", {}).values()
             if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
                 self._down_since = None
+                self._broker_seen = True
         except Exception as exc:  # statistics are advisory; never let them break the loop
             log.warning("cannot parse librdkafka statistics: %s", exc)
 
     def _assigned_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
+        self.joined = self._broker_seen = True
         self._metrics.assigned_partitions.set(len(self._assigned))
-        log.info("assigned %s", sorted(p.partition for p in partitions))
+        log.info(
+            "assigned %s",
+            sorted(p.partition for p in partitions),
+            extra={"topic": self._topic, "assigned": len(self._assigned)},
+        )
 
     def _drop(self, partitions: list[TopicPartition], hook: RevokeHook, what: str) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -120,9 +133,15 @@ class Source:
         except Exception as exc:  # recorded, raised by the main loop
             self._errors.append(BrokerError(f"handling {what} partitions failed: {exc}"))
         self._assigned.difference_update(tps)
+        self.lag.forget(tps)
         self._metrics.forget_partitions(tps)
         self._metrics.assigned_partitions.set(len(self._assigned))
-        log.info("%s %s", what, sorted(p for _t, p in tps))
+        log.info(
+            "%s %s",
+            what,
+            sorted(p for _t, p in tps),
+            extra={"topic": self._topic, "assigned": len(self._assigned)},
+        )
 
     def _revoked_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, self._on_revoke_hook, "revoked")
@@ -156,16 +175,29 @@ class Source:
                 )
         if batch:
             self._down_since = None
+            self.lag.consumed(batch)
         return batch
 
     def store(self, offsets: list[tuple[str, int, int]]) -> None:
         """Store ``(topic, partition, next_offset)`` for commit; skips unassigned partitions."""
         tps = [TopicPartition(t, p, o) for t, p, o in offsets if (t, p) in self._assigned]
+        for tp in tps:
+            self.lag.committed(tp.topic, tp.partition, tp.offset)
         if tps:
             try:
                 self._consumer.store_offsets(offsets=tps)
             except KafkaException as exc:
                 log.warning("store_offsets: %s", exc)
+
+    def mark_committed(self, offsets: list[tuple[str, int, int]]) -> None:
+        """Tell the lag tracker ``(topic, partition, next_offset)`` were committed elsewhere.
+
+        For commits that do not go through ``store`` (exactly-once: the offsets are committed
+        by the producer's transaction, which the consumer's statistics do not see).
+        """
+        for topic, partition, offset in offsets:
+            if (topic, partition) in self._assigned:
+                self.lag.committed(topic, partition, offset)
 
     def raise_errors(self) -> None:
         """Raise a recorded fatal error, or one when no broker answered for too long."""
@@ -235,6 +267,11 @@ class Source:
             (self._consumer.pause if paused else self._consumer.resume)(tps)
         except KafkaException as exc:
             log.warning("%s failed: %s", "pause" if paused else "resume", exc)
+
+    @property
+    def broker_reachable(self) -> bool:
+        """A broker has answered since start and not every broker is down now."""
+        return self._broker_seen and self._down_since is None
 
     @property
     def assignment(self) -> set[tuple[str, int]]:

@@ -1,0 +1,341 @@
+"""Lag in records and in seconds: the worker's live estimate and the exact ``lag`` command.
+
+Definitions (README.md, "Lag"), per partition:
+
+- *lag in records*: the end offset (the last stable offset, i.e. the high watermark unless
+  transactions are open) minus the committed offset; a partition without a committed offset
+  counts from its low watermark (where ``auto.offset.reset = earliest`` starts).
+- *lag in seconds*: 0 when the lag in records is 0, else now minus the Kafka timestamp of the
+  oldest record not yet committed, i.e. the record at the committed offset.
+
+The worker knows the timestamps of the records it consumed but has not yet committed, so while
+the record at the committed offset is in flight its value is exact. When everything consumed is
+committed and the partition still has lag, the next record has not been fetched yet; the worker
+then reports the time since it first saw that lag (a lower bound, which keeps growing while the
+partition waits). The ``lag`` command reads the record at the committed offset itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from stream_scorer.errors import BrokerError
+from stream_scorer.records import Message
+
+TP = tuple[str, int]
+_RDKAFKA_LOG = logging.getLogger("librdkafka.lag")
+_INVALID = -1001
+
+
+@dataclass
+class _Part:
+    in_flight: deque[tuple[int, float]]  # (offset, timestamp in seconds), consume order
+    committed: int = -1  # next offset to read per the last commit or store we know of
+    end: int = -1  # last stable offset / high watermark per the last statistics
+    low: int = -1
+    position: int = -1  # next offset the consumer fetches, per the last statistics
+    waiting_since: float | None = None  # lag > 0 with nothing in flight since then
+
+
+class LagTracker:
+    """The worker's per-partition view of its lag in records and seconds (thread-safe)."""
+
+    def __init__(self) -> None:
+        """Create an empty tracker."""
+        self._parts: dict[TP, _Part] = {}
+        self._lock = threading.Lock()
+
+    def _part(self, tp: TP) -> _Part:
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = _Part(deque())
+        return part
+
+    def consumed(self, messages: Iterable[Message]) -> None:
+        """Record consumed records (in consume order per partition)."""
+        with self._lock:
+            for msg in messages:
+                tp = (msg.topic() or "", msg.partition() or 0)
+                part = self._parts.get(tp) or self._part(tp)
+                part.in_flight.append((msg.offset() or 0, msg.timestamp()[1] / 1000.0))
+
+    def committed(self, topic: str, partition: int, next_offset: int) -> None:
+        """Record that everything below ``next_offset`` is committed (or stored for commit)."""
+        with self._lock:
+            part = self._part((topic, partition))
+            if next_offset > part.committed:
+                part.committed = next_offset
+            flight = part.in_flight
+            while flight and flight[0][0] < next_offset:
+                flight.popleft()
+
+    def update_from_stats(self, stats: Mapping[str, Any], assigned: Iterable[TP]) -> None:
+        """Take end offsets and committed offsets from a parsed librdkafka statistics document."""
+        wanted = set(assigned)
+        with self._lock:
+            for topic, tdata in stats.get("topics", {}).items():
+                for pid, pdata in tdata.get("partitions", {}).items():
+                    tp = (topic, int(pid))
+                    if tp not in wanted:
+                        continue
+                    part = self._part(tp)
+                    ls, hi = int(pdata.get("ls_offset", -1)), int(pdata.get("hi_offset", -1))
+                    end = ls if ls >= 0 else hi
+                    if end >= 0:
+                        part.end = end
+                    position = int(pdata.get("next_offset", -1))
+                    if position >= 0:
+                        part.position = position
+                    low = int(pdata.get("lo_offset", -1))
+                    if low >= 0:
+                        part.low = low
+                    committed = int(pdata.get("committed_offset", _INVALID))
+                    if committed > part.committed:
+                        part.committed = committed
+
+    def forget(self, partitions: Iterable[TP]) -> None:
+        """Drop partitions this worker no longer owns."""
+        with self._lock:
+            for tp in partitions:
+                self._parts.pop(tp, None)
+
+    def snapshot(self, now: float | None = None) -> dict[TP, tuple[int, int, float]]:
+        """Return ``(committed offset, lag in records, lag in seconds)`` per known partition.
+
+        Partitions whose end offset is not known yet (no statistics so far) are left out.
+        """
+        now = time.time() if now is None else now
+        out: dict[TP, tuple[int, int, float]] = {}
+        with self._lock:
+            for tp, part in self._parts.items():
+                if part.end < 0:
+                    continue
+                base = part.committed if part.committed >= 0 else part.low
+                if base < 0:
+                    continue
+                lag = max(0, part.end - base)
+                if lag and not part.in_flight and part.position >= part.end:
+                    lag = 0  # fetched to the end, nothing left: only transaction markers remain
+                if lag == 0:
+                    part.waiting_since = None
+                    seconds = 0.0
+                elif part.in_flight:
+                    part.waiting_since = None
+                    seconds = max(0.0, now - part.in_flight[0][1])
+                else:
+                    part.waiting_since = part.waiting_since or now
+                    seconds = now - part.waiting_since
+                out[tp] = (base, lag, seconds)
+        return out
+
+
+# --- the lag command ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """One line of ``stream-scorer lag``.
+
+    Attributes:
+        topic: the topic.
+        partition: the partition.
+        committed: the group's committed offset (None: the group never committed here).
+        low: the low watermark (first offset still stored).
+        high: the high watermark (next offset to be written).
+        lag_records: ``high`` minus ``committed`` (minus ``low`` when never committed).
+        lag_seconds: now minus the timestamp of the record at the committed offset, 0 without
+            lag; None when that record could not be read.
+        oldest_timestamp_ms: the timestamp of that record (None when not read or no lag).
+    """
+
+    topic: str
+    partition: int
+    committed: int | None
+    low: int
+    high: int
+    lag_records: int
+    lag_seconds: float | None
+    oldest_timestamp_ms: int | None
+
+
+def _committed_offsets(
+    settings: Mapping[str, str], group: str, topic: str | None, timeout: float
+) -> dict[TP, int | None]:
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    # librdkafka's own lines (warnings and worse) through Python logging
+    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
+    admin = AdminClient(admin_settings)
+    request_tps: list[TopicPartition] | None = None
+    if topic is not None:
+        try:
+            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
+        if meta is None or meta.error is not None:
+            raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
+        request_tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+    deadline = time.monotonic() + timeout
+    while True:
+        future = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, request_tps)], request_timeout=timeout
+        )[group]
+        try:
+            result = future.result(timeout=timeout)
+            break
+        except TimeoutError as exc:
+            raise BrokerError(f"no answer about group {group!r} within {timeout:g} s") from exc
+        except KafkaException as exc:
+            err = exc.args[0]
+            if time.monotonic() > deadline or not err.retriable():
+                raise BrokerError(f"cannot read the offsets of group {group!r}: {err}") from exc
+            threading.Event().wait(0.25)  # coordinator still loading: retry
+    out: dict[TP, int | None] = {}
+    for tp in result.topic_partitions:
+        out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+    return out
+
+
+def describe_group(
+    settings: Mapping[str, str],
+    group: str,
+    topic: str | None = None,
+    *,
+    timeout: float = 15.0,
+    now: float | None = None,
+) -> list[PartitionLag]:
+    """Return the lag of ``group`` per partition, without joining the group.
+
+    Args:
+        settings: librdkafka client settings (at least ``bootstrap.servers``; security too).
+        group: the consumer group.
+        topic: only this topic (all its partitions); default: every partition the group has
+            committed offsets for.
+        timeout: seconds for each broker request and for reading the oldest records.
+        now: the reference time (default: when the oldest records have been read).
+
+    Raises:
+        BrokerError: the broker does not answer or refuses.
+    """
+    committed = _committed_offsets(settings, group, topic, timeout)
+    probe = Consumer(
+        {
+            "log_level": "4",
+            "logger": _RDKAFKA_LOG,
+            **settings,
+            "group.id": f"stream-scorer-lag-{uuid.uuid4().hex[:8]}",  # never joined: assign()
+            "enable.auto.commit": "false",
+            "enable.partition.eof": "false",
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        marks: dict[TP, tuple[int, int]] = {}
+        for tp in sorted(committed):
+            try:
+                marks[tp] = probe.get_watermark_offsets(TopicPartition(*tp), timeout=timeout)
+            except KafkaException as exc:
+                raise BrokerError(f"cannot read watermarks: {exc}", topic=tp[0]) from exc
+        starts: dict[TP, int] = {}
+        for tp, (low, high) in marks.items():
+            start = committed[tp]
+            start = low if start is None else max(start, low)
+            if start < high:
+                starts[tp] = start
+        oldest = _read_first(probe, starts, {tp: marks[tp][1] for tp in starts}, timeout)
+    finally:
+        probe.close()
+    now = time.time() if now is None else now
+    rows = []
+    for tp in sorted(committed):
+        low, high = marks[tp]
+        done = committed[tp]
+        base = low if done is None else done
+        lag = max(0, high - base)
+        ts = oldest.get(tp) if lag else None
+        if lag == 0 or (tp in oldest and ts is None):  # no record: transaction markers only
+            seconds: float | None = 0.0
+        else:
+            seconds = None if ts is None else max(0.0, now - ts / 1000.0)
+        rows.append(PartitionLag(tp[0], tp[1], committed[tp], low, high, lag, seconds, ts))
+    return rows
+
+
+def _read_first(
+    consumer: Any, starts: Mapping[TP, int], ends: Mapping[TP, int], timeout: float
+) -> dict[TP, int | None]:
+    """Read the first record at or after each start offset; return its timestamp in ms.
+
+    None for a partition read up to ``ends`` without a record (only transaction markers);
+    partitions not read within ``timeout`` are left out.
+    """
+    if not starts:
+        return {}
+    consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
+    found: dict[TP, int | None] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < len(starts) and time.monotonic() < deadline:
+        for msg in consumer.consume(num_messages=len(starts) * 10, timeout=0.5):
+            if msg.error() is not None:
+                continue
+            tp = (msg.topic() or "", msg.partition() or 0)
+            if tp in starts and tp not in found and (msg.offset() or 0) >= starts[tp]:
+                found[tp] = msg.timestamp()[1]
+                consumer.pause([TopicPartition(*tp)])
+        pending = [TopicPartition(*tp) for tp in starts if tp not in found]
+        for tp in consumer.position(pending) if pending else []:
+            if tp.offset >= ends[(tp.topic, tp.partition)]:
+                found[(tp.topic, tp.partition)] = None
+    return found
+
+
+def totals(rows: list[PartitionLag]) -> dict[str, Any]:
+    """Sum of the lag in records and the largest lag in seconds over ``rows``."""
+    seconds = [r.lag_seconds for r in rows if r.lag_seconds is not None]
+    return {
+        "partitions": len(rows),
+        "lag_records": sum(r.lag_records for r in rows),
+        "max_lag_seconds": max(seconds) if seconds else 0.0,
+    }
+
+
+def to_json(group: str, rows: list[PartitionLag]) -> str:
+    """The ``--json`` output: the group, one object per partition, and the totals."""
+    return json.dumps(
+        {"group": group, "partitions": [asdict(r) for r in rows], "total": totals(rows)}
+    )
+
+
+def to_table(group: str, rows: list[PartitionLag]) -> str:
+    """The default output: a table like ``kafka-consumer-groups --describe`` plus seconds."""
+    head = ("TOPIC", "PARTITION", "COMMITTED", "HIGH-WATERMARK", "LAG", "LAG-SECONDS")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            (
+                r.topic,
+                str(r.partition),
+                "-" if r.committed is None else str(r.committed),
+                str(r.high),
+                str(r.lag_records),
+                "-" if r.lag_seconds is None else f"{r.lag_seconds:.1f}",
+            )
+        )
+    tot = totals(rows)
+    lines.append(("TOTAL", "", "", "", str(tot["lag_records"]), f"{tot['max_lag_seconds']:.1f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = [f"GROUP {group}"]
+    for line in lines:
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return "\n".join(out)
