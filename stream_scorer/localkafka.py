@@ -451,6 +451,8 @@ class LocalKafka:
                 )  # fmt: skip
         except OSError as exc:
             raise LocalKafkaError(f"cannot start {java}: {exc}") from exc
+        if self._proc is not None:  # a previous broker of ours that died: reap it
+            self._proc.poll()
         self._proc = proc
         state = {
             "pid": proc.pid,

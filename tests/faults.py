@@ -183,10 +183,8 @@ class FaultRun:
                     "run",
                     "--config",
                     str(self.config),
-                    *(
-                        "--worker-id",
-                        wid,
-                    ),
+                    "--worker-id",
+                    worker_id or wid,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
