@@ -289,19 +289,15 @@ def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """High watermark minus committed offset per partition, for ``group``."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": "false"}
-    )
+    committed = committed_offsets(bootstrap, group, topic)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-watermarks"})
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        tps = [TopicPartition(topic, p) for p in meta.partitions]
-        committed = _retry(lambda: consumer.committed(tps, timeout=10))
         lag = {}
-        for tp in committed:
+        for partition, offset in committed.items():
             _low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, tp.partition), timeout=10
+                TopicPartition(topic, partition), timeout=10
             )
-            lag[tp.partition] = high - (tp.offset if tp.offset >= 0 else 0)
+            lag[partition] = high - max(offset, 0)
         return lag
     finally:
         consumer.close()

@@ -1,7 +1,8 @@
 """Measure scoring throughput with 1 and with 2 worker processes (``run --workers N``).
 
-Usage: ``.venv/bin/python tests/throughput.py [--bootstrap HOST:PORT] [--events N] [--rounds R]``
-(without ``--bootstrap`` a local broker is started in a temporary directory).
+Usage: ``.venv/bin/python tests/throughput.py [--bootstrap HOST:PORT] [--events N] [--rounds R]
+[--modes at-least-once,exactly-once]`` (without ``--bootstrap`` a local broker is started in a
+temporary directory). With two modes, every round runs 1 and 2 processes in each mode.
 
 The input topic (4 partitions, so 2 workers split it evenly) is filled once; each run is a new
 consumer group reading all of it from the start. Throughput is measured from the group's
@@ -48,7 +49,7 @@ def _committed(bootstrap: str, group: str, topic: str, total: int) -> int:
     return total - sum(committed_lag(bootstrap, group, topic).values())
 
 
-def measure(bootstrap: str, config: Path, topic: str, total: int, workers: int) -> float:
+def measure(bootstrap: str, config: Path, topic: str, total: int, workers: int, mode: str) -> float:
     """Run ``workers`` processes on a fresh group until all is committed; return records/s."""
     group = f"tp-{workers}-{uuid.uuid4().hex[:6]}"
     proc = subprocess.Popen(
@@ -66,7 +67,12 @@ def measure(bootstrap: str, config: Path, topic: str, total: int, workers: int) 
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "STREAM_SCORER_INPUT__GROUP_ID": group},
+        env={
+            **os.environ,
+            "STREAM_SCORER_INPUT__GROUP_ID": group,
+            "STREAM_SCORER_DELIVERY__MODE": mode,
+            "STREAM_SCORER_WORKER__ID": group,  # a fresh transactional id per run
+        },
     )
     try:
         first: tuple[float, int] | None = None
@@ -90,6 +96,7 @@ def main() -> int:
     parser.add_argument("--bootstrap")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="at-least-once")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -131,23 +138,31 @@ def main() -> int:
             items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs]
             for start in range(0, len(items), 40_000):  # below the producer's queue limit
                 produce_raw(bootstrap, topic, items[start : start + 40_000], PARTITIONS)
-            results: dict[int, list[float]] = {1: [], 2: []}
+            modes = args.modes.split(",")
+            results: dict[tuple[str, int], list[float]] = {
+                (m, w): [] for m in modes for w in (1, 2)
+            }
             for rnd in range(args.rounds):
-                for workers in (1, 2):
-                    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    rate = measure(bootstrap, config, topic, args.events, workers)
-                    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-                    results[workers].append(rate)
-                    print(
-                        f"round {rnd + 1}: {workers} worker process(es): {rate:,.0f} records/s "
-                        f"(workers' CPU incl. start-up {cpu:.1f} s; "
-                        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
-                    )
-                ratio = results[2][-1] / results[1][-1]
-                print(f"round {rnd + 1}: 2 vs 1 processes: x{ratio:.2f}", flush=True)
-            for workers, rates in results.items():
-                print(f"median, {workers} process(es): {statistics.median(rates):,.0f} records/s")
+                for mode in modes:
+                    for workers in (1, 2):
+                        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        rate = measure(bootstrap, config, topic, args.events, workers, mode)
+                        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+                        results[(mode, workers)].append(rate)
+                        print(
+                            f"round {rnd + 1}: {mode}, {workers} worker process(es): "
+                            f"{rate:,.0f} records/s (workers' CPU incl. start-up {cpu:.1f} s; "
+                            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+                            flush=True,
+                        )
+                    ratio = results[(mode, 2)][-1] / results[(mode, 1)][-1]
+                    print(f"round {rnd + 1}: {mode}: 2 vs 1 processes: x{ratio:.2f}", flush=True)
+            for (mode, workers), rates in results.items():
+                print(
+                    f"median, {mode}, {workers} process(es): "
+                    f"{statistics.median(rates):,.0f} records/s"
+                )
         finally:
             if broker is not None:
                 broker.stop()
