@@ -170,3 +170,89 @@ def test_full_queue_is_retried() -> None:
     assert len(producer.sent) == 1
     assert producer.sent[0]["headers"]["stream_scorer.model.version"] == b"v9"
     assert tracker.take_committable() == [("in", 0, 1)]
+
+
+class HeldProducer(FakeProducer):
+    """Acknowledges nothing until ``release`` (a backed-up broker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = True
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0 if self.held else super().poll(timeout)
+
+
+class RecordingSource:
+    """The parts of ``Source`` the at-least-once delivery uses, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.stored: list[tuple[str, int, int]] = []
+        self.committed: list[Any] = []
+
+    def store(self, offsets: list[tuple[str, int, int]]) -> None:
+        self.stored.extend(offsets)
+
+    def commit(self, offsets: Any = None) -> None:
+        self.committed.append(offsets)
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+
+def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> None:
+    from stream_scorer.delivery import AtLeastOnce
+    from stream_scorer.pipeline import BatchResult
+    from stream_scorer.records import Scored
+
+    producer, tracker, source = HeldProducer(), OffsetTracker(), RecordingSource()
+    delivery = AtLeastOnce(
+        Sink(producer, CTX, tracker, Metrics()),
+        source,  # type: ignore[arg-type]
+        tracker,
+        max_in_flight=10,
+        flush_timeout_s=1,
+    )
+    for offset in range(9):
+        tracker.track("in", 0, offset)
+    delivery.deliver([], BatchResult([Scored(Msg(b"x", o=o), b"p") for o in range(9)], []))
+    delivery.service()
+    assert source.calls == []  # 9 in flight: below the limit
+    tracker.track("in", 0, 9)
+    delivery.deliver([], BatchResult([Scored(Msg(b"x", o=9), b"p")], []))
+    delivery.service()
+    assert source.calls == ["pause"] and delivery.paused
+    delivery.service()
+    assert source.calls == ["pause"]  # still backed up: no flapping
+    producer.held = False
+    delivery.service()  # everything acknowledged
+    assert source.calls == ["pause", "resume"] and not delivery.paused
+    assert source.stored == [("in", 0, 10)]
+
+
+def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
+    from stream_scorer.delivery import AtLeastOnce
+    from stream_scorer.pipeline import BatchResult
+    from stream_scorer.records import Scored
+
+    producer, tracker, source = FakeProducer(), OffsetTracker(), RecordingSource()
+    delivery = AtLeastOnce(
+        Sink(producer, CTX, tracker, Metrics()),
+        source,  # type: ignore[arg-type]
+        tracker,
+        max_in_flight=100,
+        flush_timeout_s=1,
+    )
+    for p in (0, 1):
+        for o in range(3):
+            tracker.track("in", p, o)
+    msgs = [Msg(b"x", p=p, o=o) for p in (0, 1) for o in range(3)]
+    delivery.deliver([], BatchResult([Scored(m, b"p") for m in msgs], []))
+    delivery.on_lost([("in", 1)])
+    delivery.on_revoke([("in", 0)])  # flushes, then commits partition 0's watermark
+    assert source.committed == [[("in", 0, 3)]]
+    assert tracker.committable([("in", 1)]) == []  # forgotten, never committed
