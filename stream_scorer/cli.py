@@ -58,7 +58,9 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     if args.workers > 1:
         return _supervise(args, cfg)
     report = run_worker(cfg, stop)
-    print(json.dumps(asdict(report)), flush=True)
+    # one write: with --workers N the reports share one stdout and must not interleave
+    sys.stdout.write(json.dumps(asdict(report)) + "\n")
+    sys.stdout.flush()
     return 0
 
 
