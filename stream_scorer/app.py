@@ -197,8 +197,9 @@ def _loop(
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
             result = pipeline.process(batch)
-            dead = {id(d.message) for d in result.dead}
-            poison.observe([id(m) in dead for m in batch])
+            if poison.enabled:
+                dead = {id(d.message) for d in result.dead}
+                poison.observe([id(m) in dead for m in batch])
             t1 = time.perf_counter()
             if delivery.deliver(batch, result) is not False:
                 report.consumed += len(batch)

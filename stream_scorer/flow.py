@@ -59,13 +59,18 @@ class PoisonGuard:
         self._dead_in_window = 0
         self.consecutive = 0
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set (both are off by default)."""
+        return bool(self.max_ratio or self.max_consecutive)
+
     def observe(self, outcomes: list[bool]) -> None:
         """Record each record's outcome in consume order (True = dead letter).
 
         Raises:
             PoisonLimitError: a limit was passed.
         """
-        if not self.max_ratio and not self.max_consecutive:
+        if not self.enabled:
             return
         recent = self._recent
         for dead in outcomes:

@@ -12,12 +12,12 @@ import contextlib
 import os
 import socket
 import subprocess
-import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
+from support import wait_for
 
 from stream_scorer.errors import StreamScorerError
 
@@ -50,15 +50,14 @@ def _wait_answering(bootstrap: str, timeout: float) -> None:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answers() -> bool:
         try:
-            if admin.list_topics(timeout=1.0).brokers:
-                return
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{bootstrap} did not answer within {timeout:.0f} s") from exc
-            time.sleep(0.2)  # poll interval: the broker refused or is still starting
+            return bool(admin.list_topics(timeout=1.0).brokers)
+        except Exception:  # refused, or still starting
+            return False
+
+    wait_for(answers, timeout, f"{bootstrap} answering")
 
 
 def _container_broker() -> Iterator[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Msg, train_payment_classifier, write_schema
+from support import Msg, train_payment_classifier, wait_for, write_schema
 
 from stream_scorer.config import Config, load_config
 from stream_scorer.health import Monitor, Watchdog
@@ -295,9 +295,7 @@ def test_endpoints_follow_the_checks(base_cfg: dict[str, Any]) -> None:
             _stats({0: {"hi_offset": 10, "committed_offset": 4}}), [("in", 0)]
         )
         monitor.refresh()
-        deadline = time.monotonic() + 10
-        while _get(port, "/readyz")[0] != 503 and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling the endpoint under test
+        wait_for(lambda: _get(port, "/readyz")[0] == 503, 10, "/readyz turned 503", 0.05)
         code, body = _get(port, "/readyz")
         doc = json.loads(body)
         assert (code, doc["failing"], doc["stalled_partitions"]) == (
