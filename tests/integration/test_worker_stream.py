@@ -333,3 +333,32 @@ def test_a_refused_dead_letter_stops_the_worker_and_its_offset_stays_uncommitted
     committed = committed_offsets(env.bootstrap, env.group, env.topic)
     assert committed[0] <= 50  # the poison (partition 0, offset 50) was not committed
     assert read_topic(env.bootstrap, tiny_dlq) == []
+
+
+def test_poison_past_the_tolerance_stops_the_worker_loudly_with_the_batch_uncommitted(
+    env: Env,
+) -> None:
+    from stream_scorer.errors import PoisonLimitError
+
+    recs = payments(30, seed=17)
+    items: list[tuple[bytes | None, bytes | None]] = [
+        (r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs
+    ]
+    items[12:12] = [(f"bad-{i}".encode(), b"\x00\x01") for i in range(6)]  # six in a row
+    produce_raw(env.bootstrap, env.topic, items, 1)  # one partition: consume order = this order
+    cfg = load_config(
+        env.config,
+        environ={},
+        overrides={
+            "dead_letter": {"max_consecutive": 5},
+            "worker": {"idle_timeout_s": 20},
+            "batch": {"max_records": 1000},
+        },
+    )
+    with pytest.raises(PoisonLimitError, match="5 dead letters in a row"):
+        run_worker(cfg)
+    # the batch holding the run of poison was neither published nor committed (an earlier,
+    # clean batch may have been, if the first fetch returned fewer records)
+    assert committed_offsets(env.bootstrap, env.group, env.topic)[0] <= 12
+    assert len(read_topic(env.bootstrap, env.out)) <= 12
+    assert read_topic(env.bootstrap, env.dlq) == []
