@@ -137,11 +137,15 @@ def test_rolling_sigterm_restart(make_run: MakeRun, mode: str) -> None:
         when_committed(run, (i + 1) / 5)
         assert run.terminate(wid) == 0, tail(run.workers[wid].log)
         run.expected_exit.discard(wid)
+        run.commits_at_kills.append(run.committed())  # before the rebalance the restart causes
         run.start(wid)
     outcome = _finish(run)
     _check(outcome, run, exactly_once=mode == EOS)
     assert not outcome.unexpected_exits, outcome.unexpected_exits
-    assert outcome.duplicated == 0  # a clean hand-over repeats nothing, in either mode
+    # at-least-once: a clean stop commits what it delivered, but a commit refused during the
+    # cooperative rebalance (ILLEGAL_GENERATION / REBALANCE_IN_PROGRESS, librdkafka#3306) leaves
+    # the moved partitions' last records to be repeated; _check bounds them by the offsets
+    # committed when each restart began
 
 
 def _running(broker: LocalKafka) -> bool:
