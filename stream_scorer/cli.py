@@ -1,8 +1,9 @@
 """The ``stream-scorer`` command line.
 
 Subcommands: ``run`` (a worker), ``train`` and ``produce`` (the shipped example's model and
-load generator), ``demo`` (everything end to end on a local broker) and ``local-kafka``
-(a single-node Apache Kafka broker for development and tests).
+load generator), ``demo`` (everything end to end on a local broker), ``bench`` (throughput and
+latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a single-node Apache
+Kafka broker for development and tests).
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from stream_scorer.bench import run_bench
+    from stream_scorer.localkafka import default_cache_dir
+
+    run_bench(
+        events=args.events,
+        partitions=args.partitions,
+        port=args.port,
+        naive_events=args.naive_events,
+        latency_seconds=args.latency_seconds,
+        out_dir=args.out or default_cache_dir() / "bench-results",
+    )
+    return 0
+
+
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
     from stream_scorer.localkafka import LocalKafka, default_cache_dir, fetch_jars
 
@@ -149,6 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=39092)
     demo.add_argument("--malformed-fraction", type=float, default=0.005)
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark: Kafka ceiling, naive loop, stream-scorer (docs/benchmarks.md)"
+    )
+    bench.add_argument("--events", type=int, default=1_000_000, help="events preloaded per run")
+    bench.add_argument("--partitions", type=int, default=8)
+    bench.add_argument("--port", type=int, default=39192, help="local broker port")
+    bench.add_argument(
+        "--naive-events", type=int, default=20_000, help="events the naive loop runs over"
+    )
+    bench.add_argument(
+        "--latency-seconds", type=float, default=10.0, help="length of each latency run"
+    )
+    bench.add_argument(
+        "--out", type=Path, help="results folder (default: bench-results in the cache folder)"
+    )
+    bench.set_defaults(func=_cmd_bench)
 
     lk = sub.add_parser("local-kafka", help="a local single-node Kafka broker")
     lk.add_argument("action", choices=["start", "stop", "status", "fetch"])
