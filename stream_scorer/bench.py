@@ -258,12 +258,16 @@ class _Run:
         thread.start()
         return thread
 
-    def paced(self, topic: str, rate: float) -> int:
+    def paced(self, topic: str, rate: float) -> tuple[int, float]:
+        """Produce events at ``rate`` for a latency run; return how many and the rate reached.
+
+        The rate reached is lower than asked when the producing process cannot keep up.
+        """
         from stream_scorer.example.produce import produce_events
 
-        n = max(100, int(rate * self.latency_s))
-        produce_events(self.bootstrap, topic, n, rate=rate, seed=7)
-        return n
+        n = max(100, min(int(rate * self.latency_s), len(self.payloads)))
+        report = produce_events(self.bootstrap, topic, n, rate=rate, seed=7)
+        return n, n / max(report.elapsed_s, 1e-9)
 
     def client(self, res: ModeResult, model: Path, payloads: Sequence[bytes]) -> None:
         inp, out, _dlq = self.topics(res.mode)
@@ -284,11 +288,12 @@ class _Run:
         rate = res.events_per_s / 2
         args: dict[str, Any] = {"bootstrap": self.bootstrap, "topic": inp, "out": out}
         args["group"] = f"{inp}-g"
-        args.update(model=str(model), limit=max(100, int(rate * self.latency_s)), idle_s=30)
+        limit = max(100, min(int(rate * self.latency_s), len(self.payloads)))
+        args.update(model=str(model), limit=limit, idle_s=30)
         proc = bk.start_client(res.mode.split()[0], args)
-        self.paced(inp, rate)
+        _n, reached = self.paced(inp, rate)
         bk.client_result(proc)
-        self._percentiles(res, out, rate, event_ms)
+        self._percentiles(res, out, reached, event_ms)
 
     def workers(
         self, res: ModeResult, model: Path, event_ms: Callable[[bytes], int] | None
@@ -310,14 +315,13 @@ class _Run:
         workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread)
         try:
             workers.wait_assigned()
-            rate = res.events_per_s / 2
-            n = self.paced(topics[0], rate)
+            n, reached = self.paced(topics[0], res.events_per_s / 2)
             workers.measure(n)
             peaks = zip(res.peak_rss_mib, workers.peak_rss(), strict=True)
             res.peak_rss_mib = [max(a, b) for a, b in peaks]
         finally:
             workers.stop()
-        self._percentiles(res, topics[1], rate, event_ms)
+        self._percentiles(res, topics[1], reached, event_ms)
 
     def _percentiles(
         self, res: ModeResult, topic: str, rate: float, event_ms: Callable[[bytes], int]
