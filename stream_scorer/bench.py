@@ -13,15 +13,15 @@ partitions and measures, one after the other on the same topic (a new group each
   with the example model and a larger one (500 trees, depth 8), and with ``model.nthread`` 2.
 
 Throughput is events from the first one consumed until every output is acknowledged. Latency
-is measured apart, at 50% of each mode's measured maximum: a paced producer writes events for
-``--latency-seconds`` while the mode runs; latency is the output's broker append time (the
-output topics use ``LogAppendTime``) minus the event time carried by the event, p50 and p99.
-Peak RSS is each process's high-water mark. Results go to a JSON file and a markdown table.
+is measured apart, at 50% of each mode's measured maximum: pre-encoded events are produced at
+that rate for ``--latency-seconds`` while the mode runs; latency is the output's broker append
+time (the output topics use ``LogAppendTime``) minus its input's create time (matched by key),
+p50 and p99. Peak RSS is each process's high-water mark. Results go to a JSON file and a
+markdown table.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import threading
@@ -37,7 +37,6 @@ from confluent_kafka import Producer
 
 from stream_scorer import benchkafka as bk
 from stream_scorer.config import Config, load_config
-from stream_scorer.features import field_getter
 from stream_scorer.metrics import Metrics
 from stream_scorer.offsets import OffsetTracker
 from stream_scorer.sink import Sink, SinkContext
@@ -259,15 +258,9 @@ class _Run:
         return thread
 
     def paced(self, topic: str, rate: float) -> tuple[int, float]:
-        """Produce events at ``rate`` for a latency run; return how many and the rate reached.
-
-        The rate reached is lower than asked when the producing process cannot keep up.
-        """
-        from stream_scorer.example.produce import produce_events
-
+        """Feed a latency run at ``rate``: how many events, and the rate reached."""
         n = max(100, min(int(rate * self.latency_s), len(self.payloads)))
-        report = produce_events(self.bootstrap, topic, n, rate=rate, seed=7)
-        return n, n / max(report.elapsed_s, 1e-9)
+        return n, bk.paced(self.bootstrap, topic, self.payloads[:n], self.partitions, rate)
 
     def client(self, res: ModeResult, model: Path, payloads: Sequence[bytes]) -> None:
         inp, out, _dlq = self.topics(res.mode)
@@ -281,9 +274,7 @@ class _Run:
         res.events_per_s = round(res.events / max(res.seconds, 1e-9))
         res.peak_rss_mib, res.stages_us = [round(got["rss"], 1)], got["stages"]
 
-    def client_latency(
-        self, res: ModeResult, model: Path, event_ms: Callable[[bytes], int]
-    ) -> None:
+    def client_latency(self, res: ModeResult, model: Path) -> None:
         inp, out, _dlq = self.topics(res.mode + "-lat")
         rate = res.events_per_s / 2
         args: dict[str, Any] = {"bootstrap": self.bootstrap, "topic": inp, "out": out}
@@ -293,11 +284,9 @@ class _Run:
         proc = bk.start_client(res.mode.split()[0], args)
         _n, reached = self.paced(inp, rate)
         bk.client_result(proc)
-        self._percentiles(res, out, reached, event_ms)
+        self._percentiles(res, inp, out, reached)
 
-    def workers(
-        self, res: ModeResult, model: Path, event_ms: Callable[[bytes], int] | None
-    ) -> None:
+    def workers(self, res: ModeResult, model: Path, latency: bool) -> None:
         topics = self.topics(f"scorer{res.processes}")
         workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread)
         try:
@@ -309,7 +298,7 @@ class _Run:
             res.peak_rss_mib = workers.peak_rss()
         finally:
             workers.stop()
-        if event_ms is None:
+        if not latency:
             return
         topics = self.topics(f"scorer{res.processes}-lat")
         workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread)
@@ -321,41 +310,14 @@ class _Run:
             res.peak_rss_mib = [max(a, b) for a, b in peaks]
         finally:
             workers.stop()
-        self._percentiles(res, topics[1], reached, event_ms)
+        self._percentiles(res, topics[0], topics[1], reached)
 
-    def _percentiles(
-        self, res: ModeResult, topic: str, rate: float, event_ms: Callable[[bytes], int]
-    ) -> None:
-        lat = bk.latencies(self.bootstrap, topic, event_ms)
+    def _percentiles(self, res: ModeResult, inp: str, out: str, rate: float) -> None:
+        lat = bk.latencies(self.bootstrap, inp, out)
         res.latency_rate, res.latency_events = round(rate), len(lat)
         if lat:
             p50, p99 = np.percentile(lat, [50, 99])
             res.p50_ms, res.p99_ms = round(float(p50), 1), round(float(p99), 1)
-
-
-def _event_time_readers(cfg: Config) -> tuple[Callable[[bytes], int], Callable[[bytes], int]]:
-    """Event time in ms from an input event's bytes, and from a prediction's bytes."""
-    import fastavro
-
-    from stream_scorer.decode import load_schema
-
-    inp, pred = load_schema(cfg.input.schema), load_schema(cfg.output.schema)
-    get = field_getter(cfg.input.event_time_field)
-
-    def millis(value: Any) -> int:
-        if isinstance(value, datetime):
-            return int((value - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1000)
-        return int(value)
-
-    def from_event(raw: bytes) -> int:
-        record: Any = fastavro.schemaless_reader(io.BytesIO(raw), inp, None)
-        return millis(get(record))
-
-    def from_prediction(raw: bytes) -> int:
-        record: Any = fastavro.schemaless_reader(io.BytesIO(raw), pred, None)
-        return millis(record["event_time"])
-
-    return from_event, from_prediction
 
 
 def run_bench(
@@ -390,23 +352,22 @@ def run_bench(
         run = _Run(
             bootstrap, time.strftime("%Y%m%d%H%M%S"), partitions, payloads, latency_seconds, say
         )
-        from_event, from_prediction = _event_time_readers(example_config(example))
         results = []
         ceiling = ModeResult("ceiling (passthrough)", "-")
         say("bench: ceiling")
         run.client(ceiling, example, payloads)
-        run.client_latency(ceiling, example, from_event)
+        run.client_latency(ceiling, example)
         naive = ModeResult("naive (per message)", names[0])
         say("bench: naive")
         run.client(naive, example, payloads[:naive_events])
-        run.client_latency(naive, example, from_prediction)
+        run.client_latency(naive, example)
         results += [ceiling, naive]
         for name, model in models.items():
             for processes, nthread in ((1, 1), (2, 1), (1, 2)):
                 res = ModeResult("stream-scorer", name, processes, nthread)
                 say(f"bench: stream-scorer, {name}, {processes} process(es), nthread {nthread}")
                 with_latency = nthread == 1 and model == example
-                run.workers(res, model, from_prediction if with_latency else None)
+                run.workers(res, model, with_latency)
                 results.append(res)
         del large
         _write(results, out_dir, events=events, partitions=partitions, say=say)

@@ -16,6 +16,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -315,8 +316,8 @@ class Workers:
                 p.wait()
 
 
-def latencies(bootstrap: str, topic: str, event_ms: Callable[[bytes], int]) -> list[float]:
-    """Per output record of ``topic``: its append time minus its event's time, in ms."""
+def _read(bootstrap: str, topic: str, on_message: Callable[[Any], None]) -> None:
+    """Read ``topic`` from the start to its current end."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader"})
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -325,19 +326,55 @@ def latencies(bootstrap: str, topic: str, event_ms: Callable[[bytes], int]) -> l
             for p in parts
         }
         consumer.assign([TopicPartition(topic, p, 0) for p in ends if ends[p]])
-        left, out = {p for p, e in ends.items() if e}, []
+        left = {p for p, e in ends.items() if e}
         deadline = time.monotonic() + 300
         while left and time.monotonic() < deadline:
             for msg in consumer.consume(5000, 1.0):
                 if msg.error():
                     continue
+                on_message(msg)
                 part, offset = msg.partition() or 0, msg.offset() or 0
-                out.append(float(msg.timestamp()[1] - event_ms(msg.value() or b"")))
                 if offset + 1 >= ends[part]:
                     left.discard(part)
-        return out
     finally:
         consumer.close()
+
+
+def latencies(bootstrap: str, inp: str, out: str) -> list[float]:
+    """Per output record: its broker append time minus its input's create time, in ms.
+
+    Inputs and outputs are matched by key (every mode keeps the input's key; ``burst`` and
+    ``paced`` give every event its own).
+    """
+    created: dict[bytes | None, int] = {}
+    lat: list[float] = []
+    _read(bootstrap, inp, lambda m: created.__setitem__(m.key(), m.timestamp()[1]))
+    _read(bootstrap, out, lambda m: lat.append(float(m.timestamp()[1] - created[m.key()])))
+    return lat
+
+
+def paced(
+    bootstrap: str, topic: str, payloads: Sequence[bytes], partitions: int, rate: float
+) -> float:
+    """Produce ``payloads`` at ``rate`` events/s (keys 0, 1, ...); return the rate reached."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": "5"})
+    tick = threading.Event()  # never set: its wait() paces production
+    step = max(1, int(rate) // 500)
+    started = time.monotonic()
+    for i, value in enumerate(payloads):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=b"%d" % i, partition=i % partitions)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % step == 0:
+            producer.poll(0)
+            tick.wait(max(0.0, started + (i + 1) / rate - time.monotonic()))
+    elapsed = time.monotonic() - started
+    if producer.flush(120):
+        raise RuntimeError(f"the broker did not acknowledge every event for {topic}")
+    return len(payloads) / max(elapsed, 1e-9)
 
 
 if __name__ == "__main__":
