@@ -6,13 +6,16 @@ and event time of each. It is compiled once by numba (``cache=True``: later proc
 machine code from the cache directory instead of compiling again) and serves every schema,
 because the schema is data (the program), not code.
 
-Guards, each a decode status (``REASONS``): values that are null, empty or larger than the
-limit; input ending early (``truncated``: also a length longer than the bytes left); varints
-longer than 10 bytes; an ``int`` outside 32 bits or a long outside 64; negative lengths; enum
-and union indexes outside the schema; array and map block counts larger than the bytes left
-(or, for items that take no bytes, more than ``MAX_EMPTY_ITEMS`` in one array); invalid UTF-8
-(the rules of Python's strict decoder); bytes left over after the record; logical-type values
-fastavro cannot convert (``malformed_avro``).
+Guards, each a decode status (``REASONS``), with the semantics of ``avro_guard`` on main:
+values that are null, empty or larger than the limit; input ending early (``truncated``: also
+a length or block byte size longer than the bytes left); varints longer than 10 bytes; an
+``int`` (or enum index) outside 32 bits or a long outside 64 (``int_out_of_range``); negative
+lengths and block byte sizes; enum and union indexes outside the schema; array and map blocks
+announcing more items than the bytes left can hold (count times the item's smallest encoding),
+or, for items that take no bytes, more than ``MAX_EMPTY_ITEMS`` in the whole record
+(``count_too_large``); invalid UTF-8 (the rules of Python's strict decoder); bytes left over
+after the record; ``malformed_avro``: a boolean byte other than 0 or 1, block items that do not
+fill their announced byte size exactly, logical-type values fastavro cannot convert.
 
 numba's cache goes to ``$NUMBA_CACHE_DIR`` when set, else to ``numba/`` under the
 stream-scorer cache folder (``$STREAM_SCORER_CACHE`` or ``~/.cache/stream-scorer``), which
@@ -54,8 +57,8 @@ REASONS = (
 OK, NULL, EMPTY, TOO_LARGE, TRUNCATED, VARINT, INT_RANGE, NEG_LEN = range(8)
 BAD_ENUM, BAD_UNION, COUNT, UTF8, TRAILING, MALFORMED = range(8, 14)
 
-#: At most this many items in one array of a type that takes no bytes (e.g. ``null``).
-MAX_EMPTY_ITEMS = 65_536
+#: At most this many items of types that take no bytes (e.g. ``null``) in one record.
+MAX_EMPTY_ITEMS = 10_000
 
 _MS_MIN = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
@@ -149,25 +152,38 @@ def _check(value: int, check: int) -> bool:
 
 @numba.njit(cache=True, inline="always")
 def _blocks(
-    buf: npt.NDArray[np.uint8], pos: int, end: int, empty: int, total: int
-) -> tuple[int, int, int]:
-    """Read an array/map block header: (item count, new position, status)."""
+    buf: npt.NDArray[np.uint8], pos: int, end: int, item_min: int, zero_left: int
+) -> tuple[int, int, int, int, int]:
+    """Read an array/map block header.
+
+    Returns (count, position, block end or -1, zero-byte items still allowed, status).
+    """
     count, pos, err = _varint(buf, pos, end)
     if err != OK:
-        return 0, pos, err
+        return 0, pos, -1, zero_left, err
+    block_end = -1
     if count < 0:
         if count == -9_223_372_036_854_775_807 - 1:
-            return 0, pos, COUNT
+            return 0, pos, -1, zero_left, COUNT
         count = -count
-        _size, pos, err = _varint(buf, pos, end)  # block size in bytes: not needed
+        size, pos, err = _varint(buf, pos, end)
         if err != OK:
-            return 0, pos, err
-    if empty:
-        if count > MAX_EMPTY_ITEMS - total:
-            return 0, pos, COUNT
-    elif count > end - pos:
-        return 0, pos, COUNT
-    return count, pos, OK
+            return 0, pos, -1, zero_left, err
+        if size < 0:
+            return 0, pos, -1, zero_left, NEG_LEN
+        if size > end - pos:
+            return 0, pos, -1, zero_left, TRUNCATED
+        block_end = pos + size
+    if count == 0:
+        return 0, pos, -1, zero_left, OK
+    if item_min > 0:
+        if count > (end - pos) // item_min:
+            return 0, pos, -1, zero_left, COUNT
+    else:
+        zero_left -= count
+        if zero_left < 0:
+            return 0, pos, -1, zero_left, COUNT
+    return count, pos, block_end, zero_left, OK
 
 
 @numba.njit(cache=True)
@@ -215,7 +231,7 @@ def run_batch(
     n = starts.shape[0]
     n_cols = matrix.shape[1]
     stack_left = np.zeros(depth + 1, dtype=np.int64)
-    stack_total = np.zeros(depth + 1, dtype=np.int64)
+    stack_end = np.zeros(depth + 1, dtype=np.int64)
     f4 = np.zeros(1, dtype=np.float32)
     u4 = f4.view(np.uint32)
     f8 = np.zeros(1, dtype=np.float64)
@@ -249,6 +265,7 @@ def run_batch(
         span_n = 0
         span_c = 0
         top = -1
+        zero_left = MAX_EMPTY_ITEMS
         pc = 0
         while True:
             op = code[pc, 0]
@@ -288,7 +305,10 @@ def run_batch(
                 if pos >= end:
                     err = TRUNCATED
                     break
-                ival = 1 if buf[pos] != 0 else 0  # fastavro: any non-zero byte is true
+                if buf[pos] > 1:
+                    err = MALFORMED
+                    break
+                ival = buf[pos]
                 pos += 1
             elif op == fp.OP_DOUBLE:
                 if end - pos < 8:
@@ -314,6 +334,9 @@ def run_batch(
                 ival, pos, err = _varint(buf, pos, end)
                 if err != OK:
                     break
+                if ival < -2_147_483_648 or ival > 2_147_483_647:
+                    err = INT_RANGE
+                    break
                 if ival < 0 or ival >= a:
                     err = BAD_ENUM
                     break
@@ -335,8 +358,9 @@ def run_batch(
                 span_n = a
                 pos += a
             elif op == fp.OP_BLOCKS:
-                empty = code[pc - 1, 2]
-                count, pos, err = _blocks(buf, pos, end, empty, 0)
+                count, pos, block_end, zero_left, err = _blocks(
+                    buf, pos, end, code[pc - 1, 2], zero_left
+                )
                 if err != OK:
                     break
                 if count == 0:
@@ -344,21 +368,25 @@ def run_batch(
                 else:
                     top += 1
                     stack_left[top] = count
-                    stack_total[top] = count
+                    stack_end[top] = block_end
             elif op == fp.OP_NEXT:
                 stack_left[top] -= 1
                 if stack_left[top] > 0:
                     pc = a
                 else:
-                    empty = code[a - 1, 2]
-                    count, pos, err = _blocks(buf, pos, end, empty, stack_total[top])
+                    if stack_end[top] >= 0 and pos != stack_end[top]:
+                        err = MALFORMED  # the items do not fill the announced byte size
+                        break
+                    count, pos, block_end, zero_left, err = _blocks(
+                        buf, pos, end, code[a - 1, 2], zero_left
+                    )
                     if err != OK:
                         break
                     if count == 0:
                         top -= 1
                     else:
                         stack_left[top] = count
-                        stack_total[top] += count
+                        stack_end[top] = block_end
                         pc = a
             elif op == fp.ST_NUMBER_INT:
                 matrix[r, a] = np.float32(float(ival))

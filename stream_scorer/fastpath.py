@@ -9,8 +9,9 @@ manifest's order (the first failing feature names the dead letter, as in ``featu
 
 Dead-letter reason codes: the decode stage's are ``fastkernel.REASONS``; the feature stage's
 are ``missing_value``, ``nan_value``, ``non_finite``, ``out_of_range``, ``not_numeric`` and
-``not_timestamp``. The default ``FeaturePolicy`` reproduces ``features.py``: null, absent and
-NaN values and unseen categories are missing (NaN), infinity is dead-lettered.
+``not_timestamp``. The default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``:
+null, absent and NaN values pass as NaN, infinity and values outside a feature's min/max are
+dead-lettered; unseen categories are always NaN.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
 specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
@@ -43,7 +44,6 @@ OUT_OF_RANGE = 7  # a state computed from the value and the policy's bounds
 #: Feature-stage reason code of each cell state.
 FEATURE_REASONS = {
     fp.MISSING: "missing_value",
-    fp.UNSEEN: "missing_value",
     fp.NAN: "nan_value",
     fp.INF: "non_finite",
     OUT_OF_RANGE: "out_of_range",
@@ -52,7 +52,6 @@ FEATURE_REASONS = {
 }
 _EXPLAIN = {
     fp.MISSING: "value is missing (null or absent)",
-    fp.UNSEEN: "value is not one of the model's categories",
     fp.NAN: "value is NaN",
     fp.INF: "value is not finite (or too large for float32)",
     OUT_OF_RANGE: "value is outside the feature's range",
@@ -80,15 +79,16 @@ _DECODE_EXPLAIN = {
 class FeaturePolicy:
     """What to do with a feature's unusable values: ``pass`` or ``dead_letter``.
 
-    ``pass`` scores the row anyway (missing and NaN as NaN, which XGBoost treats as missing;
-    infinity and out-of-range values as they are). Values that are no number or no timestamp
-    are always dead-lettered.
+    ``pass`` scores the row anyway: missing, NaN and infinite values as NaN (which XGBoost
+    treats as missing), out-of-range values as they are. Values that are no number or no
+    timestamp are always dead-lettered; a category the model does not know is always NaN.
+    The defaults and meanings are those of the manifest's ``ValuePolicy`` on main.
 
     Attributes:
-        missing: null or absent values, and category symbols the model does not know.
+        missing: null or absent values.
         nan: NaN values.
         inf: +/-infinity, and doubles too large for float32.
-        out_of_range: values below ``minimum`` or above ``maximum``.
+        out_of_range: values below ``minimum`` or above ``maximum`` (when either is set).
         minimum: the smallest valid value; None for no bound.
         maximum: the largest valid value; None for no bound.
     """
@@ -96,7 +96,7 @@ class FeaturePolicy:
     missing: str = PASS
     nan: str = PASS
     inf: str = DEAD_LETTER
-    out_of_range: str = PASS
+    out_of_range: str = DEAD_LETTER
     minimum: float | None = None
     maximum: float | None = None
 
@@ -222,6 +222,7 @@ class FastDecoder:
             for j, p in enumerate(pols)
             if p.out_of_range == DEAD_LETTER and (p.minimum is not None or p.maximum is not None)
         ]
+        self._inf_to_nan = np.array([p.inf == PASS for p in pols], dtype=bool)
         self._make = _record_maker(id_field, event_time_field)
         self._k = _kernel()
         started = time.perf_counter()
@@ -236,7 +237,7 @@ class FastDecoder:
             table[j, fp.NOT_NUMERIC] = fp.NOT_NUMERIC
             table[j, fp.NOT_TIMESTAMP] = fp.NOT_TIMESTAMP
             for states, rule in (
-                ((fp.MISSING, fp.UNSEEN), p.missing),
+                ((fp.MISSING,), p.missing),
                 ((fp.NAN,), p.nan),
                 ((fp.INF,), p.inf),
                 ((OUT_OF_RANGE,), p.out_of_range),
@@ -312,6 +313,9 @@ class FastDecoder:
         n, k = state.shape
         if n == 0 or k == 0:
             return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        infinite = state == fp.INF
+        if self._inf_to_nan.any() and infinite.any():  # passed infinities reach XGBoost as NaN
+            matrix[infinite & self._inf_to_nan[None, :]] = np.nan
         codes = self._reasons[np.arange(k)[None, :], state]
         for j, lo, hi in self._bounds:
             col = matrix[:, j]

@@ -47,7 +47,7 @@ OP_FIXED = 8  # a = size
 OP_ENUM = 9  # a = number of symbols
 OP_UNION = 10  # a = number of branches, b = offset of their start pcs in ``branches``
 OP_JUMP = 11  # a = target pc
-OP_BLOCKS = 12  # array/map start: a = pc after the loop, b = 1 when items take no bytes
+OP_BLOCKS = 12  # array/map start: a = pc after the loop, b = the item's smallest encoding
 OP_NEXT = 13  # array/map item end: a = pc of the item's first operation
 ST_NUMBER_INT = 20  # a = column: the last integer (or boolean) read
 ST_NUMBER_FLOAT = 21  # a = column: the last float or double read
@@ -254,8 +254,8 @@ class _Compiler:
         self.max_depth = max(self.max_depth, self.depth)
         if self.depth > MAX_NESTING:
             raise Unsupported(f"arrays or maps nested deeper than {MAX_NESTING}")
-        empty = 0 if (is_map or self.min_size(item, ()) > 0) else 1
-        start = self.emit(OP_BLOCKS, 0, empty)
+        item_min = self.min_size(item, ()) + (1 if is_map else 0)  # a map item has its key
+        start = self.emit(OP_BLOCKS, 0, item_min)
         if is_map:
             self.emit(OP_STRING)
         self.compile(item, [])
@@ -367,10 +367,10 @@ class _Compiler:
 
     # --- sizes -----------------------------------------------------------------------------
     def min_size(self, schema: Any, seen: tuple[str, ...]) -> int:
-        """The fewest bytes a value of ``schema`` can take (0 only for null-like types)."""
+        """The fewest bytes a value of ``schema`` can take (as ``avro_guard`` counts them)."""
         schema = self.resolve(schema)
         if isinstance(schema, list):
-            return 1
+            return 1 + min((self.min_size(b, seen) for b in schema), default=0)
         if isinstance(schema, str):
             return {"null": 0, "float": 4, "double": 8}.get(schema, 1)
         kind = schema["type"]

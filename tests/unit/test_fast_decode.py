@@ -116,8 +116,12 @@ def test_hand_encoding_matches_fastavro() -> None:
         (fields_bytes(maybe=zz(-1)), "bad_union_index"),
         (fields_bytes(tags=zz(30) + b"t"), "count_too_large"),
         (fields_bytes(tags=zz(-(2**63))), "count_too_large"),
-        (fields_bytes(nothing=zz(70_000) + zz(0)), "count_too_large"),
-        (fields_bytes(nothing=zz(40_000) + zz(40_000) + zz(0)), "count_too_large"),
+        (fields_bytes(nothing=zz(10_001) + zz(0)), "count_too_large"),
+        (fields_bytes(nothing=zz(6_000) + zz(6_000) + zz(0)), "count_too_large"),
+        (fields_bytes(color=zz(2**40)), "int_out_of_range"),  # an enum index is an int
+        (fields_bytes(tags=zz(-1) + zz(-3) + zz(1) + b"t" + zz(0)), "negative_length"),
+        (fields_bytes(tags=zz(-1) + zz(50) + zz(1) + b"t" + zz(0)), "truncated"),
+        (fields_bytes(tags=zz(-1) + zz(3) + zz(1) + b"t" + zz(0)), "malformed_avro"),
         (fields_bytes(id=zz(1) + b"\xff"), "invalid_utf8"),
         (fields_bytes(id=zz(3) + b"\xed\xa0\x80"), "invalid_utf8"),  # a surrogate
         (fields_bytes(id=zz(2) + b"\xc0\x80"), "invalid_utf8"),  # an over-long encoding
@@ -134,6 +138,28 @@ def test_every_decode_reason(fast: FastDecoder, value: bytes | None, reason: str
     assert batch.dead[0].message.value() == value  # the original bytes travel unchanged
     assert batch.dead[0].error_message
     assert [m.offset() for m in batch.messages] == [0, 2]
+
+
+def test_block_counts_are_bounded_by_the_items_smallest_encoding() -> None:
+    raw = {"type": "record", "name": "D", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "xs", "type": {"type": "array", "items": "double"}},
+    ]}  # fmt: skip
+    fast = FastDecoder(fastavro.parse_schema(raw), [], id_field="id", max_message_bytes=99)
+    two = zz(2) + np.float64(1.0).tobytes() * 2 + zz(0)
+    three = zz(3) + np.float64(1.0).tobytes() * 2 + zz(0)  # 3 doubles cannot fit in 17 bytes
+    batch = fast.run([Msg(zz(1) + b"a" + two, o=0), Msg(zz(1) + b"a" + three, o=1)])
+    assert [(d.message.offset(), d.reason) for d in batch.dead] == [(1, "count_too_large")]
+
+
+def test_a_boolean_byte_other_than_0_or_1_is_malformed() -> None:
+    raw = {"type": "record", "name": "B", "fields": [{"name": "b", "type": "boolean"}]}
+    fast = FastDecoder(
+        fastavro.parse_schema(raw), [FeatureSpec("b", "b")], id_field="b", max_message_bytes=9
+    )
+    batch = fast.run([Msg(b"\x01", o=0), Msg(b"\x02", o=1)])
+    assert [(d.message.offset(), d.reason) for d in batch.dead] == [(1, "malformed_avro")]
+    assert batch.ids == [True] and batch.matrix.tolist() == [[1.0]]
 
 
 def test_blocks_with_negative_counts_and_sizes_decode(fast: FastDecoder) -> None:
@@ -196,6 +222,24 @@ def test_feature_policies(policy: FeaturePolicy, maybe: float | None, reason: st
     assert [(d.stage.value, d.reason) for d in batch.dead] == (
         [] if reason is None else [("features", reason)]
     )
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, 1e39])
+def test_infinities_that_pass_reach_the_model_as_nan(value: float) -> None:
+    schema = fastavro.parse_schema(ALL_TYPES)
+    policies = [FeaturePolicy(), FeaturePolicy(), FeaturePolicy(inf="pass"), FeaturePolicy()]
+    fast = FastDecoder(schema, SPECS, id_field="id", max_message_bytes=100, policies=policies)
+    batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "maybe": value}))])
+    assert batch.dead == [] and math.isnan(batch.matrix[0, 2]) and batch.matrix[0, 0] == 5
+
+
+def test_unseen_categories_are_nan_even_when_missing_values_are_dead_letters() -> None:
+    schema = fastavro.parse_schema(ALL_TYPES)
+    specs = [FeatureSpec("color", "color", "category", ("G",))]
+    strict = [FeaturePolicy(missing="dead_letter")]
+    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100, policies=strict)
+    batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "color": "R"}))])
+    assert batch.dead == [] and math.isnan(batch.matrix[0, 0])
 
 
 def test_first_failing_feature_names_the_dead_letter() -> None:
