@@ -26,6 +26,7 @@ from stream_scorer.decode import Decoder, load_schema, record_fields
 from stream_scorer.delivery import AtLeastOnce, Delivery, ExactlyOnce
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
+from stream_scorer.fastpath import build_fast_path
 from stream_scorer.features import FeatureBuilder, check_schema
 from stream_scorer.flow import BatchSizer, PoisonGuard, StopFlag
 from stream_scorer.health import Monitor
@@ -77,6 +78,14 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
         timer=metrics.observe_stage,
+        fast=build_fast_path(
+            input_schema,
+            scorer.manifest.features,
+            id_field=cfg.input.id_field,
+            event_time_field=cfg.input.event_time_field,
+            max_message_bytes=cfg.input.max_message_bytes,
+            enabled=cfg.input.fast_path,
+        ),
     )
     return pipeline, scorer
 

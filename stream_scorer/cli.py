@@ -2,8 +2,9 @@
 
 Subcommands: ``run`` (a worker, or ``--workers N`` of them), ``lag`` (a group's lag),
 ``dlq replay`` (publish dead letters again), ``train`` and ``produce`` (the shipped example's
-model and load generator), ``demo`` (everything end to end on a local broker) and
-``local-kafka`` (a single-node Apache Kafka broker for development and tests).
+model and load generator), ``demo`` (everything end to end on a local broker), ``bench``
+(throughput and latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a
+single-node Apache Kafka broker for development and tests).
 """
 
 from __future__ import annotations
@@ -193,6 +194,21 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from stream_scorer.bench import run_bench
+    from stream_scorer.localkafka import default_cache_dir
+
+    run_bench(
+        events=args.events,
+        partitions=args.partitions,
+        port=args.port,
+        naive_events=args.naive_events,
+        latency_seconds=args.latency_seconds,
+        out_dir=args.out or default_cache_dir() / "bench-results",
+    )
+    return 0
+
+
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
     from stream_scorer.localkafka import LocalKafka, default_cache_dir, fetch_jars
 
@@ -294,6 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--rate", type=float, help="records per second (default: unlimited)")
     rp.add_argument("--group", help="progress group (default: derived from topics and filter)")
     rp.set_defaults(func=_cmd_dlq_replay)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark: Kafka ceiling, naive loop, stream-scorer (docs/benchmarks.md)"
+    )
+    bench.add_argument("--events", type=int, default=1_000_000, help="events preloaded per run")
+    bench.add_argument("--partitions", type=int, default=8)
+    bench.add_argument("--port", type=int, default=39192, help="local broker port")
+    bench.add_argument(
+        "--naive-events", type=int, default=20_000, help="events the naive loop runs over"
+    )
+    bench.add_argument(
+        "--latency-seconds", type=float, default=10.0, help="length of each latency run"
+    )
+    bench.add_argument(
+        "--out", type=Path, help="results folder (default: bench-results in the cache folder)"
+    )
+    bench.set_defaults(func=_cmd_bench)
 
     lk = sub.add_parser("local-kafka", help="a local single-node Kafka broker")
     lk.add_argument("action", choices=["start", "stop", "status", "fetch"])

@@ -81,6 +81,8 @@ class InputConfig:
         event_time_field: input field holding the event time (timestamp-millis or long
             milliseconds); empty means the Kafka record's timestamp.
         max_message_bytes: records larger than this are dead-lettered unread.
+        fast_path: decode with the compiled decoder specialised to the schema and model when the
+            schema allows it (see ``fastpath``); false forces the fastavro path.
     """
 
     topic: str
@@ -89,6 +91,7 @@ class InputConfig:
     id_field: str
     event_time_field: str = ""
     max_message_bytes: int = 1_048_576
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)

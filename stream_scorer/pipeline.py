@@ -17,7 +17,8 @@ import numpy.typing as npt
 
 from stream_scorer.decode import Decoder
 from stream_scorer.encode import PredictionEncoder
-from stream_scorer.features import FeatureBuilder, field_getter
+from stream_scorer.fastpath import FastDecoder
+from stream_scorer.features import FeatureBuilder, RejectedRow, field_getter
 from stream_scorer.records import DeadLetter, Decoded, Message, Scored, Stage
 from stream_scorer.score import Predictions
 
@@ -67,6 +68,7 @@ class Pipeline:
         event_time_field: str = "",
         clock: Callable[[], float] = time.time,
         timer: StageTimer = _no_timer,
+        fast: FastDecoder | None = None,
     ) -> None:
         """Assemble the stages.
 
@@ -79,6 +81,8 @@ class Pipeline:
             event_time_field: input field with the event time; empty = Kafka timestamp.
             clock: wall clock in seconds (``scored_at``).
             timer: receives each stage's duration for the batch.
+            fast: decodes and builds features in one compiled pass instead of ``decoder`` and
+                ``features`` (``fastpath.build_fast_path``); None: the fastavro path.
         """
         self._decoder = decoder
         self._features = features
@@ -88,6 +92,7 @@ class Pipeline:
         self._get_time = field_getter(event_time_field) if event_time_field else None
         self._clock = clock
         self._timer = timer
+        self._fast = fast
 
     def _event_time(self, msg: Message, record: Mapping[str, Any]) -> int:
         if self._get_time is not None:
@@ -103,9 +108,14 @@ class Pipeline:
         until the records it fails on are isolated and dead-lettered; the others are scored.
         """
         t0 = time.perf_counter()
-        decoded, dead = self._decoder.decode_batch(messages)
-        t1 = time.perf_counter()
-        matrix, rejected = self._features.build([d.record for d in decoded])
+        rejected: list[RejectedRow] = []
+        if self._fast is not None:  # decode and features in one pass; rejected rows are dead
+            fast = self._fast.run(messages)
+            decoded, dead, matrix, t1 = fast.decoded(), fast.dead, fast.matrix, fast.decode_done
+        else:
+            decoded, dead = self._decoder.decode_batch(messages)
+            t1 = time.perf_counter()
+            matrix, rejected = self._features.build([d.record for d in decoded])
         if rejected:
             bad = {r.index for r in rejected}
             dead.extend(

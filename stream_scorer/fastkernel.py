@@ -1,0 +1,473 @@
+"""Fast path, part two: the compiled interpreter of ``fastplan`` programs.
+
+One function, ``run_batch``, decodes a whole batch of records (their bytes concatenated) and
+writes the feature matrix, a cell state per feature, a decode status per record and the id
+and event time of each. It is compiled once by numba (``cache=True``: later processes load the
+machine code from the cache directory instead of compiling again) and serves every schema,
+because the schema is data (the program), not code.
+
+Guards, each a decode status (``REASONS``), with the semantics of ``avro_guard`` on main:
+values that are null, empty or larger than the limit; input ending early (``truncated``: also
+a length or block byte size longer than the bytes left); varints longer than 10 bytes; an
+``int`` (or enum index) outside 32 bits or a long outside 64 (``int_out_of_range``); negative
+lengths and block byte sizes; enum and union indexes outside the schema; array and map blocks
+announcing more items than the bytes left can hold (count times the item's smallest encoding),
+or, for items that take no bytes, more than ``MAX_EMPTY_ITEMS`` in the whole record
+(``count_too_large``); invalid UTF-8 (the rules of Python's strict decoder); bytes left over
+after the record; ``malformed_avro``: a boolean byte other than 0 or 1, block items that do not
+fill their announced byte size exactly, logical-type values fastavro cannot convert.
+
+numba's cache goes to ``$NUMBA_CACHE_DIR`` when set, else to ``numba/`` under the
+stream-scorer cache folder (``$STREAM_SCORER_CACHE`` or ``~/.cache/stream-scorer``), which
+must be writable; compiling without a cache takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+from stream_scorer import fastplan as fp
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    _base = os.environ.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")
+    numba.config.CACHE_DIR = str(Path(_base) / "numba")  # type: ignore[attr-defined]
+
+#: Decode statuses; index 0 is success. The names are the dead-letter reason codes.
+REASONS = (
+    "",
+    "null_value",
+    "empty",
+    "too_large",
+    "truncated",
+    "varint_too_long",
+    "int_out_of_range",
+    "negative_length",
+    "bad_enum_index",
+    "bad_union_index",
+    "count_too_large",
+    "invalid_utf8",
+    "trailing_bytes",
+    "malformed_avro",
+)
+OK, NULL, EMPTY, TOO_LARGE, TRUNCATED, VARINT, INT_RANGE, NEG_LEN = range(8)
+BAD_ENUM, BAD_UNION, COUNT, UTF8, TRAILING, MALFORMED = range(8, 14)
+
+#: At most this many items of types that take no bytes (e.g. ``null``) in one record.
+MAX_EMPTY_ITEMS = 10_000
+
+_MS_MIN = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+_MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_DAY_MIN = -719_162  # date.fromordinal(1) - 1970-01-01
+_DAY_MAX = 2_932_896  # date(9999, 12, 31) - 1970-01-01
+_MS_HOUR = 3_600_000
+_MS_DAY = 86_400_000
+
+Int64s = npt.NDArray[np.int64]
+
+
+@numba.njit(cache=True, inline="always")
+def _varint(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[int, int, int]:
+    """Read a zigzag varint: (value, new position, status)."""
+    acc = np.uint64(0)
+    shift = np.uint64(0)
+    for i in range(10):
+        if pos >= end:
+            return 0, pos, TRUNCATED
+        b = buf[pos]
+        pos += 1
+        if i == 9:
+            if b & 0x80:
+                return 0, pos, VARINT
+            if b > 1:
+                return 0, pos, INT_RANGE
+        acc |= np.uint64(b & 0x7F) << shift
+        if not b & 0x80:
+            half = np.int64(acc >> np.uint64(1))
+            if acc & np.uint64(1):
+                return int(-half - 1), pos, OK
+            return int(half), pos, OK
+        shift += np.uint64(7)
+    return 0, pos, VARINT  # pragma: no cover - the loop returns on its tenth byte
+
+
+@numba.njit(cache=True, inline="always")
+def _utf8(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[bool, int]:
+    """Validate UTF-8 as Python's strict decoder does: (valid, code points)."""
+    chars = 0
+    while pos < end:
+        b = buf[pos]
+        chars += 1
+        if b < 0x80:
+            pos += 1
+            continue
+        if 0xC2 <= b <= 0xDF:
+            need, lo, hi = 1, 0x80, 0xBF
+        elif b == 0xE0:
+            need, lo, hi = 2, 0xA0, 0xBF
+        elif 0xE1 <= b <= 0xEC or 0xEE <= b <= 0xEF:
+            need, lo, hi = 2, 0x80, 0xBF
+        elif b == 0xED:
+            need, lo, hi = 2, 0x80, 0x9F
+        elif b == 0xF0:
+            need, lo, hi = 3, 0x90, 0xBF
+        elif 0xF1 <= b <= 0xF3:
+            need, lo, hi = 3, 0x80, 0xBF
+        elif b == 0xF4:
+            need, lo, hi = 3, 0x80, 0x8F
+        else:
+            return False, chars
+        if pos + need >= end:  # the sequence runs past the string
+            return False, chars
+        c = buf[pos + 1]
+        if c < lo or c > hi:
+            return False, chars
+        for k in range(2, need + 1):
+            c = buf[pos + k]
+            if c < 0x80 or c > 0xBF:
+                return False, chars
+        pos += need + 1
+    return True, chars
+
+
+@numba.njit(cache=True, inline="always")
+def _check(value: int, check: int) -> bool:
+    """Whether fastavro can convert ``value`` of a logical type (see ``fastplan.CHECK_*``)."""
+    if check == fp.CHECK_TS_MILLIS:
+        return _MS_MIN <= value <= _MS_MAX
+    if check == fp.CHECK_TS_MICROS:
+        return _MS_MIN * 1000 <= value <= _MS_MAX * 1000 + 999
+    if check == fp.CHECK_DATE:
+        return _DAY_MIN <= value <= _DAY_MAX
+    if check == fp.CHECK_TIME_MILLIS:
+        return -_MS_HOUR < value < _MS_DAY
+    if check == fp.CHECK_TIME_MICROS:
+        return -_MS_HOUR * 1000 < value < _MS_DAY * 1000
+    return True
+
+
+@numba.njit(cache=True, inline="always")
+def _blocks(
+    buf: npt.NDArray[np.uint8], pos: int, end: int, item_min: int, zero_left: int
+) -> tuple[int, int, int, int, int]:
+    """Read an array/map block header.
+
+    Returns (count, position, block end or -1, zero-byte items still allowed, status).
+    """
+    count, pos, err = _varint(buf, pos, end)
+    if err != OK:
+        return 0, pos, -1, zero_left, err
+    block_end = -1
+    if count < 0:
+        if count == -9_223_372_036_854_775_807 - 1:
+            return 0, pos, -1, zero_left, COUNT
+        count = -count
+        size, pos, err = _varint(buf, pos, end)
+        if err != OK:
+            return 0, pos, -1, zero_left, err
+        if size < 0:
+            return 0, pos, -1, zero_left, NEG_LEN
+        if size > end - pos:
+            return 0, pos, -1, zero_left, TRUNCATED
+        block_end = pos + size
+    if count == 0:
+        return 0, pos, -1, zero_left, OK
+    if item_min > 0:
+        if count > (end - pos) // item_min:
+            return 0, pos, -1, zero_left, COUNT
+    else:
+        zero_left -= count
+        if zero_left < 0:
+            return 0, pos, -1, zero_left, COUNT
+    return count, pos, block_end, zero_left, OK
+
+
+@numba.njit(cache=True)
+def run_batch(
+    buf: npt.NDArray[np.uint8],
+    starts: Int64s,
+    lens: Int64s,
+    max_bytes: int,
+    code: npt.NDArray[np.int64],
+    branches: Int64s,
+    enum_lut: Int64s,
+    cat_bytes: npt.NDArray[np.uint8],
+    cat_spans: npt.NDArray[np.int64],
+    depth: int,
+    matrix: npt.NDArray[np.float32],
+    state: npt.NDArray[np.uint8],
+    status: Int64s,
+    err_at: Int64s,
+    ids: npt.NDArray[np.int64],
+    id_float: npt.NDArray[np.float64],
+    times: Int64s,
+) -> int:
+    """Decode every record of a batch; return how many decoded.
+
+    Args:
+        buf: the records' bytes, concatenated.
+        starts: where each record starts in ``buf``.
+        lens: each record's length; -1 for a null value.
+        max_bytes: longer records are ``too_large``.
+        code: the program (``fastplan.Program``) and its tables (the next five arguments).
+        branches: union branch start pcs.
+        enum_lut: enum symbol to category position.
+        cat_bytes: string categories, concatenated.
+        cat_spans: start and length of each string category.
+        depth: array/map nesting of the program.
+        matrix: out: the feature matrix (NaN where no value).
+        state: out: each cell's ``fastplan`` state.
+        status: out: each record's status (index into ``REASONS``).
+        err_at: out: the byte offset in the record where decoding failed.
+        ids: out: ``(n, 6)``: id kind, integer value, span start, span length, code points,
+            enum table.
+        id_float: out: the id's value when it is a float or double.
+        times: out: ``(n, 2)``: 1 when the record has an event time, and the time in ms.
+    """
+    n = starts.shape[0]
+    n_cols = matrix.shape[1]
+    stack_left = np.zeros(depth + 1, dtype=np.int64)
+    stack_end = np.zeros(depth + 1, dtype=np.int64)
+    f4 = np.zeros(1, dtype=np.float32)
+    u4 = f4.view(np.uint32)
+    f8 = np.zeros(1, dtype=np.float64)
+    u8 = f8.view(np.uint64)
+    nan32 = np.float32(np.nan)
+    good = 0
+    for r in range(n):
+        for j in range(n_cols):
+            matrix[r, j] = nan32
+            state[r, j] = fp.MISSING
+        ids[r, 0] = fp.ID_NULL
+        times[r, 0] = 0
+        err_at[r] = 0
+        size = lens[r]
+        if size < 0:
+            status[r] = NULL
+            continue
+        if size == 0:
+            status[r] = EMPTY
+            continue
+        if size > max_bytes:
+            status[r] = TOO_LARGE
+            continue
+        begin = starts[r]
+        pos = begin
+        end = begin + size
+        err = OK
+        ival = 0
+        fval = 0.0
+        span_s = 0
+        span_n = 0
+        span_c = 0
+        top = -1
+        zero_left = MAX_EMPTY_ITEMS
+        pc = 0
+        while True:
+            op = code[pc, 0]
+            a = code[pc, 1]
+            pc += 1
+            if op == fp.OP_END:
+                break
+            if op == fp.OP_INT or op == fp.OP_LONG:
+                ival, pos, err = _varint(buf, pos, end)
+                if err != OK:
+                    break
+                if op == fp.OP_INT and (ival < -2_147_483_648 or ival > 2_147_483_647):
+                    err = INT_RANGE
+                    break
+                if a != fp.CHECK_NONE and not _check(ival, a):
+                    err = MALFORMED
+                    break
+            elif op == fp.OP_STRING or op == fp.OP_BYTES:
+                length, pos, err = _varint(buf, pos, end)
+                if err != OK:
+                    break
+                if length < 0:
+                    err = NEG_LEN
+                    break
+                if length > end - pos:
+                    err = TRUNCATED
+                    break
+                span_s = pos
+                span_n = length
+                pos += length
+                if op == fp.OP_STRING:
+                    valid, span_c = _utf8(buf, span_s, pos)
+                    if not valid:
+                        err = UTF8
+                        break
+            elif op == fp.OP_BOOL:
+                if pos >= end:
+                    err = TRUNCATED
+                    break
+                if buf[pos] > 1:
+                    err = MALFORMED
+                    break
+                ival = buf[pos]
+                pos += 1
+            elif op == fp.OP_DOUBLE:
+                if end - pos < 8:
+                    err = TRUNCATED
+                    break
+                bits = np.uint64(0)
+                for k in range(8):
+                    bits |= np.uint64(buf[pos + k]) << np.uint64(8 * k)
+                u8[0] = bits
+                fval = f8[0]
+                pos += 8
+            elif op == fp.OP_FLOAT:
+                if end - pos < 4:
+                    err = TRUNCATED
+                    break
+                bits4 = np.uint32(0)
+                for k in range(4):
+                    bits4 |= np.uint32(buf[pos + k]) << np.uint32(8 * k)
+                u4[0] = bits4
+                fval = float(f4[0])
+                pos += 4
+            elif op == fp.OP_ENUM:
+                ival, pos, err = _varint(buf, pos, end)
+                if err != OK:
+                    break
+                if ival < -2_147_483_648 or ival > 2_147_483_647:
+                    err = INT_RANGE
+                    break
+                if ival < 0 or ival >= a:
+                    err = BAD_ENUM
+                    break
+            elif op == fp.OP_UNION:
+                idx, pos, err = _varint(buf, pos, end)
+                if err != OK:
+                    break
+                if idx < 0 or idx >= a:
+                    err = BAD_UNION
+                    break
+                pc = branches[code[pc - 1, 2] + idx]
+            elif op == fp.OP_JUMP:
+                pc = a
+            elif op == fp.OP_FIXED:
+                if end - pos < a:
+                    err = TRUNCATED
+                    break
+                span_s = pos
+                span_n = a
+                pos += a
+            elif op == fp.OP_BLOCKS:
+                count, pos, block_end, zero_left, err = _blocks(
+                    buf, pos, end, code[pc - 1, 2], zero_left
+                )
+                if err != OK:
+                    break
+                if count == 0:
+                    pc = a
+                else:
+                    top += 1
+                    stack_left[top] = count
+                    stack_end[top] = block_end
+            elif op == fp.OP_NEXT:
+                stack_left[top] -= 1
+                if stack_left[top] > 0:
+                    pc = a
+                else:
+                    if stack_end[top] >= 0 and pos != stack_end[top]:
+                        err = MALFORMED  # the items do not fill the announced byte size
+                        break
+                    count, pos, block_end, zero_left, err = _blocks(
+                        buf, pos, end, code[a - 1, 2], zero_left
+                    )
+                    if err != OK:
+                        break
+                    if count == 0:
+                        top -= 1
+                    else:
+                        stack_left[top] = count
+                        stack_end[top] = block_end
+                        pc = a
+            elif op == fp.ST_NUMBER_INT:
+                matrix[r, a] = np.float32(float(ival))
+                state[r, a] = fp.VALUE
+            elif op == fp.ST_NUMBER_FLOAT:
+                x = np.float32(fval)
+                matrix[r, a] = x
+                if fval != fval:
+                    state[r, a] = fp.NAN
+                elif np.isinf(x):  # infinite, or too large for float32
+                    state[r, a] = fp.INF
+                else:
+                    state[r, a] = fp.VALUE
+            elif op == fp.ST_STATE:
+                state[r, a] = code[pc - 1, 2]
+            elif op == fp.ST_CATEGORY_ENUM:
+                where = enum_lut[code[pc - 1, 2] + ival]
+                if where < 0:
+                    state[r, a] = fp.UNSEEN
+                else:
+                    matrix[r, a] = np.float32(where)
+                    state[r, a] = fp.VALUE
+            elif op == fp.ST_CATEGORY_STRING:
+                first = code[pc - 1, 2]
+                state[r, a] = fp.UNSEEN
+                for k in range(code[pc - 1, 3]):
+                    c_start = cat_spans[first + k, 0]
+                    if cat_spans[first + k, 1] != span_n:
+                        continue
+                    same = True
+                    for m in range(span_n):
+                        if cat_bytes[c_start + m] != buf[span_s + m]:
+                            same = False
+                            break
+                    if same:
+                        matrix[r, a] = np.float32(k)
+                        state[r, a] = fp.VALUE
+                        break
+            elif op == fp.ST_HOUR or op == fp.ST_WEEKDAY:
+                unit = code[pc - 1, 2]
+                ms = ival // unit
+                if code[pc - 1, 3] and not (_MS_MIN <= ms <= _MS_MAX):
+                    state[r, a] = fp.NOT_TIMESTAMP
+                else:
+                    if op == fp.ST_HOUR:
+                        matrix[r, a] = np.float32((ms // _MS_HOUR) % 24)
+                    else:
+                        matrix[r, a] = np.float32((ms // _MS_DAY + 3) % 7)
+                    state[r, a] = fp.VALUE
+            elif op == fp.ST_ID:
+                ids[r, 0] = a
+                ids[r, 1] = ival
+                ids[r, 2] = span_s
+                ids[r, 3] = span_n
+                ids[r, 4] = span_c
+                ids[r, 5] = code[pc - 1, 2]
+                id_float[r] = fval
+            elif op == fp.ST_TIME:
+                times[r, 0] = 1
+                times[r, 1] = ival if a == 1 else (ival // a if ival >= 0 else -((-ival) // a))
+        if err == OK and pos != end:
+            err = TRAILING
+        status[r] = err
+        if err != OK:
+            err_at[r] = pos - begin
+        else:
+            good += 1
+    return good
+
+
+@numba.njit(cache=True)
+def gather(buf: npt.NDArray[np.uint8], spans: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+    """Concatenate the ``(start, length)`` spans of ``buf``."""
+    total = 0
+    for i in range(spans.shape[0]):
+        total += spans[i, 1]
+    out = np.empty(total, dtype=np.uint8)
+    at = 0
+    for i in range(spans.shape[0]):
+        start = spans[i, 0]
+        for k in range(spans[i, 1]):
+            out[at + k] = buf[start + k]
+        at += spans[i, 1]
+    return out

@@ -1,0 +1,463 @@
+"""The fast path: a batch of messages straight to the model's float32 matrix, in one pass.
+
+``FastDecoder`` stands in for ``Decoder`` + ``FeatureBuilder``: a program specialised to the
+input schema and the model's features (``fastplan``) is run over the whole batch by a compiled
+interpreter (``fastkernel``), which enforces every decode guard and writes each feature cell
+with a *state* (value, missing, NaN, infinite, unseen category, not numeric, not a timestamp).
+The feature policies are then applied to the states, vectorised, column by column in the
+manifest's order (the first failing feature names the dead letter, as in ``features.py``).
+
+Dead-letter reason codes: the decode stage's are ``fastkernel.REASONS``; the feature stage's
+are ``missing_value``, ``nan_value``, ``non_finite``, ``out_of_range``, ``not_numeric`` and
+``not_timestamp``. The default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``:
+null, absent and NaN values pass as NaN, infinity and values outside a feature's min/max are
+dead-lettered; unseen categories are always NaN.
+
+``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
+specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_scorer import fastplan as fp
+from stream_scorer.fastplan import Program, Unsupported, compile_program
+from stream_scorer.manifest import FeatureSpec
+from stream_scorer.records import DeadLetter, Decoded, Message, Stage
+
+log = logging.getLogger(__name__)
+
+Matrix = npt.NDArray[np.float32]
+PASS = "pass"
+DEAD_LETTER = "dead_letter"
+_GUARD = "stream_scorer"
+OUT_OF_RANGE = 7  # a state computed from the value and the policy's bounds
+
+#: Feature-stage reason code of each cell state.
+FEATURE_REASONS = {
+    fp.MISSING: "missing_value",
+    fp.NAN: "nan_value",
+    fp.INF: "non_finite",
+    OUT_OF_RANGE: "out_of_range",
+    fp.NOT_NUMERIC: "not_numeric",
+    fp.NOT_TIMESTAMP: "not_timestamp",
+}
+_EXPLAIN = {
+    fp.MISSING: "value is missing (null or absent)",
+    fp.NAN: "value is NaN",
+    fp.INF: "value is not finite (or too large for float32)",
+    OUT_OF_RANGE: "value is outside the feature's range",
+    fp.NOT_NUMERIC: "value is not a number",
+    fp.NOT_TIMESTAMP: "value is not a timestamp",
+}
+_DECODE_EXPLAIN = {
+    "null_value": "record value is null (tombstone)",
+    "empty": "record value is empty",
+    "too_large": "value is larger than input.max_message_bytes",
+    "truncated": "the value ends before the record does",
+    "varint_too_long": "a variable-length integer runs past 10 bytes",
+    "int_out_of_range": "an integer does not fit its type (int: 32 bits, long: 64 bits)",
+    "negative_length": "a string or bytes length is negative",
+    "bad_enum_index": "an enum index is outside the enum's symbols",
+    "bad_union_index": "a union index is outside the union's branches",
+    "count_too_large": "an array or map announces more items than can follow",
+    "invalid_utf8": "a string is not valid UTF-8",
+    "trailing_bytes": "bytes are left over after the record",
+    "malformed_avro": "a logical-type value cannot be converted",
+}
+
+
+@dataclass(frozen=True)
+class FeaturePolicy:
+    """What to do with a feature's unusable values: ``pass`` or ``dead_letter``.
+
+    ``pass`` scores the row anyway: missing, NaN and infinite values as NaN (which XGBoost
+    treats as missing), out-of-range values as they are. Values that are no number or no
+    timestamp are always dead-lettered; a category the model does not know is always NaN.
+    The defaults and meanings are those of the manifest's ``ValuePolicy`` on main.
+
+    Attributes:
+        missing: null or absent values.
+        nan: NaN values.
+        inf: +/-infinity, and doubles too large for float32.
+        out_of_range: values below ``minimum`` or above ``maximum`` (when either is set).
+        minimum: the smallest valid value; None for no bound.
+        maximum: the largest valid value; None for no bound.
+    """
+
+    missing: str = PASS
+    nan: str = PASS
+    inf: str = DEAD_LETTER
+    out_of_range: str = DEAD_LETTER
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def policy_of(spec: FeatureSpec) -> FeaturePolicy:
+    """The fast path's policy for a manifest feature: its effective value policy and bounds."""
+    p = spec.effective_policy
+    return FeaturePolicy(
+        missing=p.missing,
+        nan=p.nan,
+        inf=p.infinite,
+        out_of_range=p.out_of_range,
+        minimum=spec.min,
+        maximum=spec.max,
+    )
+
+
+class FastBatch:
+    """One batch through the fast path, as columns.
+
+    Attributes:
+        messages: the records that can be scored, in input order.
+        ids: their id values, as fastavro would have returned them (str, int, ...; None).
+        event_ms: their event times in epoch milliseconds; None where the record has none.
+        matrix: their features, one row each.
+        dead: decode dead letters in input order, then feature dead letters in input order.
+        decode_done: ``time.perf_counter()`` when decoding ended and feature policies began.
+    """
+
+    __slots__ = ("_make", "dead", "decode_done", "event_ms", "ids", "matrix", "messages")
+
+    def __init__(
+        self,
+        messages: list[Message],
+        ids: list[Any],
+        event_ms: list[int | None],
+        matrix: Matrix,
+        dead: list[DeadLetter],
+        decode_done: float,
+        make: Callable[[Any, Any], dict[str, Any]],
+    ) -> None:
+        """Hold a batch's columns (built by ``FastDecoder.run``)."""
+        self.messages = messages
+        self.ids = ids
+        self.event_ms = event_ms
+        self.matrix = matrix
+        self.dead = dead
+        self.decode_done = decode_done
+        self._make = make
+
+    def decoded(self) -> list[Decoded]:
+        """The scorable records as ``Decoded`` values.
+
+        Each ``record`` holds only the id and event-time fields (what the encoder reads); the
+        rest of the record is never built.
+        """
+        make = self._make
+        return [
+            Decoded(m, make(rid, t))
+            for m, rid, t in zip(self.messages, self.ids, self.event_ms, strict=True)
+        ]
+
+
+def _kernel() -> Any:
+    from stream_scorer import fastkernel
+
+    return fastkernel
+
+
+def _record_maker(id_field: str, time_field: str) -> Callable[[Any, Any], dict[str, Any]]:
+    """Return ``make(id, time)`` building the smallest record the encoder's getters read."""
+    id_path = id_field.split(".")
+    time_path = time_field.split(".") if time_field else []
+    if len(id_path) == 1 and len(time_path) <= 1 and id_path != time_path:
+        id_key = id_path[0]
+        if not time_path:
+            return lambda rid, _t: {id_key: rid}
+        time_key = time_path[0]
+        return lambda rid, t: {id_key: rid, time_key: t}
+
+    def make(rid: Any, t: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for path, value in ((time_path, t), (id_path, rid)):  # the id wins on the same path
+            if not path:
+                continue
+            node = record
+            for part in path[:-1]:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = node[part] = {}
+                node = child
+            node[path[-1]] = value
+        return record
+
+    return make
+
+
+class FastDecoder:
+    """Decodes batches straight into the model's matrix; see the module docstring."""
+
+    def __init__(
+        self,
+        schema: Mapping[str, Any],
+        features: Sequence[FeatureSpec],
+        *,
+        id_field: str,
+        event_time_field: str = "",
+        max_message_bytes: int,
+        policies: Sequence[FeaturePolicy] | None = None,
+    ) -> None:
+        """Specialise to ``schema`` and ``features`` and load (or compile) the kernel.
+
+        Args:
+            schema: the parsed writer schema (``decode.load_schema``).
+            features: the model's features, in column order.
+            id_field: the input field copied into ``input_id``.
+            event_time_field: the input field with the event time; empty: none.
+            max_message_bytes: larger values are dead-lettered (``too_large``) unread.
+            policies: one per feature; default: each feature's manifest policy (``policy_of``).
+
+        Raises:
+            Unsupported: the schema cannot be specialised (the message says why).
+        """
+        self.features = tuple(features)
+        self.program: Program = compile_program(
+            schema, self.features, id_field=id_field, event_time_field=event_time_field
+        )
+        self._max = max_message_bytes
+        pols = tuple(policies) if policies is not None else tuple(policy_of(f) for f in features)
+        if len(pols) != len(self.features):
+            raise ValueError(f"{len(pols)} policies for {len(self.features)} features")
+        self.policies = pols
+        self._reasons = self._reason_table(pols)
+        self._bounds = [
+            (j, p.minimum, p.maximum)
+            for j, p in enumerate(pols)
+            if p.out_of_range == DEAD_LETTER and (p.minimum is not None or p.maximum is not None)
+        ]
+        self._inf_to_nan = np.array([p.inf == PASS for p in pols], dtype=bool)
+        self._make = _record_maker(id_field, event_time_field)
+        self._k = _kernel()
+        started = time.perf_counter()
+        self.run([])  # compile, or load from numba's cache, before the first real batch
+        self.warmup_s = time.perf_counter() - started
+
+    @staticmethod
+    def _reason_table(policies: Sequence[FeaturePolicy]) -> npt.NDArray[np.int64]:
+        """``(features, states)``: the state that dead-letters a cell, else 0 (pass)."""
+        table = np.zeros((len(policies), OUT_OF_RANGE + 1), dtype=np.int64)
+        for j, p in enumerate(policies):
+            table[j, fp.NOT_NUMERIC] = fp.NOT_NUMERIC
+            table[j, fp.NOT_TIMESTAMP] = fp.NOT_TIMESTAMP
+            for states, rule in (
+                ((fp.MISSING,), p.missing),
+                ((fp.NAN,), p.nan),
+                ((fp.INF,), p.inf),
+                ((OUT_OF_RANGE,), p.out_of_range),
+            ):
+                if rule not in (PASS, DEAD_LETTER):
+                    raise ValueError(f"policy {rule!r} is neither {PASS!r} nor {DEAD_LETTER!r}")
+                for s in states:
+                    table[j, s] = s if rule == DEAD_LETTER else 0
+        return table
+
+    def decode(
+        self, messages: Sequence[Message]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], dict[str, Any]]:
+        """Run the kernel only: the raw matrix, the cell states and the per-record columns.
+
+        The columns: ``status`` (index into ``fastkernel.REASONS``), ``err_at``, ``ids``,
+        ``id_float``, ``times`` (see ``fastkernel.run_batch``) and ``buf`` (the bytes).
+        """
+        values = [m.value() for m in messages]
+        n = len(values)
+        try:
+            lens = np.array(list(map(len, values)), dtype=np.int64)  # type: ignore[arg-type]
+        except TypeError:  # a null value (tombstone)
+            lens = np.array([-1 if v is None else len(v) for v in values], dtype=np.int64)
+        lens = lens.reshape(n)
+        parts: list[bytes] = values  # type: ignore[assignment]
+        if n and (values.count(None) or int(lens.max()) > self._max):
+            parts = [b"" if v is None or len(v) > self._max else v for v in values]
+        joined = b"".join(parts)
+        sizes = np.where((lens < 0) | (lens > self._max), 0, lens)
+        starts = np.zeros(n, dtype=np.int64)
+        if n > 1:
+            np.cumsum(sizes[:-1], out=starts[1:])
+        buf = np.frombuffer(joined or b"\x00", dtype=np.uint8)
+        prog = self.program
+        matrix = np.empty((n, prog.n_features), dtype=np.float32)
+        state = np.empty((n, prog.n_features), dtype=np.uint8)
+        cols: dict[str, Any] = {
+            "status": np.empty(n, dtype=np.int64),
+            "err_at": np.empty(n, dtype=np.int64),
+            "ids": np.zeros((n, 6), dtype=np.int64),
+            "id_float": np.zeros(n, dtype=np.float64),
+            "times": np.zeros((n, 2), dtype=np.int64),
+            "buf": joined,
+            "buf_array": buf,
+            "lens": lens,
+        }
+        self._k.run_batch(
+            buf,
+            starts,
+            lens,
+            self._max,
+            prog.code,
+            prog.branches,
+            prog.enum_lut,
+            prog.cat_bytes,
+            prog.cat_spans,
+            prog.depth,
+            matrix,
+            state,
+            cols["status"],
+            cols["err_at"],
+            cols["ids"],
+            cols["id_float"],
+            cols["times"],
+        )
+        return matrix, state, cols
+
+    def feature_verdicts(
+        self, matrix: npt.NDArray[np.float32], state: npt.NDArray[np.uint8]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Apply the policies: per row, the failing state (0: none) and its feature column."""
+        n, k = state.shape
+        if n == 0 or k == 0:
+            return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        infinite = state == fp.INF
+        if self._inf_to_nan.any() and infinite.any():  # passed infinities reach XGBoost as NaN
+            matrix[infinite & self._inf_to_nan[None, :]] = np.nan
+        codes = self._reasons[np.arange(k)[None, :], state]
+        for j, lo, hi in self._bounds:
+            col = matrix[:, j]
+            outside = np.zeros(n, dtype=bool)
+            if lo is not None:
+                outside |= col < lo
+            if hi is not None:
+                outside |= col > hi
+            codes[:, j] = np.where(
+                (codes[:, j] == 0) & (state[:, j] == fp.VALUE) & outside, OUT_OF_RANGE, codes[:, j]
+            )
+        first = np.argmax(codes != 0, axis=1)
+        return codes[np.arange(n), first], first
+
+    def _id_values(self, cols: Mapping[str, Any], rows: npt.NDArray[np.int64]) -> list[Any]:
+        """The id of each of ``rows`` as fastavro would have returned it."""
+        ids = cols["ids"][rows]
+        kinds = ids[:, 0]
+        buf: bytes = cols["buf"]
+        if rows.size and bool(np.all(kinds == fp.ID_STRING)):
+            spans = ids[:, 2:4]
+            text = self._k.gather(cols["buf_array"], spans).tobytes().decode()
+            ends = np.cumsum(ids[:, 4]).tolist()
+            begins = [0, *ends[:-1]]
+            return [text[a:b] for a, b in zip(begins, ends, strict=True)]
+        out: list[Any] = []
+        floats = cols["id_float"][rows]
+        for i, (kind, ival, s, length, _c, table) in enumerate(ids.tolist()):
+            if kind == fp.ID_STRING:
+                out.append(buf[s : s + length].decode())
+            elif kind == fp.ID_INT:
+                out.append(ival)
+            elif kind == fp.ID_BOOL:
+                out.append(bool(ival))
+            elif kind == fp.ID_FLOAT:
+                out.append(float(floats[i]))
+            elif kind == fp.ID_BYTES:
+                out.append(buf[s : s + length])
+            elif kind == fp.ID_ENUM:
+                out.append(self.program.enum_tables[table][ival])
+            else:
+                out.append(None)
+        return out
+
+    def run(self, messages: Sequence[Message]) -> FastBatch:
+        """Decode a batch and apply the feature policies; bad records become dead letters."""
+        matrix, state, cols = self.decode(messages)
+        decode_done = time.perf_counter()
+        status = cols["status"]
+        reasons = self._k.REASONS
+        dead: list[DeadLetter] = []
+        decoded_ok = status == 0
+        if not bool(np.all(decoded_ok)):
+            lens = cols["lens"]
+            for i in np.flatnonzero(~decoded_ok).tolist():
+                reason = reasons[int(status[i])]
+                where = "" if lens[i] <= 0 else f" (at byte {cols['err_at'][i]} of {lens[i]})"
+                if reason == "too_large":
+                    where = f" ({lens[i]} bytes, limit {self._max})"
+                dead.append(
+                    DeadLetter(
+                        messages[i],
+                        Stage.DECODE,
+                        reason,
+                        _GUARD,
+                        _DECODE_EXPLAIN[reason] + where,
+                    )
+                )
+        verdict, column = self.feature_verdicts(matrix, state)
+        verdict[~decoded_ok] = 0
+        if bool(verdict.any()):
+            for i in np.flatnonzero(verdict).tolist():
+                code = int(verdict[i])
+                spec = self.features[int(column[i])]
+                value = float(matrix[i, column[i]])
+                dead.append(
+                    DeadLetter(
+                        messages[i],
+                        Stage.FEATURES,
+                        FEATURE_REASONS[code],
+                        "FeatureError",
+                        f"{spec.name}: {_EXPLAIN[code]} (field {spec.field!r}, value {value!r})",
+                    )
+                )
+        keep = np.flatnonzero(decoded_ok & (verdict == 0))
+        if keep.size != len(messages):
+            matrix = matrix[keep]
+        rids = self._id_values(cols, keep)
+        times = cols["times"][keep]
+        event: list[Any] = times[:, 1].tolist()
+        if not bool(times[:, 0].all()):
+            event = [t if ok else None for ok, t in zip(times[:, 0].tolist(), event, strict=True)]
+        kept = (
+            list(messages) if keep.size == len(messages) else [messages[i] for i in keep.tolist()]
+        )
+        return FastBatch(kept, rids, event, matrix, dead, decode_done, self._make)
+
+
+def build_fast_path(
+    schema: Mapping[str, Any],
+    features: Sequence[FeatureSpec],
+    *,
+    id_field: str,
+    event_time_field: str,
+    max_message_bytes: int,
+    enabled: bool = True,
+    policies: Sequence[FeaturePolicy] | None = None,
+) -> FastDecoder | None:
+    """Return a ``FastDecoder`` for the schema, or None (fastavro path), logging the choice."""
+    if not enabled:
+        log.info("decoder: fastavro path (the fast path is switched off: input.fast_path)")
+        return None
+    try:
+        fast = FastDecoder(
+            schema,
+            features,
+            id_field=id_field,
+            event_time_field=event_time_field,
+            max_message_bytes=max_message_bytes,
+            policies=policies,
+        )
+    except Unsupported as exc:
+        log.info("decoder: fastavro path (the schema cannot be specialised: %s)", exc)
+        return None
+    log.info(
+        "decoder: fast path for %s (%d operations, %d features; kernel ready in %.2f s)",
+        schema.get("name", "the input schema"),
+        len(fast.program.code),
+        len(fast.features),
+        fast.warmup_s,
+    )
+    return fast

@@ -1,0 +1,78 @@
+"""The pipeline with the fast path gives what it gives with the fastavro path."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+from support import PAYMENT_SCHEMA, Msg, avro, payments, train_payment_classifier
+
+from stream_scorer.decode import Decoder, load_schema
+from stream_scorer.encode import PredictionEncoder
+from stream_scorer.fastpath import build_fast_path
+from stream_scorer.features import FeatureBuilder
+from stream_scorer.pipeline import Pipeline
+from stream_scorer.score import Scorer
+
+PREDICTION_SCHEMA = Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("payments-fast")
+    train_payment_classifier(path, threshold=0.4)
+    return path
+
+
+def _pipeline(model_dir: Path, *, fast: bool, timings: list[str]) -> Pipeline:
+    scorer = Scorer(model_dir)
+    schema = fastavro.parse_schema(PAYMENT_SCHEMA)
+    fast_path = build_fast_path(
+        schema,
+        scorer.manifest.features,
+        id_field="txn_id",
+        event_time_field="at",
+        max_message_bytes=4096,
+        enabled=fast,
+    )
+    assert (fast_path is not None) == fast
+    return Pipeline(
+        Decoder(schema, 4096),
+        FeatureBuilder(scorer.manifest.features),
+        scorer,
+        PredictionEncoder(load_schema(PREDICTION_SCHEMA)),
+        id_field="txn_id",
+        event_time_field="at",
+        clock=lambda: 1_800_000_000.0,
+        timer=lambda stage, _seconds: timings.append(stage),
+        fast=fast_path,
+    )
+
+
+def _read(value: bytes) -> Any:
+    schema = load_schema(PREDICTION_SCHEMA)
+    return fastavro.schemaless_reader(io.BytesIO(value), schema, None)
+
+
+def test_fast_and_fastavro_paths_publish_the_same_outputs(model_dir: Path) -> None:
+    recs = payments(300, seed=5)
+    msgs = [Msg(avro(PAYMENT_SCHEMA, r), o=i) for i, r in enumerate(recs)]
+    msgs[3] = Msg(avro(PAYMENT_SCHEMA, dict(recs[3], amount=math.inf)), o=3)
+    msgs[8] = Msg(b"\x00\x01", o=8)
+    msgs[9] = Msg(None, o=9)
+    msgs[11] = Msg(msgs[11].val + b"\x00", o=11)  # type: ignore[operator]
+    timings: list[str] = []
+    fast = _pipeline(model_dir, fast=True, timings=timings).process(msgs)
+    slow = _pipeline(model_dir, fast=False, timings=[]).process(msgs)
+    assert [(s.message.offset(), _read(s.value)) for s in fast.scored] == [
+        (s.message.offset(), _read(s.value)) for s in slow.scored
+    ]
+    assert len(fast.scored) == 296
+    assert [(d.message.offset(), d.stage, d.reason) for d in fast.dead] == [
+        (d.message.offset(), d.stage, d.reason) for d in slow.dead
+    ]
+    assert timings == ["decode", "features", "predict", "encode"]
