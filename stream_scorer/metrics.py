@@ -7,11 +7,16 @@ nothing is counted twice: Prometheus scrapes each process and sums.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from stream_scorer.records import Scored
 
@@ -76,12 +81,12 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
-        self.end_to_end_latency = Histogram(
+        self.end_to_end_latency = BatchHistogram(
             "stream_scorer_end_to_end_latency_seconds",
             "Time a prediction was produced minus its event time.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
+        r.register(self.end_to_end_latency)
         self.consumer_lag = Gauge(
             "stream_scorer_consumer_lag_records",
             "End offset minus committed offset per assigned partition.",
@@ -144,12 +149,11 @@ class Metrics:
         self.stage_seconds.labels(stage).observe(seconds)
 
     def observe_latency(self, scored: Sequence[Scored], now: float | None = None) -> None:
-        """Observe now minus the event time of each prediction just produced."""
+        """Observe now minus the event time of each prediction just produced (0: unknown)."""
         now = time.time() if now is None else now
-        observe = self.end_to_end_latency.observe
-        for item in scored:
-            if item.event_time_ms:
-                observe(max(0.0, now - item.event_time_ms / 1000.0))
+        times = np.fromiter((item.event_time_ms for item in scored), np.float64, len(scored))
+        times = times[times != 0]
+        self.end_to_end_latency.observe_many(np.maximum(0.0, now - times / 1000.0))
 
     def update_partitions(
         self,
@@ -173,3 +177,47 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""
         return generate_latest(self.registry)
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram observed a batch at a time (numpy), not value by value.
+
+    The exposition is the same as ``prometheus_client.Histogram``'s (``_bucket``, ``_count``,
+    ``_sum``); observing 1,000 values costs one ``searchsorted`` instead of 1,000 locked calls.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        """Create an empty histogram with ``buckets`` upper bounds (``+Inf`` is added)."""
+        self._name = name
+        self._doc = documentation
+        self._bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self._counts = np.zeros(len(self._bounds) + 1, dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
+        """Observe every value of ``values``."""
+        if values.size == 0:
+            return
+        slots = np.searchsorted(self._bounds, values, side="left")  # the first bound >= value
+        counts = np.bincount(slots, minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the histogram family (cumulative buckets)."""
+        with self._lock:
+            counts, total = self._counts.copy(), self._sum
+        cumulative = np.cumsum(counts).tolist()
+        les = [repr(b) for b in self._bounds.tolist()]  # as prometheus_client writes `le`
+        yield HistogramMetricFamily(
+            self._name,
+            self._doc,
+            buckets=[*zip(les, cumulative[:-1], strict=True), ("+Inf", cumulative[-1])],
+            sum_value=total,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """Yield the family without samples (the registry checks names with it)."""
+        yield HistogramMetricFamily(self._name, self._doc)

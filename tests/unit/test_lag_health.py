@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from support import Msg, train_payment_classifier, wait_for, write_schema
 
@@ -397,3 +398,32 @@ def test_refresh_publishes_exactly_the_partitions_owned_now(base_cfg: dict[str, 
     monitor.refresh()
     assert get("stream_scorer_consumer_lag_records", {"topic": "in", "partition": "0"}) is None
     assert get("stream_scorer_partition_stalled", {"topic": "in", "partition": "0"}) is None
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], [0.0], [0.001, 0.5, 0.5, 2.0, 1e9], [0.25] * 7, list(np.linspace(0, 40, 333))],
+)
+def test_batch_histogram_exposes_what_a_prometheus_histogram_would(values: list[float]) -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from stream_scorer.metrics import BatchHistogram
+
+    buckets = (0.001, 0.01, 0.25, 0.5, 1.0, 2.5, 30.0)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batch = BatchHistogram("x_seconds", "doc", buckets)
+    ours.register(batch)
+    reference = Histogram("x_seconds", "doc", buckets=buckets, registry=theirs)
+    batch.observe_many(np.asarray(values, dtype=np.float64))
+    for v in values:
+        reference.observe(v)
+
+    def samples(registry: CollectorRegistry) -> tuple[list[str], float]:
+        lines = generate_latest(registry).decode().splitlines()
+        kept = [line for line in lines if not line.startswith("#") and "_created" not in line]
+        total = next(float(line.split()[1]) for line in kept if line.startswith("x_seconds_sum"))
+        return [line for line in kept if not line.startswith("x_seconds_sum")], total
+
+    (ours_lines, ours_sum), (their_lines, their_sum) = samples(ours), samples(theirs)
+    assert ours_lines == their_lines  # every bucket and the count, exactly
+    assert ours_sum == pytest.approx(their_sum)  # summed in another order
