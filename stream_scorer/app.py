@@ -210,11 +210,12 @@ def _loop(
                 dead = {id(d.message) for d in result.dead}
                 poison.observe([id(m) in dead for m in batch])
             t1 = time.perf_counter()
-            if delivery.deliver(batch, result) is not False:
+            delivered = delivery.deliver(batch, result) is not False  # False: rolled back
+            metrics.observe_stage("produce", time.perf_counter() - t1)
+            if delivered:
                 report.consumed += len(batch)
                 report.batches += 1
                 metrics.observe_latency(result.scored)
-            metrics.observe_stage("produce", time.perf_counter() - t1)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         delivery.service()
         source.raise_errors()
