@@ -108,6 +108,9 @@ class Sink:
         self._metrics = metrics
         self._errors: list[DeliveryError] = []
         self._version_header = ctx.model_version.encode()
+        self._acked_predictions = 0
+        #: (topic, partition) -> the model-version, source-topic and source-partition headers
+        self._source_headers: dict[tuple[str, int], list[tuple[str, bytes | None]]] = {}
 
     # --- delivery callbacks: never raise -------------------------------------------------
     def _delivered(
@@ -134,7 +137,7 @@ class Sink:
                 return
             self._tracker.ack(topic, partition, offset)
             if reason is None:
-                self._metrics.predictions.inc()
+                self._acked_predictions += 1  # added to the counter once per poll
             else:
                 self._metrics.dead_letters.labels(*reason).inc()
         except Exception as exc:  # pragma: no cover - defensive: a callback must not raise
@@ -182,14 +185,18 @@ class Sink:
     def publish(self, scored: Sequence[Scored], dead: Sequence[DeadLetter]) -> None:
         """Produce every prediction and dead letter (asynchronously)."""
         ctx = self._ctx
+        cached = self._source_headers
         for item in scored:
             msg = item.message
-            headers: list[tuple[str, bytes | None]] = [
-                (HEADER_MODEL_VERSION, self._version_header),
-                (HEADER_SOURCE_TOPIC, (msg.topic() or "").encode()),
-                (HEADER_SOURCE_PARTITION, str(msg.partition()).encode()),
-                (HEADER_SOURCE_OFFSET, str(msg.offset()).encode()),
-            ]
+            tp = (msg.topic() or "", msg.partition() or 0)
+            common = cached.get(tp)
+            if common is None:
+                common = cached[tp] = [
+                    (HEADER_MODEL_VERSION, self._version_header),
+                    (HEADER_SOURCE_TOPIC, tp[0].encode()),
+                    (HEADER_SOURCE_PARTITION, str(tp[1]).encode()),
+                ]
+            headers = [*common, (HEADER_SOURCE_OFFSET, str(msg.offset()).encode())]
             self._produce(msg, ctx.output_topic, item.value, headers, None)
         for dl in dead:
             self._produce(
@@ -199,15 +206,23 @@ class Sink:
                 dead_letter_headers(dl, ctx),
                 (dl.stage.value, dl.reason),
             )
-        self._producer.poll(0)
+        self.poll(0)
+
+    def _count_acks(self) -> None:
+        if self._acked_predictions:
+            self._metrics.predictions.inc(self._acked_predictions)
+            self._acked_predictions = 0
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve delivery reports."""
         self._producer.poll(timeout)
+        self._count_acks()
 
     def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for every outstanding delivery; return how many remain."""
-        return self._producer.flush(timeout)
+        remaining = self._producer.flush(timeout)
+        self._count_acks()
+        return remaining
 
     def clear_errors(self) -> list[DeliveryError]:
         """Forget recorded delivery failures (an aborted transaction's purged outputs)."""
