@@ -219,7 +219,8 @@ class FaultRun:
         self.start(wid)
 
     def terminate(self, wid: str, timeout: float = 60) -> int:
-        """SIGTERM ``wid`` and wait for its exit code."""
+        """SIGTERM ``wid`` (once started) and wait for its exit code."""
+        self.wait_started(wid)
         proc = self.workers[wid].proc
         self.expected_exit.add(wid)
         proc.send_signal(signal.SIGTERM)
@@ -272,9 +273,26 @@ class FaultRun:
 
         wait_for(done, timeout, f"group {self.group} committed everything", interval=0.5)
 
+    def wait_started(self, wid: str, timeout: float = 60) -> None:
+        """Wait until worker ``wid`` has started (its first log line) or exited.
+
+        A SIGTERM that arrives while the interpreter itself is still starting, before any
+        handler can be installed, ends the process with -15; an orchestrator would see the same.
+        The harness stops only workers that have started, so the exit codes it checks are the
+        workers' own.
+        """
+        worker = self.workers[wid]
+
+        def started() -> bool:
+            return worker.proc.poll() is not None or "consumer settings" in _read(worker.log)
+
+        wait_for(started, timeout, f"worker {wid} started")
+
     def stop_all(self) -> dict[str, int]:
-        """SIGTERM every worker; return their exit codes."""
+        """SIGTERM every worker (once started); return their exit codes."""
         codes = {}
+        for wid in self.workers:
+            self.wait_started(wid)
         for wid, worker in self.workers.items():
             if worker.proc.poll() is None:
                 self.expected_exit.add(wid)
@@ -338,6 +356,13 @@ class FaultRun:
             duplicates=dups,
         )
         return outcome
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _source(msg: Any, prefix: str) -> tuple[int, int]:
