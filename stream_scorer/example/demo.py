@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -101,6 +102,38 @@ def _start_workers(
     return procs
 
 
+def _wait_for_members(
+    bootstrap: str,
+    group: str,
+    n: int,
+    procs: list[tuple[subprocess.Popen[str], Path]],
+    timeout: float = 120.0,
+) -> int:
+    """Wait until ``n`` workers are members of ``group`` (or one exits, or ``timeout``).
+
+    A worker's first start in a fresh checkout compiles the fast path's kernel (seconds); without
+    this wait the first worker ready takes every partition and the demo shows one worker.
+    Returns how many members joined.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": "0"})
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()  # never set: paces the polling
+    members = 0
+    while members < n and time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc, _log in procs):
+            break  # a worker exited: the summary's checks will say what went wrong
+        try:
+            described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            members = len(described.members)
+        except KafkaException:
+            members = 0  # the group does not exist until the first member joins
+        tick.wait(0.2)
+    return members
+
+
 def _ensure_model() -> None:
     from stream_scorer.example.rides import FEATURES
 
@@ -158,6 +191,8 @@ def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float)
         log_dir.mkdir(parents=True, exist_ok=True)
         procs = _start_workers(workers, env, log_dir)
         _say(f"[4/6] workers: {workers} processes (logs in {log_dir})")
+        joined = _wait_for_members(bootstrap, group, workers, procs)
+        _say(f"      {joined} of {workers} workers in the group")
         _say(f"[5/6] producing {events:,} ride events, {malformed_fraction:.1%} malformed")
         started = time.monotonic()
         step = max(1, events // 5)
