@@ -109,11 +109,11 @@ def _wait_for_members(
     procs: list[tuple[subprocess.Popen[str], Path]],
     timeout: float = 120.0,
 ) -> int:
-    """Wait until ``n`` workers are members of ``group`` (or one exits, or ``timeout``).
+    """Wait until ``n`` workers share the input partitions (or one exits, or ``timeout``).
 
     A worker's first start in a fresh checkout compiles the fast path's kernel (seconds); without
     this wait the first worker ready takes every partition and the demo shows one worker.
-    Returns how many members joined.
+    Returns how many members hold partitions.
     """
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
@@ -127,7 +127,9 @@ def _wait_for_members(
             break  # a worker exited: the summary's checks will say what went wrong
         try:
             described = admin.describe_consumer_groups([group])[group].result(timeout=10)
-            members = len(described.members)
+            held = [len(m.assignment.topic_partitions) for m in described.members]
+            # every member holds partitions and every partition is held: the rebalance is done
+            members = len([h for h in held if h]) if sum(held) == INPUT_PARTITIONS else 0
         except KafkaException:
             members = 0  # the group does not exist until the first member joins
         tick.wait(0.2)
