@@ -32,33 +32,20 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_scorer import fastplan as fp
+from stream_scorer.avro_guard import DECODE_REASONS, DEFAULT_MAX_ZERO_SIZE_ITEMS
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
     _base = os.environ.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")
     numba.config.CACHE_DIR = str(Path(_base) / "numba")  # type: ignore[attr-defined]
 
-#: Decode statuses; index 0 is success. The names are the dead-letter reason codes.
-REASONS = (
-    "",
-    "null_value",
-    "empty",
-    "too_large",
-    "truncated",
-    "varint_too_long",
-    "int_out_of_range",
-    "negative_length",
-    "bad_enum_index",
-    "bad_union_index",
-    "count_too_large",
-    "invalid_utf8",
-    "trailing_bytes",
-    "malformed_avro",
-)
+#: Decode statuses; index 0 is success. The names are the guard's dead-letter reason codes, in
+#: the guard's order (the constants below index this tuple).
+REASONS = ("", *DECODE_REASONS)
 OK, NULL, EMPTY, TOO_LARGE, TRUNCATED, VARINT, INT_RANGE, NEG_LEN = range(8)
 BAD_ENUM, BAD_UNION, COUNT, UTF8, TRAILING, MALFORMED = range(8, 14)
 
 #: At most this many items of types that take no bytes (e.g. ``null``) in one record.
-MAX_EMPTY_ITEMS = 10_000
+MAX_EMPTY_ITEMS = DEFAULT_MAX_ZERO_SIZE_ITEMS
 
 _MS_MIN = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 _MS_MAX = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
