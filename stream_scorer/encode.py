@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import fastavro
+import numpy as np
+import numpy.typing as npt
 
 from stream_scorer.errors import SchemaError
 
@@ -62,13 +65,61 @@ def _string(text: str) -> bytes:
     return _long(len(raw)) + raw
 
 
+#: Bytes a v1 record takes besides its id and model version: the id's length (at most 5),
+#: the double (8), the label (at most 6), two longs (at most 10 each), plus slack.
+_V1_FIXED_BYTES = 43
+
+
+def _encode_v1_batch(
+    ids: Sequence[str],
+    predictions: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.int64] | None,
+    version: bytes,
+    event_ms: Sequence[int],
+    scored_at_ms: int,
+) -> list[bytes]:
+    """Write a batch of v1 predictions with the compiled writer (``fastkernel.encode_v1``).
+
+    Raises:
+        OverflowError: an event time or the scoring time does not fit in 64 bits.
+        UnicodeEncodeError: an id holds a lone surrogate.
+    """
+    from stream_scorer.fastkernel import encode_v1  # numba: imported on first use
+
+    n = len(ids)
+    raw = "".join(ids).encode()
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+    if len(raw) != int(lens.sum()):  # some ids are not ASCII: count their UTF-8 bytes
+        lens = np.fromiter((len(i.encode()) for i in ids), dtype=np.int64, count=n)
+    times = np.array(event_ms, dtype=np.int64).reshape(n)
+    if not -(2**63) <= scored_at_ms < 2**63:
+        raise OverflowError(f"scored_at {scored_at_ms} does not fit in 64 bits")
+    out = np.empty(len(raw) + n * (_V1_FIXED_BYTES + len(version)), dtype=np.uint8)
+    ends = np.empty(n, dtype=np.int64)
+    used = encode_v1(
+        np.frombuffer(raw or b"\x00", dtype=np.uint8),
+        np.cumsum(lens),
+        np.ascontiguousarray(predictions, dtype="<f8").reshape(n).view(np.uint8),
+        np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64),
+        labels is not None,
+        np.frombuffer(version, dtype=np.uint8),
+        times,
+        scored_at_ms,
+        out,
+        ends,
+    )
+    data = out[:used].tobytes()
+    stops = ends.tolist()
+    return [data[a:b] for a, b in zip([0, *stops[:-1]], stops, strict=True)]
+
+
 class PredictionEncoder:
     """Writes prediction records with one parsed schema.
 
-    For the v1 layout (``schemas/prediction.v1.avsc``) a small writer specialised to it builds
-    the bytes directly (the model version's bytes are cached), about three times faster than
-    fastavro's generic writer, byte for byte the same (tested against fastavro); any other
-    compatible schema is written by fastavro.
+    For the v1 layout (``schemas/prediction.v1.avsc``) a writer specialised to it builds the
+    bytes directly, byte for byte what fastavro writes (tested against fastavro):
+    ``encode_batch`` writes a whole batch in one compiled loop, ``encode`` one record;
+    any other compatible schema is written by fastavro, one record at a time.
     """
 
     def __init__(self, schema: dict[str, Any]) -> None:
@@ -130,3 +181,30 @@ class PredictionEncoder:
             },
         )
         return buf.getvalue()
+
+    def encode_batch(
+        self,
+        ids: Sequence[str],
+        predictions: npt.NDArray[np.float64],
+        labels: npt.NDArray[np.int64] | None,
+        model_version: str,
+        event_ms: Sequence[int],
+        scored_at_ms: int,
+    ) -> list[bytes]:
+        """Return one prediction record per row, as ``encode`` would, in one pass.
+
+        Raises:
+            Exception: a row cannot be written (``encode`` on each row tells which).
+        """
+        if self.specialised and ids:
+            if model_version != self._version[0]:
+                self._version = (model_version, _string(model_version))
+            return _encode_v1_batch(
+                ids, predictions, labels, self._version[1], event_ms, scored_at_ms
+            )
+        values = predictions.tolist()
+        marks = [None] * len(ids) if labels is None else labels.tolist()
+        return [
+            self.encode(i, v, m, model_version, t, scored_at_ms)
+            for i, v, m, t in zip(ids, values, marks, event_ms, strict=True)
+        ]

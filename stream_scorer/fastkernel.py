@@ -458,3 +458,62 @@ def gather(buf: npt.NDArray[np.uint8], spans: npt.NDArray[np.int64]) -> npt.NDAr
             out[at + k] = buf[start + k]
         at += spans[i, 1]
     return out
+
+
+@numba.njit(cache=True, inline="always")
+def _put_long(out: npt.NDArray[np.uint8], pos: int, value: int) -> int:
+    """Write ``value`` as an Avro zigzag varint at ``pos``; return the position after it."""
+    z = (np.uint64(value) << np.uint64(1)) ^ np.uint64(value >> 63)
+    while z > np.uint64(0x7F):
+        out[pos] = np.uint8((z & np.uint64(0x7F)) | np.uint64(0x80))
+        pos += 1
+        z >>= np.uint64(7)
+    out[pos] = np.uint8(z)
+    return pos + 1
+
+
+@numba.njit(cache=True)
+def encode_v1(
+    ids: npt.NDArray[np.uint8],
+    id_ends: Int64s,
+    predictions: npt.NDArray[np.uint8],
+    labels: Int64s,
+    has_labels: bool,
+    version: npt.NDArray[np.uint8],
+    times: Int64s,
+    scored_at: int,
+    out: npt.NDArray[np.uint8],
+    ends: Int64s,
+) -> int:
+    """Write v1 prediction records one after the other into ``out``; return the bytes used.
+
+    ``ids`` holds every id's UTF-8 bytes back to back (record ``i``'s end at ``id_ends[i]``),
+    ``predictions`` the little-endian doubles' bytes; ``version`` is the model version already
+    encoded as an Avro string. ``ends[i]`` receives where record ``i`` ends. ``out`` must hold
+    ``len(ids) + n * (43 + len(version))`` bytes.
+    """
+    pos = 0
+    start = 0
+    for i in range(id_ends.shape[0]):
+        stop = id_ends[i]
+        pos = _put_long(out, pos, stop - start)
+        for j in range(start, stop):
+            out[pos] = ids[j]
+            pos += 1
+        start = stop
+        for j in range(8):
+            out[pos + j] = predictions[i * 8 + j]
+        pos += 8
+        if has_labels:
+            out[pos] = 2
+            pos = _put_long(out, pos + 1, labels[i])
+        else:
+            out[pos] = 0
+            pos += 1
+        for j in range(version.shape[0]):
+            out[pos + j] = version[j]
+        pos += version.shape[0]
+        pos = _put_long(out, pos, times[i])
+        pos = _put_long(out, pos, scored_at)
+        ends[i] = pos
+    return pos
