@@ -201,8 +201,7 @@ def _loop(
         batch = source.poll_batch(want, max_wait)
         if batch:
             t0 = last_record = time.monotonic()
-            for msg in batch:
-                tracker.track(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+            ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
             result = pipeline.process(batch)
@@ -210,12 +209,12 @@ def _loop(
                 dead = {id(d.message) for d in result.dead}
                 poison.observe([id(m) in dead for m in batch])
             t1 = time.perf_counter()
-            delivered = delivery.deliver(batch, result) is not False  # False: rolled back
+            delivered = delivery.deliver(ticket, result) is not False  # False: rolled back
             metrics.observe_stage("produce", time.perf_counter() - t1)
             if delivered:
                 report.consumed += len(batch)
                 report.batches += 1
-                metrics.observe_latency(result.scored)
+                metrics.observe_latency(result.scored.event_ms)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         delivery.service()
         source.raise_errors()

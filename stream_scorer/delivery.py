@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -23,9 +23,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stream_scorer.errors import BrokerError, FencedError
 from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker
+from stream_scorer.offsets import OffsetTracker, Ticket
 from stream_scorer.pipeline import BatchResult
-from stream_scorer.records import Message
 from stream_scorer.sink import Producer, Sink, SinkContext
 from stream_scorer.source import Partitions, Source
 
@@ -95,15 +94,6 @@ def bounded(call: Callable[[], None], timeout_s: float, what: str) -> None:
         raise outcome[0]
 
 
-def next_offsets(batch: Sequence[Message]) -> list[tuple[str, int, int]]:
-    """Return ``(topic, partition, last offset + 1)`` per partition of ``batch``, sorted."""
-    last: dict[tuple[str, int], int] = {}
-    for msg in batch:
-        tp = (msg.topic() or "", msg.partition() or 0)
-        last[tp] = max(last.get(tp, -1), msg.offset() or 0)
-    return [(t, p, o + 1) for (t, p), o in sorted(last.items())]
-
-
 def kafka_error(exc: BaseException) -> KafkaError | None:
     """Return the ``KafkaError`` behind ``exc`` (following ``raise ... from``), if any."""
     seen: BaseException | None = exc
@@ -134,9 +124,9 @@ class AtLeastOnce:
         self._flush_timeout = flush_timeout_s
         self.paused = False
 
-    def deliver(self, batch: Sequence[Message], result: BatchResult) -> None:
+    def deliver(self, ticket: Ticket, result: BatchResult) -> None:
         """Produce the batch's outputs; their acknowledgements move the watermark later."""
-        self.sink.publish(result.scored, result.dead)
+        self.sink.publish(result.scored, result.dead, ticket)
 
     def service(self) -> None:
         """Serve delivery reports, raise failures, store offsets, apply back-pressure."""
@@ -217,17 +207,17 @@ class ExactlyOnce:
             )
         return BrokerError(f"{what}: {exc}")
 
-    def deliver(self, batch: Sequence[Message], result: BatchResult) -> bool:
+    def deliver(self, ticket: Ticket, result: BatchResult) -> bool:
         """Publish the batch and commit it with its offsets; return False if it was rolled back.
 
         Raises:
             FencedError: this producer was fenced (another worker took over).
             BrokerError: an unclassified transaction error.
         """
-        offsets = [TopicPartition(t, p, o) for t, p, o in next_offsets(batch)]
+        offsets = [TopicPartition(t, p, o) for t, p, o in ticket.next_offsets]
         try:
             self._producer.begin_transaction()
-            self.sink.publish(result.scored, result.dead)
+            self.sink.publish(result.scored, result.dead, ticket)
             self._send_offsets(offsets)
             bounded(
                 partial(self._producer.commit_transaction, self._timeout),

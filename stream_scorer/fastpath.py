@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy.typing as npt
 from stream_scorer import fastplan as fp
 from stream_scorer.fastplan import Program, Unsupported, compile_program
 from stream_scorer.manifest import FeatureSpec
-from stream_scorer.records import DeadLetter, Decoded, Message, Stage
+from stream_scorer.records import DeadLetter, Message, Stage
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class FastBatch:
         decode_done: ``time.perf_counter()`` when decoding ended and feature policies began.
     """
 
-    __slots__ = ("_make", "dead", "decode_done", "event_ms", "ids", "matrix", "messages")
+    __slots__ = ("dead", "decode_done", "event_ms", "ids", "matrix", "messages")
 
     def __init__(
         self,
@@ -136,7 +136,6 @@ class FastBatch:
         matrix: Matrix,
         dead: list[DeadLetter],
         decode_done: float,
-        make: Callable[[Any, Any], dict[str, Any]],
     ) -> None:
         """Hold a batch's columns (built by ``FastDecoder.run``)."""
         self.messages = messages
@@ -145,53 +144,12 @@ class FastBatch:
         self.matrix = matrix
         self.dead = dead
         self.decode_done = decode_done
-        self._make = make
-
-    def decoded(self) -> list[Decoded]:
-        """The scorable records as ``Decoded`` values.
-
-        Each ``record`` holds only the id and event-time fields (what the encoder reads); the
-        rest of the record is never built.
-        """
-        make = self._make
-        return [
-            Decoded(m, make(rid, t))
-            for m, rid, t in zip(self.messages, self.ids, self.event_ms, strict=True)
-        ]
 
 
 def _kernel() -> Any:
     from stream_scorer import fastkernel
 
     return fastkernel
-
-
-def _record_maker(id_field: str, time_field: str) -> Callable[[Any, Any], dict[str, Any]]:
-    """Return ``make(id, time)`` building the smallest record the encoder's getters read."""
-    id_path = id_field.split(".")
-    time_path = time_field.split(".") if time_field else []
-    if len(id_path) == 1 and len(time_path) <= 1 and id_path != time_path:
-        id_key = id_path[0]
-        if not time_path:
-            return lambda rid, _t: {id_key: rid}
-        time_key = time_path[0]
-        return lambda rid, t: {id_key: rid, time_key: t}
-
-    def make(rid: Any, t: Any) -> dict[str, Any]:
-        record: dict[str, Any] = {}
-        for path, value in ((time_path, t), (id_path, rid)):  # the id wins on the same path
-            if not path:
-                continue
-            node = record
-            for part in path[:-1]:
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = node[part] = {}
-                node = child
-            node[path[-1]] = value
-        return record
-
-    return make
 
 
 class FastDecoder:
@@ -236,7 +194,6 @@ class FastDecoder:
             if p.out_of_range == DEAD_LETTER and (p.minimum is not None or p.maximum is not None)
         ]
         self._inf_to_nan = np.array([p.inf == PASS for p in pols], dtype=bool)
-        self._make = _record_maker(id_field, event_time_field)
         self._k = _kernel()
         started = time.perf_counter()
         self.run([])  # compile, or load from numba's cache, before the first real batch
@@ -424,7 +381,7 @@ class FastDecoder:
         kept = (
             list(messages) if keep.size == len(messages) else [messages[i] for i in keep.tolist()]
         )
-        return FastBatch(kept, rids, event, matrix, dead, decode_done, self._make)
+        return FastBatch(kept, rids, event, matrix, dead, decode_done)
 
 
 def build_fast_path(

@@ -18,8 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from stream_scorer.records import Scored
-
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _STAGE_BUCKETS = (
     0.0001,
@@ -148,10 +146,10 @@ class Metrics:
         """Record one batch's time in ``stage``."""
         self.stage_seconds.labels(stage).observe(seconds)
 
-    def observe_latency(self, scored: Sequence[Scored], now: float | None = None) -> None:
-        """Observe now minus the event time of each prediction just produced (0: unknown)."""
+    def observe_latency(self, event_ms: Sequence[int], now: float | None = None) -> None:
+        """Observe now minus each event time (ms) of the predictions just produced (0: unknown)."""
         now = time.time() if now is None else now
-        times = np.fromiter((item.event_time_ms for item in scored), np.float64, len(scored))
+        times = np.array(event_ms, dtype=np.float64).reshape(len(event_ms))
         times = times[times != 0]
         self.end_to_end_latency.observe_many(np.maximum(0.0, now - times / 1000.0))
 

@@ -18,10 +18,11 @@ import numpy.typing as npt
 from stream_scorer.decode import Decoder
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.fastpath import FastDecoder
-from stream_scorer.features import FeatureBuilder, RejectedRow, field_getter
-from stream_scorer.records import DeadLetter, Decoded, Message, Scored, Stage
+from stream_scorer.features import FeatureBuilder, field_getter
+from stream_scorer.records import DeadLetter, Message, Scored, Stage
 from stream_scorer.score import Predictions
 
+Matrix = npt.NDArray[np.float32]
 #: Called with a stage name and the seconds it took for the batch.
 StageTimer = Callable[[str, float], None]
 
@@ -40,9 +41,9 @@ class Model(Protocol):
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What became of a batch: one entry per input record, in one of the two lists."""
+    """What became of a batch: each input record is either scored or a dead letter."""
 
-    scored: list[Scored]
+    scored: Scored
     dead: list[DeadLetter]
 
 
@@ -94,28 +95,23 @@ class Pipeline:
         self._timer = timer
         self._fast = fast
 
-    def _event_time(self, msg: Message, record: Mapping[str, Any]) -> int:
-        if self._get_time is not None:
-            millis = _millis(self._get_time(record))
-            if millis is not None:
-                return millis
-        return msg.timestamp()[1]
+    def _event_time(self, record: Mapping[str, Any]) -> int | None:
+        return None if self._get_time is None else _millis(self._get_time(record))
 
-    def process(self, messages: Sequence[Message]) -> BatchResult:
-        """Score a batch. Bad records come back as dead letters; nothing is dropped.
+    def _columns(
+        self, messages: Sequence[Message]
+    ) -> tuple[list[Message], list[Any], list[int | None], Matrix, list[DeadLetter], float]:
+        """Decode and build features: the scorable records as columns, and the dead letters.
 
-        When the model fails on the batch, the batch is split in halves and each half retried,
-        until the records it fails on are isolated and dead-lettered; the others are scored.
+        Returns the records, their id values, their event times (None: none in the record), the
+        feature matrix, the dead letters and when decoding ended.
         """
-        t0 = time.perf_counter()
-        rejected: list[RejectedRow] = []
-        if self._fast is not None:  # decode and features in one pass; rejected rows are dead
+        if self._fast is not None:  # decode and features in one compiled pass
             fast = self._fast.run(messages)
-            decoded, dead, matrix, t1 = fast.decoded(), fast.dead, fast.matrix, fast.decode_done
-        else:
-            decoded, dead = self._decoder.decode_batch(messages)
-            t1 = time.perf_counter()
-            matrix, rejected = self._features.build([d.record for d in decoded])
+            return fast.messages, fast.ids, fast.event_ms, fast.matrix, fast.dead, fast.decode_done
+        decoded, dead = self._decoder.decode_batch(messages)
+        t1 = time.perf_counter()
+        matrix, rejected = self._features.build([d.record for d in decoded])
         if rejected:
             bad = {r.index for r in rejected}
             dead.extend(
@@ -127,32 +123,36 @@ class Pipeline:
             keep = [i for i in range(len(decoded)) if i not in bad]
             decoded = [decoded[i] for i in keep]
             matrix = matrix[keep]
+        return (
+            [d.message for d in decoded],
+            [self._get_id(d.record) for d in decoded],
+            [self._event_time(d.record) for d in decoded],
+            matrix,
+            dead,
+            t1,
+        )
+
+    def process(self, messages: Sequence[Message]) -> BatchResult:
+        """Score a batch. Bad records come back as dead letters; nothing is dropped.
+
+        When the model fails on the batch, the batch is split in halves and each half retried,
+        until the records it fails on are isolated and dead-lettered; the others are scored.
+        """
+        t0 = time.perf_counter()
+        kept, ids, times, matrix, dead, t1 = self._columns(messages)
         t2 = time.perf_counter()
-        decoded, values, labels = self._predict(decoded, matrix, dead)
+        rows, values, labels = self._predict(kept, np.arange(len(kept)), matrix, dead)
         t3 = time.perf_counter()
-        scored: list[Scored] = []
-        version = self._scorer.model_version
-        now_ms = int(self._clock() * 1000)
-        for i, item in enumerate(decoded):
-            raw_id = self._get_id(item.record)
-            try:
-                event_ms = self._event_time(item.message, item.record)
-                value = self._encoder.encode(
-                    "" if raw_id is None else str(raw_id),
-                    float(values[i]),
-                    None if labels is None else int(labels[i]),
-                    version,
-                    event_ms,
-                    now_ms,
-                )
-            except Exception as exc:  # a row the encoder refuses is a dead letter, not a crash
-                dead.append(
-                    DeadLetter(
-                        item.message, Stage.ENCODE, "encode_failed", type(exc).__name__, str(exc)
-                    )
-                )
-                continue
-            scored.append(Scored(item.message, value, event_ms))
+        if len(rows) != len(kept):
+            picked = rows.tolist()
+            kept = [kept[i] for i in picked]
+            ids = [ids[i] for i in picked]
+            times = [times[i] for i in picked]
+        if None in times:  # no event time in the record: the Kafka timestamp
+            times = [m.timestamp()[1] if t is None else t for m, t in zip(kept, times, strict=True)]
+        event_ms: list[int] = times  # type: ignore[assignment]
+        texts = [i if type(i) is str else ("" if i is None else str(i)) for i in ids]
+        scored = self._encode(kept, texts, values, labels, event_ms, dead)
         t4 = time.perf_counter()
         for stage, seconds in (
             ("decode", t1 - t0),
@@ -163,50 +163,88 @@ class Pipeline:
             self._timer(stage, seconds)
         return BatchResult(scored, dead)
 
+    def _encode(
+        self,
+        kept: list[Message],
+        ids: list[str],
+        values: npt.NDArray[np.float64],
+        labels: npt.NDArray[np.int64] | None,
+        event_ms: list[int],
+        dead: list[DeadLetter],
+    ) -> Scored:
+        """Encode the predictions; when the batch cannot be, row by row, dead-lettering failures."""
+        version = self._scorer.model_version
+        now_ms = int(self._clock() * 1000)
+        try:
+            encoded = self._encoder.encode_batch(ids, values, labels, version, event_ms, now_ms)
+            return Scored(kept, encoded, event_ms)
+        except Exception:  # find the rows the encoder refuses
+            pass
+        out = Scored([], [], [])
+        marks = [None] * len(kept) if labels is None else labels.tolist()
+        for msg, rid, value, label, event in zip(
+            kept, ids, values.tolist(), marks, event_ms, strict=True
+        ):
+            try:
+                encoded_one = self._encoder.encode(rid, value, label, version, event, now_ms)
+            except Exception as exc:  # a row the encoder refuses is a dead letter, not a crash
+                dead.append(
+                    DeadLetter(msg, Stage.ENCODE, "encode_failed", type(exc).__name__, str(exc))
+                )
+                continue
+            out.messages.append(msg)
+            out.values.append(encoded_one)
+            out.event_ms.append(event)
+        return out
+
     def _predict(
-        self, decoded: list[Decoded], matrix: npt.NDArray[np.float32], dead: list[DeadLetter]
-    ) -> tuple[list[Decoded], list[float], list[int] | None]:
-        """Predict, isolating the rows the model fails on by splitting the batch in halves."""
+        self,
+        kept: list[Message],
+        rows: npt.NDArray[np.int64],
+        matrix: Matrix,
+        dead: list[DeadLetter],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64] | None]:
+        """Predict ``matrix`` (the features of ``rows``): the rows scored, their values, labels.
+
+        The rows the model fails on are isolated by splitting in halves and dead-lettered.
+        """
         try:
             predictions = self._scorer.predict(matrix)
         except Exception as exc:
-            if len(decoded) == 1:
+            if len(rows) == 1:
                 dead.append(
                     DeadLetter(
-                        decoded[0].message,
+                        kept[int(rows[0])],
                         Stage.SCORE,
                         "model_failed",
                         type(exc).__name__,
                         str(exc) or repr(exc),
                     )
                 )
-                return [], [], None
-            mid = len(decoded) // 2
-            left = self._predict(decoded[:mid], matrix[:mid], dead)
-            right = self._predict(decoded[mid:], matrix[mid:], dead)
-            labels = (
-                None if left[2] is None and right[2] is None else (left[2] or []) + (right[2] or [])
-            )
-            return left[0] + right[0], left[1] + right[1], labels
-        values = predictions.values.tolist()
-        labels = None if predictions.labels is None else predictions.labels.tolist()
-        finite = np.isfinite(predictions.values)
+                return rows[:0], np.empty(0), None
+            mid = len(rows) // 2
+            left = self._predict(kept, rows[:mid], matrix[:mid], dead)
+            right = self._predict(kept, rows[mid:], matrix[mid:], dead)
+            halves = [h for h in (left, right) if len(h[0])]
+            if len(halves) < 2:
+                return halves[0] if halves else left
+            labels = None
+            if left[2] is not None and right[2] is not None:
+                labels = np.concatenate([left[2], right[2]])
+            return np.concatenate([left[0], right[0]]), np.concatenate([left[1], right[1]]), labels
+        values = np.asarray(predictions.values, dtype=np.float64)
+        labels = None if predictions.labels is None else predictions.labels.astype(np.int64)
+        finite = np.isfinite(values)
         if finite.all():
-            return decoded, values, labels
-        keep = [i for i in range(len(decoded)) if finite[i]]
+            return rows, values, labels
         dead.extend(
             DeadLetter(
-                decoded[i].message,
+                kept[int(rows[i])],
                 Stage.SCORE,
                 "non_finite_prediction",
                 "stream_scorer",
                 f"the model returned {values[i]} for this record",
             )
-            for i in range(len(decoded))
-            if not finite[i]
+            for i in np.flatnonzero(~finite).tolist()
         )
-        return (
-            [decoded[i] for i in keep],
-            [values[i] for i in keep],
-            None if labels is None else [labels[i] for i in keep],
-        )
+        return rows[finite], values[finite], None if labels is None else labels[finite]

@@ -64,11 +64,18 @@ class Decoded:
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """A prediction ready to publish: the encoded value and the record it answers.
+    """A batch's predictions ready to publish, as columns (one entry per scored record).
 
-    ``event_time_ms`` is the event time written into the prediction (0: unknown).
+    Attributes:
+        messages: the records scored, in input order.
+        values: the encoded prediction of each.
+        event_ms: the event time written into each prediction (0: unknown).
     """
 
-    message: Message
-    value: bytes
-    event_time_ms: int = 0
+    messages: list[Message]
+    values: list[bytes]
+    event_ms: list[int]
+
+    def __len__(self) -> int:
+        """How many predictions."""
+        return len(self.messages)

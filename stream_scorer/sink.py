@@ -1,8 +1,8 @@
 """Sink: publish predictions and dead letters, and learn from delivery reports what is done.
 
-A record is done only when the broker acknowledges its output; the delivery callback then
-tells the ``OffsetTracker``. Callbacks never raise: a failed delivery is recorded and
-``raise_errors`` raises it in the main loop.
+A batch is done only when the broker acknowledged every one of its outputs; the delivery
+callbacks count them down and then tell the ``OffsetTracker``. Callbacks never raise: a
+failed delivery is recorded and ``raise_errors`` raises it in the main loop.
 
 Dead letters keep the original key, value and headers, and add Kafka Connect's
 ``__connect.errors.*`` context headers plus ``stream_scorer.*`` extras (see README.md,
@@ -26,7 +26,7 @@ from stream_scorer.encode import (
 )
 from stream_scorer.errors import BrokerError, DeliveryError
 from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker
+from stream_scorer.offsets import OffsetTracker, Span, Ticket
 from stream_scorer.records import DeadLetter, Message, Scored
 
 DLQ_PREFIX = "__connect.errors."
@@ -95,6 +95,65 @@ def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, byt
     return headers
 
 
+def _refused(msg: Message, topic: str, exc: Exception) -> BrokerError:
+    """The error for an output ``produce()`` refused, naming the input record."""
+    return BrokerError(
+        f"cannot produce to {topic}: {exc}",
+        topic=msg.topic() or "",
+        partition=msg.partition(),
+        offset=msg.offset(),
+    )
+
+
+class _Outputs:
+    """The outputs of one batch's records of one partition, awaiting acknowledgement.
+
+    When none is left, the span is acknowledged to the tracker. The bound methods are the
+    delivery callbacks of these outputs (one object per batch and partition, not one closure
+    per record). They never raise.
+    """
+
+    __slots__ = ("left", "scored", "sink", "span")
+
+    def __init__(self, sink: Sink, span: Span | None, scored: Scored) -> None:
+        self.sink = sink
+        self.span = span
+        self.scored = scored
+        self.left = 0 if span is None else span.records
+
+    def _one_done(self) -> None:
+        self.left -= 1
+        if self.left == 0 and self.span is not None:
+            self.sink.tracker.ack(self.span)
+
+    def _input_of(self, msg: Any) -> Message | None:
+        """The input record of a refused prediction (error path only: a linear search)."""
+        try:
+            return self.scored.messages[self.scored.values.index(msg.value())]
+        except Exception:
+            return None
+
+    def prediction(self, err: Any, msg: Any) -> None:
+        try:
+            if err is not None:
+                self.sink.failed("prediction", err, self._input_of(msg))
+                return
+            self.sink.acked_predictions += 1  # added to the counter once per poll
+            self._one_done()
+        except Exception:  # pragma: no cover - defensive: a callback must not raise
+            self.sink.failed("prediction", traceback.format_exc(), None)
+
+    def dead_letter(self, dl: DeadLetter, err: Any, _msg: Any) -> None:
+        try:
+            if err is not None:
+                self.sink.failed("dead letter", err, dl.message)
+                return
+            self.sink.metrics.dead_letters.labels(dl.stage.value, dl.reason).inc()
+            self._one_done()
+        except Exception:  # pragma: no cover - defensive: a callback must not raise
+            self.sink.failed("dead letter", traceback.format_exc(), dl.message)
+
+
 class Sink:
     """Publishes a batch's outputs and tracks their acknowledgement."""
 
@@ -104,59 +163,36 @@ class Sink:
         """Create a sink writing through ``producer``."""
         self._producer = producer
         self._ctx = ctx
-        self._tracker = tracker
-        self._metrics = metrics
+        self.tracker = tracker
+        self.metrics = metrics
         self._errors: list[DeliveryError] = []
         self._version_header = ctx.model_version.encode()
-        self._acked_predictions = 0
+        self.acked_predictions = 0
         #: (topic, partition) -> the model-version, source-topic and source-partition headers
         self._source_headers: dict[tuple[str, int], list[tuple[str, bytes | None]]] = {}
 
-    # --- delivery callbacks: never raise -------------------------------------------------
-    def _delivered(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        reason: tuple[str, str] | None,
-        err: Any,
-        _msg: Any,
-    ) -> None:
-        try:
-            if err is not None:
-                self._metrics.delivery_errors.inc()
-                what = "dead letter" if reason else "prediction"
-                self._errors.append(
-                    DeliveryError(
-                        f"broker did not acknowledge the {what} for this record: {err}",
-                        topic=topic,
-                        partition=partition,
-                        offset=offset,
-                    )
-                )
-                return
-            self._tracker.ack(topic, partition, offset)
-            if reason is None:
-                self._acked_predictions += 1  # added to the counter once per poll
-            else:
-                self._metrics.dead_letters.labels(*reason).inc()
-        except Exception as exc:  # pragma: no cover - defensive: a callback must not raise
-            self._errors.append(
-                DeliveryError(f"delivery callback failed: {traceback.format_exc()}")
+    def failed(self, what: str, err: Any, source: Message | None) -> None:
+        """Record that the broker refused the output of ``source`` (from delivery callbacks)."""
+        self.metrics.delivery_errors.inc()
+        self._errors.append(
+            DeliveryError(
+                f"broker did not acknowledge the {what} for this record: {err}",
+                topic=None if source is None else source.topic(),
+                partition=None if source is None else source.partition(),
+                offset=None if source is None else source.offset(),
             )
-            del exc
+        )
 
     # --- publishing ------------------------------------------------------------------------
-    def _produce(
+    def _produce_waiting(
         self,
         msg: Message,
         topic: str,
         value: bytes | None,
         headers: list[tuple[str, bytes | None]],
-        reason: tuple[str, str] | None,
+        callback: Callable[[Any, Any], None],
     ) -> None:
-        src_topic, src_part, src_off = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-        callback = partial(self._delivered, src_topic, src_part, src_off, reason)
+        """Produce, serving delivery reports while the local queue is full."""
         deadline: float | None = None
         while True:
             try:
@@ -165,7 +201,6 @@ class Sink:
                 )
                 return
             except BufferError:
-                # the local queue is full: serve delivery reports until there is room
                 now = time.monotonic()
                 deadline = deadline or now + self._ctx.queue_full_timeout_s
                 if now > deadline:
@@ -175,43 +210,62 @@ class Sink:
                     ) from None
                 self._producer.poll(0.05)
             except Exception as exc:
-                raise BrokerError(
-                    f"cannot produce to {topic}: {exc}",
-                    topic=src_topic,
-                    partition=src_part,
-                    offset=src_off,
-                ) from exc
+                raise _refused(msg, topic, exc) from exc
 
-    def publish(self, scored: Sequence[Scored], dead: Sequence[DeadLetter]) -> None:
-        """Produce every prediction and dead letter (asynchronously)."""
+    def _headers_of(self, tp: tuple[str, int]) -> list[tuple[str, bytes | None]]:
+        common = self._source_headers.get(tp)
+        if common is None:
+            common = self._source_headers[tp] = [
+                (HEADER_MODEL_VERSION, self._version_header),
+                (HEADER_SOURCE_TOPIC, tp[0].encode()),
+                (HEADER_SOURCE_PARTITION, str(tp[1]).encode()),
+            ]
+        return common
+
+    def publish(
+        self, scored: Scored, dead: Sequence[DeadLetter], ticket: Ticket | None = None
+    ) -> None:
+        """Produce every prediction and dead letter of a batch (asynchronously).
+
+        Each span of ``ticket`` (``OffsetTracker.track``) is acknowledged once the broker
+        acknowledged the outputs of all its records; None: nothing is tracked.
+        """
         ctx = self._ctx
-        cached = self._source_headers
-        for item in scored:
-            msg = item.message
+        spans = {} if ticket is None else ticket.spans
+        #: (topic, partition) -> (the prediction headers they share, their outputs)
+        groups: dict[tuple[str, int], tuple[list[tuple[str, bytes | None]], _Outputs]] = {}
+
+        def group(msg: Message) -> tuple[list[tuple[str, bytes | None]], _Outputs]:
             tp = (msg.topic() or "", msg.partition() or 0)
-            common = cached.get(tp)
-            if common is None:
-                common = cached[tp] = [
-                    (HEADER_MODEL_VERSION, self._version_header),
-                    (HEADER_SOURCE_TOPIC, tp[0].encode()),
-                    (HEADER_SOURCE_PARTITION, str(tp[1]).encode()),
-                ]
-            headers = [*common, (HEADER_SOURCE_OFFSET, str(msg.offset()).encode())]
-            self._produce(msg, ctx.output_topic, item.value, headers, None)
+            found = groups.get(tp)
+            if found is None:
+                found = groups[tp] = (self._headers_of(tp), _Outputs(self, spans.get(tp), scored))
+            return found
+
+        produce, topic = self._producer.produce, ctx.output_topic
+        for msg, value in zip(scored.messages, scored.values, strict=True):
+            common, outputs = group(msg)
+            headers = [*common, (HEADER_SOURCE_OFFSET, b"%d" % (msg.offset() or 0))]
+            try:
+                produce(topic, value, msg.key(), on_delivery=outputs.prediction, headers=headers)
+            except BufferError:  # the local queue is full: wait for room
+                self._produce_waiting(msg, topic, value, headers, outputs.prediction)
+            except Exception as exc:
+                raise _refused(msg, topic, exc) from exc
         for dl in dead:
-            self._produce(
+            self._produce_waiting(
                 dl.message,
                 ctx.dead_letter_topic,
                 dl.message.value(),
                 dead_letter_headers(dl, ctx),
-                (dl.stage.value, dl.reason),
+                partial(group(dl.message)[1].dead_letter, dl),
             )
         self.poll(0)
 
     def _count_acks(self) -> None:
-        if self._acked_predictions:
-            self._metrics.predictions.inc(self._acked_predictions)
-            self._acked_predictions = 0
+        if self.acked_predictions:
+            self.metrics.predictions.inc(self.acked_predictions)
+            self.acked_predictions = 0
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve delivery reports."""

@@ -68,9 +68,14 @@ def test_fast_and_fastavro_paths_publish_the_same_outputs(model_dir: Path) -> No
     timings: list[str] = []
     fast = _pipeline(model_dir, fast=True, timings=timings).process(msgs)
     slow = _pipeline(model_dir, fast=False, timings=[]).process(msgs)
-    assert [(s.message.offset(), _read(s.value)) for s in fast.scored] == [
-        (s.message.offset(), _read(s.value)) for s in slow.scored
+    assert [
+        (m.offset(), _read(v))
+        for m, v in zip(fast.scored.messages, fast.scored.values, strict=True)
+    ] == [
+        (m.offset(), _read(v))
+        for m, v in zip(slow.scored.messages, slow.scored.values, strict=True)
     ]
+    assert fast.scored.event_ms == slow.scored.event_ms
     assert len(fast.scored) == 296
     assert [(d.message.offset(), d.stage, d.reason) for d in fast.dead] == [
         (d.message.offset(), d.stage, d.reason) for d in slow.dead

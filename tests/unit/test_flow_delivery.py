@@ -14,7 +14,7 @@ from confluent_kafka import KafkaError, KafkaException
 from support import PAYMENT_SCHEMA, Msg, avro, payment_matrix, payments, train_payment_classifier
 
 from stream_scorer.decode import Decoder, load_schema
-from stream_scorer.delivery import kafka_error, next_offsets
+from stream_scorer.delivery import kafka_error
 from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, PoisonLimitError
 from stream_scorer.features import FeatureBuilder
@@ -153,11 +153,11 @@ def test_rows_the_model_fails_on_are_isolated_and_the_rest_scored(
     reason = "model_failed" if model_kind == "crash" else "non_finite_prediction"
     assert {(d.stage, d.reason) for d in result.dead} <= {(Stage.SCORE, reason)}
     good = [i for i in range(size) if i not in bad]
-    assert [s.message.offset() for s in result.scored] == good
+    assert [m.offset() for m in result.scored.messages] == good
     # the scored rows carry exactly the model's own values
     schema = load_schema(PREDICTION_SCHEMA)
     got = [
-        fastavro.schemaless_reader(_io(s.value), schema, None)["prediction"] for s in result.scored
+        fastavro.schemaless_reader(_io(v), schema, None)["prediction"] for v in result.scored.values
     ]
     expected = scorer.predict(payment_matrix([recs[i] for i in good])).values if good else []
     np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -170,13 +170,6 @@ def _io(value: bytes) -> Any:
     import io
 
     return io.BytesIO(value)
-
-
-# --- delivery helpers ---------------------------------------------------------------------
-def test_next_offsets_are_last_plus_one_per_partition() -> None:
-    batch = [Msg(b"", p=1, o=7), Msg(b"", p=0, o=3), Msg(b"", p=1, o=9), Msg(b"", p=0, o=4)]
-    assert next_offsets(batch) == [("in", 0, 5), ("in", 1, 10)]
-    assert next_offsets([]) == []
 
 
 def test_kafka_error_is_found_behind_our_wrapping() -> None:

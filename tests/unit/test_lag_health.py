@@ -19,7 +19,6 @@ from stream_scorer.config import Config, load_config
 from stream_scorer.health import Monitor, Watchdog
 from stream_scorer.lag import LagTracker, PartitionLag, to_json, to_table, totals
 from stream_scorer.metrics import Metrics
-from stream_scorer.records import Scored
 
 ROOT = Path(__file__).parents[2]
 
@@ -183,10 +182,7 @@ def test_watchdog_forgets_revoked_partitions() -> None:
 
 def test_end_to_end_latency_is_observed_per_prediction() -> None:
     m = Metrics()
-    m.observe_latency(
-        [Scored(Msg(b""), b"", 1_000_000), Scored(Msg(b""), b"", 1_002_000), Scored(Msg(b""), b"")],
-        now=1_003.0,
-    )
+    m.observe_latency([1_000_000, 1_002_000, 0], now=1_003.0)
     get = m.registry.get_sample_value
     assert get("stream_scorer_end_to_end_latency_seconds_count") == 2  # unknown time skipped
     assert get("stream_scorer_end_to_end_latency_seconds_sum") == pytest.approx(3.0 + 1.0)

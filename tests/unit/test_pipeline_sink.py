@@ -23,7 +23,7 @@ from stream_scorer.features import FeatureBuilder
 from stream_scorer.metrics import Metrics
 from stream_scorer.offsets import OffsetTracker
 from stream_scorer.pipeline import Pipeline
-from stream_scorer.records import DeadLetter, Stage
+from stream_scorer.records import DeadLetter, Scored, Stage
 from stream_scorer.score import Scorer
 from stream_scorer.sink import Sink, SinkContext
 
@@ -67,16 +67,19 @@ def test_batch_with_bad_records_scores_the_rest_exactly_like_xgboost(model_dir: 
         (7, Stage.DECODE, "truncated"),
     ]
     good = [r for i, r in enumerate(recs) if i not in (4, 7)]
-    assert [s.message.offset() for s in result.scored] == [i for i in range(20) if i not in (4, 7)]
+    assert [m.offset() for m in result.scored.messages] == [i for i in range(20) if i not in (4, 7)]
     expected = xgb.Booster(model_file=str(model_dir / "model.ubj")).inplace_predict(
         payment_matrix(good)
     )
     schema = load_schema(PREDICTION_SCHEMA)
-    decoded = [fastavro.schemaless_reader(io.BytesIO(s.value), schema, None) for s in result.scored]
+    decoded = [
+        fastavro.schemaless_reader(io.BytesIO(v), schema, None) for v in result.scored.values
+    ]
     np.testing.assert_allclose([d["prediction"] for d in decoded], expected, rtol=1e-6)
     assert [d["label"] for d in decoded] == [int(p >= 0.4) for p in expected]
     assert [d["input_id"] for d in decoded] == [r["txn_id"] for r in good]
     assert [int(d["event_time"].timestamp() * 1000) for d in decoded] == [r["at"] for r in good]
+    assert result.scored.event_ms == [r["at"] for r in good]
     assert {int(d["scored_at"].timestamp()) for d in decoded} == {1_800_000_000}
     assert {d["model_version"] for d in decoded} == {"test-model-1"}
 
@@ -103,12 +106,13 @@ class FakeProducer:
             self.full_times -= 1
             raise BufferError("queue full")
         self.sent.append({"topic": topic, "value": value, "key": key, "headers": dict(headers)})
-        self.pending.append((on_delivery, "boom" if topic == self.fail_topic else None))
+        err = "boom" if topic == self.fail_topic else None
+        self.pending.append((on_delivery, err, Msg(value, t=topic, o=len(self.sent) - 1)))
 
     def poll(self, timeout: float = 0) -> int:
         done, self.pending = self.pending, []
-        for callback, err in done:
-            callback(err, None)
+        for callback, err, msg in done:
+            callback(err, msg)
         return len(done)
 
     def flush(self, timeout: float = 0) -> int:
@@ -122,9 +126,11 @@ CTX = SinkContext("out", "dlq", "grp", "w1", "v9")
 def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
     producer, tracker, metrics = FakeProducer(), OffsetTracker(), Metrics()
     msg = Msg(b"\xde\xad", k=b"k1", t="in", p=2, o=17, ts=123, hdrs=[("trace", b"abc")])
-    tracker.track("in", 2, 17)
+    ticket = tracker.track([msg])
     Sink(producer, CTX, tracker, metrics).publish(
-        [], [DeadLetter(msg, Stage.DECODE, "truncated", "EOFError", "short")]
+        Scored([], [], []),
+        [DeadLetter(msg, Stage.DECODE, "truncated", "EOFError", "short")],
+        ticket,
     )
     [sent] = producer.sent
     assert (sent["topic"], sent["value"], sent["key"]) == ("dlq", b"\xde\xad", b"k1")
@@ -151,22 +157,39 @@ def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
 
 def test_failed_delivery_is_raised_by_the_loop_not_the_callback_and_blocks_commit() -> None:
     producer, tracker = FakeProducer(fail_topic="out"), OffsetTracker()
-    tracker.track("in", 0, 5)
+    msgs = [Msg(b"x", o=4), Msg(b"x", o=5)]
+    ticket = tracker.track(msgs)
     sink = Sink(producer, CTX, tracker, Metrics())
-    from stream_scorer.records import Scored
-
-    sink.publish([Scored(Msg(b"x", o=5), b"pred")], [])  # callback runs inside poll: no raise
+    scored = Scored(msgs, [b"pred-4", b"pred-5"], [0, 0])
+    sink.publish(scored, [], ticket)  # callbacks run inside poll: no raise
     assert tracker.take_committable() == []
-    with pytest.raises(DeliveryError, match=r"prediction.*\[in\[0\]@5\]"):
+    with pytest.raises(DeliveryError, match=r"prediction.*\[in\[0\]@4\]") as info:
         sink.raise_errors()
+    assert "1 more deliveries failed" in str(info.value.__notes__)
+
+
+def test_a_refused_dead_letter_holds_back_only_its_own_partition() -> None:
+    producer, tracker = FakeProducer(fail_topic="dlq"), OffsetTracker()
+    good = [Msg(b"x", p=0, o=0), Msg(b"x", p=1, o=0), Msg(b"x", p=0, o=1)]
+    bad = Msg(b"y", p=1, o=1)
+    ticket = tracker.track([*good, bad])
+    sink = Sink(producer, CTX, tracker, Metrics())
+    dead = [DeadLetter(bad, Stage.DECODE, "truncated", "EOFError", "short")]
+    sink.publish(Scored(good, [b"a", b"b", b"c"], [0, 0, 0]), dead, ticket)
+    assert tracker.take_committable() == [("in", 0, 2)]
+    assert tracker.pending == 2  # partition 1's two records
+    with pytest.raises(DeliveryError, match=r"dead letter.*\[in\[1\]@1\]"):
+        sink.raise_errors()
+    headers = [sent["headers"] for sent in producer.sent if sent["topic"] == "out"]
+    assert [h["stream_scorer.source.partition"] for h in headers] == [b"0", b"1", b"0"]
+    assert [h["stream_scorer.source.offset"] for h in headers] == [b"0", b"0", b"1"]
 
 
 def test_full_queue_is_retried() -> None:
     producer, tracker = FakeProducer(full_times=3), OffsetTracker()
-    tracker.track("in", 0, 0)
-    from stream_scorer.records import Scored
-
-    Sink(producer, CTX, tracker, Metrics()).publish([Scored(Msg(b"x"), b"pred")], [])
+    msg = Msg(b"x")
+    ticket = tracker.track([msg])
+    Sink(producer, CTX, tracker, Metrics()).publish(Scored([msg], [b"pred"], [0]), [], ticket)
     assert len(producer.sent) == 1
     assert producer.sent[0]["headers"]["stream_scorer.model.version"] == b"v9"
     assert tracker.take_committable() == [("in", 0, 1)]
@@ -207,7 +230,6 @@ class RecordingSource:
 def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> None:
     from stream_scorer.delivery import AtLeastOnce
     from stream_scorer.pipeline import BatchResult
-    from stream_scorer.records import Scored
 
     producer, tracker, source = HeldProducer(), OffsetTracker(), RecordingSource()
     delivery = AtLeastOnce(
@@ -217,13 +239,12 @@ def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> Non
         max_in_flight=10,
         flush_timeout_s=1,
     )
-    for offset in range(9):
-        tracker.track("in", 0, offset)
-    delivery.deliver([], BatchResult([Scored(Msg(b"x", o=o), b"p") for o in range(9)], []))
+    first = [Msg(b"x", o=o) for o in range(9)]
+    delivery.deliver(tracker.track(first), BatchResult(Scored(first, [b"p"] * 9, [0] * 9), []))
     delivery.service()
     assert source.calls == []  # 9 in flight: below the limit
-    tracker.track("in", 0, 9)
-    delivery.deliver([], BatchResult([Scored(Msg(b"x", o=9), b"p")], []))
+    second = [Msg(b"x", o=9)]
+    delivery.deliver(tracker.track(second), BatchResult(Scored(second, [b"p"], [0]), []))
     delivery.service()
     assert source.calls == ["pause"] and delivery.paused
     delivery.service()
@@ -237,7 +258,6 @@ def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> Non
 def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
     from stream_scorer.delivery import AtLeastOnce
     from stream_scorer.pipeline import BatchResult
-    from stream_scorer.records import Scored
 
     producer, tracker, source = FakeProducer(), OffsetTracker(), RecordingSource()
     delivery = AtLeastOnce(
@@ -247,11 +267,9 @@ def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
         max_in_flight=100,
         flush_timeout_s=1,
     )
-    for p in (0, 1):
-        for o in range(3):
-            tracker.track("in", p, o)
     msgs = [Msg(b"x", p=p, o=o) for p in (0, 1) for o in range(3)]
-    delivery.deliver([], BatchResult([Scored(m, b"p") for m in msgs], []))
+    ticket = tracker.track(msgs)
+    delivery.deliver(ticket, BatchResult(Scored(msgs, [b"p"] * 6, [0] * 6), []))
     delivery.on_lost([("in", 1)])
     delivery.on_revoke([("in", 0)])  # flushes, then commits partition 0's watermark
     assert source.committed == [[("in", 0, 3)]]
