@@ -123,6 +123,7 @@ class AtLeastOnce:
         self._max_in_flight = max_in_flight
         self._flush_timeout = flush_timeout_s
         self.paused = False
+        self._drained = False
 
     def deliver(self, ticket: Ticket, result: BatchResult) -> None:
         """Produce the batch's outputs; their acknowledgements move the watermark later."""
@@ -144,7 +145,15 @@ class AtLeastOnce:
             self.paused = False
 
     def on_revoke(self, partitions: Partitions) -> None:
-        """Deliver what is in flight, then commit the revoked partitions' watermarks."""
+        """Deliver what is in flight, then commit the revoked partitions' watermarks.
+
+        After ``drain`` (the consumer's close revokes everything) there is nothing left to do:
+        drain committed what was delivered, and a second synchronous commit from inside
+        ``close()`` can block forever (seen when an output was still unacknowledged).
+        """
+        if self._drained:
+            self._tracker.forget(partitions)
+            return
         self.sink.flush(self._flush_timeout)
         offsets = self._tracker.committable(partitions)
         self._source.store(offsets)
@@ -157,6 +166,7 @@ class AtLeastOnce:
 
     def drain(self) -> int:
         """Deliver what is in flight and commit it; return how many outputs stayed unacked."""
+        self._drained = True
         remaining = self.sink.flush(self._flush_timeout)
         self.sink.raise_errors()
         self._source.store(self._tracker.take_committable())

@@ -212,8 +212,11 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
         )
     finally:
         worker.send_signal(signal.SIGTERM)
-        stdout, _ = worker.communicate(timeout=60)
-        logs.join()
+        try:
+            stdout, _ = worker.communicate(timeout=60)
+        finally:
+            worker.kill()  # no-op once it exited; never leave a worker behind a failed test
+            logs.join()
     assert worker.returncode == 0, "".join(logs.lines[-20:])
     events = logs.events()
     assert len([e for e in events if e["msg"].startswith("partition stalled")]) == 1

@@ -274,3 +274,25 @@ def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
     delivery.on_revoke([("in", 0)])  # flushes, then commits partition 0's watermark
     assert source.committed == [[("in", 0, 3)]]
     assert tracker.committable([("in", 1)]) == []  # forgotten, never committed
+
+
+def test_revoke_after_drain_commits_nothing_more() -> None:
+    from stream_scorer.delivery import AtLeastOnce
+    from stream_scorer.pipeline import BatchResult
+
+    producer, tracker, source = HeldProducer(), OffsetTracker(), RecordingSource()
+    delivery = AtLeastOnce(
+        Sink(producer, CTX, tracker, Metrics()),
+        source,  # type: ignore[arg-type]
+        tracker,
+        max_in_flight=100,
+        flush_timeout_s=0,
+    )
+    msgs = [Msg(b"x", o=o) for o in range(3)]
+    delivery.deliver(tracker.track(msgs), BatchResult(Scored(msgs, [b"p"] * 3, [0] * 3), []))
+    assert delivery.drain() == 0  # HeldProducer.flush reports nothing left, but acked nothing
+    assert source.committed == [None]  # drain's commit of every stored offset
+    producer.held = False  # the outputs are acknowledged while the consumer closes
+    delivery.on_revoke([("in", 0)])  # close() revokes: no second flush, no second commit
+    assert source.committed == [None]
+    assert tracker.pending == 0  # the partition is forgotten
