@@ -157,7 +157,7 @@ class BatchConfig:
     """
 
     max_records: int = 1000
-    max_wait_ms: int = 50
+    max_wait_ms: int = 10
     max_processing_s: float = 30.0
     max_in_flight: int = 50_000
 

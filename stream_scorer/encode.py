@@ -138,9 +138,13 @@ class PredictionEncoder:
         self.specialised = layout == _V1_LAYOUT
         self._version: tuple[str, bytes] = ("", b"\x00")
         try:
-            self.encode("probe", 0.5, 1, "v", 0, 0)
+            probe = self.encode("probe", 0.5, 1, "v", 0, 0)
         except (ValueError, TypeError, KeyError) as exc:
             raise SchemaError(f"prediction schema cannot hold a prediction: {exc}") from exc
+        if self.specialised:  # load (or compile) the batch writer now, not on the first batch
+            batch = self.encode_batch(["probe"], np.array([0.5]), np.array([1]), "v", [0], 0)
+            if batch != [probe]:  # pragma: no cover - a broken build of the compiled writer
+                raise SchemaError("the compiled prediction writer disagrees with the reference")
 
     def encode(
         self,

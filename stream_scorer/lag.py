@@ -8,8 +8,9 @@ Definitions (README.md, "Lag"), per partition:
 - *lag in seconds*: 0 when the lag in records is 0, else now minus the Kafka timestamp of the
   oldest record not yet committed, i.e. the record at the committed offset.
 
-The worker knows the timestamps of the records it consumed but has not yet committed, so while
-the record at the committed offset is in flight its value is exact. When everything consumed is
+The worker keeps the timestamp of the first record of each consumed batch per partition, where
+commits land (they move a batch at a time), so while the record at the committed offset is in
+flight its value is exact. When everything consumed is
 committed and the partition still has lag, the next record has not been fetched yet; the worker
 then reports the time since it first saw that lag (a lower bound, which keeps growing while the
 partition waits). The ``lag`` command reads the record at the committed offset itself.
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -62,11 +63,16 @@ class LagTracker:
             part = self._parts[tp] = _Part(deque())
         return part
 
-    def consumed(self, messages: Iterable[Message]) -> None:
-        """Record consumed records (in consume order per partition)."""
+    def consumed(self, batch: Sequence[Message]) -> None:
+        """Record a consumed batch (batches in consume order): its first record per partition.
+
+        Offsets are committed a batch at a time (``offsets.py``), so the record at a committed
+        offset is always the first of some batch in its partition: only those are kept.
+        """
+        tps = [(m.topic() or "", m.partition() or 0) for m in batch]
+        firsts = dict(zip(reversed(tps), reversed(batch), strict=True))
         with self._lock:
-            for msg in messages:
-                tp = (msg.topic() or "", msg.partition() or 0)
+            for tp, msg in firsts.items():
                 part = self._parts.get(tp) or self._part(tp)
                 part.in_flight.append((msg.offset() or 0, msg.timestamp()[1] / 1000.0))
 

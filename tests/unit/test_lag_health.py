@@ -36,10 +36,27 @@ def test_lag_seconds_is_the_age_of_the_oldest_uncommitted_record() -> None:
         _stats({0: {"hi_offset": 10, "ls_offset": 10, "lo_offset": 0, "committed_offset": 4}}),
         [("in", 0)],
     )
-    lag.consumed([Msg(b"", p=0, o=o, ts=1_000_000 + o * 1000) for o in range(4, 8)])
+    for offsets in (range(4, 6), range(6, 8)):  # two batches
+        lag.consumed([Msg(b"", p=0, o=o, ts=1_000_000 + o * 1000) for o in offsets])
     assert lag.snapshot(now=2000.0) == {("in", 0): (4, 6, 2000.0 - 1004.0)}
-    lag.committed("in", 0, 6)  # offsets 4 and 5 done: the oldest is now offset 6
+    lag.committed("in", 0, 6)  # the first batch done: the oldest is now offset 6
     assert lag.snapshot(now=2000.0) == {("in", 0): (6, 4, 2000.0 - 1006.0)}
+
+
+def test_lag_keeps_the_first_record_of_each_partition_per_batch() -> None:
+    lag = LagTracker()
+    lag.update_from_stats(
+        _stats(
+            {
+                0: {"hi_offset": 10, "committed_offset": 2},
+                1: {"hi_offset": 10, "committed_offset": 5},
+            }
+        ),
+        [("in", 0), ("in", 1)],
+    )
+    batch = [Msg(b"", p=p, o=o, ts=o * 1000 + p) for o, p in ((5, 1), (2, 0), (6, 1), (3, 0))]
+    lag.consumed(batch)
+    assert lag.snapshot(now=100.0) == {("in", 0): (2, 8, 98.0), ("in", 1): (5, 5, 100.0 - 5.001)}
 
 
 def test_no_lag_means_zero_seconds_whatever_is_in_flight() -> None:
@@ -340,7 +357,8 @@ def test_commits_outside_store_reach_the_lag_tracker() -> None:
     )  # never entered: no consumer is created
     source._assigned = {("in", 0)}
     source.lag.update_from_stats(_stats({0: {"hi_offset": 10, "committed_offset": 2}}), [("in", 0)])
-    source.lag.consumed([Msg(b"", p=0, o=o, ts=(100 + o) * 1000) for o in range(2, 10)])
+    for offsets in (range(2, 7), range(7, 10)):  # two batches
+        source.lag.consumed([Msg(b"", p=0, o=o, ts=(100 + o) * 1000) for o in offsets])
     source.mark_committed([("in", 0, 7), ("in", 1, 3)])  # partition 1 is not ours: ignored
     assert source.lag.snapshot(now=200.0) == {("in", 0): (7, 3, 200.0 - 107.0)}
 
