@@ -243,13 +243,18 @@ class Sink:
             return found
 
         produce, topic = self._producer.produce, ctx.output_topic
+        last: tuple[str, int] | None = None
         for msg, value in zip(scored.messages, scored.values, strict=True):
-            common, outputs = group(msg)
+            tp = (msg.topic() or "", msg.partition() or 0)
+            if tp != last:  # consumed records come in runs per partition
+                last = tp
+                common, outputs = group(msg)
+                done = outputs.prediction
             headers = [*common, (HEADER_SOURCE_OFFSET, b"%d" % (msg.offset() or 0))]
             try:
-                produce(topic, value, msg.key(), on_delivery=outputs.prediction, headers=headers)
+                produce(topic, value, msg.key(), on_delivery=done, headers=headers)
             except BufferError:  # the local queue is full: wait for room
-                self._produce_waiting(msg, topic, value, headers, outputs.prediction)
+                self._produce_waiting(msg, topic, value, headers, done)
             except Exception as exc:
                 raise _refused(msg, topic, exc) from exc
         for dl in dead:
