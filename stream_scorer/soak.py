@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -30,6 +31,7 @@ from stream_scorer.errors import StreamScorerError
 
 WARMUP_S = 60.0
 _POOL = 10_000  # pre-encoded events the producer cycles through (keys stay unique)
+_print = partial(print, flush=True)
 
 
 class SoakError(StreamScorerError):
@@ -115,14 +117,12 @@ def summarize(samples: Sequence[Sample], warmup_s: float = WARMUP_S) -> dict[str
 
 def markdown(samples: Sequence[Sample], summary: Mapping[str, Any], every_s: float = 60.0) -> str:
     """The curve as a markdown table (one row per ``every_s``, and the last sample), then totals."""
-    rows: list[Sample] = []
-    next_t = 0.0
-    for s in samples:
-        if s.t_s >= next_t:
-            rows.append(s)
-            next_t = (s.t_s // every_s + 1) * every_s
-    if samples and rows[-1] is not samples[-1]:
-        rows.append(samples[-1])
+    last = len(samples) - 1
+    rows = [
+        s
+        for i, s in enumerate(samples)
+        if i in (0, last) or s.t_s // every_s > samples[i - 1].t_s // every_s
+    ]
     lines = [
         "| time | RSS MiB | peak RSS MiB | produced | predictions | dead letters | lag |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -247,7 +247,7 @@ class SoakSettings:
 
 
 def soak(
-    bootstrap: str, model: Path, cfg: SoakSettings, say: Callable[[str], None] = print
+    bootstrap: str, model: Path, cfg: SoakSettings, say: Callable[[str], None] = _print
 ) -> tuple[list[Sample], dict[str, Any]]:
     """Run the soak on ``bootstrap`` with ``model``; return the samples and the summary."""
     from stream_scorer import benchkafka as bk
@@ -324,7 +324,7 @@ def run_soak(
     out_dir: Path = Path("bench-results"),
     bootstrap: str | None = None,
     model: Path | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = _print,
 ) -> dict[str, Any]:
     """Run the soak (on the bench's local broker unless ``bootstrap``), write JSON and markdown.
 
