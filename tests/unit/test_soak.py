@@ -77,3 +77,12 @@ def test_rss_of_this_process_is_positive_and_of_a_missing_one_zero() -> None:
 
     assert 5 < rss_mib(os.getpid()) < 100_000
     assert rss_mib(2**22 + 12345) == 0.0
+
+
+def test_bench_parses_the_soak_options_with_their_defaults() -> None:
+    from stream_scorer.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--soak", "--soak-rate", "500"])
+    assert args.soak and args.soak_rate == 500.0
+    assert (args.soak_seconds, args.soak_malformed, args.soak_interval) == (600.0, 0.01, 10.0)
+    assert not build_parser().parse_args(["bench"]).soak
