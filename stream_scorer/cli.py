@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from stream_scorer import logs
 from stream_scorer.errors import ConfigError, StreamScorerError
+from stream_scorer.soak import add_arguments as add_soak_arguments
 
 if TYPE_CHECKING:
     from stream_scorer.config import Config
@@ -198,6 +199,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from stream_scorer.bench import run_bench
     from stream_scorer.localkafka import default_cache_dir
 
+    if args.soak:
+        from stream_scorer.soak import SoakSettings, run_soak
+
+        soak = (args.soak_seconds, args.soak_rate, args.soak_malformed, args.soak_interval)
+        out = args.out or default_cache_dir() / "bench-results"
+        run_soak(SoakSettings(*soak, args.partitions), port=args.port, out_dir=out)
+        return 0
     run_bench(
         events=args.events,
         partitions=args.partitions,
@@ -326,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", type=Path, help="results folder (default: bench-results in the cache folder)"
     )
+    add_soak_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
     lk = sub.add_parser("local-kafka", help="a local single-node Kafka broker")
