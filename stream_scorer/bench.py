@@ -105,11 +105,21 @@ def example_config(model_dir: Path, **sections: dict[str, Any]) -> Config:
 
 
 def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -> Path:
-    """Train the example model into ``model_dir`` unless a manifest is already there."""
-    from stream_scorer.example.train import train
-    from stream_scorer.manifest import MANIFEST_FILE
+    """Train the example model into ``model_dir`` unless an up-to-date one is there.
 
-    if not (model_dir / MANIFEST_FILE).is_file():
+    A cached model whose manifest lists other features (names, fields, bounds or value
+    policies) than today's example, e.g. one trained by an older version, is trained again.
+    """
+    from stream_scorer.errors import ModelError
+    from stream_scorer.example.rides import FEATURES
+    from stream_scorer.example.train import train
+    from stream_scorer.manifest import read_manifest
+
+    try:
+        current = tuple(read_manifest(model_dir).features) == tuple(FEATURES)
+    except ModelError:  # none yet, or unreadable
+        current = False
+    if not current:
         train(model_dir, n_estimators=trees, max_depth=depth)
     return model_dir
 

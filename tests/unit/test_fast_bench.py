@@ -50,3 +50,22 @@ def test_table_ratios_are_against_the_naive_loop_and_the_ceiling() -> None:
     assert "| stream-scorer | m | 2 | 1 | 0 | 30,000 | 15.0 | 75% | - | - |" in table[4]
     assert "200.0, 210.5" in table[4]
     assert "| 3.0 | 9.5 |" in table[3]
+
+
+def test_a_cached_model_with_stale_features_is_trained_again(tmp_path: Path) -> None:
+    import dataclasses
+
+    from stream_scorer.bench import ensure_example_model
+    from stream_scorer.example.rides import FEATURES
+    from stream_scorer.manifest import read_manifest, write_manifest
+
+    model = ensure_example_model(tmp_path / "m", trees=3, depth=2)
+    stamp = (model / "manifest.json").stat().st_mtime_ns
+    assert ensure_example_model(model, trees=3, depth=2) == model
+    assert (model / "manifest.json").stat().st_mtime_ns == stamp  # current: reused
+    old = read_manifest(model)
+    stale = [dataclasses.replace(f, min=None, max=None, policy={}) for f in old.features]
+    write_manifest(model, dataclasses.replace(old, features=tuple(stale)))
+    assert tuple(read_manifest(model).features) != FEATURES
+    ensure_example_model(model, trees=3, depth=2)
+    assert tuple(read_manifest(model).features) == FEATURES
