@@ -232,18 +232,18 @@ class FaultRun:
         return committed_offsets(self.bootstrap, self.group, self.topic)
 
     # --- the stream ------------------------------------------------------------------------
-    def produce_in_background(self) -> None:
-        """Produce the events at ``rate`` per second in a thread."""
+    def produce_in_background(self, first: int = 0, stop: int | None = None) -> None:
+        """Produce the events (``items[first:stop]``) at ``rate`` per second in a thread.
+
+        ``first`` must be a multiple of the partition count, so that every event lands in the
+        partition it would have landed in had all been produced at once (round robin).
+        """
+        assert first % PARTITIONS == 0, first
+        items = [(k, v) for k, v, _kind in self.items[first:stop]]
 
         def run() -> None:
             try:
-                produce_raw(
-                    self.bootstrap,
-                    self.topic,
-                    [(k, v) for k, v, _kind in self.items],
-                    PARTITIONS,
-                    per_second=self.rate,
-                )
+                produce_raw(self.bootstrap, self.topic, items, PARTITIONS, per_second=self.rate)
             except BaseException as exc:  # reported by wait_produced
                 self._producer_error.append(exc)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
-from faults import FaultRun, Outcome, tail, when_committed
+from faults import PARTITIONS, FaultRun, Outcome, tail, when_committed
 from support import wait_for
 
 from stream_scorer.example.train import train
@@ -205,11 +205,21 @@ def test_broker_kill_9_and_restart(make_run: MakeRun, broker: LocalKafka, mode: 
 def test_second_worker_with_the_same_transactional_id_fences_the_first(make_run: MakeRun) -> None:
     run = make_run(EOS, "same-txn-id")
     run.start_all()
-    run.produce_in_background()
-    when_committed(run, 0.25)
+    quarter = len(run.items) // 4 // PARTITIONS * PARTITIONS
+    run.produce_in_background(0, quarter)
+    when_committed(run, quarter / len(run.items))
     first = run.workers["w0"]
     run.expected_exit.add("w0")
     run.start("w0-twin", worker_id="w0")  # same worker id, hence the same transactional id
+    # the twin's producer fenced the first once the twin has partitions (init_transactions
+    # comes before the group join); only then the rest of the stream, so the first worker has
+    # a transaction left to attempt however slowly the twin started
+    wait_for(
+        lambda: "assigned" in run.workers["w0-twin"].log.read_text(errors="replace"),
+        120,
+        "the twin joined the group",
+    )
+    run.produce_in_background(quarter)
     code = first.proc.wait(timeout=120)
     log = first.log.read_text(errors="replace")
     assert code != 0, tail(first.log)
