@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -145,7 +144,8 @@ def client_loop(args: dict[str, Any]) -> dict[str, Any]:
     return {
         "events": count,
         "seconds": done - first if first else 0.0,
-        "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # VmHWM: Linux keeps ru_maxrss across fork and exec, so it would report the parent's
+        "rss": peak_rss_mb(os.getpid()),
         "stages": {k: round(v / max(1, count) * 1e6, 3) for k, v in stages.items() if v},
     }
 
