@@ -344,13 +344,17 @@ def latencies(bootstrap: str, inp: str, out: str) -> list[float]:
     """Per output record: its broker append time minus its input's create time, in ms.
 
     Inputs and outputs are matched by key (every mode keeps the input's key; ``burst`` and
-    ``paced`` give every event its own).
+    ``paced`` give event ``i`` the key ``i``), and the list is in event order.
     """
     created: dict[bytes | None, int] = {}
-    lat: list[float] = []
+    lat: list[tuple[int, float]] = []
+
+    def output(m: Any) -> None:
+        lat.append((int(m.key()), float(m.timestamp()[1] - created[m.key()])))
+
     _read(bootstrap, inp, lambda m: created.__setitem__(m.key(), m.timestamp()[1]))
-    _read(bootstrap, out, lambda m: lat.append(float(m.timestamp()[1] - created[m.key()])))
-    return lat
+    _read(bootstrap, out, output)
+    return [ms for _i, ms in sorted(lat)]
 
 
 def paced(
@@ -358,6 +362,9 @@ def paced(
 ) -> float:
     """Produce ``payloads`` at ``rate`` events/s (keys 0, 1, ...); return the rate reached."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": "5"})
+    # connect and learn the topic's partition leaders before the first event's create time
+    # starts its clock; otherwise the first ~100 ms of events wait in this producer's queue
+    producer.list_topics(topic=topic, timeout=30)
     tick = threading.Event()  # never set: its wait() paces production
     step = max(1, int(rate) // 500)
     started = time.monotonic()

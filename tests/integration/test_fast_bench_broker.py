@@ -45,7 +45,7 @@ def test_client_loops_pass_every_event_through(
     proc = bk.start_client(mode, args)
     bk.burst(kafka_bootstrap, inp, example_payloads(EVENTS), 4)
     got = bk.client_result(proc)
-    assert got["events"] == EVENTS and got["seconds"] > 0 and got["rss"] > 50
+    assert got["events"] == EVENTS and got["seconds"] > 0 and 10 < got["rss"] < 1000  # its own
     assert ("predict" in got["stages"]) == (mode == "naive")
     lat = bk.latencies(kafka_bootstrap, inp, out)
     assert len(lat) == EVENTS and min(lat) >= 0
