@@ -25,8 +25,11 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_scorer.features import field_getter
+from stream_scorer.topics import ensure_topics
 
 STAGES = ("decode", "features", "predict", "encode", "produce")
+#: Where ``paced`` warms up its producer's connection before its clock starts.
+WARMUP_TOPIC = "stream-scorer-bench-warmup"
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIG = ROOT / "deploy" / "config" / "rides.yaml"
 _RUN = (sys.executable, "-m", "stream_scorer", "--log-level", "WARNING", "run")
@@ -362,9 +365,14 @@ def paced(
 ) -> float:
     """Produce ``payloads`` at ``rate`` events/s (keys 0, 1, ...); return the rate reached."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": "5"})
-    # connect and learn the topic's partition leaders before the first event's create time
-    # starts its clock; otherwise the first ~100 ms of events wait in this producer's queue
+    # learn the topic's leaders and open the connection that produces (a first produce request
+    # on a new connection took ~100 ms here) before the first event's create time starts the
+    # clock: a few records to a topic of their own, acknowledged
     producer.list_topics(topic=topic, timeout=30)
+    ensure_topics(bootstrap, {WARMUP_TOPIC: 1})
+    for _ in range(10):
+        producer.produce(WARMUP_TOPIC, value=b"warm-up")
+    producer.flush(30)
     tick = threading.Event()  # never set: its wait() paces production
     step = max(1, int(rate) // 500)
     started = time.monotonic()
