@@ -69,22 +69,32 @@ def scrape(port: int) -> dict[tuple[str, str], float]:
     }
 
 
+def produce_event(producer: Any, topic: str, i: int, value: bytes, partitions: int) -> None:
+    """Produce event ``i`` (key ``i``, round-robin partition), waiting while the queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=b"%d" % i, partition=i % partitions)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def flushed(producer: Any, topic: str) -> None:
+    """Wait for every acknowledgement; raise if the broker did not give them all."""
+    if producer.flush(120):
+        raise RuntimeError(f"the broker did not acknowledge every event for {topic}")
+
+
 def burst(bootstrap: str, topic: str, payloads: Sequence[bytes], partitions: int) -> None:
     """Produce pre-encoded ``payloads`` round-robin over ``partitions``, as fast as possible."""
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": "20", "batch.size": "1000000"}
     )
     for i, value in enumerate(payloads):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=b"%d" % i, partition=i % partitions)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_event(producer, topic, i, value, partitions)
         if i % 1000 == 0:
             producer.poll(0)
-    if producer.flush(120):
-        raise RuntimeError(f"the broker did not acknowledge every event for {topic}")
+    flushed(producer, topic)
 
 
 # --- the ceiling and naive loops (child process) -------------------------------------------
@@ -377,18 +387,12 @@ def paced(
     step = max(1, int(rate) // 500)
     started = time.monotonic()
     for i, value in enumerate(payloads):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=b"%d" % i, partition=i % partitions)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_event(producer, topic, i, value, partitions)
         if i % step == 0:
             producer.poll(0)
             tick.wait(max(0.0, started + (i + 1) / rate - time.monotonic()))
     elapsed = time.monotonic() - started
-    if producer.flush(120):
-        raise RuntimeError(f"the broker did not acknowledge every event for {topic}")
+    flushed(producer, topic)
     return len(payloads) / max(elapsed, 1e-9)
 
 
