@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stream_scorer import logs
+from stream_scorer.devtools.soak import add_arguments as add_soak_arguments
 from stream_scorer.errors import ConfigError, StreamScorerError
-from stream_scorer.soak import add_arguments as add_soak_arguments
 
 if TYPE_CHECKING:
     from stream_scorer.config import Config
-    from stream_scorer.flow import StopFlag
+    from stream_scorer.worker.flow import StopFlag
 
 log = logging.getLogger("stream_scorer")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from stream_scorer.flow import StopFlag
+    from stream_scorer.worker.flow import StopFlag
 
     stop = StopFlag()
     with stop.on_signals():  # before the heavy imports: a SIGTERM during start-up stops cleanly
@@ -38,8 +38,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop: StopFlag) -> int:
-    from stream_scorer.app import run_worker
     from stream_scorer.config import load_config
+    from stream_scorer.worker.loop import run_worker
 
     worker: dict[str, Any] = {}
     if args.max_messages is not None:
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
 def _supervise(args: argparse.Namespace, cfg: Config) -> int:
     import socket
 
-    from stream_scorer.supervisor import Supervisor, worker_commands
+    from stream_scorer.worker.supervisor import Supervisor, worker_commands
 
     base = [sys.executable, "-m", "stream_scorer"]
     base += ["--log-level", args.log_level] if args.log_level else []
@@ -87,7 +87,7 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_lag(args: argparse.Namespace) -> int:
-    from stream_scorer.lag import describe_group, to_json, to_table
+    from stream_scorer.worker.lag import describe_group, to_json, to_table
 
     settings: dict[str, str] = {}
     group, topic = args.group, args.topic
@@ -169,7 +169,7 @@ def _time_ms(name: str, text: str | None) -> int | None:
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from stream_scorer.config import load_config
-    from stream_scorer.replay import ReplayFilter, replay
+    from stream_scorer.ops.replay import ReplayFilter, replay
 
     bootstrap, dlq, target, client = args.bootstrap_servers, args.dead_letter_topic, args.to, {}
     if args.config is not None:
@@ -196,11 +196,11 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from stream_scorer.bench import run_bench
-    from stream_scorer.localkafka import default_cache_dir
+    from stream_scorer.devtools.bench import run_bench
+    from stream_scorer.devtools.localkafka import default_cache_dir
 
     if args.soak:
-        from stream_scorer.soak import SoakSettings, run_soak
+        from stream_scorer.devtools.soak import SoakSettings, run_soak
 
         soak = (args.soak_seconds, args.soak_rate, args.soak_malformed, args.soak_interval)
         out = args.out or default_cache_dir() / "bench-results"
@@ -218,7 +218,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
-    from stream_scorer.localkafka import LocalKafka, default_cache_dir, fetch_jars
+    from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir, fetch_jars
 
     if args.action == "fetch":
         print(fetch_jars())

@@ -2,8 +2,8 @@
 
 The broker comes from, in order: ``$KAFKA_BOOTSTRAP_SERVERS``; a container of the official
 ``apache/kafka`` image when a Docker engine answers; a local broker from Maven jars
-(``stream_scorer.localkafka``). When none can be had, tests that need Kafka fail: they never
-skip.
+(``stream_scorer.devtools.localkafka``). When none can be had, tests that need Kafka fail:
+they never skip.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _docker_answers():
         yield from _container_broker()
         return
-    from stream_scorer.localkafka import LocalKafka
+    from stream_scorer.devtools.localkafka import LocalKafka
 
     port, controller_port = _free_ports(2)
     broker = LocalKafka(
@@ -153,7 +153,7 @@ def unique() -> Callable[[str], str]:
 @pytest.fixture
 def make_topics(kafka_bootstrap: str) -> Callable[[dict[str, int]], None]:
     """Return a function creating topics (name to partition count) on the test broker."""
-    from stream_scorer.topics import ensure_topics
+    from stream_scorer.ops.topics import ensure_topics
 
     def make(topics: dict[str, int]) -> None:
         ensure_topics(kafka_bootstrap, topics)

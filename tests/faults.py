@@ -26,7 +26,7 @@ from support import committed_offsets, produce_raw, read_topic, wait_for
 
 from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import generate_rides
-from stream_scorer.topics import ensure_topics, group_lag
+from stream_scorer.ops.topics import ensure_topics, group_lag
 
 ROOT = Path(__file__).parents[1]
 PARTITIONS = 4

@@ -13,7 +13,7 @@ import fastavro
 import numpy as np
 import xgboost as xgb
 
-from stream_scorer.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
+from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 
 # A second input contract, unlike the example: nested record, boolean, float, string category.
 PAYMENT_SCHEMA: dict[str, Any] = {

@@ -40,7 +40,7 @@ from support import (
     write_schema,
 )
 
-from stream_scorer.topics import ensure_topics
+from stream_scorer.ops.topics import ensure_topics
 
 ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
@@ -105,7 +105,7 @@ def main() -> int:
         broker = None
         bootstrap = args.bootstrap
         if bootstrap is None:
-            from stream_scorer.localkafka import LocalKafka
+            from stream_scorer.devtools.localkafka import LocalKafka
 
             broker = LocalKafka(tmp / "kafka", port=39592)
             bootstrap = broker.start(timeout=120)

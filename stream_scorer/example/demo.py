@@ -25,15 +25,13 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
+from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 from stream_scorer.errors import StreamScorerError
+from stream_scorer.example.files import MODEL_SUBDIR, cached_example
 from stream_scorer.example.produce import ProduceReport, produce_events
-from stream_scorer.localkafka import LocalKafka, default_cache_dir
-from stream_scorer.manifest import MANIFEST_FILE, read_manifest
-from stream_scorer.topics import ensure_topics, group_lag
+from stream_scorer.model.manifest import MANIFEST_FILE, read_manifest
+from stream_scorer.ops.topics import ensure_topics, group_lag
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "deploy" / "config" / "rides.yaml"
-MODEL_DIR = ROOT / "models" / "rides"
 INPUT_PARTITIONS = 4
 
 
@@ -76,7 +74,7 @@ def _read_all(bootstrap: str, topic: str, on_message: Callable[[Any], None]) -> 
 
 
 def _start_workers(
-    n: int, env: dict[str, str], log_dir: Path
+    n: int, config: Path, env: dict[str, str], log_dir: Path
 ) -> list[tuple[subprocess.Popen[str], Path]]:
     procs = []
     for i in range(n):
@@ -89,7 +87,7 @@ def _start_workers(
                     "stream_scorer",
                     "run",
                     "--config",
-                    str(CONFIG),
+                    str(config),
                     "--worker-id",
                     f"demo-{i}",
                 ],
@@ -136,19 +134,19 @@ def _wait_for_members(
     return members
 
 
-def _ensure_model() -> None:
+def _ensure_model(model_dir: Path) -> None:
     from stream_scorer.example.rides import FEATURES
 
-    if (MODEL_DIR / MANIFEST_FILE).is_file():
-        manifest = read_manifest(MODEL_DIR)
+    if (model_dir / MANIFEST_FILE).is_file():
+        manifest = read_manifest(model_dir)
         if manifest.features == FEATURES:
-            _say(f"model: {manifest.model_version} (existing, {MODEL_DIR.relative_to(ROOT)})")
+            _say(f"model: {manifest.model_version} (existing, {model_dir})")
             return
         _say("model: the existing one predates the example's features or value policies")
     from stream_scorer.example.train import train
 
     _say("model: training the example model ...")
-    manifest = train(MODEL_DIR)
+    manifest = train(model_dir)
     val = manifest.metrics.get("validation", {})
     base = manifest.metrics.get("baseline", {})
     _say(f"model: {manifest.model_version}")
@@ -178,7 +176,8 @@ def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float)
         ensure_topics(bootstrap, {topic: INPUT_PARTITIONS, out: INPUT_PARTITIONS, dlq: 1})
         _say(f"[2/6] topics: {topic} ({INPUT_PARTITIONS} partitions), {out}, {dlq}")
         _say("[3/6] model")
-        _ensure_model()
+        config = cached_example()
+        _ensure_model(config.parent / MODEL_SUBDIR)
         env = {
             **os.environ,
             "STREAM_SCORER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -191,7 +190,7 @@ def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float)
         }
         log_dir = state / "demo-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        procs = _start_workers(workers, env, log_dir)
+        procs = _start_workers(workers, config, env, log_dir)
         _say(f"[4/6] workers: {workers} processes (logs in {log_dir})")
         joined = _wait_for_members(bootstrap, group, workers, procs)
         _say(f"      {joined} of {workers} workers in the group")

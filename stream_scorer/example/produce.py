@@ -49,7 +49,7 @@ from confluent_kafka import Producer
 
 from stream_scorer.errors import BrokerError
 from stream_scorer.example.rides import generate_columns, load_ride_schema, to_records
-from stream_scorer.records import Stage
+from stream_scorer.stages.records import Stage
 
 #: Each malformed kind and the dead letter it becomes: (stage, reason code).
 EXPECTED_DEAD_LETTERS: dict[str, tuple[Stage, str]] = {

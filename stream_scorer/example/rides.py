@@ -11,16 +11,17 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import fastavro
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer.manifest import FeatureSpec
+from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.resources import packaged_file
 
-RIDE_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "ride_request.v1.avsc"
+#: The example input schema, shipped in the package (``schemas/ride_request.v1.avsc`` is its copy).
+RIDE_SCHEMA_PATH = packaged_file("stream_scorer.example", "ride_request.v1.avsc")
 VEHICLES = ("STANDARD", "XL", "LUX", "GREEN")
 PAYMENTS = ("CARD", "CASH", "WALLET")
 _VEHICLE_SPEED = np.array([1.0, 0.95, 1.05, 0.97])

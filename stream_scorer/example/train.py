@@ -19,7 +19,7 @@ from stream_scorer.example.rides import (
     generate_columns,
     trip_duration_minutes,
 )
-from stream_scorer.manifest import BINARY_OBJECTIVES, Manifest, sha256_file, write_manifest
+from stream_scorer.model.manifest import BINARY_OBJECTIVES, Manifest, sha256_file, write_manifest
 
 LONG_TRIP_MINUTES = 20.0
 MODEL_FILE = "model.ubj"

@@ -19,10 +19,10 @@ import pytest
 import xgboost as xgb
 from support import committed_lag, read_topic, wait_for
 
-from stream_scorer.decode import load_schema
 from stream_scorer.example.produce import expected_reasons, produce_events
 from stream_scorer.example.rides import FEATURES, load_ride_schema
-from stream_scorer.features import FeatureBuilder
+from stream_scorer.stages.decode import load_schema
+from stream_scorer.stages.features import FeatureBuilder
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_scorer import benchkafka as bk
-from stream_scorer.bench import example_payloads
+from stream_scorer.devtools import benchkafka as bk
+from stream_scorer.devtools.bench import example_payloads
 from stream_scorer.example.train import train
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ from confluent_kafka.admin import AdminClient
 from faults import PARTITIONS, FaultRun, Outcome, tail, when_committed
 from support import wait_for
 
+from stream_scorer.devtools.localkafka import LocalKafka
 from stream_scorer.example.train import train
-from stream_scorer.localkafka import LocalKafka
 
 pytestmark = pytest.mark.integration
 EVENTS = int(os.environ.get("FAULT_EVENTS", "50000"))

@@ -19,9 +19,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from stream_scorer.devtools.localkafka import LocalKafka, fetch_jars
 from stream_scorer.errors import BrokerError, LocalKafkaError
-from stream_scorer.localkafka import LocalKafka, fetch_jars
-from stream_scorer.topics import ensure_topics
+from stream_scorer.ops.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ from support import (
     write_schema,
 )
 
-from stream_scorer.app import run_worker
 from stream_scorer.cli import main
 from stream_scorer.config import load_config
-from stream_scorer.replay import REPLAY_SOURCE_HEADER
-from stream_scorer.sink import ATTEMPT_HEADER, REASON_HEADER
+from stream_scorer.ops.replay import REPLAY_SOURCE_HEADER
+from stream_scorer.worker.loop import run_worker
+from stream_scorer.worker.sink import ATTEMPT_HEADER, REASON_HEADER
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

@@ -34,7 +34,7 @@ from support import (
     write_schema,
 )
 
-from stream_scorer.decode import load_schema
+from stream_scorer.stages.decode import load_schema
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from stream_scorer.devtools.soak import SoakSettings, run_soak
 from stream_scorer.example.train import train
-from stream_scorer.soak import SoakSettings, run_soak
 
 pytestmark = pytest.mark.integration
 

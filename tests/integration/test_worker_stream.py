@@ -35,9 +35,9 @@ from support import (
     write_schema,
 )
 
-from stream_scorer.app import run_worker
 from stream_scorer.config import load_config
-from stream_scorer.decode import load_schema
+from stream_scorer.stages.decode import load_schema
+from stream_scorer.worker.loop import run_worker
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -307,7 +307,7 @@ def test_a_refused_dead_letter_stops_the_worker_and_its_offset_stays_uncommitted
     env: Env, unique: Callable[[str], str], mode: str
 ) -> None:
     from stream_scorer.errors import BrokerError
-    from stream_scorer.topics import ensure_topics
+    from stream_scorer.ops.topics import ensure_topics
 
     # a dead-letter topic that refuses anything but tiny records: the dead letter cannot land
     tiny_dlq = unique("tiny-dlq")

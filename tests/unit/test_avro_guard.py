@@ -5,7 +5,7 @@ import fastavro
 import pytest
 from guard_schemas import EVERYTHING, LINKED
 
-from stream_scorer.avro_guard import DECODE_REASONS, AvroGuard
+from stream_scorer.stages.avro_guard import DECODE_REASONS, AvroGuard
 
 
 def varint(u: int) -> bytes:

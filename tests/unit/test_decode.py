@@ -5,9 +5,9 @@ import fastavro
 import pytest
 from support import PAYMENT_SCHEMA, Msg, avro, payments
 
-from stream_scorer import decode
-from stream_scorer.decode import DECODE_REASONS, Decoder
-from stream_scorer.records import DeadLetter, Decoded, Stage
+from stream_scorer.stages import decode
+from stream_scorer.stages.decode import DECODE_REASONS, Decoder
+from stream_scorer.stages.records import DeadLetter, Decoded, Stage
 
 SCHEMA = fastavro.parse_schema(PAYMENT_SCHEMA)
 GOOD = payments(1)[0]

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import PAYMENT_SCHEMA, Msg
 
-from stream_scorer.decode import DECODE_REASONS, Decoder
 from stream_scorer.example.rides import load_ride_schema
-from stream_scorer.records import DeadLetter, Decoded, Stage
+from stream_scorer.stages.decode import DECODE_REASONS, Decoder
+from stream_scorer.stages.records import DeadLetter, Decoded, Stage
 
 PROPERTY = settings(
     max_examples=60,

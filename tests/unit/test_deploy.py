@@ -29,7 +29,7 @@ from packaging.utils import canonicalize_name
 
 from stream_scorer.cli import build_parser
 from stream_scorer.config import Config, load_config
-from stream_scorer.metrics import Metrics
+from stream_scorer.worker.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_scorer.decode import load_schema
-from stream_scorer.encode import PredictionEncoder
+from stream_scorer.stages.decode import load_schema
+from stream_scorer.stages.encode import PredictionEncoder
 
 SCHEMA = load_schema(Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc")
 LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)

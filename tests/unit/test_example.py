@@ -12,7 +12,6 @@ import pytest
 import xgboost as xgb
 from support import Msg
 
-from stream_scorer.decode import Decoder
 from stream_scorer.errors import BrokerError
 from stream_scorer.example import produce
 from stream_scorer.example.produce import (
@@ -35,9 +34,10 @@ from stream_scorer.example.rides import (
     trip_duration_minutes,
 )
 from stream_scorer.example.train import train
-from stream_scorer.features import FeatureBuilder
-from stream_scorer.manifest import read_manifest, sha256_file
-from stream_scorer.records import DeadLetter, Stage
+from stream_scorer.model.manifest import read_manifest, sha256_file
+from stream_scorer.stages.decode import Decoder
+from stream_scorer.stages.features import FeatureBuilder
+from stream_scorer.stages.records import DeadLetter, Stage
 
 SCHEMA = load_ride_schema()
 ENCODER = RideEncoder()

@@ -14,15 +14,15 @@ import pytest
 import xgboost as xgb
 from support import Msg, avro
 
-from stream_scorer.decode import Decoder, load_schema
 from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import FEATURES, RIDE_SCHEMA_PATH, generate_rides
 from stream_scorer.example.train import train
-from stream_scorer.fastpath import FastDecoder, FeaturePolicy, build_fast_path
-from stream_scorer.fastplan import Unsupported
-from stream_scorer.features import FeatureBuilder
-from stream_scorer.manifest import FeatureSpec
-from stream_scorer.score import Scorer
+from stream_scorer.fast.path import FastDecoder, FeaturePolicy, build_fast_path
+from stream_scorer.fast.plan import Unsupported
+from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.stages.decode import Decoder, load_schema
+from stream_scorer.stages.features import FeatureBuilder
+from stream_scorer.stages.score import Scorer
 
 ALL_TYPES: dict[str, Any] = {
     "type": "record",
@@ -289,7 +289,7 @@ def test_schemas_it_cannot_specialise_fall_back(
     specs = specs or [FeatureSpec("v", "id")]
     with pytest.raises(Unsupported, match=why):
         FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
-    with caplog.at_level(logging.INFO, logger="stream_scorer.fastpath"):
+    with caplog.at_level(logging.INFO, logger="stream_scorer.fast.path"):
         assert (
             build_fast_path(
                 schema, specs, id_field="id", event_time_field="", max_message_bytes=100
@@ -301,7 +301,7 @@ def test_schemas_it_cannot_specialise_fall_back(
 
 def test_switched_off_by_configuration(caplog: pytest.LogCaptureFixture) -> None:
     schema = fastavro.parse_schema(ALL_TYPES)
-    with caplog.at_level(logging.INFO, logger="stream_scorer.fastpath"):
+    with caplog.at_level(logging.INFO, logger="stream_scorer.fast.path"):
         out = build_fast_path(
             schema, SPECS, id_field="id", event_time_field="", max_message_bytes=9, enabled=False
         )

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Msg
 
-from stream_scorer.decode import Decoder
-from stream_scorer.fastpath import FastDecoder
-from stream_scorer.fastplan import Unsupported
-from stream_scorer.features import FeatureBuilder, field_getter
-from stream_scorer.manifest import FeatureSpec
+from stream_scorer.fast.path import FastDecoder
+from stream_scorer.fast.plan import Unsupported
+from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.stages.decode import Decoder
+from stream_scorer.stages.features import FeatureBuilder, field_getter
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS_MIN, MS_MAX = -62_135_596_800_000, 253_402_300_799_999

@@ -11,12 +11,12 @@ import fastavro
 import pytest
 from support import PAYMENT_SCHEMA, Msg, avro, payments, train_payment_classifier
 
-from stream_scorer.decode import Decoder, load_schema
-from stream_scorer.encode import PredictionEncoder
-from stream_scorer.fastpath import build_fast_path
-from stream_scorer.features import FeatureBuilder
-from stream_scorer.pipeline import Pipeline
-from stream_scorer.score import Scorer
+from stream_scorer.fast.path import build_fast_path
+from stream_scorer.stages.decode import Decoder, load_schema
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.features import FeatureBuilder
+from stream_scorer.stages.pipeline import Pipeline
+from stream_scorer.stages.score import Scorer
 
 PREDICTION_SCHEMA = Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc"
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from stream_scorer.errors import SchemaError
-from stream_scorer.features import FeatureBuilder, check_schema
-from stream_scorer.manifest import FeatureSpec
+from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.stages.features import FeatureBuilder, check_schema
 
 NAN = math.nan
 TUESDAY_1430 = datetime(2026, 11, 24, 14, 30, tzinfo=UTC)

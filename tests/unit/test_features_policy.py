@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from stream_scorer.errors import ModelError
-from stream_scorer.features import FEATURE_REASONS, FeatureBuilder
-from stream_scorer.manifest import (
+from stream_scorer.model.manifest import (
     FeatureSpec,
     Manifest,
     ValuePolicy,
@@ -17,6 +16,7 @@ from stream_scorer.manifest import (
     read_manifest,
     write_manifest,
 )
+from stream_scorer.stages.features import FEATURE_REASONS, FeatureBuilder
 
 NAN, INF = math.nan, math.inf
 PASS, DEAD = "pass", "dead_letter"

@@ -13,15 +13,15 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from support import PAYMENT_SCHEMA, Msg, avro, payment_matrix, payments, train_payment_classifier
 
-from stream_scorer.decode import Decoder, load_schema
-from stream_scorer.delivery import kafka_error
-from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, PoisonLimitError
-from stream_scorer.features import FeatureBuilder
-from stream_scorer.flow import BatchSizer, PoisonGuard
-from stream_scorer.pipeline import Pipeline
-from stream_scorer.records import Stage
-from stream_scorer.score import Predictions, Scorer
+from stream_scorer.stages.decode import Decoder, load_schema
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.features import FeatureBuilder
+from stream_scorer.stages.pipeline import Pipeline
+from stream_scorer.stages.records import Stage
+from stream_scorer.stages.score import Predictions, Scorer
+from stream_scorer.worker.delivery import kafka_error
+from stream_scorer.worker.flow import BatchSizer, PoisonGuard
 
 PREDICTION_SCHEMA = Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc"
 

@@ -16,9 +16,9 @@ import pytest
 from support import Msg, train_payment_classifier, wait_for, write_schema
 
 from stream_scorer.config import Config, load_config
-from stream_scorer.health import Monitor, Watchdog
-from stream_scorer.lag import LagTracker, PartitionLag, to_json, to_table, totals
-from stream_scorer.metrics import Metrics
+from stream_scorer.worker.health import Monitor, Watchdog
+from stream_scorer.worker.lag import LagTracker, PartitionLag, to_json, to_table, totals
+from stream_scorer.worker.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 
@@ -148,7 +148,7 @@ def test_watchdog_fires_once_per_stall_and_logs_recovery(caplog: pytest.LogCaptu
     clock = Clock()
     dog = Watchdog(stall_timeout_s=30, clock=clock)
     tp = ("in", 2)
-    caplog.set_level(logging.INFO, logger="stream_scorer.health")
+    caplog.set_level(logging.INFO, logger="stream_scorer.worker.health")
     dog.observe({tp: (100, 5, 1.0)})
     clock.now += 29
     assert dog.evaluate() == {tp: False}
@@ -345,7 +345,7 @@ def test_port_zero_serves_nothing(base_cfg: dict[str, Any]) -> None:
 
 
 def test_commits_outside_store_reach_the_lag_tracker() -> None:
-    from stream_scorer.source import Source
+    from stream_scorer.worker.source import Source
 
     source = Source(
         {},
@@ -421,7 +421,7 @@ def test_refresh_publishes_exactly_the_partitions_owned_now(base_cfg: dict[str, 
 def test_batch_histogram_exposes_what_a_prometheus_histogram_would(values: list[float]) -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from stream_scorer.metrics import BatchHistogram
+    from stream_scorer.worker.metrics import BatchHistogram
 
     buckets = (0.001, 0.01, 0.25, 0.5, 1.0, 2.5, 30.0)
     ours, theirs = CollectorRegistry(), CollectorRegistry()

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from stream_scorer.offsets import OffsetTracker, Ticket, batch_positions
+from stream_scorer.worker.offsets import OffsetTracker, Ticket, batch_positions
 
 
 @dataclass

@@ -16,16 +16,16 @@ from support import (
     train_payment_classifier,
 )
 
-from stream_scorer.decode import Decoder, load_schema
-from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import DeliveryError
-from stream_scorer.features import FeatureBuilder
-from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker
-from stream_scorer.pipeline import Pipeline
-from stream_scorer.records import DeadLetter, Scored, Stage
-from stream_scorer.score import Scorer
-from stream_scorer.sink import Sink, SinkContext
+from stream_scorer.stages.decode import Decoder, load_schema
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.features import FeatureBuilder
+from stream_scorer.stages.pipeline import Pipeline
+from stream_scorer.stages.records import DeadLetter, Scored, Stage
+from stream_scorer.stages.score import Scorer
+from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.offsets import OffsetTracker
+from stream_scorer.worker.sink import Sink, SinkContext
 
 PREDICTION_SCHEMA = Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc"
 
@@ -228,8 +228,8 @@ class RecordingSource:
 
 
 def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> None:
-    from stream_scorer.delivery import AtLeastOnce
-    from stream_scorer.pipeline import BatchResult
+    from stream_scorer.stages.pipeline import BatchResult
+    from stream_scorer.worker.delivery import AtLeastOnce
 
     producer, tracker, source = HeldProducer(), OffsetTracker(), RecordingSource()
     delivery = AtLeastOnce(
@@ -256,8 +256,8 @@ def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> Non
 
 
 def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
-    from stream_scorer.delivery import AtLeastOnce
-    from stream_scorer.pipeline import BatchResult
+    from stream_scorer.stages.pipeline import BatchResult
+    from stream_scorer.worker.delivery import AtLeastOnce
 
     producer, tracker, source = FakeProducer(), OffsetTracker(), RecordingSource()
     delivery = AtLeastOnce(
@@ -277,8 +277,8 @@ def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
 
 
 def test_revoke_after_drain_commits_nothing_more() -> None:
-    from stream_scorer.delivery import AtLeastOnce
-    from stream_scorer.pipeline import BatchResult
+    from stream_scorer.stages.pipeline import BatchResult
+    from stream_scorer.worker.delivery import AtLeastOnce
 
     producer, tracker, source = HeldProducer(), OffsetTracker(), RecordingSource()
     delivery = AtLeastOnce(

@@ -14,11 +14,11 @@ from support import (
     train_payment_classifier,
 )
 
-from stream_scorer.decode import load_schema
-from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import ModelError, SchemaError
-from stream_scorer.manifest import FeatureSpec, read_manifest
-from stream_scorer.score import Scorer
+from stream_scorer.model.manifest import FeatureSpec, read_manifest
+from stream_scorer.stages.decode import load_schema
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.score import Scorer
 
 PREDICTION_SCHEMA = Path(__file__).parents[2] / "schemas" / "prediction.v1.avsc"
 
@@ -91,7 +91,7 @@ def test_prediction_schema_without_required_field_is_refused() -> None:
 
 
 def test_payment_features_match_the_generic_builder() -> None:
-    from stream_scorer.features import FeatureBuilder
+    from stream_scorer.stages.features import FeatureBuilder
 
     recs = payments(50, seed=3)
     for r in recs:  # what fastavro hands the builder: a datetime for timestamp-millis

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_scorer.soak import Sample, markdown, rss_mib, slope_mib_per_min, summarize
+from stream_scorer.devtools.soak import Sample, markdown, rss_mib, slope_mib_per_min, summarize
 
 
 def _samples(rss: list[float], every_s: float = 10.0) -> list[Sample]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import wait_for
 
-from stream_scorer.supervisor import worker_commands
+from stream_scorer.worker.supervisor import worker_commands
 
 # A stand-in worker: announces itself, drains (writes a file) on SIGTERM and exits 0;
 # mode "exit0" exits 0 at once, mode "fail" exits 3 on SIGUSR1.
@@ -32,7 +32,7 @@ while True:
 
 PARENT = """
 import json, sys
-from stream_scorer.supervisor import Supervisor
+from stream_scorer.worker.supervisor import Supervisor
 sys.exit(Supervisor(json.loads(sys.argv[1]), grace_s=float(sys.argv[2]), poll_s=0.02).run())
 """
 

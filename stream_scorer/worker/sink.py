@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from stream_scorer.encode import (
+from stream_scorer.errors import BrokerError, DeliveryError
+from stream_scorer.stages.encode import (
     HEADER_MODEL_VERSION,
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
 )
-from stream_scorer.errors import BrokerError, DeliveryError
-from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker, Span, Ticket
-from stream_scorer.records import DeadLetter, Message, Scored
+from stream_scorer.stages.records import DeadLetter, Message, Scored
+from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
 
 DLQ_PREFIX = "__connect.errors."
 EXTRA_PREFIX = "stream_scorer."

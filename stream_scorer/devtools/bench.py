@@ -3,7 +3,7 @@
 Without a broker, ``profile_stages`` times the pure pipeline per stage (decode, features,
 predict, encode and the producer's enqueue, µs per record) and ``profile_fast_path`` the parts
 of the fast path. ``run_bench`` (the command) does the rest on a local Kafka broker
-(``stream_scorer.localkafka``), all on the shipped example: it preloads N events over 8
+(``stream_scorer.devtools.localkafka``), all on the shipped example: it preloads N events over 8
 partitions and measures, one after the other on the same topic (a new group each time):
 
 - **ceiling**: consume bytes, produce the same bytes, commit: Kafka I/O from Python, no work;
@@ -36,13 +36,12 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
-from stream_scorer import benchkafka as bk
 from stream_scorer.config import Config, load_config
-from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker
-from stream_scorer.sink import Sink, SinkContext
+from stream_scorer.devtools import benchkafka as bk
+from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.offsets import OffsetTracker
+from stream_scorer.worker.sink import Sink, SinkContext
 
-ROOT = bk.ROOT
 EXAMPLE_CONFIG = bk.EXAMPLE_CONFIG
 STAGES = bk.STAGES
 #: The first seconds of each latency run are left out of p50/p99: when a stream starts, its
@@ -117,7 +116,7 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
     from stream_scorer.errors import ModelError
     from stream_scorer.example.rides import FEATURES
     from stream_scorer.example.train import train
-    from stream_scorer.manifest import read_manifest
+    from stream_scorer.model.manifest import read_manifest
 
     try:
         current = tuple(read_manifest(model_dir).features) == tuple(FEATURES)
@@ -147,7 +146,7 @@ def profile_stages(
     for every record, and is purged at the end. The best of ``rounds`` passes is kept (the
     machine is shared; the minimum is the least disturbed).
     """
-    from stream_scorer.app import build_pipeline
+    from stream_scorer.worker.loop import build_pipeline
 
     messages = [BenchMessage(v, k=b"k", o=i, ts=1) for i, v in enumerate(payloads)]
     best: dict[str, float] = {}
@@ -186,9 +185,9 @@ def profile_fast_path(
     ``kernel``: gathering the bytes and the compiled decode into the matrix; ``columns``: the
     rest of ``FastDecoder.run`` (feature policies, dead letters, id and event-time columns).
     """
-    from stream_scorer.decode import load_schema
-    from stream_scorer.fastpath import FastDecoder
-    from stream_scorer.manifest import read_manifest
+    from stream_scorer.fast.path import FastDecoder
+    from stream_scorer.model.manifest import read_manifest
+    from stream_scorer.stages.decode import load_schema
 
     fast = FastDecoder(
         load_schema(cfg.input.schema),
@@ -251,7 +250,7 @@ class _Run:
     count: int = 0
 
     def topics(self, what: str) -> tuple[str, str, str]:
-        from stream_scorer.topics import ensure_topics
+        from stream_scorer.ops.topics import ensure_topics
 
         self.count += 1
         slug = "".join(c if c.isalnum() else "-" for c in what).strip("-")
@@ -345,7 +344,7 @@ def run_bench(
     say: Callable[[str], None] = print,
 ) -> list[ModeResult]:
     """Run every mode on a local broker; write JSON and markdown into ``out_dir``."""
-    from stream_scorer.localkafka import LocalKafka, default_cache_dir
+    from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 
     cache = default_cache_dir()
     broker = LocalKafka(cache / f"bench-broker-{port}", port=port, log=say)

@@ -23,21 +23,21 @@ from stream_scorer.config import (
     redacted,
     worker_identity,
 )
-from stream_scorer.decode import Decoder, load_schema, record_fields
-from stream_scorer.delivery import AtLeastOnce, Delivery, ExactlyOnce
-from stream_scorer.encode import PredictionEncoder
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
-from stream_scorer.fastpath import build_fast_path
-from stream_scorer.features import FeatureBuilder, check_schema
-from stream_scorer.flow import BatchSizer, PoisonGuard, StopFlag
-from stream_scorer.health import Monitor
+from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
-from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker
-from stream_scorer.pipeline import Pipeline
-from stream_scorer.score import Scorer
-from stream_scorer.sink import Sink, SinkContext
-from stream_scorer.source import Source
+from stream_scorer.stages.decode import Decoder, load_schema, record_fields
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.features import FeatureBuilder, check_schema
+from stream_scorer.stages.pipeline import Pipeline
+from stream_scorer.stages.score import Scorer
+from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce
+from stream_scorer.worker.flow import BatchSizer, PoisonGuard, StopFlag
+from stream_scorer.worker.health import Monitor
+from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.offsets import OffsetTracker
+from stream_scorer.worker.sink import Sink, SinkContext
+from stream_scorer.worker.source import Source
 
 log = logging.getLogger(__name__)
 

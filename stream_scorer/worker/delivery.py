@@ -22,11 +22,11 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stream_scorer.errors import BrokerError, FencedError
-from stream_scorer.metrics import Metrics
-from stream_scorer.offsets import OffsetTracker, Ticket
-from stream_scorer.pipeline import BatchResult
-from stream_scorer.sink import Producer, Sink, SinkContext
-from stream_scorer.source import Partitions, Source
+from stream_scorer.stages.pipeline import BatchResult
+from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.offsets import OffsetTracker, Ticket
+from stream_scorer.worker.sink import Producer, Sink, SinkContext
+from stream_scorer.worker.source import Partitions, Source
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 
-from stream_scorer.records import Message
+from stream_scorer.stages.records import Message
 
 TopicPartition = tuple[str, int]
 

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import xgboost as xgb
 
 from stream_scorer.errors import ModelError, ScoringError
-from stream_scorer.manifest import Manifest, read_manifest, sha256_file
+from stream_scorer.model.manifest import Manifest, read_manifest, sha256_file
 
 
 @dataclass(frozen=True)

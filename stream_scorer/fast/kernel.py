@@ -31,8 +31,8 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer import fastplan as fp
-from stream_scorer.avro_guard import DECODE_REASONS, DEFAULT_MAX_ZERO_SIZE_ITEMS
+from stream_scorer.fast import plan as fp
+from stream_scorer.stages.avro_guard import DECODE_REASONS, DEFAULT_MAX_ZERO_SIZE_ITEMS
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
     _base = os.environ.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")

@@ -22,8 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream_scorer.config import Config
 from stream_scorer.errors import ConfigError
-from stream_scorer.lag import TP, LagTracker
-from stream_scorer.metrics import Metrics
+from stream_scorer.worker.lag import TP, LagTracker
+from stream_scorer.worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Watchdog:
 
 
 class SourceView(Protocol):
-    """What the monitor reads from the consumer (``stream_scorer.source.Source``)."""
+    """What the monitor reads from the consumer (``stream_scorer.worker.source.Source``)."""
 
     lag: LagTracker
     joined: bool

@@ -84,7 +84,7 @@ def _encode_v1_batch(
         OverflowError: an event time or the scoring time does not fit in 64 bits.
         UnicodeEncodeError: an id holds a lone surrogate.
     """
-    from stream_scorer.fastkernel import encode_v1  # numba: imported on first use
+    from stream_scorer.fast.kernel import encode_v1  # numba: imported on first use
 
     n = len(ids)
     raw = "".join(ids).encode()

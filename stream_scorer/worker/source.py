@@ -25,9 +25,9 @@ from confluent_kafka import (
 )
 
 from stream_scorer.errors import BrokerError
-from stream_scorer.lag import LagTracker
-from stream_scorer.metrics import Metrics
-from stream_scorer.records import Message
+from stream_scorer.stages.records import Message
+from stream_scorer.worker.lag import LagTracker
+from stream_scorer.worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Source:
         self._consumer: Any = None
         self._broker_seen = False  # a broker answered since start (statistics or assignment)
         self.joined = False  # an assignment (possibly empty) has been received
-        #: Per-partition lag in records and seconds (``stream_scorer.lag``).
+        #: Per-partition lag in records and seconds (``stream_scorer.worker.lag``).
         self.lag = LagTracker()
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def _read_back(
     bootstrap: str, topics: Sequence[str], produced: int, bad: Sequence[bool]
 ) -> list[tuple[int, int, int]]:
     """Per topic: distinct events seen, duplicates, and how many of those were malformed."""
-    from stream_scorer import benchkafka as bk
+    from stream_scorer.devtools import benchkafka as bk
 
     seen = bytearray(produced)
     out = []
@@ -250,8 +250,8 @@ def soak(
     bootstrap: str, model: Path, cfg: SoakSettings, say: Callable[[str], None] = _print
 ) -> tuple[list[Sample], dict[str, Any]]:
     """Run the soak on ``bootstrap`` with ``model``; return the samples and the summary."""
-    from stream_scorer import benchkafka as bk
-    from stream_scorer.topics import ensure_topics
+    from stream_scorer.devtools import benchkafka as bk
+    from stream_scorer.ops.topics import ensure_topics
 
     pool, bad = _pool(_POOL, cfg.malformed)
     base = f"soak-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -333,8 +333,8 @@ def run_soak(
             exactly the malformed events, or the worker did not exit with 0 on SIGTERM (the
             results are written first).
     """
-    from stream_scorer.bench import _machine, ensure_example_model
-    from stream_scorer.localkafka import LocalKafka, default_cache_dir
+    from stream_scorer.devtools.bench import _machine, ensure_example_model
+    from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 
     cache = default_cache_dir()
     broker = None

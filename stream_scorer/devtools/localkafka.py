@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka broker (KRaft, broker+controller) on loopback.
 
 For development, the demo and the tests on machines without Docker: the broker jars come
-from Maven Central (``deploy/local-kafka/pom.xml``) into a cache outside the repository, and
+from Maven Central (the package's ``local-kafka-pom.xml``) into a cache outside the repository, and
 the broker runs as a detached ``java`` process whose pid and address are kept in a state
 directory, so ``start``, ``status`` and ``stop`` work across commands and processes.
 
@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from stream_scorer.errors import LocalKafkaError
+from stream_scorer.resources import packaged_file
 
 KAFKA_VERSION = "4.1.1"
 
@@ -51,17 +52,8 @@ def default_cache_dir() -> Path:
 
 
 def find_pom() -> Path:
-    """Return the pom that resolves the broker jars (``deploy/local-kafka/pom.xml``).
-
-    Raises:
-        LocalKafkaError: the pom is not there (not running from a checkout).
-    """
-    pom = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "pom.xml"
-    if not pom.is_file():
-        raise LocalKafkaError(
-            f"{pom} is missing: the local broker needs a checkout of the stream-scorer repository"
-        )
-    return pom
+    """Return the pom that resolves the broker jars, shipped in the package."""
+    return packaged_file(__package__ or "stream_scorer.devtools", "local-kafka-pom.xml")
 
 
 def _find_java() -> str:
@@ -147,10 +139,12 @@ def fetch_jars(cache_dir: Path | None = None, *, log: Callable[[str], None] = pr
             "Maven is needed to fetch Apache Kafka's broker jars and `mvn` is not on PATH: "
             "install it (Debian/Ubuntu: apt-get install maven)"
         )
-    pom = find_pom()
     libs.parent.mkdir(parents=True, exist_ok=True)
     log(f"fetching org.apache.kafka:kafka_2.13:{KAFKA_VERSION} and its dependencies with Maven")
     tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=libs.parent))
+    # Maven writes beside its pom (target/): run it on a copy, never in the installed package
+    pom = Path(tempfile.mkdtemp(prefix=".pom-", dir=libs.parent)) / "pom.xml"
+    shutil.copyfile(find_pom(), pom)
     try:
         _maven(mvn, pom, "dependency:copy-dependencies", f"-DoutputDirectory={tmp}",
                "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}")  # fmt: skip
@@ -174,6 +168,7 @@ def fetch_jars(cache_dir: Path | None = None, *, log: Callable[[str], None] = pr
             shutil.rmtree(trash, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(pom.parent, ignore_errors=True)
     log(f"broker jars in {libs}")
     return libs
 

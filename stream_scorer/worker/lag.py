@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError
-from stream_scorer.records import Message
+from stream_scorer.stages.records import Message
 
 TP = tuple[str, int]
 _RDKAFKA_LOG = logging.getLogger("librdkafka.lag")

@@ -15,12 +15,12 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer.decode import Decoder
-from stream_scorer.encode import PredictionEncoder
-from stream_scorer.fastpath import FastDecoder
-from stream_scorer.features import FeatureBuilder, field_getter
-from stream_scorer.records import DeadLetter, Message, Scored, Stage
-from stream_scorer.score import Predictions
+from stream_scorer.fast.path import FastDecoder
+from stream_scorer.stages.decode import Decoder
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.features import FeatureBuilder, field_getter
+from stream_scorer.stages.records import DeadLetter, Message, Scored, Stage
+from stream_scorer.stages.score import Predictions
 
 Matrix = npt.NDArray[np.float32]
 #: Called with a stage name and the seconds it took for the batch.

@@ -21,7 +21,8 @@ from typing import Any
 
 import fastavro
 
-from stream_scorer.avro_guard import (
+from stream_scorer.errors import SchemaError
+from stream_scorer.stages.avro_guard import (
     DECODE_REASONS,
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_ZERO_SIZE_ITEMS,
@@ -34,8 +35,7 @@ from stream_scorer.avro_guard import (
     TRUNCATED,
     AvroGuard,
 )
-from stream_scorer.errors import SchemaError
-from stream_scorer.records import DeadLetter, Decoded, Message, Stage
+from stream_scorer.stages.records import DeadLetter, Decoded, Message, Stage
 
 __all__ = ["DECODE_REASONS", "Decoder", "load_schema", "record_fields"]
 

@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_scorer.errors import SchemaError
-from stream_scorer.manifest import FeatureSpec, ValuePolicy
+from stream_scorer.model.manifest import FeatureSpec, ValuePolicy
 
 Matrix = npt.NDArray[np.float32]
 _NAN = math.nan

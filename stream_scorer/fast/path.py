@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer import fastplan as fp
-from stream_scorer.fastplan import Program, Unsupported, compile_program
-from stream_scorer.manifest import FeatureSpec
-from stream_scorer.records import DeadLetter, Message, Stage
+from stream_scorer.fast import plan as fp
+from stream_scorer.fast.plan import Program, Unsupported, compile_program
+from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.stages.records import DeadLetter, Message, Stage
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class FastBatch:
 
 
 def _kernel() -> Any:
-    from stream_scorer import fastkernel
+    from stream_scorer.fast import kernel as fastkernel
 
     return fastkernel
 

@@ -24,14 +24,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_scorer.features import field_getter
-from stream_scorer.topics import ensure_topics
+from stream_scorer.example.files import cached_example
+from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.stages.features import field_getter
 
 STAGES = ("decode", "features", "predict", "encode", "produce")
 #: Where ``paced`` warms up its producer's connection before its clock starts.
 WARMUP_TOPIC = "stream-scorer-bench-warmup"
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_CONFIG = ROOT / "deploy" / "config" / "rides.yaml"
+#: The example's configuration (written into the cache; its model path is always overridden).
+EXAMPLE_CONFIG = cached_example()
 _RUN = (sys.executable, "-m", "stream_scorer", "--log-level", "WARNING", "run")
 
 
@@ -174,10 +175,10 @@ def _naive_step(args: dict[str, Any], stages: dict[str, float]) -> Callable[[Any
     import xgboost as xgb
 
     from stream_scorer.config import load_config
-    from stream_scorer.decode import load_schema
-    from stream_scorer.encode import PredictionEncoder
-    from stream_scorer.features import FeatureBuilder
-    from stream_scorer.manifest import read_manifest
+    from stream_scorer.model.manifest import read_manifest
+    from stream_scorer.stages.decode import load_schema
+    from stream_scorer.stages.encode import PredictionEncoder
+    from stream_scorer.stages.features import FeatureBuilder
 
     cfg = load_config(EXAMPLE_CONFIG, environ={}, overrides={"model": {"path": args["model"]}})
     schema = load_schema(cfg.input.schema)
@@ -213,7 +214,12 @@ def _naive_step(args: dict[str, Any], stages: dict[str, float]) -> Callable[[Any
 
 def start_client(mode: str, args: dict[str, Any]) -> subprocess.Popen[str]:
     """Start the ``mode`` loop in a child process and wait until it is assigned."""
-    cmd = [sys.executable, "-m", "stream_scorer.benchkafka", json.dumps({**args, "mode": mode})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream_scorer.devtools.benchkafka",
+        json.dumps({**args, "mode": mode}),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

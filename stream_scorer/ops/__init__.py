@@ -1,0 +1,1 @@
+"""Operator commands that work on a running deployment's topics: dead-letter replay, topics."""
