@@ -139,6 +139,16 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_example_init(args: argparse.Namespace) -> int:
+    from stream_scorer.example.files import MODEL_SUBDIR, init_example
+
+    config = init_example(args.dir)
+    print(f"example configuration {config} (schemas beside it)")
+    print(f"next: stream-scorer train --out {args.dir / MODEL_SUBDIR}")
+    print(f"      stream-scorer run --config {config}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from stream_scorer.example.demo import run_demo
 
@@ -292,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--malformed-fraction", type=float, default=0.0)
     produce.add_argument("--seed", type=int, default=1)
     produce.set_defaults(func=_cmd_produce)
+
+    example = sub.add_parser("example", help="the shipped example's files")
+    example_sub = example.add_subparsers(dest="example_command", required=True)
+    init = example_sub.add_parser(
+        "init", help="write the example's configuration and schemas into a folder"
+    )
+    init.add_argument("dir", type=Path, help="folder to write (created if missing)")
+    init.set_defaults(func=_cmd_example_init)
 
     demo = sub.add_parser("demo", help="run the example end to end on a local broker")
     demo.add_argument("--events", type=int, default=100_000)

@@ -321,3 +321,42 @@ def test_produce_events_raises_when_a_delivery_fails(fake_producer: type[FakePro
 def test_produce_events_paces_to_the_rate(fake_producer: type[FakeProducer]) -> None:
     report = produce_events("x:9092", "rides", 50, rate=200.0)
     assert report.elapsed_s >= 50 / 200.0 * 0.9
+
+
+def test_the_shipped_schemas_are_the_contracts_in_schemas() -> None:
+    from stream_scorer.contracts import PREDICTION_SCHEMA_V1
+    from stream_scorer.example.rides import RIDE_SCHEMA_PATH
+
+    top = Path(__file__).parents[2] / "schemas"
+    for shipped in (PREDICTION_SCHEMA_V1, RIDE_SCHEMA_PATH):
+        assert shipped.read_bytes() == (top / shipped.name).read_bytes(), shipped.name
+    assert sorted(p.name for p in top.iterdir()) == sorted(
+        [PREDICTION_SCHEMA_V1.name, RIDE_SCHEMA_PATH.name]
+    )
+
+
+def test_example_init_writes_a_config_that_loads(tmp_path: Path) -> None:
+    from stream_scorer.cli import main
+    from stream_scorer.config import load_config
+    from stream_scorer.example.files import CONFIG_NAME, MODEL_SUBDIR
+
+    assert main(["example", "init", str(tmp_path / "ex")]) == 0
+    (tmp_path / "ex" / MODEL_SUBDIR).mkdir(parents=True)
+    cfg = load_config(tmp_path / "ex" / CONFIG_NAME, environ={})
+    assert cfg.input.schema == tmp_path / "ex" / "ride_request.v1.avsc"
+    assert cfg.output.schema == tmp_path / "ex" / "prediction.v1.avsc"
+    assert cfg.model.path == tmp_path / "ex" / MODEL_SUBDIR
+
+
+def test_deploy_config_is_the_shipped_example_but_for_its_paths() -> None:
+    import yaml
+
+    from stream_scorer.example.files import CONFIG_NAME, example_files
+
+    shipped = yaml.safe_load(example_files()[CONFIG_NAME].read_text())
+    deployed = yaml.safe_load(
+        (Path(__file__).parents[2] / "deploy" / "config" / "rides.yaml").read_text()
+    )
+    for section, key in (("input", "schema"), ("output", "schema"), ("model", "path")):
+        assert Path(shipped[section].pop(key)).name == Path(deployed[section].pop(key)).name
+    assert shipped == deployed
