@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from stream_scorer.errors import SchemaError
 from stream_scorer.model.manifest import FeatureSpec, ValuePolicy
+from stream_scorer.stages.fields import base_type, resolve, type_name
 
 Matrix = npt.NDArray[np.float32]
 _NAN = math.nan
@@ -210,20 +211,38 @@ class FeatureBuilder:
         return matrix, [rejected[i] for i in sorted(rejected)]
 
 
-def check_schema(features: Sequence[FeatureSpec], schema_fields: Mapping[str, Any]) -> None:
-    """Fail start-up when a feature's field is not in the input schema.
+#: The Avro types each transform reads (any one non-null branch of a union must be one).
+TRANSFORM_TYPES: dict[str, frozenset[str]] = {
+    "number": frozenset({"int", "long", "float", "double", "boolean"}),
+    "category": frozenset({"string", "enum"}),
+    "hour_of_day": frozenset({"int", "long"}),
+    "day_of_week": frozenset({"int", "long"}),
+}
+
+
+def check_schema(features: Sequence[FeatureSpec], schema: Mapping[str, Any]) -> None:
+    """Fail start-up when a feature's field is not in the input schema or has the wrong type.
+
+    Every path is resolved (nested ones too) and at least one of its non-null types must be
+    one the feature's transform reads (``TRANSFORM_TYPES``).
 
     Args:
         features: the manifest's features.
-        schema_fields: top-level field name to Avro type of the input record.
+        schema: the parsed input record schema.
 
     Raises:
-        SchemaError: naming the first feature whose field the schema lacks.
+        SchemaError: naming the first feature whose field the schema lacks (with the nearest
+            existing field) or cannot feed its transform.
     """
     for spec in features:
-        top = spec.field.split(".")[0]
-        if top not in schema_fields:
+        try:
+            types = resolve(schema, spec.field)
+        except SchemaError as exc:
+            raise SchemaError(f"feature {spec.name!r}: {exc}") from None
+        wanted = TRANSFORM_TYPES[spec.transform]
+        if not any(base_type(t) in wanted for t in types):
+            found = " | ".join(type_name(t) for t in types) or "null"
             raise SchemaError(
-                f"feature {spec.name!r} reads field {spec.field!r}, which the input schema "
-                f"does not have (fields: {', '.join(schema_fields)})"
+                f"feature {spec.name!r}: field {spec.field!r} is {found}; the "
+                f"{spec.transform!r} transform reads {', '.join(sorted(wanted))}"
             )

@@ -26,9 +26,10 @@ from stream_scorer.config import (
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
-from stream_scorer.stages.decode import Decoder, load_schema, record_fields
+from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
+from stream_scorer.stages.fields import resolve
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce
@@ -59,14 +60,16 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
     """Load the schemas and the model and check they fit each other."""
     scorer = Scorer(cfg.model.path, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
     input_schema = load_schema(cfg.input.schema)
-    fields = record_fields(input_schema)
-    check_schema(scorer.manifest.features, fields)
+    check_schema(scorer.manifest.features, input_schema)
     for key, name in (
         ("input.id_field", cfg.input.id_field),
         ("input.event_time_field", cfg.input.event_time_field),
     ):
-        if name and name.split(".")[0] not in fields:
-            raise ConfigError(key, f"field {name!r} is not in the input schema {cfg.input.schema}")
+        if name:
+            try:
+                resolve(input_schema, name)
+            except SchemaError as exc:
+                raise ConfigError(key, f"{exc} (input schema {cfg.input.schema})") from None
     try:
         encoder = PredictionEncoder(load_schema(cfg.output.schema))
     except SchemaError as exc:

@@ -42,7 +42,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     [
         ({"batch__max_records": 0}, 2, "batch.max_records: must be greater than 0"),
         ({"input__colour": "red"}, 2, "input.colour: unknown key"),
-        ({"input__id_field": "nope"}, 2, "input.id_field: field 'nope' is not in the input schema"),
+        ({"input__id_field": "nope"}, 2, "input.id_field: field 'nope': no field 'nope'"),
         ({"model__nthread": "two"}, 2, "model.nthread: must be an integer"),
     ],
 )
@@ -69,7 +69,7 @@ def test_model_reading_a_field_the_schema_lacks_is_refused(tmp_path: Path) -> No
     write_schema(tmp_path / "in.avsc", schema)
     result = _run("run", "--config", str(path))
     assert result.returncode == 1
-    assert "feature 'amount' reads field 'amount'" in result.stderr
+    assert "feature 'amount': field 'amount': no field 'amount'" in result.stderr
 
 
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@ import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import fastavro
 import numpy as np
 import pytest
 
@@ -64,6 +65,61 @@ def test_columns_follow_manifest_order_and_nested_fields() -> None:
     np.testing.assert_array_equal(matrix, [[2.0, 1.0, NAN], [NAN, 3.0, NAN]])
 
 
-def test_check_schema_names_the_missing_field() -> None:
-    with pytest.raises(SchemaError, match="'distance'"):
-        check_schema([FeatureSpec("d", "distance")], {"id": "string"})
+NESTED = fastavro.parse_schema(
+    {
+        "type": "record",
+        "name": "Event",
+        "namespace": "t",
+        "fields": [
+            {"name": "id", "type": "string"},
+            {"name": "amount", "type": ["null", "double"]},
+            {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": ["A", "B"]}},
+            {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {
+                "name": "device",
+                "type": {
+                    "type": "record",
+                    "name": "Device",
+                    "fields": [
+                        {"name": "model", "type": "string"},
+                        {"name": "battery", "type": "float"},
+                    ],
+                },
+            },
+            {"name": "previous", "type": ["null", "Device"]},
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (FeatureSpec("d", "distance"), "no field 'distance' .*fields there: amount, at"),
+        (FeatureSpec("m", "device.modell", "category", ("x",)), "did you mean 'device.model'"),
+        (FeatureSpec("m", "previous.batery"), "in 'previous'.*did you mean 'previous.battery'"),
+        (FeatureSpec("m", "amount.value"), "'amount' is a double, not a record"),
+        (FeatureSpec("m", "device.model"), "is string; the 'number' transform reads"),
+        (FeatureSpec("k", "id", "hour_of_day"), "'id' is string; the 'hour_of_day'"),
+        (FeatureSpec("k", "amount", "category", ("x",)), "'amount' is double; the 'category'"),
+    ],
+)
+def test_check_schema_names_the_feature_the_path_and_the_nearest_field(
+    spec: FeatureSpec, message: str
+) -> None:
+    with pytest.raises(SchemaError, match=f"feature '{spec.name}': .*{message}"):
+        check_schema([spec], NESTED)
+
+
+def test_check_schema_accepts_every_path_and_type_a_transform_reads() -> None:
+    check_schema(
+        [
+            FeatureSpec("a", "amount"),
+            FeatureSpec("k", "kind", "category", ("A",)),
+            FeatureSpec("m", "device.model", "category", ("x",)),
+            FeatureSpec("b", "previous.battery"),
+            FeatureSpec("h", "at", "hour_of_day"),
+            FeatureSpec("w", "at", "day_of_week"),
+        ],
+        NESTED,
+    )

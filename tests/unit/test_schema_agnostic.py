@@ -10,11 +10,7 @@ def test_no_core_module_names_the_example_fields() -> None:
     schema = json.loads((ROOT / "schemas" / "ride_request.v1.avsc").read_text())
     fields = [f["name"] for f in schema["fields"]]
     # everything but the example
-    core = [
-        p
-        for p in PACKAGE.rglob("*.py")
-        if p.relative_to(PACKAGE).parts[0] != "example"
-    ]
+    core = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] != "example"]
     assert len(core) > 30
     offenders = [
         (str(p.relative_to(PACKAGE)), name)
