@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from stream_scorer.stages.avro_guard import (
 )
 from stream_scorer.stages.records import DeadLetter, Decoded, Message, Stage
 
-__all__ = ["DECODE_REASONS", "Decoder", "load_schema", "record_fields"]
+__all__ = ["DECODE_REASONS", "Decoder", "load_schema"]
 
 _GUARD = "stream_scorer"
 
@@ -52,11 +52,6 @@ def load_schema(path: Path) -> dict[str, Any]:
     if not isinstance(parsed, dict) or parsed.get("type") != "record":
         raise SchemaError(f"{path}: the top-level type must be an Avro record")
     return dict(parsed)
-
-
-def record_fields(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Map each top-level field name of a parsed record schema to its type."""
-    return {f["name"]: f["type"] for f in schema["fields"]}
 
 
 def _reason(exc: BaseException) -> str:
