@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup tools demo test lint unit clean
+.PHONY: setup tools demo test lint unit integration faults clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -30,11 +30,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check stream_scorer tests
 	$(BIN)/mypy stream_scorer
 
+# everything: lint, then every tier (unit, integration, faults)
 test: setup lint
 	$(BIN)/pytest
 
+# the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes)
 unit: $(STAMP)
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest -m unit
+
+integration: setup
+	$(BIN)/pytest -m "integration and not faults"
+
+faults: setup
+	$(BIN)/pytest -m faults
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache models

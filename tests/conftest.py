@@ -15,6 +15,7 @@ import subprocess
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from support import wait_for
@@ -110,6 +111,16 @@ def _container_broker() -> Iterator[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             container.stop()
+
+
+UNIT_DIR = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/unit ``unit``, so each tier runs alone (``make unit``)."""
+    for item in items:
+        if item.path.is_relative_to(UNIT_DIR):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from support import wait_for
 from stream_scorer.devtools.localkafka import LocalKafka
 from stream_scorer.example.train import train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EVENTS = int(os.environ.get("FAULT_EVENTS", "50000"))
 RATE = float(os.environ.get("FAULT_RATE", "5000"))
 ALO, EOS = "at-least-once", "exactly-once"
