@@ -234,7 +234,7 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
         print(fetch_jars())
         return 0
     state_dir = args.dir or default_cache_dir() / f"broker-{args.port}"
-    broker = LocalKafka(state_dir, port=args.port)
+    broker = LocalKafka(state_dir, port=args.port, controller_port=args.controller_port)
     if args.action == "start":
         print(broker.start())
     elif args.action == "stop":
@@ -357,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lk = sub.add_parser("local-kafka", help="a local single-node Kafka broker")
     lk.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lk.add_argument("--port", type=int, default=9092)
+    lk.add_argument("--port", type=int, default=9092, help="client port (default 9092)")
+    lk.add_argument(
+        "--controller-port", type=int, help="KRaft controller port (default: --port + 1)"
+    )
     lk.add_argument("--dir", type=Path, help="state and data directory")
     lk.set_defaults(func=_cmd_local_kafka)
     return parser
