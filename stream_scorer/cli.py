@@ -157,6 +157,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         workers=args.workers,
         port=args.port,
         malformed_fraction=args.malformed_fraction,
+        paced_rate=args.paced_rate,
+        paced_seconds=args.paced_seconds,
     )
 
 
@@ -316,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--port", type=int, default=39092)
     demo.add_argument("--malformed-fraction", type=float, default=0.005)
+    demo.add_argument(
+        "--paced-rate", type=float, default=1000.0, help="events/s of the latency phase"
+    )
+    demo.add_argument(
+        "--paced-seconds", type=float, default=5.0, help="length of the latency phase"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     dlq = sub.add_parser("dlq", help="dead-letter tools")

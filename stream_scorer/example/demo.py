@@ -153,8 +153,58 @@ def _ensure_model(model_dir: Path) -> None:
     _say(f"      validation {json.dumps(val)}; mean-predictor baseline {json.dumps(base)}")
 
 
-def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float) -> int:
-    """Run the demo; return the process exit code."""
+def _wait_drained(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    produced: int,
+    procs: list[tuple[subprocess.Popen[str], Path]],
+    log_dir: Path,
+) -> None:
+    """Wait until the group committed everything in ``topic`` (or a worker exits early)."""
+    last = -1
+    while True:
+        lag = sum(group_lag(bootstrap, group, topic).values())
+        if lag == 0:
+            return
+        dead_workers = [p for p, _ in procs if p.poll() is not None]
+        if dead_workers:
+            raise StreamScorerError(
+                f"a worker exited early with code {dead_workers[0].returncode}; see {log_dir}"
+            )
+        if lag != last:
+            _say(f"      committed {produced - lag:,} / {produced:,}")
+            last = lag
+        time.sleep(0.5)
+
+
+def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-ends-{os.getpid()}"})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in parts
+        }
+    finally:
+        consumer.close()
+
+
+def run_demo(
+    *,
+    events: int,
+    workers: int,
+    port: int,
+    malformed_fraction: float,
+    paced_rate: float = 1000.0,
+    paced_seconds: float = 5.0,
+) -> int:
+    """Run the demo; return the process exit code.
+
+    Two phases: ``events`` produced as fast as possible (a backlog: the workers' drain rate),
+    then ``paced_rate`` events per second for ``paced_seconds`` (the end-to-end latency of a
+    stream the workers keep up with).
+    """
     state = default_cache_dir() / f"demo-broker-{port}"
     broker = LocalKafka(state, port=port)
     running = broker.status()
@@ -194,7 +244,7 @@ def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float)
         _say(f"[4/6] workers: {workers} processes (logs in {log_dir})")
         joined = _wait_for_members(bootstrap, group, workers, procs)
         _say(f"      {joined} of {workers} workers in the group")
-        _say(f"[5/6] producing {events:,} ride events, {malformed_fraction:.1%} malformed")
+        _say(f"[5/6] backlog: producing {events:,} ride events, {malformed_fraction:.1%} malformed")
         started = time.monotonic()
         step = max(1, events // 5)
         report = produce_events(
@@ -205,21 +255,13 @@ def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float)
             progress=lambda n: _say(f"      produced {n:,}") if n % step == 0 else None,
         )
         _say(f"      produced {report.produced:,} in {report.elapsed_s:.1f} s; draining")
-        last = -1
-        while True:
-            lag = sum(group_lag(bootstrap, group, topic).values())
-            if lag == 0:
-                break
-            dead_workers = [p for p, _ in procs if p.poll() is not None]
-            if dead_workers:
-                raise StreamScorerError(
-                    f"a worker exited early with code {dead_workers[0].returncode}; see {log_dir}"
-                )
-            if lag != last:
-                _say(f"      committed {report.produced - lag:,} / {report.produced:,}")
-                last = lag
-            time.sleep(0.5)
+        _wait_drained(bootstrap, group, topic, report.produced, procs, log_dir)
         drained = time.monotonic() - started
+        paced_from = _end_offsets(bootstrap, topic)
+        paced_n = round(paced_rate * paced_seconds)
+        _say(f"      paced: {paced_n:,} events at {paced_rate:,.0f}/s (latency is measured here)")
+        paced = produce_events(bootstrap, topic, paced_n, rate=paced_rate, seed=2)
+        _wait_drained(bootstrap, group, topic, paced.produced, procs, log_dir)
         _say("[6/6] stopping workers (SIGTERM), reading back every prediction and dead letter")
         reports = []
         for proc, log_path in procs:
@@ -228,7 +270,9 @@ def run_demo(*, events: int, workers: int, port: int, malformed_fraction: float)
             if proc.returncode != 0:
                 raise StreamScorerError(f"worker exited with {proc.returncode}; see {log_path}")
             reports.append(json.loads(stdout.strip().splitlines()[-1]))
-        return _summary(bootstrap, (topic, out, dlq), group, report, reports, drained)
+        return _summary(
+            bootstrap, (topic, out, dlq), group, (report, paced), paced_from, reports, drained
+        )
     finally:
         for proc, _ in procs:
             if proc.poll() is None:
@@ -243,11 +287,13 @@ def _summary(
     bootstrap: str,
     topics: tuple[str, str, str],
     group: str,
-    produced: ProduceReport,
+    phases: tuple[ProduceReport, ProduceReport],
+    paced_from: dict[int, int],
     reports: list[dict[str, Any]],
     drained: float,
 ) -> int:
     topic, out, dlq = topics
+    produced, paced = phases
     event_ts: dict[tuple[int, int], int] = {}
 
     def on_event(msg: Any) -> None:
@@ -258,7 +304,8 @@ def _summary(
     def on_prediction(msg: Any) -> None:
         h = dict(msg.headers() or [])
         src = (int(h["stream_scorer.source.partition"]), int(h["stream_scorer.source.offset"]))
-        latencies.append(msg.timestamp()[1] - event_ts[src])
+        if src[1] >= paced_from.get(src[0], 0):  # the paced phase's events only
+            latencies.append(msg.timestamp()[1] - event_ts[src])
 
     reasons: Counter[str] = Counter()
 
@@ -281,12 +328,17 @@ def _summary(
         ("malformed by kind", json.dumps(produced.malformed_by_kind)),
         ("predictions published", f"{predictions:,}"),
         ("dead letters", f"{dead:,} by reason {json.dumps(dict(sorted(reasons.items())))}"),
+        ("paced events", f"{paced.produced:,} at {paced.produced / paced.elapsed_s:,.0f}/s"),
         ("predictions + dead", f"{predictions + dead:,}"),
-        ("elapsed", f"{drained:.1f} s (first event produced -> all committed)"),
-        ("throughput", f"{produced.produced / drained:,.0f} events/s"),
+        (
+            "drain rate",
+            f"{produced.produced / drained:,.0f} events/s (backlog of {produced.produced:,}: "
+            f"first produced -> all committed in {drained:.1f} s)",
+        ),
         (
             "end-to-end latency",
-            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms (event produced -> prediction)",
+            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms at the paced load "
+            f"(event produced -> prediction, broker timestamps)",
         ),
         ("records per worker", per_worker),
         ("remaining lag", f"{lag:,}"),
@@ -294,7 +346,8 @@ def _summary(
     _say("\nsummary")
     for name, value in rows:
         _say(f"  {name:<23} {value}")
-    balanced = predictions + dead == produced.produced and dead == malformed and lag == 0
+    total = produced.produced + paced.produced
+    balanced = predictions + dead == total and dead == malformed and lag == 0
     if balanced:
         _say("OK: every event has exactly one prediction or one dead letter, and the lag is 0")
         return 0
