@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,10 @@ import numpy as np
 import xgboost as xgb
 
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
+from stream_scorer.stages.records import PlainMessage
+
+#: The tests' name for a consumed record without Kafka.
+Msg = PlainMessage
 
 # A second input contract, unlike the example: nested record, boolean, float, string category.
 PAYMENT_SCHEMA: dict[str, Any] = {
@@ -157,40 +160,6 @@ def avro(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), record)
     return buf.getvalue()
-
-
-@dataclass
-class Msg:
-    """A plain object with the Message protocol's methods."""
-
-    val: bytes | None
-    k: bytes | None = b"key"
-    t: str = "in"
-    p: int = 0
-    o: int = 0
-    ts: int = 1_763_900_000_000
-    hdrs: list[tuple[str, bytes | None]] = field(default_factory=list)
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
-
-    def key(self) -> bytes | None:
-        return self.k
-
-    def value(self) -> bytes | None:
-        return self.val
-
-    def headers(self) -> list[tuple[str, bytes | None]]:
-        return self.hdrs
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, self.ts)
 
 
 # --- Kafka helpers for integration tests ----------------------------------------------------

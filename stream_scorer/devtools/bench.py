@@ -38,6 +38,7 @@ from confluent_kafka import Producer
 
 from stream_scorer.config import Config, load_config
 from stream_scorer.devtools import benchkafka as bk
+from stream_scorer.stages.records import PlainMessage
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
 from stream_scorer.worker.sink import Sink, SinkContext
@@ -47,47 +48,6 @@ STAGES = bk.STAGES
 #: The first seconds of each latency run are left out of p50/p99: when a stream starts, its
 #: first ~300 ms of events wait up to ~200 ms more (docs/benchmarks.md, "Latency").
 WARMUP_S = 1.0
-
-
-@dataclass(slots=True)
-class BenchMessage:
-    """A consumed record without Kafka: what the pipeline reads from a message."""
-
-    val: bytes | None
-    k: bytes | None = None
-    p: int = 0
-    o: int = 0
-    ts: int = 0
-    t: str = "bench"
-    hdrs: list[tuple[str, bytes | None]] = field(default_factory=list)
-
-    def topic(self) -> str:
-        """The topic."""
-        return self.t
-
-    def partition(self) -> int:
-        """The partition."""
-        return self.p
-
-    def offset(self) -> int:
-        """The offset."""
-        return self.o
-
-    def key(self) -> bytes | None:
-        """The key."""
-        return self.k
-
-    def value(self) -> bytes | None:
-        """The value."""
-        return self.val
-
-    def headers(self) -> list[tuple[str, bytes | None]]:
-        """The headers."""
-        return self.hdrs
-
-    def timestamp(self) -> tuple[int, int]:
-        """(create time, milliseconds)."""
-        return (1, self.ts)
 
 
 def example_payloads(n: int, seed: int = 1) -> list[bytes]:
@@ -148,7 +108,7 @@ def profile_stages(
     """
     from stream_scorer.worker.loop import build_pipeline
 
-    messages = [BenchMessage(v, k=b"k", o=i, ts=1) for i, v in enumerate(payloads)]
+    messages = [PlainMessage(v, k=b"k", o=i, ts=1) for i, v in enumerate(payloads)]
     best: dict[str, float] = {}
     for _ in range(rounds):
         metrics = Metrics()
@@ -196,10 +156,10 @@ def profile_fast_path(
         event_time_field=cfg.input.event_time_field,
         max_message_bytes=cfg.input.max_message_bytes,
     )
-    msgs = [BenchMessage(v, o=i) for i, v in enumerate(payloads)]
+    msgs = [PlainMessage(v, o=i) for i, v in enumerate(payloads)]
     chunks = [msgs[i : i + batch] for i in range(0, len(msgs), batch)]
 
-    def best(step: Callable[[list[BenchMessage]], Any]) -> float:
+    def best(step: Callable[[list[PlainMessage]], Any]) -> float:
         times = []
         for _ in range(15):
             t0 = time.perf_counter()

@@ -7,7 +7,7 @@ and unit tests pass plain objects.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -24,6 +24,51 @@ class Message(Protocol):
     def value(self) -> bytes | None: ...  # noqa: D102
     def headers(self) -> Headers | None: ...  # noqa: D102
     def timestamp(self) -> tuple[int, int]: ...  # noqa: D102
+
+
+@dataclass(slots=True)
+class PlainMessage:
+    """A consumed record without Kafka: a plain value with the ``Message`` methods.
+
+    For the benchmark's pure-pipeline profile and the tests (records the pipeline reads
+    without a broker).
+    """
+
+    val: bytes | None
+    k: bytes | None = b"key"
+    t: str = "in"
+    p: int = 0
+    o: int = 0
+    ts: int = 1_763_900_000_000
+    hdrs: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+    def topic(self) -> str:
+        """The topic."""
+        return self.t
+
+    def partition(self) -> int:
+        """The partition."""
+        return self.p
+
+    def offset(self) -> int:
+        """The offset."""
+        return self.o
+
+    def key(self) -> bytes | None:
+        """The key."""
+        return self.k
+
+    def value(self) -> bytes | None:
+        """The value."""
+        return self.val
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        """The headers."""
+        return self.hdrs
+
+    def timestamp(self) -> tuple[int, int]:
+        """(create time, milliseconds)."""
+        return (1, self.ts)
 
 
 class Stage(StrEnum):

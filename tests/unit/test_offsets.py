@@ -1,32 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
+from stream_scorer.stages.records import PlainMessage
 from stream_scorer.worker.offsets import OffsetTracker, Ticket, batch_positions
 
 
-@dataclass
-class Rec:
-    """A consumed record's coordinates (the rest of ``Message`` is not read here)."""
-
-    p: int
-    o: int
-    t: str = "t"
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
-
-
-def batch(*coords: tuple[int, int]) -> list[Rec]:
-    return [Rec(p, o) for p, o in coords]
+def batch(*coords: tuple[int, int]) -> list[PlainMessage]:
+    return [PlainMessage(None, t="t", p=p, o=o) for p, o in coords]
 
 
 def ack(tracker: OffsetTracker, ticket: Ticket, *partitions: int) -> None:

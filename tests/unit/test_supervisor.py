@@ -23,7 +23,8 @@ def term(*_):
     sys.exit(0)
 signal.signal(signal.SIGTERM, term)
 signal.signal(signal.SIGUSR1, lambda *_: sys.exit(3))
-(d / f"ready-{i}").write_text(str(os.getpid()))
+(d / f".ready-{i}").write_text(str(os.getpid()))
+(d / f".ready-{i}").rename(d / f"ready-{i}")  # atomic: the test never reads it half written
 if mode == "exit0":
     sys.exit(0)
 while True:
