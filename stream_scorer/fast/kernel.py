@@ -53,6 +53,7 @@ _DAY_MIN = -719_162  # date.fromordinal(1) - 1970-01-01
 _DAY_MAX = 2_932_896  # date(9999, 12, 31) - 1970-01-01
 _MS_HOUR = 3_600_000
 _MS_DAY = 86_400_000
+_F32_MAX = float(np.finfo(np.float32).max)
 
 Int64s = npt.NDArray[np.int64]
 
@@ -185,8 +186,14 @@ def run_batch(
     cat_bytes: npt.NDArray[np.uint8],
     cat_spans: npt.NDArray[np.int64],
     depth: int,
+    lo_float: npt.NDArray[np.float64],
+    hi_float: npt.NDArray[np.float64],
+    lo_int: Int64s,
+    hi_int: Int64s,
     matrix: npt.NDArray[np.float32],
     state: npt.NDArray[np.uint8],
+    raw_float: npt.NDArray[np.float64],
+    raw_int: npt.NDArray[np.int64],
     status: Int64s,
     err_at: Int64s,
     ids: npt.NDArray[np.int64],
@@ -206,8 +213,15 @@ def run_batch(
         cat_bytes: string categories, concatenated.
         cat_spans: start and length of each string category.
         depth: array/map nesting of the program.
+        lo_float: per column, the smallest valid float or double (``-inf``: no bound).
+        hi_float: per column, the largest valid float or double (``inf``: no bound).
+        lo_int: per column, the smallest valid integer; above ``hi_int``: none is valid.
+        hi_int: per column, the largest valid integer.
         matrix: out: the feature matrix (NaN where no value).
-        state: out: each cell's ``fastplan`` state.
+        state: out: each cell's ``fastplan`` state; bounds and float32's range are checked on
+            the value as read (the double, or the exact integer), before it becomes float32.
+        raw_float: out: the double read, where a cell is *inf* or *out of range* (a float).
+        raw_int: out: the integer read, where a cell is *out of range* (an int or boolean).
         status: out: each record's status (index into ``REASONS``).
         err_at: out: the byte offset in the record where decoding failed.
         ids: out: ``(n, 6)``: id kind, integer value, span start, span length, code points,
@@ -377,14 +391,21 @@ def run_batch(
                         pc = a
             elif op == fp.ST_NUMBER_INT:
                 matrix[r, a] = np.float32(float(ival))
-                state[r, a] = fp.VALUE
+                if ival < lo_int[a] or ival > hi_int[a]:
+                    state[r, a] = code[pc - 1, 2]
+                    raw_int[r, a] = ival
+                else:
+                    state[r, a] = fp.VALUE
             elif op == fp.ST_NUMBER_FLOAT:
-                x = np.float32(fval)
-                matrix[r, a] = x
+                matrix[r, a] = np.float32(fval)
                 if fval != fval:
                     state[r, a] = fp.NAN
-                elif np.isinf(x):  # infinite, or too large for float32
+                elif fval > _F32_MAX or fval < -_F32_MAX:  # infinite, or beyond float32
                     state[r, a] = fp.INF
+                    raw_float[r, a] = fval
+                elif fval < lo_float[a] or fval > hi_float[a]:
+                    state[r, a] = fp.OUT_OF_RANGE
+                    raw_float[r, a] = fval
                 else:
                     state[r, a] = fp.VALUE
             elif op == fp.ST_STATE:

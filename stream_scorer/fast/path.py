@@ -20,6 +20,7 @@ specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import numpy.typing as npt
 from stream_scorer.fast import plan as fp
 from stream_scorer.fast.plan import Program, Unsupported, compile_program
 from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.stages.features import non_finite_message, out_of_range_message
 from stream_scorer.stages.records import DeadLetter, Message, Stage
 
 log = logging.getLogger(__name__)
@@ -39,22 +41,21 @@ Matrix = npt.NDArray[np.float32]
 PASS = "pass"
 DEAD_LETTER = "dead_letter"
 _GUARD = "stream_scorer"
-OUT_OF_RANGE = 7  # a state computed from the value and the policy's bounds
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_OUT_OF_RANGE_STATES = (fp.OUT_OF_RANGE, fp.OUT_OF_RANGE_INT, fp.OUT_OF_RANGE_BOOL)
 
-#: Feature-stage reason code of each cell state.
+#: Feature-stage reason code of each verdict (every out-of-range state's is ``fp.OUT_OF_RANGE``).
 FEATURE_REASONS = {
     fp.MISSING: "missing_value",
     fp.NAN: "nan_value",
     fp.INF: "non_finite",
-    OUT_OF_RANGE: "out_of_range",
+    fp.OUT_OF_RANGE: "out_of_range",
     fp.NOT_NUMERIC: "not_numeric",
     fp.NOT_TIMESTAMP: "not_timestamp",
 }
 _EXPLAIN = {
     fp.MISSING: "value is missing (null or absent)",
     fp.NAN: "value is NaN",
-    fp.INF: "value is not finite (or too large for float32)",
-    OUT_OF_RANGE: "value is outside the feature's range",
     fp.NOT_NUMERIC: "value is not a number",
     fp.NOT_TIMESTAMP: "value is not a timestamp",
 }
@@ -188,11 +189,7 @@ class FastDecoder:
             raise ValueError(f"{len(pols)} policies for {len(self.features)} features")
         self.policies = pols
         self._reasons = self._reason_table(pols)
-        self._bounds = [
-            (j, p.minimum, p.maximum)
-            for j, p in enumerate(pols)
-            if p.out_of_range == DEAD_LETTER and (p.minimum is not None or p.maximum is not None)
-        ]
+        self._bounds = self._bound_arrays(pols)
         self._inf_to_nan = np.array([p.inf == PASS for p in pols], dtype=bool)
         self._k = _kernel()
         started = time.perf_counter()
@@ -202,7 +199,7 @@ class FastDecoder:
     @staticmethod
     def _reason_table(policies: Sequence[FeaturePolicy]) -> npt.NDArray[np.int64]:
         """``(features, states)``: the state that dead-letters a cell, else 0 (pass)."""
-        table = np.zeros((len(policies), OUT_OF_RANGE + 1), dtype=np.int64)
+        table = np.zeros((len(policies), max(_OUT_OF_RANGE_STATES) + 1), dtype=np.int64)
         for j, p in enumerate(policies):
             table[j, fp.NOT_NUMERIC] = fp.NOT_NUMERIC
             table[j, fp.NOT_TIMESTAMP] = fp.NOT_TIMESTAMP
@@ -210,13 +207,37 @@ class FastDecoder:
                 ((fp.MISSING,), p.missing),
                 ((fp.NAN,), p.nan),
                 ((fp.INF,), p.inf),
-                ((OUT_OF_RANGE,), p.out_of_range),
+                (_OUT_OF_RANGE_STATES, p.out_of_range),
             ):
                 if rule not in (PASS, DEAD_LETTER):
                     raise ValueError(f"policy {rule!r} is neither {PASS!r} nor {DEAD_LETTER!r}")
                 for s in states:
-                    table[j, s] = s if rule == DEAD_LETTER else 0
+                    table[j, s] = states[0] if rule == DEAD_LETTER else 0
         return table
+
+    @staticmethod
+    def _bound_arrays(policies: Sequence[FeaturePolicy]) -> tuple[npt.NDArray[Any], ...]:
+        """The kernel's bounds per column: (lowest, highest) double, (lowest, highest) integer.
+
+        An integer is valid from the smallest integer at or above ``minimum`` to the largest
+        at or below ``maximum`` (so it is compared exactly, as Python compares an int with a
+        float); when no int64 is in between, the integer bounds cross.
+        """
+        lo_float = np.full(len(policies), -np.inf)
+        hi_float = np.full(len(policies), np.inf)
+        lo_int = np.full(len(policies), _INT64_MIN, dtype=np.int64)
+        hi_int = np.full(len(policies), _INT64_MAX, dtype=np.int64)
+        for j, p in enumerate(policies):
+            low = -math.inf if p.minimum is None else float(p.minimum)
+            high = math.inf if p.maximum is None else float(p.maximum)
+            lo_float[j], hi_float[j] = low, high
+            first = _INT64_MIN if low == -math.inf else math.ceil(low)
+            last = _INT64_MAX if high == math.inf else math.floor(high)
+            if first > min(last, _INT64_MAX) or last < _INT64_MIN:
+                lo_int[j], hi_int[j] = _INT64_MAX, _INT64_MIN
+            else:
+                lo_int[j], hi_int[j] = max(first, _INT64_MIN), min(last, _INT64_MAX)
+        return lo_float, hi_float, lo_int, hi_int
 
     def decode(
         self, messages: Sequence[Message]
@@ -224,7 +245,8 @@ class FastDecoder:
         """Run the kernel only: the raw matrix, the cell states and the per-record columns.
 
         The columns: ``status`` (index into ``fastkernel.REASONS``), ``err_at``, ``ids``,
-        ``id_float``, ``times`` (see ``fastkernel.run_batch``) and ``buf`` (the bytes).
+        ``id_float``, ``times``, ``raw_float``, ``raw_int`` (see ``fastkernel.run_batch``) and
+        ``buf`` (the bytes).
         """
         values = [m.value() for m in messages]
         n = len(values)
@@ -246,6 +268,8 @@ class FastDecoder:
         matrix = np.empty((n, prog.n_features), dtype=np.float32)
         state = np.empty((n, prog.n_features), dtype=np.uint8)
         cols: dict[str, Any] = {
+            "raw_float": np.empty((n, prog.n_features), dtype=np.float64),
+            "raw_int": np.empty((n, prog.n_features), dtype=np.int64),
             "status": np.empty(n, dtype=np.int64),
             "err_at": np.empty(n, dtype=np.int64),
             "ids": np.zeros((n, 6), dtype=np.int64),
@@ -266,8 +290,11 @@ class FastDecoder:
             prog.cat_bytes,
             prog.cat_spans,
             prog.depth,
+            *self._bounds,
             matrix,
             state,
+            cols["raw_float"],
+            cols["raw_int"],
             cols["status"],
             cols["err_at"],
             cols["ids"],
@@ -287,16 +314,6 @@ class FastDecoder:
         if self._inf_to_nan.any() and infinite.any():  # passed infinities reach XGBoost as NaN
             matrix[infinite & self._inf_to_nan[None, :]] = np.nan
         codes = self._reasons[np.arange(k)[None, :], state]
-        for j, lo, hi in self._bounds:
-            col = matrix[:, j]
-            outside = np.zeros(n, dtype=bool)
-            if lo is not None:
-                outside |= col < lo
-            if hi is not None:
-                outside |= col > hi
-            codes[:, j] = np.where(
-                (codes[:, j] == 0) & (state[:, j] == fp.VALUE) & outside, OUT_OF_RANGE, codes[:, j]
-            )
         first = np.argmax(codes != 0, axis=1)
         return codes[np.arange(n), first], first
 
@@ -330,6 +347,17 @@ class FastDecoder:
                 out.append(None)
         return out
 
+    @staticmethod
+    def _raw(
+        cols: Mapping[str, Any], state: npt.NDArray[np.uint8], i: int, j: int
+    ) -> float | int | bool:
+        """The value of an out-of-range cell as it was sent (a float, an int or a bool)."""
+        if state[i, j] == fp.OUT_OF_RANGE_INT:
+            return int(cols["raw_int"][i, j])
+        if state[i, j] == fp.OUT_OF_RANGE_BOOL:
+            return bool(cols["raw_int"][i, j])
+        return float(cols["raw_float"][i, j])
+
     def run(self, messages: Sequence[Message]) -> FastBatch:
         """Decode a batch and apply the feature policies; bad records become dead letters."""
         matrix, state, cols = self.decode(messages)
@@ -359,15 +387,23 @@ class FastDecoder:
         if bool(verdict.any()):
             for i in np.flatnonzero(verdict).tolist():
                 code = int(verdict[i])
-                spec = self.features[int(column[i])]
-                value = float(matrix[i, column[i]])
+                j = int(column[i])
+                spec = self.features[j]
+                if code == fp.INF:  # the value as sent, in the fastavro path's words
+                    text = non_finite_message(float(cols["raw_float"][i, j]))
+                elif code == fp.OUT_OF_RANGE:
+                    p = self.policies[j]
+                    text = out_of_range_message(self._raw(cols, state, i, j), p.minimum, p.maximum)
+                else:
+                    value = float(matrix[i, j])
+                    text = f"{_EXPLAIN[code]} (field {spec.field!r}, value {value!r})"
                 dead.append(
                     DeadLetter(
                         messages[i],
                         Stage.FEATURES,
                         FEATURE_REASONS[code],
                         "FeatureError",
-                        f"{spec.name}: {_EXPLAIN[code]} (field {spec.field!r}, value {value!r})",
+                        f"{spec.name}: {text}",
                     )
                 )
         keep = np.flatnonzero(decoded_ok & (verdict == 0))

@@ -9,8 +9,10 @@ Feature semantics are those of ``features.py`` for the value fastavro would retu
 here once per (field type, transform) instead of once per value:
 
 - ``number``: boolean, int, long, float, double; ``null`` and an absent path are *missing*; a
-  NaN is *nan*; +/-infinity, or a double too large for float32, is *inf*; any other type
-  (string, enum, bytes, record, a timestamp with a logical type, ...) is *not numeric*.
+  NaN is *nan*; +/-infinity, or a double too large for float32, is *inf*; a value outside the
+  bounds the kernel is given is *out of range* (both checked on the value as read: a double,
+  or an exact integer, before it is narrowed to float32); any other type (string, enum,
+  bytes, record, a timestamp with a logical type, ...) is *not numeric*.
 - ``category``: a string or an enum symbol to its position in ``categories``; an unseen symbol
   is *unseen*; anything else is *missing*.
 - ``hour_of_day`` / ``day_of_week``: ``timestamp-*`` and ``local-timestamp-*`` longs, and plain
@@ -49,7 +51,7 @@ OP_UNION = 10  # a = number of branches, b = offset of their start pcs in ``bran
 OP_JUMP = 11  # a = target pc
 OP_BLOCKS = 12  # array/map start: a = pc after the loop, b = the item's smallest encoding
 OP_NEXT = 13  # array/map item end: a = pc of the item's first operation
-ST_NUMBER_INT = 20  # a = column: the last integer (or boolean) read
+ST_NUMBER_INT = 20  # a = column, b = its out-of-range state: the last integer or boolean read
 ST_NUMBER_FLOAT = 21  # a = column: the last float or double read
 ST_STATE = 22  # a = column, b = cell state (the value itself does not matter)
 ST_CATEGORY_ENUM = 23  # a = column, b = offset in ``enum_lut``
@@ -75,6 +77,9 @@ INF = 3
 UNSEEN = 4
 NOT_NUMERIC = 5
 NOT_TIMESTAMP = 6
+OUT_OF_RANGE = 7  # a float or double outside the feature's bounds
+OUT_OF_RANGE_INT = 8  # an int or long outside them
+OUT_OF_RANGE_BOOL = 9  # a boolean outside them
 
 # --- id kinds ------------------------------------------------------------------------------
 ID_NULL = 0
@@ -330,7 +335,8 @@ class _Compiler:
         spec: FeatureSpec = target[2]
         if spec.transform == "number":
             if op in (OP_BOOL, OP_INT, OP_LONG) and typed == kind[0]:
-                self.emit(ST_NUMBER_INT, col)
+                outside = OUT_OF_RANGE_BOOL if op == OP_BOOL else OUT_OF_RANGE_INT
+                self.emit(ST_NUMBER_INT, col, outside)
             elif op in (OP_FLOAT, OP_DOUBLE):
                 self.emit(ST_NUMBER_FLOAT, col)
             else:

@@ -24,6 +24,10 @@ infinite       +/-inf, or beyond float32 (``number``)    NaN                  no
 out_of_range   outside ``min``/``max`` (``number``)      the value            out_of_range
 =============  ========================================  ===================  ===============
 
+Both checks see the value as decoded, before it is narrowed to float32: a double (a double
+beyond float32's largest value is infinite even where float32 would round it to that value),
+or an int, compared with ``min``/``max`` exactly (not as the nearest double).
+
 Defaults: missing and nan pass, infinite and out_of_range dead-letter (XGBoost refuses infinite
 input, so ``pass`` turns it into NaN). A rejected row becomes a ``DeadLetter`` at stage
 ``features``; the other rows go on.
@@ -58,6 +62,18 @@ NOT_TIMESTAMP = "not_timestamp"
 FEATURE_REASONS = (MISSING_VALUE, NAN_VALUE, NON_FINITE, OUT_OF_RANGE, NOT_NUMERIC, NOT_TIMESTAMP)
 
 
+def non_finite_message(value: Any) -> str:
+    """The ``non_finite`` dead letter's text for ``value`` (as sent: a float, or an int)."""
+    return f"value {value!r} is not finite as float32"
+
+
+def out_of_range_message(value: Any, low: float | None, high: float | None) -> str:
+    """The ``out_of_range`` dead letter's text for ``value`` (as sent) and the bounds."""
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    return f"value {value!r} is outside [{lo}, {hi}]"
+
+
 class FeatureError(ValueError):
     """A value cannot become a feature; ``reason`` is the dead-letter reason code."""
 
@@ -87,10 +103,11 @@ def _number(spec: FeatureSpec, policy: ValuePolicy) -> Callable[[Any], float]:
             return _NAN
         if not -_FLOAT32_MAX <= out <= _FLOAT32_MAX:
             if reject_inf:
-                raise FeatureError(NON_FINITE, f"value {value!r} is not finite as float32")
+                raise FeatureError(NON_FINITE, non_finite_message(value))
             return _NAN
-        if bounded and not low <= out <= high and reject_range:
-            raise FeatureError(OUT_OF_RANGE, f"value {value!r} is outside [{low}, {high}]")
+        # the value as sent: an int is compared exactly, not as the nearest double
+        if bounded and not low <= value <= high and reject_range:
+            raise FeatureError(OUT_OF_RANGE, out_of_range_message(value, spec.min, spec.max))
         return out
 
     return convert

@@ -11,6 +11,7 @@ from typing import Any
 
 import fastavro
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Msg
@@ -268,3 +269,236 @@ def test_mutated_payloads_fail_when_fastavro_fails(
                 "int_out_of_range",
                 "count_too_large",
             }, (msg.value(), fast_dead[msg.offset()].reason)
+
+
+# --- bounds and float32's range, one ulp either side -------------------------------------
+F32_MAX = float(np.finfo(np.float32).max)
+F32_HALFWAY = F32_MAX + 2.0**103  # doubles from here on round to infinity as float32
+BEYOND_INT64 = 9.3e18
+
+
+def _ulps(x: float) -> list[float]:
+    """``x`` and the doubles just below and above it."""
+    return [math.nextafter(x, -math.inf), x, math.nextafter(x, math.inf)]
+
+
+def _float32s(x: float) -> list[float]:
+    """The float32 nearest ``x`` and its float32 neighbours (what a ``float`` field can hold)."""
+    with np.errstate(over="ignore"):  # beyond float32: infinity, and its neighbour
+        near = np.float32(x)
+        down, up = np.float32(-np.inf), np.float32(np.inf)
+        return [float(np.nextafter(near, down)), float(near), float(np.nextafter(near, up))]
+
+
+def _ulps32(x: float) -> list[float]:
+    """The float32 nearest ``x`` and its float32 neighbours, each with its double neighbours."""
+    return [v for s in _float32s(x) for v in _ulps(s)]
+
+
+def _ints(*bounds: float) -> list[int]:
+    """The integers next to each bound."""
+    return sorted(
+        {
+            i
+            for b in bounds
+            for base in (math.floor(b), math.ceil(b))
+            for i in (base - 1, base, base + 1)
+        }
+    )
+
+
+INT64 = (-(2**63), 2**63 - 1)
+NON_FINITE = [*_ulps(F32_MAX), *_ulps(F32_HALFWAY), *_ulps(-F32_MAX), *_ulps(-F32_HALFWAY)]
+BOUND_CASES: list[tuple[str, Any, dict[str, Any], list[Any]]] = [
+    (
+        "double 0..1000 (the issue's values)",
+        "double",
+        {"min": 0.0, "max": 1000.0},
+        [
+            *_ulps(0.0),
+            -0.0,
+            -1e-46,
+            -5e-324,
+            *_ulps(1000.0),
+            1000.0000001,
+            1000.00001,
+            *_ulps32(1000.0),
+            *_ulps32(0.0),
+            math.nan,
+            math.inf,
+            -math.inf,
+        ],
+    ),
+    (
+        "double, bounds not representable in float32",
+        "double",
+        {"min": 0.1, "max": 0.7},
+        [*_ulps(0.1), *_ulps32(0.1), *_ulps(0.7), *_ulps32(0.7)],
+    ),
+    (
+        "double, negative bounds beyond 2**24",
+        "double",
+        {"min": -16777217.0, "max": -3.3},
+        [*_ulps(-16777217.0), *_ulps32(-16777217.0), *_ulps(-3.3), *_ulps32(-3.3)],
+    ),
+    (
+        "double near float32's range",
+        "double",
+        {"max": 3e38},
+        [*_ulps(3e38), *_ulps32(3e38), *NON_FINITE],
+    ),
+    ("double beyond float32, no bounds", "double", {}, [*NON_FINITE, 1e39, math.inf, math.nan]),
+    (
+        "double beyond float32, infinite: pass",
+        "double",
+        {"min": -1.0, "policy": {"infinite": "pass"}},
+        [*NON_FINITE, math.inf, -math.inf, *_ulps(-1.0)],
+    ),
+    (
+        "double, out_of_range: pass",
+        "double",
+        {"min": 0.1, "max": 0.7, "policy": {"out_of_range": "pass"}},
+        [*_ulps(0.1), *_ulps32(0.7)],
+    ),
+    (
+        "double, nan: dead_letter with bounds",
+        "double",
+        {"min": 0.0, "max": 1.0, "policy": {"nan": "dead_letter"}},
+        [math.nan, *_ulps(1.0)],
+    ),
+    (
+        "float, bounds not representable in float32",
+        "float",
+        {"min": 0.1, "max": 0.7},
+        [*_float32s(0.1), *_float32s(0.7)],
+    ),
+    (
+        "float, bounds of float32",
+        "float",
+        {"min": -1000.0, "max": 1000.0},
+        [*_float32s(-1000.0), *_float32s(1000.0), *_float32s(0.0)],
+    ),
+    ("float, infinities", "float", {"max": 1.0}, [F32_MAX, -F32_MAX, math.inf, math.nan]),
+    ("int", "int", {"min": -5.0, "max": 1000.0}, _ints(-5.0, 1000.0)),
+    ("int, bounds between integers", "int", {"min": 0.5, "max": 2.5}, _ints(0.5, 2.5)),
+    (
+        "int beyond 2**24",
+        "int",
+        {"min": -16777217.0, "max": 16777217.0},
+        _ints(-16777217.0, 16777217.0),
+    ),
+    ("int beyond 2**24, bound 2**24", "int", {"max": 16777216.0}, _ints(16777216.0)),
+    ("int near 2**31", "int", {"max": 2147483646.5}, [2147483645, 2147483646, 2147483647]),
+    ("int near -2**31", "int", {"min": -2147483647.5}, [-(2**31), -(2**31) + 1]),
+    ("long beyond 2**53", "long", {"min": -(2.0**53), "max": 2.0**53}, _ints(-(2.0**53), 2.0**53)),
+    ("long beyond 2**62", "long", {"min": -(2.0**62), "max": 2.0**62}, _ints(-(2.0**62), 2.0**62)),
+    (
+        "long, the largest double below 2**63",
+        "long",
+        {"min": -9223372036854774784.0, "max": 9223372036854774784.0},
+        [*_ints(-9223372036854774784.0, 9223372036854774784.0), *INT64],
+    ),
+    ("long, bounds at 2**63", "long", {"min": -(2.0**63), "max": 2.0**63}, [*INT64, 0]),
+    ("long, min beyond int64", "long", {"min": BEYOND_INT64}, [*INT64, 0]),
+    ("long, max beyond int64", "long", {"max": -BEYOND_INT64}, [*INT64, 0]),
+    ("long, bounds beyond int64", "long", {"min": -BEYOND_INT64, "max": BEYOND_INT64}, [*INT64]),
+    (
+        "long, out_of_range: pass",
+        "long",
+        {"max": 2.0**53, "policy": {"out_of_range": "pass"}},
+        _ints(2.0**53),
+    ),
+    ("boolean above a min", "boolean", {"min": 0.5}, [False, True]),
+    ("boolean below a max", "boolean", {"max": 0.5}, [False, True]),
+    (
+        "union of int, double and boolean",
+        ["null", "int", "double", "boolean"],
+        {"min": 0.5, "max": 16777217.0},
+        [None, False, True, *_ints(0.5, 16777217.0), *_ulps(0.5), *_ulps32(16777217.0)],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("avro_type", "bounds", "values"),
+    [case[1:] for case in BOUND_CASES],
+    ids=[case[0] for case in BOUND_CASES],
+)
+def test_values_one_ulp_around_bounds_and_float32s_range_match_the_fastavro_path(
+    avro_type: Any, bounds: dict[str, Any], values: list[Any]
+) -> None:
+    raw = {
+        "type": "record",
+        "name": "Bounded",
+        "fields": [{"name": "key", "type": "string"}, {"name": "v", "type": avro_type}],
+    }
+    schema = fastavro.parse_schema(raw)
+    specs = [FeatureSpec("x", "v", **bounds)]
+    payloads = [_encode(schema, {"key": f"k{i}", "v": v}) for i, v in enumerate(values)]
+    # reasons and, for the records that pass, the feature matrix
+    _check(schema, specs, payloads)
+    # the dead letters quote the value as sent, in the fastavro path's words
+    fast = FastDecoder(schema, specs, id_field="key", max_message_bytes=1 << 20)
+    msgs = [Msg(p, o=i) for i, p in enumerate(payloads)]
+    fast_messages = {d.message.offset(): d.error_message for d in fast.run(msgs).dead}
+    for msg in msgs:
+        decoded, _dead = Decoder(schema, 1 << 20).decode_batch([msg])
+        _matrix, rejected = FeatureBuilder(specs).build([decoded[0].record])
+        if rejected and rejected[0].reason in ("out_of_range", "non_finite"):
+            assert fast_messages[msg.offset()] == rejected[0].message
+
+
+def _near(bound: float, kind: str) -> st.SearchStrategy[Any]:
+    """Values of an Avro ``kind`` next to ``bound``, or anywhere in its range."""
+    if kind in ("int", "long"):
+        lo, hi = (-(2**31), 2**31 - 1) if kind == "int" else INT64
+        clamped = min(max(bound, -(2.0**64)), 2.0**64)
+        return st.one_of(
+            st.sampled_from([min(max(i, lo), hi) for i in _ints(clamped)]), st.integers(lo, hi)
+        )
+    if kind == "float":
+        return st.one_of(st.sampled_from(_float32s(bound)), st.floats(width=32))
+    return st.one_of(st.sampled_from([*_ulps(bound), *_ulps32(bound)]), st.floats())
+
+
+SPECIAL_BOUNDS = [2.0**24 + 1, 2.0**31, 2.0**53, 2.0**63, 9223372036854774784.0, F32_MAX, 0.1]
+BOUNDS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(-1e3, 1e3),
+    st.integers(-(2**64), 2**64).map(float),
+    st.sampled_from([*SPECIAL_BOUNDS, *(-b for b in SPECIAL_BOUNDS), 0.0, -0.0]),
+)
+NUMBER_KINDS = ("boolean", "int", "long", "float", "double")
+
+
+@SETTINGS
+@given(st.data())
+def test_values_around_generated_bounds_match_the_fastavro_path(data: st.DataObject) -> None:
+    bounds = sorted(data.draw(st.lists(BOUNDS, min_size=2, max_size=2)))
+    low = data.draw(st.sampled_from([None, bounds[0]]))
+    high = data.draw(st.sampled_from([None, bounds[1]]))
+    raw = {
+        "type": "record",
+        "name": "Bounded",
+        "fields": [
+            {"name": "key", "type": "string"},
+            *({"name": kind, "type": kind} for kind in NUMBER_KINDS),
+        ],
+    }
+    schema = fastavro.parse_schema(raw)
+    specs = [FeatureSpec(kind, kind, min=low, max=high) for kind in NUMBER_KINDS]
+    near = bounds[data.draw(st.integers(0, 1))]
+    records = data.draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "key": st.just("k"),
+                    "boolean": st.booleans(),
+                    **{kind: _near(near, kind) for kind in NUMBER_KINDS[1:]},
+                }
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    _check(schema, specs, [_encode(schema, r) for r in records])

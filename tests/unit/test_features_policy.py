@@ -47,6 +47,16 @@ CASES: list[tuple[str, FeatureSpec, ValuePolicy, Any, float | str]] = [
     ("at min", spec(min=0, max=10), ValuePolicy(), 0, 0.0),
     ("at max", spec(min=0, max=10), ValuePolicy(), 10, 10.0),
     ("bool in range", spec(min=0, max=1), ValuePolicy(), True, 1.0),
+    # an integer is compared exactly, not as the nearest double (2**53 + 1 -> 2.0**53)
+    ("int at max beyond 2**53", spec(max=2.0**53), ValuePolicy(), 2**53, 2.0**53),
+    ("int above max beyond 2**53", spec(max=2.0**53), ValuePolicy(), 2**53 + 1, "out_of_range"),
+    (
+        "int below min beyond 2**53",
+        spec(min=-(2.0**53)),
+        ValuePolicy(),
+        -(2**53) - 1,
+        "out_of_range",
+    ),
     ("nan is not out of range", spec(min=0), ValuePolicy(), NAN, NAN),
     ("not numeric", spec(), ValuePolicy(), "12", "not_numeric"),
     ("not numeric, policy pass", spec(), ValuePolicy(infinite=PASS), [1], "not_numeric"),
