@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from support import committed_offsets, produce_raw, read_topic, wait_for
 
+from stream_scorer import headers as hdr
 from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import generate_rides
 from stream_scorer.ops.topics import ensure_topics, group_lag
@@ -322,16 +323,16 @@ class FaultRun:
         poison = {tp for tp, m in inputs.items() if kinds[m.key()]}
 
         preds = read_topic(self.bootstrap, self.out)
-        pred_count = Counter(_source(m, "stream_scorer.source.") for m in preds)
+        pred_count = Counter(_source(m, PREDICTION_SOURCE) for m in preds)
         dead = read_topic(self.bootstrap, self.dlq)
-        dead_count = Counter(_source(m, "__connect.errors.") for m in dead)
+        dead_count = Counter(_source(m, DEAD_LETTER_SOURCE) for m in dead)
         mismatches = 0
         for m in dead:
-            original = inputs.get(_source(m, "__connect.errors."))
+            original = inputs.get(_source(m, DEAD_LETTER_SOURCE))
             if original is None or (original.key(), original.value()) != (m.key(), m.value()):
                 mismatches += 1
                 continue
-            reason = dict(m.headers() or [])["stream_scorer.error.reason"].decode()
+            reason = dict(m.headers() or [])[hdr.REASON].decode()
             if reason != EXPECTED_REASON[kinds[original.key()]]:
                 mismatches += 1
         uncommitted_view = len(read_topic(self.bootstrap, self.out, isolation="read_uncommitted"))
@@ -365,9 +366,14 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _source(msg: Any, prefix: str) -> tuple[int, int]:
+#: The headers naming an output's input record: a prediction's, a dead letter's.
+PREDICTION_SOURCE = (hdr.SOURCE_PARTITION, hdr.SOURCE_OFFSET)
+DEAD_LETTER_SOURCE = (hdr.CONNECT_PARTITION, hdr.CONNECT_OFFSET)
+
+
+def _source(msg: Any, names: tuple[str, str]) -> tuple[int, int]:
     headers = dict(msg.headers() or [])
-    return int(headers[prefix + "partition"]), int(headers[prefix + "offset"])
+    return int(headers[names[0]]), int(headers[names[1]])
 
 
 def tail(path: Path, lines: int = 8) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
+from stream_scorer import headers as hdr
 from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
@@ -303,14 +304,14 @@ def _summary(
 
     def on_prediction(msg: Any) -> None:
         h = dict(msg.headers() or [])
-        src = (int(h["stream_scorer.source.partition"]), int(h["stream_scorer.source.offset"]))
+        src = (int(h[hdr.SOURCE_PARTITION]), int(h[hdr.SOURCE_OFFSET]))
         if src[1] >= paced_from.get(src[0], 0):  # the paced phase's events only
             latencies.append(msg.timestamp()[1] - event_ts[src])
 
     reasons: Counter[str] = Counter()
 
     def on_dead_letter(msg: Any) -> None:
-        reasons[dict(msg.headers() or [])["stream_scorer.error.reason"].decode()] += 1
+        reasons[dict(msg.headers() or [])[hdr.REASON].decode()] += 1
 
     _read_all(bootstrap, topic, on_event)
     predictions = _read_all(bootstrap, out, on_prediction)

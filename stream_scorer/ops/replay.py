@@ -3,7 +3,7 @@
 Reads the dead-letter topic from where the replay's own consumer group left off up to the end
 offsets seen at start, keeps the dead letters that match the filter (reasons, a time range of
 the dead letter's timestamp), and publishes each with its original key, value and headers (the
-error context headers dropped; ``stream_scorer.ops.replay.source`` and ``stream_scorer.attempt``
+error context headers dropped; ``stream_scorer.replay.source`` and ``stream_scorer.attempt``
 added) to the target topic, at a bounded rate.
 
 Safe to run twice: every batch of replayed records and the dead-letter offsets it consumed
@@ -23,11 +23,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from stream_scorer import headers as hdr
 from stream_scorer.errors import BrokerError, ConfigError
-from stream_scorer.worker.sink import ATTEMPT_HEADER, DLQ_PREFIX, EXTRA_PREFIX, REASON_HEADER
 
 log = logging.getLogger(__name__)
-REPLAY_SOURCE_HEADER = "stream_scorer.replay.source"
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class ReplayFilter:
 
     def matches(self, headers: Mapping[str, bytes], timestamp_ms: int) -> bool:
         """Whether a dead letter with these headers and timestamp is to be replayed."""
-        if self.reasons and headers.get(REASON_HEADER, b"").decode() not in self.reasons:
+        if self.reasons and headers.get(hdr.REASON, b"").decode() not in self.reasons:
             return False
         if self.since_ms is not None and timestamp_ms < self.since_ms:
             return False
@@ -70,15 +69,16 @@ def replay_headers(
     kept = [
         (k, v)
         for k, v in headers
-        if (not k.startswith(DLQ_PREFIX) and not k.startswith(EXTRA_PREFIX)) or k == ATTEMPT_HEADER
+        if (not k.startswith(hdr.CONNECT_PREFIX) and not k.startswith(hdr.OWN_PREFIX))
+        or k == hdr.ATTEMPT
     ]
     attempt = 1
     for k, v in kept:
-        if k == ATTEMPT_HEADER and v:
+        if k == hdr.ATTEMPT and v:
             attempt = int(v.decode() or 1)
-    out = [(k, v) for k, v in kept if k != ATTEMPT_HEADER]
-    out.append((ATTEMPT_HEADER, str(attempt + 1).encode()))
-    out.append((REPLAY_SOURCE_HEADER, source.encode()))
+    out = [(k, v) for k, v in kept if k != hdr.ATTEMPT]
+    out.append((hdr.ATTEMPT, str(attempt + 1).encode()))
+    out.append((hdr.REPLAY_SOURCE, source.encode()))
     return out
 
 
@@ -155,7 +155,7 @@ def replay(
             if last:
                 _publish(producer, consumer, target, chosen, last, dead_letter_topic, timeout_s)
                 for msg in chosen:
-                    reason = _headers(msg).get(REASON_HEADER, b"?").decode(errors="replace")
+                    reason = _headers(msg).get(hdr.REASON, b"?").decode(errors="replace")
                     report.by_reason[reason] = report.by_reason.get(reason, 0) + 1
                 report.replayed += len(chosen)
             if rate:

@@ -21,12 +21,6 @@ from stream_scorer.errors import SchemaError
 
 REQUIRED_FIELDS = ("input_id", "prediction", "label", "model_version", "event_time", "scored_at")
 
-#: Headers on every prediction (values are UTF-8 text).
-HEADER_MODEL_VERSION = "stream_scorer.model.version"
-HEADER_SOURCE_TOPIC = "stream_scorer.source.topic"
-HEADER_SOURCE_PARTITION = "stream_scorer.source.partition"
-HEADER_SOURCE_OFFSET = "stream_scorer.source.offset"
-
 
 #: The v1 layout (field name and Avro type, in order) that the hand-written writer handles.
 _V1_LAYOUT = (

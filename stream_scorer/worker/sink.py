@@ -18,23 +18,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+from stream_scorer import headers as hdr
 from stream_scorer.errors import BrokerError, DeliveryError
-from stream_scorer.stages.encode import (
-    HEADER_MODEL_VERSION,
-    HEADER_SOURCE_OFFSET,
-    HEADER_SOURCE_PARTITION,
-    HEADER_SOURCE_TOPIC,
-)
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
-
-DLQ_PREFIX = "__connect.errors."
-EXTRA_PREFIX = "stream_scorer."
-REASON_HEADER = "stream_scorer.error.reason"
-#: How many times the record has been through the worker: 1, or one more than the attempt
-#: header a replay (``stream-scorer dlq replay``) put on it.
-ATTEMPT_HEADER = "stream_scorer.attempt"
 
 
 class Producer(Protocol):
@@ -69,29 +57,26 @@ def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, byt
     """Return the original headers followed by the error context headers."""
     msg = dl.message
     ts_type, ts = msg.timestamp()
-    context = {
-        "topic": msg.topic() or "",
-        "partition": str(msg.partition()),
-        "offset": str(msg.offset()),
-        "stage": dl.stage.value,
-        "class.name": "stream_scorer",
-        "exception.class.name": dl.error_type,
-        "exception.message": dl.error_message[:2000],
-    }
     original = list(msg.headers() or ())
-    attempt = next((v for k, v in original if k == ATTEMPT_HEADER and v), b"1")
-    extras = {
-        REASON_HEADER: dl.reason,
-        "stream_scorer.original.timestamp": str(ts),
-        "stream_scorer.original.timestamp.type": str(ts_type),
-        "stream_scorer.consumer.group": ctx.group_id,
-        "stream_scorer.worker.id": ctx.worker_id,
-        "stream_scorer.model.version": ctx.model_version,
-        ATTEMPT_HEADER: attempt.decode(errors="replace"),
+    attempt = next((v for k, v in original if k == hdr.ATTEMPT and v), b"1")
+    added = {
+        hdr.CONNECT_TOPIC: msg.topic() or "",
+        hdr.CONNECT_PARTITION: str(msg.partition()),
+        hdr.CONNECT_OFFSET: str(msg.offset()),
+        hdr.CONNECT_STAGE: dl.stage.value,
+        hdr.CONNECT_CLASS_NAME: "stream_scorer",
+        hdr.CONNECT_EXCEPTION_CLASS: dl.error_type,
+        hdr.CONNECT_EXCEPTION_MESSAGE: dl.error_message[:2000],
+        hdr.REASON: dl.reason,
+        hdr.ORIGINAL_TIMESTAMP: str(ts),
+        hdr.ORIGINAL_TIMESTAMP_TYPE: str(ts_type),
+        hdr.CONSUMER_GROUP: ctx.group_id,
+        hdr.WORKER_ID: ctx.worker_id,
+        hdr.MODEL_VERSION: ctx.model_version,
+        hdr.ATTEMPT: attempt.decode(errors="replace"),
     }
-    headers: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != ATTEMPT_HEADER]
-    headers.extend((DLQ_PREFIX + k, v.encode()) for k, v in context.items())
-    headers.extend((k, v.encode()) for k, v in extras.items())
+    headers: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != hdr.ATTEMPT]
+    headers.extend((k, v.encode()) for k, v in added.items())
     return headers
 
 
@@ -216,9 +201,9 @@ class Sink:
         common = self._source_headers.get(tp)
         if common is None:
             common = self._source_headers[tp] = [
-                (HEADER_MODEL_VERSION, self._version_header),
-                (HEADER_SOURCE_TOPIC, tp[0].encode()),
-                (HEADER_SOURCE_PARTITION, str(tp[1]).encode()),
+                (hdr.MODEL_VERSION, self._version_header),
+                (hdr.SOURCE_TOPIC, tp[0].encode()),
+                (hdr.SOURCE_PARTITION, str(tp[1]).encode()),
             ]
         return common
 
@@ -250,7 +235,7 @@ class Sink:
                 last = tp
                 common, outputs = group(msg)
                 done = outputs.prediction
-            headers = [*common, (HEADER_SOURCE_OFFSET, b"%d" % (msg.offset() or 0))]
+            headers = [*common, (hdr.SOURCE_OFFSET, b"%d" % (msg.offset() or 0))]
             try:
                 produce(topic, value, msg.key(), on_delivery=done, headers=headers)
             except BufferError:  # the local queue is full: wait for room

@@ -19,6 +19,7 @@ import pytest
 import xgboost as xgb
 from support import committed_lag, read_topic, wait_for
 
+from stream_scorer import headers as hdr
 from stream_scorer.example.produce import expected_reasons, produce_events
 from stream_scorer.example.rides import FEATURES, load_ride_schema
 from stream_scorer.stages.decode import load_schema
@@ -88,8 +89,8 @@ def test_two_workers_score_the_example_stream_with_every_malformed_kind_dead_let
     assert sorted(m.key() for m in dead) == sorted(report.malformed_keys)
     by_reason = Counter(
         (
-            dict(m.headers())["__connect.errors.stage"].decode(),
-            dict(m.headers())["stream_scorer.error.reason"].decode(),
+            dict(m.headers())[hdr.CONNECT_STAGE].decode(),
+            dict(m.headers())[hdr.REASON].decode(),
         )
         for m in dead
     )

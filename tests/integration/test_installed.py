@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,10 +20,20 @@ from pathlib import Path
 import pytest
 from support import read_topic
 
-from stream_scorer.worker.sink import REASON_HEADER
+from stream_scorer import headers as hdr
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
+NOT_SOURCES = (
+    ".git",
+    ".venv",
+    "build",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    "models",
+)
 
 
 class Installed:
@@ -66,7 +77,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     base = tmp_path_factory.mktemp("installed")
     wheels, venv, cwd = base / "wheels", base / "venv", base / "elsewhere"
     cwd.mkdir()
-    _call(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, ROOT, cwd=cwd)
+    # from a copy of the sources: setuptools' build/ folder in a checkout keeps removed modules
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
+    _call(
+        sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, source, cwd=cwd
+    )
     (wheel,) = wheels.glob("stream_scorer-*.whl")
     _call(sys.executable, "-m", "venv", venv, cwd=cwd)
     _call(venv / "bin" / "pip", "install", "--quiet", wheel, cwd=cwd)
@@ -132,7 +148,7 @@ def test_every_documented_command_runs_from_the_installed_package(
     replayed = read_topic(kafka_bootstrap, f"{topic}-again")
     originals = {bytes(m.value() or b"") for m in read_topic(kafka_bootstrap, dlq)}
     assert {bytes(m.value() or b"") for m in replayed} == originals
-    assert all(dict(m.headers() or [])[REASON_HEADER] for m in read_topic(kafka_bootstrap, dlq))
+    assert all(dict(m.headers() or [])[hdr.REASON] for m in read_topic(kafka_bootstrap, dlq))
 
 
 def test_local_kafka_fetch_and_a_small_demo_from_an_empty_cache(installed: Installed) -> None:

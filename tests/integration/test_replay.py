@@ -20,11 +20,10 @@ from support import (
     write_schema,
 )
 
+from stream_scorer import headers as hdr
 from stream_scorer.cli import main
 from stream_scorer.config import load_config
-from stream_scorer.ops.replay import REPLAY_SOURCE_HEADER
 from stream_scorer.worker.loop import run_worker
-from stream_scorer.worker.sink import ATTEMPT_HEADER, REASON_HEADER
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -73,7 +72,7 @@ def test_replay_by_reason_publishes_originals_once_and_run_twice_is_a_no_op(
     produce_raw(kafka_bootstrap, topic, items, 2)
     run_worker(load_config(config, environ={}, overrides={"worker": {"max_messages": 44}}))
     dead = read_topic(kafka_bootstrap, dlq)
-    reasons = Counter(dict(m.headers())[REASON_HEADER].decode() for m in dead)
+    reasons = Counter(dict(m.headers())[hdr.REASON].decode() for m in dead)
     assert reasons == {"truncated": 2, "non_finite": 1, "empty": 1}
 
     args = ["dlq", "replay", "--config", str(config), "--to", target, "--reason", "truncated"]
@@ -88,10 +87,10 @@ def test_replay_by_reason_publishes_originals_once_and_run_twice_is_a_no_op(
     for m in replayed:
         headers = dict(m.headers())
         assert headers["origin"] == b"test"  # the producer's own header survives
-        assert headers[ATTEMPT_HEADER] == b"2"
-        assert headers[REPLAY_SOURCE_HEADER].startswith(dlq.encode() + b"/")
-        assert not any(k.startswith("__connect.errors.") for k in headers)
-        assert REASON_HEADER not in headers
+        assert headers[hdr.ATTEMPT] == b"2"
+        assert headers[hdr.REPLAY_SOURCE].startswith(dlq.encode() + b"/")
+        assert not any(k.startswith(hdr.CONNECT_PREFIX) for k in headers)
+        assert hdr.REASON not in headers
 
     assert main(args) == 0  # the same command again: nothing left to replay
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -35,6 +35,7 @@ from support import (
     write_schema,
 )
 
+from stream_scorer import headers as hdr
 from stream_scorer.config import load_config
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.worker.loop import run_worker
@@ -148,16 +149,14 @@ def test_classifier_on_a_second_schema_scores_everything_and_dead_letters_the_re
     # partition i % 3 at offset i // 3 of a fresh topic)
     for msg, d in zip(preds, decoded, strict=True):
         h = _headers(msg)
-        assert h["stream_scorer.model.version"] == b"test-model-1"
-        assert h["stream_scorer.source.topic"] == env.topic.encode()
-        index = int(h["stream_scorer.source.offset"]) * PARTITIONS + int(
-            h["stream_scorer.source.partition"]
-        )
+        assert h[hdr.MODEL_VERSION] == b"test-model-1"
+        assert h[hdr.SOURCE_TOPIC] == env.topic.encode()
+        index = int(h[hdr.SOURCE_OFFSET]) * PARTITIONS + int(h[hdr.SOURCE_PARTITION])
         assert recs[index]["txn_id"] == d["input_id"]
 
     # dead letters: original bytes, reasons, source coordinates
     got = {m.key(): m for m in dead}
-    reasons = {k: _headers(m)["stream_scorer.error.reason"].decode() for k, m in got.items()}
+    reasons = {k: _headers(m)[hdr.REASON].decode() for k, m in got.items()}
     assert reasons == {
         b"bad-empty": "empty",
         b"bad-trunc": "truncated",
@@ -170,11 +169,11 @@ def test_classifier_on_a_second_schema_scores_everything_and_dead_letters_the_re
         assert msg.value() == value
         h = _headers(msg)
         assert h["origin"] == b"test"  # original headers kept
-        assert h["__connect.errors.topic"] == env.topic.encode()
-        assert h["__connect.errors.stage"] in (b"decode", b"features")
-        assert h["stream_scorer.consumer.group"] == env.group.encode()
-        assert h["__connect.errors.partition"] == str(index % PARTITIONS).encode()
-        assert h["__connect.errors.offset"] == str(index // PARTITIONS).encode()
+        assert h[hdr.CONNECT_TOPIC] == env.topic.encode()
+        assert h[hdr.CONNECT_STAGE] in (b"decode", b"features")
+        assert h[hdr.CONSUMER_GROUP] == env.group.encode()
+        assert h[hdr.CONNECT_PARTITION] == str(index % PARTITIONS).encode()
+        assert h[hdr.CONNECT_OFFSET] == str(index // PARTITIONS).encode()
 
     assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
 

@@ -16,6 +16,7 @@ from support import (
     train_payment_classifier,
 )
 
+from stream_scorer import headers as hdr
 from stream_scorer.errors import DeliveryError
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
@@ -136,16 +137,16 @@ def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
     assert (sent["topic"], sent["value"], sent["key"]) == ("dlq", b"\xde\xad", b"k1")
     h = sent["headers"]
     assert h["trace"] == b"abc"
-    assert h["__connect.errors.topic"] == b"in"
-    assert h["__connect.errors.partition"] == b"2"
-    assert h["__connect.errors.offset"] == b"17"
-    assert h["__connect.errors.stage"] == b"decode"
-    assert h["__connect.errors.exception.class.name"] == b"EOFError"
-    assert h["__connect.errors.exception.message"] == b"short"
-    assert h["stream_scorer.error.reason"] == b"truncated"
-    assert h["stream_scorer.original.timestamp"] == b"123"
-    assert h["stream_scorer.consumer.group"] == b"grp"
-    assert h["stream_scorer.worker.id"] == b"w1"
+    assert h[hdr.CONNECT_TOPIC] == b"in"
+    assert h[hdr.CONNECT_PARTITION] == b"2"
+    assert h[hdr.CONNECT_OFFSET] == b"17"
+    assert h[hdr.CONNECT_STAGE] == b"decode"
+    assert h[hdr.CONNECT_EXCEPTION_CLASS] == b"EOFError"
+    assert h[hdr.CONNECT_EXCEPTION_MESSAGE] == b"short"
+    assert h[hdr.REASON] == b"truncated"
+    assert h[hdr.ORIGINAL_TIMESTAMP] == b"123"
+    assert h[hdr.CONSUMER_GROUP] == b"grp"
+    assert h[hdr.WORKER_ID] == b"w1"
     assert tracker.take_committable() == [("in", 2, 18)]  # acked on delivery
     assert (
         metrics.registry.get_sample_value(
@@ -181,8 +182,8 @@ def test_a_refused_dead_letter_holds_back_only_its_own_partition() -> None:
     with pytest.raises(DeliveryError, match=r"dead letter.*\[in\[1\]@1\]"):
         sink.raise_errors()
     headers = [sent["headers"] for sent in producer.sent if sent["topic"] == "out"]
-    assert [h["stream_scorer.source.partition"] for h in headers] == [b"0", b"1", b"0"]
-    assert [h["stream_scorer.source.offset"] for h in headers] == [b"0", b"0", b"1"]
+    assert [h[hdr.SOURCE_PARTITION] for h in headers] == [b"0", b"1", b"0"]
+    assert [h[hdr.SOURCE_OFFSET] for h in headers] == [b"0", b"0", b"1"]
 
 
 def test_full_queue_is_retried() -> None:
@@ -191,7 +192,7 @@ def test_full_queue_is_retried() -> None:
     ticket = tracker.track([msg])
     Sink(producer, CTX, tracker, Metrics()).publish(Scored([msg], [b"pred"], [0]), [], ticket)
     assert len(producer.sent) == 1
-    assert producer.sent[0]["headers"]["stream_scorer.model.version"] == b"v9"
+    assert producer.sent[0]["headers"][hdr.MODEL_VERSION] == b"v9"
     assert tracker.take_committable() == [("in", 0, 1)]
 
 

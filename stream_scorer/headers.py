@@ -1,0 +1,42 @@
+"""Every Kafka header name stream-scorer writes or reads: the output contract's one home.
+
+Predictions carry the model version and their input's coordinates; dead letters carry Kafka
+Connect's ``__connect.errors.*`` context and ``stream_scorer.*`` extras (README.md, "Dead
+letters"); ``dlq replay`` adds where a replayed record came from. All values are UTF-8 text.
+"""
+
+from __future__ import annotations
+
+#: Prefix of our own headers (dead-letter extras, provenance).
+OWN_PREFIX = "stream_scorer."
+
+# --- on every prediction ----------------------------------------------------------------------
+MODEL_VERSION = "stream_scorer.model.version"
+SOURCE_TOPIC = "stream_scorer.source.topic"
+SOURCE_PARTITION = "stream_scorer.source.partition"
+SOURCE_OFFSET = "stream_scorer.source.offset"
+
+# --- on every dead letter ---------------------------------------------------------------------
+#: Prefix of Kafka Connect's error context headers (``errors.deadletterqueue.context.headers``).
+CONNECT_PREFIX = "__connect.errors."
+CONNECT_TOPIC = CONNECT_PREFIX + "topic"
+CONNECT_PARTITION = CONNECT_PREFIX + "partition"
+CONNECT_OFFSET = CONNECT_PREFIX + "offset"
+CONNECT_STAGE = CONNECT_PREFIX + "stage"
+CONNECT_CLASS_NAME = CONNECT_PREFIX + "class.name"
+CONNECT_EXCEPTION_CLASS = CONNECT_PREFIX + "exception.class.name"
+CONNECT_EXCEPTION_MESSAGE = CONNECT_PREFIX + "exception.message"
+#: The dead-letter reason code (also the ``reason`` label of the dead-letter metric).
+REASON = "stream_scorer.error.reason"
+ORIGINAL_TIMESTAMP = "stream_scorer.original.timestamp"
+ORIGINAL_TIMESTAMP_TYPE = "stream_scorer.original.timestamp.type"
+CONSUMER_GROUP = "stream_scorer.consumer.group"
+WORKER_ID = "stream_scorer.worker.id"
+# MODEL_VERSION (above) too
+#: How many times the record has been through a worker: 1, or one more than the attempt header
+#: a replay (``stream-scorer dlq replay``) put on it.
+ATTEMPT = "stream_scorer.attempt"
+
+# --- on every replayed record -----------------------------------------------------------------
+#: ``topic/partition/offset`` of the dead letter a replayed record was published from.
+REPLAY_SOURCE = "stream_scorer.replay.source"
