@@ -11,6 +11,7 @@ cannot reach a broker says so several times a second, and that becomes one line 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -192,22 +193,25 @@ class RepeatFilter(logging.Filter):
                 self._schedule(self._quiet, self.flush)
             return False
 
-    def flush(self) -> None:
-        """Report what is due now (the timer's callback; callable any time). Never raises."""
+    def flush(self, final: bool = False) -> None:
+        """Report what is due now (the timer's callback), or all that is held when ``final``.
+
+        Never raises.
+        """
         try:
             with self._lock:
                 self._armed = False
-                self._report_due(self._clock())
+                self._report_due(self._clock(), final)
                 if any(e.held for e in self._episodes.values()):
                     self._armed = True
                     self._schedule(self._quiet, self.flush)
         except Exception:  # pragma: no cover - defensive: a timer callback must not raise
             logging.getLogger(__name__).exception("summarising repeated log lines failed")
 
-    def _report_due(self, now: float) -> None:
+    def _report_due(self, now: float, final: bool = False) -> None:
         """End quiet episodes and report held-back repeats that are due (lock held)."""
         for key, episode in list(self._episodes.items()):
-            quiet = now - episode.last >= self._quiet
+            quiet = final or now - episode.last >= self._quiet
             if episode.held and (quiet or now - episode.reported >= self._report):
                 self._summarise(episode, now)
             if quiet:
@@ -235,5 +239,13 @@ def client_logger(client: str) -> logging.Logger:
     """
     logger = logging.getLogger(f"librdkafka.{client}")
     if not any(isinstance(f, RepeatFilter) for f in logger.filters):
-        logger.addFilter(RepeatFilter())
+        repeats = RepeatFilter()
+        logger.addFilter(repeats)
+        atexit.register(_flush_at_exit, logger, repeats)
     return logger
+
+
+def _flush_at_exit(logger: logging.Logger, repeats: RepeatFilter) -> None:
+    """Report what is still held, before logging shuts down (if anything still listens)."""
+    if logger.hasHandlers():
+        repeats.flush(final=True)

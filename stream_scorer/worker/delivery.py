@@ -46,7 +46,8 @@ _SEND_OFFSETS_TRIES = 5
 #: Transactions rolled back in a row before the worker gives up (a dead-letter topic that keeps
 #: refusing writes, a broker that keeps failing): the worker exits non-zero.
 MAX_FAILED_TRANSACTIONS = 5
-#: Producers left blocked in a call that ignored its timeout before the worker exits instead.
+#: Producers left blocked in a call (past its timeout, or after a reconnection) before the worker
+#: exits instead.
 MAX_ABANDONED_PRODUCERS = 3
 #: Beyond a call's own timeout, how long to wait before deciding it ignores it.
 _GRACE_S = 5.0
@@ -81,7 +82,7 @@ class TransactionalProducer(Producer, Protocol):
 
 
 class _StuckCall(Exception):
-    """A transactional call did not return within its timeout (librdkafka#5456)."""
+    """A transactional call outlived its timeout, or stayed blocked after a reconnection."""
 
 
 class Reconnection:
@@ -100,7 +101,7 @@ class Reconnection:
         self.back_since: float | None = None  # the brokers answer again since
 
     def on_error(self, err: KafkaError) -> None:
-        """The producer's ``error_cb``: log the error (repeats summarised), note lost links."""
+        """The producer's ``error_cb``: log the error (repeats summarised); note a lost link."""
         if err.code() in _LOST_CODES:
             self.lost()
         _PRODUCER_LOG.warning("kafka: %s", err)

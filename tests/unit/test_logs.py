@@ -227,6 +227,16 @@ def test_a_flood_that_goes_on_is_reported_every_report_interval(
     assert msgs[2].endswith("(repeated 60 times in 59.0 s)")  # 60 … 119
 
 
+def test_a_final_flush_reports_what_is_still_held(capture: io.StringIO, repeats: Repeats) -> None:
+    repeats.at(0.0, "Connection refused")
+    repeats.at(1.0, "Connection refused")
+    repeats.at(2.0, "Connection refused")
+    repeats.filter.flush()  # not quiet yet: nothing due
+    assert len(_msgs(capture)) == 1
+    repeats.filter.flush(final=True)  # the process exits
+    assert _msgs(capture)[1] == "Connection refused (repeated 2 times in 2.0 s)"
+
+
 def test_client_loggers_summarise_repeats_once() -> None:
     logger = logs.client_logger("test-client")
     assert logs.client_logger("test-client") is logger
