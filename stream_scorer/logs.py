@@ -4,14 +4,22 @@ Every event carries ``ts``, ``level``, ``logger``, ``msg``, and the process cont
 ``set_context`` (``worker_id``, ``group``); ``topic``, ``partition``, ``offset``, ``error`` and
 other fields come from a call's ``extra={...}`` (README.md, "Logs"). Values of keys that look
 secret (password, secret, token, key) are replaced by ``***`` both in fields and in messages.
+
+The Kafka clients' own lines (``client_logger``) go through a ``RepeatFilter``: a client that
+cannot reach a broker says so several times a second, and that becomes one line and a count.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -99,3 +107,145 @@ def setup(fmt: str = "auto", level: str = "INFO", stream: TextIO | None = None) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+#: A line of a kind seen again within this many seconds of the last one is a repeat: held
+#: back and counted. Longer than librdkafka's longest reconnect backoff (10 s by default), so
+#: a broker that stays unreachable is one episode, not one line every backoff.
+REPEAT_QUIET_S = 15.0
+#: While a kind keeps repeating, how often a line says how many repeats were held back.
+REPEAT_REPORT_S = 60.0
+#: Parts of a message that differ between repeats of one kind: durations, and librdkafka's own
+#: "N identical error(s) suppressed" note. Addresses, codes and states stay: "Connection
+#: refused" from another broker, or in another state, is another kind.
+_DURATION = re.compile(r"\b\d+(?:\.\d+)?\s?ms\b")
+_SUPPRESSED = re.compile(r", \d+ identical error\(s\) suppressed")
+_SUMMARY_MARK = "_repeat_summary"
+#: Runs ``callback`` after ``delay`` seconds (``threading.Timer`` by default; tests pass a fake).
+Scheduler = Callable[[float, Callable[[], None]], None]
+
+
+def _timer(delay: float, callback: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, callback)
+    timer.daemon = True
+    timer.start()
+
+
+@dataclass
+class _Episode:
+    """A kind of line seen and not yet quiet, and its repeats held back."""
+
+    last: float  # the last line of the kind
+    reported: float  # when held-back repeats were last reported, or the episode began
+    held: int = 0
+    record: logging.LogRecord | None = None  # the last held-back repeat
+
+
+class RepeatFilter(logging.Filter):
+    """Let the first line of a kind through, hold back its repeats, then say how many there were.
+
+    A kind is the logger, the level and the message without its durations and librdkafka's
+    "identical error(s) suppressed" note. A line of a kind seen within ``quiet_s`` of its
+    previous one is held back and counted. When the kind has been quiet for ``quiet_s``, and
+    every ``report_s`` while it goes on, one line repeats the last held-back message with
+    "(repeated N times in S s)", S counted from the line said before; nothing is said when
+    nothing was held back. The next line of a quiet kind starts a new
+    episode and passes. Checks run on every line through the filter and on a timer armed while
+    something is held back, so a summary comes even when the client falls silent.
+    """
+
+    def __init__(
+        self,
+        quiet_s: float = REPEAT_QUIET_S,
+        report_s: float = REPEAT_REPORT_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Scheduler = _timer,
+    ) -> None:
+        """Hold back repeats closer than ``quiet_s``; report them at least every ``report_s``."""
+        super().__init__()
+        self._quiet = quiet_s
+        self._report = report_s
+        self._clock = clock
+        self._schedule = schedule
+        self._episodes: dict[tuple[str, int, str], _Episode] = {}
+        self._lock = threading.RLock()
+        self._armed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Pass the first line of a kind and the summaries; hold back repeats."""
+        if getattr(record, _SUMMARY_MARK, False):
+            return True
+        kind = _DURATION.sub("#", _SUPPRESSED.sub("", record.getMessage()))
+        key = (record.name, record.levelno, kind)
+        with self._lock:
+            now = self._clock()
+            self._report_due(now)
+            episode = self._episodes.get(key)
+            if episode is None:
+                self._episodes[key] = _Episode(last=now, reported=now)
+                return True
+            episode.last = now
+            episode.held += 1
+            episode.record = record
+            if not self._armed:
+                self._armed = True
+                self._schedule(self._quiet, self.flush)
+            return False
+
+    def flush(self, final: bool = False) -> None:
+        """Report what is due now (the timer's callback), or all that is held when ``final``.
+
+        Never raises.
+        """
+        try:
+            with self._lock:
+                self._armed = False
+                self._report_due(self._clock(), final)
+                if any(e.held for e in self._episodes.values()):
+                    self._armed = True
+                    self._schedule(self._quiet, self.flush)
+        except Exception:  # pragma: no cover - defensive: a timer callback must not raise
+            logging.getLogger(__name__).exception("summarising repeated log lines failed")
+
+    def _report_due(self, now: float, final: bool = False) -> None:
+        """End quiet episodes and report held-back repeats that are due (lock held)."""
+        for key, episode in list(self._episodes.items()):
+            quiet = final or now - episode.last >= self._quiet
+            if episode.held and (quiet or now - episode.reported >= self._report):
+                self._summarise(episode, now)
+            if quiet:
+                del self._episodes[key]
+
+    def _summarise(self, episode: _Episode, now: float) -> None:
+        held = episode.record
+        assert held is not None
+        summary = logging.makeLogRecord(vars(held))
+        span = episode.last - episode.reported
+        summary.msg = f"{held.getMessage()} (repeated {episode.held} times in {span:.1f} s)"
+        summary.args = None
+        summary.created = time.time()  # said now
+        summary.msecs = summary.created % 1 * 1000
+        setattr(summary, _SUMMARY_MARK, True)
+        episode.held, episode.record, episode.reported = 0, None, now
+        logging.getLogger(held.name).handle(summary)
+
+
+def client_logger(client: str) -> logging.Logger:
+    """``librdkafka.<client>``: where a Kafka client's own lines go, repeats summarised.
+
+    For the client's ``logger`` setting (librdkafka's log lines) and for what its
+    ``error_cb`` reports; every client of the process uses one of these.
+    """
+    logger = logging.getLogger(f"librdkafka.{client}")
+    if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+        repeats = RepeatFilter()
+        logger.addFilter(repeats)
+        atexit.register(_flush_at_exit, logger, repeats)
+    return logger
+
+
+def _flush_at_exit(logger: logging.Logger, repeats: RepeatFilter) -> None:
+    """Report what is still held, before logging shuts down (if anything still listens)."""
+    if logger.hasHandlers():
+        repeats.flush(final=True)

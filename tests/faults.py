@@ -384,6 +384,36 @@ def tail(path: Path, lines: int = 8) -> str:
         return "(no log)"
 
 
+def recovery_s(run: FaultRun, timeout: float = 180) -> tuple[float, float]:
+    """Seconds from now (the broker answers again) until the group commits again.
+
+    Returns ``(first, every)``: until any partition's committed offset moves, and until every
+    partition's has (or it has nothing left to consume). Measured, never asserted. The
+    baseline is the first committed offsets read from now on, so a commit that lands before
+    that read (a very fast recovery) is not seen: the figures err long by at most the read's
+    duration plus one batch, never short.
+    """
+    start = time.monotonic()
+    baseline = run.committed()
+    first: list[float] = []
+
+    def moved() -> bool:
+        run.supervise()
+        now = run.committed()
+        still = {p for p, o in baseline.items() if now.get(p, o) <= o}
+        if len(still) < len(baseline) and not first:
+            first.append(time.monotonic() - start)
+        if still and not run.producing:  # a partition with nothing left to do has recovered
+            still -= {
+                p for p, lag in group_lag(run.bootstrap, run.group, run.topic).items() if not lag
+            }
+        return not still
+
+    wait_for(moved, timeout, "every partition committed after the broker came back", interval=0.1)
+    every = time.monotonic() - start
+    return (first[0] if first else every), every
+
+
 def when_committed(run: FaultRun, fraction: float, timeout: float = 120) -> None:
     """Supervise until the group has committed ``fraction`` of the run's events.
 

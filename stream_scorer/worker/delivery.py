@@ -7,7 +7,10 @@ record's prediction or dead letter. A crash repeats at most the records not yet 
 ``ExactlyOnce``: each batch's predictions, dead letters and input offsets go in one Kafka
 transaction. Abortable errors abort it and rewind the consumer to the committed offsets;
 ambiguous ones (timeouts) re-create the producer, whose ``init_transactions`` finishes or aborts
-the previous incarnation's transaction first; a fenced producer stops the worker.
+the previous incarnation's transaction first; a fenced producer stops the worker. A transactional
+call that blocks past its timeout is left behind with its producer for a new one; for
+``send_offsets_to_transaction``, which can wait forever once a broker connection was lost
+(librdkafka#5456, #5511), that happens soon after the brokers answer again (``Reconnection``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stream_scorer.errors import BrokerError, FencedError
+from stream_scorer.logs import client_logger
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Ticket
@@ -42,10 +46,23 @@ _SEND_OFFSETS_TRIES = 5
 #: Transactions rolled back in a row before the worker gives up (a dead-letter topic that keeps
 #: refusing writes, a broker that keeps failing): the worker exits non-zero.
 MAX_FAILED_TRANSACTIONS = 5
-#: Producers left blocked in a call that ignored its timeout before the worker exits instead.
+#: Producers left blocked in a call (past its timeout, or after a reconnection) before the worker
+#: exits instead.
 MAX_ABANDONED_PRODUCERS = 3
 #: Beyond a call's own timeout, how long to wait before deciding it ignores it.
 _GRACE_S = 5.0
+#: After a lost broker connection: how long the brokers must have answered again before a
+#: ``send_offsets_to_transaction`` that was already waiting counts as stuck (librdkafka#5456,
+#: #5511) and is left behind, instead of after its full timeout. Once connected the call takes
+#: milliseconds; the grace leaves a restarted broker's coordinators time to load their state.
+RECONNECTED_GRACE_S = 5.0
+#: While ``send_offsets_to_transaction`` runs: how often the main thread serves the producer's
+#: callbacks (its log lines and errors keep their time) and, after a lost connection, asks a
+#: broker for metadata (waiting at most this long for the answer).
+_WATCH_EVERY_S = 0.5
+#: The producer's errors that mean a broker connection was lost.
+_LOST_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
+_PRODUCER_LOG = client_logger("producer")
 
 
 class TransactionalProducer(Producer, Protocol):
@@ -61,22 +78,91 @@ class TransactionalProducer(Producer, Protocol):
     def purge(  # noqa: D102
         self, in_queue: bool = ..., in_flight: bool = ..., blocking: bool = ...
     ) -> None: ...
+    def list_topics(self, topic: str | None = ..., timeout: float = ...) -> Any: ...  # noqa: D102
 
 
 class _StuckCall(Exception):
-    """A transactional call did not return within its timeout (librdkafka#5456)."""
+    """A transactional call outlived its timeout, or stayed blocked after a reconnection."""
 
 
-def bounded(call: Callable[[], None], timeout_s: float, what: str) -> None:
-    """Run a blocking client call, giving up after ``timeout_s`` (it keeps running).
+class Reconnection:
+    """Whether the producer lost a broker connection, and since when the brokers answer again.
 
+    ``lost`` comes from the producer's error callback (``on_error``), ``answered`` and
+    ``unanswered`` from the metadata requests the main thread sends while a transactional call
+    waits, ``clear`` from a committed transaction. It answers one question: how long has a
+    call been waiting with the brokers answering, after a connection was lost?
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """Start with nothing lost; ``clock`` gives the time in seconds."""
+        self._clock = clock
+        self.lost_at: float | None = None  # a connection was lost since the last commit
+        self.back_since: float | None = None  # the brokers answer again since
+
+    def on_error(self, err: KafkaError) -> None:
+        """The producer's ``error_cb``: log the error (repeats summarised); note a lost link."""
+        if err.code() in _LOST_CODES:
+            self.lost()
+        _PRODUCER_LOG.warning("kafka: %s", err)
+
+    def callbacks(self) -> dict[str, Any]:
+        """Producer settings for the callbacks: its log lines and errors, repeats summarised."""
+        return {"logger": _PRODUCER_LOG, "error_cb": self.on_error}
+
+    def lost(self) -> None:
+        """A broker connection was lost (or could not be made)."""
+        self.lost_at, self.back_since = self._clock(), None
+
+    def answered(self) -> None:
+        """A broker answered: after a loss, the brokers are back from now on."""
+        if self.lost_at is not None and self.back_since is None:
+            self.back_since = self._clock()
+
+    def unanswered(self) -> None:
+        """No broker answered: not back (yet)."""
+        self.back_since = None
+
+    def clear(self) -> None:
+        """A transaction committed: whatever was lost is behind us."""
+        self.lost_at = self.back_since = None
+
+    def waited_back(self, started: float) -> float:
+        """Seconds a call started at ``started`` has waited with the brokers back after a loss.
+
+        0 when no connection was lost since the last commit or no broker answers now.
+        """
+        if self.lost_at is None or self.back_since is None:
+            return 0.0
+        return self._clock() - max(started, self.back_since)
+
+
+#: Called every ``_WATCH_EVERY_S`` while a call runs, with when it started: the reason it is
+#: stuck, or None to keep waiting.
+Watch = Callable[[float], str | None]
+
+
+def bounded(
+    call: Callable[[], None],
+    timeout_s: float,
+    what: str,
+    *,
+    watch: Watch | None = None,
+    every_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run a blocking client call, giving up after ``timeout_s`` or when ``watch`` says so.
+
+    The call runs in a thread of its own (it keeps running when given up on); this thread
+    waits in slices of ``every_s`` (default ``_WATCH_EVERY_S``) and asks ``watch`` in between.
     librdkafka's ``send_offsets_to_transaction`` can ignore its timeout and block forever when
     the group coordinator went away (librdkafka#5456, #5511; seen here after a broker restart).
 
     Raises:
-        _StuckCall: the call did not return in time.
+        _StuckCall: the call did not return in time, or ``watch`` found it stuck.
     """
     outcome: list[BaseException | None] = []
+    finished = threading.Event()
 
     def run() -> None:
         try:
@@ -84,12 +170,19 @@ def bounded(call: Callable[[], None], timeout_s: float, what: str) -> None:
             outcome.append(None)
         except BaseException as exc:  # handed to the caller's thread
             outcome.append(exc)
+        finally:
+            finished.set()
 
+    every = _WATCH_EVERY_S if every_s is None else every_s
+    started = clock()
     thread = threading.Thread(target=run, name=what, daemon=True)
     thread.start()
-    thread.join(timeout_s)
-    if not outcome:
-        raise _StuckCall(f"{what} did not return within {timeout_s:.0f} s")
+    while not finished.wait(max(0.0, min(every, started + timeout_s - clock()))):
+        if clock() - started >= timeout_s:
+            raise _StuckCall(f"{what} did not return within {timeout_s:.0f} s")
+        reason = None if watch is None else watch(started)
+        if reason is not None and not finished.is_set():
+            raise _StuckCall(f"{what} {reason}")
     if outcome[0] is not None:
         raise outcome[0]
 
@@ -186,14 +279,22 @@ class ExactlyOnce:
         metrics: Metrics,
         *,
         timeout_s: float,
+        reconnection: Reconnection | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Create the transactional producer and initialise its transactions."""
+        """Create the transactional producer and initialise its transactions.
+
+        ``reconnection`` is fed by the producers' error callback (``Reconnection.callbacks``);
+        ``clock`` gives the time in seconds.
+        """
         self._make_producer = make_producer
         self._ctx = ctx
         self._source = source
         self._tracker = tracker
         self._metrics = metrics
         self._timeout = timeout_s
+        self._clock = clock
+        self._reconnection = reconnection or Reconnection(clock)
         self._failed_in_a_row = 0
         self._abandoned = 0
         self.paused = False  # transactions are synchronous: never backed up
@@ -233,6 +334,7 @@ class ExactlyOnce:
                 partial(self._producer.commit_transaction, self._timeout),
                 self._timeout + _GRACE_S,
                 "commit_transaction",
+                clock=self._clock,
             )
         except Exception as exc:
             self._recover(exc)
@@ -244,6 +346,7 @@ class ExactlyOnce:
             time.sleep(min(0.1 * 2**self._failed_in_a_row, 5.0))  # back off before the retry
             return False
         self._failed_in_a_row = 0
+        self._reconnection.clear()
         self._source.mark_committed([(tp.topic, tp.partition, tp.offset) for tp in offsets])
         self.sink.poll(0)  # serve the delivery reports: metrics, tracker
         self._metrics.transactions.labels("committed").inc()
@@ -262,6 +365,8 @@ class ExactlyOnce:
                     call,
                     self._timeout + _GRACE_S,
                     "send_offsets_to_transaction",
+                    watch=self._watch_send_offsets,
+                    clock=self._clock,
                 )
                 return
             except KafkaException as exc:
@@ -269,6 +374,32 @@ class ExactlyOnce:
                 if err is None or not err.retriable() or attempt == _SEND_OFFSETS_TRIES:
                     raise
                 log.warning("send_offsets_to_transaction: %s (retrying, same offsets)", err)
+
+    def _watch_send_offsets(self, started: float) -> str | None:
+        """While ``send_offsets_to_transaction`` waits: is it stuck (librdkafka#5456, #5511)?
+
+        Serves the producer (delivery reports, and its log lines and errors on time); after a
+        lost connection, asks a broker for metadata. Stuck: the brokers have answered again for
+        ``RECONNECTED_GRACE_S`` while the call kept waiting. Not commit_transaction: it serves
+        the producer's callbacks itself (flush) and keeps to its timeout.
+        """
+        self.sink.poll(0)
+        reconnection = self._reconnection
+        if reconnection.lost_at is None:
+            return None
+        try:
+            self._producer.list_topics(self._ctx.output_topic, timeout=_WATCH_EVERY_S)
+        except KafkaException:
+            reconnection.unanswered()
+            return None
+        reconnection.answered()
+        waited = reconnection.waited_back(started)
+        if waited < RECONNECTED_GRACE_S:
+            return None
+        return (
+            f"still blocked {waited:.1f} s after the brokers answered again "
+            "(a broker connection was lost)"
+        )
 
     def _recover(self, exc: BaseException) -> None:
         if isinstance(exc, _StuckCall):

@@ -19,7 +19,6 @@ partition waits). The ``lag`` command reads the record at the committed offset i
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 import uuid
@@ -32,10 +31,11 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError
+from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import Message
 
 TP = tuple[str, int]
-_RDKAFKA_LOG = logging.getLogger("librdkafka.lag")
+_RDKAFKA_LOG = client_logger("lag")
 _INVALID = -1001
 
 

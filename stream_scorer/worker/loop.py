@@ -32,7 +32,7 @@ from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
-from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce
+from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Reconnection
 from stream_scorer.worker.flow import BatchSizer, PoisonGuard, StopFlag
 from stream_scorer.worker.health import Monitor
 from stream_scorer.worker.metrics import Metrics
@@ -105,17 +105,20 @@ def _delivery(
     """Create the producer side of the configured delivery mode."""
     psettings = producer_settings(cfg, worker_id)
     log.info("producer settings: %s", redacted(psettings))
+    reconnection = Reconnection()
+    settings = {**psettings, **reconnection.callbacks()}  # its log lines and errors
     if cfg.delivery.mode == EXACTLY_ONCE:
         return ExactlyOnce(
-            lambda: Producer(psettings),
+            lambda: Producer(settings),
             ctx,
             source,
             tracker,
             metrics,
             timeout_s=cfg.delivery.transaction_timeout_s,
+            reconnection=reconnection,
         )
     return AtLeastOnce(
-        Sink(Producer(psettings), ctx, tracker, metrics),
+        Sink(Producer(settings), ctx, tracker, metrics),
         source,
         tracker,
         max_in_flight=cfg.batch.max_in_flight,

@@ -25,6 +25,7 @@ from confluent_kafka import (
 )
 
 from stream_scorer.errors import BrokerError
+from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import Message
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
@@ -61,6 +62,7 @@ class Source:
         self._assigned: set[tuple[str, int]] = set()
         self._consumer: Any = None
         self._broker_seen = False  # a broker answered since start (statistics or assignment)
+        self._client_log = client_logger("consumer")
         self.joined = False  # an assignment (possibly empty) has been received
         #: Per-partition lag in records and seconds (``stream_scorer.worker.lag``).
         self.lag = LagTracker()
@@ -70,7 +72,7 @@ class Source:
         settings: dict[str, Any] = dict(self._settings)
         settings["error_cb"] = self._on_error
         settings["stats_cb"] = self._on_stats
-        settings["logger"] = logging.getLogger("librdkafka.consumer")  # its lines as log events
+        settings["logger"] = self._client_log  # its lines as log events, repeats summarised
         try:
             self._consumer = Consumer(settings)
             self._consumer.subscribe(
@@ -103,7 +105,7 @@ class Source:
         if err.fatal():
             self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
         else:
-            log.warning("kafka: %s", err)
+            self._client_log.warning("kafka: %s", err)
 
     def _on_stats(self, stats_json: str) -> None:
         try:

@@ -134,3 +134,111 @@ def test_auto_is_text_on_a_terminal_and_json_otherwise() -> None:
 )
 def test_redact_text(text: str, expected: str) -> None:
     assert logs.redact_text(text) == expected
+
+
+# --- repeated client lines ----------------------------------------------------------------
+REFUSED = (
+    "FAIL [stream-scorer-w1#consumer-1] [thrd:10.0.0.1:9092/bootstrap]: 10.0.0.1:9092/bootstrap: "
+    "Connect to ipv4#10.0.0.1:9092 failed: Connection refused (after {ms}ms in state CONNECT{more})"
+)
+
+
+class Repeats:
+    """A RepeatFilter on its own logger, a fake clock and a fake timer."""
+
+    def __init__(self, name: str) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, Any]] = []
+        self.filter = logs.RepeatFilter(
+            15.0, 60.0, clock=lambda: self.now, schedule=lambda d, cb: self.timers.append((d, cb))
+        )
+        self.log = logging.getLogger(name)
+        self.log.addFilter(self.filter)
+
+    def at(self, t: float, msg: str, level: int = logging.ERROR) -> None:
+        self.now = t
+        self.log.log(level, "%s", msg)
+
+    def fire_timers(self, t: float) -> None:
+        """Time passes to ``t``; the timers armed meanwhile go off."""
+        self.now = t
+        timers, self.timers = self.timers, []
+        for _delay, callback in timers:
+            callback()
+
+    def close(self) -> None:
+        self.log.removeFilter(self.filter)
+
+
+@pytest.fixture
+def repeats(request: pytest.FixtureRequest) -> Iterator[Repeats]:
+    r = Repeats(f"librdkafka.test-{request.node.name}")
+    yield r
+    r.close()
+
+
+def _msgs(stream: io.StringIO) -> list[str]:
+    return [e["msg"] for e in _events(stream)]
+
+
+def test_a_repeated_client_line_is_said_once_then_counted(
+    capture: io.StringIO, repeats: Repeats
+) -> None:
+    repeats.at(0.0, REFUSED.format(ms=0, more=""))
+    for i in range(1, 36):  # librdkafka retrying every half second for 18 s
+        more = ", 1 identical error(s) suppressed" if i % 2 else ""
+        repeats.at(i * 0.5, REFUSED.format(ms=i % 3, more=more))
+    assert _msgs(capture) == [REFUSED.format(ms=0, more="")]
+    assert repeats.timers and repeats.timers[0][0] == 15.0  # one timer armed, not one per line
+    assert len(repeats.timers) == 1
+    repeats.fire_timers(17.5 + 15.0)  # the broker is back: the lines stop; quiet 15 s later
+    first, summary = _events(capture)
+    assert summary["msg"].endswith("(repeated 35 times in 17.5 s)")
+    assert "Connection refused" in summary["msg"] and summary["level"] == "ERROR"
+    assert summary["logger"] == first["logger"]
+    assert not repeats.timers  # nothing held back: no timer re-armed
+    repeats.at(100.0, REFUSED.format(ms=0, more=""))  # a new outage: said again
+    assert len(_events(capture)) == 3
+
+
+def test_other_kinds_pass_and_a_quiet_kind_is_summarised_on_the_next_line(
+    capture: io.StringIO, repeats: Repeats
+) -> None:
+    other_broker = REFUSED.format(ms=0, more="").replace("10.0.0.1", "10.0.0.2")
+    repeats.at(0.0, REFUSED.format(ms=0, more=""))
+    repeats.at(1.0, other_broker)  # another broker: another kind
+    repeats.at(2.0, REFUSED.format(ms=0, more=""), logging.WARNING)  # another level
+    repeats.at(3.0, REFUSED.format(ms=5, more=""))  # a repeat
+    assert len(_msgs(capture)) == 3
+    repeats.at(20.0, "Disconnected")  # the state changed; the first kind has been quiet 17 s
+    msgs = _msgs(capture)
+    assert msgs[3].endswith("(repeated 1 times in 3.0 s)") and msgs[4] == "Disconnected"
+
+
+def test_a_flood_that_goes_on_is_reported_every_report_interval(
+    capture: io.StringIO, repeats: Repeats
+) -> None:
+    for i in range(0, 131):  # one line a second for 130 s
+        repeats.at(float(i), REFUSED.format(ms=0, more=""))
+    msgs = _msgs(capture)
+    assert len(msgs) == 3  # the first line and two reports (at 60 s and 120 s)
+    # the repeats since the line said before, up to the last one
+    assert msgs[1].endswith("(repeated 59 times in 59.0 s)")  # 1 … 59
+    assert msgs[2].endswith("(repeated 60 times in 59.0 s)")  # 60 … 119
+
+
+def test_a_final_flush_reports_what_is_still_held(capture: io.StringIO, repeats: Repeats) -> None:
+    repeats.at(0.0, "Connection refused")
+    repeats.at(1.0, "Connection refused")
+    repeats.at(2.0, "Connection refused")
+    repeats.filter.flush()  # not quiet yet: nothing due
+    assert len(_msgs(capture)) == 1
+    repeats.filter.flush(final=True)  # the process exits
+    assert _msgs(capture)[1] == "Connection refused (repeated 2 times in 2.0 s)"
+
+
+def test_client_loggers_summarise_repeats_once() -> None:
+    logger = logs.client_logger("test-client")
+    assert logs.client_logger("test-client") is logger
+    assert sum(isinstance(f, logs.RepeatFilter) for f in logger.filters) == 1
+    assert logger.name == "librdkafka.test-client"
