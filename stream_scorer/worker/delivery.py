@@ -46,8 +46,8 @@ _SEND_OFFSETS_TRIES = 5
 #: Transactions rolled back in a row before the worker gives up (a dead-letter topic that keeps
 #: refusing writes, a broker that keeps failing): the worker exits non-zero.
 MAX_FAILED_TRANSACTIONS = 5
-#: Producers left blocked in a call (past its timeout, or after a reconnection) before the worker
-#: exits instead.
+#: Producers left blocked in a call (past its timeout, or after a reconnection) without a
+#: transaction committing in between, before the worker exits instead.
 MAX_ABANDONED_PRODUCERS = 3
 #: Beyond a call's own timeout, how long to wait before deciding it ignores it.
 _GRACE_S = 5.0
@@ -345,7 +345,7 @@ class ExactlyOnce:
                 ) from exc
             time.sleep(min(0.1 * 2**self._failed_in_a_row, 5.0))  # back off before the retry
             return False
-        self._failed_in_a_row = 0
+        self._failed_in_a_row = self._abandoned = 0
         self._reconnection.clear()
         self._source.mark_committed([(tp.topic, tp.partition, tp.offset) for tp in offsets])
         self.sink.poll(0)  # serve the delivery reports: metrics, tracker
