@@ -170,7 +170,8 @@ class WorkerConfig:
         id: worker id used in client ids, logs and dead-letter headers
             (default: ``<hostname>-<pid>``).
         max_messages: stop after consuming this many records (0 = never).
-        idle_timeout_s: stop after this many seconds without a record (0 = never).
+        idle_timeout_s: stop after this many seconds idle (0 = never): joined, group settled,
+            every assigned partition read to its end, nothing in flight (``flow.IdleClock``).
         shutdown_timeout_s: how long shutdown waits for outstanding deliveries.
     """
 

@@ -95,6 +95,81 @@ class PoisonGuard:
                 )
 
 
+#: An iteration of the main loop that took longer than the poll wait plus this was blocked in a
+#: call (a rebalance callback, a transactional call, a broker request): not time seen idle.
+IDLE_GAP_SLACK_S = 1.0
+
+
+class IdleClock:
+    """Decides when the worker has been idle for ``limit_s`` seconds (``worker.idle_timeout_s``).
+
+    Idle means nothing to do now and none coming from the group: the worker has joined its
+    group (received an assignment, possibly empty), the group is settled, every partition
+    assigned to it has nothing left to read, and no record it consumed awaits delivery or was
+    rolled back. Anything else starts the count again: a record, a rebalance event
+    (assignment, revocation, loss), a rebalance in progress, a partition with records left
+    to read, a record in flight, a rolled-back batch. A worker without partitions therefore
+    stops only after the group has been settled, with this worker holding nothing, for
+    ``limit_s``.
+
+    The count advances only between observations at most ``max_gap_s`` apart: when the loop
+    was blocked in a call, nobody saw the worker idle, and that time does not count.
+
+    Pure: fed one observation per loop iteration, it reads no clock and no client.
+    """
+
+    def __init__(self, limit_s: float, max_gap_s: float) -> None:
+        """Count up to ``limit_s`` (0: never idle) over gaps of at most ``max_gap_s``."""
+        self.limit_s = limit_s
+        self.max_gap_s = max_gap_s
+        self.idle_s = 0.0  # seen idle since the last reset
+        self._last: float | None = None  # the previous observation, if it was idle
+        self._rebalances = 0
+
+    def observe(
+        self,
+        now: float,
+        *,
+        records: int,
+        rebalances: int,
+        joined: bool,
+        settled: bool,
+        at_end: bool,
+        in_flight: int,
+        rolled_back: int,
+    ) -> bool:
+        """Record one loop iteration; return True once the worker has been idle ``limit_s``.
+
+        Args:
+            now: a monotonic time in seconds.
+            records: records consumed in this iteration.
+            rebalances: rebalance events seen so far (a counter: any change is an event).
+            joined: an assignment, possibly empty, has been received.
+            settled: no rebalance is in progress, as far as the client knows.
+            at_end: every assigned partition is read to its end (True without partitions).
+            in_flight: consumed records whose outputs are not acknowledged yet.
+            rolled_back: records of the last batch whose delivery was rolled back.
+        """
+        rebalanced = rebalances != self._rebalances
+        self._rebalances = rebalances
+        if (
+            records
+            or rebalanced
+            or not joined
+            or not settled
+            or not at_end
+            or in_flight
+            or rolled_back
+        ):
+            self.idle_s = 0.0
+            self._last = None
+            return False
+        if self._last is not None and now - self._last <= self.max_gap_s:
+            self.idle_s += now - self._last
+        self._last = now
+        return self.limit_s > 0 and self.idle_s >= self.limit_s
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop finishes its batch, then drains and leaves."""
 

@@ -33,7 +33,13 @@ from stream_scorer.stages.fields import resolve
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Reconnection
-from stream_scorer.worker.flow import BatchSizer, PoisonGuard, StopFlag
+from stream_scorer.worker.flow import (
+    IDLE_GAP_SLACK_S,
+    BatchSizer,
+    IdleClock,
+    PoisonGuard,
+    StopFlag,
+)
 from stream_scorer.worker.health import Monitor
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
@@ -129,6 +135,11 @@ def _delivery(
 def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     """Run one worker until stopped; return what it did.
 
+    Whatever stopped it (a signal, ``max_messages``, idle), it returns only when every record it
+    consumed and still owns was delivered (outputs acknowledged and offsets stored for the final
+    commit, or its transaction committed with its offsets); otherwise it raises
+    (``check_clean_stop``) and those records stay uncommitted, for redelivery.
+
     Raises:
         StreamScorerError: a configuration, model, broker or delivery failure (exit non-zero).
     """
@@ -170,14 +181,16 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         # showed as periodic latency spikes under load)
         gc.collect()
         gc.freeze()
-        _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
+        rolled_back = _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
-        if remaining:
-            raise BrokerError(
-                f"{remaining} outputs not acknowledged within worker.shutdown_timeout_s = "
-                f"{cfg.worker.shutdown_timeout_s}; their records stay uncommitted (redelivered)"
-            )
+        check_clean_stop(
+            report.stopped_by,
+            unacknowledged=remaining,
+            rolled_back=rolled_back,
+            in_flight=tracker.pending,
+            shutdown_timeout_s=cfg.worker.shutdown_timeout_s,
+        )
     report.dead_letters = {
         f"{s.labels['stage']}/{s.labels['reason']}": int(s.value)
         for m in metrics.dead_letters.collect()
@@ -190,6 +203,46 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     return report
 
 
+def check_clean_stop(
+    stopped_by: str,
+    *,
+    unacknowledged: int,
+    rolled_back: int,
+    in_flight: int,
+    shutdown_timeout_s: float,
+) -> None:
+    """Raise unless the worker stopped with everything it consumed delivered (exit 0 = done).
+
+    Called after the loop and the drain, whatever stopped the loop (a signal, a limit, idle).
+
+    Args:
+        stopped_by: what stopped the loop.
+        unacknowledged: outputs still unacknowledged after the drain.
+        rolled_back: records of the last batch, if its transaction was rolled back.
+        in_flight: consumed records whose outputs were not acknowledged.
+        shutdown_timeout_s: ``worker.shutdown_timeout_s``, for the message.
+
+    Raises:
+        BrokerError: something consumed was not delivered; its offset stays uncommitted and the
+            partition's next reader gets the records again.
+    """
+    if unacknowledged:
+        raise BrokerError(
+            f"{unacknowledged} outputs not acknowledged within worker.shutdown_timeout_s = "
+            f"{shutdown_timeout_s}; their records stay uncommitted (redelivered)"
+        )
+    if rolled_back:
+        raise BrokerError(
+            f"stopped ({stopped_by}) with the last transaction rolled back: its {rolled_back} "
+            "records were neither delivered nor committed (redelivered)"
+        )
+    if in_flight:
+        raise BrokerError(
+            f"stopped ({stopped_by}) with {in_flight} consumed records not delivered; they "
+            "stay uncommitted (redelivered)"
+        )
+
+
 def _loop(
     cfg: Config,
     source: Source,
@@ -199,20 +252,26 @@ def _loop(
     metrics: Metrics,
     report: WorkerReport,
     stop: StopFlag,
-) -> None:
-    """The main loop: poll → score → deliver (→ offsets) → health."""
-    limit, idle_limit = cfg.worker.max_messages, cfg.worker.idle_timeout_s
+) -> int:
+    """The main loop: poll → score → deliver (→ offsets) → health.
+
+    Returns how many records the last batch had if its delivery was rolled back (0 when the
+    last batch was delivered).
+    """
+    limit = cfg.worker.max_messages
     max_wait = cfg.batch.max_wait_ms / 1000.0
+    idle = IdleClock(cfg.worker.idle_timeout_s, max_wait + IDLE_GAP_SLACK_S)
     sizer = BatchSizer(cfg.batch.max_records, cfg.batch.max_processing_s)
     poison = PoisonGuard(
         cfg.dead_letter.max_ratio, cfg.dead_letter.window, cfg.dead_letter.max_consecutive
     )
-    started = last_record = time.monotonic()
+    rolled_back = 0
+    started = time.monotonic()
     while not stop:
         want = sizer.size if not limit else min(sizer.size, limit - report.consumed)
         batch = source.poll_batch(want, max_wait)
         if batch:
-            t0 = last_record = time.monotonic()
+            t0 = time.monotonic()
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
@@ -223,6 +282,7 @@ def _loop(
             t1 = time.perf_counter()
             delivered = delivery.deliver(ticket, result) is not False  # False: rolled back
             metrics.observe_stage("produce", time.perf_counter() - t1)
+            rolled_back = 0 if delivered else len(batch)
             if delivered:
                 report.consumed += len(batch)
                 report.batches += 1
@@ -235,7 +295,17 @@ def _loop(
         metrics.last_progress.set(time.time())
         if limit and report.consumed >= limit:
             stop.set("max_messages")
-        elif idle_limit and time.monotonic() - last_record > idle_limit:
+        elif idle.limit_s and idle.observe(
+            time.monotonic(),
+            records=len(batch),
+            rebalances=source.rebalances,
+            joined=source.joined,
+            settled=source.group_settled,
+            at_end=not batch and source.fetched_to_end(),
+            in_flight=tracker.pending,
+            rolled_back=rolled_back,
+        ):
             stop.set("idle_timeout")
     report.stopped_by = stop.reason
     report.elapsed_s = time.monotonic() - started
+    return rolled_back

@@ -64,6 +64,10 @@ class Source:
         self._broker_seen = False  # a broker answered since start (statistics or assignment)
         self._client_log = client_logger("consumer")
         self.joined = False  # an assignment (possibly empty) has been received
+        #: Rebalance events so far (assignments, revocations, losses; empty ones too).
+        self.rebalances = 0
+        self._group_steady = True  # per the last statistics (none yet: as far as known)
+        self._starts: dict[tuple[str, int], int] = {}  # where unread partitions start
         #: Per-partition lag in records and seconds (``stream_scorer.worker.lag``).
         self.lag = LagTracker()
 
@@ -111,6 +115,11 @@ class Source:
         try:
             stats = json.loads(stats_json)
             self.lag.update_from_stats(stats, self.assignment)
+            group = stats.get("cgrp")
+            if group:
+                self._group_steady = (
+                    group.get("state") == "up" and group.get("join_state") == "steady"
+                )
             brokers = stats.get("brokers", {}).values()
             if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
                 self._down_since = None
@@ -121,6 +130,7 @@ class Source:
     def _assigned_cb(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
         self.joined = self._broker_seen = True
+        self.rebalances += 1
         self._metrics.assigned_partitions.set(len(self._assigned))
         log.info(
             "assigned %s",
@@ -135,6 +145,9 @@ class Source:
         except Exception as exc:  # recorded, raised by the main loop
             self._errors.append(BrokerError(f"handling {what} partitions failed: {exc}"))
         self._assigned.difference_update(tps)
+        self.rebalances += 1
+        for tp in tps:
+            self._starts.pop(tp, None)
         self.lag.forget(tps)
         self._metrics.forget_partitions(tps)
         self._metrics.assigned_partitions.set(len(self._assigned))
@@ -243,6 +256,7 @@ class Source:
             BrokerError: the committed offsets cannot be read or a seek is refused.
         """
         tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        self._starts.clear()
         if not tps:
             return
         try:
@@ -269,6 +283,59 @@ class Source:
             (self._consumer.pause if paused else self._consumer.resume)(tps)
         except KafkaException as exc:
             log.warning("%s failed: %s", "pause" if paused else "resume", exc)
+
+    def fetched_to_end(self, timeout_s: float = 10.0) -> bool:
+        """Whether every assigned partition has nothing left to read (True without partitions).
+
+        A partition has nothing left to read when the next offset this worker would read is at
+        its high watermark as of the last fetch: the position after the last record handed
+        out (librdkafka moves it past transaction markers and aborted records), or, before
+        any, where reading starts (the committed offset, else where ``auto.offset.reset``
+        points). Records of a transaction still open upstream count as left to read. A
+        partition not fetched yet, or whose start cannot be read, is not at its end.
+        """
+        if not self._assigned:
+            return True
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        try:
+            positions = self._consumer.position(tps)
+            for tp in positions:
+                marks = self._consumer.get_watermark_offsets(tp, cached=True)
+                if not marks or marks[1] < 0:
+                    return False  # not fetched yet
+                low, high = marks
+                position = tp.offset
+                if position < 0:
+                    position = self._start(tp.topic, tp.partition, low, high, timeout_s)
+                if position is None or position < high:
+                    return False
+        except KafkaException as exc:
+            log.debug("cannot tell whether the partitions are read to their end: %s", exc)
+            return False
+        return True
+
+    def _start(
+        self, topic: str, partition: int, low: int, high: int, timeout_s: float
+    ) -> int | None:
+        """Where reading a partition nothing was read from yet starts (None: unknown)."""
+        start = self._starts.get((topic, partition))
+        if start is None:
+            (done,) = self._consumer.committed([TopicPartition(topic, partition)], timeout_s)
+            if done.offset >= 0:
+                start = max(done.offset, low) if low >= 0 else done.offset
+            elif str(self._settings.get("auto.offset.reset", "")) in ("latest", "largest", "end"):
+                start = high
+            elif low >= 0:
+                start = low
+            else:
+                return None
+            self._starts[(topic, partition)] = start
+        return start
+
+    @property
+    def group_settled(self) -> bool:
+        """No rebalance in progress, per the last statistics (True when there are none)."""
+        return self._group_steady
 
     @property
     def broker_reachable(self) -> bool:
