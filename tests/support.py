@@ -12,6 +12,7 @@ import fastavro
 import numpy as np
 import xgboost as xgb
 
+from stream_scorer.clients import read_to_end
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.stages.records import PlainMessage
 
@@ -168,51 +169,10 @@ def avro(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
 def read_topic(
     bootstrap: str, topic: str, timeout: float = 60.0, *, isolation: str = "read_committed"
 ) -> list[Any]:
-    """Read every committed record of ``topic`` up to its current end offsets.
-
-    With ``isolation="read_uncommitted"`` records of aborted transactions are read too.
-    """
-    import time
-    import uuid
-
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": "false",
-            "auto.offset.reset": "earliest",
-            "isolation.level": isolation,
-            "enable.partition.eof": "true",
-        }
-    )
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        ends = {}
-        for p in meta.partitions:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            ends[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout
-        # the partition-EOF events tell where each partition's readable data ends: the last
-        # offsets may be transaction markers or aborted records, which are never delivered
-        reached = {p: 0 if ends[p] else -1 for p in ends}
-        while any(reached[p] < ends[p] for p in ends):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"read {len(out)} records of {topic}; ends {ends}")
-            for msg in consumer.consume(1000, 0.5):
-                err = msg.error()
-                if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                    reached[msg.partition()] = msg.offset()
-                elif err is not None:
-                    raise RuntimeError(err)
-                else:
-                    out.append(msg)
-        return out
-    finally:
-        consumer.close()
+    """Every record of ``topic`` up to its current end offsets (``clients.read_to_end``)."""
+    out: list[Any] = []
+    read_to_end(bootstrap, topic, out.append, isolation=isolation, timeout_s=timeout)
+    return out
 
 
 def _retry(call: Any, attempts: int = 20) -> Any:

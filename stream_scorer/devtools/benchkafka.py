@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
+from stream_scorer.clients import produce_retrying, read_to_end
 from stream_scorer.example.files import cached_example
 from stream_scorer.ops.topics import ensure_topics
 from stream_scorer.stages.features import field_getter
@@ -72,12 +73,7 @@ def scrape(port: int) -> dict[tuple[str, str], float]:
 
 def produce_event(producer: Any, topic: str, i: int, value: bytes, partitions: int) -> None:
     """Produce event ``i`` (key ``i``, round-robin partition), waiting while the queue is full."""
-    while True:
-        try:
-            producer.produce(topic, value=value, key=b"%d" % i, partition=i % partitions)
-            return
-        except BufferError:
-            producer.poll(0.05)
+    produce_retrying(producer, topic, value, key=b"%d" % i, partition=i % partitions)
 
 
 def flushed(producer: Any, topic: str) -> None:
@@ -140,12 +136,7 @@ def client_loop(args: dict[str, Any]) -> dict[str, Any]:
                 first = first or time.perf_counter()
                 value = step(msg)
                 t0 = time.perf_counter()
-                while True:
-                    try:
-                        producer.produce(args["out"], value=value, key=msg.key())
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                produce_retrying(producer, args["out"], value, key=msg.key())
                 producer.poll(0)
                 stages["produce"] += time.perf_counter() - t0
                 count += 1
@@ -335,30 +326,6 @@ class Workers:
                 p.wait()
 
 
-def _read(bootstrap: str, topic: str, on_message: Callable[[Any], None]) -> None:
-    """Read ``topic`` from the start to its current end."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader"})
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in parts
-        }
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends if ends[p]])
-        left = {p for p, e in ends.items() if e}
-        deadline = time.monotonic() + 300
-        while left and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 1.0):
-                if msg.error():
-                    continue
-                on_message(msg)
-                part, offset = msg.partition() or 0, msg.offset() or 0
-                if offset + 1 >= ends[part]:
-                    left.discard(part)
-    finally:
-        consumer.close()
-
-
 def latencies(bootstrap: str, inp: str, out: str) -> list[float]:
     """Per output record: its broker append time minus its input's create time, in ms.
 
@@ -371,8 +338,10 @@ def latencies(bootstrap: str, inp: str, out: str) -> list[float]:
     def output(m: Any) -> None:
         lat.append((int(m.key()), float(m.timestamp()[1] - created[m.key()])))
 
-    _read(bootstrap, inp, lambda m: created.__setitem__(m.key(), m.timestamp()[1]))
-    _read(bootstrap, out, output)
+    read_to_end(
+        bootstrap, inp, lambda m: created.__setitem__(m.key(), m.timestamp()[1]), timeout_s=300
+    )
+    read_to_end(bootstrap, out, output, timeout_s=300)
     return [ms for _i, ms in sorted(lat)]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from stream_scorer.clients import produce_retrying, read_to_end
 from stream_scorer.errors import StreamScorerError
 
 WARMUP_S = 60.0
@@ -196,11 +197,8 @@ class _Feeder(threading.Thread):
         tick, step, started = threading.Event(), max(1, int(rate) // 500), time.monotonic()
         i = 0
         while time.monotonic() < self.until:
-            try:
-                producer.produce(topic, pool[i % len(pool)], b"%d" % i, partition=i % partitions)
-            except BufferError:
-                producer.poll(0.05)
-                continue
+            value, key = pool[i % len(pool)], b"%d" % i
+            produce_retrying(producer, topic, value, key=key, partition=i % partitions)
             i += 1
             self.produced = i
             if i % step == 0:
@@ -214,8 +212,6 @@ def _read_back(
     bootstrap: str, topics: Sequence[str], produced: int, bad: Sequence[bool]
 ) -> list[tuple[int, int, int]]:
     """Per topic: distinct events seen, duplicates, and how many of those were malformed."""
-    from stream_scorer.devtools import benchkafka as bk
-
     seen = bytearray(produced)
     out = []
     for topic in topics:
@@ -229,7 +225,7 @@ def _read_back(
             counts[2] += not seen[k] and bad[k % len(bad)]
             seen[k] = 1
 
-        bk._read(bootstrap, topic, count)
+        read_to_end(bootstrap, topic, count, timeout_s=300)
         out.append((counts[0], counts[1], counts[2]))
     return out
 

