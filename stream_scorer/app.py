@@ -38,6 +38,7 @@ from stream_scorer.pipeline import Pipeline
 from stream_scorer.score import Scorer
 from stream_scorer.sink import Sink, SinkContext
 from stream_scorer.source import Source
+from stream_scorer.topics import require_topics
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +103,21 @@ def _delivery(
     """Create the producer side of the configured delivery mode."""
     psettings = producer_settings(cfg, worker_id)
     log.info("producer settings: %s", redacted(psettings))
+    # librdkafka's own lines as log events (like the consumer's), not raw lines on stderr
+    client = {**psettings, "logger": logging.getLogger("librdkafka.producer")}
     if cfg.delivery.mode == EXACTLY_ONCE:
         return ExactlyOnce(
-            lambda: Producer(psettings),
+            lambda: Producer(client),
             ctx,
             source,
             tracker,
             metrics,
             timeout_s=cfg.delivery.transaction_timeout_s,
+            bootstrap=cfg.kafka.bootstrap_servers,
+            unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
         )
     return AtLeastOnce(
-        Sink(Producer(psettings), ctx, tracker, metrics),
+        Sink(Producer(client), ctx, tracker, metrics),
         source,
         tracker,
         max_in_flight=cfg.batch.max_in_flight,
@@ -147,6 +152,16 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
+        require_topics(  # before consuming anything: a missing topic is a deployment error
+            {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client},
+            {
+                "input.topic": cfg.input.topic,
+                "output.topic": cfg.output.topic,
+                "dead_letter.topic": cfg.dead_letter.topic,
+            },
+            unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
+            stop=lambda: bool(stop),
+        )
         source = stack.enter_context(
             Source(
                 csettings,

@@ -115,15 +115,19 @@ def exit_code(exc: StreamScorerError) -> int:
     return EXIT_DEPLOYMENT if isinstance(exc, DEPLOYMENT_ERRORS) else EXIT_FAILURE
 
 
-def broker_unreachable(bootstrap: str, down_s: float, timeout_s: float) -> BrokerError:
+def broker_unreachable(
+    bootstrap: str, down_s: float, timeout_s: float, last_error: object = None
+) -> BrokerError:
     """The error for no broker at ``bootstrap`` answering for ``down_s`` seconds.
 
     Args:
         bootstrap: the configured ``kafka.bootstrap_servers``.
         down_s: how long no broker answered.
         timeout_s: ``kafka.unreachable_timeout_s``, the limit that was reached.
+        last_error: the client's last error, if known (why connecting failed).
     """
+    why = "" if last_error is None else f"; last error: {last_error}"
     return BrokerError(
         f"no broker reachable at {bootstrap} for {down_s:.0f} s "
-        f"(kafka.unreachable_timeout_s = {timeout_s:.0f})"
+        f"(kafka.unreachable_timeout_s = {timeout_s:.0f}){why}"
     )

@@ -24,7 +24,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from stream_scorer.errors import BrokerError
+from stream_scorer.errors import BrokerError, broker_unreachable
 from stream_scorer.lag import LagTracker
 from stream_scorer.metrics import Metrics
 from stream_scorer.records import Message
@@ -206,10 +206,8 @@ class Source:
         if self._down_since is not None:
             down = time.monotonic() - self._down_since
             if down > self._unreachable_timeout:
-                raise BrokerError(
-                    f"no broker reachable for {down:.0f} s "
-                    f"(kafka.unreachable_timeout_s = {self._unreachable_timeout:.0f})"
-                )
+                bootstrap = self._settings.get("bootstrap.servers", "")
+                raise broker_unreachable(bootstrap, down, self._unreachable_timeout)
 
     def commit(self, offsets: list[tuple[str, int, int]] | None = None) -> None:
         """Commit ``(topic, partition, next_offset)`` now, or every stored offset when ``None``.
