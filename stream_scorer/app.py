@@ -161,6 +161,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             },
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
             stop=lambda: bool(stop),
+            alive=lambda: metrics.last_progress.set(time.time()),
         )
         source = stack.enter_context(
             Source(

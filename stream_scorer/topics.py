@@ -26,6 +26,7 @@ def require_topics(
     *,
     unreachable_timeout_s: float,
     stop: Callable[[], bool] = lambda: False,
+    alive: Callable[[], None] = lambda: None,
 ) -> None:
     """Check, once, that every topic in ``topics`` exists; wait for a broker to answer.
 
@@ -39,6 +40,8 @@ def require_topics(
         topics: the configuration key naming each topic (``input.topic``) to the topic.
         unreachable_timeout_s: how long to wait for a broker (``kafka.unreachable_timeout_s``).
         stop: returns True once the caller was asked to stop: stop waiting, raise nothing.
+        alive: called about once a second while no broker answers (the worker's liveness:
+            waiting, bounded, for a broker is progress).
 
     Raises:
         ConfigError: a topic does not exist (names its key and the topic; the others missing
@@ -67,6 +70,7 @@ def require_topics(
             down = time.monotonic() - started
             if stop():
                 return
+            alive()
             if down >= unreachable_timeout_s:
                 raise broker_unreachable(bootstrap, down, unreachable_timeout_s, last) from exc
             if not warned:
