@@ -302,7 +302,10 @@ class _Publisher:
                         on_delivery=partial(self._delivered, source, size),
                     )
                 except KafkaException as exc:
-                    raise self._client_refused(exc, source, size) from exc
+                    err = exc.args[0] if exc.args else None
+                    if isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                        raise self._client_refused(source, size) from exc
+                    raise
             offsets = [TopicPartition(topic, p, o + 1) for p, o in sorted(last.items())]
             group = consumer.consumer_group_metadata()
             producer.send_offsets_to_transaction(offsets, group, self._timeout)
@@ -320,10 +323,7 @@ class _Publisher:
         except KafkaException as exc:  # the broker ends it at the transaction timeout anyway
             log.warning("cannot abort the replay's transaction: %s", exc)
 
-    def _client_refused(self, exc: KafkaException, source: str, size: int) -> Exception:
-        err = exc.args[0] if exc.args else None
-        if not isinstance(err, KafkaError) or err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
-            return exc
+    def _client_refused(self, source: str, size: int) -> BrokerError:
         where = "kafka.client" if self._configured else "sized from the records read"
         return BrokerError(
             f"the client refused dead letter {source} ({size} bytes): larger than its "
