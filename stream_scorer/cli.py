@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from stream_scorer import logs
 from stream_scorer.devtools.soak import add_arguments as add_soak_arguments
-from stream_scorer.errors import ConfigError, StreamScorerError
+from stream_scorer.errors import EXIT_INTERRUPTED, ConfigError, StreamScorerError, exit_code
 
 if TYPE_CHECKING:
     from stream_scorer.config import Config
@@ -375,21 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (2 for bad configuration, 1 for failures)."""
+    """Run the command line; return the exit code (README.md, "Exit codes").
+
+    0 a clean stop; 2 the deployment must be fixed (configuration, model, schema: no restart
+    helps); 1 any other failure; 130 interrupted.
+    """
     args = build_parser().parse_args(argv)
     logs.setup("auto", args.log_level or "INFO")
     try:
         return int(args.func(args))
     except ConfigError as exc:
         log.error("%s", exc)
-        return 2
+        return exit_code(exc)
     except StreamScorerError as exc:
         where = {k: getattr(exc, k, None) for k in ("topic", "partition", "offset")}
         extra = {k: v for k, v in where.items() if v is not None}
         log.error("%s: %s", type(exc).__name__, exc, extra={**extra, "error": type(exc).__name__})
-        return 1
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -194,6 +194,11 @@ class MetricsConfig:
     host: str = "0.0.0.0"
 
 
+#: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
+CLIENT_MESSAGE_MAX_BYTES = 1_000_000
+#: Room beyond a record's key, value and headers for its framing (record batch, varints).
+RECORD_OVERHEAD_BYTES = 65_536
+
 AT_LEAST_ONCE = "at-least-once"
 EXACTLY_ONCE = "exactly-once"
 
@@ -596,7 +601,9 @@ def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
         "enable.idempotence": "true",
         "acks": "all",
         "linger.ms": "5",
-        "message.max.bytes": str(max(1_000_000, cfg.input.max_message_bytes + 65_536)),
+        "message.max.bytes": str(
+            max(CLIENT_MESSAGE_MAX_BYTES, cfg.input.max_message_bytes + RECORD_OVERHEAD_BYTES)
+        ),
         "message.timeout.ms": "120000",
     }
     if cfg.delivery.mode == EXACTLY_ONCE:

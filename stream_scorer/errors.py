@@ -16,6 +16,10 @@ Every error the service raises on purpose derives from one root, so callers can 
     ├── ScoringError         the model failed on a batch
     ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
     └── LocalKafkaError      the local development broker could not be fetched, started or stopped
+
+Exit codes of the command line (README.md, "Exit codes"): 0 a clean stop; 2 the deployment must
+be fixed before a restart can help (``DEPLOYMENT_ERRORS``: configuration, model, schema); 1 any
+other failure (broker, delivery, poison limit, fenced, ...); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -94,3 +98,36 @@ class ScoringError(StreamScorerError):
 
 class LocalKafkaError(StreamScorerError):
     """The local development broker could not be fetched, started or stopped."""
+
+
+#: Errors no restart can fix: the deployment (configuration, model, schemas) must change.
+DEPLOYMENT_ERRORS = (ConfigError, ModelError, SchemaError)
+EXIT_OK = 0
+#: A runtime failure (broker, delivery, poison limit, fenced, ...): a restart may help.
+EXIT_FAILURE = 1
+#: ``DEPLOYMENT_ERRORS``: do not restart, fix the deployment.
+EXIT_DEPLOYMENT = 2
+EXIT_INTERRUPTED = 130
+
+
+def exit_code(exc: StreamScorerError) -> int:
+    """The command line's exit code for ``exc``: 2 for ``DEPLOYMENT_ERRORS``, else 1."""
+    return EXIT_DEPLOYMENT if isinstance(exc, DEPLOYMENT_ERRORS) else EXIT_FAILURE
+
+
+def broker_unreachable(
+    bootstrap: str, down_s: float, timeout_s: float, last_error: object = None
+) -> BrokerError:
+    """The error for no broker at ``bootstrap`` answering for ``down_s`` seconds.
+
+    Args:
+        bootstrap: the configured ``kafka.bootstrap_servers``.
+        down_s: how long no broker answered.
+        timeout_s: ``kafka.unreachable_timeout_s``, the limit that was reached.
+        last_error: the client's last error, if known (why connecting failed).
+    """
+    why = "" if last_error is None else f"; last error: {last_error}"
+    return BrokerError(
+        f"no broker reachable at {bootstrap} for {down_s:.0f} s "
+        f"(kafka.unreachable_timeout_s = {timeout_s:.0f}){why}"
+    )

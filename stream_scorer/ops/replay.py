@@ -3,12 +3,19 @@
 Reads the dead-letter topic from where the replay's own consumer group left off up to the end
 offsets seen at start, keeps the dead letters that match the filter (reasons, a time range of
 the dead letter's timestamp), and publishes each with its original key, value and headers (the
-error context headers dropped; ``stream_scorer.replay.source`` and ``stream_scorer.attempt``
+error context headers dropped; ``stream_scorer.ops.replay.source`` and ``stream_scorer.attempt``
 added) to the target topic, at a bounded rate.
 
 Safe to run twice: every batch of replayed records and the dead-letter offsets it consumed
 commit in one Kafka transaction, under a consumer group derived from the target and the filter.
 A second run of the same command finds nothing left; a crash mid-way resumes without repeats.
+
+Record size: dead letters of ``too_large`` inputs are larger than librdkafka's default
+``message.max.bytes`` (1,000,000), which the client enforces before the broker sees a record.
+The replay's producer is sized from the records it reads (re-created, between transactions,
+when a larger one comes), unless the configuration sets ``message.max.bytes`` itself. The
+target topic's ``max.message.bytes`` on the broker still applies: a record it refuses fails the
+replay with an error naming that limit (or the client's, when that is the one that refused).
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
 from stream_scorer import headers as hdr
+from stream_scorer.config import CLIENT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES
 from stream_scorer.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -104,7 +114,9 @@ def replay(
 
     Raises:
         ConfigError: a bad rate or batch.
-        BrokerError: the broker refused or did not answer.
+        BrokerError: the broker refused or did not answer; a record larger than the client's
+            ``message.max.bytes`` (set in ``client``) or the target topic's
+            ``max.message.bytes`` (the message names which).
     """
     if rate is not None and rate <= 0:
         raise ConfigError("--rate", "must be greater than 0")
@@ -121,11 +133,9 @@ def replay(
             "enable.partition.eof": "true",
         }
     )
-    producer = Producer(
-        {**common, "transactional.id": f"{group}-{uuid.uuid4().hex[:8]}", "linger.ms": "5"}
-    )
+    transactional = {"transactional.id": f"{group}-{uuid.uuid4().hex[:8]}", "linger.ms": "5"}
     try:
-        producer.init_transactions(timeout_s)
+        publisher = _Publisher(common, transactional, target, timeout_s)
         ends = _assign_from_committed(consumer, dead_letter_topic, timeout_s)
         started = time.monotonic()
         done = {p for p, (position, end) in ends.items() if position >= end}
@@ -153,7 +163,7 @@ def replay(
                 if offset + 1 >= end:
                     done.add(part)
             if last:
-                _publish(producer, consumer, target, chosen, last, dead_letter_topic, timeout_s)
+                publisher.publish(consumer, chosen, last, dead_letter_topic)
                 for msg in chosen:
                     reason = _headers(msg).get(hdr.REASON, b"?").decode(errors="replace")
                     report.by_reason[reason] = report.by_reason.get(reason, 0) + 1
@@ -195,25 +205,142 @@ def _assign_from_committed(
     return ranges
 
 
-def _publish(
-    producer: Any,
-    consumer: Any,
-    target: str,
-    chosen: list[Any],
-    last: dict[int, int],
-    topic: str,
-    timeout_s: float,
-) -> None:
-    """One transaction: the chosen records and the consumed dead-letter offsets."""
-    producer.begin_transaction()
-    for msg in chosen:
-        source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-        producer.produce(
-            target,
-            value=msg.value(),
-            key=msg.key(),
-            headers=replay_headers(msg.headers() or [], source),
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[Any]) -> int:
+    """Bytes of a record's key, value and headers (its framing not counted)."""
+    size = len(key or b"") + len(value or b"")
+    return size + sum(len(k.encode()) + len(v or b"") for k, v in headers)
+
+
+def _topic_max_message_bytes(common: Mapping[str, Any], topic: str, timeout_s: float) -> int | None:
+    """The topic's ``max.message.bytes`` on the broker, or None when it cannot be read."""
+    resource = ConfigResource("topic", topic)
+    try:
+        admin = AdminClient(dict(common))
+        entries = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+        return int(entries.result(timeout=timeout_s)["max.message.bytes"].value)
+    except Exception as exc:  # only for the error message: never hide the refusal behind it
+        log.warning("cannot read max.message.bytes of topic %s: %s", topic, exc)
+        return None
+
+
+class _Publisher:
+    """The replay's transactional producer, sized for the records it publishes.
+
+    ``message.max.bytes`` starts at librdkafka's default (or the configuration's value, which is
+    then kept) and grows, between transactions, to the largest record read plus framing room:
+    the producer is re-created with the same transactional id, which fences the previous one.
+    """
+
+    def __init__(
+        self,
+        common: Mapping[str, Any],
+        transactional: Mapping[str, str],
+        target: str,
+        timeout_s: float,
+    ) -> None:
+        """Create the producer and initialise its transactions."""
+        self._common = dict(common)
+        self._settings = {**self._common, **transactional}
+        self._target = target
+        self._timeout = timeout_s
+        self._configured = "message.max.bytes" in self._settings
+        self.limit = int(self._settings.get("message.max.bytes", CLIENT_MESSAGE_MAX_BYTES))
+        #: (dead letter, size, error) of each record the broker refused in this transaction
+        self._refused: list[tuple[str, int, KafkaError]] = []
+        self._producer = self._start()
+
+    def _start(self) -> Any:
+        producer = Producer({**self._settings, "message.max.bytes": str(self.limit)})
+        producer.init_transactions(self._timeout)
+        return producer
+
+    def _fit(self, size: int) -> None:
+        """Re-create the producer with a limit for a record of ``size`` bytes, if needed."""
+        need = size + RECORD_OVERHEAD_BYTES
+        if self._configured or need <= self.limit:
+            return
+        log.info(
+            "a dead letter of %d bytes: producer message.max.bytes %d -> %d",
+            size,
+            self.limit,
+            need,
         )
-    offsets = [TopicPartition(topic, p, o + 1) for p, o in sorted(last.items())]
-    producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), timeout_s)
-    producer.commit_transaction(timeout_s)
+        self.limit = need
+        self._producer.flush(self._timeout)  # nothing is in flight between transactions
+        self._producer = self._start()
+
+    def _delivered(self, source: str, size: int, err: Any, _msg: Any) -> None:
+        """Delivery report: remember a refusal (never raises)."""
+        if err is not None:
+            self._refused.append((source, size, err))
+
+    def publish(self, consumer: Any, chosen: list[Any], last: dict[int, int], topic: str) -> None:
+        """One transaction: the chosen records and the consumed dead-letter offsets.
+
+        Raises:
+            BrokerError: the client or the target topic refused a record (names the limit).
+            KafkaException: another transaction error.
+        """
+        records = []
+        for msg in chosen:
+            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            headers = replay_headers(msg.headers() or [], source)
+            size = record_size(msg.key(), msg.value(), headers)
+            records.append((msg, headers, source, size))
+        if records:
+            self._fit(max(size for *_rest, size in records))
+        producer, self._refused = self._producer, []
+        producer.begin_transaction()
+        try:
+            for msg, headers, source, size in records:
+                try:
+                    producer.produce(
+                        self._target,
+                        value=msg.value(),
+                        key=msg.key(),
+                        headers=headers,
+                        on_delivery=partial(self._delivered, source, size),
+                    )
+                except KafkaException as exc:
+                    err = exc.args[0] if exc.args else None
+                    if isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                        raise self._client_refused(source, size) from exc
+                    raise
+            offsets = [TopicPartition(topic, p, o + 1) for p, o in sorted(last.items())]
+            group = consumer.consumer_group_metadata()
+            producer.send_offsets_to_transaction(offsets, group, self._timeout)
+            producer.commit_transaction(self._timeout)
+        except (KafkaException, BrokerError) as exc:
+            producer.poll(0)  # the delivery reports: which record the broker refused
+            self._abort()
+            if self._refused and not isinstance(exc, BrokerError):
+                raise self._broker_refused(*self._refused[0]) from exc
+            raise
+
+    def _abort(self) -> None:
+        try:
+            self._producer.abort_transaction(self._timeout)
+        except KafkaException as exc:  # the broker ends it at the transaction timeout anyway
+            log.warning("cannot abort the replay's transaction: %s", exc)
+
+    def _client_refused(self, source: str, size: int) -> BrokerError:
+        where = "kafka.client" if self._configured else "sized from the records read"
+        return BrokerError(
+            f"the client refused dead letter {source} ({size} bytes): larger than its "
+            f"message.max.bytes = {self.limit} ({where})",
+            topic=self._target,
+        )
+
+    def _broker_refused(self, source: str, size: int, err: KafkaError) -> BrokerError:
+        if err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+            return BrokerError(
+                f"topic {self._target!r} refused dead letter {source}: {err}", topic=self._target
+            )
+        limit = _topic_max_message_bytes(self._common, self._target, self._timeout)
+        value = "" if limit is None else f" = {limit}"
+        return BrokerError(
+            f"topic {self._target!r} refused dead letter {source} ({size} bytes): larger than "
+            f"the topic's max.message.bytes{value} on the broker (the client allowed "
+            f"message.max.bytes = {self.limit}); raise the topic's limit or replay elsewhere",
+            topic=self._target,
+        )

@@ -2,15 +2,96 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from stream_scorer.errors import BrokerError
+from stream_scorer.errors import BrokerError, ConfigError, broker_unreachable
+from stream_scorer.logs import client_logger
+
+log = logging.getLogger(__name__)
+_RDKAFKA_LOG = client_logger("admin")
+#: Each metadata request of ``require_topics`` waits this long before the stop flag is checked.
+_PROBE_S = 1.0
+
+
+def require_topics(
+    settings: Mapping[str, str],
+    topics: Mapping[str, str],
+    *,
+    unreachable_timeout_s: float,
+    stop: Callable[[], bool] = lambda: False,
+    alive: Callable[[], None] = lambda: None,
+) -> None:
+    """Check, once, that every topic in ``topics`` exists; wait for a broker to answer.
+
+    One metadata request for every topic (a listing, which never auto-creates one), retried
+    until a broker answers or ``unreachable_timeout_s`` has passed. The client's own lines
+    (one per failed connection attempt) are not logged: its last error goes into the raised
+    error instead, and one warning says the wait has begun.
+
+    Args:
+        settings: librdkafka client settings (``bootstrap.servers``, security).
+        topics: the configuration key naming each topic (``input.topic``) to the topic.
+        unreachable_timeout_s: how long to wait for a broker (``kafka.unreachable_timeout_s``).
+        stop: returns True once the caller was asked to stop: stop waiting, raise nothing.
+        alive: called about once a second while no broker answers (the worker's liveness:
+            waiting, bounded, for a broker is progress).
+
+    Raises:
+        ConfigError: a topic does not exist (names its key and the topic; the others missing
+            too are listed in the message).
+        BrokerError: no broker answered within ``unreachable_timeout_s``.
+    """
+    bootstrap = settings.get("bootstrap.servers", "")
+    errors: list[KafkaError] = []
+    admin_settings: dict[str, Any] = {
+        "log_level": "0",
+        **settings,
+        "logger": _RDKAFKA_LOG,
+        "error_cb": errors.append,  # served by poll() below; appending never raises
+    }
+    admin = AdminClient(admin_settings)
+    started = time.monotonic()
+    warned = False
+    while True:
+        try:
+            listed = admin.list_topics(timeout=_PROBE_S).topics
+            break
+        except KafkaException as exc:
+            admin.poll(0)
+            last = errors[-1] if errors else (exc.args[0] if exc.args else exc)
+            last = last.str() if isinstance(last, KafkaError) else last
+            down = time.monotonic() - started
+            if stop():
+                return
+            alive()
+            if down >= unreachable_timeout_s:
+                raise broker_unreachable(bootstrap, down, unreachable_timeout_s, last) from exc
+            if not warned:
+                warned = True
+                log.warning(
+                    "no broker reachable at %s yet (%s): waiting up to %.0f s "
+                    "(kafka.unreachable_timeout_s)",
+                    bootstrap,
+                    last,
+                    unreachable_timeout_s,
+                )
+    missing = [(key, name) for key, name in topics.items() if name not in listed]
+    if missing:
+        (key, name), others = missing[0], missing[1:]
+        also = "".join(f"; {k}: topic {n!r} does not exist either" for k, n in others)
+        raise ConfigError(
+            key,
+            f"topic {name!r} does not exist at {bootstrap} (or this client may not describe it):"
+            f" create it before starting{also}",
+        )
 
 
 def ensure_topics(
@@ -103,11 +184,13 @@ _COORDINATOR_CODES = frozenset(
 )
 
 
-def _retriable(exc: BaseException) -> bool:
-    if not isinstance(exc, KafkaException):
-        return False
-    err = exc.args[0]
+def coordinator_busy(err: KafkaError) -> bool:
+    """Whether ``err`` is retriable: the group coordinator is loading or moving, or a timeout."""
     return bool(err.retriable()) or err.code() in _COORDINATOR_CODES
+
+
+def _retriable(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaException) and coordinator_busy(exc.args[0])
 
 
 @retry(

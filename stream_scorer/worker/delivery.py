@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from stream_scorer.errors import BrokerError, FencedError
+from stream_scorer.errors import BrokerError, FencedError, broker_unreachable
 from stream_scorer.logs import client_logger
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
@@ -187,6 +187,16 @@ def bounded(
         raise outcome[0]
 
 
+def _metadata_error(producer: TransactionalProducer, timeout_s: float) -> str | None:
+    """Why no broker answers the producer's metadata request, or None when one answers."""
+    try:
+        producer.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        err = kafka_error(exc)
+        return str(exc) if err is None else err.str()
+    return None
+
+
 def kafka_error(exc: BaseException) -> KafkaError | None:
     """Return the ``KafkaError`` behind ``exc`` (following ``raise ... from``), if any."""
     seen: BaseException | None = exc
@@ -279,13 +289,25 @@ class ExactlyOnce:
         metrics: Metrics,
         *,
         timeout_s: float,
+        bootstrap: str,
+        unreachable_timeout_s: float,
         reconnection: Reconnection | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create the transactional producer and initialise its transactions.
 
-        ``reconnection`` is fed by the producers' error callback (``Reconnection.callbacks``);
-        ``clock`` gives the time in seconds.
+        Args:
+            make_producer: creates a transactional producer (again after ambiguous errors).
+            ctx: topics and identity for the outputs.
+            source: the consumer whose offsets commit in the transactions.
+            tracker: the in-flight records.
+            metrics: the worker's metrics.
+            timeout_s: ``delivery.transaction_timeout_s``, the bound on each transactional call.
+            bootstrap: ``kafka.bootstrap_servers``, named when no broker answers.
+            unreachable_timeout_s: ``kafka.unreachable_timeout_s``: ``init_transactions`` gives
+                up after this long (or ``timeout_s`` if shorter) when no broker answers.
+            reconnection: fed by the producers' error callback (``Reconnection.callbacks``).
+            clock: the time in seconds.
         """
         self._make_producer = make_producer
         self._ctx = ctx
@@ -295,6 +317,8 @@ class ExactlyOnce:
         self._timeout = timeout_s
         self._clock = clock
         self._reconnection = reconnection or Reconnection(clock)
+        self._bootstrap = bootstrap
+        self._unreachable_timeout = unreachable_timeout_s
         self._failed_in_a_row = 0
         self._abandoned = 0
         self.paused = False  # transactions are synchronous: never backed up
@@ -302,9 +326,36 @@ class ExactlyOnce:
         self.sink = Sink(self._producer, ctx, tracker, metrics)
 
     def _start_producer(self) -> TransactionalProducer:
+        """A new producer with its transactions initialised.
+
+        ``init_transactions`` first waits at most ``kafka.unreachable_timeout_s`` (or the
+        transaction timeout if shorter). When it timed out and no broker answers a metadata
+        request either, the broker is unreachable and the error says so; otherwise the call is
+        resumed for the rest of the transaction timeout (a coordinator still loading).
+
+        Raises:
+            FencedError: another producer took the transactional id.
+            BrokerError: no broker reachable, or transactions could not be initialised.
+        """
         producer = self._make_producer()
+        started = time.monotonic()
+        first = min(self._timeout, self._unreachable_timeout)
         try:
-            producer.init_transactions(self._timeout)
+            try:
+                producer.init_transactions(first)
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err is None or err.code() != KafkaError._TIMED_OUT:
+                    raise
+                why = _metadata_error(producer, min(_GRACE_S, self._unreachable_timeout))
+                if why is not None:
+                    down = time.monotonic() - started
+                    raise broker_unreachable(
+                        self._bootstrap, down, self._unreachable_timeout, why
+                    ) from exc
+                if first >= self._timeout:
+                    raise
+                producer.init_transactions(self._timeout - first)  # documented: resume it
         except KafkaException as exc:
             raise self._fatal(exc, "cannot initialise transactions") from exc
         return producer

@@ -19,22 +19,26 @@ partition waits). The ``lag`` command reads the record at the committed offset i
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError
 from stream_scorer.logs import client_logger
+from stream_scorer.ops.topics import coordinator_busy
 from stream_scorer.stages.records import Message
 
 TP = tuple[str, int]
+log = logging.getLogger(__name__)
 _RDKAFKA_LOG = client_logger("lag")
 _INVALID = -1001
 
@@ -175,41 +179,94 @@ class PartitionLag:
     oldest_timestamp_ms: int | None
 
 
-def _committed_offsets(
-    settings: Mapping[str, str], group: str, topic: str | None, timeout: float
-) -> dict[TP, int | None]:
-    from confluent_kafka import ConsumerGroupTopicPartitions
+def _ask_coordinator(ask: Callable[[], Future[Any]], group: str, what: str, timeout: float) -> Any:
+    """The result of an admin request about ``group``, retried while its coordinator loads.
 
-    # librdkafka's own lines (warnings and worse) through Python logging
-    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
-    admin = AdminClient(admin_settings)
-    request_tps: list[TopicPartition] | None = None
-    if topic is not None:
-        try:
-            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
-        if meta is None or meta.error is not None:
-            raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
-        request_tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+    Raises:
+        BrokerError: no answer within ``timeout``, or a refusal.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        future = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, request_tps)], request_timeout=timeout
-        )[group]
         try:
-            result = future.result(timeout=timeout)
-            break
+            return ask().result(timeout=timeout)
         except TimeoutError as exc:
             raise BrokerError(f"no answer about group {group!r} within {timeout:g} s") from exc
         except KafkaException as exc:
             err = exc.args[0]
-            if time.monotonic() > deadline or not err.retriable():
-                raise BrokerError(f"cannot read the offsets of group {group!r}: {err}") from exc
+            if time.monotonic() > deadline or not coordinator_busy(err):
+                raise BrokerError(f"cannot read the {what} of group {group!r}: {err}") from exc
             threading.Event().wait(0.25)  # coordinator still loading: retry
+
+
+def _committed_offsets(
+    admin: AdminClient, group: str, request_tps: list[TopicPartition] | None, timeout: float
+) -> dict[TP, int | None]:
+    """The group's committed offsets (None: not committed) of ``request_tps`` or of all."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    request = [ConsumerGroupTopicPartitions(group, request_tps)]
+    result = _ask_coordinator(
+        lambda: admin.list_consumer_group_offsets(request, request_timeout=timeout)[group],
+        group,
+        "offsets",
+        timeout,
+    )
     out: dict[TP, int | None] = {}
     for tp in result.topic_partitions:
         out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+    return out
+
+
+def _assigned_topics(admin: AdminClient, group: str, timeout: float) -> set[str]:
+    """The topics of the group's members' current assignments (none: no members)."""
+    try:
+        desc = _ask_coordinator(
+            lambda: admin.describe_consumer_groups([group], request_timeout=timeout)[group],
+            group,
+            "members",
+            timeout,
+        )
+    except BrokerError as exc:
+        err = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else None
+        if isinstance(err, KafkaError) and err.code() == KafkaError.GROUP_ID_NOT_FOUND:
+            return set()
+        raise
+    return {
+        tp.topic
+        for member in desc.members
+        if member.assignment is not None
+        for tp in member.assignment.topic_partitions
+    }
+
+
+def _group_partitions(admin: AdminClient, group: str, timeout: float) -> dict[TP, int | None]:
+    """Every partition of every topic ``group`` consumes, with its committed offset or None.
+
+    The topics are those of the members' current assignments and those the group has committed
+    offsets for; every partition of each, committed or not.
+
+    Raises:
+        BrokerError: the group does not exist (no members, no committed offsets), or the broker
+            does not answer.
+    """
+    committed = _committed_offsets(admin, group, None, timeout)
+    topics = {t for t, _p in committed} | _assigned_topics(admin, group, timeout)
+    if not topics:
+        raise BrokerError(
+            f"group {group!r} does not exist: it has no members and no committed offsets"
+        )
+    try:
+        listed = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise BrokerError(f"cannot read the topics' metadata: {exc}") from exc
+    out: dict[TP, int | None] = {}
+    for name in sorted(topics):
+        meta = listed.get(name)
+        if meta is None or meta.error is not None:
+            log.warning("group %r has offsets for topic %r, which no longer exists", group, name)
+            continue
+        for partition in sorted(meta.partitions):
+            out[(name, partition)] = committed.get((name, partition))
     return out
 
 
@@ -226,15 +283,30 @@ def describe_group(
     Args:
         settings: librdkafka client settings (at least ``bootstrap.servers``; security too).
         group: the consumer group.
-        topic: only this topic (all its partitions); default: every partition the group has
-            committed offsets for.
+        topic: only this topic (all its partitions); default: every partition of every topic
+            the group consumes (its members' assignments and its committed offsets), those
+            without a committed offset counted from the low watermark.
         timeout: seconds for each broker request and for reading the oldest records.
         now: the reference time (default: when the oldest records have been read).
 
     Raises:
-        BrokerError: the broker does not answer or refuses.
+        BrokerError: the broker does not answer or refuses; the topic does not exist; without
+            ``topic``, the group does not exist (no members and no committed offsets).
     """
-    committed = _committed_offsets(settings, group, topic, timeout)
+    # librdkafka's own lines (warnings and worse) through Python logging
+    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
+    admin = AdminClient(admin_settings)
+    if topic is None:
+        committed = _group_partitions(admin, group, timeout)
+    else:
+        try:
+            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+        except KafkaException as exc:
+            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
+        if meta is None or meta.error is not None:
+            raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
+        tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        committed = _committed_offsets(admin, group, tps, timeout)
     probe = Consumer(
         {
             "log_level": "4",

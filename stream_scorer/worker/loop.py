@@ -26,6 +26,7 @@ from stream_scorer.config import (
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
+from stream_scorer.ops.topics import require_topics
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
@@ -122,6 +123,8 @@ def _delivery(
             metrics,
             timeout_s=cfg.delivery.transaction_timeout_s,
             reconnection=reconnection,
+            bootstrap=cfg.kafka.bootstrap_servers,
+            unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
         )
     return AtLeastOnce(
         Sink(Producer(settings), ctx, tracker, metrics),
@@ -164,6 +167,17 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
+        require_topics(  # before consuming anything: a missing topic is a deployment error
+            {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client},
+            {
+                "input.topic": cfg.input.topic,
+                "output.topic": cfg.output.topic,
+                "dead_letter.topic": cfg.dead_letter.topic,
+            },
+            unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
+            stop=lambda: bool(stop),
+            alive=lambda: metrics.last_progress.set(time.time()),
+        )
         source = stack.enter_context(
             Source(
                 csettings,

@@ -121,22 +121,22 @@ class _Outputs:
     def prediction(self, err: Any, msg: Any) -> None:
         try:
             if err is not None:
-                self.sink.failed("prediction", err, self._input_of(msg))
+                self.sink.failed("prediction", err, self._input_of(msg), msg.topic())
                 return
             self.sink.acked_predictions += 1  # added to the counter once per poll
             self._one_done()
         except Exception:  # pragma: no cover - defensive: a callback must not raise
-            self.sink.failed("prediction", traceback.format_exc(), None)
+            self.sink.failed("prediction", traceback.format_exc(), None, None)
 
-    def dead_letter(self, dl: DeadLetter, err: Any, _msg: Any) -> None:
+    def dead_letter(self, dl: DeadLetter, err: Any, msg: Any) -> None:
         try:
             if err is not None:
-                self.sink.failed("dead letter", err, dl.message)
+                self.sink.failed("dead letter", err, dl.message, msg.topic())
                 return
             self.sink.metrics.dead_letters.labels(dl.stage.value, dl.reason).inc()
             self._one_done()
         except Exception:  # pragma: no cover - defensive: a callback must not raise
-            self.sink.failed("dead letter", traceback.format_exc(), dl.message)
+            self.sink.failed("dead letter", traceback.format_exc(), dl.message, None)
 
 
 class Sink:
@@ -156,12 +156,20 @@ class Sink:
         #: (topic, partition) -> the model-version, source-topic and source-partition headers
         self._source_headers: dict[tuple[str, int], list[tuple[str, bytes | None]]] = {}
 
-    def failed(self, what: str, err: Any, source: Message | None) -> None:
-        """Record that the broker refused the output of ``source`` (from delivery callbacks)."""
+    def failed(self, what: str, err: Any, source: Message | None, to: str | None) -> None:
+        """Record that the broker refused the output of ``source`` (from delivery callbacks).
+
+        Args:
+            what: ``prediction`` or ``dead letter``.
+            err: the delivery report's error.
+            source: the input record (its topic, partition and offset end the message).
+            to: the topic that refused the output (the output or dead-letter topic).
+        """
         self.metrics.delivery_errors.inc()
+        where = "" if to is None else f" to topic {to!r}"
         self._errors.append(
             DeliveryError(
-                f"broker did not acknowledge the {what} for this record: {err}",
+                f"broker did not acknowledge the {what}{where} for this record: {err}",
                 topic=None if source is None else source.topic(),
                 partition=None if source is None else source.partition(),
                 offset=None if source is None else source.offset(),

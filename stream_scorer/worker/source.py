@@ -24,7 +24,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from stream_scorer.errors import BrokerError
+from stream_scorer.errors import BrokerError, broker_unreachable
 from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import Message
 from stream_scorer.worker.lag import LagTracker
@@ -221,10 +221,8 @@ class Source:
         if self._down_since is not None:
             down = time.monotonic() - self._down_since
             if down > self._unreachable_timeout:
-                raise BrokerError(
-                    f"no broker reachable for {down:.0f} s "
-                    f"(kafka.unreachable_timeout_s = {self._unreachable_timeout:.0f})"
-                )
+                bootstrap = self._settings.get("bootstrap.servers", "")
+                raise broker_unreachable(bootstrap, down, self._unreachable_timeout)
 
     def commit(self, offsets: list[tuple[str, int, int]] | None = None) -> None:
         """Commit ``(topic, partition, next_offset)`` now, or every stored offset when ``None``.

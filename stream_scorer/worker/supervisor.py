@@ -9,7 +9,9 @@ parent only supervises (README.md, "Commands"):
 - a worker that exits 0 on its own (``--max-messages``, ``--idle-timeout``) is left alone;
 - a worker that fails or dies while nobody asked it to stop makes the parent stop the others
   and exit non-zero: the host runs all or nothing, and the orchestrator restarts the whole
-  thing (its restart policy and back-off apply, rather than a second one in here).
+  thing (its restart policy and back-off apply, rather than a second one in here);
+- the parent's exit code is the highest of its workers' (2, a deployment error, stays 2:
+  README.md, "Exit codes"), or 1 when the only failures were workers killed by a signal.
 """
 
 from __future__ import annotations
@@ -93,7 +95,11 @@ class Supervisor:
                 signal.signal(sig, old)
 
     def run(self) -> int:
-        """Run the workers until all have exited; return 0 only if every one exited 0."""
+        """Run the workers until all have exited; return 0 only if every one exited 0.
+
+        Otherwise the highest exit code of a worker, or 1 if every failed worker was killed
+        by a signal (a negative return code).
+        """
         with self._signals():
             for i, cmd in enumerate(self._commands):
                 self._procs.append(subprocess.Popen(cmd, env=self._env))

@@ -1,9 +1,10 @@
 """Health endpoints and the progress watchdog on a real broker, with a partition made to stall.
 
-The stall is real: the dead-letter topic does not exist yet (the producer keeps the dead letter
-waiting for it), so the one bad record, in partition 1, is not acknowledged and partition 1's
-committed offset cannot move past it while its lag stays above 0; partition 0 keeps flowing.
-Creating the topic lets it recover.
+The stall is real: the dead-letter topic is deleted once the worker has started (it checks
+that its topics exist at start-up), so the producer keeps the dead letter waiting for it and the
+one bad record, in partition 1, is not acknowledged: partition 1's committed offset cannot move
+past it while its lag stays above 0; partition 0 keeps flowing. Creating the topic again lets
+it recover.
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def _sample(port: int, name: str, labels: dict[str, str]) -> float | None:
     return None
 
 
+def _delete_topic(bootstrap: str, topic: str) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.delete_topics([topic])[topic].result(timeout=30)
+    wait_for(lambda: topic not in admin.list_topics(timeout=10).topics, 30, f"{topic} still listed")
+
+
 class Logs:
     """Collects a process's stderr lines in a thread; parses the JSON events."""
 
@@ -97,14 +106,14 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
     make_topics: Callable[[dict[str, int]], None],
 ) -> None:
     topic, out, dlq, group = unique("hin"), unique("hout"), unique("hdlq"), unique("hgrp")
-    make_topics({topic: 2, out: 2})
+    make_topics({topic: 2, out: 2, dlq: 1})
     train_payment_classifier(tmp_path / "model")
     port = _free_port()
     raw = {
         "kafka": {
             "bootstrap_servers": kafka_bootstrap,
             "statistics_interval_ms": 500,
-            # wait for a missing topic to appear instead of failing the message after 30 s
+            # wait for the deleted topic to appear again instead of failing after 30 s
             "producer": {"topic.metadata.propagation.max.ms": 600_000},
             "client": {"ssl.key.password": SECRET},  # unused on plaintext; must not be logged
         },
@@ -130,7 +139,6 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
     # partition 1's 51st (offset 50), followed by 49 good ones
     items: list[tuple[bytes | None, bytes | None]] = [*good[:101], (b"bad", b""), *good[101:]]
     assert len(items[1::2]) == 100 and items[101] == (b"bad", b"")
-    produce_raw(kafka_bootstrap, topic, items, 2)
 
     worker = subprocess.Popen(
         [
@@ -151,6 +159,16 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
     logs = Logs(worker.stderr)
     p0, p1 = {"topic": topic, "partition": "0"}, {"topic": topic, "partition": "1"}
     try:
+
+        def assigned() -> bool:
+            try:
+                return _sample(port, "stream_scorer_assigned_partitions", {}) == 2
+            except OSError:
+                return False
+
+        wait_for(assigned, 60, "the worker never got both partitions")  # past its topic check
+        _delete_topic(kafka_bootstrap, dlq)
+        produce_raw(kafka_bootstrap, topic, items, 2)
 
         def stalled() -> bool:
             try:
@@ -185,7 +203,7 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
         )
         assert (w["worker_id"], w["group"]) == ("w9", group)
 
-        # the dead-letter topic appears: the partition recovers
+        # the dead-letter topic appears again: the partition recovers
         make_topics({dlq: 1})
 
         def ready() -> bool:

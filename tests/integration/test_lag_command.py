@@ -125,18 +125,70 @@ def test_lag_in_records_and_seconds_matches_the_broker(
     assert doc["total"]["max_lag_seconds"] == max(r["lag_seconds"] for r in rows.values())
     assert doc["total"]["max_lag_seconds"] > HOUR_MS / 1000 - 60  # p0's oldest is ~1 h old
 
-    # without --topic: every partition the group has committed offsets for; as a table
+    # without --topic: every partition of the topics the group consumes, the one it never
+    # committed too (from the low watermark); as a table
     table = _lag("--group", group, "--bootstrap-servers", kafka_bootstrap)
     assert table.returncode == 0, table.stderr
     lines = [line.split() for line in table.stdout.splitlines()]
     assert lines[0] == ["GROUP", group]
     assert lines[1][:5] == ["TOPIC", "PARTITION", "COMMITTED", "HIGH-WATERMARK", "LAG"]
-    assert [line[:5] for line in lines[2:4]] == [
+    assert [line[:5] for line in lines[2:5]] == [
         [topic, "0", "4", "10", "6"],
         [topic, "1", "6", "6", "0"],
+        [topic, "2", "-", "4", "4"],
     ]
-    assert lines[4][:2] == ["TOTAL", "6"]
+    assert lines[5][:2] == ["TOTAL", "10"]  # the same total as with --topic
     assert abs(float(lines[2][5]) - (time.time() - stamps[(0, 4)] / 1000)) < 60
+
+
+def test_lag_without_topic_counts_the_topics_a_live_member_is_assigned(
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    """A member assigned a topic it has committed nothing on yet: its whole backlog is lag."""
+    topic, group = unique("fresh"), unique("fresh-grp")
+    make_topics({topic: 2})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(7):
+        producer.produce(topic, b"x", partition=i % 2)
+    assert producer.flush(30) == 0
+    member = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": group,
+            "enable.auto.commit": "false",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        member.subscribe([topic])
+        wait_for(
+            lambda: bool(member.consume(1, 0.5)) and len(member.assignment()) == 2,
+            60,
+            "the member was never assigned both partitions",
+            interval=0,
+        )
+        result = _lag("--group", group, "--json", "--bootstrap-servers", kafka_bootstrap)
+    finally:
+        member.close()
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    rows = [
+        (r["topic"], r["partition"], r["committed"], r["lag_records"]) for r in doc["partitions"]
+    ]
+    assert rows == [(topic, 0, None, 4), (topic, 1, None, 3)]
+    assert doc["total"]["lag_records"] == 7
+
+
+def test_lag_of_a_group_that_does_not_exist_says_so(
+    kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
+    group = unique("no-such-group")
+    result = _lag("--group", group, "--bootstrap-servers", kafka_bootstrap)
+    assert result.returncode == 1
+    assert f"group {group!r} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_lag_of_an_unknown_topic_fails_cleanly(kafka_bootstrap: str) -> None:

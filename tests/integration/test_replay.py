@@ -133,3 +133,82 @@ def test_replay_arguments_are_checked_before_connecting(
 ) -> None:
     assert main(["dlq", "replay", *args]) == 2
     assert field in caplog.text
+
+
+def test_a_too_large_dead_letter_replays_byte_identical_where_the_topic_accepts_it(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The worker's own ``too_large`` dead letter (over 1 MB) goes through ``dlq replay``."""
+    from confluent_kafka import Producer
+
+    from stream_scorer.ops.topics import ensure_topics
+
+    big_topics = {"max.message.bytes": "2000000"}
+    topic, out, dlq, target = unique("big"), unique("out"), unique("dlq"), unique("big-target")
+    small = unique("small-target")
+    ensure_topics(kafka_bootstrap, {topic: 1, dlq: 1, target: 1}, config=big_topics)
+    make_topics({out: 1})
+    ensure_topics(kafka_bootstrap, {small: 1}, config={"max.message.bytes": "600000"})
+    model = tmp_path / "model"
+    train_payment_classifier(model)
+    config = tmp_path / "w.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap_servers": kafka_bootstrap},
+                "input": {
+                    "topic": topic,
+                    "group_id": unique("g"),
+                    "schema": str(write_schema(tmp_path / "p.avsc", PAYMENT_SCHEMA)),
+                    "id_field": "txn_id",
+                },
+                "output": {"topic": out, "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
+                "dead_letter": {"topic": dlq},
+                "model": {"path": str(model)},
+                "metrics": {"port": 0},
+            }
+        )
+    )
+    # above input.max_message_bytes (1 MiB): dead-lettered unread as too_large
+    value = bytes(range(256)) * 4300  # 1,100,800 bytes
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": "2000000"})
+    producer.produce(topic, value=value, key=b"huge", headers=[("origin", b"test")])
+    assert producer.flush(30) == 0
+    run_worker(load_config(config, environ={}, overrides={"worker": {"max_messages": 1}}))
+    (dead,) = read_topic(kafka_bootstrap, dlq)
+    assert dict(dead.headers())[hdr.REASON] == b"too_large" and dead.value() == value
+
+    args = ["dlq", "replay", "--config", str(config), "--reason", "too_large"]
+    assert main([*args, "--to", target]) == 0, caplog.text
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["replayed"], report["by_reason"]) == (1, {"too_large": 1})
+    (replayed,) = read_topic(kafka_bootstrap, target)
+    assert (replayed.key(), replayed.value()) == (b"huge", value)  # byte-identical
+    assert dict(replayed.headers())["origin"] == b"test"
+    assert main([*args, "--to", target]) == 0  # again: nothing left
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["replayed"] == 0
+    assert len(read_topic(kafka_bootstrap, target)) == 1
+
+    # a target topic that refuses records this large: a failure naming the topic's limit
+    caplog.clear()
+    assert main([*args, "--to", small]) == 1
+    assert f"topic {small!r}" in caplog.text
+    assert "max.message.bytes = 600000" in caplog.text
+    assert read_topic(kafka_bootstrap, small) == []
+
+    # a client limit set in the configuration is kept: the client is named as the one refusing
+    raw = yaml.safe_load(config.read_text())
+    raw["kafka"]["client"] = {"message.max.bytes": "1000000"}
+    capped = tmp_path / "capped.yaml"
+    capped.write_text(yaml.safe_dump(raw))
+    caplog.clear()
+    fresh = ["--group", unique("replay-again"), "--to", target]
+    assert main(["dlq", "replay", "--config", str(capped), "--reason", "too_large", *fresh]) == 1
+    assert "the client refused dead letter" in caplog.text
+    assert "message.max.bytes = 1000000 (kafka.client)" in caplog.text
+    assert len(read_topic(kafka_bootstrap, target)) == 1

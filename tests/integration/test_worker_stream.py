@@ -287,18 +287,83 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
     assert m["stream_scorer_delivery_errors_total"] == 0
 
 
-def test_unreachable_broker_fails_loudly_instead_of_idling(env: Env) -> None:
+@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+def test_unreachable_broker_fails_loudly_instead_of_idling(env: Env, mode: str) -> None:
     port = _free_port()  # nothing listens there: every connection is refused
     worker = _worker(
         env,
         "--bootstrap-servers",
         f"127.0.0.1:{port}",
-        extra_env={"STREAM_SCORER_KAFKA__UNREACHABLE_TIMEOUT_S": "3"},
+        extra_env={
+            "STREAM_SCORER_KAFKA__UNREACHABLE_TIMEOUT_S": "3",
+            "STREAM_SCORER_DELIVERY__MODE": mode,
+            # exactly-once used to wait for this, then say only "_TIMED_OUT"
+            "STREAM_SCORER_DELIVERY__TRANSACTION_TIMEOUT_S": "20",
+        },
     )
     _out, err = worker.communicate(timeout=120)
     assert worker.returncode == 1
-    assert "no broker reachable for" in err
-    assert "kafka.unreachable_timeout_s = 3" in err
+    last = json.loads(err.strip().splitlines()[-1])
+    assert last["msg"].startswith(f"BrokerError: no broker reachable at 127.0.0.1:{port} for ")
+    assert "kafka.unreachable_timeout_s = 3" in last["msg"]
+    # a handful of lines, not one per connection attempt of every client (hundreds)
+    assert len(err.splitlines()) < 20, err
+
+
+def _group_never_joined(bootstrap: str, group: str) -> bool:
+    """No member ever joined ``group`` (a group that was joined and left is EMPTY, not DEAD)."""
+    from confluent_kafka import ConsumerGroupState, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    answer: list[bool] = []
+
+    def asked() -> bool:
+        try:
+            desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+        except KafkaException as exc:
+            if "GROUP_ID_NOT_FOUND" not in str(exc):
+                return False  # the coordinator is still loading: ask again
+            answer.append(True)  # newer brokers: no such group at all
+            return True
+        answer.append(desc.state == ConsumerGroupState.DEAD and not desc.members)
+        return True
+
+    wait_for(asked, 30, f"no answer about group {group}")
+    return answer[0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "missing"),
+    [
+        ("at-least-once", "output"),
+        ("at-least-once", "dead_letter"),
+        ("exactly-once", "dead_letter"),
+        ("exactly-once", "input"),
+    ],
+)
+def test_a_missing_topic_stops_start_up_naming_its_key_before_anything_is_consumed(
+    env: Env, unique: Callable[[str], str], mode: str, missing: str
+) -> None:
+    from stream_scorer.errors import ConfigError, exit_code
+
+    absent = unique("absent")
+    produce_raw(env.bootstrap, env.topic, [(b"k", avro(PAYMENT_SCHEMA, payments(1)[0]))], 1)
+    cfg = load_config(
+        env.config,
+        environ={},
+        overrides={
+            missing: {"topic": absent},
+            "delivery": {"mode": mode},
+            "worker": {"id": f"missing-{missing}-{mode}", "idle_timeout_s": 20},
+        },
+    )
+    with pytest.raises(ConfigError) as info:
+        run_worker(cfg)
+    assert info.value.field == f"{missing}.topic"
+    assert f"topic {absent!r} does not exist at {env.bootstrap}" in str(info.value)
+    assert exit_code(info.value) == 2
+    assert _group_never_joined(env.bootstrap, env.group)  # nothing consumed, no member
 
 
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
@@ -329,6 +394,7 @@ def test_a_refused_dead_letter_stops_the_worker_and_its_offset_stays_uncommitted
     with pytest.raises(BrokerError) as info:
         run_worker(cfg)
     assert "MSG_SIZE_TOO_LARGE" in str(info.value) or "too large" in str(info.value).lower()
+    assert repr(tiny_dlq) in str(info.value) or f"for {tiny_dlq} [0]" in str(info.value)
     committed = committed_offsets(env.bootstrap, env.group, env.topic)
     assert committed[0] <= 50  # the poison (partition 0, offset 50) was not committed
     assert read_topic(env.bootstrap, tiny_dlq) == []

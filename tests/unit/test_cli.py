@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +69,33 @@ def test_model_reading_a_field_the_schema_lacks_is_refused(tmp_path: Path) -> No
     path = _config(tmp_path)
     write_schema(tmp_path / "in.avsc", schema)
     result = _run("run", "--config", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a deployment error: fix it, do not restart
     assert "feature 'amount': field 'amount': no field 'amount'" in result.stderr
+
+
+def _tamper_model_hash(config: Path) -> None:
+    manifest = Path(yaml.safe_load(config.read_text())["model"]["path"]) / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(raw, model_sha256="0" * 64)))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_model_not_matching_its_manifest_exits_2(tmp_path: Path, workers: str) -> None:
+    path = _config(tmp_path)
+    _tamper_model_hash(path)
+    result = _run("run", "--config", str(path), "--workers", workers)
+    assert result.returncode == 2, result.stderr  # with --workers 2: the supervisor's code too
+    assert "manifest says 0000" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_schema_file_that_does_not_parse_exits_2(tmp_path: Path) -> None:
+    path = _config(tmp_path)
+    (tmp_path / "in.avsc").write_text('{"type": "record", "name": ')
+    result = _run("run", "--config", str(path))
+    assert result.returncode == 2
+    assert "SchemaError: cannot load Avro schema" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:

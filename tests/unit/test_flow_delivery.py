@@ -183,3 +183,39 @@ def test_kafka_error_is_found_behind_our_wrapping() -> None:
         err = kafka_error(wrapped)
     assert err is not None and err.code() == KafkaError._TIMED_OUT
     assert kafka_error(ValueError("x")) is None
+
+
+def test_exactly_once_with_no_broker_says_the_address_is_unreachable() -> None:
+    """A real transactional producer, nothing listening: not a bare _TIMED_OUT after 60 s."""
+    import logging
+    import socket
+
+    from confluent_kafka import Producer
+
+    from stream_scorer.worker.delivery import ExactlyOnce
+    from stream_scorer.worker.metrics import Metrics
+    from stream_scorer.worker.offsets import OffsetTracker
+    from stream_scorer.worker.sink import SinkContext
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        bootstrap = f"127.0.0.1:{sock.getsockname()[1]}"
+    settings: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "transactional.id": "no-broker",
+        "logger": logging.getLogger("librdkafka.producer"),
+    }
+    with pytest.raises(BrokerError) as info:
+        ExactlyOnce(
+            lambda: Producer(settings),
+            SinkContext("out", "dlq", "g", "w", "v1"),
+            None,  # type: ignore[arg-type]  # never reached: no transaction starts
+            OffsetTracker(),
+            Metrics(),
+            timeout_s=60,
+            bootstrap=bootstrap,
+            unreachable_timeout_s=2,
+        )
+    message = str(info.value)
+    assert message.startswith(f"no broker reachable at {bootstrap} for ")
+    assert "(kafka.unreachable_timeout_s = 2)" in message

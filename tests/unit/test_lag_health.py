@@ -441,3 +441,48 @@ def test_batch_histogram_exposes_what_a_prometheus_histogram_would(values: list[
     (ours_lines, ours_sum), (their_lines, their_sum) = samples(ours), samples(theirs)
     assert ours_lines == their_lines  # every bucket and the count, exactly
     assert ours_sum == pytest.approx(their_sum)  # summed in another order
+
+
+# --- waiting for a broker at start-up (topics.require_topics, a real client, no broker) ---------
+def _refused_address() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_waiting_for_a_broker_at_start_up_counts_as_alive_then_fails_naming_the_address() -> None:
+    from stream_scorer.errors import BrokerError
+    from stream_scorer.ops.topics import require_topics
+
+    bootstrap, beats = _refused_address(), []
+    with pytest.raises(BrokerError) as info:
+        require_topics(
+            {"bootstrap.servers": bootstrap},
+            {"input.topic": "in"},
+            unreachable_timeout_s=3,
+            alive=lambda: beats.append(1),
+        )
+    assert str(info.value).startswith(f"no broker reachable at {bootstrap} for ")
+    assert "(kafka.unreachable_timeout_s = 3)" in str(info.value)
+    assert "Connection refused" in str(info.value)  # the client's last error says why
+    assert len(beats) >= 2  # liveness kept up while waiting
+
+
+def test_a_stop_request_ends_the_wait_for_a_broker_quietly() -> None:
+    from stream_scorer.ops.topics import require_topics
+
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    require_topics(
+        {"bootstrap.servers": _refused_address()},
+        {"input.topic": "in"},
+        unreachable_timeout_s=600,
+        stop=stop,
+    )
+    assert len(asked) == 2

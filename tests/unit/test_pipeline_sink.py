@@ -164,7 +164,7 @@ def test_failed_delivery_is_raised_by_the_loop_not_the_callback_and_blocks_commi
     scored = Scored(msgs, [b"pred-4", b"pred-5"], [0, 0])
     sink.publish(scored, [], ticket)  # callbacks run inside poll: no raise
     assert tracker.take_committable() == []
-    with pytest.raises(DeliveryError, match=r"prediction.*\[in\[0\]@4\]") as info:
+    with pytest.raises(DeliveryError, match=r"prediction to topic 'out'.*\[in\[0\]@4\]") as info:
         sink.raise_errors()
     assert "1 more deliveries failed" in str(info.value.__notes__)
 
@@ -179,7 +179,7 @@ def test_a_refused_dead_letter_holds_back_only_its_own_partition() -> None:
     sink.publish(Scored(good, [b"a", b"b", b"c"], [0, 0, 0]), dead, ticket)
     assert tracker.take_committable() == [("in", 0, 2)]
     assert tracker.pending == 2  # partition 1's two records
-    with pytest.raises(DeliveryError, match=r"dead letter.*\[in\[1\]@1\]"):
+    with pytest.raises(DeliveryError, match=r"dead letter to topic 'dlq'.*\[in\[1\]@1\]"):
         sink.raise_errors()
     headers = [sent["headers"] for sent in producer.sent if sent["topic"] == "out"]
     assert [h[hdr.SOURCE_PARTITION] for h in headers] == [b"0", b"1", b"0"]

@@ -127,6 +127,8 @@ class Run:
             self.tracker,
             self.metrics,
             timeout_s=TIMEOUT_S,
+            bootstrap="127.0.0.1:9",
+            unreachable_timeout_s=120,
             reconnection=net.reconnection,
             clock=net.clock,
         )
