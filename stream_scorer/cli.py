@@ -87,7 +87,7 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_lag(args: argparse.Namespace) -> int:
-    from stream_scorer.worker.lag import describe_group, to_json, to_table
+    from stream_scorer.ops.lag import describe_group, to_json, to_table
 
     settings: dict[str, str] = {}
     group, topic = args.group, args.topic

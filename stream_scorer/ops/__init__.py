@@ -1,1 +1,1 @@
-"""Operator commands that work on a running deployment's topics: dead-letter replay, topics."""
+"""Operator commands on a running deployment's topics and groups: lag, dead-letter replay, topics."""

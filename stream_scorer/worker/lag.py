@@ -1,4 +1,4 @@
-"""Lag in records and in seconds: the worker's live estimate and the exact ``lag`` command.
+"""Lag in records and in seconds, as the worker sees it live (the metrics and the watchdog).
 
 Definitions (README.md, "Lag"), per partition:
 
@@ -10,36 +10,25 @@ Definitions (README.md, "Lag"), per partition:
 
 The worker keeps the timestamp of the first record of each consumed batch per partition, where
 commits land (they move a batch at a time), so while the record at the committed offset is in
-flight its value is exact. When everything consumed is
-committed and the partition still has lag, the next record has not been fetched yet; the worker
-then reports the time since it first saw that lag (a lower bound, which keeps growing while the
-partition waits). The ``lag`` command reads the record at the committed offset itself.
+flight its value is exact. When everything consumed is committed and the partition still has
+lag, the next record has not been fetched yet; the worker then reports the time since it first
+saw that lag (a lower bound, which keeps growing while the partition waits). The exact value,
+with or without a worker, is the ``lag`` command's (``stream_scorer.ops.lag``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-from stream_scorer.errors import BrokerError
-from stream_scorer.logs import client_logger
-from stream_scorer.ops.topics import coordinator_busy
 from stream_scorer.stages.records import Message
 
+#: A partition: (topic, partition).
 TP = tuple[str, int]
-log = logging.getLogger(__name__)
-_RDKAFKA_LOG = client_logger("lag")
 _INVALID = -1001
 
 
@@ -151,269 +140,3 @@ class LagTracker:
 
 
 # --- the lag command ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PartitionLag:
-    """One line of ``stream-scorer lag``.
-
-    Attributes:
-        topic: the topic.
-        partition: the partition.
-        committed: the group's committed offset (None: the group never committed here).
-        low: the low watermark (first offset still stored).
-        high: the high watermark (next offset to be written).
-        lag_records: ``high`` minus ``committed`` (minus ``low`` when never committed).
-        lag_seconds: now minus the timestamp of the record at the committed offset, 0 without
-            lag; None when that record could not be read.
-        oldest_timestamp_ms: the timestamp of that record (None when not read or no lag).
-    """
-
-    topic: str
-    partition: int
-    committed: int | None
-    low: int
-    high: int
-    lag_records: int
-    lag_seconds: float | None
-    oldest_timestamp_ms: int | None
-
-
-def _ask_coordinator(ask: Callable[[], Future[Any]], group: str, what: str, timeout: float) -> Any:
-    """The result of an admin request about ``group``, retried while its coordinator loads.
-
-    Raises:
-        BrokerError: no answer within ``timeout``, or a refusal.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return ask().result(timeout=timeout)
-        except TimeoutError as exc:
-            raise BrokerError(f"no answer about group {group!r} within {timeout:g} s") from exc
-        except KafkaException as exc:
-            err = exc.args[0]
-            if time.monotonic() > deadline or not coordinator_busy(err):
-                raise BrokerError(f"cannot read the {what} of group {group!r}: {err}") from exc
-            threading.Event().wait(0.25)  # coordinator still loading: retry
-
-
-def _committed_offsets(
-    admin: AdminClient, group: str, request_tps: list[TopicPartition] | None, timeout: float
-) -> dict[TP, int | None]:
-    """The group's committed offsets (None: not committed) of ``request_tps`` or of all."""
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
-    request = [ConsumerGroupTopicPartitions(group, request_tps)]
-    result = _ask_coordinator(
-        lambda: admin.list_consumer_group_offsets(request, request_timeout=timeout)[group],
-        group,
-        "offsets",
-        timeout,
-    )
-    out: dict[TP, int | None] = {}
-    for tp in result.topic_partitions:
-        out[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
-    return out
-
-
-def _assigned_topics(admin: AdminClient, group: str, timeout: float) -> set[str]:
-    """The topics of the group's members' current assignments (none: no members)."""
-    try:
-        desc = _ask_coordinator(
-            lambda: admin.describe_consumer_groups([group], request_timeout=timeout)[group],
-            group,
-            "members",
-            timeout,
-        )
-    except BrokerError as exc:
-        err = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else None
-        if isinstance(err, KafkaError) and err.code() == KafkaError.GROUP_ID_NOT_FOUND:
-            return set()
-        raise
-    return {
-        tp.topic
-        for member in desc.members
-        if member.assignment is not None
-        for tp in member.assignment.topic_partitions
-    }
-
-
-def _group_partitions(admin: AdminClient, group: str, timeout: float) -> dict[TP, int | None]:
-    """Every partition of every topic ``group`` consumes, with its committed offset or None.
-
-    The topics are those of the members' current assignments and those the group has committed
-    offsets for; every partition of each, committed or not.
-
-    Raises:
-        BrokerError: the group does not exist (no members, no committed offsets), or the broker
-            does not answer.
-    """
-    committed = _committed_offsets(admin, group, None, timeout)
-    topics = {t for t, _p in committed} | _assigned_topics(admin, group, timeout)
-    if not topics:
-        raise BrokerError(
-            f"group {group!r} does not exist: it has no members and no committed offsets"
-        )
-    try:
-        listed = admin.list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise BrokerError(f"cannot read the topics' metadata: {exc}") from exc
-    out: dict[TP, int | None] = {}
-    for name in sorted(topics):
-        meta = listed.get(name)
-        if meta is None or meta.error is not None:
-            log.warning("group %r has offsets for topic %r, which no longer exists", group, name)
-            continue
-        for partition in sorted(meta.partitions):
-            out[(name, partition)] = committed.get((name, partition))
-    return out
-
-
-def describe_group(
-    settings: Mapping[str, str],
-    group: str,
-    topic: str | None = None,
-    *,
-    timeout: float = 15.0,
-    now: float | None = None,
-) -> list[PartitionLag]:
-    """Return the lag of ``group`` per partition, without joining the group.
-
-    Args:
-        settings: librdkafka client settings (at least ``bootstrap.servers``; security too).
-        group: the consumer group.
-        topic: only this topic (all its partitions); default: every partition of every topic
-            the group consumes (its members' assignments and its committed offsets), those
-            without a committed offset counted from the low watermark.
-        timeout: seconds for each broker request and for reading the oldest records.
-        now: the reference time (default: when the oldest records have been read).
-
-    Raises:
-        BrokerError: the broker does not answer or refuses; the topic does not exist; without
-            ``topic``, the group does not exist (no members and no committed offsets).
-    """
-    # librdkafka's own lines (warnings and worse) through Python logging
-    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
-    admin = AdminClient(admin_settings)
-    if topic is None:
-        committed = _group_partitions(admin, group, timeout)
-    else:
-        try:
-            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
-        if meta is None or meta.error is not None:
-            raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
-        tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-        committed = _committed_offsets(admin, group, tps, timeout)
-    probe = Consumer(
-        {
-            "log_level": "4",
-            "logger": _RDKAFKA_LOG,
-            **settings,
-            "group.id": f"stream-scorer-lag-{uuid.uuid4().hex[:8]}",  # never joined: assign()
-            "enable.auto.commit": "false",
-            "enable.partition.eof": "false",
-            "isolation.level": "read_uncommitted",
-        }
-    )
-    try:
-        marks: dict[TP, tuple[int, int]] = {}
-        for tp in sorted(committed):
-            try:
-                marks[tp] = probe.get_watermark_offsets(TopicPartition(*tp), timeout=timeout)
-            except KafkaException as exc:
-                raise BrokerError(f"cannot read watermarks: {exc}", topic=tp[0]) from exc
-        starts: dict[TP, int] = {}
-        for tp, (low, high) in marks.items():
-            start = committed[tp]
-            start = low if start is None else max(start, low)
-            if start < high:
-                starts[tp] = start
-        oldest = _read_first(probe, starts, {tp: marks[tp][1] for tp in starts}, timeout)
-    finally:
-        probe.close()
-    now = time.time() if now is None else now
-    rows = []
-    for tp in sorted(committed):
-        low, high = marks[tp]
-        done = committed[tp]
-        base = low if done is None else done
-        lag = max(0, high - base)
-        ts = oldest.get(tp) if lag else None
-        if lag == 0 or (tp in oldest and ts is None):  # no record: transaction markers only
-            seconds: float | None = 0.0
-        else:
-            seconds = None if ts is None else max(0.0, now - ts / 1000.0)
-        rows.append(PartitionLag(tp[0], tp[1], committed[tp], low, high, lag, seconds, ts))
-    return rows
-
-
-def _read_first(
-    consumer: Any, starts: Mapping[TP, int], ends: Mapping[TP, int], timeout: float
-) -> dict[TP, int | None]:
-    """Read the first record at or after each start offset; return its timestamp in ms.
-
-    None for a partition read up to ``ends`` without a record (only transaction markers);
-    partitions not read within ``timeout`` are left out.
-    """
-    if not starts:
-        return {}
-    consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
-    found: dict[TP, int | None] = {}
-    deadline = time.monotonic() + timeout
-    while len(found) < len(starts) and time.monotonic() < deadline:
-        for msg in consumer.consume(num_messages=len(starts) * 10, timeout=0.5):
-            if msg.error() is not None:
-                continue
-            tp = (msg.topic() or "", msg.partition() or 0)
-            if tp in starts and tp not in found and (msg.offset() or 0) >= starts[tp]:
-                found[tp] = msg.timestamp()[1]
-                consumer.pause([TopicPartition(*tp)])
-        pending = [TopicPartition(*tp) for tp in starts if tp not in found]
-        for tp in consumer.position(pending) if pending else []:
-            if tp.offset >= ends[(tp.topic, tp.partition)]:
-                found[(tp.topic, tp.partition)] = None
-    return found
-
-
-def totals(rows: list[PartitionLag]) -> dict[str, Any]:
-    """Sum of the lag in records and the largest lag in seconds over ``rows``."""
-    seconds = [r.lag_seconds for r in rows if r.lag_seconds is not None]
-    return {
-        "partitions": len(rows),
-        "lag_records": sum(r.lag_records for r in rows),
-        "max_lag_seconds": max(seconds) if seconds else 0.0,
-    }
-
-
-def to_json(group: str, rows: list[PartitionLag]) -> str:
-    """The ``--json`` output: the group, one object per partition, and the totals."""
-    return json.dumps(
-        {"group": group, "partitions": [asdict(r) for r in rows], "total": totals(rows)}
-    )
-
-
-def to_table(group: str, rows: list[PartitionLag]) -> str:
-    """The default output: a table like ``kafka-consumer-groups --describe`` plus seconds."""
-    head = ("TOPIC", "PARTITION", "COMMITTED", "HIGH-WATERMARK", "LAG", "LAG-SECONDS")
-    lines = [head]
-    for r in rows:
-        lines.append(
-            (
-                r.topic,
-                str(r.partition),
-                "-" if r.committed is None else str(r.committed),
-                str(r.high),
-                str(r.lag_records),
-                "-" if r.lag_seconds is None else f"{r.lag_seconds:.1f}",
-            )
-        )
-    tot = totals(rows)
-    lines.append(("TOTAL", "", "", "", str(tot["lag_records"]), f"{tot['max_lag_seconds']:.1f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = [f"GROUP {group}"]
-    for line in lines:
-        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-    return "\n".join(out)

@@ -16,8 +16,9 @@ import pytest
 from support import Msg, train_payment_classifier, wait_for, write_schema
 
 from stream_scorer.config import Config, load_config
+from stream_scorer.ops.lag import PartitionLag, to_json, to_table, totals
 from stream_scorer.worker.health import Monitor, Watchdog
-from stream_scorer.worker.lag import LagTracker, PartitionLag, to_json, to_table, totals
+from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
