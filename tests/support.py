@@ -14,6 +14,7 @@ import xgboost as xgb
 
 from stream_scorer.clients import read_to_end
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
+from stream_scorer.ops import topics
 from stream_scorer.stages.records import PlainMessage
 
 #: The tests' name for a consumed record without Kafka.
@@ -175,61 +176,9 @@ def read_topic(
     return out
 
 
-def _retry(call: Any, attempts: int = 20) -> Any:
-    """Retry a client call while the broker answers with a retriable error (e.g. coordinator
-    still loading on a fresh broker)."""
-    import threading
-
-    from confluent_kafka import KafkaError, KafkaException
-
-    coordinator = {
-        KafkaError._TIMED_OUT,  # e.g. offsets unstable while a transaction is pending
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-    }
-    for attempt in range(attempts):
-        try:
-            return call()
-        except KafkaException as exc:
-            err = exc.args[0]
-            if attempt == attempts - 1 or not (err.retriable() or err.code() in coordinator):
-                raise
-            threading.Event().wait(0.25)
-    raise AssertionError("unreachable")
-
-
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """The committed offset per partition of ``topic`` for ``group`` (-1001 when none)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": "false"}
-    )
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        tps = [TopicPartition(topic, p) for p in meta.partitions]
-        return {tp.partition: tp.offset for tp in _retry(lambda: consumer.committed(tps, 10))}
-    finally:
-        consumer.close()
-
-
-def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """High watermark minus committed offset per partition, for ``group``."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    committed = committed_offsets(bootstrap, group, topic)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-watermarks"})
-    try:
-        lag = {}
-        for partition, offset in committed.items():
-            _low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=10
-            )
-            lag[partition] = high - max(offset, 0)
-        return lag
-    finally:
-        consumer.close()
+#: The tests' names for the group's committed offsets and lag (``ops.topics``).
+committed_offsets = topics.committed_offsets
+committed_lag = topics.group_lag
 
 
 def produce_raw(

@@ -1,1 +1,1 @@
-"""Operator commands on a running deployment's topics and groups: lag, dead-letter replay, topics."""
+"""Operator commands on a deployment's topics and groups: lag, dead-letter replay, topics."""

@@ -193,26 +193,45 @@ def _retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaException) and coordinator_busy(exc.args[0])
 
 
-@retry(
+_COORDINATOR_RETRY = retry(
     retry=retry_if_exception(_retriable),
     wait=wait_exponential(multiplier=0.1, max=2.0),
     stop=stop_after_delay(30),
     reraise=True,
 )
-def group_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """Return, per partition of ``topic``, the high watermark minus ``group``'s committed offset.
 
-    A partition the group never committed counts from offset 0. Retries while the group
-    coordinator is loading or moving (a fresh broker), for at most 30 s.
+
+@_COORDINATOR_RETRY
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """Return ``group``'s committed offset per partition of ``topic`` (-1001 where none).
+
+    Retries while the group coordinator is loading or moving (a fresh broker), for at most 30 s.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": "false"}
+    )
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        return {tp.partition: tp.offset for tp in committed}
+    finally:
+        consumer.close()
+
+
+@_COORDINATOR_RETRY
+def group_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """Return, per partition of ``topic``, the high watermark minus ``group``'s committed offset.
+
+    A partition the group never committed counts from its low watermark (README, "Lag").
+    Retries while the group coordinator is loading or moving (a fresh broker), for at most 30 s.
+    """
+    committed = committed_offsets(bootstrap, group, topic)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-watermarks"})
+    try:
         lag = {}
-        for tp in committed:
-            _low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            lag[tp.partition] = high - max(tp.offset, 0)
+        for partition, offset in committed.items():
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            lag[partition] = high - (offset if offset >= 0 else low)
         return lag
     finally:
         consumer.close()

@@ -127,15 +127,15 @@ def test_demo_balances_its_books() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = _cli(
-        "demo",
-        "--events",
-        "5000",
-        "--port",
-        str(port),
-    )
+        "demo", "--events", "5000", "--port", str(port), "--paced-rate", "400",
+        "--paced-seconds", "2",
+    )  # fmt: skip
     out, err = demo.communicate(timeout=300)
     assert demo.returncode == 0, out + err
-    assert re.search(r"predictions \+ dead\s+5,000", out)
+    assert re.search(r"paced events\s+800 at", out)
+    assert re.search(r"predictions \+ dead\s+5,800", out)
+    assert re.search(r"drain rate\s+[\d,]+ events/s \(backlog of 5,000", out)
+    assert re.search(r"end-to-end latency\s+p50 \d+ ms, p99 \d+ ms at the paced load", out)
     assert re.search(r"dead letters\s+25 by reason", out)
     assert re.search(r"remaining lag\s+0", out)
     assert "broker stopped" in out
