@@ -28,9 +28,8 @@ from stream_scorer.errors import BrokerError, FencedError, broker_unreachable
 from stream_scorer.logs import client_logger
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
-from stream_scorer.worker.offsets import OffsetTracker, Ticket
+from stream_scorer.worker.offsets import OffsetTracker, Partitions, Position, Ticket
 from stream_scorer.worker.sink import Producer, Sink, SinkContext
-from stream_scorer.worker.source import Partitions, Source
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +78,51 @@ class TransactionalProducer(Producer, Protocol):
         self, in_queue: bool = ..., in_flight: bool = ..., blocking: bool = ...
     ) -> None: ...
     def list_topics(self, topic: str | None = ..., timeout: float = ...) -> Any: ...  # noqa: D102
+
+
+class Input(Protocol):
+    """What delivery needs of the consumer (``worker.source.Source``): offsets and flow."""
+
+    @property
+    def assignment(self) -> set[tuple[str, int]]: ...  # noqa: D102
+    def store(self, offsets: list[Position]) -> None: ...  # noqa: D102
+    def commit(self, offsets: list[Position] | None = None) -> None: ...  # noqa: D102
+    def mark_committed(self, offsets: list[Position]) -> None: ...  # noqa: D102
+    def pause(self) -> None: ...  # noqa: D102
+    def resume(self) -> None: ...  # noqa: D102
+    def group_metadata(self) -> Any: ...  # noqa: D102
+    def rewind(self, timeout_s: float = ...) -> None: ...  # noqa: D102
+
+
+class Delivery(Protocol):
+    """A delivery mode: when a batch's outputs count as delivered and its offsets move.
+
+    The main loop calls ``deliver`` once per batch, ``service`` every iteration, the consumer's
+    rebalance callbacks ``on_revoke``/``on_lost``, and ``drain`` once at the end.
+    """
+
+    #: True while the input is paused because outputs await acknowledgement.
+    paused: bool
+
+    def deliver(self, ticket: Ticket, result: BatchResult) -> bool:
+        """Publish a batch's outputs; False when it was rolled back (to be consumed again)."""
+        ...
+
+    def service(self) -> None:
+        """Serve delivery reports; raise a recorded failure; move offsets; apply back-pressure."""
+        ...
+
+    def on_revoke(self, partitions: Partitions) -> None:
+        """Partitions leave cleanly: settle what is theirs."""
+        ...
+
+    def on_lost(self, partitions: Partitions) -> None:
+        """Partitions were lost (they may belong to another member already): commit nothing."""
+        ...
+
+    def drain(self) -> int:
+        """Deliver what is in flight and commit it; return how many outputs stayed unacked."""
+        ...
 
 
 class _StuckCall(Exception):
@@ -213,7 +257,7 @@ class AtLeastOnce:
     def __init__(
         self,
         sink: Sink,
-        source: Source,
+        source: Input,
         tracker: OffsetTracker,
         *,
         max_in_flight: int,
@@ -228,9 +272,13 @@ class AtLeastOnce:
         self.paused = False
         self._drained = False
 
-    def deliver(self, ticket: Ticket, result: BatchResult) -> None:
-        """Produce the batch's outputs; their acknowledgements move the watermark later."""
+    def deliver(self, ticket: Ticket, result: BatchResult) -> bool:
+        """Produce the batch's outputs (True); their acknowledgements move the watermark later.
+
+        Never rolled back: an output the broker refuses stops the worker (``service``).
+        """
         self.sink.publish(result.scored, result.dead, ticket)
+        return True
 
     def service(self) -> None:
         """Serve delivery reports, raise failures, store offsets, apply back-pressure."""
@@ -284,7 +332,7 @@ class ExactlyOnce:
         self,
         make_producer: Callable[[], TransactionalProducer],
         ctx: SinkContext,
-        source: Source,
+        source: Input,
         tracker: OffsetTracker,
         metrics: Metrics,
         *,
@@ -514,6 +562,3 @@ class ExactlyOnce:
         """Nothing is in flight between transactions."""
         self.sink.poll(0)
         return 0
-
-
-Delivery = AtLeastOnce | ExactlyOnce

@@ -294,7 +294,7 @@ def _loop(
                 dead = {id(d.message) for d in result.dead}
                 poison.observe([id(m) in dead for m in batch])
             t1 = time.perf_counter()
-            delivered = delivery.deliver(ticket, result) is not False  # False: rolled back
+            delivered = delivery.deliver(ticket, result)  # False: rolled back, consumed again
             metrics.observe_stage("produce", time.perf_counter() - t1)
             rolled_back = 0 if delivered else len(batch)
             if delivered:

@@ -16,6 +16,10 @@ from collections.abc import Iterable, Sequence
 from stream_scorer.stages.records import Message
 
 TopicPartition = tuple[str, int]
+#: Partitions handed over or taken away in a rebalance.
+Partitions = list[TopicPartition]
+#: ``(topic, partition, next offset)``: what is stored or committed for a partition.
+Position = tuple[str, int, int]
 
 
 class Span:

@@ -29,10 +29,10 @@ from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import Message
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.offsets import Partitions
 
 log = logging.getLogger(__name__)
 
-Partitions = list[tuple[str, int]]
 #: Called with partitions about to be revoked (cleanly: commit what is done) or lost.
 RevokeHook = Callable[[Partitions], None]
 
