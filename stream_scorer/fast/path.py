@@ -7,11 +7,11 @@ with a *state* (value, missing, NaN, infinite, unseen category, not numeric, not
 The feature policies are then applied to the states, vectorised, column by column in the
 manifest's order (the first failing feature names the dead letter, as in ``features.py``).
 
-Dead-letter reason codes: the decode stage's are ``fastkernel.REASONS``; the feature stage's
-are ``missing_value``, ``nan_value``, ``non_finite``, ``out_of_range``, ``not_numeric`` and
-``not_timestamp``. The default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``:
-null, absent and NaN values pass as NaN, infinity and values outside a feature's min/max are
-dead-lettered; unseen categories are always NaN.
+Dead-letter reason codes (``records.Reason``): the decode stage's are the kernel's statuses
+(``fastkernel.REASONS``); the feature stage's are each verdict's (``STATE_REASONS``). The
+default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``: null, absent and NaN
+values pass as NaN, infinity and values outside a feature's min/max are dead-lettered; unseen
+categories are always NaN.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
 specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
@@ -33,7 +33,7 @@ from stream_scorer.fast import plan as fp
 from stream_scorer.fast.plan import Program, Unsupported, compile_program
 from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.features import non_finite_message, out_of_range_message
-from stream_scorer.stages.records import DeadLetter, Message, Stage
+from stream_scorer.stages.records import DeadLetter, Message, Reason, Stage
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,14 @@ _GUARD = "stream_scorer"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _OUT_OF_RANGE_STATES = (fp.OUT_OF_RANGE, fp.OUT_OF_RANGE_INT, fp.OUT_OF_RANGE_BOOL)
 
-#: Feature-stage reason code of each verdict (every out-of-range state's is ``fp.OUT_OF_RANGE``).
-FEATURE_REASONS = {
-    fp.MISSING: "missing_value",
-    fp.NAN: "nan_value",
-    fp.INF: "non_finite",
-    fp.OUT_OF_RANGE: "out_of_range",
-    fp.NOT_NUMERIC: "not_numeric",
-    fp.NOT_TIMESTAMP: "not_timestamp",
+#: The dead-letter reason of each verdict (every out-of-range state's is ``fp.OUT_OF_RANGE``).
+STATE_REASONS = {
+    fp.MISSING: Reason.MISSING_VALUE,
+    fp.NAN: Reason.NAN_VALUE,
+    fp.INF: Reason.NON_FINITE,
+    fp.OUT_OF_RANGE: Reason.OUT_OF_RANGE,
+    fp.NOT_NUMERIC: Reason.NOT_NUMERIC,
+    fp.NOT_TIMESTAMP: Reason.NOT_TIMESTAMP,
 }
 _EXPLAIN = {
     fp.MISSING: "value is missing (null or absent)",
@@ -59,20 +59,21 @@ _EXPLAIN = {
     fp.NOT_NUMERIC: "value is not a number",
     fp.NOT_TIMESTAMP: "value is not a timestamp",
 }
-_DECODE_EXPLAIN = {
-    "null_value": "record value is null (tombstone)",
-    "empty": "record value is empty",
-    "too_large": "value is larger than input.max_message_bytes",
-    "truncated": "the value ends before the record does",
-    "varint_too_long": "a variable-length integer runs past 10 bytes",
-    "int_out_of_range": "an integer does not fit its type (int: 32 bits, long: 64 bits)",
-    "negative_length": "a string or bytes length is negative",
-    "bad_enum_index": "an enum index is outside the enum's symbols",
-    "bad_union_index": "a union index is outside the union's branches",
-    "count_too_large": "an array or map announces more items than can follow",
-    "invalid_utf8": "a string is not valid UTF-8",
-    "trailing_bytes": "bytes are left over after the record",
-    "malformed_avro": "a logical-type value cannot be converted",
+#: The explanation of each decode stage reason in the fast path's dead letters.
+DECODE_EXPLAIN = {
+    Reason.NULL_VALUE: "record value is null (tombstone)",
+    Reason.EMPTY: "record value is empty",
+    Reason.TOO_LARGE: "value is larger than input.max_message_bytes",
+    Reason.TRUNCATED: "the value ends before the record does",
+    Reason.VARINT_TOO_LONG: "a variable-length integer runs past 10 bytes",
+    Reason.INT_OUT_OF_RANGE: "an integer does not fit its type (int: 32 bits, long: 64 bits)",
+    Reason.NEGATIVE_LENGTH: "a string or bytes length is negative",
+    Reason.BAD_ENUM_INDEX: "an enum index is outside the enum's symbols",
+    Reason.BAD_UNION_INDEX: "a union index is outside the union's branches",
+    Reason.COUNT_TOO_LARGE: "an array or map announces more items than can follow",
+    Reason.INVALID_UTF8: "a string is not valid UTF-8",
+    Reason.TRAILING_BYTES: "bytes are left over after the record",
+    Reason.MALFORMED_AVRO: "a logical-type value cannot be converted",
 }
 
 
@@ -371,7 +372,7 @@ class FastDecoder:
             for i in np.flatnonzero(~decoded_ok).tolist():
                 reason = reasons[int(status[i])]
                 where = "" if lens[i] <= 0 else f" (at byte {cols['err_at'][i]} of {lens[i]})"
-                if reason == "too_large":
+                if reason is Reason.TOO_LARGE:
                     where = f" ({lens[i]} bytes, limit {self._max})"
                 dead.append(
                     DeadLetter(
@@ -379,7 +380,7 @@ class FastDecoder:
                         Stage.DECODE,
                         reason,
                         _GUARD,
-                        _DECODE_EXPLAIN[reason] + where,
+                        DECODE_EXPLAIN[reason] + where,
                     )
                 )
         verdict, column = self.feature_verdicts(matrix, state)
@@ -401,7 +402,7 @@ class FastDecoder:
                     DeadLetter(
                         messages[i],
                         Stage.FEATURES,
-                        FEATURE_REASONS[code],
+                        STATE_REASONS[code],
                         "FeatureError",
                         f"{spec.name}: {text}",
                     )

@@ -47,19 +47,12 @@ import numpy.typing as npt
 from stream_scorer.errors import SchemaError
 from stream_scorer.model.manifest import FeatureSpec, ValuePolicy
 from stream_scorer.stages.fields import base_type, resolve, type_name
+from stream_scorer.stages.records import FEATURE_REASONS as FEATURE_REASONS
+from stream_scorer.stages.records import Reason
 
 Matrix = npt.NDArray[np.float32]
 _NAN = math.nan
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-MISSING_VALUE = "missing_value"
-NAN_VALUE = "nan_value"
-NON_FINITE = "non_finite"
-OUT_OF_RANGE = "out_of_range"
-NOT_NUMERIC = "not_numeric"
-NOT_TIMESTAMP = "not_timestamp"
-#: Every reason code of the feature stage.
-FEATURE_REASONS = (MISSING_VALUE, NAN_VALUE, NON_FINITE, OUT_OF_RANGE, NOT_NUMERIC, NOT_TIMESTAMP)
 
 
 def non_finite_message(value: Any) -> str:
@@ -77,7 +70,7 @@ def out_of_range_message(value: Any, low: float | None, high: float | None) -> s
 class FeatureError(ValueError):
     """A value cannot become a feature; ``reason`` is the dead-letter reason code."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -92,22 +85,22 @@ def _number(spec: FeatureSpec, policy: ValuePolicy) -> Callable[[Any], float]:
 
     def convert(value: Any) -> float:
         if not isinstance(value, bool | int | float):
-            raise FeatureError(NOT_NUMERIC, f"value {value!r} is not a number")
+            raise FeatureError(Reason.NOT_NUMERIC, f"value {value!r} is not a number")
         try:
             out = float(value)
         except OverflowError:  # an int beyond any float
             out = math.inf if value > 0 else -math.inf
         if out != out:
             if reject_nan:
-                raise FeatureError(NAN_VALUE, "value is NaN")
+                raise FeatureError(Reason.NAN_VALUE, "value is NaN")
             return _NAN
         if not -_FLOAT32_MAX <= out <= _FLOAT32_MAX:
             if reject_inf:
-                raise FeatureError(NON_FINITE, non_finite_message(value))
+                raise FeatureError(Reason.NON_FINITE, non_finite_message(value))
             return _NAN
         # the value as sent: an int is compared exactly, not as the nearest double
         if bounded and not low <= value <= high and reject_range:
-            raise FeatureError(OUT_OF_RANGE, out_of_range_message(value, spec.min, spec.max))
+            raise FeatureError(Reason.OUT_OF_RANGE, out_of_range_message(value, spec.min, spec.max))
         return out
 
     return convert
@@ -120,8 +113,10 @@ def _as_utc(value: Any) -> datetime:
         if isinstance(value, int) and not isinstance(value, bool):
             return datetime.fromtimestamp(value / 1000.0, tz=UTC)
     except (OverflowError, OSError, ValueError) as exc:
-        raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is no valid time: {exc}") from None
-    raise FeatureError(NOT_TIMESTAMP, f"value {value!r} is not a timestamp")
+        raise FeatureError(
+            Reason.NOT_TIMESTAMP, f"value {value!r} is no valid time: {exc}"
+        ) from None
+    raise FeatureError(Reason.NOT_TIMESTAMP, f"value {value!r} is not a timestamp")
 
 
 def _hour(value: Any) -> float:
@@ -147,7 +142,7 @@ def _with_missing(convert: Callable[[Any], float], policy: ValuePolicy) -> Calla
 
         def reject_missing(value: Any) -> float:
             if value is None:
-                raise FeatureError(MISSING_VALUE, "value is missing (null or absent)")
+                raise FeatureError(Reason.MISSING_VALUE, "value is missing (null or absent)")
             return convert(value)
 
         return reject_missing
@@ -196,7 +191,7 @@ class RejectedRow:
 
     index: int
     feature: str
-    reason: str
+    reason: Reason
     message: str
 
 

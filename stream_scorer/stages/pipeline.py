@@ -19,7 +19,7 @@ from stream_scorer.fast.path import FastDecoder
 from stream_scorer.stages.decode import Decoder
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, field_getter
-from stream_scorer.stages.records import DeadLetter, Message, Scored, Stage
+from stream_scorer.stages.records import DeadLetter, Message, Reason, Scored, Stage
 from stream_scorer.stages.score import Predictions
 
 Matrix = npt.NDArray[np.float32]
@@ -189,7 +189,9 @@ class Pipeline:
                 encoded_one = self._encoder.encode(rid, value, label, version, event, now_ms)
             except Exception as exc:  # a row the encoder refuses is a dead letter, not a crash
                 dead.append(
-                    DeadLetter(msg, Stage.ENCODE, "encode_failed", type(exc).__name__, str(exc))
+                    DeadLetter(
+                        msg, Stage.ENCODE, Reason.ENCODE_FAILED, type(exc).__name__, str(exc)
+                    )
                 )
                 continue
             out.messages.append(msg)
@@ -216,7 +218,7 @@ class Pipeline:
                     DeadLetter(
                         kept[int(rows[0])],
                         Stage.SCORE,
-                        "model_failed",
+                        Reason.MODEL_FAILED,
                         type(exc).__name__,
                         str(exc) or repr(exc),
                     )
@@ -241,7 +243,7 @@ class Pipeline:
             DeadLetter(
                 kept[int(rows[i])],
                 Stage.SCORE,
-                "non_finite_prediction",
+                Reason.NON_FINITE_PREDICTION,
                 "stream_scorer",
                 f"the model returned {values[i]} for this record",
             )
