@@ -9,9 +9,9 @@ manifest's order (the first failing feature names the dead letter, as in ``featu
 
 Dead-letter reason codes (``records.Reason``): the decode stage's are the kernel's statuses
 (``fastkernel.REASONS``); the feature stage's are each verdict's (``STATE_REASONS``). The
-default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``: null, absent and NaN
-values pass as NaN, infinity and values outside a feature's min/max are dead-lettered; unseen
-categories are always NaN.
+policies are the features' own (``FeatureSpec.effective_policy``, the manifest's
+``ValuePolicy`` with the feature's overrides, and its ``min``/``max``), as in ``features.py``;
+unseen categories are always NaN.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
 specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,15 +30,13 @@ import numpy.typing as npt
 
 from stream_scorer.fast import plan as fp
 from stream_scorer.fast.plan import Program, Unsupported, compile_program
-from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.model.manifest import DEAD_LETTER, PASS, FeatureSpec, ValuePolicy
 from stream_scorer.stages.features import non_finite_message, out_of_range_message
 from stream_scorer.stages.records import DeadLetter, Message, Reason, Stage
 
 log = logging.getLogger(__name__)
 
 Matrix = npt.NDArray[np.float32]
-PASS = "pass"
-DEAD_LETTER = "dead_letter"
 _GUARD = "stream_scorer"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _OUT_OF_RANGE_STATES = (fp.OUT_OF_RANGE, fp.OUT_OF_RANGE_INT, fp.OUT_OF_RANGE_BOOL)
@@ -75,45 +72,6 @@ DECODE_EXPLAIN = {
     Reason.TRAILING_BYTES: "bytes are left over after the record",
     Reason.MALFORMED_AVRO: "a logical-type value cannot be converted",
 }
-
-
-@dataclass(frozen=True)
-class FeaturePolicy:
-    """What to do with a feature's unusable values: ``pass`` or ``dead_letter``.
-
-    ``pass`` scores the row anyway: missing, NaN and infinite values as NaN (which XGBoost
-    treats as missing), out-of-range values as they are. Values that are no number or no
-    timestamp are always dead-lettered; a category the model does not know is always NaN.
-    The defaults and meanings are those of the manifest's ``ValuePolicy`` on main.
-
-    Attributes:
-        missing: null or absent values.
-        nan: NaN values.
-        inf: +/-infinity, and doubles too large for float32.
-        out_of_range: values below ``minimum`` or above ``maximum`` (when either is set).
-        minimum: the smallest valid value; None for no bound.
-        maximum: the largest valid value; None for no bound.
-    """
-
-    missing: str = PASS
-    nan: str = PASS
-    inf: str = DEAD_LETTER
-    out_of_range: str = DEAD_LETTER
-    minimum: float | None = None
-    maximum: float | None = None
-
-
-def policy_of(spec: FeatureSpec) -> FeaturePolicy:
-    """The fast path's policy for a manifest feature: its effective value policy and bounds."""
-    p = spec.effective_policy
-    return FeaturePolicy(
-        missing=p.missing,
-        nan=p.nan,
-        inf=p.infinite,
-        out_of_range=p.out_of_range,
-        minimum=spec.min,
-        maximum=spec.max,
-    )
 
 
 class FastBatch:
@@ -165,7 +123,6 @@ class FastDecoder:
         id_field: str,
         event_time_field: str = "",
         max_message_bytes: int,
-        policies: Sequence[FeaturePolicy] | None = None,
     ) -> None:
         """Specialise to ``schema`` and ``features`` and load (or compile) the kernel.
 
@@ -175,7 +132,6 @@ class FastDecoder:
             id_field: the input field copied into ``input_id``.
             event_time_field: the input field with the event time; empty: none.
             max_message_bytes: larger values are dead-lettered (``too_large``) unread.
-            policies: one per feature; default: each feature's manifest policy (``policy_of``).
 
         Raises:
             Unsupported: the schema cannot be specialised (the message says why).
@@ -185,20 +141,17 @@ class FastDecoder:
             schema, self.features, id_field=id_field, event_time_field=event_time_field
         )
         self._max = max_message_bytes
-        pols = tuple(policies) if policies is not None else tuple(policy_of(f) for f in features)
-        if len(pols) != len(self.features):
-            raise ValueError(f"{len(pols)} policies for {len(self.features)} features")
-        self.policies = pols
-        self._reasons = self._reason_table(pols)
-        self._bounds = self._bound_arrays(pols)
-        self._inf_to_nan = np.array([p.inf == PASS for p in pols], dtype=bool)
+        policies = [f.effective_policy for f in self.features]
+        self._reasons = self._reason_table(policies)
+        self._bounds = self._bound_arrays(self.features)
+        self._inf_to_nan = np.array([p.infinite == PASS for p in policies], dtype=bool)
         self._k = _kernel()
         started = time.perf_counter()
         self.run([])  # compile, or load from numba's cache, before the first real batch
         self.warmup_s = time.perf_counter() - started
 
     @staticmethod
-    def _reason_table(policies: Sequence[FeaturePolicy]) -> npt.NDArray[np.int64]:
+    def _reason_table(policies: Sequence[ValuePolicy]) -> npt.NDArray[np.int64]:
         """``(features, states)``: the state that dead-letters a cell, else 0 (pass)."""
         table = np.zeros((len(policies), max(_OUT_OF_RANGE_STATES) + 1), dtype=np.int64)
         for j, p in enumerate(policies):
@@ -207,30 +160,28 @@ class FastDecoder:
             for states, rule in (
                 ((fp.MISSING,), p.missing),
                 ((fp.NAN,), p.nan),
-                ((fp.INF,), p.inf),
+                ((fp.INF,), p.infinite),
                 (_OUT_OF_RANGE_STATES, p.out_of_range),
             ):
-                if rule not in (PASS, DEAD_LETTER):
-                    raise ValueError(f"policy {rule!r} is neither {PASS!r} nor {DEAD_LETTER!r}")
                 for s in states:
                     table[j, s] = states[0] if rule == DEAD_LETTER else 0
         return table
 
     @staticmethod
-    def _bound_arrays(policies: Sequence[FeaturePolicy]) -> tuple[npt.NDArray[Any], ...]:
+    def _bound_arrays(features: Sequence[FeatureSpec]) -> tuple[npt.NDArray[Any], ...]:
         """The kernel's bounds per column: (lowest, highest) double, (lowest, highest) integer.
 
-        An integer is valid from the smallest integer at or above ``minimum`` to the largest
-        at or below ``maximum`` (so it is compared exactly, as Python compares an int with a
-        float); when no int64 is in between, the integer bounds cross.
+        An integer is valid from the smallest integer at or above a feature's ``min`` to the
+        largest at or below its ``max`` (so it is compared exactly, as Python compares an int
+        with a float); when no int64 is in between, the integer bounds cross.
         """
-        lo_float = np.full(len(policies), -np.inf)
-        hi_float = np.full(len(policies), np.inf)
-        lo_int = np.full(len(policies), _INT64_MIN, dtype=np.int64)
-        hi_int = np.full(len(policies), _INT64_MAX, dtype=np.int64)
-        for j, p in enumerate(policies):
-            low = -math.inf if p.minimum is None else float(p.minimum)
-            high = math.inf if p.maximum is None else float(p.maximum)
+        lo_float = np.full(len(features), -np.inf)
+        hi_float = np.full(len(features), np.inf)
+        lo_int = np.full(len(features), _INT64_MIN, dtype=np.int64)
+        hi_int = np.full(len(features), _INT64_MAX, dtype=np.int64)
+        for j, spec in enumerate(features):
+            low = -math.inf if spec.min is None else spec.min
+            high = math.inf if spec.max is None else spec.max
             lo_float[j], hi_float[j] = low, high
             first = _INT64_MIN if low == -math.inf else math.ceil(low)
             last = _INT64_MAX if high == math.inf else math.floor(high)
@@ -393,8 +344,7 @@ class FastDecoder:
                 if code == fp.INF:  # the value as sent, in the fastavro path's words
                     text = non_finite_message(float(cols["raw_float"][i, j]))
                 elif code == fp.OUT_OF_RANGE:
-                    p = self.policies[j]
-                    text = out_of_range_message(self._raw(cols, state, i, j), p.minimum, p.maximum)
+                    text = out_of_range_message(self._raw(cols, state, i, j), spec.min, spec.max)
                 else:
                     value = float(matrix[i, j])
                     text = f"{_EXPLAIN[code]} (field {spec.field!r}, value {value!r})"
@@ -429,7 +379,6 @@ def build_fast_path(
     event_time_field: str,
     max_message_bytes: int,
     enabled: bool = True,
-    policies: Sequence[FeaturePolicy] | None = None,
 ) -> FastDecoder | None:
     """Return a ``FastDecoder`` for the schema, or None (fastavro path), logging the choice."""
     if not enabled:
@@ -442,7 +391,6 @@ def build_fast_path(
             id_field=id_field,
             event_time_field=event_time_field,
             max_message_bytes=max_message_bytes,
-            policies=policies,
         )
     except Unsupported as exc:
         log.info("decoder: fastavro path (the schema cannot be specialised: %s)", exc)

@@ -65,7 +65,9 @@ REGRESSION_OBJECTIVES = frozenset(
 BINARY_OBJECTIVES = frozenset({"binary:logistic"})
 OBJECTIVES = REGRESSION_OBJECTIVES | BINARY_OBJECTIVES
 #: What a value policy does with a value: score it anyway, or dead-letter the record.
-POLICY_ACTIONS = frozenset({"pass", "dead_letter"})
+PASS = "pass"
+DEAD_LETTER = "dead_letter"
+POLICY_ACTIONS = frozenset({PASS, DEAD_LETTER})
 
 
 def _check_actions(where: str, policy: Mapping[str, Any]) -> None:
@@ -94,10 +96,10 @@ class ValuePolicy:
             ``out_of_range``).
     """
 
-    missing: str = "pass"
-    nan: str = "pass"
-    infinite: str = "dead_letter"
-    out_of_range: str = "dead_letter"
+    missing: str = PASS
+    nan: str = PASS
+    infinite: str = DEAD_LETTER
+    out_of_range: str = DEAD_LETTER
 
     def __post_init__(self) -> None:
         _check_actions("value policy", asdict(self))

@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_scorer.errors import SchemaError
-from stream_scorer.model.manifest import FeatureSpec, ValuePolicy
+from stream_scorer.model.manifest import DEAD_LETTER, FeatureSpec, ValuePolicy
 from stream_scorer.stages.fields import base_type, resolve, type_name
 from stream_scorer.stages.records import FEATURE_REASONS as FEATURE_REASONS
 from stream_scorer.stages.records import Reason
@@ -76,9 +76,9 @@ class FeatureError(ValueError):
 
 
 def _number(spec: FeatureSpec, policy: ValuePolicy) -> Callable[[Any], float]:
-    reject_nan = policy.nan == "dead_letter"
-    reject_inf = policy.infinite == "dead_letter"
-    reject_range = policy.out_of_range == "dead_letter"
+    reject_nan = policy.nan == DEAD_LETTER
+    reject_inf = policy.infinite == DEAD_LETTER
+    reject_range = policy.out_of_range == DEAD_LETTER
     low = -math.inf if spec.min is None else spec.min
     high = math.inf if spec.max is None else spec.max
     bounded = spec.min is not None or spec.max is not None
@@ -138,7 +138,7 @@ def _category(categories: tuple[str, ...]) -> Callable[[Any], float]:
 
 def _with_missing(convert: Callable[[Any], float], policy: ValuePolicy) -> Callable[[Any], float]:
     """Apply the missing-value policy before ``convert`` sees a value."""
-    if policy.missing == "dead_letter":
+    if policy.missing == DEAD_LETTER:
 
         def reject_missing(value: Any) -> float:
             if value is None:
