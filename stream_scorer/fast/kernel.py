@@ -238,8 +238,12 @@ def run_batch(
         matrix: out: the feature matrix (NaN where no value).
         state: out: each cell's ``fastplan`` state; bounds and float32's range are checked on
             the value as read (the double, or the exact integer), before it becomes float32.
-        raw_float: out: the double read, where a cell is *inf* or *out of range* (a float).
-        raw_int: out: the integer read, where a cell is *out of range* (an int or boolean).
+        raw_float: out: the double read, where a cell is *inf* or *out of range* (a float);
+            where a cell is *unseen*: the string's length, -1 for an enum symbol, -2 for a
+            value of another type.
+        raw_int: out: the integer read, where a cell is *out of range* (an int or boolean);
+            where a cell is *unseen*: where the string starts in ``buf``, or the enum symbol's
+            position in ``enum_lut``.
         status: out: each record's status (index into ``REASONS``).
         err_at: out: the byte offset in the record where decoding failed.
         ids: out: ``(n, 6)``: id kind, integer value, span start, span length, code points,
@@ -428,16 +432,21 @@ def run_batch(
                     state[r, a] = fp.VALUE
             elif op == fp.ST_STATE:
                 state[r, a] = code[pc - 1, 2]
+                raw_float[r, a] = -2.0  # when the state is unseen: a value of another type
             elif op == fp.ST_CATEGORY_ENUM:
                 where = enum_lut[code[pc - 1, 2] + ival]
                 if where < 0:
                     state[r, a] = fp.UNSEEN
+                    raw_int[r, a] = code[pc - 1, 2] + ival
+                    raw_float[r, a] = -1.0
                 else:
                     matrix[r, a] = np.float32(where)
                     state[r, a] = fp.VALUE
             elif op == fp.ST_CATEGORY_STRING:
                 first = code[pc - 1, 2]
                 state[r, a] = fp.UNSEEN
+                raw_int[r, a] = span_s
+                raw_float[r, a] = span_n
                 for k in range(code[pc - 1, 3]):
                     c_start = cat_spans[first + k, 0]
                     if cat_spans[first + k, 1] != span_n:

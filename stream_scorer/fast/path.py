@@ -10,8 +10,8 @@ manifest's order (the first failing feature names the dead letter, as in ``featu
 Dead-letter reason codes (``records.Reason``): the decode stage's are the kernel's statuses
 (``fastkernel.REASONS``); the feature stage's are each verdict's (``STATE_REASONS``). The
 policies are the features' own (``FeatureSpec.effective_policy``, the manifest's
-``ValuePolicy`` with the feature's overrides, and its ``min``/``max``), as in ``features.py``;
-unseen categories are always NaN.
+``ValuePolicy`` with the feature's overrides, and its ``min``/``max``), as in ``features.py``.
+``FastBatch.unseen`` counts the unseen categories per feature, as ``FeatureBuilder.unseen``.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
 specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
@@ -31,7 +31,11 @@ import numpy.typing as npt
 from stream_scorer.fast import plan as fp
 from stream_scorer.fast.plan import Program, Unsupported, compile_program
 from stream_scorer.model.manifest import DEAD_LETTER, PASS, FeatureSpec, ValuePolicy
-from stream_scorer.stages.features import non_finite_message, out_of_range_message
+from stream_scorer.stages.features import (
+    non_finite_message,
+    out_of_range_message,
+    unseen_message,
+)
 from stream_scorer.stages.records import DeadLetter, Message, Reason, Stage
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ STATE_REASONS = {
     fp.NAN: Reason.NAN_VALUE,
     fp.INF: Reason.NON_FINITE,
     fp.OUT_OF_RANGE: Reason.OUT_OF_RANGE,
+    fp.UNSEEN: Reason.UNSEEN_CATEGORY,
     fp.NOT_NUMERIC: Reason.NOT_NUMERIC,
     fp.NOT_TIMESTAMP: Reason.NOT_TIMESTAMP,
 }
@@ -84,9 +89,11 @@ class FastBatch:
         matrix: their features, one row each.
         dead: decode dead letters in input order, then feature dead letters in input order.
         decode_done: ``time.perf_counter()`` when decoding ended and feature policies began.
+        unseen: per ``category`` feature with any, how many decoded records hold a value that
+            is none of its categories (also records rejected for another feature).
     """
 
-    __slots__ = ("dead", "decode_done", "event_ms", "ids", "matrix", "messages")
+    __slots__ = ("dead", "decode_done", "event_ms", "ids", "matrix", "messages", "unseen")
 
     def __init__(
         self,
@@ -96,6 +103,7 @@ class FastBatch:
         matrix: Matrix,
         dead: list[DeadLetter],
         decode_done: float,
+        unseen: dict[str, int],
     ) -> None:
         """Hold a batch's columns (built by ``FastDecoder.run``)."""
         self.messages = messages
@@ -104,6 +112,7 @@ class FastBatch:
         self.matrix = matrix
         self.dead = dead
         self.decode_done = decode_done
+        self.unseen = unseen
 
 
 def _kernel() -> Any:
@@ -145,6 +154,9 @@ class FastDecoder:
         self._reasons = self._reason_table(policies)
         self._bounds = self._bound_arrays(self.features)
         self._inf_to_nan = np.array([p.infinite == PASS for p in policies], dtype=bool)
+        self._category_columns = np.array(
+            [j for j, f in enumerate(self.features) if f.transform == "category"], dtype=np.int64
+        )
         self._k = _kernel()
         started = time.perf_counter()
         self.run([])  # compile, or load from numba's cache, before the first real batch
@@ -162,6 +174,7 @@ class FastDecoder:
                 ((fp.NAN,), p.nan),
                 ((fp.INF,), p.infinite),
                 (_OUT_OF_RANGE_STATES, p.out_of_range),
+                ((fp.UNSEEN,), p.unseen),
             ):
                 for s in states:
                     table[j, s] = states[0] if rule == DEAD_LETTER else 0
@@ -310,6 +323,29 @@ class FastDecoder:
             return bool(cols["raw_int"][i, j])
         return float(cols["raw_float"][i, j])
 
+    def _unseen_value(self, cols: Mapping[str, Any], i: int, j: int) -> str | None:
+        """The string or enum symbol of an unseen cell; None for a value of another type."""
+        kind = float(cols["raw_float"][i, j])
+        at = int(cols["raw_int"][i, j])
+        if kind >= 0:  # a string: its length, and where it starts
+            text: str = cols["buf"][at : at + int(kind)].decode()
+            return text
+        return self.program.lut_symbols[at] if kind == -1 else None
+
+    def _unseen_counts(
+        self, state: npt.NDArray[np.uint8], decoded_ok: npt.NDArray[np.bool_]
+    ) -> dict[str, int]:
+        """Per category feature with any, how many decoded records hold an unseen value."""
+        if not self._category_columns.size or not state.shape[0]:
+            return {}
+        unseen = state[:, self._category_columns] == fp.UNSEEN
+        counts = np.count_nonzero(unseen & decoded_ok[:, None], axis=0).tolist()
+        return {
+            self.features[j].name: n
+            for j, n in zip(self._category_columns.tolist(), counts, strict=True)
+            if n
+        }
+
     def run(self, messages: Sequence[Message]) -> FastBatch:
         """Decode a batch and apply the feature policies; bad records become dead letters."""
         matrix, state, cols = self.decode(messages)
@@ -345,6 +381,8 @@ class FastDecoder:
                     text = non_finite_message(float(cols["raw_float"][i, j]))
                 elif code == fp.OUT_OF_RANGE:
                     text = out_of_range_message(self._raw(cols, state, i, j), spec.min, spec.max)
+                elif code == fp.UNSEEN:
+                    text = unseen_message(self._unseen_value(cols, i, j))
                 else:
                     value = float(matrix[i, j])
                     text = f"{_EXPLAIN[code]} (field {spec.field!r}, value {value!r})"
@@ -368,7 +406,8 @@ class FastDecoder:
         kept = (
             list(messages) if keep.size == len(messages) else [messages[i] for i in keep.tolist()]
         )
-        return FastBatch(kept, rids, event, matrix, dead, decode_done)
+        unseen = self._unseen_counts(state, decoded_ok)
+        return FastBatch(kept, rids, event, matrix, dead, decode_done, unseen)
 
 
 def build_fast_path(

@@ -134,6 +134,9 @@ class Reason(StrEnum):
     NON_FINITE = "non_finite", Stage.FEATURES
     #: features: the value is outside ``min``/``max`` and the ``out_of_range`` policy says so.
     OUT_OF_RANGE = "out_of_range", Stage.FEATURES
+    #: features: a ``category`` feature's value is not one of its categories and the ``unseen``
+    #: policy is ``dead_letter``.
+    UNSEEN_CATEGORY = "unseen_category", Stage.FEATURES
     #: features: a ``number`` feature's value is not a number.
     NOT_NUMERIC = "not_numeric", Stage.FEATURES
     #: features: an ``hour_of_day``/``day_of_week`` feature's value is not a timestamp.
