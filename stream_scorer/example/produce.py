@@ -50,25 +50,28 @@ from confluent_kafka import Producer
 from stream_scorer.clients import produce_retrying
 from stream_scorer.errors import BrokerError
 from stream_scorer.example.rides import generate_columns, load_ride_schema, to_records
-from stream_scorer.stages.records import Stage
+from stream_scorer.stages.records import Reason, Stage
 
 #: Each malformed kind and the dead letter it becomes: (stage, reason code).
-EXPECTED_DEAD_LETTERS: dict[str, tuple[Stage, str]] = {
-    "truncated": (Stage.DECODE, "truncated"),
-    "trailing_bytes": (Stage.DECODE, "trailing_bytes"),
-    "empty": (Stage.DECODE, "empty"),
-    "bad_enum_index": (Stage.DECODE, "bad_enum_index"),
-    "invalid_utf8": (Stage.DECODE, "invalid_utf8"),
-    "negative_length": (Stage.DECODE, "negative_length"),
-    "wrong_schema": (Stage.DECODE, "truncated"),
-    "varint_too_long": (Stage.DECODE, "varint_too_long"),
-    "int_out_of_range": (Stage.DECODE, "int_out_of_range"),
-    "bad_union_index": (Stage.DECODE, "bad_union_index"),
-    "tombstone": (Stage.DECODE, "null_value"),
-    "timestamp_in_micros": (Stage.DECODE, "malformed_avro"),
-    "infinite_distance": (Stage.FEATURES, "non_finite"),
-    "nan_distance": (Stage.FEATURES, "nan_value"),
-    "too_many_passengers": (Stage.FEATURES, "out_of_range"),
+EXPECTED_DEAD_LETTERS: dict[str, tuple[Stage, Reason]] = {
+    kind: (reason.stage, reason)
+    for kind, reason in {
+        "truncated": Reason.TRUNCATED,
+        "trailing_bytes": Reason.TRAILING_BYTES,
+        "empty": Reason.EMPTY,
+        "bad_enum_index": Reason.BAD_ENUM_INDEX,
+        "invalid_utf8": Reason.INVALID_UTF8,
+        "negative_length": Reason.NEGATIVE_LENGTH,
+        "wrong_schema": Reason.TRUNCATED,
+        "varint_too_long": Reason.VARINT_TOO_LONG,
+        "int_out_of_range": Reason.INT_OUT_OF_RANGE,
+        "bad_union_index": Reason.BAD_UNION_INDEX,
+        "tombstone": Reason.NULL_VALUE,
+        "timestamp_in_micros": Reason.MALFORMED_AVRO,
+        "infinite_distance": Reason.NON_FINITE,
+        "nan_distance": Reason.NAN_VALUE,
+        "too_many_passengers": Reason.OUT_OF_RANGE,
+    }.items()
 }
 MALFORMED_KINDS = tuple(EXPECTED_DEAD_LETTERS)
 #: The kinds that fail decoding; the others decode and fail at the feature stage.
@@ -77,7 +80,7 @@ UNDECODABLE_KINDS = tuple(
 )
 
 
-def expected_reasons(malformed_by_kind: Mapping[str, int]) -> Counter[tuple[Stage, str]]:
+def expected_reasons(malformed_by_kind: Mapping[str, int]) -> Counter[tuple[Stage, Reason]]:
     """How many dead letters of each (stage, reason) the given malformed kinds must produce.
 
     Args:
@@ -86,7 +89,7 @@ def expected_reasons(malformed_by_kind: Mapping[str, int]) -> Counter[tuple[Stag
     Returns:
         The expected count per (stage, reason code).
     """
-    out: Counter[tuple[Stage, str]] = Counter()
+    out: Counter[tuple[Stage, Reason]] = Counter()
     for kind, count in malformed_by_kind.items():
         out[EXPECTED_DEAD_LETTERS[kind]] += count
     return out

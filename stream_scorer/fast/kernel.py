@@ -6,7 +6,7 @@ and event time of each. It is compiled once by numba (``cache=True``: later proc
 machine code from the cache directory instead of compiling again) and serves every schema,
 because the schema is data (the program), not code.
 
-Guards, each a decode status (``REASONS``), with the semantics of ``avro_guard`` on main:
+Guards, each a decode status (``REASONS``), with the semantics of ``avro_guard``:
 values that are null, empty or larger than the limit; input ending early (``truncated``: also
 a length or block byte size longer than the bytes left); varints longer than 10 bytes; an
 ``int`` (or enum index) outside 32 bits or a long outside 64 (``int_out_of_range``); negative
@@ -19,12 +19,17 @@ fill their announced byte size exactly, logical-type values fastavro cannot conv
 
 numba's cache goes to ``$NUMBA_CACHE_DIR`` when set, else to ``numba/`` under the
 stream-scorer cache folder (``$STREAM_SCORER_CACHE`` or ``~/.cache/stream-scorer``), which
-must be writable; compiling without a cache takes a few seconds.
+must be writable; compiling without a cache takes a few seconds. numba keys its cache on this
+file and the functions' bytecode, not on the constants they read from other modules (the
+decode statuses from ``Reason``, the operations and states of ``fast.plan``): importing this
+module compares a fingerprint of those constants with the one compiled into the cache and,
+when they differ, compiles afresh (``_refresh_stale_cache``).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numba
@@ -32,17 +37,30 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_scorer.fast import plan as fp
-from stream_scorer.stages.avro_guard import DECODE_REASONS, DEFAULT_MAX_ZERO_SIZE_ITEMS
+from stream_scorer.stages.avro_guard import DEFAULT_MAX_ZERO_SIZE_ITEMS
+from stream_scorer.stages.records import DECODE_REASONS, Reason
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
     _base = os.environ.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")
     numba.config.CACHE_DIR = str(Path(_base) / "numba")  # type: ignore[attr-defined]
 
-#: Decode statuses; index 0 is success. The names are the guard's dead-letter reason codes, in
-#: the guard's order (the constants below index this tuple).
-REASONS = ("", *DECODE_REASONS)
-OK, NULL, EMPTY, TOO_LARGE, TRUNCATED, VARINT, INT_RANGE, NEG_LEN = range(8)
-BAD_ENUM, BAD_UNION, COUNT, UTF8, TRAILING, MALFORMED = range(8, 14)
+#: Decode statuses: 0 is success, status ``s`` is the dead-letter reason ``REASONS[s]``: the
+#: decode stage's ``Reason`` members, in their order. The constants below are their indexes.
+REASONS: tuple[Reason | None, ...] = (None, *DECODE_REASONS)
+OK = 0
+NULL = REASONS.index(Reason.NULL_VALUE)
+EMPTY = REASONS.index(Reason.EMPTY)
+TOO_LARGE = REASONS.index(Reason.TOO_LARGE)
+TRUNCATED = REASONS.index(Reason.TRUNCATED)
+VARINT = REASONS.index(Reason.VARINT_TOO_LONG)
+INT_RANGE = REASONS.index(Reason.INT_OUT_OF_RANGE)
+NEG_LEN = REASONS.index(Reason.NEGATIVE_LENGTH)
+BAD_ENUM = REASONS.index(Reason.BAD_ENUM_INDEX)
+BAD_UNION = REASONS.index(Reason.BAD_UNION_INDEX)
+COUNT = REASONS.index(Reason.COUNT_TOO_LARGE)
+UTF8 = REASONS.index(Reason.INVALID_UTF8)
+TRAILING = REASONS.index(Reason.TRAILING_BYTES)
+MALFORMED = REASONS.index(Reason.MALFORMED_AVRO)
 
 #: At most this many items of types that take no bytes (e.g. ``null``) in one record.
 MAX_EMPTY_ITEMS = DEFAULT_MAX_ZERO_SIZE_ITEMS
@@ -220,8 +238,12 @@ def run_batch(
         matrix: out: the feature matrix (NaN where no value).
         state: out: each cell's ``fastplan`` state; bounds and float32's range are checked on
             the value as read (the double, or the exact integer), before it becomes float32.
-        raw_float: out: the double read, where a cell is *inf* or *out of range* (a float).
-        raw_int: out: the integer read, where a cell is *out of range* (an int or boolean).
+        raw_float: out: the double read, where a cell is *inf* or *out of range* (a float);
+            where a cell is *unseen*: the string's length, -1 for an enum symbol, -2 for a
+            value of another type.
+        raw_int: out: the integer read, where a cell is *out of range* (an int or boolean);
+            where a cell is *unseen*: where the string starts in ``buf``, or the enum symbol's
+            position in ``enum_lut``.
         status: out: each record's status (index into ``REASONS``).
         err_at: out: the byte offset in the record where decoding failed.
         ids: out: ``(n, 6)``: id kind, integer value, span start, span length, code points,
@@ -410,16 +432,21 @@ def run_batch(
                     state[r, a] = fp.VALUE
             elif op == fp.ST_STATE:
                 state[r, a] = code[pc - 1, 2]
+                raw_float[r, a] = -2.0  # when the state is unseen: a value of another type
             elif op == fp.ST_CATEGORY_ENUM:
                 where = enum_lut[code[pc - 1, 2] + ival]
                 if where < 0:
                     state[r, a] = fp.UNSEEN
+                    raw_int[r, a] = code[pc - 1, 2] + ival
+                    raw_float[r, a] = -1.0
                 else:
                     matrix[r, a] = np.float32(where)
                     state[r, a] = fp.VALUE
             elif op == fp.ST_CATEGORY_STRING:
                 first = code[pc - 1, 2]
                 state[r, a] = fp.UNSEEN
+                raw_int[r, a] = span_s
+                raw_float[r, a] = span_n
                 for k in range(code[pc - 1, 3]):
                     c_start = cat_spans[first + k, 0]
                     if cat_spans[first + k, 1] != span_n:
@@ -538,3 +565,35 @@ def encode_v1(
         pos = _put_long(out, pos, scored_at)
         ends[i] = pos
     return pos
+
+
+def _constants_fingerprint() -> int:
+    """A checksum of every constant the compiled functions can read from the modules' globals."""
+    constants = sorted(
+        (f"{module}.{name}", repr(value))
+        for module, names in (("plan", vars(fp)), ("kernel", globals()))
+        for name, value in names.items()
+        if name.isupper() and isinstance(value, int | float | tuple)
+    )
+    return zlib.crc32(repr(constants).encode())
+
+
+_FINGERPRINT = _constants_fingerprint()
+
+
+@numba.njit(cache=True)
+def _compiled_fingerprint() -> int:
+    """``_FINGERPRINT`` as it was when the cached machine code was compiled."""
+    return _FINGERPRINT
+
+
+def _refresh_stale_cache() -> None:
+    """Drop numba's cached machine code when it was compiled with other constants."""
+    if _compiled_fingerprint() == _FINGERPRINT:
+        return
+    for value in list(globals().values()):
+        if isinstance(value, numba.core.dispatcher.Dispatcher):
+            value.recompile()  # compiles the signatures in use, and empties the cache index
+
+
+_refresh_stale_cache()

@@ -7,11 +7,11 @@ with a *state* (value, missing, NaN, infinite, unseen category, not numeric, not
 The feature policies are then applied to the states, vectorised, column by column in the
 manifest's order (the first failing feature names the dead letter, as in ``features.py``).
 
-Dead-letter reason codes: the decode stage's are ``fastkernel.REASONS``; the feature stage's
-are ``missing_value``, ``nan_value``, ``non_finite``, ``out_of_range``, ``not_numeric`` and
-``not_timestamp``. The default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``:
-null, absent and NaN values pass as NaN, infinity and values outside a feature's min/max are
-dead-lettered; unseen categories are always NaN.
+Dead-letter reason codes (``records.Reason``): the decode stage's are the kernel's statuses
+(``fastkernel.REASONS``); the feature stage's are each verdict's (``STATE_REASONS``). The
+policies are the features' own (``FeatureSpec.effective_policy``, the manifest's
+``ValuePolicy`` with the feature's overrides, and its ``min``/``max``), as in ``features.py``.
+``FastBatch.unseen`` counts the unseen categories per feature, as ``FeatureBuilder.unseen``.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
 specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,27 +30,30 @@ import numpy.typing as npt
 
 from stream_scorer.fast import plan as fp
 from stream_scorer.fast.plan import Program, Unsupported, compile_program
-from stream_scorer.model.manifest import FeatureSpec
-from stream_scorer.stages.features import non_finite_message, out_of_range_message
-from stream_scorer.stages.records import DeadLetter, Message, Stage
+from stream_scorer.model.manifest import DEAD_LETTER, PASS, FeatureSpec, ValuePolicy
+from stream_scorer.stages.features import (
+    non_finite_message,
+    out_of_range_message,
+    unseen_message,
+)
+from stream_scorer.stages.records import DeadLetter, Message, Reason, Stage
 
 log = logging.getLogger(__name__)
 
 Matrix = npt.NDArray[np.float32]
-PASS = "pass"
-DEAD_LETTER = "dead_letter"
 _GUARD = "stream_scorer"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _OUT_OF_RANGE_STATES = (fp.OUT_OF_RANGE, fp.OUT_OF_RANGE_INT, fp.OUT_OF_RANGE_BOOL)
 
-#: Feature-stage reason code of each verdict (every out-of-range state's is ``fp.OUT_OF_RANGE``).
-FEATURE_REASONS = {
-    fp.MISSING: "missing_value",
-    fp.NAN: "nan_value",
-    fp.INF: "non_finite",
-    fp.OUT_OF_RANGE: "out_of_range",
-    fp.NOT_NUMERIC: "not_numeric",
-    fp.NOT_TIMESTAMP: "not_timestamp",
+#: The dead-letter reason of each verdict (every out-of-range state's is ``fp.OUT_OF_RANGE``).
+STATE_REASONS = {
+    fp.MISSING: Reason.MISSING_VALUE,
+    fp.NAN: Reason.NAN_VALUE,
+    fp.INF: Reason.NON_FINITE,
+    fp.OUT_OF_RANGE: Reason.OUT_OF_RANGE,
+    fp.UNSEEN: Reason.UNSEEN_CATEGORY,
+    fp.NOT_NUMERIC: Reason.NOT_NUMERIC,
+    fp.NOT_TIMESTAMP: Reason.NOT_TIMESTAMP,
 }
 _EXPLAIN = {
     fp.MISSING: "value is missing (null or absent)",
@@ -59,60 +61,22 @@ _EXPLAIN = {
     fp.NOT_NUMERIC: "value is not a number",
     fp.NOT_TIMESTAMP: "value is not a timestamp",
 }
-_DECODE_EXPLAIN = {
-    "null_value": "record value is null (tombstone)",
-    "empty": "record value is empty",
-    "too_large": "value is larger than input.max_message_bytes",
-    "truncated": "the value ends before the record does",
-    "varint_too_long": "a variable-length integer runs past 10 bytes",
-    "int_out_of_range": "an integer does not fit its type (int: 32 bits, long: 64 bits)",
-    "negative_length": "a string or bytes length is negative",
-    "bad_enum_index": "an enum index is outside the enum's symbols",
-    "bad_union_index": "a union index is outside the union's branches",
-    "count_too_large": "an array or map announces more items than can follow",
-    "invalid_utf8": "a string is not valid UTF-8",
-    "trailing_bytes": "bytes are left over after the record",
-    "malformed_avro": "a logical-type value cannot be converted",
+#: The explanation of each decode stage reason in the fast path's dead letters.
+DECODE_EXPLAIN = {
+    Reason.NULL_VALUE: "record value is null (tombstone)",
+    Reason.EMPTY: "record value is empty",
+    Reason.TOO_LARGE: "value is larger than input.max_message_bytes",
+    Reason.TRUNCATED: "the value ends before the record does",
+    Reason.VARINT_TOO_LONG: "a variable-length integer runs past 10 bytes",
+    Reason.INT_OUT_OF_RANGE: "an integer does not fit its type (int: 32 bits, long: 64 bits)",
+    Reason.NEGATIVE_LENGTH: "a string or bytes length is negative",
+    Reason.BAD_ENUM_INDEX: "an enum index is outside the enum's symbols",
+    Reason.BAD_UNION_INDEX: "a union index is outside the union's branches",
+    Reason.COUNT_TOO_LARGE: "an array or map announces more items than can follow",
+    Reason.INVALID_UTF8: "a string is not valid UTF-8",
+    Reason.TRAILING_BYTES: "bytes are left over after the record",
+    Reason.MALFORMED_AVRO: "a logical-type value cannot be converted",
 }
-
-
-@dataclass(frozen=True)
-class FeaturePolicy:
-    """What to do with a feature's unusable values: ``pass`` or ``dead_letter``.
-
-    ``pass`` scores the row anyway: missing, NaN and infinite values as NaN (which XGBoost
-    treats as missing), out-of-range values as they are. Values that are no number or no
-    timestamp are always dead-lettered; a category the model does not know is always NaN.
-    The defaults and meanings are those of the manifest's ``ValuePolicy`` on main.
-
-    Attributes:
-        missing: null or absent values.
-        nan: NaN values.
-        inf: +/-infinity, and doubles too large for float32.
-        out_of_range: values below ``minimum`` or above ``maximum`` (when either is set).
-        minimum: the smallest valid value; None for no bound.
-        maximum: the largest valid value; None for no bound.
-    """
-
-    missing: str = PASS
-    nan: str = PASS
-    inf: str = DEAD_LETTER
-    out_of_range: str = DEAD_LETTER
-    minimum: float | None = None
-    maximum: float | None = None
-
-
-def policy_of(spec: FeatureSpec) -> FeaturePolicy:
-    """The fast path's policy for a manifest feature: its effective value policy and bounds."""
-    p = spec.effective_policy
-    return FeaturePolicy(
-        missing=p.missing,
-        nan=p.nan,
-        inf=p.infinite,
-        out_of_range=p.out_of_range,
-        minimum=spec.min,
-        maximum=spec.max,
-    )
 
 
 class FastBatch:
@@ -125,9 +89,11 @@ class FastBatch:
         matrix: their features, one row each.
         dead: decode dead letters in input order, then feature dead letters in input order.
         decode_done: ``time.perf_counter()`` when decoding ended and feature policies began.
+        unseen: per ``category`` feature with any, how many decoded records hold a value that
+            is none of its categories (also records rejected for another feature).
     """
 
-    __slots__ = ("dead", "decode_done", "event_ms", "ids", "matrix", "messages")
+    __slots__ = ("dead", "decode_done", "event_ms", "ids", "matrix", "messages", "unseen")
 
     def __init__(
         self,
@@ -137,6 +103,7 @@ class FastBatch:
         matrix: Matrix,
         dead: list[DeadLetter],
         decode_done: float,
+        unseen: dict[str, int],
     ) -> None:
         """Hold a batch's columns (built by ``FastDecoder.run``)."""
         self.messages = messages
@@ -145,6 +112,7 @@ class FastBatch:
         self.matrix = matrix
         self.dead = dead
         self.decode_done = decode_done
+        self.unseen = unseen
 
 
 def _kernel() -> Any:
@@ -164,7 +132,6 @@ class FastDecoder:
         id_field: str,
         event_time_field: str = "",
         max_message_bytes: int,
-        policies: Sequence[FeaturePolicy] | None = None,
     ) -> None:
         """Specialise to ``schema`` and ``features`` and load (or compile) the kernel.
 
@@ -174,7 +141,6 @@ class FastDecoder:
             id_field: the input field copied into ``input_id``.
             event_time_field: the input field with the event time; empty: none.
             max_message_bytes: larger values are dead-lettered (``too_large``) unread.
-            policies: one per feature; default: each feature's manifest policy (``policy_of``).
 
         Raises:
             Unsupported: the schema cannot be specialised (the message says why).
@@ -184,20 +150,20 @@ class FastDecoder:
             schema, self.features, id_field=id_field, event_time_field=event_time_field
         )
         self._max = max_message_bytes
-        pols = tuple(policies) if policies is not None else tuple(policy_of(f) for f in features)
-        if len(pols) != len(self.features):
-            raise ValueError(f"{len(pols)} policies for {len(self.features)} features")
-        self.policies = pols
-        self._reasons = self._reason_table(pols)
-        self._bounds = self._bound_arrays(pols)
-        self._inf_to_nan = np.array([p.inf == PASS for p in pols], dtype=bool)
+        policies = [f.effective_policy for f in self.features]
+        self._reasons = self._reason_table(policies)
+        self._bounds = self._bound_arrays(self.features)
+        self._inf_to_nan = np.array([p.infinite == PASS for p in policies], dtype=bool)
+        self._category_columns = np.array(
+            [j for j, f in enumerate(self.features) if f.transform == "category"], dtype=np.int64
+        )
         self._k = _kernel()
         started = time.perf_counter()
         self.run([])  # compile, or load from numba's cache, before the first real batch
         self.warmup_s = time.perf_counter() - started
 
     @staticmethod
-    def _reason_table(policies: Sequence[FeaturePolicy]) -> npt.NDArray[np.int64]:
+    def _reason_table(policies: Sequence[ValuePolicy]) -> npt.NDArray[np.int64]:
         """``(features, states)``: the state that dead-letters a cell, else 0 (pass)."""
         table = np.zeros((len(policies), max(_OUT_OF_RANGE_STATES) + 1), dtype=np.int64)
         for j, p in enumerate(policies):
@@ -206,30 +172,29 @@ class FastDecoder:
             for states, rule in (
                 ((fp.MISSING,), p.missing),
                 ((fp.NAN,), p.nan),
-                ((fp.INF,), p.inf),
+                ((fp.INF,), p.infinite),
                 (_OUT_OF_RANGE_STATES, p.out_of_range),
+                ((fp.UNSEEN,), p.unseen),
             ):
-                if rule not in (PASS, DEAD_LETTER):
-                    raise ValueError(f"policy {rule!r} is neither {PASS!r} nor {DEAD_LETTER!r}")
                 for s in states:
                     table[j, s] = states[0] if rule == DEAD_LETTER else 0
         return table
 
     @staticmethod
-    def _bound_arrays(policies: Sequence[FeaturePolicy]) -> tuple[npt.NDArray[Any], ...]:
+    def _bound_arrays(features: Sequence[FeatureSpec]) -> tuple[npt.NDArray[Any], ...]:
         """The kernel's bounds per column: (lowest, highest) double, (lowest, highest) integer.
 
-        An integer is valid from the smallest integer at or above ``minimum`` to the largest
-        at or below ``maximum`` (so it is compared exactly, as Python compares an int with a
-        float); when no int64 is in between, the integer bounds cross.
+        An integer is valid from the smallest integer at or above a feature's ``min`` to the
+        largest at or below its ``max`` (so it is compared exactly, as Python compares an int
+        with a float); when no int64 is in between, the integer bounds cross.
         """
-        lo_float = np.full(len(policies), -np.inf)
-        hi_float = np.full(len(policies), np.inf)
-        lo_int = np.full(len(policies), _INT64_MIN, dtype=np.int64)
-        hi_int = np.full(len(policies), _INT64_MAX, dtype=np.int64)
-        for j, p in enumerate(policies):
-            low = -math.inf if p.minimum is None else float(p.minimum)
-            high = math.inf if p.maximum is None else float(p.maximum)
+        lo_float = np.full(len(features), -np.inf)
+        hi_float = np.full(len(features), np.inf)
+        lo_int = np.full(len(features), _INT64_MIN, dtype=np.int64)
+        hi_int = np.full(len(features), _INT64_MAX, dtype=np.int64)
+        for j, spec in enumerate(features):
+            low = -math.inf if spec.min is None else spec.min
+            high = math.inf if spec.max is None else spec.max
             lo_float[j], hi_float[j] = low, high
             first = _INT64_MIN if low == -math.inf else math.ceil(low)
             last = _INT64_MAX if high == math.inf else math.floor(high)
@@ -358,6 +323,29 @@ class FastDecoder:
             return bool(cols["raw_int"][i, j])
         return float(cols["raw_float"][i, j])
 
+    def _unseen_value(self, cols: Mapping[str, Any], i: int, j: int) -> str | None:
+        """The string or enum symbol of an unseen cell; None for a value of another type."""
+        kind = float(cols["raw_float"][i, j])
+        at = int(cols["raw_int"][i, j])
+        if kind >= 0:  # a string: its length, and where it starts
+            text: str = cols["buf"][at : at + int(kind)].decode()
+            return text
+        return self.program.lut_symbols[at] if kind == -1 else None
+
+    def _unseen_counts(
+        self, state: npt.NDArray[np.uint8], decoded_ok: npt.NDArray[np.bool_]
+    ) -> dict[str, int]:
+        """Per category feature with any, how many decoded records hold an unseen value."""
+        if not self._category_columns.size or not state.shape[0]:
+            return {}
+        unseen = state[:, self._category_columns] == fp.UNSEEN
+        counts = np.count_nonzero(unseen & decoded_ok[:, None], axis=0).tolist()
+        return {
+            self.features[j].name: n
+            for j, n in zip(self._category_columns.tolist(), counts, strict=True)
+            if n
+        }
+
     def run(self, messages: Sequence[Message]) -> FastBatch:
         """Decode a batch and apply the feature policies; bad records become dead letters."""
         matrix, state, cols = self.decode(messages)
@@ -371,7 +359,7 @@ class FastDecoder:
             for i in np.flatnonzero(~decoded_ok).tolist():
                 reason = reasons[int(status[i])]
                 where = "" if lens[i] <= 0 else f" (at byte {cols['err_at'][i]} of {lens[i]})"
-                if reason == "too_large":
+                if reason is Reason.TOO_LARGE:
                     where = f" ({lens[i]} bytes, limit {self._max})"
                 dead.append(
                     DeadLetter(
@@ -379,7 +367,7 @@ class FastDecoder:
                         Stage.DECODE,
                         reason,
                         _GUARD,
-                        _DECODE_EXPLAIN[reason] + where,
+                        DECODE_EXPLAIN[reason] + where,
                     )
                 )
         verdict, column = self.feature_verdicts(matrix, state)
@@ -392,8 +380,9 @@ class FastDecoder:
                 if code == fp.INF:  # the value as sent, in the fastavro path's words
                     text = non_finite_message(float(cols["raw_float"][i, j]))
                 elif code == fp.OUT_OF_RANGE:
-                    p = self.policies[j]
-                    text = out_of_range_message(self._raw(cols, state, i, j), p.minimum, p.maximum)
+                    text = out_of_range_message(self._raw(cols, state, i, j), spec.min, spec.max)
+                elif code == fp.UNSEEN:
+                    text = unseen_message(self._unseen_value(cols, i, j))
                 else:
                     value = float(matrix[i, j])
                     text = f"{_EXPLAIN[code]} (field {spec.field!r}, value {value!r})"
@@ -401,7 +390,7 @@ class FastDecoder:
                     DeadLetter(
                         messages[i],
                         Stage.FEATURES,
-                        FEATURE_REASONS[code],
+                        STATE_REASONS[code],
                         "FeatureError",
                         f"{spec.name}: {text}",
                     )
@@ -417,7 +406,8 @@ class FastDecoder:
         kept = (
             list(messages) if keep.size == len(messages) else [messages[i] for i in keep.tolist()]
         )
-        return FastBatch(kept, rids, event, matrix, dead, decode_done)
+        unseen = self._unseen_counts(state, decoded_ok)
+        return FastBatch(kept, rids, event, matrix, dead, decode_done, unseen)
 
 
 def build_fast_path(
@@ -428,7 +418,6 @@ def build_fast_path(
     event_time_field: str,
     max_message_bytes: int,
     enabled: bool = True,
-    policies: Sequence[FeaturePolicy] | None = None,
 ) -> FastDecoder | None:
     """Return a ``FastDecoder`` for the schema, or None (fastavro path), logging the choice."""
     if not enabled:
@@ -441,7 +430,6 @@ def build_fast_path(
             id_field=id_field,
             event_time_field=event_time_field,
             max_message_bytes=max_message_bytes,
-            policies=policies,
         )
     except Unsupported as exc:
         log.info("decoder: fastavro path (the schema cannot be specialised: %s)", exc)

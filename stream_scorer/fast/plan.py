@@ -13,8 +13,8 @@ here once per (field type, transform) instead of once per value:
   bounds the kernel is given is *out of range* (both checked on the value as read: a double,
   or an exact integer, before it is narrowed to float32); any other type (string, enum,
   bytes, record, a timestamp with a logical type, ...) is *not numeric*.
-- ``category``: a string or an enum symbol to its position in ``categories``; an unseen symbol
-  is *unseen*; anything else is *missing*.
+- ``category``: a string or an enum symbol to its position in ``categories``; any other value
+  (a string or symbol not listed, a value of another type) is *unseen*; ``null`` is *missing*.
 - ``hour_of_day`` / ``day_of_week``: ``timestamp-*`` and ``local-timestamp-*`` longs, and plain
   int/long epoch milliseconds (outside years 1-9999: *not a timestamp*); ``null`` is *missing*;
   any other type is *not a timestamp*.
@@ -54,7 +54,7 @@ OP_NEXT = 13  # array/map item end: a = pc of the item's first operation
 ST_NUMBER_INT = 20  # a = column, b = its out-of-range state: the last integer or boolean read
 ST_NUMBER_FLOAT = 21  # a = column: the last float or double read
 ST_STATE = 22  # a = column, b = cell state (the value itself does not matter)
-ST_CATEGORY_ENUM = 23  # a = column, b = offset in ``enum_lut``
+ST_CATEGORY_ENUM = 23  # a = column, b = offset in ``enum_lut`` (and in ``lut_symbols``)
 ST_CATEGORY_STRING = 24  # a = column, b = first category in ``cat_spans``, c = how many
 ST_HOUR = 25  # a = column, b = units per millisecond (1 or 1000), c = 1: check the range
 ST_WEEKDAY = 26  # same arguments
@@ -146,6 +146,7 @@ class Program:
         code: ``(n, 4)`` int64: operation and three arguments per row.
         branches: union branch start pcs.
         enum_lut: enum symbol index to category position (-1: unseen), per category feature.
+        lut_symbols: the enum symbol of each ``enum_lut`` entry.
         cat_bytes: the UTF-8 bytes of every string category, concatenated.
         cat_spans: ``(n, 2)`` int64: start and length of each category in ``cat_bytes``.
         enum_tables: symbols of the enums an id can be, by the table number in ``ST_ID``.
@@ -156,6 +157,7 @@ class Program:
     code: npt.NDArray[np.int64]
     branches: npt.NDArray[np.int64]
     enum_lut: npt.NDArray[np.int64]
+    lut_symbols: tuple[str, ...]
     cat_bytes: npt.NDArray[np.uint8]
     cat_spans: npt.NDArray[np.int64]
     enum_tables: tuple[tuple[str, ...], ...]
@@ -174,6 +176,7 @@ class _Compiler:
         self.code: list[list[int]] = []
         self.branches: list[int] = []
         self.enum_lut: list[int] = []
+        self.lut_symbols: list[str] = []
         self.cat_bytes = bytearray()
         self.cat_spans: list[tuple[int, int]] = []
         self.enum_tables: list[tuple[str, ...]] = []
@@ -283,6 +286,7 @@ class _Compiler:
                     positions = {c: i for i, c in enumerate(spec.categories)}
                     self.emit(ST_CATEGORY_ENUM, target[1], len(self.enum_lut))
                     self.enum_lut.extend(positions.get(s, -1) for s in symbols)
+                    self.lut_symbols.extend(symbols)
                 else:
                     self.store_other(target, "enum")
 
@@ -349,7 +353,8 @@ class _Compiler:
                     self.cat_spans.append((len(self.cat_bytes), len(raw)))
                     self.cat_bytes.extend(raw)
                 self.emit(ST_CATEGORY_STRING, col, first, len(spec.categories))
-            # any other type: missing (features.py maps only strings)
+            else:  # any other type: none of the categories (features.py maps only strings)
+                self.emit(ST_STATE, col, UNSEEN)
         else:
             st = ST_HOUR if spec.transform == "hour_of_day" else ST_WEEKDAY
             if typed == "timestamp":
@@ -370,6 +375,8 @@ class _Compiler:
             self.emit(ST_STATE, target[1], NOT_NUMERIC)
         elif spec.transform in ("hour_of_day", "day_of_week"):
             self.emit(ST_STATE, target[1], NOT_TIMESTAMP)
+        else:  # a category
+            self.emit(ST_STATE, target[1], UNSEEN)
 
     # --- sizes -----------------------------------------------------------------------------
     def min_size(self, schema: Any, seen: tuple[str, ...]) -> int:
@@ -433,6 +440,7 @@ def compile_program(
         code=np.asarray(compiler.code, dtype=np.int64).reshape(-1, 4),
         branches=np.asarray(compiler.branches or [0], dtype=np.int64),
         enum_lut=np.asarray(compiler.enum_lut or [-1], dtype=np.int64),
+        lut_symbols=tuple(compiler.lut_symbols),
         cat_bytes=np.frombuffer(bytes(compiler.cat_bytes) or b"\x00", dtype=np.uint8).copy(),
         cat_spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
         enum_tables=tuple(compiler.enum_tables),

@@ -20,24 +20,28 @@ Example ``manifest.json``::
         {"name": "hour", "field": "created_at", "transform": "hour_of_day"},
         {"name": "age", "field": "customer.age", "transform": "number"},
         {"name": "channel", "field": "channel", "transform": "category",
-         "categories": ["WEB", "POS", "APP"]},
+         "categories": ["WEB", "POS", "APP"], "policy": {"unseen": "dead_letter"}},
         {"name": "items", "field": "items", "min": 1, "max": 500,
          "policy": {"missing": "dead_letter", "out_of_range": "pass"}}
       ],
       "value_policy": {"missing": "pass", "nan": "pass", "infinite": "dead_letter",
-                       "out_of_range": "dead_letter"},
+                       "out_of_range": "dead_letter", "unseen": "pass"},
       "metrics": {"validation": {"rmse": 1.0}},
       "created_at": "2026-11-23T12:00:00+00:00"
     }
 
+A ``category`` feature's value is the position of the input's string (or enum symbol) in its
+``categories`` (0, 1, 2, ...); any other value is *unseen*.
+
 Value policies say what happens to a feature value that is *missing* (null or absent), *nan*,
-*infinite* (or beyond float32's range) or *out_of_range* (outside the feature's optional
-``min``/``max``, inclusive; ``number`` features only): ``pass`` scores the record anyway
-(missing, NaN and infinite values reach the model as NaN, which XGBoost treats as missing;
-an out-of-range value as itself), ``dead_letter`` rejects it at the feature stage. The
-manifest-wide ``value_policy`` (default: missing, nan: pass; infinite, out_of_range:
-dead_letter) applies to every feature; a feature's ``policy`` overrides some or all of it.
-Manifests without these fields load with the defaults.
+*infinite* (or beyond float32's range), *out_of_range* (outside the feature's optional
+``min``/``max``, inclusive; ``number`` features only) or *unseen* (``category`` features only):
+``pass`` scores the record anyway (missing, NaN, infinite and unseen values reach the model as
+NaN, which XGBoost treats as missing; an out-of-range value as itself), ``dead_letter`` rejects
+it at the feature stage. The manifest-wide ``value_policy`` (default: missing, nan, unseen:
+pass; infinite, out_of_range: dead_letter) applies to every feature; a feature's ``policy``
+overrides some or all of it (``unseen`` only on a ``category`` feature). Manifests without
+these fields load with the defaults.
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ REGRESSION_OBJECTIVES = frozenset(
 BINARY_OBJECTIVES = frozenset({"binary:logistic"})
 OBJECTIVES = REGRESSION_OBJECTIVES | BINARY_OBJECTIVES
 #: What a value policy does with a value: score it anyway, or dead-letter the record.
-POLICY_ACTIONS = frozenset({"pass", "dead_letter"})
+PASS = "pass"
+DEAD_LETTER = "dead_letter"
+POLICY_ACTIONS = frozenset({PASS, DEAD_LETTER})
 
 
 def _check_actions(where: str, policy: Mapping[str, Any]) -> None:
@@ -92,12 +98,15 @@ class ValuePolicy:
         infinite: the value is infinite or beyond float32's range (reason ``non_finite``).
         out_of_range: the value is outside the feature's ``min``/``max`` (reason
             ``out_of_range``).
+        unseen: a ``category`` feature's value is not one of its ``categories`` (reason
+            ``unseen_category``).
     """
 
-    missing: str = "pass"
-    nan: str = "pass"
-    infinite: str = "dead_letter"
-    out_of_range: str = "dead_letter"
+    missing: str = PASS
+    nan: str = PASS
+    infinite: str = DEAD_LETTER
+    out_of_range: str = DEAD_LETTER
+    unseen: str = PASS
 
     def __post_init__(self) -> None:
         _check_actions("value policy", asdict(self))
@@ -115,7 +124,8 @@ class FeatureSpec:
         name: the feature's name, as the booster knows it.
         field: the input field it comes from (dots reach into nested records).
         transform: how the field's value becomes a float (one of ``TRANSFORMS``).
-        categories: for ``category``: the symbols, whose position is the feature value.
+        categories: for ``category``: the symbols, whose position is the feature value (any
+            other value is *unseen*: see ``ValuePolicy.unseen``).
         min: for ``number``: the smallest valid value (inclusive), or None.
         max: for ``number``: the largest valid value (inclusive), or None.
         policy: overrides of the manifest-wide value policy for this feature (keys of
@@ -144,6 +154,10 @@ class FeatureSpec:
         if self.transform == "category" and not self.categories:
             raise ModelError(f"feature {self.name!r}: transform 'category' needs categories")
         _check_actions(f"feature {self.name!r}", self.policy)
+        if "unseen" in self.policy and self.transform != "category":
+            raise ModelError(
+                f"feature {self.name!r}: the 'unseen' policy applies to 'category' features only"
+            )
         object.__setattr__(self, "policy", dict(self.policy))
         bounds = [b for b in (self.min, self.max) if b is not None]
         if bounds and self.transform != "number":

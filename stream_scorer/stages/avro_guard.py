@@ -7,8 +7,8 @@ reads a payload's structure without building any value and reports the first vio
 ``Violation`` (a reason code and a message). A payload the guard accepts is safe to hand to
 fastavro: every length, count and index in it is within bounds and every byte is used.
 
-Reason codes (the decode stage's full list is ``DECODE_REASONS``; checks happen in stream order,
-so the first problem in the payload names the reason):
+Reason codes (``records.Reason``; the decode stage's are ``DECODE_REASONS``; checks happen in
+stream order, so the first problem in the payload names the reason):
 
 - ``truncated``: the payload ends inside a value, or a length/block size exceeds the bytes left.
 - ``varint_too_long``: a varint whose first 10 bytes all have the continuation bit set.
@@ -37,36 +37,8 @@ from typing import Any
 
 import fastavro
 
-NULL_VALUE = "null_value"
-EMPTY = "empty"
-TOO_LARGE = "too_large"
-TRUNCATED = "truncated"
-VARINT_TOO_LONG = "varint_too_long"
-INT_OUT_OF_RANGE = "int_out_of_range"
-NEGATIVE_LENGTH = "negative_length"
-BAD_ENUM_INDEX = "bad_enum_index"
-BAD_UNION_INDEX = "bad_union_index"
-COUNT_TOO_LARGE = "count_too_large"
-INVALID_UTF8 = "invalid_utf8"
-TRAILING_BYTES = "trailing_bytes"
-MALFORMED_AVRO = "malformed_avro"
-
-#: Every reason code of the decode stage (the first three are the decoder's own checks).
-DECODE_REASONS = (
-    NULL_VALUE,
-    EMPTY,
-    TOO_LARGE,
-    TRUNCATED,
-    VARINT_TOO_LONG,
-    INT_OUT_OF_RANGE,
-    NEGATIVE_LENGTH,
-    BAD_ENUM_INDEX,
-    BAD_UNION_INDEX,
-    COUNT_TOO_LARGE,
-    INVALID_UTF8,
-    TRAILING_BYTES,
-    MALFORMED_AVRO,
-)
+from stream_scorer.stages.records import DECODE_REASONS as DECODE_REASONS
+from stream_scorer.stages.records import Reason
 
 #: Default cap on items of zero-byte types (``null``, empty records) in one payload.
 DEFAULT_MAX_ZERO_SIZE_ITEMS = 10_000
@@ -78,16 +50,16 @@ _FIXED_WIDTH = {"float": 4, "double": 8}
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    """Why a payload is refused: a reason code (``DECODE_REASONS``) and an explanation."""
+    """Why a payload is refused: a reason code (one of ``DECODE_REASONS``) and an explanation."""
 
-    reason: str
+    reason: Reason
     message: str
 
 
 class _Invalid(Exception):
     """Raised inside the walker; ``AvroGuard.check`` turns it into a ``Violation``."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -109,7 +81,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     try:
         b = buf[pos]
     except IndexError:
-        raise _Invalid(TRUNCATED, f"payload ends at byte {pos}, inside a varint") from None
+        raise _Invalid(Reason.TRUNCATED, f"payload ends at byte {pos}, inside a varint") from None
     if b < 0x80:
         return b, pos + 1
     n = b & 0x7F
@@ -118,9 +90,9 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     end = len(buf)
     while True:
         if i - pos >= _MAX_VARINT_BYTES:
-            raise _Invalid(VARINT_TOO_LONG, f"varint at byte {pos} is longer than 10 bytes")
+            raise _Invalid(Reason.VARINT_TOO_LONG, f"varint at byte {pos} is longer than 10 bytes")
         if i >= end:
-            raise _Invalid(TRUNCATED, f"payload ends at byte {i}, inside a varint")
+            raise _Invalid(Reason.TRUNCATED, f"payload ends at byte {i}, inside a varint")
         b = buf[i]
         i += 1
         n |= (b & 0x7F) << shift
@@ -132,24 +104,24 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 def _long(buf: bytes, pos: int) -> tuple[int, int]:
     n, end = _varint(buf, pos)
     if n >> 64:
-        raise _Invalid(INT_OUT_OF_RANGE, f"long at byte {pos} does not fit in 64 bits")
+        raise _Invalid(Reason.INT_OUT_OF_RANGE, f"long at byte {pos} does not fit in 64 bits")
     return (n >> 1) ^ -(n & 1), end
 
 
 def _int(buf: bytes, pos: int) -> tuple[int, int]:
     n, end = _varint(buf, pos)
     if n >> 32:
-        raise _Invalid(INT_OUT_OF_RANGE, f"int at byte {pos} does not fit in 32 bits")
+        raise _Invalid(Reason.INT_OUT_OF_RANGE, f"int at byte {pos} does not fit in 32 bits")
     return (n >> 1) ^ -(n & 1), end
 
 
 def _length(buf: bytes, pos: int, what: str) -> tuple[int, int]:
     n, end = _long(buf, pos)
     if n < 0:
-        raise _Invalid(NEGATIVE_LENGTH, f"{what} at byte {pos} has negative length {n}")
+        raise _Invalid(Reason.NEGATIVE_LENGTH, f"{what} at byte {pos} has negative length {n}")
     if n > len(buf) - end:
         raise _Invalid(
-            TRUNCATED, f"{what} at byte {pos} announces {n} bytes, {len(buf) - end} left"
+            Reason.TRUNCATED, f"{what} at byte {pos} announces {n} bytes, {len(buf) - end} left"
         )
     return n, end
 
@@ -162,9 +134,9 @@ def _boolean(buf: bytes, pos: int, st: _State) -> int:
     try:
         b = buf[pos]
     except IndexError:
-        raise _Invalid(TRUNCATED, f"payload ends at byte {pos}, before a boolean") from None
+        raise _Invalid(Reason.TRUNCATED, f"payload ends at byte {pos}, before a boolean") from None
     if b > 1:
-        raise _Invalid(MALFORMED_AVRO, f"boolean at byte {pos} is {b}, not 0 or 1")
+        raise _Invalid(Reason.MALFORMED_AVRO, f"boolean at byte {pos} is {b}, not 0 or 1")
     return pos + 1
 
 
@@ -187,7 +159,9 @@ def _string(buf: bytes, pos: int, st: _State) -> int:
     try:
         buf[start:end].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Invalid(INVALID_UTF8, f"string at byte {pos} is not UTF-8: {exc.reason}") from None
+        raise _Invalid(
+            Reason.INVALID_UTF8, f"string at byte {pos} is not UTF-8: {exc.reason}"
+        ) from None
     return end
 
 
@@ -196,7 +170,7 @@ def _sized(size: int, what: str) -> Walker:
         end = pos + size
         if end > len(buf):
             raise _Invalid(
-                TRUNCATED, f"{what} at byte {pos} needs {size} bytes, {len(buf) - pos} left"
+                Reason.TRUNCATED, f"{what} at byte {pos} needs {size} bytes, {len(buf) - pos} left"
             )
         return end
 
@@ -232,7 +206,9 @@ def _string_span(buf: bytes, pos: int) -> tuple[int, int]:
 def _enum_end(buf: bytes, pos: int, n_symbols: int) -> int:
     index, end = _int(buf, pos)
     if not 0 <= index < n_symbols:
-        raise _Invalid(BAD_ENUM_INDEX, f"enum index {index} at byte {pos}, {n_symbols} symbols")
+        raise _Invalid(
+            Reason.BAD_ENUM_INDEX, f"enum index {index} at byte {pos}, {n_symbols} symbols"
+        )
     return end
 
 
@@ -240,7 +216,7 @@ _TEMPLATES = {
     "null": "",
     "boolean": """
 if buf[pos] > 1:
-    raise _Invalid(MALFORMED_AVRO, f"boolean at byte {pos} is {buf[pos]}, not 0 or 1")
+    raise _Invalid(Reason.MALFORMED_AVRO, f"boolean at byte {pos} is {buf[pos]}, not 0 or 1")
 pos += 1""",
     "int": """
 if buf[pos] < 128:
@@ -258,13 +234,17 @@ if b < 128 and not b & 1:
     s = pos + 1
     pos = s + (b >> 1)
     if pos > n:
-        raise _Invalid(TRUNCATED, f"string at byte {s - 1} announces {b >> 1} bytes, {n - s} left")
+        raise _Invalid(
+            Reason.TRUNCATED, f"string at byte {s - 1} announces {b >> 1} bytes, {n - s} left"
+        )
 else:
     s, pos = _string_span(buf, pos)
 try:
     buf[s:pos].decode("utf-8")
 except UnicodeDecodeError as exc:
-    raise _Invalid(INVALID_UTF8, f"string at byte {s} is not UTF-8: {exc.reason}") from None""",
+    raise _Invalid(
+        Reason.INVALID_UTF8, f"string at byte {s} is not UTF-8: {exc.reason}"
+    ) from None""",
     "bytes": """
 pos = _bytes(buf, pos, st)""",
 }
@@ -272,7 +252,8 @@ _SIZED = """
 pos += {size}
 if pos > n:
     raise _Invalid(
-        TRUNCATED, f"{what} at byte {{pos - {size}}} needs {size} bytes, {{n + {size} - pos}} left"
+        Reason.TRUNCATED,
+        f"{what} at byte {{pos - {size}}} needs {size} bytes, {{n + {size} - pos}} left",
     )"""
 _ENUM = """
 b = buf[pos]
@@ -282,9 +263,7 @@ else:
     pos = _enum_end(buf, pos, {n})"""
 _GLOBALS = {
     "_Invalid": _Invalid,
-    "MALFORMED_AVRO": MALFORMED_AVRO,
-    "TRUNCATED": TRUNCATED,
-    "INVALID_UTF8": INVALID_UTF8,
+    "Reason": Reason,
     "_int_end": _int_end,
     "_long_end": _long_end,
     "_string_span": _string_span,
@@ -302,7 +281,9 @@ def _enum(n_symbols: int) -> Walker:
     def walk(buf: bytes, pos: int, st: _State) -> int:
         index, end = _int(buf, pos)
         if not 0 <= index < n_symbols:
-            raise _Invalid(BAD_ENUM_INDEX, f"enum index {index} at byte {pos}, {n_symbols} symbols")
+            raise _Invalid(
+                Reason.BAD_ENUM_INDEX, f"enum index {index} at byte {pos}, {n_symbols} symbols"
+            )
         return end
 
     return walk
@@ -314,7 +295,9 @@ def _union(branches: tuple[Walker, ...]) -> Walker:
     def walk(buf: bytes, pos: int, st: _State) -> int:
         index, end = _long(buf, pos)
         if not 0 <= index < n:
-            raise _Invalid(BAD_UNION_INDEX, f"union index {index} at byte {pos}, {n} branches")
+            raise _Invalid(
+                Reason.BAD_UNION_INDEX, f"union index {index} at byte {pos}, {n} branches"
+            )
         return branches[index](buf, end, st)
 
     return walk
@@ -338,14 +321,14 @@ def _blocks(item: Walker, item_min: int, what: str) -> Walker:
             if item_min:
                 if count * item_min > left:
                     raise _Invalid(
-                        COUNT_TOO_LARGE,
+                        Reason.COUNT_TOO_LARGE,
                         f"{what} block at byte {at} announces {count} items, {left} bytes left",
                     )
             else:
                 st.zero_left -= count
                 if st.zero_left < 0:
                     raise _Invalid(
-                        COUNT_TOO_LARGE,
+                        Reason.COUNT_TOO_LARGE,
                         f"{what} block at byte {at} announces {count} zero-byte items, "
                         "over the payload's limit",
                     )
@@ -353,7 +336,7 @@ def _blocks(item: Walker, item_min: int, what: str) -> Walker:
                 pos = item(buf, pos, st)
             if block_end >= 0 and pos != block_end:
                 raise _Invalid(
-                    MALFORMED_AVRO,
+                    Reason.MALFORMED_AVRO,
                     f"{what} block at byte {at} announces {block_end - at} bytes, items end "
                     f"at byte {pos}",
                 )
@@ -454,8 +437,9 @@ class _Compiler:
             "def walk(buf, pos, st):\n    n = len(buf)\n    try:"
             + _indent(body, 2)
             + "\n    except IndexError:"
-            + f"\n        raise _Invalid(TRUNCATED, f'payload ends at byte {{n}}, inside {name}')"
-            + " from None\n    return pos\n"
+            + "\n        raise _Invalid("
+            + f"Reason.TRUNCATED, f'payload ends at byte {{n}}, inside {name}') from None"
+            + "\n    return pos\n"
         )
         exec(compile(source, f"<avro guard {name}>", "exec"), env)  # generated from the schema
         walker: Walker = env["walk"]
@@ -503,7 +487,7 @@ class _Compiler:
             st.depth += 1
             if st.depth > st.max_depth:
                 raise _Invalid(
-                    MALFORMED_AVRO, f"{name} at byte {pos} nests deeper than {st.max_depth}"
+                    Reason.MALFORMED_AVRO, f"{name} at byte {pos} nests deeper than {st.max_depth}"
                 )
             pos = cell[0](buf, pos, st)
             st.depth -= 1
@@ -548,7 +532,7 @@ class AvroGuard:
         except _Invalid as exc:
             return Violation(exc.reason, str(exc))
         except RecursionError:
-            return Violation(MALFORMED_AVRO, "payload nests too deeply")
+            return Violation(Reason.MALFORMED_AVRO, "payload nests too deeply")
         if end != len(payload):
-            return Violation(TRAILING_BYTES, f"record ends at byte {end} of {len(payload)}")
+            return Violation(Reason.TRAILING_BYTES, f"record ends at byte {end} of {len(payload)}")
         return None

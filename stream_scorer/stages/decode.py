@@ -6,9 +6,10 @@ this stage refuses null, empty and oversized values, runs the schema's compiled 
 trailing bytes), and only then lets fastavro build the record. Every exception, whatever its
 type, becomes a ``DeadLetter`` with a reason code.
 
-Reason codes (``DECODE_REASONS``, defined in ``avro_guard.py``): ``null_value``, ``empty``,
-``too_large`` here; the others from the guard, or from fastavro's own failures (``truncated``,
-``invalid_utf8``, otherwise ``malformed_avro``, e.g. a timestamp beyond year 9999).
+Reason codes (``DECODE_REASONS``: the decode stage's ``records.Reason`` members): ``null_value``,
+``empty``, ``too_large`` here; the others from the guard, or from fastavro's own failures
+(``truncated``, ``invalid_utf8``, otherwise ``malformed_avro``, e.g. a timestamp beyond year
+9999).
 """
 
 from __future__ import annotations
@@ -23,19 +24,11 @@ import fastavro
 
 from stream_scorer.errors import SchemaError
 from stream_scorer.stages.avro_guard import (
-    DECODE_REASONS,
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_ZERO_SIZE_ITEMS,
-    EMPTY,
-    INVALID_UTF8,
-    MALFORMED_AVRO,
-    NULL_VALUE,
-    TOO_LARGE,
-    TRAILING_BYTES,
-    TRUNCATED,
     AvroGuard,
 )
-from stream_scorer.stages.records import DeadLetter, Decoded, Message, Stage
+from stream_scorer.stages.records import DECODE_REASONS, DeadLetter, Decoded, Message, Reason, Stage
 
 __all__ = ["DECODE_REASONS", "Decoder", "load_schema"]
 
@@ -54,12 +47,12 @@ def load_schema(path: Path) -> dict[str, Any]:
     return dict(parsed)
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> Reason:
     if isinstance(exc, UnicodeDecodeError):
-        return INVALID_UTF8
+        return Reason.INVALID_UTF8
     if isinstance(exc, EOFError):
-        return TRUNCATED
-    return MALFORMED_AVRO
+        return Reason.TRUNCATED
+    return Reason.MALFORMED_AVRO
 
 
 class Decoder:
@@ -94,25 +87,25 @@ class Decoder:
         except (KeyError, TypeError, ValueError, fastavro.schema.SchemaParseException) as exc:
             raise SchemaError(f"cannot compile the Avro guard: {exc}") from exc
 
-    def _dead(self, msg: Message, reason: str, kind: str, text: str) -> DeadLetter:
+    def _dead(self, msg: Message, reason: Reason, kind: str, text: str) -> DeadLetter:
         return DeadLetter(msg, Stage.DECODE, reason, kind, text)
 
     def decode(self, msg: Message) -> Decoded | DeadLetter:
         """Decode one record's value; never raises for bad bytes."""
         value = msg.value()
         if value is None:
-            return self._dead(msg, NULL_VALUE, _GUARD, "record value is null (tombstone)")
+            return self._dead(msg, Reason.NULL_VALUE, _GUARD, "record value is null (tombstone)")
         size = len(value)
         if size == 0:
-            return self._dead(msg, EMPTY, _GUARD, "record value is empty")
+            return self._dead(msg, Reason.EMPTY, _GUARD, "record value is empty")
         if size > self._max:
             return self._dead(
-                msg, TOO_LARGE, _GUARD, f"value has {size} bytes, limit is {self._max}"
+                msg, Reason.TOO_LARGE, _GUARD, f"value has {size} bytes, limit is {self._max}"
             )
         try:
             violation = self._guard.check(value)
         except Exception as exc:  # the guard must not raise; if it does, still a dead letter
-            return self._dead(msg, MALFORMED_AVRO, type(exc).__name__, str(exc) or repr(exc))
+            return self._dead(msg, Reason.MALFORMED_AVRO, type(exc).__name__, str(exc) or repr(exc))
         if violation is not None:
             return self._dead(msg, violation.reason, _GUARD, violation.message)
         buf = io.BytesIO(value)
@@ -122,9 +115,11 @@ class Decoder:
             return self._dead(msg, _reason(exc), type(exc).__name__, str(exc) or repr(exc))
         used = buf.tell()
         if used != size:
-            return self._dead(msg, TRAILING_BYTES, _GUARD, f"record ends at byte {used} of {size}")
+            return self._dead(
+                msg, Reason.TRAILING_BYTES, _GUARD, f"record ends at byte {used} of {size}"
+            )
         if not isinstance(record, dict):
-            return self._dead(msg, MALFORMED_AVRO, _GUARD, "value is not a record")
+            return self._dead(msg, Reason.MALFORMED_AVRO, _GUARD, "value is not a record")
         return Decoded(msg, record)
 
     def decode_batch(self, messages: Iterable[Message]) -> tuple[list[Decoded], list[DeadLetter]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ from stream_scorer.fast.path import FastDecoder
 from stream_scorer.stages.decode import Decoder
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, field_getter
-from stream_scorer.stages.records import DeadLetter, Message, Scored, Stage
+from stream_scorer.stages.records import DeadLetter, Message, Reason, Scored, Stage
 from stream_scorer.stages.score import Predictions
 
 Matrix = npt.NDArray[np.float32]
@@ -41,10 +41,19 @@ class Model(Protocol):
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What became of a batch: each input record is either scored or a dead letter."""
+    """What became of a batch: each input record is either scored or a dead letter.
+
+    Attributes:
+        scored: the predictions.
+        dead: the dead letters.
+        unseen: per ``category`` feature with any, how many decoded records held a value that
+            is none of its categories, whatever its ``unseen`` policy made of them (the worker
+            adds them to ``stream_scorer_unseen_categories_total``).
+    """
 
     scored: Scored
     dead: list[DeadLetter]
+    unseen: Mapping[str, int] = field(default_factory=dict)
 
 
 def _millis(value: Any) -> int | None:
@@ -100,18 +109,30 @@ class Pipeline:
 
     def _columns(
         self, messages: Sequence[Message]
-    ) -> tuple[list[Message], list[Any], list[int | None], Matrix, list[DeadLetter], float]:
+    ) -> tuple[
+        list[Message], list[Any], list[int | None], Matrix, list[DeadLetter], float, dict[str, int]
+    ]:
         """Decode and build features: the scorable records as columns, and the dead letters.
 
         Returns the records, their id values, their event times (None: none in the record), the
-        feature matrix, the dead letters and when decoding ended.
+        feature matrix, the dead letters, when decoding ended and the unseen categories.
         """
         if self._fast is not None:  # decode and features in one compiled pass
             fast = self._fast.run(messages)
-            return fast.messages, fast.ids, fast.event_ms, fast.matrix, fast.dead, fast.decode_done
+            return (
+                fast.messages,
+                fast.ids,
+                fast.event_ms,
+                fast.matrix,
+                fast.dead,
+                fast.decode_done,
+                fast.unseen,
+            )
         decoded, dead = self._decoder.decode_batch(messages)
         t1 = time.perf_counter()
-        matrix, rejected = self._features.build([d.record for d in decoded])
+        records = [d.record for d in decoded]
+        matrix, rejected = self._features.build(records)
+        unseen = self._features.unseen(records)
         if rejected:
             bad = {r.index for r in rejected}
             dead.extend(
@@ -130,6 +151,7 @@ class Pipeline:
             matrix,
             dead,
             t1,
+            unseen,
         )
 
     def process(self, messages: Sequence[Message]) -> BatchResult:
@@ -139,7 +161,7 @@ class Pipeline:
         until the records it fails on are isolated and dead-lettered; the others are scored.
         """
         t0 = time.perf_counter()
-        kept, ids, times, matrix, dead, t1 = self._columns(messages)
+        kept, ids, times, matrix, dead, t1, unseen = self._columns(messages)
         t2 = time.perf_counter()
         rows, values, labels = self._predict(kept, np.arange(len(kept)), matrix, dead)
         t3 = time.perf_counter()
@@ -161,7 +183,7 @@ class Pipeline:
             ("encode", t4 - t3),
         ):
             self._timer(stage, seconds)
-        return BatchResult(scored, dead)
+        return BatchResult(scored, dead, unseen)
 
     def _encode(
         self,
@@ -189,7 +211,9 @@ class Pipeline:
                 encoded_one = self._encoder.encode(rid, value, label, version, event, now_ms)
             except Exception as exc:  # a row the encoder refuses is a dead letter, not a crash
                 dead.append(
-                    DeadLetter(msg, Stage.ENCODE, "encode_failed", type(exc).__name__, str(exc))
+                    DeadLetter(
+                        msg, Stage.ENCODE, Reason.ENCODE_FAILED, type(exc).__name__, str(exc)
+                    )
                 )
                 continue
             out.messages.append(msg)
@@ -216,7 +240,7 @@ class Pipeline:
                     DeadLetter(
                         kept[int(rows[0])],
                         Stage.SCORE,
-                        "model_failed",
+                        Reason.MODEL_FAILED,
                         type(exc).__name__,
                         str(exc) or repr(exc),
                     )
@@ -241,7 +265,7 @@ class Pipeline:
             DeadLetter(
                 kept[int(rows[i])],
                 Stage.SCORE,
-                "non_finite_prediction",
+                Reason.NON_FINITE_PREDICTION,
                 "stream_scorer",
                 f"the model returned {values[i]} for this record",
             )

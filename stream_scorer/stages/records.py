@@ -80,6 +80,86 @@ class Stage(StrEnum):
     ENCODE = "encode"
 
 
+class Reason(StrEnum):
+    """Why a record was dead-lettered: the one list of reason codes.
+
+    A reason is the ``stream_scorer.error.reason`` header of its dead letter, the ``reason``
+    label of ``stream_scorer_dead_letters_total`` and what ``dlq replay --reason`` selects, so
+    its value never changes. ``reason.stage`` is the stage that emits it. Everything else
+    derives from this enumeration: ``DECODE_REASONS`` and ``FEATURE_REASONS`` below, the fast
+    path's decode statuses (``fast.kernel.REASONS``: the decode reasons in this order) and its
+    feature verdicts. README's "Dead letters" table lists the members in this order.
+    """
+
+    stage: Stage
+
+    def __new__(cls, code: str, stage: Stage) -> Reason:
+        """A member whose value is ``code``, emitted by ``stage``."""
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.stage = stage
+        return member
+
+    #: decode: the record value is null (a tombstone).
+    NULL_VALUE = "null_value", Stage.DECODE
+    #: decode: the value has no bytes.
+    EMPTY = "empty", Stage.DECODE
+    #: decode: the value is larger than ``input.max_message_bytes``; not read.
+    TOO_LARGE = "too_large", Stage.DECODE
+    #: decode: the value ends inside a field, or a length or block byte size exceeds the rest.
+    TRUNCATED = "truncated", Stage.DECODE
+    #: decode: a varint whose first 10 bytes all have the continuation bit set.
+    VARINT_TOO_LONG = "varint_too_long", Stage.DECODE
+    #: decode: an ``int`` (or enum index) beyond 32 bits, or a ``long`` beyond 64 bits.
+    INT_OUT_OF_RANGE = "int_out_of_range", Stage.DECODE
+    #: decode: a negative string/bytes length or array/map block byte size.
+    NEGATIVE_LENGTH = "negative_length", Stage.DECODE
+    #: decode: an enum index outside the symbols.
+    BAD_ENUM_INDEX = "bad_enum_index", Stage.DECODE
+    #: decode: a union index outside the branches.
+    BAD_UNION_INDEX = "bad_union_index", Stage.DECODE
+    #: decode: an array/map block announcing more items than the bytes left can hold.
+    COUNT_TOO_LARGE = "count_too_large", Stage.DECODE
+    #: decode: a string (or map key) that is not valid UTF-8.
+    INVALID_UTF8 = "invalid_utf8", Stage.DECODE
+    #: decode: the record ends before the value does.
+    TRAILING_BYTES = "trailing_bytes", Stage.DECODE
+    #: decode: anything else the value's bytes get wrong (see ``avro_guard``).
+    MALFORMED_AVRO = "malformed_avro", Stage.DECODE
+    #: features: the value is null or absent and the ``missing`` policy is ``dead_letter``.
+    MISSING_VALUE = "missing_value", Stage.FEATURES
+    #: features: the value is NaN and the ``nan`` policy is ``dead_letter``.
+    NAN_VALUE = "nan_value", Stage.FEATURES
+    #: features: the value is infinite or beyond float32 and the ``infinite`` policy says so.
+    NON_FINITE = "non_finite", Stage.FEATURES
+    #: features: the value is outside ``min``/``max`` and the ``out_of_range`` policy says so.
+    OUT_OF_RANGE = "out_of_range", Stage.FEATURES
+    #: features: a ``category`` feature's value is not one of its categories and the ``unseen``
+    #: policy is ``dead_letter``.
+    UNSEEN_CATEGORY = "unseen_category", Stage.FEATURES
+    #: features: a ``number`` feature's value is not a number.
+    NOT_NUMERIC = "not_numeric", Stage.FEATURES
+    #: features: an ``hour_of_day``/``day_of_week`` feature's value is not a timestamp.
+    NOT_TIMESTAMP = "not_timestamp", Stage.FEATURES
+    #: score: the model raised on this record alone.
+    MODEL_FAILED = "model_failed", Stage.SCORE
+    #: score: the model returned NaN or infinity for this record.
+    NON_FINITE_PREDICTION = "non_finite_prediction", Stage.SCORE
+    #: encode: the prediction record could not be encoded.
+    ENCODE_FAILED = "encode_failed", Stage.ENCODE
+
+
+def reasons_of(stage: Stage) -> tuple[Reason, ...]:
+    """The reasons ``stage`` emits, in ``Reason``'s order."""
+    return tuple(r for r in Reason if r.stage is stage)
+
+
+#: Every reason code of the decode stage (the fast path's kernel numbers them in this order).
+DECODE_REASONS = reasons_of(Stage.DECODE)
+#: Every reason code of the feature stage.
+FEATURE_REASONS = reasons_of(Stage.FEATURES)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record that cannot be scored, with everything needed to find and replay it.
@@ -87,14 +167,14 @@ class DeadLetter:
     Attributes:
         message: the original record (its key, value and headers are published unchanged).
         stage: where it was rejected.
-        reason: a short stable code, e.g. ``truncated`` or ``non_finite``; metrics label.
+        reason: why (``Reason``), e.g. ``truncated`` or ``non_finite``; a metrics label.
         error_type: the exception class (or ``stream_scorer`` for our own guards).
         error_message: a human-readable explanation.
     """
 
     message: Message
     stage: Stage
-    reason: str
+    reason: Reason
     error_type: str
     error_message: str
 

@@ -68,6 +68,8 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
     scorer = Scorer(cfg.model.path, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
     input_schema = load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
+    # every category feature's series exists from the start, at 0
+    metrics.count_unseen({f.name: 0 for f in scorer.manifest.features if f.transform == "category"})
     for key, name in (
         ("input.id_field", cfg.input.id_field),
         ("input.event_time_field", cfg.input.event_time_field),
@@ -301,6 +303,7 @@ def _loop(
                 report.consumed += len(batch)
                 report.batches += 1
                 metrics.observe_latency(result.scored.event_ms)
+                metrics.count_unseen(result.unseen)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         delivery.service()
         source.raise_errors()

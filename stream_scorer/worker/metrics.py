@@ -61,6 +61,13 @@ class Metrics:
             ["stage", "reason"],
             registry=r,
         )
+        self.unseen_categories = Counter(
+            "stream_scorer_unseen_categories",
+            "Values of a category feature that are none of its categories, by feature (scored "
+            "as missing or dead-lettered, by the feature's unseen policy).",
+            ["feature"],
+            registry=r,
+        )
         self.delivery_errors = Counter(
             "stream_scorer_delivery_errors",
             "Produce requests the broker did not acknowledge (the worker then stops).",
@@ -145,6 +152,11 @@ class Metrics:
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one batch's time in ``stage``."""
         self.stage_seconds.labels(stage).observe(seconds)
+
+    def count_unseen(self, counts: Mapping[str, int]) -> None:
+        """Add a batch's unseen categories (``BatchResult.unseen``: per feature)."""
+        for feature, n in counts.items():
+            self.unseen_categories.labels(feature).inc(n)
 
     def observe_latency(self, event_ms: Sequence[int], now: float | None = None) -> None:
         """Observe now minus each event time (ms) of the predictions just produced (0: unknown)."""

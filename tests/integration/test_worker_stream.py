@@ -253,6 +253,8 @@ def _scrape(port: int) -> dict[str, float]:
 
 def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
     recs = payments(1000, seed=8)
+    for r in recs[::125]:
+        r["country"] = "XX"  # none of the model's categories: scored as missing, and counted
     items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs] + [(b"bad", b"")]
     produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
     port = _free_port()
@@ -278,6 +280,8 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
         worker.communicate(timeout=60)
     assert m["stream_scorer_records_consumed_total"] == 1001
     assert m["stream_scorer_dead_letters_total{reason=empty,stage=decode}"] == 1
+    assert m["stream_scorer_unseen_categories_total{feature=country}"] == 8
+    assert m["stream_scorer_unseen_categories_total{feature=channel}"] == 0  # there from the start
     assert m["stream_scorer_batch_size_records_sum"] == 1001
     for stage in ("decode", "features", "predict", "encode", "produce"):
         assert m[f"stream_scorer_stage_duration_seconds_count{{stage={stage}}}"] >= 1

@@ -17,7 +17,7 @@ from support import Msg, avro
 from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import FEATURES, RIDE_SCHEMA_PATH, generate_rides
 from stream_scorer.example.train import train
-from stream_scorer.fast.path import FastDecoder, FeaturePolicy, build_fast_path
+from stream_scorer.fast.path import FastDecoder, build_fast_path
 from stream_scorer.fast.plan import Unsupported
 from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -197,46 +197,51 @@ def test_hours_and_weekdays_before_and_after_1970(millis: int, hour: int, weekda
 
 
 @pytest.mark.parametrize(
-    ("policy", "maybe", "reason"),
+    ("maybe_spec", "maybe", "reason"),
     [
-        (FeaturePolicy(), None, None),
-        (FeaturePolicy(missing="dead_letter"), None, "missing_value"),
-        (FeaturePolicy(), math.nan, None),
-        (FeaturePolicy(nan="dead_letter"), math.nan, "nan_value"),
-        (FeaturePolicy(), math.inf, "non_finite"),
-        (FeaturePolicy(inf="pass"), -math.inf, None),
-        (FeaturePolicy(), 1e39, "non_finite"),  # finite, but not as float32
-        (FeaturePolicy(out_of_range="dead_letter", minimum=0.0, maximum=2.0), 2.5, "out_of_range"),
-        (FeaturePolicy(out_of_range="dead_letter", minimum=0.0, maximum=2.0), 2.0, None),
-        (FeaturePolicy(out_of_range="dead_letter", minimum=0.0), -0.5, "out_of_range"),
-        (FeaturePolicy(out_of_range="pass", minimum=0.0), -0.5, None),
+        ({}, None, None),
+        ({"policy": {"missing": "dead_letter"}}, None, "missing_value"),
+        ({}, math.nan, None),
+        ({"policy": {"nan": "dead_letter"}}, math.nan, "nan_value"),
+        ({}, math.inf, "non_finite"),
+        ({"policy": {"infinite": "pass"}}, -math.inf, None),
+        ({}, 1e39, "non_finite"),  # finite, but not as float32
+        ({"min": 0.0, "max": 2.0}, 2.5, "out_of_range"),
+        ({"min": 0.0, "max": 2.0}, 2.0, None),
+        ({"min": 0.0}, -0.5, "out_of_range"),
+        ({"min": 0.0, "policy": {"out_of_range": "pass"}}, -0.5, None),
     ],
 )
-def test_feature_policies(policy: FeaturePolicy, maybe: float | None, reason: str | None) -> None:
+def test_feature_policies(
+    maybe_spec: dict[str, Any], maybe: float | None, reason: str | None
+) -> None:
     schema = fastavro.parse_schema(ALL_TYPES)
-    policies = [FeaturePolicy(), FeaturePolicy(), policy, FeaturePolicy()]
-    fast = FastDecoder(schema, SPECS, id_field="id", max_message_bytes=100, policies=policies)
+    specs = [*SPECS[:2], FeatureSpec("maybe", "maybe", **maybe_spec), SPECS[3]]
+    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     payload = avro(ALL_TYPES, {**GOOD, "maybe": maybe})
     batch = fast.run([Msg(payload)])
     assert [(d.stage.value, d.reason) for d in batch.dead] == (
         [] if reason is None else [("features", reason)]
     )
+    # the fastavro path reads the same policy (one type, ``ValuePolicy``) to the same verdict
+    decoded, _ = Decoder(schema, 100).decode_batch([Msg(payload)])
+    _matrix, rejected = FeatureBuilder(specs).build([decoded[0].record])
+    assert [r.reason for r in rejected] == ([] if reason is None else [reason])
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, 1e39])
 def test_infinities_that_pass_reach_the_model_as_nan(value: float) -> None:
     schema = fastavro.parse_schema(ALL_TYPES)
-    policies = [FeaturePolicy(), FeaturePolicy(), FeaturePolicy(inf="pass"), FeaturePolicy()]
-    fast = FastDecoder(schema, SPECS, id_field="id", max_message_bytes=100, policies=policies)
+    specs = [*SPECS[:2], FeatureSpec("maybe", "maybe", policy={"infinite": "pass"}), SPECS[3]]
+    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "maybe": value}))])
     assert batch.dead == [] and math.isnan(batch.matrix[0, 2]) and batch.matrix[0, 0] == 5
 
 
 def test_unseen_categories_are_nan_even_when_missing_values_are_dead_letters() -> None:
     schema = fastavro.parse_schema(ALL_TYPES)
-    specs = [FeatureSpec("color", "color", "category", ("G",))]
-    strict = [FeaturePolicy(missing="dead_letter")]
-    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100, policies=strict)
+    specs = [FeatureSpec("color", "color", "category", ("G",), policy={"missing": "dead_letter"})]
+    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "color": "R"}))])
     assert batch.dead == [] and math.isnan(batch.matrix[0, 0])
 

@@ -6,8 +6,9 @@ import io
 import itertools
 import math
 import warnings
+from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import fastavro
 import numpy as np
@@ -20,7 +21,7 @@ from stream_scorer.fast.path import FastDecoder
 from stream_scorer.fast.plan import Unsupported
 from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.decode import Decoder
-from stream_scorer.stages.features import FeatureBuilder, field_getter
+from stream_scorer.stages.features import FeatureBuilder, field_getter, unseen_message
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS_MIN, MS_MAX = -62_135_596_800_000, 253_402_300_799_999
@@ -31,6 +32,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 CATEGORY_WORDS = ("a", "b", "", "é")
+UNSEEN_POLICIES = st.sampled_from(["pass", "dead_letter"])
 
 _names = itertools.count()
 
@@ -156,33 +158,49 @@ def cases(draw: st.DrawFn) -> tuple[dict[str, Any], list[FeatureSpec], list[dict
     for i in range(draw(st.integers(1, 5))):
         transform = draw(st.sampled_from(["number", "category", "hour_of_day", "day_of_week"]))
         cats = ("A", "a", "", "é", "C") if transform == "category" else ()
-        specs.append(FeatureSpec(f"x{i}", draw(st.sampled_from(paths)), transform, cats))
+        policy = {"unseen": draw(UNSEEN_POLICIES)} if transform == "category" else {}
+        specs.append(
+            FeatureSpec(f"x{i}", draw(st.sampled_from(paths)), transform, cats, policy=policy)
+        )
     records = draw(st.lists(_values(schema), min_size=1, max_size=6))
     return schema, specs, records
 
 
 # --- the reference: today's decoder and feature builder, one record at a time ---------------
-def _reference(
-    schema: dict[str, Any], specs: list[FeatureSpec], msg: Msg
-) -> tuple[str | None, Any, Any, Any]:
-    """(dead-letter reason or None, feature row, id, event time) as the fastavro path has it."""
+class Reference(NamedTuple):
+    """What the fastavro path makes of one record."""
+
+    reason: str | None  # the dead letter's, or None
+    message: str | None  # the dead letter's text (None: not compared)
+    row: Any
+    raw_id: Any
+    when: Any
+    unseen: dict[str, int]  # FeatureBuilder.unseen of the record
+
+
+def _reference(schema: dict[str, Any], specs: list[FeatureSpec], msg: Msg) -> Reference:
+    """The dead letter or the feature row, id and event time, as the fastavro path has it."""
     decoded, dead = Decoder(schema, 1 << 20).decode_batch([msg])
     if dead:
-        return dead[0].reason, None, None, None
+        return Reference(dead[0].reason, None, None, None, None, {})
     record = decoded[0].record
+    unseen = FeatureBuilder(specs).unseen([record])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # float32 overflow: inf
             matrix, rejected = FeatureBuilder(specs).build([record])
-    except (OverflowError, ValueError, OSError):
-        return "not_timestamp", None, None, None  # features.py crashes; the fast path rejects
+    except (OverflowError, ValueError, OSError):  # features.py crashes; the fast path rejects
+        return Reference("not_timestamp", None, None, None, None, unseen)
     # The fast path also rejects doubles too large for float32 (features.py stores inf):
     # the first failing column, in manifest order, names the dead letter.
-    failing = [(j, "non_finite") for j in np.flatnonzero(np.isinf(matrix[0]))]
+    failing: list[tuple[int, str, str | None]] = [
+        (j, "non_finite", None) for j in np.flatnonzero(np.isinf(matrix[0]))
+    ]
     names = [s.name for s in specs]
-    failing += [(names.index(r.feature), r.reason) for r in rejected]
+    failing += [(names.index(r.feature), r.reason, r.message) for r in rejected]
     if failing:
-        return min(failing)[1], None, None, None
+        _col, reason, message = min(failing, key=lambda f: f[0])
+        return Reference(reason, message, None, None, None, unseen)
     raw_id = field_getter("key")(record)
     when = field_getter("when")(record)
     if isinstance(when, datetime):
@@ -190,7 +208,7 @@ def _reference(
         when = micros // 1000 if micros >= 0 else -((-micros) // 1000)
     elif not isinstance(when, int) or isinstance(when, bool):
         when = None
-    return None, matrix[0], raw_id, when
+    return Reference(None, None, matrix[0], raw_id, when, unseen)
 
 
 def _encode(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
@@ -210,15 +228,21 @@ def _check(schema: dict[str, Any], specs: list[FeatureSpec], payloads: list[byte
     msgs = [Msg(p, o=i) for i, p in enumerate(payloads)]
     batch = fast.run(msgs)
     reasons = {d.message.offset(): d.reason for d in batch.dead}
+    messages = {d.message.offset(): d.error_message for d in batch.dead}
     rows = {m.offset(): i for i, m in enumerate(batch.messages)}
+    unseen: Counter[str] = Counter()
     for msg in msgs:
-        reason, row, raw_id, when = _reference(schema, specs, msg)
-        assert reasons.get(msg.offset()) == reason, (msg.value(), reason)
-        if reason is None:
+        ref = _reference(schema, specs, msg)
+        assert reasons.get(msg.offset()) == ref.reason, (msg.value(), ref.reason)
+        if ref.reason == "unseen_category":  # the value quoted in the same words
+            assert messages[msg.offset()] == ref.message
+        if ref.reason is None:
             i = rows[msg.offset()]
-            np.testing.assert_array_equal(batch.matrix[i], row)
-            assert str(batch.ids[i]) == str(raw_id) and type(batch.ids[i]) is type(raw_id)
-            assert batch.event_ms[i] == when
+            np.testing.assert_array_equal(batch.matrix[i], ref.row)
+            assert str(batch.ids[i]) == str(ref.raw_id) and type(batch.ids[i]) is type(ref.raw_id)
+            assert batch.event_ms[i] == ref.when
+        unseen.update(ref.unseen)
+    assert batch.unseen == dict(unseen)
 
 
 @SETTINGS
@@ -502,3 +526,61 @@ def test_values_around_generated_bounds_match_the_fastavro_path(data: st.DataObj
         )
     )
     _check(schema, specs, [_encode(schema, r) for r in records])
+
+
+# --- unseen categories, under both policies ------------------------------------------------
+UNSEEN_SCHEMA = {
+    "type": "record",
+    "name": "Categorical",
+    "fields": [
+        {"name": "key", "type": "string"},
+        {"name": "s", "type": "string"},
+        {"name": "e", "type": {"type": "enum", "name": "Symbol", "symbols": ["A", "B", "C"]}},
+        {"name": "u", "type": ["null", "string", "long", "double"]},
+        {"name": "r", "type": {"type": "record", "name": "Inner", "fields": []}},
+    ],
+}
+UNSEEN_RECORDS: list[dict[str, Any]] = [
+    {"s": "a", "e": "A", "u": "a", "r": {}},
+    {"s": "z", "e": "A", "u": "a", "r": {}},  # s unseen
+    {"s": "a", "e": "B", "u": None, "r": {}},  # e unseen; u missing (not unseen)
+    {"s": "é", "e": "C", "u": "", "r": {}},  # u: the empty string is a category
+    {"s": "", "e": "C", "u": 7, "r": {}},  # s: the empty string is not; u is a long
+    {"s": "ab", "e": "B", "u": 1.5, "r": {}},  # all unseen
+    {"s": "A", "e": "A", "u": "b", "r": {}},  # s: case matters
+    {"s": "a", "e": "C", "u": 7, "r": {}},  # only u, a long
+    {"s": "a", "e": "A", "u": "zz", "r": {}},  # only u, a string
+]
+
+
+@pytest.mark.parametrize("policy", ["pass", "dead_letter"])
+def test_unseen_categories_under_both_policies_match_the_fastavro_path(policy: str) -> None:
+    schema = fastavro.parse_schema(UNSEEN_SCHEMA)
+    unseen = {"unseen": policy}
+    specs = [
+        FeatureSpec("s", "s", "category", ("a", "é"), policy=unseen),
+        FeatureSpec("e", "e", "category", ("C", "A"), policy=unseen),
+        FeatureSpec("u", "u", "category", ("", "a"), policy=unseen),
+        FeatureSpec("r", "r", "category", ("x",)),  # a record: unseen, passed as NaN
+    ]
+    payloads = [_encode(schema, {**r, "key": f"k{i}"}) for i, r in enumerate(UNSEEN_RECORDS)]
+    _check(schema, specs, payloads)  # reasons, messages, matrices and counts
+    batch = FastDecoder(schema, specs, id_field="key", max_message_bytes=1 << 20).run(
+        [Msg(p, o=i) for i, p in enumerate(payloads)]
+    )
+    assert batch.unseen == {"s": 4, "e": 2, "u": 5, "r": 9}
+    if policy == "pass":
+        assert batch.dead == []
+        assert batch.matrix[:, :3].tolist()[0] == [0.0, 1.0, 1.0]  # positions in categories
+        assert np.isnan(batch.matrix[1:, :3]).sum() == 4 + 2 + 5 + 1  # and u's null
+    else:
+        assert [(d.message.offset(), d.reason, d.error_message) for d in batch.dead] == [
+            (1, "unseen_category", "s: value 'z' is not one of the categories"),
+            (2, "unseen_category", "e: value 'B' is not one of the categories"),
+            (4, "unseen_category", "s: value '' is not one of the categories"),
+            (5, "unseen_category", "s: value 'ab' is not one of the categories"),
+            (6, "unseen_category", "s: value 'A' is not one of the categories"),
+            (7, "unseen_category", f"u: {unseen_message(7)}"),
+            (8, "unseen_category", "u: value 'zz' is not one of the categories"),
+        ]
+        assert [m.offset() for m in batch.messages] == [0, 3]

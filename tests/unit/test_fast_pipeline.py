@@ -81,3 +81,22 @@ def test_fast_and_fastavro_paths_publish_the_same_outputs(model_dir: Path) -> No
         (d.message.offset(), d.stage, d.reason) for d in slow.dead
     ]
     assert timings == ["decode", "features", "predict", "encode"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_batch_result_counts_unseen_categories_per_feature(model_dir: Path, fast: bool) -> None:
+    recs = payments(20, seed=6)
+    for i in (2, 5, 7):
+        recs[i]["country"] = "XX"  # not in the model's categories: scored with NaN
+    recs[7]["amount"] = math.inf  # dead-lettered for another feature: still counted
+    msgs = [Msg(avro(PAYMENT_SCHEMA, r), o=i) for i, r in enumerate(recs)]
+    msgs[9] = Msg(b"\x00", o=9)  # not decoded: nothing to count
+    result = _pipeline(model_dir, fast=fast, timings=[]).process(msgs)
+    assert dict(result.unseen) == {"country": 3}
+    assert [(d.message.offset(), d.reason) for d in result.dead] == [
+        (9, "truncated"),
+        (7, "non_finite"),
+    ]
+    assert len(result.scored) == 18
+    clean = _pipeline(model_dir, fast=fast, timings=[]).process(msgs[:2])
+    assert dict(clean.unseen) == {}

@@ -79,10 +79,29 @@ CASES: list[tuple[str, FeatureSpec, ValuePolicy, Any, float | str]] = [
         None,
         "missing_value",
     ),
-    # missing applies to every transform; unseen categories stay NaN
+    # missing applies to every transform; unseen categories by the unseen policy (default: NaN)
     ("category missing", spec("category"), ValuePolicy(missing=DEAD), None, "missing_value"),
     ("category unseen", spec("category"), ValuePolicy(missing=DEAD), "Z", NAN),
     ("category seen", spec("category"), ValuePolicy(missing=DEAD), "B", 1.0),
+    ("category first", spec("category"), ValuePolicy(unseen=DEAD), "A", 0.0),
+    ("category unseen dead", spec("category"), ValuePolicy(unseen=DEAD), "Z", "unseen_category"),
+    ("category not a string", spec("category"), ValuePolicy(unseen=DEAD), 1, "unseen_category"),
+    ("category unseen, missing", spec("category"), ValuePolicy(unseen=DEAD), None, NAN),
+    (
+        "override unseen",
+        spec("category", policy={"unseen": DEAD}),
+        ValuePolicy(),
+        "a",
+        "unseen_category",
+    ),
+    (
+        "override unseen pass",
+        spec("category", policy={"unseen": PASS}),
+        ValuePolicy(unseen=DEAD),
+        "Z",
+        NAN,
+    ),
+    ("unseen is no number's", spec(), ValuePolicy(unseen=DEAD), 2, 2.0),
     ("hour missing", spec("hour_of_day"), ValuePolicy(missing=DEAD), None, "missing_value"),
     ("hour missing pass", spec("hour_of_day"), ValuePolicy(), None, NAN),
     ("weekday missing", spec("day_of_week"), ValuePolicy(missing=DEAD), None, "missing_value"),
@@ -106,7 +125,8 @@ def test_value_policy(
     feature: FeatureSpec, policy: ValuePolicy, value: Any, expected: float | str
 ) -> None:
     (resolved,) = manifest(feature, value_policy=policy).features
-    matrix, rejected = FeatureBuilder([resolved]).build([{"v": 1}, {"v": value}, {"v": 1}])
+    ok = "A" if feature.transform == "category" else 1  # a value every policy passes
+    matrix, rejected = FeatureBuilder([resolved]).build([{"v": ok}, {"v": value}, {"v": ok}])
     assert matrix.dtype == np.float32
     if isinstance(expected, str):
         assert [(r.index, r.feature, r.reason) for r in rejected] == [(1, "f", expected)]
@@ -144,6 +164,9 @@ def test_first_rejecting_feature_names_the_row() -> None:
         ({"min": INF}, "finite"),
         ({"max": NAN}, "finite"),
         ({"transform": "category", "categories": ("A",), "min": 0}, "'number' features only"),
+        ({"policy": {"unseen": DEAD}}, "'category' features only"),
+        ({"transform": "hour_of_day", "policy": {"unseen": PASS}}, "'category' features only"),
+        ({"transform": "category", "categories": ("A",), "policy": {"unseen": "nan"}}, "not one"),
     ],
 )
 def test_bad_feature_policies_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -172,7 +195,7 @@ BASE: dict[str, Any] = {
 
 def test_old_manifests_load_with_the_default_policy() -> None:
     loaded = manifest_from_dict(BASE)
-    assert loaded.value_policy == ValuePolicy("pass", "pass", "dead_letter", "dead_letter")
+    assert loaded.value_policy == ValuePolicy("pass", "pass", "dead_letter", "dead_letter", "pass")
     assert [f.effective_policy for f in loaded.features] == [ValuePolicy(), ValuePolicy()]
     assert [(f.min, f.max, dict(f.policy)) for f in loaded.features] == [(None, None, {})] * 2
 
@@ -186,6 +209,8 @@ def test_old_manifests_load_with_the_default_policy() -> None:
         ({"features": [{"name": "a", "field": "a", "min": "0"}]}, "is not a number"),
         ({"features": [{"name": "a", "field": "a", "policy": {"nan": "skip"}}]}, "not one of"),
         ({"features": [{"name": "a", "field": "a", "policy": "dead_letter"}]}, "JSON object"),
+        ({"features": [{"name": "a", "field": "a", "policy": {"unseen": PASS}}]}, "'category'"),
+        ({"value_policy": {"unseen": "skip"}}, "not one of"),
     ],
 )
 def test_bad_policies_in_json_are_refused(change: dict[str, Any], message: str) -> None:
@@ -203,6 +228,7 @@ def test_policies_round_trip_through_manifest_json(tmp_path: Path) -> None:
             FeatureSpec("d", "d", min=0, max=500, policy={"nan": DEAD}),
             FeatureSpec("z", "z", policy={"out_of_range": PASS}),
             FeatureSpec("h", "t", "hour_of_day"),
+            FeatureSpec("c", "c", "category", ("x", "y"), policy={"unseen": DEAD}),
         ),
         "3.2.0",
         value_policy=ValuePolicy(missing=DEAD),
@@ -214,6 +240,7 @@ def test_policies_round_trip_through_manifest_json(tmp_path: Path) -> None:
         "nan": "pass",
         "infinite": "dead_letter",
         "out_of_range": "dead_letter",
+        "unseen": "pass",
     }
     assert raw["features"][0] == {
         "name": "d",
@@ -224,10 +251,43 @@ def test_policies_round_trip_through_manifest_json(tmp_path: Path) -> None:
         "policy": {"nan": "dead_letter"},
     }
     assert raw["features"][2] == {"name": "h", "field": "t", "transform": "hour_of_day"}
+    assert raw["features"][3]["policy"] == {"unseen": "dead_letter"}
     loaded = read_manifest(tmp_path)
     assert loaded == written
     assert [f.effective_policy for f in loaded.features] == [
         ValuePolicy(missing=DEAD, nan=DEAD),
         ValuePolicy(missing=DEAD, out_of_range=PASS),
         ValuePolicy(missing=DEAD),
+        ValuePolicy(missing=DEAD, unseen=DEAD),
     ]
+
+
+def test_category_values_are_their_position_and_unseen_ones_are_counted() -> None:
+    feats = manifest(
+        FeatureSpec("c", "c", "category", ("A", "B", "C")),
+        FeatureSpec("d", "d", "category", ("x",), policy={"unseen": DEAD}),
+        FeatureSpec("n", "n"),
+    ).features
+    records: list[dict[str, Any]] = [
+        {"c": "C", "d": "x", "n": 1},
+        {"c": "Z", "d": "x", "n": 1},
+        {"c": None, "d": None, "n": 1},  # missing is not unseen
+        {"c": 3, "d": "y", "n": 1},  # not a string: unseen; "y" dead-letters the row
+        {"c": "a", "d": ["x"], "n": "A"},  # counted also where another feature rejects the row
+    ]
+    builder = FeatureBuilder(feats)
+    matrix, rejected = builder.build(records)
+    assert matrix[0, 0] == 2.0 and matrix[0, 1] == 0.0
+    assert [math.isnan(v) for v in matrix[1:4, 0].tolist()] == [True, True, True]
+    assert [(r.index, r.feature, r.reason, r.message) for r in rejected] == [
+        (3, "d", "unseen_category", "d: value 'y' is not one of the categories"),
+        (
+            4,
+            "d",
+            "unseen_category",
+            "d: value is not a string or enum symbol (so none of the categories)",
+        ),
+    ]
+    assert builder.unseen(records) == {"c": 3, "d": 2}
+    assert builder.unseen(records[:1]) == {}
+    assert FeatureBuilder(feats[2:]).unseen(records) == {}

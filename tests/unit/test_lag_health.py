@@ -220,6 +220,16 @@ def test_partition_gauges_set_and_forgotten() -> None:
     assert get("stream_scorer_partition_stalled", labels) is None
 
 
+def test_unseen_categories_are_counted_per_feature() -> None:
+    m = Metrics()
+    m.count_unseen({"country": 0, "channel": 0})  # the series exist from the start
+    m.count_unseen({"country": 3})
+    m.count_unseen({"country": 2, "channel": 1})
+    get = m.registry.get_sample_value
+    assert get("stream_scorer_unseen_categories_total", {"feature": "country"}) == 5
+    assert get("stream_scorer_unseen_categories_total", {"feature": "channel"}) == 1
+
+
 # --- Monitor and the HTTP endpoints ------------------------------------------------------------
 
 
