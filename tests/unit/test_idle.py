@@ -12,6 +12,8 @@ from support import Msg
 
 from stream_scorer.config import load_config
 from stream_scorer.errors import BrokerError
+from stream_scorer.stages.pipeline import BatchResult
+from stream_scorer.stages.records import Scored
 from stream_scorer.worker.flow import IdleClock, StopFlag
 from stream_scorer.worker.loop import WorkerReport, _loop, check_clean_stop
 from stream_scorer.worker.metrics import Metrics
@@ -170,15 +172,9 @@ class _Source:
         pass
 
 
-class _Result:
-    def __init__(self) -> None:
-        self.dead: list[Any] = []
-        self.scored = type("Scored", (), {"event_ms": []})()
-
-
 class _Pipeline:
-    def process(self, _batch: list[Msg]) -> _Result:
-        return _Result()
+    def process(self, _batch: list[Msg]) -> BatchResult:
+        return BatchResult(Scored([], [], []), [])
 
 
 class _RolledBack:
