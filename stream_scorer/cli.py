@@ -1,6 +1,7 @@
 """The ``stream-scorer`` command line.
 
-Subcommands: ``run`` (a worker, or ``--workers N`` of them), ``lag`` (a group's lag),
+Subcommands: ``run`` (a worker, or ``--workers N`` of them), ``config check`` and ``config
+schema`` (validate a configuration offline; its JSON Schema), ``lag`` (a group's lag),
 ``dlq replay`` (publish dead letters again), ``train`` and ``produce`` (the shipped example's
 model and load generator), ``demo`` (everything end to end on a local broker), ``bench``
 (throughput and latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a
@@ -146,6 +147,47 @@ def _cmd_example_init(args: argparse.Namespace) -> int:
     print(f"example configuration {config} (schemas beside it)")
     print(f"next: stream-scorer train --out {args.dir / MODEL_SUBDIR}")
     print(f"      stream-scorer run --config {config}")
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    """Load a configuration and its schemas and model as a worker's start-up does, offline."""
+    from stream_scorer.config import (
+        consumer_settings,
+        load_config,
+        producer_settings,
+        worker_identity,
+    )
+    from stream_scorer.errors import ModelError, SchemaError
+    from stream_scorer.worker.loop import build_pipeline
+    from stream_scorer.worker.metrics import Metrics
+
+    cfg = load_config(args.file)
+    worker_id = worker_identity(cfg)
+    consumer_settings(cfg, worker_id)  # the librdkafka settings' own checks
+    producer_settings(cfg, worker_id)
+    try:
+        _, scorer = build_pipeline(cfg, Metrics())
+    except ConfigError:
+        raise
+    except StreamScorerError as exc:  # every problem of the file is a configuration error here
+        key = {ModelError: "model.path", SchemaError: "input.schema"}.get(type(exc), "config")
+        raise ConfigError(key, str(exc)) from exc
+    manifest = scorer.manifest
+    print(
+        f"OK {args.file}: {cfg.input.topic} -> {cfg.output.topic} "
+        f"(dead letters {cfg.dead_letter.topic}, group {cfg.input.group_id}, "
+        f"{cfg.delivery.mode}); model {manifest.model_version} ({manifest.objective}, "
+        f"{len(manifest.features)} features)",
+        flush=True,
+    )
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from stream_scorer.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2), flush=True)
     return 0
 
 
@@ -312,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("dir", type=Path, help="folder to write (created if missing)")
     init.set_defaults(func=_cmd_example_init)
+
+    config = sub.add_parser("config", help="check a configuration file; its JSON Schema")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check",
+        help="validate a configuration, its schemas and model as a worker's start-up does, "
+        "without connecting to Kafka (exit 2 on any problem)",
+    )
+    check.add_argument("file", type=Path, help="YAML or TOML configuration")
+    check.set_defaults(func=_cmd_config_check)
+    config_sub.add_parser(
+        "schema", help="print the configuration file's JSON Schema (for editors)"
+    ).set_defaults(func=_cmd_config_schema)
 
     demo = sub.add_parser("demo", help="run the example end to end on a local broker")
     demo.add_argument("--events", type=int, default=100_000)

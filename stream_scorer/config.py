@@ -1,10 +1,12 @@
-"""The worker's configuration: one typed, frozen tree, validated at start-up.
+"""The worker's configuration: one typed, frozen tree, declared as pydantic models.
 
 Sources, later ones winning: the defaults below, one YAML or TOML file, environment variables
 ``STREAM_SCORER_<SECTION>__<KEY>`` (for example ``STREAM_SCORER_INPUT__TOPIC=rides`` or
 ``STREAM_SCORER_KAFKA__CONSUMER__FETCH_MIN_BYTES=1`` — inside the ``kafka.*`` pass-through
 tables a single ``_`` becomes a ``.``), then command-line flags. An unknown key, a missing
-required key or a value of the wrong type stops start-up with a ``ConfigError`` naming the key.
+required key or a value of the wrong type stops start-up with a ``ConfigError`` naming the key;
+a value inside the ``kafka.*`` tables, or of a key that looks secret, is never echoed.
+``config_schema()`` is the file's JSON Schema (``stream-scorer config schema``).
 
 This module is also the one place where settings become librdkafka's dotted keys
 (``consumer_settings`` and ``producer_settings``).
@@ -15,14 +17,30 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Final, Literal, cast
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticKnownError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from stream_scorer.errors import ConfigError
 
@@ -30,335 +48,8 @@ ENV_PREFIX = "STREAM_SCORER_"
 #: Variables with the prefix that are not configuration keys.
 _NOT_CONFIG = frozenset({"STREAM_SCORER_CACHE"})
 _SECRET_MARKERS = ("password", "secret", "token", "key")
-
-
-def _redact(settings: Mapping[str, str]) -> dict[str, str]:
-    return {
-        k: ("***" if any(m in k.lower() for m in _SECRET_MARKERS) else v)
-        for k, v in settings.items()
-    }
-
-
-@dataclass(frozen=True)
-class KafkaConfig:
-    """Connection to Kafka; the three tables pass straight to librdkafka.
-
-    Attributes:
-        bootstrap_servers: comma-separated ``host:port`` list.
-        client: librdkafka settings for every client (security, SASL, TLS, …).
-        consumer: librdkafka settings for the consumer only.
-        producer: librdkafka settings for the producer only.
-        statistics_interval_ms: how often librdkafka reports statistics (lag metrics); 0 = off.
-        unreachable_timeout_s: exit non-zero when no broker has answered for this long.
-    """
-
-    bootstrap_servers: str
-    client: Mapping[str, str] = field(default_factory=dict)
-    consumer: Mapping[str, str] = field(default_factory=dict)
-    producer: Mapping[str, str] = field(default_factory=dict)
-    statistics_interval_ms: int = 5000
-    unreachable_timeout_s: float = 120.0
-
-    def __repr__(self) -> str:
-        return (
-            f"KafkaConfig(bootstrap_servers={self.bootstrap_servers!r}, "
-            f"client={_redact(self.client)}, consumer={_redact(self.consumer)}, "
-            f"producer={_redact(self.producer)}, "
-            f"statistics_interval_ms={self.statistics_interval_ms}, "
-            f"unreachable_timeout_s={self.unreachable_timeout_s})"
-        )
-
-
-@dataclass(frozen=True)
-class InputConfig:
-    """The input topic and its contract.
-
-    Attributes:
-        topic: topic to consume.
-        group_id: consumer group; workers of one deployment share it.
-        schema: path of the Avro schema (``.avsc``) the events are written with.
-        id_field: input field copied into each prediction as ``input_id``.
-        event_time_field: input field holding the event time (timestamp-millis or long
-            milliseconds); empty means the Kafka record's timestamp.
-        max_message_bytes: records larger than this are dead-lettered unread.
-        fast_path: decode with the compiled decoder specialised to the schema and model when the
-            schema allows it (see ``fastpath``); false forces the fastavro path.
-    """
-
-    topic: str
-    group_id: str
-    schema: Path
-    id_field: str
-    event_time_field: str = ""
-    max_message_bytes: int = 1_048_576
-    fast_path: bool = True
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """Where predictions go.
-
-    Attributes:
-        topic: prediction topic.
-        schema: path of the prediction record's Avro schema.
-    """
-
-    topic: str
-    schema: Path
-
-
-@dataclass(frozen=True)
-class DeadLetterConfig:
-    """Where records that cannot be scored go.
-
-    Attributes:
-        topic: dead-letter topic.
-        max_ratio: stop the worker when more than this fraction of the last ``window``
-            records were dead-lettered (0 = no limit).
-        window: how many recent records ``max_ratio`` looks at.
-        max_consecutive: stop the worker after this many dead letters in a row (0 = no limit).
-    """
-
-    topic: str
-    max_ratio: float = 0.0
-    window: int = 1000
-    max_consecutive: int = 0
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The model to score with.
-
-    Attributes:
-        path: directory holding ``manifest.json`` and the model file.
-        threshold: binary classifiers: probability at or above which the label is 1;
-            overrides the manifest's threshold when set.
-        nthread: XGBoost threads per worker process.
-    """
-
-    path: Path
-    threshold: float | None = None
-    nthread: int = 1
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """Micro-batching.
-
-    Attributes:
-        max_records: a batch is scored as soon as it holds this many records.
-        max_wait_ms: a partial batch is scored after waiting this long.
-        max_processing_s: target upper bound for processing one batch; when a batch takes
-            longer (a slow model), the batch size shrinks so the worker keeps calling poll well
-            within ``max.poll.interval.ms`` (which must be at least twice this).
-        max_in_flight: at-least-once mode: when this many records wait for their outputs'
-            acknowledgement (a backed-up producer), the worker pauses its partitions until
-            half of them are acknowledged.
-    """
-
-    max_records: int = 1000
-    max_wait_ms: int = 10
-    max_processing_s: float = 30.0
-    max_in_flight: int = 50_000
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """The worker process.
-
-    Attributes:
-        id: worker id used in client ids, logs and dead-letter headers
-            (default: ``<hostname>-<pid>``).
-        max_messages: stop after consuming this many records (0 = never).
-        idle_timeout_s: stop after this many seconds idle (0 = never): joined, group settled,
-            every assigned partition read to its end, nothing in flight (``flow.IdleClock``).
-        shutdown_timeout_s: how long shutdown waits for outstanding deliveries.
-    """
-
-    id: str = ""
-    max_messages: int = 0
-    idle_timeout_s: float = 0.0
-    shutdown_timeout_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """The Prometheus endpoint.
-
-    Attributes:
-        port: HTTP port for ``/metrics``; 0 disables the endpoint.
-        host: address to bind.
-    """
-
-    port: int = 9400
-    host: str = "0.0.0.0"
-
-
-#: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
-CLIENT_MESSAGE_MAX_BYTES = 1_000_000
-#: Room beyond a record's key, value and headers for its framing (record batch, varints).
-RECORD_OVERHEAD_BYTES = 65_536
-
-AT_LEAST_ONCE = "at-least-once"
-EXACTLY_ONCE = "exactly-once"
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    """The delivery guarantee (README.md, "Guarantees").
-
-    Attributes:
-        mode: ``at-least-once`` (outputs first, then offsets; a crash can repeat outputs) or
-            ``exactly-once`` (each batch's outputs and input offsets in one transaction).
-        transactional_id: exactly-once: the producer's transactional id; default
-            ``stream-scorer-<group>-<worker id>``, stable across restarts when the worker id is
-            (it defaults to the host name in this mode).
-        transaction_timeout_s: exactly-once: the broker aborts a transaction open this long.
-        static_membership: use the worker id as ``group.instance.id`` so a quick restart keeps
-            its partitions without a rebalance (pair with a larger ``session.timeout.ms``).
-    """
-
-    mode: str = AT_LEAST_ONCE
-    transactional_id: str = ""
-    transaction_timeout_s: float = 60.0
-    static_membership: bool = False
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    """Liveness, readiness and the per-partition progress watchdog (README.md, "Health").
-
-    Attributes:
-        liveness_timeout_s: ``/healthz`` fails when the main loop has not completed an
-            iteration for this long.
-        stall_timeout_s: a partition with lag whose committed offset has not moved for this
-            long is stalled: metric, ``/readyz`` fails, one warning.
-    """
-
-    liveness_timeout_s: float = 60.0
-    stall_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    """Log output (README.md, "Logs").
-
-    Attributes:
-        format: ``json`` (one event per line), ``text``, or ``auto``: text when stderr is a
-            terminal, else JSON.
-        level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
-    """
-
-    format: str = "auto"
-    level: str = "INFO"
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole configuration of one worker."""
-
-    kafka: KafkaConfig
-    input: InputConfig
-    output: OutputConfig
-    dead_letter: DeadLetterConfig
-    model: ModelConfig
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def __post_init__(self) -> None:
-        _check(self)
-
-
-_POSITIVE = {
-    "input.max_message_bytes",
-    "batch.max_records",
-    "batch.max_wait_ms",
-    "model.nthread",
-    "worker.shutdown_timeout_s",
-    "kafka.unreachable_timeout_s",
-    "batch.max_processing_s",
-    "batch.max_in_flight",
-    "dead_letter.window",
-    "delivery.transaction_timeout_s",
-    "health.liveness_timeout_s",
-    "health.stall_timeout_s",
-}
-_NON_NEGATIVE = {
-    "dead_letter.max_consecutive",
-    "worker.max_messages",
-    "worker.idle_timeout_s",
-    "kafka.statistics_interval_ms",
-}
-_NON_EMPTY = {
-    "kafka.bootstrap_servers",
-    "input.topic",
-    "input.group_id",
-    "input.id_field",
-    "output.topic",
-    "dead_letter.topic",
-}
-
-
-def _check(cfg: Config) -> None:
-    for name in _POSITIVE | _NON_NEGATIVE | _NON_EMPTY:
-        section, key = name.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if name in _POSITIVE and not value > 0:
-            raise ConfigError(name, f"must be greater than 0, got {value!r}")
-        if name in _NON_NEGATIVE and value < 0:
-            raise ConfigError(name, f"must not be negative, got {value!r}")
-        if name in _NON_EMPTY and not str(value).strip():
-            raise ConfigError(name, "must not be empty")
-    if cfg.logging.format not in ("auto", "json", "text"):
-        raise ConfigError(
-            "logging.format", f"must be auto, json or text, got {cfg.logging.format!r}"
-        )
-    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {cfg.logging.level!r}"
-        )
-    if not 0 <= cfg.metrics.port <= 65535:
-        raise ConfigError("metrics.port", f"must be a port number, got {cfg.metrics.port}")
-    if cfg.model.threshold is not None and not 0.0 < cfg.model.threshold < 1.0:
-        raise ConfigError("model.threshold", "must be strictly between 0 and 1")
-    if cfg.delivery.mode not in (AT_LEAST_ONCE, EXACTLY_ONCE):
-        raise ConfigError(
-            "delivery.mode", f"must be {AT_LEAST_ONCE} or {EXACTLY_ONCE}, got {cfg.delivery.mode!r}"
-        )
-    if not 0.0 <= cfg.dead_letter.max_ratio < 1.0:
-        raise ConfigError("dead_letter.max_ratio", "must be at least 0 and below 1 (0 = no limit)")
-    raw_poll = cfg.kafka.consumer.get("max.poll.interval.ms", "300000")
-    try:
-        poll_ms = int(raw_poll)
-    except ValueError:
-        raise ConfigError(
-            "kafka.consumer.max.poll.interval.ms", f"must be an integer, got {raw_poll!r}"
-        ) from None
-    if poll_ms < 2000 * cfg.batch.max_processing_s:
-        raise ConfigError(
-            "batch.max_processing_s",
-            f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
-        )
-    topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
-    if len(topics) != 3:
-        raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
-    for name, path in (("input.schema", cfg.input.schema), ("output.schema", cfg.output.schema)):
-        if not path.is_file():
-            raise ConfigError(name, f"no such file: {path}")
-    if not cfg.model.path.is_dir():
-        raise ConfigError("model.path", f"no such directory: {cfg.model.path}")
-    for section in ("client", "consumer", "producer"):
-        for key in getattr(cfg.kafka, section):
-            if key in _OWNED_KEYS:
-                raise ConfigError(
-                    f"kafka.{section}.{key}",
-                    "is set by stream-scorer itself; use the matching stream-scorer key",
-                )
-
+#: The librdkafka pass-through tables (``kafka.<name>``): any key, values passed as strings.
+_PASSTHROUGH = ("client", "consumer", "producer")
 
 # librdkafka keys that stream-scorer derives from its own settings and must not be overridden.
 _OWNED_KEYS = frozenset(
@@ -374,113 +65,531 @@ _OWNED_KEYS = frozenset(
     }
 )
 
-T = TypeVar("T")
+
+def _is_secret(name: str) -> bool:
+    return any(m in name.lower() for m in _SECRET_MARKERS)
 
 
-def _coerce(name: str, hint: Any, value: Any, base: Path) -> Any:
-    """Convert ``value`` to the type ``hint`` or raise ConfigError naming ``name``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("", "null", "none")):
-            return None
-        return _coerce(name, args[0], value, base)
-    if is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(name, f"must be a table, got {type(value).__name__}")
-        return _build(hint, value, name, base)  # type: ignore[arg-type]
-    if origin is Mapping or hint is Mapping:
-        if not isinstance(value, Mapping):
-            raise ConfigError(name, f"must be a table of librdkafka settings, got {value!r}")
-        return {str(k): _scalar_str(f"{name}.{k}", v) for k, v in value.items()}
-    if hint is bool:
+def _redact(settings: Mapping[str, str]) -> dict[str, str]:
+    return {k: ("***" if _is_secret(k) else v) for k, v in settings.items()}
+
+
+# --- value types: what the file may hold, declared once ------------------------------------------
+
+
+def _refuse_bool(error_type: Literal["int_type", "float_type"]) -> BeforeValidator:
+    """Refuse ``true``/``false`` where a number is expected (pydantic would read them as 1/0)."""
+
+    def check(value: Any) -> Any:
         if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(name, f"must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(name, f"must be an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(name, f"must be an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(name, f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(name, f"must be a number, got {value!r}") from None
-    if hint is Path:
-        if not isinstance(value, str | Path):
-            raise ConfigError(name, f"must be a path, got {value!r}")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (base / path)
-    if hint is str:
-        if isinstance(value, Mapping | list):
-            raise ConfigError(name, f"must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(name, f"unsupported type {hint!r}")  # pragma: no cover
+            raise PydanticKnownError(error_type)
+        return value
+
+    return BeforeValidator(check)
 
 
-def _scalar_str(name: str, value: Any) -> str:
+Int = Annotated[int, _refuse_bool("int_type")]
+Number = Annotated[float, _refuse_bool("float_type")]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+#: A string that must hold more than white space (topics, group, id field, brokers).
+NonEmpty = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """``~`` expanded; a relative path is relative to the configuration file's folder."""
+    path = value.expanduser()
+    base = (info.context or {}).get("base")
+    return path if path.is_absolute() else Path(base if base is not None else Path.cwd()) / path
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _existing_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise ValueError(f"no such directory: {path}")
+    return path
+
+
+#: A file that must exist when the configuration is loaded.
+ExistingFile = Annotated[Path, AfterValidator(_resolve), AfterValidator(_existing_file)]
+#: A directory that must exist when the configuration is loaded.
+ExistingDir = Annotated[Path, AfterValidator(_resolve), AfterValidator(_existing_dir)]
+
+
+def _librdkafka_key(key: str) -> str:
+    if key in _OWNED_KEYS:
+        raise ValueError("is set by stream-scorer itself; use the matching stream-scorer key")
+    return key
+
+
+def _librdkafka_value(value: Any) -> str:
+    """Every value goes to librdkafka as a string: ``true``/``false``, numbers as written."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int | float):
         return str(value)
-    raise ConfigError(name, f"must be a string, number or boolean, got {value!r}")
+    raise ValueError("must be a string, number or boolean")
 
 
-def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, base: Path) -> T:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    for key in raw:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known))})")
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        where = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in raw:
-            kwargs[f.name] = _coerce(where, hints[f.name], raw[f.name], base)
-        elif is_dataclass(hints[f.name]) and f.default_factory is not MISSING:
-            kwargs[f.name] = _build(hints[f.name], {}, where, base)
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise ConfigError(where, "is required")
+#: A librdkafka pass-through table: dotted librdkafka keys, scalar values passed as strings.
+Librdkafka = Annotated[
+    Mapping[
+        Annotated[str, AfterValidator(_librdkafka_key)],
+        Annotated[
+            str,
+            BeforeValidator(_librdkafka_value),
+            WithJsonSchema({"type": ["string", "number", "boolean"]}),
+        ],
+    ],
+    Field(json_schema_extra={"propertyNames": {"not": {"enum": sorted(_OWNED_KEYS)}}}),
+]
+
+
+def _none_words(value: Any) -> Any:
+    """An empty string, ``null`` or ``none`` (an environment variable) means unset."""
+    if isinstance(value, str) and value.lower() in ("", "null", "none"):
+        return None
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
+    return value
+
+
+class _Section(BaseModel):
+    """A frozen section that refuses unknown keys and never puts input values in its errors."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        hide_input_in_errors=True,  # a ValidationError chained to a ConfigError shows no secret
+        coerce_numbers_to_str=True,  # topic: 123 in YAML is the topic "123"
+        use_attribute_docstrings=True,  # the docstrings below are the JSON Schema's descriptions
+    )
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+
+class KafkaConfig(_Section):
+    """Connection to Kafka; the three tables pass straight to librdkafka."""
+
+    bootstrap_servers: NonEmpty
+    """Comma-separated ``host:port`` list."""
+    client: Librdkafka = Field(default_factory=dict)
+    """librdkafka settings for every client (security, SASL, TLS, …)."""
+    consumer: Librdkafka = Field(default_factory=dict)
+    """librdkafka settings for the consumer only."""
+    producer: Librdkafka = Field(default_factory=dict)
+    """librdkafka settings for the producer only."""
+    statistics_interval_ms: Int = Field(default=5000, ge=0)
+    """How often librdkafka reports statistics (lag metrics); 0 = off."""
+    unreachable_timeout_s: Number = Field(default=120.0, gt=0)
+    """Exit non-zero when no broker has answered for this long."""
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """The fields, with secret values of the pass-through tables shown as ``***``."""
+        for name, value in super().__repr_args__():
+            yield name, (_redact(value) if name in _PASSTHROUGH else value)
+
+
+class InputConfig(_Section):
+    """The input topic and its contract."""
+
+    topic: NonEmpty
+    """Topic to consume."""
+    group_id: NonEmpty
+    """Consumer group; workers of one deployment share it."""
+    schema_file: ExistingFile = Field(alias="schema")
+    """Path of the Avro schema (``.avsc``) the events are written with."""
+    id_field: NonEmpty
+    """Input field copied into each prediction as ``input_id``."""
+    event_time_field: str = ""
+    """Input field holding the event time (timestamp-millis or long milliseconds); empty means
+    the Kafka record's timestamp."""
+    max_message_bytes: Int = Field(default=1_048_576, gt=0)
+    """Records larger than this are dead-lettered unread."""
+    fast_path: bool = True
+    """Decode with the compiled decoder specialised to the schema and model when the schema
+    allows it (see ``fast``); false forces the fastavro path."""
+
+    @property
+    def schema(self) -> Path:  # type: ignore[override]
+        """Path of the Avro schema the events are written with."""
+        return self.schema_file
+
+
+class OutputConfig(_Section):
+    """Where predictions go."""
+
+    topic: NonEmpty
+    """Prediction topic."""
+    schema_file: ExistingFile = Field(alias="schema")
+    """Path of the prediction record's Avro schema."""
+
+    @property
+    def schema(self) -> Path:  # type: ignore[override]
+        """Path of the prediction record's Avro schema."""
+        return self.schema_file
+
+
+class DeadLetterConfig(_Section):
+    """Where records that cannot be scored go."""
+
+    topic: NonEmpty
+    """Dead-letter topic."""
+    max_ratio: Number = Field(default=0.0, ge=0, lt=1)
+    """Stop the worker when more than this fraction of the last ``window`` records were
+    dead-lettered (0 = no limit)."""
+    window: Int = Field(default=1000, gt=0)
+    """How many recent records ``max_ratio`` looks at."""
+    max_consecutive: Int = Field(default=0, ge=0)
+    """Stop the worker after this many dead letters in a row (0 = no limit)."""
+
+
+class ModelConfig(_Section):
+    """The model to score with."""
+
+    path: ExistingDir
+    """Directory holding ``manifest.json`` and the model file."""
+    threshold: Annotated[float | None, BeforeValidator(_none_words)] = Field(
+        default=None, gt=0, lt=1
+    )
+    """Binary classifiers: probability at or above which the label is 1; overrides the
+    manifest's threshold when set."""
+    nthread: Int = Field(default=1, gt=0)
+    """XGBoost threads per worker process."""
+
+
+class BatchConfig(_Section):
+    """Micro-batching."""
+
+    max_records: Int = Field(default=1000, gt=0)
+    """A batch is scored as soon as it holds this many records."""
+    max_wait_ms: Int = Field(default=10, gt=0)
+    """A partial batch is scored after waiting this long."""
+    max_processing_s: Number = Field(default=30.0, gt=0)
+    """Target upper bound for processing one batch; when a batch takes longer (a slow model),
+    the batch size shrinks so the worker keeps calling poll well within
+    ``max.poll.interval.ms`` (which must be at least twice this)."""
+    max_in_flight: Int = Field(default=50_000, gt=0)
+    """At-least-once mode: when this many records wait for their outputs' acknowledgement (a
+    backed-up producer), the worker pauses its partitions until half of them are acknowledged."""
+
+
+class WorkerConfig(_Section):
+    """The worker process."""
+
+    id: str = ""
+    """Worker id used in client ids, logs and dead-letter headers (default:
+    ``<hostname>-<pid>``; exactly-once: ``<hostname>``)."""
+    max_messages: Int = Field(default=0, ge=0)
+    """Stop after consuming this many records (0 = never)."""
+    idle_timeout_s: Number = Field(default=0.0, ge=0)
+    """Stop after this many seconds idle (0 = never): joined, group settled, every assigned
+    partition read to its end, nothing in flight (``worker.flow.IdleClock``)."""
+    shutdown_timeout_s: Number = Field(default=30.0, gt=0)
+    """How long shutdown waits for outstanding deliveries."""
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint."""
+
+    port: Int = Field(default=9400, ge=0, le=65535)
+    """HTTP port for ``/metrics``; 0 disables the endpoint."""
+    host: str = "0.0.0.0"
+    """Address to bind."""
+
+
+#: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
+CLIENT_MESSAGE_MAX_BYTES: Final = 1_000_000
+#: Room beyond a record's key, value and headers for its framing (record batch, varints).
+RECORD_OVERHEAD_BYTES: Final = 65_536
+
+AT_LEAST_ONCE: Final = "at-least-once"
+EXACTLY_ONCE: Final = "exactly-once"
+
+
+class DeliveryConfig(_Section):
+    """The delivery guarantee (README.md, "Guarantees")."""
+
+    mode: Literal["at-least-once", "exactly-once"] = AT_LEAST_ONCE
+    """``at-least-once`` (outputs first, then offsets; a crash can repeat outputs) or
+    ``exactly-once`` (each batch's outputs and input offsets in one transaction)."""
+    transactional_id: str = ""
+    """Exactly-once: the producer's transactional id; default
+    ``stream-scorer-<group>-<worker id>``, stable across restarts when the worker id is (it
+    defaults to the host name in this mode)."""
+    transaction_timeout_s: Number = Field(default=60.0, gt=0)
+    """Exactly-once: the broker aborts a transaction open this long."""
+    static_membership: bool = False
+    """Use the worker id as ``group.instance.id`` so a quick restart keeps its partitions
+    without a rebalance (pair with a larger ``session.timeout.ms``)."""
+
+
+class HealthConfig(_Section):
+    """Liveness, readiness and the per-partition progress watchdog (README.md, "Health")."""
+
+    liveness_timeout_s: Number = Field(default=60.0, gt=0)
+    """``/healthz`` fails when the main loop has not completed an iteration for this long."""
+    stall_timeout_s: Number = Field(default=60.0, gt=0)
+    """A partition with lag whose committed offset has not moved for this long is stalled:
+    metric, ``/readyz`` fails, one warning."""
+
+
+class LoggingConfig(_Section):
+    """Log output (README.md, "Logs")."""
+
+    format: Literal["auto", "json", "text"] = "auto"
+    """``json`` (one event per line), ``text``, or ``auto``: text when stderr is a terminal,
+    else JSON."""
+    level: Annotated[str, AfterValidator(_log_level)] = "INFO"
+    """``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR`` (any case)."""
+
+
+class Config(_Section):
+    """The whole configuration of one worker."""
+
+    kafka: KafkaConfig
+    """Connection to Kafka."""
+    input: InputConfig
+    """The input topic and its contract."""
+    output: OutputConfig
+    """Where predictions go."""
+    dead_letter: DeadLetterConfig
+    """Where records that cannot be scored go."""
+    model: ModelConfig
+    """The model to score with."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Micro-batching."""
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    """The worker process."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """The Prometheus endpoint."""
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    """The delivery guarantee."""
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    """Liveness, readiness and the progress watchdog."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Log output."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        _check(self)
+        return self
+
+
+def _check(cfg: Config) -> None:
+    """The checks that involve more than one key (each key's own rules are declared above)."""
+    raw_poll = cfg.kafka.consumer.get("max.poll.interval.ms", "300000")
     try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - guarded above
-        raise ConfigError(prefix or "config", str(exc)) from exc
+        poll_ms = int(raw_poll)
+    except ValueError:
+        raise ConfigError("kafka.consumer.max.poll.interval.ms", "must be an integer") from None
+    if poll_ms < 2000 * cfg.batch.max_processing_s:
+        raise ConfigError(
+            "batch.max_processing_s",
+            f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
+    topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
+    if len(topics) != 3:
+        raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: str) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(".".join(path), "overrides a value that is not a table")
-        node = child
-    node[path[-1]] = value
+def config_schema() -> dict[str, Any]:
+    """Return the JSON Schema of the configuration file (for editors and ``config schema``)."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "stream-scorer configuration"
+    return schema
 
 
-_PASSTHROUGH = ("client", "consumer", "producer")
+# --- validation errors → ConfigError ------------------------------------------------------------
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Turn ``STREAM_SCORER_*`` variables into a nested override table."""
-    tree: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
-            continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if len(parts) == 3 and parts[0] == "kafka" and parts[1] in _PASSTHROUGH:
-            parts[2] = parts[2].replace("_", ".")
-        _set_path(tree, parts, value)
-    return tree
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The section model that ``loc`` (a path of field names or aliases) points into."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = _field(model, part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _field(model: type[BaseModel], name: str | int) -> FieldInfo | None:
+    for field_name, info in model.model_fields.items():
+        if name in (field_name, info.alias):
+            return info
+    return None
+
+
+_LIMIT_WORDS = {"gt": "greater than", "ge": "at least", "lt": "below", "le": "at most"}
+
+
+def _range(loc: tuple[str | int, ...], ctx: Mapping[str, Any]) -> str:
+    """``must be …``: the range declared for the key at ``loc`` (else the bound ``ctx`` names)."""
+    model = _model_at(loc[:-1])
+    field = _field(model, loc[-1]) if model is not None and loc else None
+    metadata = field.metadata if field is not None else []
+    limits = {k: getattr(m, k) for m in metadata for k in _LIMIT_WORDS if hasattr(m, k)} or ctx
+    low = next(((k, limits[k]) for k in ("gt", "ge") if k in limits), None)
+    high = next(((k, limits[k]) for k in ("lt", "le") if k in limits), None)
+    if low == ("ge", 0) and high is None:
+        return "must not be negative"
+    if low is not None and high is not None and (low[0], high[0]) in (("gt", "lt"), ("ge", "le")):
+        strictly = "strictly " if low[0] == "gt" else ""
+        return f"must be {strictly}between {low[1]} and {high[1]}"
+    words = [f"{_LIMIT_WORDS[b[0]]} {b[1]}" for b in (low, high) if b is not None]
+    return "must be " + " and ".join(words)
+
+
+#: pydantic error types whose meaning is one phrase of ours.
+_PHRASES = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "path_type": "must be a path",
+    "string_too_short": "must not be empty",
+}
+_TABLE_ERRORS = frozenset({"model_type", "model_attributes_type", "dict_type", "mapping_type"})
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+
+def _message(err: ErrorDetails, loc: tuple[str | int, ...], secret: bool) -> str:
+    """Our wording of one pydantic error; ``secret``: never show the value."""
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    got = "" if secret else f", got {value!r}"
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
+        return f"unknown key (known: {', '.join(known)})"
+    if kind in _TABLE_ERRORS:
+        return f"must be a table, got {type(value).__name__}"
+    if kind in _RANGE_ERRORS:
+        return _range(loc, ctx) + got
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}{got}"
+    if kind in _PHRASES:
+        return _PHRASES[kind] + ("" if kind == "string_too_short" else got)
+    return err["msg"]  # pydantic's words (which never include the value)
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The first error of ``exc`` as a ConfigError naming the dotted key."""
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(p for p in err["loc"] if p != "[key]")
+    name = ".".join(str(p) for p in loc) or "config"
+    secret = (len(loc) > 1 and loc[0] == "kafka" and loc[1] in _PASSTHROUGH) or any(
+        _is_secret(str(p)) for p in loc
+    )
+    return ConfigError(name, _message(err, loc, secret))
+
+
+# --- sources: file, environment, command line ---------------------------------------------------
+
+#: The settings sources read a model's fields (which keys are tables) and nothing else of a
+#: BaseSettings; Config stays a plain model so that validating one never reads the environment.
+_SOURCE_MODEL = cast(type[BaseSettings], Config)
+
+
+class _Environment(EnvSettingsSource):
+    """``STREAM_SCORER_<SECTION>__<KEY>`` variables of a given environment, as a nested table."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = {
+            k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k not in _NOT_CONFIG
+        }
+        super().__init__(
+            _SOURCE_MODEL,
+            case_sensitive=False,
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            env_parse_none_str=None,
+        )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
+
+    def values(self) -> dict[str, Any]:
+        """The variables' table; a single ``_`` in a ``kafka.*`` table's key becomes a ``.``."""
+        for name in self._environ:  # the source skips names that match no section: refuse them
+            section = name[len(ENV_PREFIX) :].split("__")[0].lower()
+            if _field(Config, section) is None:
+                known = ", ".join(Config.model_fields)
+                raise ConfigError(section, f"unknown key (known: {known}) in {name}")
+        try:
+            tree = self()
+        except ValueError as exc:  # SettingsError: a variable setting a whole table is no JSON
+            raise ConfigError("environment", f"{ENV_PREFIX}* variables: {exc}") from exc
+        kafka = tree.get("kafka")
+        if isinstance(kafka, dict):
+            for table in _PASSTHROUGH:
+                if isinstance(kafka.get(table), dict):
+                    kafka[table] = {k.replace("_", "."): v for k, v in kafka[table].items()}
+        return tree
+
+
+class _TableCheck:
+    """Refuse a file whose top level is not a table (the sources would fail obscurely)."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = super()._read_file(file_path)  # type: ignore[misc]
+        if data is None:  # an empty YAML file
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"{file_path} must hold a table at the top level")
+        return data
+
+
+class _Yaml(_TableCheck, YamlConfigSettingsSource):
+    pass
+
+
+class _Toml(_TableCheck, TomlConfigSettingsSource):
+    pass
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) configuration file."""
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError("config", f"{path}: use a .yaml, .yml or .toml file")
+    try:
+        with path.open("rb"):  # the sources skip a missing or unreadable file silently
+            pass
+        if path.suffix == ".toml":
+            table: dict[str, Any] = _Toml(_SOURCE_MODEL, path)()
+        else:
+            table = _Yaml(_SOURCE_MODEL, path, yaml_file_encoding="utf-8")()
+        return table
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path} is not valid: {exc}") from exc
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -491,26 +600,6 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def read_file(path: Path) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) configuration file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        if path.suffix == ".toml":
-            raw: Any = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError("config", f"{path}: use a .yaml, .yml or .toml file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError("config", f"{path} is not valid: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError("config", f"{path} must hold a table at the top level")
-    return raw
 
 
 def load_config(
@@ -531,14 +620,23 @@ def load_config(
     """
     raw: dict[str, Any] = read_file(path) if path is not None else {}
     base = path.resolve().parent if path is not None else Path.cwd()
-    raw = _merge(raw, env_overrides(os.environ if environ is None else environ))
+    raw = _merge(raw, _Environment(os.environ if environ is None else environ).values())
     raw = _merge(raw, overrides or {})
-    return _build(Config, raw, "", base)
+    return _validate(raw, base)
+
+
+def _validate(raw: Mapping[str, Any], base: Path) -> Config:
+    try:
+        return Config.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        raise _config_error(exc) from exc
 
 
 def with_worker(cfg: Config, **changes: Any) -> Config:
-    """Return ``cfg`` with fields of its ``worker`` section replaced."""
-    return replace(cfg, worker=replace(cfg.worker, **changes))
+    """Return ``cfg`` with fields of its ``worker`` section replaced (validated again)."""
+    raw = cfg.model_dump(by_alias=True)
+    raw["worker"].update(changes)
+    return _validate(raw, Path.cwd())
 
 
 def worker_identity(cfg: Config) -> str:

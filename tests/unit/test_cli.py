@@ -102,3 +102,61 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     result = _run("run", "--config", str(tmp_path / "absent.yaml"))
     assert result.returncode == 2
     assert "absent.yaml" in result.stderr
+
+
+def test_config_check_accepts_a_good_configuration_without_kafka(tmp_path: Path) -> None:
+    result = _run("config", "check", str(_config(tmp_path)))  # its broker, 127.0.0.1:1, is closed
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK ")
+    assert "in -> out" in result.stdout
+    assert "(binary:logistic, " in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"batch": {"max_records": 0}}, "batch.max_records: must be greater than 0"),
+        ({"input": {"id_field": "nope"}}, "input.id_field: field 'nope': no field 'nope'"),
+        ({"output": {"topic": "in"}}, "output.topic: input, output and dead-letter topics"),
+        (
+            {
+                "delivery": {"mode": "exactly-once", "transaction_timeout_s": 10},
+                "kafka": {"producer": {"message.timeout.ms": "20000"}},
+            },
+            "kafka.producer.message.timeout.ms: must not exceed",
+        ),
+    ],
+)
+def test_config_check_refuses_what_start_up_would_refuse(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    for section, values in change.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = _run("config", "check", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_refuses_a_model_the_schema_cannot_feed(tmp_path: Path) -> None:
+    path = _config(tmp_path)
+    schema = dict(
+        PAYMENT_SCHEMA, fields=[f for f in PAYMENT_SCHEMA["fields"] if f["name"] != "amount"]
+    )
+    write_schema(tmp_path / "in.avsc", schema)
+    result = _run("config", "check", str(path))
+    assert result.returncode == 2  # `run` exits 1 for it; for `config check` it is the file's fault
+    assert "input.schema: feature 'amount': field 'amount': no field 'amount'" in result.stderr
+
+
+def test_config_schema_prints_the_files_json_schema() -> None:
+    result = _run("config", "schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {"kafka", "input", "output", "dead_letter", "model"}
+    batch = schema["$defs"]["BatchConfig"]["properties"]["max_records"]
+    assert (batch["type"], batch["exclusiveMinimum"], batch["default"]) == ("integer", 0, 1000)

@@ -1,11 +1,21 @@
+import copy
+import traceback
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
-from stream_scorer.config import consumer_settings, load_config, producer_settings
+from stream_scorer.config import (
+    Config,
+    config_schema,
+    consumer_settings,
+    load_config,
+    producer_settings,
+)
 from stream_scorer.errors import ConfigError
+from stream_scorer.example.files import CONFIG_NAME, example_files
 
 ROOT = Path(__file__).parents[2]
 
@@ -228,3 +238,79 @@ def test_worker_id_defaults(tmp_path: Path, base: dict[str, Any]) -> None:
     assert worker_identity(cfg) == socket.gethostname()  # stable across restarts
     base["worker"] = {"id": "scorer-3"}
     assert worker_identity(load_config(_write(tmp_path, base), environ={})) == "scorer-3"
+
+
+def test_overrides_win_over_environment_over_file(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["batch"] = {"max_records": 10, "max_wait_ms": 20}
+    env = {"STREAM_SCORER_BATCH__MAX_RECORDS": "30", "STREAM_SCORER_CACHE": "/not/config"}
+    over = {"batch": {"max_records": 40}}
+    cfg = load_config(_write(tmp_path, base), environ=env, overrides=over)
+    assert (cfg.batch.max_records, cfg.batch.max_wait_ms) == (40, 20)
+    assert load_config(_write(tmp_path, base), environ=env).batch.max_records == 30
+    with pytest.raises(ConfigError) as info:  # a misspelt section is refused, not ignored
+        load_config(_write(tmp_path, base), environ={"STREAM_SCORER_BACH__MAX_RECORDS": "1"})
+    assert info.value.field == "bach"
+
+
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize(
+    ("file", "environ", "field"),
+    [
+        ({"kafka": {"client": {"sasl.password": [SECRET]}}}, {}, "kafka.client.sasl.password"),
+        ({"kafka": {"client": SECRET}}, {}, "kafka.client"),
+        ({"kafka": {"producer": {"sasl.password": {"v": SECRET}}}}, {}, "kafka.producer"),
+        (
+            {"kafka": {"consumer": {"max.poll.interval.ms": SECRET}}},
+            {},
+            "kafka.consumer.max.poll.interval.ms",
+        ),
+        ({}, {"STREAM_SCORER_KAFKA__CLIENT": SECRET}, "environment"),
+        ({"worker": {"api_token": SECRET}}, {}, "worker.api_token"),
+    ],
+)
+def test_validation_errors_never_show_a_secret(
+    tmp_path: Path, base: dict[str, Any], file: dict[str, Any], environ: dict[str, str], field: str
+) -> None:
+    for section, values in file.items():
+        base.setdefault(section, {})
+        if isinstance(base[section], dict) and isinstance(values, dict):
+            base[section].update(values)
+        else:
+            base[section] = values
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, base), environ=environ)
+    assert info.value.field.startswith(field)
+    # neither the message nor anything chained to it (what a traceback would print)
+    assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+def test_json_schema_accepts_the_shipped_configs_and_refuses_bad_ones(
+    base: dict[str, Any],
+) -> None:
+    validator = jsonschema.Draft202012Validator(config_schema())
+    for shipped in (ROOT / "deploy" / "config" / "rides.yaml", example_files()[CONFIG_NAME]):
+        assert list(validator.iter_errors(yaml.safe_load(shipped.read_text()))) == []
+    assert list(validator.iter_errors(base)) == []
+    for key, value in [
+        ("batch.speed", 3),
+        ("batch.max_records", 0),
+        ("input.topic", ""),
+        ("delivery.mode", "at-most-once"),
+        ("kafka.consumer", {"group.id": "x"}),
+        ("kafka.client", {"socket.timeout.ms": [1]}),
+        ("metrics.port", 70000),
+    ]:
+        bad = copy.deepcopy(base)
+        _set(bad, key, value)
+        assert list(validator.iter_errors(bad)), key
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for section, field in Config.model_fields.items():
+        assert field.annotation is not None
+        for name, info in field.annotation.model_fields.items():
+            key = f"{section}.{info.alias or name}"
+            assert f"| `{key}` |" in readme, key
