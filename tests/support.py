@@ -12,7 +12,7 @@ import fastavro
 import numpy as np
 import xgboost as xgb
 
-from stream_scorer.clients import read_to_end
+from stream_scorer.clients import end_offsets, read_to_end
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.stages.records import PlainMessage
 
@@ -214,22 +214,22 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """High watermark minus committed offset per partition, for ``group``."""
-    from confluent_kafka import Consumer, TopicPartition
+def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+    """The high watermark (the offset the next record will get) per partition of ``topic``."""
+    from confluent_kafka import Consumer
 
-    committed = committed_offsets(bootstrap, group, topic)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-watermarks"})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"watermarks-{topic}"})
     try:
-        lag = {}
-        for partition, offset in committed.items():
-            _low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=10
-            )
-            lag[partition] = high - max(offset, 0)
-        return lag
+        return end_offsets(consumer, topic)
     finally:
         consumer.close()
+
+
+def committed_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """High watermark minus committed offset per partition, for ``group``."""
+    committed = committed_offsets(bootstrap, group, topic)
+    high = high_watermarks(bootstrap, topic)
+    return {partition: high[partition] - max(offset, 0) for partition, offset in committed.items()}
 
 
 def produce_raw(
