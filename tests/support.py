@@ -86,7 +86,7 @@ def payments(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def payment_matrix(records: list[dict[str, Any]]) -> np.ndarray:
-    """The classifier's features computed independently of stream_scorer.features."""
+    """The classifier's features computed independently of stream_scorer.stages.features."""
     rows = []
     for r in records:
         hour = datetime.fromtimestamp(r["at"] / 1000, tz=UTC).hour

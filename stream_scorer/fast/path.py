@@ -1,20 +1,20 @@
 """The fast path: a batch of messages straight to the model's float32 matrix, in one pass.
 
 ``FastDecoder`` stands in for ``Decoder`` + ``FeatureBuilder``: a program specialised to the
-input schema and the model's features (``fastplan``) is run over the whole batch by a compiled
-interpreter (``fastkernel``), which enforces every decode guard and writes each feature cell
+input schema and the model's features (``fast.plan``) is run over the whole batch by a compiled
+interpreter (``fast.kernel``), which enforces every decode guard and writes each feature cell
 with a *state* (value, missing, NaN, infinite, unseen category, not numeric, not a timestamp).
 The feature policies are then applied to the states, vectorised, column by column in the
-manifest's order (the first failing feature names the dead letter, as in ``features.py``).
+manifest's order (the first failing feature names the dead letter, as in ``stages/features.py``).
 
-Dead-letter reason codes: the decode stage's are ``fastkernel.REASONS``; the feature stage's
+Dead-letter reason codes: the decode stage's are ``fast.kernel.REASONS``; the feature stage's
 are ``missing_value``, ``nan_value``, ``non_finite``, ``out_of_range``, ``not_numeric`` and
 ``not_timestamp``. The default ``FeaturePolicy`` is the manifest's default ``ValuePolicy``:
 null, absent and NaN values pass as NaN, infinity and values outside a feature's min/max are
 dead-lettered; unseen categories are always NaN.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
-specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
+specialised (``fast.plan.Unsupported``) the worker keeps the fastavro path.
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ class FastDecoder:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], dict[str, Any]]:
         """Run the kernel only: the raw matrix, the cell states and the per-record columns.
 
-        The columns: ``status`` (index into ``fastkernel.REASONS``), ``err_at``, ``ids``,
-        ``id_float``, ``times``, ``raw_float``, ``raw_int`` (see ``fastkernel.run_batch``) and
+        The columns: ``status`` (index into ``fast.kernel.REASONS``), ``err_at``, ``ids``,
+        ``id_float``, ``times``, ``raw_float``, ``raw_int`` (see ``fast.kernel.run_batch``) and
         ``buf`` (the bytes).
         """
         values = [m.value() for m in messages]

@@ -39,7 +39,7 @@ def test_a_stuck_call_is_left_behind_soon_after_the_broker_answers_again(
         run.release()
     assert len(run.producers) == 2 and run.count("recreated") == 1
     abandoned_at = run.made_at[1]
-    # the grace after the broker came back (one step of slack), far below the old bound
+    # the grace after the broker came back (one step of slack), far below the timeout bound
     assert (
         net.back_at + RECONNECTED_GRACE_S <= abandoned_at <= net.back_at + RECONNECTED_GRACE_S + 1
     )
@@ -58,7 +58,7 @@ def test_a_call_that_returns_after_the_reconnection_is_not_left_behind() -> None
     assert net.reconnection.lost_at is None  # the commit put the outage behind
 
 
-def test_while_the_broker_stays_down_the_old_bound_applies(
+def test_while_the_broker_stays_down_the_timeout_bound_applies(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     net = Net(down_at=0.0, back_at=float("inf"))
@@ -73,7 +73,7 @@ def test_while_the_broker_stays_down_the_old_bound_applies(
     assert f"did not return within {TIMEOUT_S + 5:.0f} s" in caplog.text
 
 
-def test_without_a_lost_connection_a_slow_call_gets_the_old_bound() -> None:
+def test_without_a_lost_connection_a_slow_call_gets_the_timeout_bound() -> None:
     net = Net(down_at=float("inf"), back_at=float("inf"))  # never down
     run = Run(net, blocking=STUCK)
     try:
