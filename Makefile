@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup tools demo test lint unit integration faults clean
+.PHONY: setup tools demo test lint unit integration faults boundscheck clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -30,13 +30,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check stream_scorer tests
 	$(BIN)/mypy stream_scorer
 
-# everything: lint, then every tier (unit, integration, faults)
+# everything: lint, then every tier (unit, integration, faults, boundscheck)
 test: setup lint
 	$(BIN)/pytest
 
-# the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes)
+# the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),
+# boundscheck (the numba kernel's tests compiled with bounds checks; no server, slow)
 unit: $(STAMP)
-	$(BIN)/pytest -m unit
+	$(BIN)/pytest -m "unit and not boundscheck"
+
+boundscheck: $(STAMP)
+	$(BIN)/pytest -m boundscheck
 
 integration: setup
 	$(BIN)/pytest -m "integration and not faults"

@@ -2,7 +2,7 @@
 
 Every error the service raises on purpose derives from one root, so callers can catch
 ``StreamScorerError`` and nothing else. Bad *records* are not exceptions: they travel as
-``DeadLetter`` values (see ``decode.py``) and end on the dead-letter topic.
+``DeadLetter`` values (see ``stages/decode.py``) and end on the dead-letter topic.
 
 ::
 

@@ -5,10 +5,17 @@ over 4 partitions at a steady rate while 3 ``stream-scorer run`` processes score
 fault is injected mid-stream. Like an orchestrator, the harness restarts a worker that exits
 unexpectedly. When the group has committed everything, the workers are stopped and an
 independent ``read_committed`` reader compares the output and dead-letter topics with the input.
+
+At-least-once may repeat a record only because of a fault: each fault (and each unexpected exit)
+opens a ``FaultWindow`` per input partition, from the group's committed offset read just before
+the fault to the partition's high watermark right after it (to the one once the group has
+settled, if a worker logged a refused commit or lost partitions meanwhile). Every duplicate
+must lie in some window (``check_duplicates``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -22,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from support import committed_offsets, produce_raw, read_topic, wait_for
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import AdminClient, ConsumerGroupDescription
+from support import committed_offsets, high_watermarks, produce_raw, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
@@ -71,6 +80,105 @@ class Worker:
     wid: str
     proc: subprocess.Popen[bytes]
     log: Path
+    worker_id: str
+
+    @property
+    def client_id(self) -> str:
+        """The client id its consumer joins the group with."""
+        return f"stream-scorer-{self.worker_id}"
+
+
+#: What a worker logs when a rebalance makes it leave records uncommitted: a revoke commit the
+#: broker refused (librdkafka#3306), partitions lost (another member owns them already).
+REFUSAL_LOG_LINES = ("commit failed (records will be redelivered)", '"lost [')
+
+
+@dataclass
+class FaultWindow:
+    """The input records one fault may make an at-least-once group process again.
+
+    Per input partition, from ``committed``, the group's committed offset read just before the
+    fault (at most what was committed when it hit), to the partition's high watermark right
+    after the fault (``at_fault``: a killed worker cannot have consumed beyond it). A rebalance
+    the fault causes can leave a surviving worker's records uncommitted too, but only when a
+    revoke commit is refused or partitions are lost (librdkafka#3306); when a worker logged
+    that between the fault and the group settling (``refusals``), the window extends to the
+    high watermark once the group had settled (``settled``: rebalances over, every partition
+    assigned to a live worker; None until then).
+    """
+
+    what: str
+    committed: dict[int, int]
+    at_fault: dict[int, int] | None = None  # None: unknown (the broker did not answer)
+    settled: dict[int, int] | None = None
+    refusals: int = 0
+    logged_before: int = 0  # refusal lines in the run's logs when the window opened
+
+    @property
+    def end(self) -> dict[int, int] | None:
+        """The high watermarks that end the window; None while the group has not settled."""
+        if self.settled is None:
+            return None
+        return self.settled if self.refusals or self.at_fault is None else self.at_fault
+
+    def holds(self, partition: int, offset: int) -> bool:
+        """Whether the record at ``offset`` of ``partition`` lies in the window."""
+        end = self.end
+        if end is None:
+            return False
+        return self.committed.get(partition, -1) <= offset < end.get(partition, 0)
+
+    @property
+    def records(self) -> int:
+        """How many input records the window spans (0 while open)."""
+        end = self.end or {}
+        return sum(h - max(0, self.committed.get(p, 0)) for p, h in end.items())
+
+
+def unexplained(
+    duplicates: list[tuple[int, int]], windows: list[FaultWindow]
+) -> list[tuple[int, int]]:
+    """The duplicated ``(partition, offset)`` inputs that lie in no fault's window."""
+    return [(p, o) for p, o in duplicates if not any(w.holds(p, o) for w in windows)]
+
+
+def check_duplicates(duplicates: list[tuple[int, int]], windows: list[FaultWindow]) -> None:
+    """At-least-once: every duplicate was consumed but uncommitted when some fault hit.
+
+    Raises:
+        AssertionError: a window never closed, or a duplicate lies outside every window.
+    """
+    still_open = [w.what for w in windows if w.end is None]
+    assert not still_open, f"the group never settled after {still_open}"
+    outside = unexplained(duplicates, windows)
+    assert not outside, (
+        f"{len(outside)} of {len(duplicates)} duplicates lie in no fault's window: "
+        f"{outside[:20]}; windows (what, committed before, end, refusals): "
+        f"{[(w.what, w.committed, w.end, w.refusals) for w in windows]}"
+    )
+
+
+def settled(
+    group: ConsumerGroupDescription,
+    topic: str,
+    partitions: int,
+    live: int,
+    gone: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether a group has settled: stable, one member per ``live`` worker, none of ``gone``
+    (the member ids of workers the fault took away) and every partition of ``topic`` assigned.
+    """
+    if group.state != ConsumerGroupState.STABLE or len(group.members) != live:
+        return False
+    if any(m.member_id in gone for m in group.members):
+        return False
+    assigned = {
+        tp.partition
+        for m in group.members
+        for tp in m.assignment.topic_partitions
+        if tp.topic == topic
+    }
+    return assigned == set(range(partitions))
 
 
 @dataclass
@@ -133,7 +241,12 @@ class FaultRun:
         self.workers: dict[str, Worker] = {}
         self.unexpected: list[str] = []
         self.expected_exit: set[str] = set()
-        self.commits_at_kills: list[dict[int, int]] = []
+        #: One per fault and per unexpected exit: what at-least-once may repeat because of it.
+        self.windows: list[FaultWindow] = []
+        self._watchers: list[threading.Thread] = []
+        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        self._last_committed: dict[int, int] = {}  # the latest committed() read
+        self._alive_committed: dict[int, int] = {}  # read before every worker was seen running
         self._starts = Counter[str]()
         self._producer_error: list[BaseException] = []
         self._producer: threading.Thread | None = None
@@ -191,7 +304,7 @@ class FaultRun:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONWARNINGS": "error"},
             )
-        worker = Worker(wid, proc, log)
+        worker = Worker(wid, proc, log, worker_id or wid)
         self.workers[wid] = worker
         return worker
 
@@ -201,36 +314,123 @@ class FaultRun:
             self.start(f"w{i}")
 
     def supervise(self) -> None:
-        """Restart any worker that exited without being told to (an orchestrator's job)."""
+        """Restart any worker that exited without being told to (an orchestrator's job).
+
+        The exit opens a fault window from the committed offsets read before the previous
+        check that saw every worker running: the worker died after that read.
+        """
         for wid, worker in list(self.workers.items()):
             code = worker.proc.poll()
             if code is None or wid in self.expected_exit:
                 continue
             self.unexpected.append(f"{wid} exit {code}: {tail(worker.log)}")
+            window = FaultWindow(f"{wid} exited {code}", self._alive_committed)
+            window.logged_before = self.refusals_logged()
+            gone = self._member_ids(worker)
+            with contextlib.suppress(Exception):  # the broker may be down: then unknown
+                window.at_fault = high_watermarks(self.bootstrap, self.topic)
             self.start(wid)
+            self.settle(window, gone)
+        self._alive_committed = self._last_committed
+
+    def open_window(self, what: str) -> FaultWindow:
+        """Read the committed offsets for a fault about to be injected: call right before it."""
+        window = FaultWindow(what, self.committed(), logged_before=self.refusals_logged())
+        self.windows.append(window)
+        return window
+
+    def refusals_logged(self) -> int:
+        """How many refused commits and lost partitions the run's workers logged so far."""
+        logs = self.workdir.glob(f"{self.name}-{self.mode}-*.log")
+        return sum(_read(log).count(line) for log in logs for line in REFUSAL_LOG_LINES)
+
+    def settle(self, window: FaultWindow, gone: frozenset[str] = frozenset()) -> None:
+        """Close ``window`` once the group has settled after its fault (watched in a thread).
+
+        ``gone`` are the member ids of the worker the fault took away (they must have left).
+        Call it once the fault is over (the worker restarted, the broker back); the window
+        stays open if the group never settles, which ``wait_committed`` reports.
+        """
+        if window not in self.windows:
+            self.windows.append(window)
+
+        def watch() -> None:
+            tick = threading.Event()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if self._settled(gone):
+                        window.settled = high_watermarks(self.bootstrap, self.topic)
+                        window.refusals = self.refusals_logged() - window.logged_before
+                        return
+                except Exception:  # a broker restarting or a coordinator moving: ask again
+                    pass
+                tick.wait(0.5)
+
+        thread = threading.Thread(target=watch, name=f"settle {window.what}", daemon=True)
+        thread.start()
+        self._watchers.append(thread)
+
+    def _settled(self, gone: frozenset[str]) -> bool:
+        live = [w for w in list(self.workers.values()) if w.proc.poll() is None]
+        # a restarted worker has joined once it logged an assignment: until then the member
+        # of the worker it replaced may still count as one of the live ones
+        if not all("assigned" in _read(w.log) for w in live):
+            return False
+        group = self._describe()
+        return group is not None and settled(group, self.topic, PARTITIONS, len(live), gone)
+
+    def _describe(self) -> ConsumerGroupDescription | None:
+        try:
+            result = self._admin.describe_consumer_groups([self.group])[self.group]
+            group: ConsumerGroupDescription = result.result(timeout=10)
+        except Exception:  # broker down or coordinator loading
+            return None
+        return group
+
+    def _member_ids(self, worker: Worker) -> frozenset[str]:
+        group = self._describe()
+        if group is None:
+            return frozenset()
+        return frozenset(m.member_id for m in group.members if m.client_id == worker.client_id)
 
     def kill9(self, wid: str) -> None:
-        """SIGKILL ``wid``, wait for it to be gone, snapshot committed offsets, restart it."""
-        proc = self.workers[wid].proc
+        """SIGKILL ``wid`` and restart it, in a fault window; wait for it to be gone first."""
+        worker = self.workers[wid]
+        gone = self._member_ids(worker)
         self.expected_exit.add(wid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        self.commits_at_kills.append(self.committed())
+        window = self.open_window(f"kill -9 {wid}")
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait(timeout=30)
+        window.at_fault = high_watermarks(self.bootstrap, self.topic)
         self.expected_exit.discard(wid)
         self.start(wid)
+        self.settle(window, gone)
 
-    def terminate(self, wid: str, timeout: float = 60) -> int:
-        """SIGTERM ``wid`` (once started) and wait for its exit code."""
+    def sigterm_restart(self, wid: str, timeout: float = 60) -> tuple[int, Worker]:
+        """SIGTERM ``wid`` (once started) and restart it, in a fault window.
+
+        Returns the stopped worker's exit code and the stopped worker; restarts it only after a
+        clean exit (0).
+        """
         self.wait_started(wid)
-        proc = self.workers[wid].proc
+        worker = self.workers[wid]
+        gone = self._member_ids(worker)
         self.expected_exit.add(wid)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=timeout)
-        return code
+        window = self.open_window(f"SIGTERM {wid}")
+        worker.proc.send_signal(signal.SIGTERM)
+        code = worker.proc.wait(timeout=timeout)
+        window.at_fault = high_watermarks(self.bootstrap, self.topic)
+        if code == 0:
+            self.expected_exit.discard(wid)
+            self.start(wid)
+            self.settle(window, gone)
+        return code, worker
 
     def committed(self) -> dict[int, int]:
         """The group's committed offset per input partition (negative when none)."""
-        return committed_offsets(self.bootstrap, self.group, self.topic)
+        self._last_committed = committed_offsets(self.bootstrap, self.group, self.topic)
+        return self._last_committed
 
     # --- the stream ------------------------------------------------------------------------
     def produce_in_background(self, first: int = 0, stop: int | None = None) -> None:
@@ -265,7 +465,10 @@ class FaultRun:
             raise self._producer_error[0]
 
     def wait_committed(self, timeout: float = 120) -> None:
-        """Supervise the workers until the group has committed every input record."""
+        """Supervise the workers until the group has committed every input record.
+
+        Then wait for the fault windows to close (the group has settled after each fault).
+        """
 
         def done() -> bool:
             self.supervise()
@@ -273,6 +476,9 @@ class FaultRun:
             return len(lag) == PARTITIONS and sum(lag.values()) == 0
 
         wait_for(done, timeout, f"group {self.group} committed everything", interval=0.5)
+        deadline = time.monotonic() + timeout
+        for watcher in self._watchers:
+            watcher.join(max(0.0, deadline - time.monotonic()))
 
     def wait_started(self, wid: str, timeout: float = 60) -> None:
         """Wait until worker ``wid`` has started (its first log line) or exited.

@@ -12,7 +12,7 @@ import fastavro
 import numpy as np
 import xgboost as xgb
 
-from stream_scorer.clients import read_to_end
+from stream_scorer.clients import end_offsets, read_to_end
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.ops import topics
 from stream_scorer.stages.records import PlainMessage
@@ -87,7 +87,7 @@ def payments(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def payment_matrix(records: list[dict[str, Any]]) -> np.ndarray:
-    """The classifier's features computed independently of stream_scorer.features."""
+    """The classifier's features computed independently of stream_scorer.stages.features."""
     rows = []
     for r in records:
         hour = datetime.fromtimestamp(r["at"] / 1000, tz=UTC).hour
@@ -179,6 +179,17 @@ def read_topic(
 #: The tests' names for the group's committed offsets and lag (``ops.topics``).
 committed_offsets = topics.committed_offsets
 committed_lag = topics.group_lag
+
+
+def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+    """The high watermark (the offset the next record will get) per partition of ``topic``."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"watermarks-{topic}"})
+    try:
+        return end_offsets(consumer, topic)
+    finally:
+        consumer.close()
 
 
 def produce_raw(

@@ -2,7 +2,7 @@
 
 Every mode reads its own input topic and is *fed after it has joined its group* (all its
 partitions assigned), so that no measurement includes start-up or a rebalance: the ceiling and
-naive loops run in a child process (``python -m stream_scorer.benchkafka``) that prints
+naive loops run in a child process (``python -m stream_scorer.devtools.benchkafka``) that prints
 ``ready`` once assigned; the workers are ``stream-scorer run`` processes whose metrics endpoint
 says when they are assigned and how far they got.
 """

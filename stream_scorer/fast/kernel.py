@@ -1,4 +1,4 @@
-"""Fast path, part two: the compiled interpreter of ``fastplan`` programs.
+"""Fast path, part two: the compiled interpreter of ``fast.plan`` programs.
 
 One function, ``run_batch``, decodes a whole batch of records (their bytes concatenated) and
 writes the feature matrix, a cell state per feature, a decode status per record and the id
@@ -142,7 +142,7 @@ def _utf8(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[bool, int]:
 
 @numba.njit(cache=True, inline="always")
 def _check(value: int, check: int) -> bool:
-    """Whether fastavro can convert ``value`` of a logical type (see ``fastplan.CHECK_*``)."""
+    """Whether fastavro can convert ``value`` of a logical type (see ``fast.plan.CHECK_*``)."""
     if check == fp.CHECK_TS_MILLIS:
         return _MS_MIN <= value <= _MS_MAX
     if check == fp.CHECK_TS_MICROS:
@@ -225,7 +225,7 @@ def run_batch(
         starts: where each record starts in ``buf``.
         lens: each record's length; -1 for a null value.
         max_bytes: longer records are ``too_large``.
-        code: the program (``fastplan.Program``) and its tables (the next five arguments).
+        code: the program (``fast.plan.Program``) and its tables (the next five arguments).
         branches: union branch start pcs.
         enum_lut: enum symbol to category position.
         cat_bytes: string categories, concatenated.
@@ -236,7 +236,7 @@ def run_batch(
         lo_int: per column, the smallest valid integer; above ``hi_int``: none is valid.
         hi_int: per column, the largest valid integer.
         matrix: out: the feature matrix (NaN where no value).
-        state: out: each cell's ``fastplan`` state; bounds and float32's range are checked on
+        state: out: each cell's ``fast.plan`` state; bounds and float32's range are checked on
             the value as read (the double, or the exact integer), before it becomes float32.
         raw_float: out: the double read, where a cell is *inf* or *out of range* (a float);
             where a cell is *unseen*: the string's length, -1 for an enum symbol, -2 for a

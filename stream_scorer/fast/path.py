@@ -1,11 +1,11 @@
 """The fast path: a batch of messages straight to the model's float32 matrix, in one pass.
 
 ``FastDecoder`` stands in for ``Decoder`` + ``FeatureBuilder``: a program specialised to the
-input schema and the model's features (``fastplan``) is run over the whole batch by a compiled
-interpreter (``fastkernel``), which enforces every decode guard and writes each feature cell
+input schema and the model's features (``fast.plan``) is run over the whole batch by a compiled
+interpreter (``fast.kernel``), which enforces every decode guard and writes each feature cell
 with a *state* (value, missing, NaN, infinite, unseen category, not numeric, not a timestamp).
 The feature policies are then applied to the states, vectorised, column by column in the
-manifest's order (the first failing feature names the dead letter, as in ``features.py``).
+manifest's order (the first failing feature names the dead letter, as in ``stages/features.py``).
 
 Dead-letter reason codes (``records.Reason``): the decode stage's are the kernel's statuses
 (``fastkernel.REASONS``); the feature stage's are each verdict's (``STATE_REASONS``). The
@@ -14,7 +14,7 @@ policies are the features' own (``FeatureSpec.effective_policy``, the manifest's
 ``FastBatch.unseen`` counts the unseen categories per feature, as ``FeatureBuilder.unseen``.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
-specialised (``fastplan.Unsupported``) the worker keeps the fastavro path.
+specialised (``fast.plan.Unsupported``) the worker keeps the fastavro path.
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ class FastDecoder:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], dict[str, Any]]:
         """Run the kernel only: the raw matrix, the cell states and the per-record columns.
 
-        The columns: ``status`` (index into ``fastkernel.REASONS``), ``err_at``, ``ids``,
-        ``id_float``, ``times``, ``raw_float``, ``raw_int`` (see ``fastkernel.run_batch``) and
+        The columns: ``status`` (index into ``fast.kernel.REASONS``), ``err_at``, ``ids``,
+        ``id_float``, ``times``, ``raw_float``, ``raw_int`` (see ``fast.kernel.run_batch``) and
         ``buf`` (the bytes).
         """
         values = [m.value() for m in messages]

@@ -1,11 +1,11 @@
 """Fast path, part one: compile an input schema and a model's feature list into a program.
 
-The program is a flat table of operations that ``fastkernel`` interprets for every record of a
-batch: read a value (with every guard of the project's notes on Avro input), then store it —
+The program is a flat table of operations that ``fast.kernel`` interprets for every record of a
+batch: read a value (with every guard of ``stages.avro_guard``), then store it —
 as a feature cell, as the prediction's id, or as its event time — or skip it. Branches of a
 union are jumps, arrays and maps are loops; nothing is allocated per record.
 
-Feature semantics are those of ``features.py`` for the value fastavro would return, decided
+Feature semantics are those of ``stages/features.py`` for the value fastavro would return, decided
 here once per (field type, transform) instead of once per value:
 
 - ``number``: boolean, int, long, float, double; ``null`` and an absent path are *missing*; a
@@ -69,7 +69,7 @@ CHECK_DATE = 3
 CHECK_TIME_MILLIS = 4
 CHECK_TIME_MICROS = 5
 
-# --- cell states of the feature matrix (uint8), see ``fastpath`` for their policies -------
+# --- cell states of the feature matrix (uint8), see ``fast.path`` for their policies ------
 VALUE = 0
 MISSING = 1
 NAN = 2
@@ -256,7 +256,7 @@ class _Compiler:
                 self.store_other(target, schema["type"])
             elif is_map:
                 raise Unsupported(f"{_describe(target)} reads into a map")
-            # a path through an array finds no field: stays missing, as in features.py
+            # a path through an array finds no field: stays missing, as in stages/features.py
         item = schema["values"] if is_map else schema["items"]
         self.depth += 1
         self.max_depth = max(self.max_depth, self.depth)
@@ -334,7 +334,7 @@ class _Compiler:
                 self.emit(ST_TIME, _TIMESTAMPS[kind])
             elif op in (OP_INT, OP_LONG) and typed == kind[0]:
                 self.emit(ST_TIME, 1)
-            return  # any other type: the Kafka timestamp is used, as in pipeline.py
+            return  # any other type: the Kafka timestamp is used, as in stages/pipeline.py
         col: int = target[1]
         spec: FeatureSpec = target[2]
         if spec.transform == "number":

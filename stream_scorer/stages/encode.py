@@ -72,7 +72,7 @@ def _encode_v1_batch(
     event_ms: Sequence[int],
     scored_at_ms: int,
 ) -> list[bytes]:
-    """Write a batch of v1 predictions with the compiled writer (``fastkernel.encode_v1``).
+    """Write a batch of v1 predictions with the compiled writer (``fast.kernel.encode_v1``).
 
     Raises:
         OverflowError: an event time or the scoring time does not fit in 64 bits.

@@ -92,7 +92,7 @@ class Pipeline:
             clock: wall clock in seconds (``scored_at``).
             timer: receives each stage's duration for the batch.
             fast: decodes and builds features in one compiled pass instead of ``decoder`` and
-                ``features`` (``fastpath.build_fast_path``); None: the fastavro path.
+                ``features`` (``fast.path.build_fast_path``); None: the fastavro path.
         """
         self._decoder = decoder
         self._features = features

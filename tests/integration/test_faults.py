@@ -4,8 +4,11 @@ Each test streams events (unique keys, ~1% poison over many kinds) over 4 partit
 worker processes, injects one fault mid-stream, then checks with an independent
 ``read_committed`` reader: exactly-once — every valid event exactly one prediction, the
 dead-letter topic exactly the poison, byte for byte; at-least-once — nothing lost, every
-duplicate one that was uncommitted when a worker was killed. The outcome line of each run is
-printed (``pytest -s``) and appended to ``$FAULT_REPORT`` when set.
+duplicate one that was consumed but uncommitted when a fault hit: in the window of some fault,
+from the partition's committed offset just before it to its high watermark right after it, or
+once the group had settled after it when a worker logged a refused commit or lost partitions
+in between (``faults.FaultWindow``). The outcome line of each run is printed
+(``pytest -s``) and appended to ``$FAULT_REPORT`` when set.
 
 These tests use a broker of their own (they kill it), started like the session's local broker.
 """
@@ -21,8 +24,16 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
-from faults import PARTITIONS, FaultRun, Outcome, recovery_s, tail, when_committed
-from support import wait_for
+from faults import (
+    PARTITIONS,
+    FaultRun,
+    Outcome,
+    check_duplicates,
+    recovery_s,
+    tail,
+    when_committed,
+)
+from support import high_watermarks, wait_for
 
 from stream_scorer.devtools.localkafka import LocalKafka
 from stream_scorer.example.train import train
@@ -79,6 +90,8 @@ def _finish(run: FaultRun, *notes: str) -> Outcome:
     codes = run.stop_all()
     outcome = run.verify()
     outcome.notes.extend(notes)
+    if run.mode == ALO:
+        outcome.notes.append(_windows_note(run, outcome))
     line = outcome.line()
     print(line)
     if os.environ.get("FAULT_REPORT"):
@@ -87,6 +100,22 @@ def _finish(run: FaultRun, *notes: str) -> Outcome:
     bad_exits = {w: c for w, c in codes.items() if c != 0}
     assert not bad_exits, {w: tail(run.workers[w].log) for w in bad_exits}
     return outcome
+
+
+def _windows_note(run: FaultRun, outcome: Outcome) -> str:
+    """How wide the fault windows were; how many duplicates lie past the faults themselves."""
+    past_fault = sum(
+        1
+        for p, o in outcome.duplicates
+        if not any(
+            w.at_fault is not None and w.committed.get(p, -1) <= o < w.at_fault.get(p, 0)
+            for w in run.windows
+        )
+    )
+    return (
+        f"windows={len(run.windows)} window_records={sum(w.records for w in run.windows)} "
+        f"refusals={sum(w.refusals for w in run.windows)} dups_past_fault={past_fault}"
+    )
 
 
 def _check(outcome: Outcome, run: FaultRun, *, exactly_once: bool) -> None:
@@ -99,12 +128,7 @@ def _check(outcome: Outcome, run: FaultRun, *, exactly_once: bool) -> None:
         assert outcome.duplicated == 0, outcome.duplicates[:20]
         assert outcome.dead_letters_found == outcome.dead_letters_expected
     else:
-        # every duplicate was uncommitted when some worker was killed or lost its partitions
-        for partition, offset in outcome.duplicates:
-            assert any(c.get(partition, -1) <= offset for c in run.commits_at_kills), (
-                partition,
-                offset,
-            )
+        check_duplicates(outcome.duplicates, run.windows)
 
 
 @pytest.mark.parametrize("mode", [EOS, ALO])
@@ -136,17 +160,15 @@ def test_rolling_sigterm_restart(make_run: MakeRun, mode: str) -> None:
     run.produce_in_background()
     for i, wid in enumerate(sorted(run.workers)):
         when_committed(run, (i + 1) / 5)
-        assert run.terminate(wid) == 0, tail(run.workers[wid].log)
-        run.expected_exit.discard(wid)
-        run.commits_at_kills.append(run.committed())  # before the rebalance the restart causes
-        run.start(wid)
+        code, stopped = run.sigterm_restart(wid)
+        assert code == 0, tail(stopped.log)
     outcome = _finish(run)
     _check(outcome, run, exactly_once=mode == EOS)
     assert not outcome.unexpected_exits, outcome.unexpected_exits
     # at-least-once: a clean stop commits what it delivered, but a commit refused during the
     # cooperative rebalance (ILLEGAL_GENERATION / REBALANCE_IN_PROGRESS, librdkafka#3306) leaves
-    # the moved partitions' last records to be repeated; _check bounds them by the offsets
-    # committed when each restart began
+    # the moved partitions' last records to be repeated; the worker logs the refusal, and the
+    # restart's window then runs until the group settled after it
 
 
 def _running(broker: LocalKafka) -> bool:
@@ -167,8 +189,9 @@ def test_zombie_sigstop_past_max_poll_interval(make_run: MakeRun, mode: str) -> 
     run.produce_in_background()
     when_committed(run, 0.2)
     zombie = run.workers["w0"].proc
+    window = run.open_window("SIGSTOP w0")  # what the zombie may repeat when it wakes
     zombie.send_signal(signal.SIGSTOP)
-    run.commits_at_kills.append(run.committed())  # what the zombie may repeat when it wakes
+    window.at_fault = high_watermarks(run.bootstrap, run.topic)
     try:
         # stopped past session.timeout.ms and max.poll.interval.ms: the group moves on without it
         wait_for(
@@ -179,6 +202,7 @@ def test_zombie_sigstop_past_max_poll_interval(make_run: MakeRun, mode: str) -> 
         when_committed(run, 0.4)
     finally:
         zombie.send_signal(signal.SIGCONT)
+    run.settle(window)  # the group counts the zombie again once it has rejoined
     outcome = _finish(run)
     _check(outcome, run, exactly_once=mode == EOS)
     assert not outcome.unexpected_exits, outcome.unexpected_exits
@@ -192,15 +216,17 @@ def test_broker_kill_9_and_restart(make_run: MakeRun, broker: LocalKafka, mode: 
     when_committed(run, 0.25)
     status = broker.status()
     assert status is not None and status.running
-    run.commits_at_kills.append(run.committed())
+    window = run.open_window("broker kill -9")
     killed = time.monotonic()
     os.kill(status.pid, signal.SIGKILL)
     wait_for(lambda: not _running(broker), 30, "broker gone")
     broker.start(timeout=120)
     down = time.monotonic() - killed
+    window.at_fault = high_watermarks(run.bootstrap, run.topic)  # at least those at the kill
     # scoring resumed: seconds from the broker answering again to the group's next commit
     # (reported in the outcome line, not asserted: speed is not tested here)
     first, every = recovery_s(run)
+    run.settle(window)  # every partition committed again: the members are back in the group
     outcome = _finish(
         run, f"broker_down_s={down:.1f} recovery_s={first:.1f} every_partition_s={every:.1f}"
     )
