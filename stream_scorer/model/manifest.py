@@ -60,7 +60,7 @@ from stream_scorer.errors import ModelError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 
-#: Transforms a feature may use; see ``features.py`` for their exact meaning.
+#: Transforms a feature may use; see ``stages/features.py`` for their exact meaning.
 TRANSFORMS = frozenset({"number", "category", "hour_of_day", "day_of_week"})
 #: Objectives the worker knows how to turn into a prediction record.
 REGRESSION_OBJECTIVES = frozenset(
