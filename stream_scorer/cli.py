@@ -110,6 +110,35 @@ def _cmd_lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_topics_create(args: argparse.Namespace) -> int:
+    from stream_scorer.config import load_config
+    from stream_scorer.ops.topics import ensure_topics
+
+    cfg = load_config(args.config)
+    for name, value in (
+        ("--partitions", args.partitions),
+        ("--output-partitions", args.output_partitions),
+        ("--dead-letter-partitions", args.dead_letter_partitions),
+        ("--replication-factor", args.replication_factor),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(name, f"must be at least 1, got {value}")
+    topics = {
+        cfg.input.topic: args.partitions,
+        cfg.output.topic: args.output_partitions or args.partitions,
+        cfg.dead_letter.topic: args.dead_letter_partitions,
+    }
+    ensure_topics(
+        cfg.kafka.bootstrap_servers,
+        topics,
+        replication_factor=args.replication_factor,
+        client=cfg.kafka.client,
+    )
+    for name, partitions in topics.items():
+        print(f"{name}: {partitions} partitions (created, or already there)")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from stream_scorer.example.train import train
 
@@ -325,6 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
     lag.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
     lag.set_defaults(func=_cmd_lag)
+
+    topics = sub.add_parser("topics", help="the deployment's topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
+    create = topics_sub.add_parser(
+        "create",
+        help="create a configuration's input, output and dead-letter topics (idempotent)",
+        description="Create input.topic, output.topic and dead_letter.topic of a worker "
+        "configuration unless they exist (an existing topic must have the asked partitions). "
+        "The input's partition count bounds how many workers of the group are useful.",
+    )
+    create.add_argument("--config", type=Path, required=True, help="a worker configuration")
+    create.add_argument("--partitions", type=int, default=6, help="input topic (default 6)")
+    create.add_argument("--output-partitions", type=int, help="default: --partitions")
+    create.add_argument("--dead-letter-partitions", type=int, default=1, help="default 1")
+    create.add_argument("--replication-factor", type=int, default=1, help="default 1")
+    create.set_defaults(func=_cmd_topics_create)
 
     train = sub.add_parser("train", help="train the example ride-duration model")
     train.add_argument("--out", type=Path, default=Path("models/rides"))

@@ -100,8 +100,10 @@ def ensure_topics(
     *,
     timeout: float = 30.0,
     config: Mapping[str, str] | None = None,
+    replication_factor: int = 1,
+    client: Mapping[str, Any] | None = None,
 ) -> None:
-    """Create ``topics`` (name to partition count, replication factor 1) unless they exist.
+    """Create ``topics`` (name to partition count) unless they exist.
 
     A topic that already exists with the asked partition count is fine. Returns once every
     topic appears in the metadata with a leader for each partition.
@@ -111,6 +113,8 @@ def ensure_topics(
         topics: topic name to partition count.
         timeout: seconds for the whole operation.
         config: topic configuration applied to the topics created (not to existing ones).
+        replication_factor: replicas of each partition of the topics created.
+        client: librdkafka settings for the admin client (security: SASL, TLS).
 
     Raises:
         BrokerError: the broker does not answer, refuses a topic, an existing topic has
@@ -119,9 +123,19 @@ def ensure_topics(
     if not topics:
         return
     deadline = time.monotonic() + timeout
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    settings: dict[str, Any] = {
+        **(client or {}),
+        "bootstrap.servers": bootstrap,
+        "logger": _RDKAFKA_LOG,
+    }
+    admin = AdminClient(settings)
     new = [
-        NewTopic(name, num_partitions=n, replication_factor=1, config=dict(config or {}))
+        NewTopic(
+            name,
+            num_partitions=n,
+            replication_factor=replication_factor,
+            config=dict(config or {}),
+        )
         for name, n in topics.items()
     ]
     try:
