@@ -42,6 +42,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from stream_scorer import headers
 from stream_scorer.errors import ConfigError
 
 ENV_PREFIX = "STREAM_SCORER_"
@@ -239,6 +240,9 @@ class OutputConfig(_Section):
     """Prediction topic."""
     schema_file: ExistingFile = Field(alias="schema")
     """Path of the prediction record's Avro schema."""
+    copy_headers: tuple[NonEmpty, ...] = ()
+    """Input headers copied onto each prediction when the input record has them (trace ids
+    such as ``traceparent``); the prediction's own headers are never replaced."""
 
     @property
     def schema(self) -> Path:  # type: ignore[override]
@@ -403,6 +407,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             "batch.max_processing_s",
             f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
+    own = [h for h in cfg.output.copy_headers if h.startswith(headers.OWN_PREFIX)]
+    if own:
+        raise ConfigError(
+            "output.copy_headers",
+            f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
         )
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:

@@ -166,6 +166,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             worker_id,
             scorer.model_version,
             cfg.kafka.unreachable_timeout_s,
+            frozenset(cfg.output.copy_headers),
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))

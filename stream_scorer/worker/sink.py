@@ -51,6 +51,8 @@ class SinkContext:
     worker_id: str
     model_version: str
     queue_full_timeout_s: float = 120.0
+    #: Input headers copied onto each prediction (``output.copy_headers``).
+    copy_headers: frozenset[str] = frozenset()
 
 
 def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, bytes | None]]:
@@ -235,7 +237,7 @@ class Sink:
                 found = groups[tp] = (self._headers_of(tp), _Outputs(self, spans.get(tp), scored))
             return found
 
-        produce, topic = self._producer.produce, ctx.output_topic
+        produce, topic, copied = self._producer.produce, ctx.output_topic, ctx.copy_headers
         last: tuple[str, int] | None = None
         for msg, value in zip(scored.messages, scored.values, strict=True):
             tp = (msg.topic() or "", msg.partition() or 0)
@@ -244,6 +246,8 @@ class Sink:
                 common, outputs = group(msg)
                 done = outputs.prediction
             headers = [*common, (hdr.SOURCE_OFFSET, b"%d" % (msg.offset() or 0))]
+            if copied:
+                headers.extend((k, v) for k, v in msg.headers() or () if k in copied)
             try:
                 produce(topic, value, msg.key(), on_delivery=done, headers=headers)
             except BufferError:  # the local queue is full: wait for room

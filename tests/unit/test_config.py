@@ -314,3 +314,14 @@ def test_readme_documents_every_key() -> None:
         for name, info in field.annotation.model_fields.items():
             key = f"{section}.{info.alias or name}"
             assert f"| `{key}` |" in readme, key
+
+
+def test_copy_headers_refuses_the_predictions_own_names(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    base["output"]["copy_headers"] = ["traceparent", "stream_scorer.source.topic"]
+    with pytest.raises(ConfigError, match=r"output\.copy_headers: 'stream_scorer\.source\.topic'"):
+        load_config(_write(tmp_path, base), environ={})
+    base["output"]["copy_headers"] = ["traceparent"]
+    cfg = load_config(_write(tmp_path, base), environ={})
+    assert cfg.output.copy_headers == ("traceparent",)

@@ -156,6 +156,33 @@ def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("copy", "expected"),
+    [
+        (frozenset(), {}),
+        (frozenset({"traceparent"}), {"traceparent": b"00-abc-01"}),
+        (
+            frozenset({"traceparent", "tenant", "absent"}),
+            {"traceparent": b"00-abc-01", "tenant": None},
+        ),
+    ],
+)
+def test_predictions_carry_the_chosen_input_headers(
+    copy: frozenset[str], expected: dict[str, bytes | None]
+) -> None:
+    producer, tracker = FakeProducer(), OffsetTracker()
+    original = [("traceparent", b"00-abc-01"), ("tenant", None), ("secret", b"x")]
+    msg = Msg(b"v", t="in", p=1, o=5, hdrs=original)
+    ctx = SinkContext("out", "dlq", "grp", "w1", "v9", copy_headers=copy)
+    Sink(producer, ctx, tracker, Metrics()).publish(
+        Scored([msg], [b"pred"], [1]), [], tracker.track([msg])
+    )
+    [sent] = producer.sent
+    own = {hdr.MODEL_VERSION, hdr.SOURCE_TOPIC, hdr.SOURCE_PARTITION, hdr.SOURCE_OFFSET}
+    assert set(sent["headers"]) - own == set(expected)
+    assert {k: sent["headers"][k] for k in expected} == expected
+
+
 def test_failed_delivery_is_raised_by_the_loop_not_the_callback_and_blocks_commit() -> None:
     producer, tracker = FakeProducer(fail_topic="out"), OffsetTracker()
     msgs = [Msg(b"x", o=4), Msg(b"x", o=5)]
