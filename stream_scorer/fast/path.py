@@ -11,7 +11,7 @@ Dead-letter reason codes (``records.Reason``): the decode stage's are the kernel
 (``fastkernel.REASONS``); the feature stage's are each verdict's (``STATE_REASONS``). The
 policies are the features' own (``FeatureSpec.effective_policy``, the manifest's
 ``ValuePolicy`` with the feature's overrides, and its ``min``/``max``), as in ``features.py``.
-``FastBatch.unseen`` counts the unseen categories per feature, as ``FeatureBuilder.unseen``.
+``Columns.unseen`` counts the unseen categories per feature, as ``FeatureBuilder.unseen``.
 
 ``build_fast_path`` decides, and logs, whether a schema gets the fast path; when it cannot be
 specialised (``fast.plan.Unsupported``) the worker keeps the fastavro path.
@@ -36,7 +36,7 @@ from stream_scorer.stages.features import (
     out_of_range_message,
     unseen_message,
 )
-from stream_scorer.stages.records import DeadLetter, Message, Reason, Stage
+from stream_scorer.stages.records import Columns, DeadLetter, Message, Reason, Stage
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +77,6 @@ DECODE_EXPLAIN = {
     Reason.TRAILING_BYTES: "bytes are left over after the record",
     Reason.MALFORMED_AVRO: "a logical-type value cannot be converted",
 }
-
-
-class FastBatch:
-    """One batch through the fast path, as columns.
-
-    Attributes:
-        messages: the records that can be scored, in input order.
-        ids: their id values, as fastavro would have returned them (str, int, ...; None).
-        event_ms: their event times in epoch milliseconds; None where the record has none.
-        matrix: their features, one row each.
-        dead: decode dead letters in input order, then feature dead letters in input order.
-        decode_done: ``time.perf_counter()`` when decoding ended and feature policies began.
-        unseen: per ``category`` feature with any, how many decoded records hold a value that
-            is none of its categories (also records rejected for another feature).
-    """
-
-    __slots__ = ("dead", "decode_done", "event_ms", "ids", "matrix", "messages", "unseen")
-
-    def __init__(
-        self,
-        messages: list[Message],
-        ids: list[Any],
-        event_ms: list[int | None],
-        matrix: Matrix,
-        dead: list[DeadLetter],
-        decode_done: float,
-        unseen: dict[str, int],
-    ) -> None:
-        """Hold a batch's columns (built by ``FastDecoder.run``)."""
-        self.messages = messages
-        self.ids = ids
-        self.event_ms = event_ms
-        self.matrix = matrix
-        self.dead = dead
-        self.decode_done = decode_done
-        self.unseen = unseen
 
 
 def _kernel() -> Any:
@@ -346,7 +310,7 @@ class FastDecoder:
             if n
         }
 
-    def run(self, messages: Sequence[Message]) -> FastBatch:
+    def run(self, messages: Sequence[Message]) -> Columns:
         """Decode a batch and apply the feature policies; bad records become dead letters."""
         matrix, state, cols = self.decode(messages)
         decode_done = time.perf_counter()
@@ -407,7 +371,7 @@ class FastDecoder:
             list(messages) if keep.size == len(messages) else [messages[i] for i in keep.tolist()]
         )
         unseen = self._unseen_counts(state, decoded_ok)
-        return FastBatch(kept, rids, event, matrix, dead, decode_done, unseen)
+        return Columns(kept, rids, event, matrix, dead, decode_done, unseen)
 
 
 def build_fast_path(

@@ -9,17 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer.fast.path import FastDecoder
-from stream_scorer.stages.decode import Decoder
 from stream_scorer.stages.encode import PredictionEncoder
-from stream_scorer.stages.features import FeatureBuilder, field_getter
-from stream_scorer.stages.records import DeadLetter, Message, Reason, Scored, Stage
+from stream_scorer.stages.records import Columns, DeadLetter, Message, Reason, Scored, Stage
 from stream_scorer.stages.score import Predictions
 
 Matrix = npt.NDArray[np.float32]
@@ -56,12 +52,12 @@ class BatchResult:
     unseen: Mapping[str, int] = field(default_factory=dict)
 
 
-def _millis(value: Any) -> int | None:
-    if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return None
+class ColumnBuilder(Protocol):
+    """Decode + features of a batch: ``columns.AvroColumns`` or ``fast.path.FastDecoder``."""
+
+    def run(self, messages: Sequence[Message]) -> Columns:
+        """The batch's scorable records as columns, and its dead letters."""
+        ...
 
 
 class Pipeline:
@@ -69,90 +65,27 @@ class Pipeline:
 
     def __init__(
         self,
-        decoder: Decoder,
-        features: FeatureBuilder,
+        columns: ColumnBuilder,
         scorer: Model,
         encoder: PredictionEncoder,
         *,
-        id_field: str,
-        event_time_field: str = "",
         clock: Callable[[], float] = time.time,
         timer: StageTimer = _no_timer,
-        fast: FastDecoder | None = None,
     ) -> None:
         """Assemble the stages.
 
         Args:
-            decoder: turns bytes into records.
-            features: turns records into the model's matrix.
+            columns: decodes and builds features (the fast path or the fastavro path).
             scorer: the model.
             encoder: writes prediction records.
-            id_field: input field copied into ``input_id``.
-            event_time_field: input field with the event time; empty = Kafka timestamp.
             clock: wall clock in seconds (``scored_at``).
             timer: receives each stage's duration for the batch.
-            fast: decodes and builds features in one compiled pass instead of ``decoder`` and
-                ``features`` (``fast.path.build_fast_path``); None: the fastavro path.
         """
-        self._decoder = decoder
-        self._features = features
+        self._columns = columns
         self._scorer = scorer
         self._encoder = encoder
-        self._get_id = field_getter(id_field)
-        self._get_time = field_getter(event_time_field) if event_time_field else None
         self._clock = clock
         self._timer = timer
-        self._fast = fast
-
-    def _event_time(self, record: Mapping[str, Any]) -> int | None:
-        return None if self._get_time is None else _millis(self._get_time(record))
-
-    def _columns(
-        self, messages: Sequence[Message]
-    ) -> tuple[
-        list[Message], list[Any], list[int | None], Matrix, list[DeadLetter], float, dict[str, int]
-    ]:
-        """Decode and build features: the scorable records as columns, and the dead letters.
-
-        Returns the records, their id values, their event times (None: none in the record), the
-        feature matrix, the dead letters, when decoding ended and the unseen categories.
-        """
-        if self._fast is not None:  # decode and features in one compiled pass
-            fast = self._fast.run(messages)
-            return (
-                fast.messages,
-                fast.ids,
-                fast.event_ms,
-                fast.matrix,
-                fast.dead,
-                fast.decode_done,
-                fast.unseen,
-            )
-        decoded, dead = self._decoder.decode_batch(messages)
-        t1 = time.perf_counter()
-        records = [d.record for d in decoded]
-        matrix, rejected = self._features.build(records)
-        unseen = self._features.unseen(records)
-        if rejected:
-            bad = {r.index for r in rejected}
-            dead.extend(
-                DeadLetter(
-                    decoded[r.index].message, Stage.FEATURES, r.reason, "FeatureError", r.message
-                )
-                for r in rejected
-            )
-            keep = [i for i in range(len(decoded)) if i not in bad]
-            decoded = [decoded[i] for i in keep]
-            matrix = matrix[keep]
-        return (
-            [d.message for d in decoded],
-            [self._get_id(d.record) for d in decoded],
-            [self._event_time(d.record) for d in decoded],
-            matrix,
-            dead,
-            t1,
-            unseen,
-        )
 
     def process(self, messages: Sequence[Message]) -> BatchResult:
         """Score a batch. Bad records come back as dead letters; nothing is dropped.
@@ -161,7 +94,15 @@ class Pipeline:
         until the records it fails on are isolated and dead-lettered; the others are scored.
         """
         t0 = time.perf_counter()
-        kept, ids, times, matrix, dead, t1, unseen = self._columns(messages)
+        cols = self._columns.run(messages)
+        kept, ids, times, matrix, dead, t1 = (
+            cols.messages,
+            cols.ids,
+            cols.event_ms,
+            cols.matrix,
+            cols.dead,
+            cols.decode_done,
+        )
         t2 = time.perf_counter()
         rows, values, labels = self._predict(kept, np.arange(len(kept)), matrix, dead)
         t3 = time.perf_counter()
@@ -183,7 +124,7 @@ class Pipeline:
             ("encode", t4 - t3),
         ):
             self._timer(stage, seconds)
-        return BatchResult(scored, dead, unseen)
+        return BatchResult(scored, dead, cols.unseen)
 
     def _encode(
         self,

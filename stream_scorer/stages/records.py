@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 Headers = Sequence[tuple[str, bytes | None]]
 
 
@@ -204,3 +207,27 @@ class Scored:
     def __len__(self) -> int:
         """How many predictions."""
         return len(self.messages)
+
+
+@dataclass(slots=True)
+class Columns:
+    """One batch after decode and features, as columns: what either decoding path returns.
+
+    Attributes:
+        messages: the records that can be scored, in input order.
+        ids: their id values, as fastavro returns them (str, int, ...; None where absent).
+        event_ms: their event times in epoch milliseconds; None where the record has none.
+        matrix: their features, one float32 row each, in the manifest's column order.
+        dead: the dead letters of decode and of the feature policies.
+        decode_done: ``time.perf_counter()`` when decoding ended and the features began.
+        unseen: per ``category`` feature with any, how many decoded records held a value that
+            is none of its categories (whatever its ``unseen`` policy made of them).
+    """
+
+    messages: list[Message]
+    ids: list[Any]
+    event_ms: list[int | None]
+    matrix: npt.NDArray[np.float32]
+    dead: list[DeadLetter]
+    decode_done: float
+    unseen: dict[str, int]

@@ -27,6 +27,7 @@ from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.ops.topics import require_topics
+from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
@@ -83,23 +84,21 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
         encoder = PredictionEncoder(load_schema(cfg.output.schema))
     except SchemaError as exc:
         raise ConfigError("output.schema", str(exc)) from exc
-    pipeline = Pipeline(
-        Decoder(input_schema, cfg.input.max_message_bytes),
-        FeatureBuilder(scorer.manifest.features),
-        scorer,
-        encoder,
+    fast = build_fast_path(
+        input_schema,
+        scorer.manifest.features,
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
-        timer=metrics.observe_stage,
-        fast=build_fast_path(
-            input_schema,
-            scorer.manifest.features,
-            id_field=cfg.input.id_field,
-            event_time_field=cfg.input.event_time_field,
-            max_message_bytes=cfg.input.max_message_bytes,
-            enabled=cfg.input.fast_path,
-        ),
+        max_message_bytes=cfg.input.max_message_bytes,
+        enabled=cfg.input.fast_path,
     )
+    columns = fast or AvroColumns(
+        Decoder(input_schema, cfg.input.max_message_bytes),
+        FeatureBuilder(scorer.manifest.features),
+        id_field=cfg.input.id_field,
+        event_time_field=cfg.input.event_time_field,
+    )
+    pipeline = Pipeline(columns, scorer, encoder, timer=metrics.observe_stage)
     return pipeline, scorer
 
 

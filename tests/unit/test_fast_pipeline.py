@@ -12,6 +12,7 @@ import pytest
 from support import PAYMENT_SCHEMA, Msg, avro, payments, train_payment_classifier
 
 from stream_scorer.fast.path import build_fast_path
+from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder
@@ -41,15 +42,17 @@ def _pipeline(model_dir: Path, *, fast: bool, timings: list[str]) -> Pipeline:
     )
     assert (fast_path is not None) == fast
     return Pipeline(
-        Decoder(schema, 4096),
-        FeatureBuilder(scorer.manifest.features),
+        fast_path
+        or AvroColumns(
+            Decoder(schema, 4096),
+            FeatureBuilder(scorer.manifest.features),
+            id_field="txn_id",
+            event_time_field="at",
+        ),
         scorer,
         PredictionEncoder(load_schema(PREDICTION_SCHEMA)),
-        id_field="txn_id",
-        event_time_field="at",
         clock=lambda: 1_800_000_000.0,
         timer=lambda stage, _seconds: timings.append(stage),
-        fast=fast_path,
     )
 
 

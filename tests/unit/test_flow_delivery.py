@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, KafkaException
 from support import PAYMENT_SCHEMA, Msg, avro, payment_matrix, payments, train_payment_classifier
 
 from stream_scorer.errors import BrokerError, PoisonLimitError
+from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder
@@ -123,12 +124,14 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> Scorer:
 
 def _pipeline(model: Any, scorer: Scorer) -> Pipeline:
     return Pipeline(
-        Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
-        FeatureBuilder(scorer.manifest.features),
+        AvroColumns(
+            Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
+            FeatureBuilder(scorer.manifest.features),
+            id_field="txn_id",
+            event_time_field="at",
+        ),
         model,
         PredictionEncoder(load_schema(PREDICTION_SCHEMA)),
-        id_field="txn_id",
-        event_time_field="at",
     )
 
 

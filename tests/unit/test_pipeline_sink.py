@@ -18,6 +18,7 @@ from support import (
 
 from stream_scorer import headers as hdr
 from stream_scorer.errors import DeliveryError
+from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder
@@ -42,12 +43,14 @@ def _pipeline(model_dir: Path, timer: Any = None) -> Pipeline:
     scorer = Scorer(model_dir)
     kwargs = {"timer": timer} if timer else {}
     return Pipeline(
-        Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
-        FeatureBuilder(scorer.manifest.features),
+        AvroColumns(
+            Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
+            FeatureBuilder(scorer.manifest.features),
+            id_field="txn_id",
+            event_time_field="at",
+        ),
         scorer,
         PredictionEncoder(load_schema(PREDICTION_SCHEMA)),
-        id_field="txn_id",
-        event_time_field="at",
         clock=lambda: 1_800_000_000.0,
         **kwargs,
     )
