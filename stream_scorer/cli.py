@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from stream_scorer import logs
 from stream_scorer.devtools.soak import add_arguments as add_soak_arguments
 from stream_scorer.errors import EXIT_INTERRUPTED, ConfigError, StreamScorerError, exit_code
+from stream_scorer.stages.records import Reason
 
 if TYPE_CHECKING:
     from stream_scorer.config import Config
@@ -438,7 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--bootstrap-servers", help="default: the config's kafka.bootstrap_servers")
     rp.add_argument("--dead-letter-topic", help="default: the config's dead_letter.topic")
     rp.add_argument("--to", help="target topic (default: the config's input.topic)")
-    rp.add_argument("--reason", action="append", help="replay only this reason (repeatable)")
+    rp.add_argument(
+        "--reason",
+        action="append",
+        choices=[r.value for r in Reason],
+        metavar="REASON",
+        help="replay only this dead-letter reason code (repeatable; README lists them)",
+    )
     rp.add_argument("--since", help="dead-lettered at or after (ISO 8601 or epoch ms)")
     rp.add_argument("--until", help="dead-lettered before (ISO 8601 or epoch ms)")
     rp.add_argument("--rate", type=float, help="records per second (default: unlimited)")
