@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -36,7 +35,8 @@ from support import committed_offsets, high_watermarks, produce_raw, read_topic,
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import generate_rides
-from stream_scorer.ops.topics import ensure_topics, group_lag
+from stream_scorer.ops.topics import describe_group, ensure_topics, group_lag
+from stream_scorer.worker.supervisor import run_command
 
 ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
@@ -290,16 +290,7 @@ class FaultRun:
         log = self.workdir / f"{self.name}-{self.mode}-{wid}-{self._starts[wid]}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "stream_scorer",
-                    "run",
-                    "--config",
-                    str(self.config),
-                    "--worker-id",
-                    worker_id or wid,
-                ],
+                run_command(self.config, "--worker-id", worker_id or wid),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONWARNINGS": "error"},
@@ -381,11 +372,7 @@ class FaultRun:
         return group is not None and settled(group, self.topic, PARTITIONS, len(live), gone)
 
     def _describe(self) -> ConsumerGroupDescription | None:
-        try:
-            result = self._admin.describe_consumer_groups([self.group])[self.group]
-            group: ConsumerGroupDescription = result.result(timeout=10)
-        except Exception:  # broker down or coordinator loading
-            return None
+        group: ConsumerGroupDescription | None = describe_group(self._admin, self.group)
         return group
 
     def _member_ids(self, worker: Worker) -> frozenset[str]:

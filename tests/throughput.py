@@ -41,6 +41,7 @@ from support import (
 )
 
 from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.worker.supervisor import run_command
 
 ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
@@ -54,18 +55,7 @@ def measure(bootstrap: str, config: Path, topic: str, total: int, workers: int, 
     """Run ``workers`` processes on a fresh group until all is committed; return records/s."""
     group = f"tp-{workers}-{uuid.uuid4().hex[:6]}"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stream_scorer",
-            "run",
-            "--config",
-            str(config),
-            "--workers",
-            str(workers),
-            "--metrics-port",
-            "0",
-        ],
+        run_command(config, "--workers", str(workers), "--metrics-port", "0"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={

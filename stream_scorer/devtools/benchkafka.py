@@ -28,13 +28,13 @@ from stream_scorer.clients import produce_retrying, read_to_end
 from stream_scorer.example.files import cached_example
 from stream_scorer.ops.topics import ensure_topics
 from stream_scorer.stages.features import field_getter
+from stream_scorer.worker.supervisor import run_command
 
 STAGES = ("decode", "features", "predict", "encode", "produce")
 #: Where ``paced`` warms up its producer's connection before its clock starts.
 WARMUP_TOPIC = "stream-scorer-bench-warmup"
 #: The example's configuration (written into the cache; its model path is always overridden).
 EXAMPLE_CONFIG = cached_example()
-_RUN = (sys.executable, "-m", "stream_scorer", "--log-level", "WARNING", "run")
 
 
 def free_port() -> int:
@@ -256,7 +256,7 @@ class Workers:
         }
         self.procs = [
             subprocess.Popen(
-                [*_RUN, "--config", str(EXAMPLE_CONFIG), "--metrics-port", str(port)],
+                run_command(EXAMPLE_CONFIG, "--metrics-port", str(port), log_level="WARNING"),
                 env=env,
                 stdout=subprocess.DEVNULL,
             )

@@ -14,7 +14,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,7 +30,13 @@ from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
 from stream_scorer.example.produce import ProduceReport, produce_events
 from stream_scorer.model.manifest import MANIFEST_FILE, read_manifest
-from stream_scorer.ops.topics import ensure_topics, group_lag
+from stream_scorer.ops.topics import (
+    describe_group,
+    ensure_topics,
+    group_lag,
+    members_holding_partitions,
+)
+from stream_scorer.worker.supervisor import run_command
 
 INPUT_PARTITIONS = 4
 
@@ -48,16 +53,7 @@ def _start_workers(
         log_path = log_dir / f"worker-{i}.log"
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "stream_scorer",
-                    "run",
-                    "--config",
-                    str(config),
-                    "--worker-id",
-                    f"demo-{i}",
-                ],
+                run_command(config, "--worker-id", f"demo-{i}"),
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 text=True,
@@ -80,7 +76,6 @@ def _wait_for_members(
     this wait the first worker ready takes every partition and the demo shows one worker.
     Returns how many members hold partitions.
     """
-    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": "0"})
@@ -90,13 +85,7 @@ def _wait_for_members(
     while members < n and time.monotonic() < deadline:
         if any(proc.poll() is not None for proc, _log in procs):
             break  # a worker exited: the summary's checks will say what went wrong
-        try:
-            described = admin.describe_consumer_groups([group])[group].result(timeout=10)
-            held = [len(m.assignment.topic_partitions) for m in described.members]
-            # every member holds partitions and every partition is held: the rebalance is done
-            members = len([h for h in held if h]) if sum(held) == INPUT_PARTITIONS else 0
-        except KafkaException:
-            members = 0  # the group does not exist until the first member joins
+        members = members_holding_partitions(describe_group(admin, group), INPUT_PARTITIONS)
         tick.wait(0.2)
     return members
 

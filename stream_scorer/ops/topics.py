@@ -249,3 +249,28 @@ def group_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         return lag
     finally:
         consumer.close()
+
+
+def describe_group(admin: AdminClient, group: str, timeout_s: float = 10.0) -> Any | None:
+    """The group's ``ConsumerGroupDescription``, or None while it cannot be had.
+
+    None: the group does not exist yet (no member ever joined), its coordinator is loading, or
+    the broker does not answer; callers polling for a condition simply ask again.
+    """
+    try:
+        return admin.describe_consumer_groups([group], request_timeout=timeout_s)[group].result(
+            timeout=timeout_s
+        )
+    except KafkaException:
+        return None
+
+
+def members_holding_partitions(description: Any | None, partitions: int) -> int:
+    """How many members hold partitions once all ``partitions`` are held; 0 before that.
+
+    All held means the rebalance is done; 0 too without a description.
+    """
+    if description is None:
+        return 0
+    held = [len(m.assignment.topic_partitions) for m in description.members]
+    return len([h for h in held if h]) if sum(held) == partitions else 0

@@ -19,13 +19,24 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
+
+
+def run_command(config: Path, *extra: str, log_level: str | None = None) -> list[str]:
+    """The command line of ``stream-scorer run --config CONFIG EXTRA...`` in this interpreter.
+
+    The one way every tool, the demo and the tests start a worker process.
+    """
+    level = ["--log-level", log_level] if log_level else []
+    return [sys.executable, "-m", "stream_scorer", *level, "run", "--config", str(config), *extra]
 
 
 def worker_commands(

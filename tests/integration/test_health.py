@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -32,6 +31,8 @@ from support import (
     wait_for,
     write_schema,
 )
+
+from stream_scorer.worker.supervisor import run_command
 
 pytestmark = pytest.mark.integration
 SECRET = "s3cret-Zq9-never-logged"
@@ -141,16 +142,7 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
     assert len(items[1::2]) == 100 and items[101] == (b"bad", b"")
 
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stream_scorer",
-            "run",
-            "--config",
-            str(config),
-            "--worker-id",
-            "w9",
-        ],
+        run_command(config, "--worker-id", "w9"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -35,6 +34,7 @@ from support import (
 )
 
 from stream_scorer.stages.decode import load_schema
+from stream_scorer.worker.supervisor import run_command
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -137,19 +137,7 @@ class Worker:
         self._out: IO[str] = self.out_path.open("w")
         self._err: IO[str] = self.err_path.open("w")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stream_scorer",
-                "run",
-                "--config",
-                str(env.config),
-                "--worker-id",
-                name,
-                "--metrics-port",
-                str(self.port),
-                *extra,
-            ],
+            run_command(env.config, "--worker-id", name, "--metrics-port", str(self.port), *extra),
             stdout=self._out,
             stderr=self._err,
             env={**os.environ, "PYTHONWARNINGS": "error"},

@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from stream_scorer import headers as hdr
 from stream_scorer.config import load_config
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.worker.loop import run_worker
+from stream_scorer.worker.supervisor import run_command
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -182,7 +182,7 @@ def _worker(
     env: Env, *extra: str, extra_env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "stream_scorer", "run", "--config", str(env.config), *extra],
+        run_command(env.config, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
