@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from stream_scorer.model.manifest import (
     Manifest,
     ValuePolicy,
     manifest_from_dict,
+    manifest_json_schema,
     read_manifest,
     write_manifest,
 )
@@ -155,28 +157,78 @@ def test_first_rejecting_feature_names_the_row() -> None:
     ]
 
 
+ONE_OF_ACTIONS = "must be one of dead_letter, pass"
+POLICY_KEYS = "unknown key (known: infinite, missing, nan, out_of_range, unseen)"
+FEATURE_KEYS = "unknown key (known: categories, field, max, min, name, policy, transform)"
+TRANSFORM_NAMES = "category, day_of_week, hour_of_day, number"
+MANIFEST_KEYS = (
+    "unknown key (known: created_at, features, format, metrics, model_file, model_sha256, "
+    "model_version, objective, threshold, value_policy, xgboost_version)"
+)
+OBJECTIVE_NAMES = (
+    "binary:logistic, reg:absoluteerror, reg:pseudohubererror, reg:squarederror, "
+    "reg:squaredlogerror"
+)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"policy": {"nan": "drop"}}, "not one of"),
-        ({"policy": {"weird": PASS}}, "unknown value policy key"),
-        ({"min": 5, "max": 1}, "above max"),
-        ({"min": INF}, "finite"),
-        ({"max": NAN}, "finite"),
-        ({"transform": "category", "categories": ("A",), "min": 0}, "'number' features only"),
-        ({"policy": {"unseen": DEAD}}, "'category' features only"),
-        ({"transform": "hour_of_day", "policy": {"unseen": PASS}}, "'category' features only"),
-        ({"transform": "category", "categories": ("A",), "policy": {"unseen": "nan"}}, "not one"),
+        ({"policy": {"nan": "drop"}}, f"policy.nan: {ONE_OF_ACTIONS}, got 'drop'"),
+        ({"policy": {"weird": PASS}}, f"policy.weird: {POLICY_KEYS}"),
+        ({"min": 5, "max": 1}, "min: must not be above max (1.0), got 5.0"),
+        ({"min": INF}, "min: must be a finite number, got inf"),
+        ({"max": NAN}, "max: must be a finite number, got nan"),
+        ({"min": True}, "min: must be a number, got True"),
+        (
+            {"transform": "category", "categories": ("A",), "min": 0},
+            "min: applies to 'number' features only",
+        ),
+        ({"policy": {"unseen": DEAD}}, "policy.unseen: applies to 'category' features only"),
+        (
+            {"transform": "hour_of_day", "policy": {"unseen": PASS}},
+            "policy.unseen: applies to 'category' features only",
+        ),
+        (
+            {"transform": "category", "categories": ("A",), "policy": {"unseen": "nan"}},
+            f"policy.unseen: {ONE_OF_ACTIONS}, got 'nan'",
+        ),
+        ({"transform": "category"}, "categories: required for a 'category' feature"),
+        (
+            {"transform": "log"},
+            f"transform: must be one of {TRANSFORM_NAMES}, got 'log'",
+        ),
     ],
 )
 def test_bad_feature_policies_are_refused(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ModelError, match=message):
+    with pytest.raises(ModelError) as caught:
         FeatureSpec("f", "v", **kwargs)
+    assert str(caught.value) == f"feature 'f': {message}"
+
+
+def test_positional_arguments_are_named_in_errors() -> None:
+    with pytest.raises(ModelError, match=r"^feature 'f': transform: must be one of"):
+        FeatureSpec("f", "v", "log")
+    with pytest.raises(ModelError, match=r"^value policy: nan: must be one of"):
+        ValuePolicy(PASS, "skip")
 
 
 def test_bad_manifest_policy_is_refused() -> None:
-    with pytest.raises(ModelError, match="not one of"):
+    with pytest.raises(ModelError) as caught:
         ValuePolicy(nan="ignore")
+    assert str(caught.value) == f"value policy: nan: {ONE_OF_ACTIONS}, got 'ignore'"
+
+
+def test_a_feature_spec_is_equal_to_its_copy_and_the_default_policy_is_no_argument() -> None:
+    spec = FeatureSpec("d", "d", min=0, max=500, policy={"nan": DEAD})
+    strict = ValuePolicy(missing=DEAD)
+    (resolved,) = manifest(spec, value_policy=strict).features
+    assert resolved == spec and hash(resolved) == hash(spec)  # default_policy: not compared
+    assert resolved.effective_policy == ValuePolicy(missing=DEAD, nan=DEAD)
+    assert spec.effective_policy == ValuePolicy(nan=DEAD)  # the caller's spec is unchanged
+    assert (spec.min, spec.max, spec.policy) == (0.0, 500.0, {"nan": DEAD})
+    with pytest.raises(ModelError, match=r"^feature 'd': default_policy: unknown key"):
+        FeatureSpec("d", "d", default_policy=strict)  # type: ignore[call-arg]
 
 
 BASE: dict[str, Any] = {
@@ -200,22 +252,174 @@ def test_old_manifests_load_with_the_default_policy() -> None:
     assert [(f.min, f.max, dict(f.policy)) for f in loaded.features] == [(None, None, {})] * 2
 
 
+#: A JSON change to BASE and the error it gives: every check names the key's path.
+BAD_MANIFESTS: list[tuple[dict[str, Any], str]] = [
+    ({"value_policy": {"nan": "skip"}}, f"value_policy.nan: {ONE_OF_ACTIONS}, got 'skip'"),
+    ({"value_policy": {"nans": PASS}}, f"value_policy.nans: {POLICY_KEYS}"),
+    ({"value_policy": ["pass"]}, "value_policy: must be a JSON object, got list"),
+    ({"value_policy": {"unseen": "skip"}}, f"value_policy.unseen: {ONE_OF_ACTIONS}, got 'skip'"),
+    (
+        {"features": [{"name": "a", "field": "a", "min": "0"}]},
+        "features[0].min: must be a number, got '0'",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "max": True}]},
+        "features[0].max: must be a number, got True",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "min": 2, "max": 1}]},
+        "features[0].min: must not be above max (1.0), got 2.0",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "policy": {"nan": "skip"}}]},
+        f"features[0].policy.nan: {ONE_OF_ACTIONS}, got 'skip'",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "policy": {"nanx": PASS}}]},
+        f"features[0].policy.nanx: {POLICY_KEYS}",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "policy": "dead_letter"}]},
+        "features[0].policy: must be a JSON object, got str",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "policy": {"unseen": PASS}}]},
+        "features[0].policy.unseen: applies to 'category' features only",
+    ),
+    (
+        {
+            "features": [
+                {"name": "a", "field": "a"},
+                {"name": "c", "field": "c", "transform": "category", "categories": ["x"], "min": 0},
+            ]
+        },
+        "features[1].min: applies to 'number' features only",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "transform": "category"}]},
+        "features[0].categories: required for a 'category' feature",
+    ),
+    (
+        {
+            "features": [
+                {"name": "a", "field": "a", "transform": "category", "categories": ["x", 1]}
+            ]
+        },
+        "features[0].categories[1]: must be a string, got 1",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "transform": "log"}]},
+        f"features[0].transform: must be one of {TRANSFORM_NAMES}, got 'log'",
+    ),
+    ({"features": [{"name": "a"}]}, "features[0].field: is required"),
+    (
+        {"features": [{"name": "a", "field": "a", "scale": 2}]},
+        f"features[0].scale: {FEATURE_KEYS}",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a", "default_policy": {}}]},
+        f"features[0].default_policy: {FEATURE_KEYS}",
+    ),
+    (
+        {"features": [{"name": "a", "field": "a"}, {"name": "a", "field": "b"}]},
+        "features[1].name: 'a' is listed twice",
+    ),
+    ({"features": []}, "features: must list at least one feature"),
+    ({"features": {"name": "a"}}, "features: must be a JSON array, got dict"),
+    (
+        {"objective": "reg:tweedie"},
+        f"objective: must be one of {OBJECTIVE_NAMES}, got 'reg:tweedie'",
+    ),
+    ({"threshold": 1.0}, "threshold: must be below 1.0, got 1.0"),
+    ({"threshold": 0}, "threshold: must be greater than 0.0, got 0"),
+    ({"threshold": "0.5"}, "threshold: must be a number, got '0.5'"),
+    ({"model_version": 7}, "model_version: must be a string, got 7"),
+    ({"metrics": [1]}, "metrics: must be a JSON object, got list"),
+    ({"format": 2}, "format: must be 1, got 2"),
+    ({"format": 2, "objective": "x", "surprise": 1}, "format: must be 1, got 2"),  # named first
+    ({"format": "1"}, "format: must be an integer, got '1'"),
+    ({"format": None}, "format: must be an integer, got None"),
+    (
+        {"surprise": 1},
+        f"surprise: {MANIFEST_KEYS}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_MANIFESTS, ids=[m for _, m in BAD_MANIFESTS])
+def test_bad_manifests_are_refused_naming_the_key(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelError) as caught:
+        manifest_from_dict({**BASE, **change})
+    assert str(caught.value) == f"manifest: {message}"
+
+
 @pytest.mark.parametrize(
-    ("change", "message"),
+    "key",
     [
-        ({"value_policy": {"nan": "skip"}}, "not one of"),
-        ({"value_policy": {"nans": PASS}}, "unknown value policy key"),
-        ({"value_policy": ["pass"]}, "must be a JSON object"),
-        ({"features": [{"name": "a", "field": "a", "min": "0"}]}, "is not a number"),
-        ({"features": [{"name": "a", "field": "a", "policy": {"nan": "skip"}}]}, "not one of"),
-        ({"features": [{"name": "a", "field": "a", "policy": "dead_letter"}]}, "JSON object"),
-        ({"features": [{"name": "a", "field": "a", "policy": {"unseen": PASS}}]}, "'category'"),
-        ({"value_policy": {"unseen": "skip"}}, "not one of"),
+        "format",
+        "model_version",
+        "model_file",
+        "model_sha256",
+        "objective",
+        "features",
+        "xgboost_version",
     ],
 )
-def test_bad_policies_in_json_are_refused(change: dict[str, Any], message: str) -> None:
-    with pytest.raises(ModelError, match=message):
-        manifest_from_dict({**BASE, **change})
+def test_a_manifest_without_a_required_key_is_refused(key: str) -> None:
+    raw = {k: v for k, v in BASE.items() if k != key}
+    with pytest.raises(ModelError) as caught:
+        manifest_from_dict(raw)
+    assert str(caught.value) == f"manifest: {key}: is required"
+
+
+def test_a_manifest_file_error_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({**BASE, "value_policy": {"nan": "skip"}}))
+    with pytest.raises(ModelError) as caught:
+        read_manifest(tmp_path)
+    assert str(caught.value) == f"manifest {path}: value_policy.nan: {ONE_OF_ACTIONS}, got 'skip'"
+    path.write_text("[1]")
+    with pytest.raises(ModelError) as caught:
+        read_manifest(tmp_path)
+    assert str(caught.value) == f"manifest {path}: must be a JSON object, got list"
+
+
+def test_the_example_manifest_fits_the_json_schema_that_refuses_bad_ones(tmp_path: Path) -> None:
+    from stream_scorer.example.train import train
+
+    train(tmp_path, rows=400, n_estimators=2, max_depth=2)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    schema = manifest_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert list(validator.iter_errors(raw)) == []
+    assert list(validator.iter_errors(BASE)) == []
+    feature = raw["features"][0]
+    for bad in [
+        {**raw, "surprise": 1},
+        {**raw, "format": 2},
+        {k: v for k, v in raw.items() if k != "format"},
+        {**raw, "threshold": 1.5},
+        {**raw, "objective": "reg:tweedie"},
+        {**raw, "value_policy": {"nan": "skip"}},
+        {**raw, "features": [{**feature, "scale": 2}]},
+        {**raw, "features": [{**feature, "transform": "log"}]},
+        {**raw, "features": [{**feature, "policy": {"nanx": "pass"}}]},
+        {**raw, "features": [{**feature, "min": "0"}]},
+    ]:
+        assert list(validator.iter_errors(bad)) != [], bad
+        with pytest.raises(ModelError):
+            manifest_from_dict(bad)  # what the schema refuses, loading refuses too
+
+
+def test_readme_documents_every_manifest_key() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("\n## The model manifest\n")[1].split("\n## ")[0]
+    schema = manifest_json_schema()
+    objects = [schema, *schema["$defs"].values()]
+    keys = {key for obj in objects for key in obj["properties"]}
+    assert {"format", "model_version", "min", "policy", "unseen"} <= keys
+    assert sorted(k for k in keys if f"`{k}`" not in section) == []
 
 
 def test_policies_round_trip_through_manifest_json(tmp_path: Path) -> None:
