@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ sys.exit(Supervisor(json.loads(sys.argv[1]), grace_s=float(sys.argv[2]), poll_s=
 """
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """Whatever a test asserts, its supervisor and stand-in workers do not outlive it."""
+    yield
+    while _STARTED:
+        parent = _STARTED.pop()
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)  # its own session: the workers go too
+            parent.wait()
+
+
 def _start(tmp_path: Path, modes: list[str], grace: float = 30.0) -> subprocess.Popen[str]:
     import json
 
@@ -49,7 +64,9 @@ def _start(tmp_path: Path, modes: list[str], grace: float = 30.0) -> subprocess.
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
+    _STARTED.append(parent)
     wait_for(
         lambda: all((tmp_path / f"ready-{i}").exists() for i in range(len(modes))),
         30,
