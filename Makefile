@@ -28,7 +28,7 @@ demo: setup
 lint: $(STAMP)
 	$(BIN)/ruff check stream_scorer tests
 	$(BIN)/ruff format --check stream_scorer tests
-	$(BIN)/mypy stream_scorer
+	$(BIN)/mypy stream_scorer tests
 
 # everything: lint, then every tier (unit, integration, faults, boundscheck)
 test: setup lint

@@ -225,7 +225,7 @@ class Run:
 
     def deliver(self, batch: Sequence[Message] | None = None) -> bool:
         """Deliver ``batch`` (default: one record at offset 7), every record scored."""
-        messages = list(batch) if batch is not None else [Msg(b"x", o=7)]
+        messages: list[Message] = list(batch) if batch is not None else [Msg(b"x", o=7)]
         ticket = self.tracker.track(messages)
         values = [b"p%d" % (m.offset() or 0) for m in messages]
         scored = Scored(messages, values, [0] * len(messages))

@@ -29,13 +29,17 @@ from typing import Any
 
 import yaml
 from confluent_kafka import ConsumerGroupState
-from confluent_kafka.admin import AdminClient, ConsumerGroupDescription
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
+    AdminClient,
+    ConsumerGroupDescription,
+)
 from support import committed_offsets, high_watermarks, produce_raw, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import generate_rides
 from stream_scorer.ops.topics import describe_group, ensure_topics, group_lag
+from stream_scorer.stages.records import Reason
 from stream_scorer.worker.supervisor import run_command
 
 ROOT = Path(__file__).parents[1]
@@ -45,7 +49,7 @@ MAX_MESSAGE_BYTES = 4096
 #: Poison kinds: the example generator's malformed kinds plus one the harness makes itself.
 POISON_KINDS = (*MALFORMED_KINDS, "too_large")
 EXPECTED_REASON = {k: reason for k, (_stage, reason) in EXPECTED_DEAD_LETTERS.items()}
-EXPECTED_REASON["too_large"] = "too_large"
+EXPECTED_REASON["too_large"] = Reason.TOO_LARGE
 
 
 def make_events(n: int, poison_every: int, seed: int) -> list[tuple[bytes, bytes | None, str]]:

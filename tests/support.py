@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,18 @@ import xgboost as xgb
 from stream_scorer.clients import end_offsets, read_to_end
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.ops import topics
-from stream_scorer.stages.records import PlainMessage
+from stream_scorer.stages.records import Message, PlainMessage
 
 #: The tests' name for a consumed record without Kafka.
 Msg = PlainMessage
+
+
+def offset_of(msg: Message) -> int:
+    """``msg.offset()``, which a consumed record has (``Message`` allows None)."""
+    offset = msg.offset()
+    assert offset is not None, msg
+    return offset
+
 
 # A second input contract, unlike the example: nested record, boolean, float, string category.
 PAYMENT_SCHEMA: dict[str, Any] = {
@@ -110,7 +119,8 @@ def fraud_labels(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """A learnable binary target."""
     rng = np.random.default_rng(seed)
     score = 0.02 * x[:, 0] - 1.5 * x[:, 1] + 0.8 * (x[:, 3] == 0) + rng.normal(0, 0.5, len(x))
-    return (score > 1.0).astype(np.float32)
+    labels: np.ndarray = (score > 1.0).astype(np.float32)
+    return labels
 
 
 def train_model(
@@ -164,6 +174,21 @@ def avro(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def parse_record_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``fastavro.parse_schema`` of a record schema, typed as the dict it returns for one."""
+    parsed = fastavro.parse_schema(schema)
+    assert isinstance(parsed, dict), parsed
+    return parsed
+
+
+def read_record(schema: dict[str, Any], payload: bytes | None) -> dict[str, Any]:
+    """Decode one schemaless record of the record schema ``schema`` (``payload`` must be set)."""
+    assert payload is not None
+    record = fastavro.schemaless_reader(io.BytesIO(payload), schema, None)
+    assert isinstance(record, dict), record
+    return record
+
+
 # --- Kafka helpers for integration tests ----------------------------------------------------
 
 
@@ -195,7 +220,7 @@ def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
 def produce_raw(
     bootstrap: str,
     topic: str,
-    items: list[tuple[bytes | None, bytes | None]],
+    items: Sequence[tuple[bytes | None, bytes | None]],
     partitions: int,
     *,
     per_second: float | None = None,

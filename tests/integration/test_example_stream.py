@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -13,11 +12,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
-from support import committed_lag, read_topic, wait_for
+from support import committed_lag, read_record, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import expected_reasons, produce_events
@@ -105,13 +103,8 @@ def test_two_workers_score_the_example_stream_with_every_malformed_kind_dead_let
     # every prediction equals the model's own on the same event's features
     ride_schema = load_ride_schema()
     pred_schema = load_schema(ROOT / "schemas" / "prediction.v1.avsc")
-    decoded = [
-        fastavro.schemaless_reader(io.BytesIO(m.value()), pred_schema, None) for m in predictions
-    ]
-    events = [
-        fastavro.schemaless_reader(io.BytesIO(inputs[m.key()].value()), ride_schema, None)
-        for m in predictions
-    ]
+    decoded = [read_record(pred_schema, m.value()) for m in predictions]
+    events = [read_record(ride_schema, inputs[m.key()].value()) for m in predictions]
     matrix, rejected = FeatureBuilder(FEATURES).build(events)
     assert rejected == []
     expected = xgb.Booster(model_file=str(model_dir / "model.ubj")).inplace_predict(matrix)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,12 @@ def test_client_loops_pass_every_event_through(
     make_topics: Callable[[dict[str, int]], None],
 ) -> None:
     inp, out, _dlq = _topics(unique, make_topics)
-    args = {"bootstrap": kafka_bootstrap, "topic": inp, "out": out, "group": unique("g")}
+    args: dict[str, Any] = {
+        "bootstrap": kafka_bootstrap,
+        "topic": inp,
+        "out": out,
+        "group": unique("g"),
+    }
     args.update(model=str(model_dir), limit=EVENTS, idle_s=60)
     proc = bk.start_client(mode, args)
     bk.burst(kafka_bootstrap, inp, example_payloads(EVENTS), 4)

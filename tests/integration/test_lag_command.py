@@ -61,7 +61,9 @@ def _commit_as_a_group_member(bootstrap: str, group: str, topic: str) -> None:
         def read_some() -> bool:
             for msg in member.consume(100, 0.5):
                 if msg.error() is None:
-                    seen.add(msg.partition())
+                    partition = msg.partition()
+                    assert partition is not None  # a consumed record has its partition
+                    seen.add(partition)
             return {0, 1} <= seen
 
         wait_for(read_some, 60, "the group member read nothing", interval=0)

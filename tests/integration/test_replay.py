@@ -63,8 +63,8 @@ def test_replay_by_reason_publishes_originals_once_and_run_twice_is_a_no_op(
         (r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs
     ]
     poison = {
-        b"trunc-1": items[0][1][:4],  # type: ignore[index]
-        b"trunc-2": items[1][1][:3],  # type: ignore[index]
+        b"trunc-1": avro(PAYMENT_SCHEMA, recs[0])[:4],
+        b"trunc-2": avro(PAYMENT_SCHEMA, recs[1])[:3],
         b"inf-1": avro(PAYMENT_SCHEMA, dict(recs[2], amount=math.inf)),
         b"empty-1": b"",
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import fastavro
 import pytest
 import yaml
 from confluent_kafka import Producer
@@ -27,6 +25,7 @@ from support import (
     committed_lag,
     payments,
     produce_raw,
+    read_record,
     read_topic,
     train_payment_classifier,
     wait_for,
@@ -210,8 +209,7 @@ class Flow:
 def _prediction_ids(env: Env) -> Counter[str]:
     schema = load_schema(ROOT / "schemas" / "prediction.v1.avsc")
     return Counter(
-        fastavro.schemaless_reader(io.BytesIO(m.value()), schema, None)["input_id"]
-        for m in read_topic(env.bootstrap, env.out)
+        read_record(schema, m.value())["input_id"] for m in read_topic(env.bootstrap, env.out)
     )
 
 

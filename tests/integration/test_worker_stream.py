@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -28,6 +26,7 @@ from support import (
     payment_matrix,
     payments,
     produce_raw,
+    read_record,
     read_topic,
     train_payment_classifier,
     wait_for,
@@ -99,7 +98,7 @@ def _headers(msg: Any) -> dict[str, bytes]:
 
 def _decode_predictions(msgs: list[Any]) -> list[dict[str, Any]]:
     schema = load_schema(ROOT / "schemas" / "prediction.v1.avsc")
-    return [fastavro.schemaless_reader(io.BytesIO(m.value()), schema, None) for m in msgs]
+    return [read_record(schema, m.value()) for m in msgs]
 
 
 def test_classifier_on_a_second_schema_scores_everything_and_dead_letters_the_rest(
@@ -111,8 +110,8 @@ def test_classifier_on_a_second_schema_scores_everything_and_dead_letters_the_re
     ]
     bad = {
         600: (b"bad-empty", b""),
-        601: (b"bad-trunc", items[0][1][:5]),  # type: ignore[index]
-        602: (b"bad-trailing", items[1][1] + b"\x02"),  # type: ignore[operator]
+        601: (b"bad-trunc", avro(PAYMENT_SCHEMA, recs[0])[:5]),
+        602: (b"bad-trailing", avro(PAYMENT_SCHEMA, recs[1]) + b"\x02"),
         603: (b"bad-inf", avro(PAYMENT_SCHEMA, dict(recs[2], amount=math.inf))),
         604: (None, b"\x00\x01\x02"),
     }

@@ -187,7 +187,7 @@ def test_guard_accepts_what_fastavro_writes_for_every_type() -> None:
     import decimal
     import uuid
 
-    leaf = {"label": "leaf", "children": [], "next": None}
+    leaf: dict[str, Any] = {"label": "leaf", "children": [], "next": None}
     record = {
         "i": -(2**31),
         "l": 2**62,

@@ -1,15 +1,14 @@
 import struct
 from typing import Any
 
-import fastavro
 import pytest
-from support import PAYMENT_SCHEMA, Msg, avro, payments
+from support import PAYMENT_SCHEMA, Msg, avro, parse_record_schema, payments
 
 from stream_scorer.stages import decode
 from stream_scorer.stages.decode import DECODE_REASONS, Decoder
 from stream_scorer.stages.records import DeadLetter, Decoded, Stage
 
-SCHEMA = fastavro.parse_schema(PAYMENT_SCHEMA)
+SCHEMA = parse_record_schema(PAYMENT_SCHEMA)
 GOOD = payments(1)[0]
 GOOD_BYTES = avro(PAYMENT_SCHEMA, GOOD)
 
@@ -119,7 +118,7 @@ def test_even_a_failing_guard_gives_a_dead_letter(monkeypatch: pytest.MonkeyPatc
 
 
 def test_zero_size_item_cap_reaches_the_guard() -> None:
-    schema = fastavro.parse_schema(
+    schema = parse_record_schema(
         {
             "type": "record",
             "name": "N",

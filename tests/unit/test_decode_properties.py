@@ -10,7 +10,7 @@ import pytest
 from guard_schemas import EVERYTHING
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import PAYMENT_SCHEMA, Msg
+from support import PAYMENT_SCHEMA, Msg, parse_record_schema
 
 from stream_scorer.example.rides import load_ride_schema
 from stream_scorer.stages.decode import DECODE_REASONS, Decoder
@@ -25,8 +25,8 @@ PROPERTY = settings(
 MAX_BYTES = 1 << 20
 SCHEMAS: dict[str, dict[str, Any]] = {
     "ride": load_ride_schema(),
-    "payment": fastavro.parse_schema(PAYMENT_SCHEMA),
-    "everything": fastavro.parse_schema(EVERYTHING),
+    "payment": parse_record_schema(PAYMENT_SCHEMA),
+    "everything": parse_record_schema(EVERYTHING),
 }
 DECODERS = {name: Decoder(schema, MAX_BYTES) for name, schema in SCHEMAS.items()}
 _EPOCH_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
@@ -203,7 +203,7 @@ def test_mutated_payloads_decode_validly_or_become_dead_letters(name: str) -> No
 
 # --- hostile counts: refused quickly, without allocating what they announce ----------------
 
-_NULLS = fastavro.parse_schema(
+_NULLS = parse_record_schema(
     {
         "type": "record",
         "name": "Hostile",
@@ -254,7 +254,7 @@ def test_hostile_counts_are_refused_with_bounded_memory(payload: bytes, reason: 
 
 
 def test_deep_recursion_is_refused_without_a_recursion_error() -> None:
-    schema = fastavro.parse_schema(
+    schema = parse_record_schema(
         {
             "type": "record",
             "name": "Link",

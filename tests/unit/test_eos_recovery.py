@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 
 import pytest
@@ -54,8 +54,8 @@ def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return slept
 
 
-def make_run(**script: list[BaseException]) -> Run:
-    return Run(script=dict(script), assignment=ASSIGNED)
+def make_run(**script: Sequence[BaseException]) -> Run:
+    return Run(script={call: list(errors) for call, errors in script.items()}, assignment=ASSIGNED)
 
 
 def test_a_transaction_commits_the_outputs_with_the_offsets() -> None:

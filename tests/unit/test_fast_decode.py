@@ -8,11 +8,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
-from support import Msg, avro
+from support import Msg, avro, offset_of, parse_record_schema
 
 from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import FEATURES, RIDE_SCHEMA_PATH, generate_rides
@@ -87,7 +86,7 @@ def fields_bytes(**over: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def fast() -> FastDecoder:
-    schema = fastavro.parse_schema(ALL_TYPES)
+    schema = parse_record_schema(ALL_TYPES)
     return FastDecoder(schema, SPECS, id_field="id", event_time_field="at", max_message_bytes=64)
 
 
@@ -145,7 +144,7 @@ def test_block_counts_are_bounded_by_the_items_smallest_encoding() -> None:
         {"name": "id", "type": "string"},
         {"name": "xs", "type": {"type": "array", "items": "double"}},
     ]}  # fmt: skip
-    fast = FastDecoder(fastavro.parse_schema(raw), [], id_field="id", max_message_bytes=99)
+    fast = FastDecoder(parse_record_schema(raw), [], id_field="id", max_message_bytes=99)
     two = zz(2) + np.float64(1.0).tobytes() * 2 + zz(0)
     three = zz(3) + np.float64(1.0).tobytes() * 2 + zz(0)  # 3 doubles cannot fit in 17 bytes
     batch = fast.run([Msg(zz(1) + b"a" + two, o=0), Msg(zz(1) + b"a" + three, o=1)])
@@ -155,7 +154,7 @@ def test_block_counts_are_bounded_by_the_items_smallest_encoding() -> None:
 def test_a_boolean_byte_other_than_0_or_1_is_malformed() -> None:
     raw = {"type": "record", "name": "B", "fields": [{"name": "b", "type": "boolean"}]}
     fast = FastDecoder(
-        fastavro.parse_schema(raw), [FeatureSpec("b", "b")], id_field="b", max_message_bytes=9
+        parse_record_schema(raw), [FeatureSpec("b", "b")], id_field="b", max_message_bytes=9
     )
     batch = fast.run([Msg(b"\x01", o=0), Msg(b"\x02", o=1)])
     assert [(d.message.offset(), d.reason) for d in batch.dead] == [(1, "malformed_avro")]
@@ -184,7 +183,7 @@ def test_values_ids_and_event_times(fast: FastDecoder) -> None:
     ],
 )
 def test_hours_and_weekdays_before_and_after_1970(millis: int, hour: int, weekday: int) -> None:
-    schema = fastavro.parse_schema(
+    schema = parse_record_schema(
         {"type": "record", "name": "T", "fields": [{"name": "t", "type": "long"}]}
     )
     specs = [FeatureSpec("h", "t", "hour_of_day"), FeatureSpec("d", "t", "day_of_week")]
@@ -215,7 +214,7 @@ def test_hours_and_weekdays_before_and_after_1970(millis: int, hour: int, weekda
 def test_feature_policies(
     maybe_spec: dict[str, Any], maybe: float | None, reason: str | None
 ) -> None:
-    schema = fastavro.parse_schema(ALL_TYPES)
+    schema = parse_record_schema(ALL_TYPES)
     specs = [*SPECS[:2], FeatureSpec("maybe", "maybe", **maybe_spec), SPECS[3]]
     fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     payload = avro(ALL_TYPES, {**GOOD, "maybe": maybe})
@@ -231,7 +230,7 @@ def test_feature_policies(
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, 1e39])
 def test_infinities_that_pass_reach_the_model_as_nan(value: float) -> None:
-    schema = fastavro.parse_schema(ALL_TYPES)
+    schema = parse_record_schema(ALL_TYPES)
     specs = [*SPECS[:2], FeatureSpec("maybe", "maybe", policy={"infinite": "pass"}), SPECS[3]]
     fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "maybe": value}))])
@@ -239,7 +238,7 @@ def test_infinities_that_pass_reach_the_model_as_nan(value: float) -> None:
 
 
 def test_unseen_categories_are_nan_even_when_missing_values_are_dead_letters() -> None:
-    schema = fastavro.parse_schema(ALL_TYPES)
+    schema = parse_record_schema(ALL_TYPES)
     specs = [FeatureSpec("color", "color", "category", ("G",), policy={"missing": "dead_letter"})]
     fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "color": "R"}))])
@@ -247,7 +246,7 @@ def test_unseen_categories_are_nan_even_when_missing_values_are_dead_letters() -
 
 
 def test_first_failing_feature_names_the_dead_letter() -> None:
-    schema = fastavro.parse_schema(ALL_TYPES)
+    schema = parse_record_schema(ALL_TYPES)
     specs = [FeatureSpec("id_as_number", "id"), FeatureSpec("maybe", "maybe")]
     fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "maybe": math.inf}))])
@@ -290,7 +289,7 @@ def test_schemas_it_cannot_specialise_fall_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     raw = {"type": "record", "name": "S", "fields": [{"name": "id", "type": "string"}, *fields]}
-    schema = fastavro.parse_schema(raw)
+    schema = parse_record_schema(raw)
     specs = specs or [FeatureSpec("v", "id")]
     with pytest.raises(Unsupported, match=why):
         FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
@@ -305,7 +304,7 @@ def test_schemas_it_cannot_specialise_fall_back(
 
 
 def test_switched_off_by_configuration(caplog: pytest.LogCaptureFixture) -> None:
-    schema = fastavro.parse_schema(ALL_TYPES)
+    schema = parse_record_schema(ALL_TYPES)
     with caplog.at_level(logging.INFO, logger="stream_scorer.fast.path"):
         out = build_fast_path(
             schema, SPECS, id_field="id", event_time_field="", max_message_bytes=9, enabled=False
@@ -328,7 +327,7 @@ def test_example_events_and_every_malformed_kind_match_the_fastavro_path(
     encoder = RideEncoder(schema)
     rides = generate_rides(400, seed=3)
     rides[5]["surge_multiplier"] = None
-    payloads = [encoder.encode(r) for r in rides]
+    payloads: list[bytes | None] = [encoder.encode(r) for r in rides]
     for i, kind in enumerate(MALFORMED_KINDS):
         payloads[10 + 7 * i] = encoder.malformed(kind, rides[10 + 7 * i])
     msgs = [Msg(p, o=i) for i, p in enumerate(payloads)]
@@ -352,7 +351,7 @@ def test_example_events_and_every_malformed_kind_match_the_fastavro_path(
     keep = [i for i in range(len(good)) if i not in {r.index for r in rejected}]
     np.testing.assert_array_equal(batch.matrix, matrix[keep])
     assert batch.ids == [good[i].record["ride_id"] for i in keep]
-    assert batch.event_ms == [rides[m.offset()]["requested_at"] for m in batch.messages]
+    assert batch.event_ms == [rides[offset_of(m)]["requested_at"] for m in batch.messages]
 
     # predictions: identical to xgboost's own inplace_predict on the same rows
     scorer = Scorer(ride_model)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Msg
+from support import Msg, parse_record_schema
 
 from stream_scorer.fast.path import FastDecoder
 from stream_scorer.fast.plan import Unsupported
@@ -194,7 +194,7 @@ def _reference(schema: dict[str, Any], specs: list[FeatureSpec], msg: Msg) -> Re
     # The fast path also rejects doubles too large for float32 (features.py stores inf):
     # the first failing column, in manifest order, names the dead letter.
     failing: list[tuple[int, str, str | None]] = [
-        (j, "non_finite", None) for j in np.flatnonzero(np.isinf(matrix[0]))
+        (int(j), "non_finite", None) for j in np.flatnonzero(np.isinf(matrix[0]))
     ]
     names = [s.name for s in specs]
     failing += [(names.index(r.feature), r.reason, r.message) for r in rejected]
@@ -251,7 +251,7 @@ def test_generated_schemas_and_records_match_fastavro_and_feature_builder(
     case: tuple[dict[str, Any], list[FeatureSpec], list[dict[str, Any]]],
 ) -> None:
     raw, specs, records = case
-    schema = fastavro.parse_schema(raw)
+    schema = parse_record_schema(raw)
     _check(schema, specs, [_encode(schema, r) for r in records])
 
 
@@ -261,7 +261,7 @@ def test_mutated_payloads_fail_when_fastavro_fails(
     case: tuple[dict[str, Any], list[FeatureSpec], list[dict[str, Any]]], data: st.DataObject
 ) -> None:
     raw, specs, records = case
-    schema = fastavro.parse_schema(raw)
+    schema = parse_record_schema(raw)
     try:
         fast = FastDecoder(schema, specs, id_field="key", max_message_bytes=1 << 20)
     except Unsupported:
@@ -456,7 +456,7 @@ def test_values_one_ulp_around_bounds_and_float32s_range_match_the_fastavro_path
         "name": "Bounded",
         "fields": [{"name": "key", "type": "string"}, {"name": "v", "type": avro_type}],
     }
-    schema = fastavro.parse_schema(raw)
+    schema = parse_record_schema(raw)
     specs = [FeatureSpec("x", "v", **bounds)]
     payloads = [_encode(schema, {"key": f"k{i}", "v": v}) for i, v in enumerate(values)]
     # reasons and, for the records that pass, the feature matrix
@@ -509,7 +509,7 @@ def test_values_around_generated_bounds_match_the_fastavro_path(data: st.DataObj
             *({"name": kind, "type": kind} for kind in NUMBER_KINDS),
         ],
     }
-    schema = fastavro.parse_schema(raw)
+    schema = parse_record_schema(raw)
     specs = [FeatureSpec(kind, kind, min=low, max=high) for kind in NUMBER_KINDS]
     near = bounds[data.draw(st.integers(0, 1))]
     records = data.draw(
@@ -555,7 +555,7 @@ UNSEEN_RECORDS: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("policy", ["pass", "dead_letter"])
 def test_unseen_categories_under_both_policies_match_the_fastavro_path(policy: str) -> None:
-    schema = fastavro.parse_schema(UNSEEN_SCHEMA)
+    schema = parse_record_schema(UNSEEN_SCHEMA)
     unseen = {"unseen": policy}
     specs = [
         FeatureSpec("s", "s", "category", ("a", "é"), policy=unseen),

@@ -9,7 +9,14 @@ from typing import Any
 
 import fastavro
 import pytest
-from support import PAYMENT_SCHEMA, Msg, avro, payments, train_payment_classifier
+from support import (
+    PAYMENT_SCHEMA,
+    Msg,
+    avro,
+    parse_record_schema,
+    payments,
+    train_payment_classifier,
+)
 
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.stages.columns import AvroColumns
@@ -31,7 +38,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _pipeline(model_dir: Path, *, fast: bool, timings: list[str]) -> Pipeline:
     scorer = Scorer(model_dir)
-    schema = fastavro.parse_schema(PAYMENT_SCHEMA)
+    schema = parse_record_schema(PAYMENT_SCHEMA)
     fast_path = build_fast_path(
         schema,
         scorer.manifest.features,
@@ -67,7 +74,7 @@ def test_fast_and_fastavro_paths_publish_the_same_outputs(model_dir: Path) -> No
     msgs[3] = Msg(avro(PAYMENT_SCHEMA, dict(recs[3], amount=math.inf)), o=3)
     msgs[8] = Msg(b"\x00\x01", o=8)
     msgs[9] = Msg(None, o=9)
-    msgs[11] = Msg(msgs[11].val + b"\x00", o=11)  # type: ignore[operator]
+    msgs[11] = Msg(avro(PAYMENT_SCHEMA, recs[11]) + b"\x00", o=11)
     timings: list[str] = []
     fast = _pipeline(model_dir, fast=True, timings=timings).process(msgs)
     slow = _pipeline(model_dir, fast=False, timings=[]).process(msgs)

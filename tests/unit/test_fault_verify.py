@@ -11,8 +11,12 @@ import logging
 from typing import Any
 
 import pytest
-from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import ConsumerGroupDescription, MemberAssignment, MemberDescription
+from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException, Node, TopicPartition
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
+    ConsumerGroupDescription,
+    MemberAssignment,
+    MemberDescription,
+)
 from faults import REFUSAL_LOG_LINES, FaultWindow, check_duplicates, settled, unexplained
 
 from stream_scorer.logs import JsonFormatter
@@ -93,7 +97,10 @@ def _member(member_id: str, *partitions: int, topic: str = "in") -> MemberDescri
 
 
 def _group(state: ConsumerGroupState, *members: MemberDescription) -> ConsumerGroupDescription:
-    return ConsumerGroupDescription("g", False, list(members), "cooperative-sticky", state, None)
+    coordinator = Node(1, "localhost", 9092)
+    return ConsumerGroupDescription(
+        "g", False, list(members), "cooperative-sticky", state, coordinator
+    )
 
 
 def test_a_group_has_settled_when_stable_complete_and_without_the_gone_member() -> None:

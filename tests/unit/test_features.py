@@ -2,9 +2,9 @@ import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-import fastavro
 import numpy as np
 import pytest
+from support import parse_record_schema
 
 from stream_scorer.errors import SchemaError
 from stream_scorer.model.manifest import FeatureSpec
@@ -65,7 +65,7 @@ def test_columns_follow_manifest_order_and_nested_fields() -> None:
     np.testing.assert_array_equal(matrix, [[2.0, 1.0, NAN], [NAN, 3.0, NAN]])
 
 
-NESTED = fastavro.parse_schema(
+NESTED = parse_record_schema(
     {
         "type": "record",
         "name": "Event",

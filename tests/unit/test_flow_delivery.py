@@ -6,12 +6,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-import fastavro
 import numpy as np
 import numpy.typing as npt
 import pytest
 from confluent_kafka import KafkaError, KafkaException
-from support import PAYMENT_SCHEMA, Msg, avro, payment_matrix, payments, train_payment_classifier
+from support import (
+    PAYMENT_SCHEMA,
+    Msg,
+    avro,
+    offset_of,
+    parse_record_schema,
+    payment_matrix,
+    payments,
+    read_record,
+    train_payment_classifier,
+)
 
 from stream_scorer.errors import BrokerError, PoisonLimitError
 from stream_scorer.stages.columns import AvroColumns
@@ -125,7 +134,7 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> Scorer:
 def _pipeline(model: Any, scorer: Scorer) -> Pipeline:
     return Pipeline(
         AvroColumns(
-            Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
+            Decoder(parse_record_schema(PAYMENT_SCHEMA), 4096),
             FeatureBuilder(scorer.manifest.features),
             id_field="txn_id",
             event_time_field="at",
@@ -152,27 +161,21 @@ def test_rows_the_model_fails_on_are_isolated_and_the_rest_scored(
 
     result = _pipeline(model, scorer).process(msgs)
 
-    assert sorted(d.message.offset() for d in result.dead) == bad
+    assert sorted(offset_of(d.message) for d in result.dead) == bad
     reason = "model_failed" if model_kind == "crash" else "non_finite_prediction"
     assert {(d.stage, d.reason) for d in result.dead} <= {(Stage.SCORE, reason)}
     good = [i for i in range(size) if i not in bad]
     assert [m.offset() for m in result.scored.messages] == good
     # the scored rows carry exactly the model's own values
     schema = load_schema(PREDICTION_SCHEMA)
-    got = [
-        fastavro.schemaless_reader(_io(v), schema, None)["prediction"] for v in result.scored.values
-    ]
-    expected = scorer.predict(payment_matrix([recs[i] for i in good])).values if good else []
+    got = [read_record(schema, v)["prediction"] for v in result.scored.values]
+    expected = (
+        scorer.predict(payment_matrix([recs[i] for i in good])).values if good else np.empty(0)
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     if model_kind == "crash" and len(bad) == 1 and size > 1:
         # binary search: about 2·log2(n) calls, not one per record
         assert model.calls <= 2 * math.ceil(math.log2(size)) + 1
-
-
-def _io(value: bytes) -> Any:
-    import io
-
-    return io.BytesIO(value)
 
 
 def test_kafka_error_is_found_behind_our_wrapping() -> None:

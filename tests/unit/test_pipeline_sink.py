@@ -1,9 +1,7 @@
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -11,8 +9,10 @@ from support import (
     PAYMENT_SCHEMA,
     Msg,
     avro,
+    parse_record_schema,
     payment_matrix,
     payments,
+    read_record,
     train_payment_classifier,
 )
 
@@ -23,7 +23,7 @@ from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder
 from stream_scorer.stages.pipeline import Pipeline
-from stream_scorer.stages.records import DeadLetter, Scored, Stage
+from stream_scorer.stages.records import DeadLetter, Message, Reason, Scored, Stage
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
@@ -44,7 +44,7 @@ def _pipeline(model_dir: Path, timer: Any = None) -> Pipeline:
     kwargs = {"timer": timer} if timer else {}
     return Pipeline(
         AvroColumns(
-            Decoder(fastavro.parse_schema(PAYMENT_SCHEMA), 4096),
+            Decoder(parse_record_schema(PAYMENT_SCHEMA), 4096),
             FeatureBuilder(scorer.manifest.features),
             id_field="txn_id",
             event_time_field="at",
@@ -76,9 +76,7 @@ def test_batch_with_bad_records_scores_the_rest_exactly_like_xgboost(model_dir: 
         payment_matrix(good)
     )
     schema = load_schema(PREDICTION_SCHEMA)
-    decoded = [
-        fastavro.schemaless_reader(io.BytesIO(v), schema, None) for v in result.scored.values
-    ]
+    decoded = [read_record(schema, v) for v in result.scored.values]
     np.testing.assert_allclose([d["prediction"] for d in decoded], expected, rtol=1e-6)
     assert [d["label"] for d in decoded] == [int(p >= 0.4) for p in expected]
     assert [d["input_id"] for d in decoded] == [r["txn_id"] for r in good]
@@ -133,7 +131,7 @@ def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
     ticket = tracker.track([msg])
     Sink(producer, CTX, tracker, metrics).publish(
         Scored([], [], []),
-        [DeadLetter(msg, Stage.DECODE, "truncated", "EOFError", "short")],
+        [DeadLetter(msg, Stage.DECODE, Reason.TRUNCATED, "EOFError", "short")],
         ticket,
     )
     [sent] = producer.sent
@@ -188,7 +186,7 @@ def test_predictions_carry_the_chosen_input_headers(
 
 def test_failed_delivery_is_raised_by_the_loop_not_the_callback_and_blocks_commit() -> None:
     producer, tracker = FakeProducer(fail_topic="out"), OffsetTracker()
-    msgs = [Msg(b"x", o=4), Msg(b"x", o=5)]
+    msgs: list[Message] = [Msg(b"x", o=4), Msg(b"x", o=5)]
     ticket = tracker.track(msgs)
     sink = Sink(producer, CTX, tracker, Metrics())
     scored = Scored(msgs, [b"pred-4", b"pred-5"], [0, 0])
@@ -201,11 +199,11 @@ def test_failed_delivery_is_raised_by_the_loop_not_the_callback_and_blocks_commi
 
 def test_a_refused_dead_letter_holds_back_only_its_own_partition() -> None:
     producer, tracker = FakeProducer(fail_topic="dlq"), OffsetTracker()
-    good = [Msg(b"x", p=0, o=0), Msg(b"x", p=1, o=0), Msg(b"x", p=0, o=1)]
+    good: list[Message] = [Msg(b"x", p=0, o=0), Msg(b"x", p=1, o=0), Msg(b"x", p=0, o=1)]
     bad = Msg(b"y", p=1, o=1)
     ticket = tracker.track([*good, bad])
     sink = Sink(producer, CTX, tracker, Metrics())
-    dead = [DeadLetter(bad, Stage.DECODE, "truncated", "EOFError", "short")]
+    dead = [DeadLetter(bad, Stage.DECODE, Reason.TRUNCATED, "EOFError", "short")]
     sink.publish(Scored(good, [b"a", b"b", b"c"], [0, 0, 0]), dead, ticket)
     assert tracker.take_committable() == [("in", 0, 2)]
     assert tracker.pending == 2  # partition 1's two records
@@ -270,19 +268,19 @@ def test_backed_up_producer_pauses_the_input_until_half_is_acknowledged() -> Non
         max_in_flight=10,
         flush_timeout_s=1,
     )
-    first = [Msg(b"x", o=o) for o in range(9)]
+    first: list[Message] = [Msg(b"x", o=o) for o in range(9)]
     delivery.deliver(tracker.track(first), BatchResult(Scored(first, [b"p"] * 9, [0] * 9), []))
     delivery.service()
     assert source.calls == []  # 9 in flight: below the limit
-    second = [Msg(b"x", o=9)]
+    second: list[Message] = [Msg(b"x", o=9)]
     delivery.deliver(tracker.track(second), BatchResult(Scored(second, [b"p"], [0]), []))
     delivery.service()
-    assert source.calls == ["pause"] and delivery.paused
+    assert (source.calls, delivery.paused) == (["pause"], True)
     delivery.service()
     assert source.calls == ["pause"]  # still backed up: no flapping
     producer.held = False
     delivery.service()  # everything acknowledged
-    assert source.calls == ["pause", "resume"] and not delivery.paused
+    assert (source.calls, delivery.paused) == (["pause", "resume"], False)
     assert source.stored == [("in", 0, 10)]
 
 
@@ -298,7 +296,7 @@ def test_revoke_commits_what_is_delivered_and_lost_commits_nothing() -> None:
         max_in_flight=100,
         flush_timeout_s=1,
     )
-    msgs = [Msg(b"x", p=p, o=o) for p in (0, 1) for o in range(3)]
+    msgs: list[Message] = [Msg(b"x", p=p, o=o) for p in (0, 1) for o in range(3)]
     ticket = tracker.track(msgs)
     delivery.deliver(ticket, BatchResult(Scored(msgs, [b"p"] * 6, [0] * 6), []))
     delivery.on_lost([("in", 1)])
@@ -319,7 +317,7 @@ def test_revoke_after_drain_commits_nothing_more() -> None:
         max_in_flight=100,
         flush_timeout_s=0,
     )
-    msgs = [Msg(b"x", o=o) for o in range(3)]
+    msgs: list[Message] = [Msg(b"x", o=o) for o in range(3)]
     delivery.deliver(tracker.track(msgs), BatchResult(Scored(msgs, [b"p"] * 3, [0] * 3), []))
     assert delivery.drain() == 0  # HeldProducer.flush reports nothing left, but acked nothing
     assert source.committed == [None]  # drain's commit of every stored offset

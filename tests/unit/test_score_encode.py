@@ -10,6 +10,7 @@ from support import (
     PAYMENT_FEATURES,
     payment_matrix,
     payments,
+    read_record,
     train_model,
     train_payment_classifier,
 )
@@ -74,7 +75,7 @@ def test_prediction_round_trips_through_the_published_schema() -> None:
     data = PredictionEncoder(schema).encode(
         "id-1", 12.5, None, "v7", 1_700_000_000_123, 1_700_000_000_456
     )
-    got = fastavro.schemaless_reader(io.BytesIO(data), schema, None)
+    got = read_record(schema, data)
     assert got["input_id"] == "id-1"
     assert got["prediction"] == 12.5
     assert got["label"] is None
