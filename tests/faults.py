@@ -16,10 +16,12 @@ must lie in some window (``check_duplicates``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,17 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import ConsumerGroupState
+from confluent_kafka import ConsumerGroupState, Node, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
-    AdminClient,
     ConsumerGroupDescription,
+    MemberAssignment,
+    MemberDescription,
 )
 from support import committed_offsets, high_watermarks, produce_raw, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import generate_rides
-from stream_scorer.ops.topics import describe_group, ensure_topics, group_lag
+from stream_scorer.ops.topics import ensure_topics, group_lag
 from stream_scorer.stages.records import Reason
 from stream_scorer.worker.supervisor import run_command
 
@@ -185,6 +188,60 @@ def settled(
     return assigned == set(range(partitions))
 
 
+#: Describes a group in a child process and prints it as JSON (see ``describe_isolated``).
+_DESCRIBE = """
+import json, sys
+from confluent_kafka.admin import AdminClient
+from stream_scorer.ops.topics import describe_group
+group = describe_group(AdminClient({"bootstrap.servers": sys.argv[1]}), sys.argv[2])
+print(json.dumps(None if group is None else {
+    "state": group.state.name,
+    "members": [
+        [m.member_id, m.client_id, [[p.topic, p.partition] for p in m.assignment.topic_partitions]]
+        for m in group.members
+    ],
+}))
+"""
+
+
+def describe_isolated(bootstrap: str, group: str) -> ConsumerGroupDescription | None:
+    """The group's description, asked for in a child process (None: not to be had now).
+
+    While a broker restarts, librdkafka can abort the whole process when a DescribeGroups
+    response arrives after its request timed out (librdkafka#4605, open; seen here in the
+    broker kill -9 run): the harness asks from a child that may die instead of itself.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _DESCRIBE, bootstrap, group],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    if raw is None:
+        return None
+    members = [
+        MemberDescription(
+            member_id, client_id, "", MemberAssignment([TopicPartition(t, p) for t, p in tps])
+        )
+        for member_id, client_id, tps in raw["members"]
+    ]
+    return ConsumerGroupDescription(
+        group,
+        False,
+        members,
+        "",
+        ConsumerGroupState[raw["state"]],
+        Node(-1, "", -1),
+    )
+
+
 @dataclass
 class Outcome:
     """What the independent reader found."""
@@ -248,7 +305,6 @@ class FaultRun:
         #: One per fault and per unexpected exit: what at-least-once may repeat because of it.
         self.windows: list[FaultWindow] = []
         self._watchers: list[threading.Thread] = []
-        self._admin = AdminClient({"bootstrap.servers": bootstrap})
         self._last_committed: dict[int, int] = {}  # the latest committed() read
         self._alive_committed: dict[int, int] = {}  # read before every worker was seen running
         self._starts = Counter[str]()
@@ -376,8 +432,7 @@ class FaultRun:
         return group is not None and settled(group, self.topic, PARTITIONS, len(live), gone)
 
     def _describe(self) -> ConsumerGroupDescription | None:
-        group: ConsumerGroupDescription | None = describe_group(self._admin, self.group)
-        return group
+        return describe_isolated(self.bootstrap, self.group)
 
     def _member_ids(self, worker: Worker) -> frozenset[str]:
         group = self._describe()

@@ -170,6 +170,12 @@ class IdleClock:
         return self.limit_s > 0 and self.idle_s >= self.limit_s
 
 
+#: The signals that ask a worker to stop (drain, commit, leave); ``StopFlag.reason`` is the name.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: ``StopFlag.reason`` of a stop that was asked for, as opposed to one the worker decided.
+REQUESTED_STOPS = frozenset(s.name for s in STOP_SIGNALS)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop finishes its batch, then drains and leaves."""
 
@@ -191,7 +197,7 @@ class StopFlag:
         def handler(signum: int, _frame: FrameType | None) -> None:
             self.set(signal.Signals(signum).name)
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         try:
             yield self
         finally:

@@ -37,6 +37,7 @@ from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Reconnection
 from stream_scorer.worker.flow import (
     IDLE_GAP_SLACK_S,
+    REQUESTED_STOPS,
     BatchSizer,
     IdleClock,
     PoisonGuard,
@@ -247,7 +248,17 @@ def check_clean_stop(
             f"{unacknowledged} outputs not acknowledged within worker.shutdown_timeout_s = "
             f"{shutdown_timeout_s}; their records stay uncommitted (redelivered)"
         )
-    if rolled_back:
+    if rolled_back and stopped_by in REQUESTED_STOPS:
+        # asked to stop right after a transaction was rolled back (a rebalance aborts one, for
+        # example): its records were rewound, nothing of them is committed, and whoever reads
+        # the partition next consumes them again, so the stop itself is clean
+        log.warning(
+            "stopped (%s) right after a rolled-back transaction: its %d records stay uncommitted "
+            "and are consumed again by the partition's next reader",
+            stopped_by,
+            rolled_back,
+        )
+    elif rolled_back:
         raise BrokerError(
             f"stopped ({stopped_by}) with the last transaction rolled back: its {rolled_back} "
             "records were neither delivered nor committed (redelivered)"

@@ -23,10 +23,37 @@ from support import (
 from stream_scorer import headers as hdr
 from stream_scorer.cli import main
 from stream_scorer.config import load_config
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.worker.loop import run_worker
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).parents[2]
+
+
+def _worker_config(
+    tmp_path: Path, bootstrap: str, topics: tuple[str, str, str], group: str
+) -> Path:
+    """A payment classifier's worker configuration on ``topics`` (input, output, dead letters)."""
+    model = tmp_path / "model"
+    train_payment_classifier(model)
+    config = tmp_path / "w.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap_servers": bootstrap},
+                "input": {
+                    "topic": topics[0],
+                    "group_id": group,
+                    "schema": str(write_schema(tmp_path / "p.avsc", PAYMENT_SCHEMA)),
+                    "id_field": "txn_id",
+                },
+                "output": {"topic": topics[1], "schema": str(PREDICTION_SCHEMA_V1)},
+                "dead_letter": {"topic": topics[2]},
+                "model": {"path": str(model)},
+                "metrics": {"port": 0},
+            }
+        )
+    )
+    return config
 
 
 def test_replay_by_reason_publishes_originals_once_and_run_twice_is_a_no_op(
@@ -38,26 +65,7 @@ def test_replay_by_reason_publishes_originals_once_and_run_twice_is_a_no_op(
 ) -> None:
     topic, out, dlq, target = unique("pay"), unique("out"), unique("dlq"), unique("replayed")
     make_topics({topic: 2, out: 2, dlq: 2, target: 1})
-    model = tmp_path / "model"
-    train_payment_classifier(model)
-    config = tmp_path / "w.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "kafka": {"bootstrap_servers": kafka_bootstrap},
-                "input": {
-                    "topic": topic,
-                    "group_id": unique("g"),
-                    "schema": str(write_schema(tmp_path / "p.avsc", PAYMENT_SCHEMA)),
-                    "id_field": "txn_id",
-                },
-                "output": {"topic": out, "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
-                "dead_letter": {"topic": dlq},
-                "model": {"path": str(model)},
-                "metrics": {"port": 0},
-            }
-        )
-    )
+    config = _worker_config(tmp_path, kafka_bootstrap, (topic, out, dlq), unique("g"))
     recs = payments(40, seed=3)
     items: list[tuple[bytes | None, bytes | None]] = [
         (r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs
@@ -154,26 +162,7 @@ def test_a_too_large_dead_letter_replays_byte_identical_where_the_topic_accepts_
     ensure_topics(kafka_bootstrap, {topic: 1, dlq: 1, target: 1}, config=big_topics)
     make_topics({out: 1})
     ensure_topics(kafka_bootstrap, {small: 1}, config={"max.message.bytes": "600000"})
-    model = tmp_path / "model"
-    train_payment_classifier(model)
-    config = tmp_path / "w.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "kafka": {"bootstrap_servers": kafka_bootstrap},
-                "input": {
-                    "topic": topic,
-                    "group_id": unique("g"),
-                    "schema": str(write_schema(tmp_path / "p.avsc", PAYMENT_SCHEMA)),
-                    "id_field": "txn_id",
-                },
-                "output": {"topic": out, "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
-                "dead_letter": {"topic": dlq},
-                "model": {"path": str(model)},
-                "metrics": {"port": 0},
-            }
-        )
-    )
+    config = _worker_config(tmp_path, kafka_bootstrap, (topic, out, dlq), unique("g"))
     # above input.max_message_bytes (1 MiB): dead-lettered unread as too_large
     value = bytes(range(256)) * 4300  # 1,100,800 bytes
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": "2000000"})
