@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,13 +208,24 @@ committed_offsets = topics.committed_offsets
 committed_lag = topics.group_lag
 
 
-def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
-    """The high watermark (the offset the next record will get) per partition of ``topic``."""
-    from confluent_kafka import Consumer
+def high_watermarks(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[int, int]:
+    """The high watermark (the offset the next record will get) per partition of ``topic``.
+
+    Retried while the broker answers with a retriable error: just after a broker restart a
+    partition can have no leader yet (NOT_LEADER_FOR_PARTITION).
+    """
+    from confluent_kafka import Consumer, KafkaException
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"watermarks-{topic}"})
+    deadline = time.monotonic() + timeout
     try:
-        return end_offsets(consumer, topic)
+        while True:
+            try:
+                return end_offsets(consumer, topic)
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise
+                threading.Event().wait(0.2)
     finally:
         consumer.close()
 
