@@ -214,7 +214,7 @@ def high_watermarks(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[i
     Retried while the broker answers with a retriable error: just after a broker restart a
     partition can have no leader yet (NOT_LEADER_FOR_PARTITION).
     """
-    from confluent_kafka import Consumer, KafkaException
+    from confluent_kafka import Consumer, KafkaError, KafkaException
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"watermarks-{topic}"})
     deadline = time.monotonic() + timeout
@@ -223,7 +223,16 @@ def high_watermarks(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[i
             try:
                 return end_offsets(consumer, topic)
             except KafkaException as exc:
-                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                err = exc.args[0]
+                # a restarted broker's partitions get their leader a moment after it answers;
+                # librdkafka does not flag these as retriable here
+                leaderless = err.code() in (
+                    KafkaError.NOT_LEADER_FOR_PARTITION,
+                    KafkaError.LEADER_NOT_AVAILABLE,
+                    KafkaError._TIMED_OUT,
+                    KafkaError._TRANSPORT,
+                )
+                if not (err.retriable() or leaderless) or time.monotonic() > deadline:
                     raise
                 threading.Event().wait(0.2)
     finally:

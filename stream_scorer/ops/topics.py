@@ -194,12 +194,19 @@ _COORDINATOR_CODES = frozenset(
         KafkaError.COORDINATOR_NOT_AVAILABLE,
         KafkaError.REQUEST_TIMED_OUT,
         KafkaError._TIMED_OUT,
+        # a restarted broker answers before its partitions have leaders again
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
     }
 )
 
 
 def coordinator_busy(err: KafkaError) -> bool:
-    """Whether ``err`` is retriable: the group coordinator is loading or moving, or a timeout."""
+    """Whether ``err`` is retriable: a busy coordinator, a leaderless partition, a timeout.
+
+    The group coordinator loading or moving, a partition without its leader yet (just after a
+    broker restart), or a request that timed out.
+    """
     return bool(err.retriable()) or err.code() in _COORDINATOR_CODES
 
 
