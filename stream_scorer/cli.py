@@ -94,10 +94,10 @@ def _cmd_lag(args: argparse.Namespace) -> int:
     settings: dict[str, str] = {}
     group, topic = args.group, args.topic
     if args.config is not None:
-        from stream_scorer.config import load_config
+        from stream_scorer.config import client_settings, load_config
 
         cfg = load_config(args.config)
-        settings = {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}
+        settings = client_settings(cfg)
         group = group or cfg.input.group_id
         topic = topic or cfg.input.topic
     if args.bootstrap_servers:

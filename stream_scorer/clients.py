@@ -37,6 +37,23 @@ def end_offsets(consumer: Any, topic: str, timeout_s: float = 10.0) -> dict[int,
     }
 
 
+def topic_end_offsets(
+    bootstrap: str, topic: str, settings: Mapping[str, Any] | None = None
+) -> dict[int, int]:
+    """``end_offsets`` of ``topic`` through a short-lived consumer of its own."""
+    consumer = Consumer(
+        {
+            **(settings or {}),
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ends-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    try:
+        return end_offsets(consumer, topic)
+    finally:
+        consumer.close()
+
+
 def read_to_end(
     bootstrap: str,
     topic: str,

@@ -667,6 +667,15 @@ def transactional_id(cfg: Config, worker_id: str) -> str:
     return cfg.delivery.transactional_id or f"stream-scorer-{cfg.input.group_id}-{worker_id}"
 
 
+def client_settings(cfg: Config) -> dict[str, str]:
+    """Return the librdkafka settings for the tools' own clients: the brokers and security.
+
+    For admin and probe clients (the start-up topic check, the ``lag`` command), which need
+    ``kafka.client`` (SASL, TLS) but none of the consumer's or producer's own settings.
+    """
+    return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}
+
+
 def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
     """Return the librdkafka settings for the worker's consumer.
 

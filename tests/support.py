@@ -15,7 +15,7 @@ import fastavro
 import numpy as np
 import xgboost as xgb
 
-from stream_scorer.clients import end_offsets, read_to_end
+from stream_scorer.clients import read_to_end, topic_end_offsets
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.ops import topics
 from stream_scorer.stages.records import Message, PlainMessage
@@ -211,32 +211,21 @@ committed_lag = topics.group_lag
 def high_watermarks(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[int, int]:
     """The high watermark (the offset the next record will get) per partition of ``topic``.
 
-    Retried while the broker answers with a retriable error: just after a broker restart a
-    partition can have no leader yet (NOT_LEADER_FOR_PARTITION).
+    Retried while the broker is not ready (``ops.topics.coordinator_busy``, or no connection):
+    just after a broker restart a partition can have no leader yet (NOT_LEADER_FOR_PARTITION).
     """
-    from confluent_kafka import Consumer, KafkaError, KafkaException
+    from confluent_kafka import KafkaError, KafkaException
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"watermarks-{topic}"})
     deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                return end_offsets(consumer, topic)
-            except KafkaException as exc:
-                err = exc.args[0]
-                # a restarted broker's partitions get their leader a moment after it answers;
-                # librdkafka does not flag these as retriable here
-                leaderless = err.code() in (
-                    KafkaError.NOT_LEADER_FOR_PARTITION,
-                    KafkaError.LEADER_NOT_AVAILABLE,
-                    KafkaError._TIMED_OUT,
-                    KafkaError._TRANSPORT,
-                )
-                if not (err.retriable() or leaderless) or time.monotonic() > deadline:
-                    raise
-                threading.Event().wait(0.2)
-    finally:
-        consumer.close()
+    while True:
+        try:
+            return topic_end_offsets(bootstrap, topic)
+        except KafkaException as exc:
+            err = exc.args[0]
+            busy = topics.coordinator_busy(err) or err.code() == KafkaError._TRANSPORT
+            if not busy or time.monotonic() > deadline:
+                raise
+            threading.Event().wait(0.2)
 
 
 def produce_raw(

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer
 
 from stream_scorer import headers as hdr
-from stream_scorer.clients import end_offsets, read_to_end
+from stream_scorer.clients import read_to_end, topic_end_offsets
 from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
@@ -134,14 +133,6 @@ def _wait_drained(
         time.sleep(0.5)
 
 
-def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-ends-{os.getpid()}"})
-    try:
-        return end_offsets(consumer, topic)
-    finally:
-        consumer.close()
-
-
 def run_demo(
     *,
     events: int,
@@ -209,7 +200,7 @@ def run_demo(
         _say(f"      produced {report.produced:,} in {report.elapsed_s:.1f} s; draining")
         _wait_drained(bootstrap, group, topic, report.produced, procs, log_dir)
         drained = time.monotonic() - started
-        paced_from = _end_offsets(bootstrap, topic)
+        paced_from = topic_end_offsets(bootstrap, topic)
         paced_n = round(paced_rate * paced_seconds)
         _say(f"      paced: {paced_n:,} events at {paced_rate:,.0f}/s (latency is measured here)")
         paced = produce_events(bootstrap, topic, paced_n, rate=paced_rate, seed=2)

@@ -27,7 +27,6 @@ from stream_scorer.worker.lag import TP
 
 log = logging.getLogger(__name__)
 _RDKAFKA_LOG = client_logger("lag")
-_INVALID = -1001
 
 
 @dataclass(frozen=True)

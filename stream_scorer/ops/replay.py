@@ -3,7 +3,7 @@
 Reads the dead-letter topic from where the replay's own consumer group left off up to the end
 offsets seen at start, keeps the dead letters that match the filter (reasons, a time range of
 the dead letter's timestamp), and publishes each with its original key, value and headers (the
-error context headers dropped; ``stream_scorer.ops.replay.source`` and ``stream_scorer.attempt``
+error context headers dropped; ``stream_scorer.replay.source`` and ``stream_scorer.attempt``
 added) to the target topic, at a bounded rate.
 
 Safe to run twice: every batch of replayed records and the dead-letter offsets it consumed

@@ -486,9 +486,7 @@ class ExactlyOnce:
         reconnection = self._reconnection
         if reconnection.lost_at is None:
             return None
-        try:
-            self._producer.list_topics(self._ctx.output_topic, timeout=_WATCH_EVERY_S)
-        except KafkaException:
+        if _metadata_error(self._producer, _WATCH_EVERY_S) is not None:
             reconnection.unanswered()
             return None
         reconnection.answered()

@@ -25,11 +25,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from confluent_kafka import OFFSET_INVALID
+
 from stream_scorer.stages.records import Message
 
 #: A partition: (topic, partition).
 TP = tuple[str, int]
-_INVALID = -1001
 
 
 @dataclass
@@ -99,7 +100,7 @@ class LagTracker:
                     low = int(pdata.get("lo_offset", -1))
                     if low >= 0:
                         part.low = low
-                    committed = int(pdata.get("committed_offset", _INVALID))
+                    committed = int(pdata.get("committed_offset", OFFSET_INVALID))
                     if committed > part.committed:
                         part.committed = committed
 

@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 from stream_scorer.config import (
     EXACTLY_ONCE,
     Config,
+    client_settings,
     consumer_settings,
     producer_settings,
     redacted,
@@ -171,7 +172,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
         require_topics(  # before consuming anything: a missing topic is a deployment error
-            {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client},
+            client_settings(cfg),
             {
                 "input.topic": cfg.input.topic,
                 "output.topic": cfg.output.topic,

@@ -238,6 +238,7 @@ class Sink:
             return found
 
         produce, topic, copied = self._producer.produce, ctx.output_topic, ctx.copy_headers
+        offset_header = hdr.SOURCE_OFFSET  # a local: looked up once per batch, not per record
         last: tuple[str, int] | None = None
         for msg, value in zip(scored.messages, scored.values, strict=True):
             tp = (msg.topic() or "", msg.partition() or 0)
@@ -245,7 +246,7 @@ class Sink:
                 last = tp
                 common, outputs = group(msg)
                 done = outputs.prediction
-            headers = [*common, (hdr.SOURCE_OFFSET, b"%d" % (msg.offset() or 0))]
+            headers = [*common, (offset_header, b"%d" % (msg.offset() or 0))]
             if copied:
                 headers.extend((k, v) for k, v in msg.headers() or () if k in copied)
             try:
