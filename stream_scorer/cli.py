@@ -2,7 +2,8 @@
 
 Subcommands: ``run`` (a worker, or ``--workers N`` of them), ``config check`` and ``config
 schema`` (validate a configuration offline; its JSON Schema), ``lag`` (a group's lag),
-``dlq replay`` (publish dead letters again), ``train`` and ``produce`` (the shipped example's
+``rewind`` (move a stopped group's offsets back to a time), ``dlq replay`` (publish dead
+letters again), ``train`` and ``produce`` (the shipped example's
 model and load generator), ``demo`` (everything end to end on a local broker), ``bench``
 (throughput and latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a
 single-node Apache Kafka broker for development and tests).
@@ -108,6 +109,35 @@ def _cmd_lag(args: argparse.Namespace) -> int:
         raise ConfigError("input.group_id", "give --group or --config")
     rows = describe_group(settings, group, topic, timeout=args.timeout)
     print(to_json(group, rows) if args.json else to_table(group, rows), flush=True)
+    return 0
+
+
+def _cmd_rewind(args: argparse.Namespace) -> int:
+    import time
+
+    from stream_scorer.ops.rewind import parse_duration, rewind, to_json, to_table
+
+    settings: dict[str, str] = {}
+    group, topics = args.group, list(args.topic or ())
+    if args.config is not None:
+        from stream_scorer.config import client_settings, load_config
+
+        cfg = load_config(args.config)
+        settings = client_settings(cfg)
+        group = group or cfg.input.group_id
+        topics = topics or [cfg.input.topic]
+    if args.bootstrap_servers:
+        settings["bootstrap.servers"] = args.bootstrap_servers
+    if not settings.get("bootstrap.servers"):
+        raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
+    if not group:
+        raise ConfigError("input.group_id", "give --group or --config")
+    if args.by is not None:
+        to_ms = int((time.time() - parse_duration(args.by)) * 1000)
+    else:
+        to_ms = _time_ms("--to", args.to) or 0
+    report = rewind(settings, group, to_ms, topics, dry_run=args.dry_run, timeout=args.timeout)
+    print(to_json(report) if args.json else to_table(report), flush=True)
     return 0
 
 
@@ -355,6 +385,30 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
     lag.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
     lag.set_defaults(func=_cmd_lag)
+
+    rw = sub.add_parser(
+        "rewind",
+        help="move a stopped group's committed offsets back to a time (re-score a window)",
+        description="Move the group's committed offsets to the first record at or after the "
+        "time (a time after the last record: the end offset). Refused while the group has "
+        "members: stop its workers first. Prints each partition's offsets before and after.",
+    )
+    rw.add_argument("--group", help="consumer group (default with --config: input.group_id)")
+    when = rw.add_mutually_exclusive_group(required=True)
+    when.add_argument("--to", help="the time: ISO 8601 (UTC unless it says) or epoch ms")
+    when.add_argument("--by", help="this long before now: 90s, 15m, 2h, 1h30m, 1d")
+    rw.add_argument(
+        "--topic",
+        action="append",
+        help="only this topic (repeatable; default with --config: input.topic, else every "
+        "topic the group committed offsets for)",
+    )
+    rw.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    rw.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rw.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
+    rw.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
+    rw.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
+    rw.set_defaults(func=_cmd_rewind)
 
     topics = sub.add_parser("topics", help="the deployment's topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True)

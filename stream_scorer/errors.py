@@ -15,6 +15,7 @@ Every error the service raises on purpose derives from one root, so callers can 
     │   └── FencedError      exactly-once: another producer took this transactional id
     ├── ScoringError         the model failed on a batch
     ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
+    ├── GroupActiveError     an operator command refused: the consumer group has members
     └── LocalKafkaError      the local development broker could not be fetched, started or stopped
 
 Exit codes of the command line (README.md, "Exit codes"): 0 a clean stop; 2 the deployment must
@@ -90,6 +91,23 @@ class FencedError(BrokerError):
 
 class PoisonLimitError(StreamScorerError):
     """Too many records were dead-lettered (``dead_letter.max_ratio`` / ``max_consecutive``)."""
+
+
+class GroupActiveError(StreamScorerError):
+    """An operator command refused to change a consumer group that has active members.
+
+    Attributes:
+        group: the consumer group.
+        members: one description per member (client id, member id, host).
+    """
+
+    def __init__(self, group: str, members: list[str]) -> None:
+        super().__init__(
+            f"group {group!r} has {len(members)} active member(s): {'; '.join(members)}; "
+            "stop its workers first (the broker only changes the offsets of an empty group)"
+        )
+        self.group = group
+        self.members = members
 
 
 class ScoringError(StreamScorerError):

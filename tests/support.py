@@ -155,11 +155,19 @@ def train_model(
     return manifest
 
 
-def train_payment_classifier(model_dir: Path, *, threshold: float = 0.5) -> Manifest:
+def train_payment_classifier(
+    model_dir: Path, *, threshold: float = 0.5, version: str = "test-model-1"
+) -> Manifest:
     """Train the binary classifier over the payment schema."""
     x = payment_matrix(payments(2000, seed=99))
     return train_model(
-        model_dir, PAYMENT_FEATURES, x, fraud_labels(x), "binary:logistic", threshold=threshold
+        model_dir,
+        PAYMENT_FEATURES,
+        x,
+        fraud_labels(x),
+        "binary:logistic",
+        threshold=threshold,
+        version=version,
     )
 
 

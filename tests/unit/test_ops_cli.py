@@ -14,6 +14,7 @@ from support import PAYMENT_SCHEMA, train_payment_classifier, write_schema
 
 from stream_scorer.config import load_config
 from stream_scorer.errors import ConfigError
+from stream_scorer.ops.rewind import parse_duration
 
 ROOT = Path(__file__).parents[2]
 
@@ -125,3 +126,28 @@ def test_lag_against_no_broker_fails_cleanly(topic: list[str]) -> None:
     assert events[-1]["level"] == "ERROR"
     assert events[-1]["msg"].startswith("BrokerError: ")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("by", ["", "15", "2x", "1h-3m", "m"])
+def test_rewind_refuses_a_bad_duration_before_connecting(by: str) -> None:
+    with pytest.raises(ConfigError, match="--by: not a duration"):
+        parse_duration(by)
+
+
+@pytest.mark.parametrize(
+    ("by", "seconds"), [("90s", 90), ("15m", 900), ("1h30m", 5400), ("1d", 86400), ("500ms", 0.5)]
+)
+def test_rewind_durations(by: str, seconds: float) -> None:
+    assert parse_duration(by) == seconds
+
+
+def test_rewind_needs_a_time_and_only_one() -> None:
+    for args in (["--group", "g"], ["--group", "g", "--to", "0", "--by", "1h"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "stream_scorer", "rewind", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2 and "--to" in proc.stderr, proc.stderr
