@@ -354,11 +354,55 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """What ``--version`` prints: the package and what it runs with, one per line.
+
+    The package version (pyproject.toml, through the installed metadata), XGBoost, librdkafka
+    (and its Python binding), and the Apache Kafka broker jars the development tools run
+    (``local-kafka``, the tests, the demo).
+    """
+    import platform
+    from importlib import metadata
+
+    import confluent_kafka
+    import xgboost
+
+    from stream_scorer import __version__
+    from stream_scorer.devtools.localkafka import KAFKA_VERSION
+
+    return "\n".join(
+        [
+            f"stream-scorer {__version__}",
+            f"xgboost {xgboost.__version__}",
+            f"librdkafka {confluent_kafka.libversion()[0]} "
+            f"(confluent-kafka {metadata.version('confluent-kafka')})",
+            f"kafka broker jars (local-kafka, tests) {KAFKA_VERSION}",
+            f"python {platform.python_version()}",
+        ]
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print ``version_text()`` and exit 0 (its imports only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(version_text(), flush=True)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="stream-scorer", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: logging.level or INFO)"
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, with those of xgboost, librdkafka and the Kafka broker jars",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
