@@ -19,6 +19,7 @@ from stream_scorer.clients import read_to_end, topic_end_offsets
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.ops import topics
 from stream_scorer.stages.records import Message, PlainMessage
+from stream_scorer.worker.metrics import Metrics
 
 #: The tests' name for a consumed record without Kafka.
 Msg = PlainMessage
@@ -288,3 +289,18 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         tick.wait(interval)
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name a worker's registry can expose (samples or not yet)."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+    }
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+    return names

@@ -26,10 +26,10 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from support import exported_metric_names
 
 from stream_scorer.cli import build_parser
 from stream_scorer.config import Config, load_config
-from stream_scorer.worker.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -498,21 +498,6 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
 
 
 # --- metric names: dashboard and alerts against the worker's registry ---------------------------
-
-
-def exported_metric_names() -> set[str]:
-    """Every series name a worker's registry can expose (samples or not yet)."""
-    suffixes = {
-        "counter": ("_total", "_created"),
-        "histogram": ("_bucket", "_sum", "_count", "_created"),
-        "summary": ("", "_sum", "_count", "_created"),
-        "gauge": ("",),
-        "info": ("_info",),
-    }
-    names: set[str] = set()
-    for family in Metrics().registry.collect():
-        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
-    return names
 
 
 def _dashboard_exprs() -> Iterator[str]:
