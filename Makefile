@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # promtool for the tests of deploy/prometheus: apt-get installs Debian's `prometheus` package when
-# promtool is missing (without starting its service); does nothing when promtool is on PATH
+# promtool is missing (without starting its service); does nothing when promtool is on PATH.
+# actionlint for the tests of .github/workflows: built with `go install` into the cache's bin/
 tools:
 	@sh deploy/tools/install-promtool.sh
+	@sh deploy/tools/install-actionlint.sh
 
 # virtualenv, the package, Apache Kafka's broker jars (through Maven, cached outside the repo), tools
 setup: $(STAMP) tools

@@ -1,7 +1,7 @@
 """Print CHANGELOG.md's section for a version; fail when the version is not the package's.
 
-Used by the release job of .github/workflows/ci.yml (``python .ci/release_notes.py v1.2.3``) and
-by tests/unit/test_version.py. Exit 1, with the reason, when the tag's version differs from
+Used by .github/workflows/ci.yml (``python .ci/release_notes.py v1.2.3``; ``--version`` prints
+the version alone, read without installing anything) and by tests/unit/test_version.py. Exit 1, with the reason, when the tag's version differs from
 ``version`` in pyproject.toml or CHANGELOG.md has no ``## [<version>] - <date>`` section.
 """
 
@@ -33,8 +33,14 @@ def section(changelog: str, version: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``release_notes.py [vVERSION]``: print the section (default: the package's version)."""
+    """``release_notes.py [vVERSION | --version]``: print the section, or the version alone.
+
+    Without an argument, the section of the package's version.
+    """
     version = package_version()
+    if argv == ["--version"]:
+        print(version)
+        return 0
     tag = argv[0].removeprefix("refs/tags/") if argv else f"v{version}"
     if tag != f"v{version}":
         print(f"tag {tag} is not v{version}, the version in pyproject.toml", file=sys.stderr)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -13,9 +16,11 @@ from typing import Any
 
 import fastavro
 import numpy as np
+import pytest
 import xgboost as xgb
 
 from stream_scorer.clients import read_to_end, topic_end_offsets
+from stream_scorer.devtools.localkafka import default_cache_dir
 from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.ops import topics
 from stream_scorer.stages.records import Message, PlainMessage
@@ -304,3 +309,16 @@ def exported_metric_names() -> set[str]:
     for family in Metrics().registry.collect():
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names
+
+
+def tool(name: str) -> str:
+    """Path of a checker the tests run (promtool, hadolint, actionlint, ...); a missing one fails.
+
+    Searched in the virtualenv's scripts, then the cache's ``bin/`` (``make tools`` builds
+    actionlint there), then PATH.
+    """
+    dirs = [str(Path(sys.executable).parent), str(default_cache_dir() / "bin")]
+    path = shutil.which(name, path=os.pathsep.join([*dirs, os.environ.get("PATH", "")]))
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make setup` (it installs every checker)")
+    return path

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from support import exported_metric_names
+from support import tool as _tool
 
 from stream_scorer.cli import build_parser
 from stream_scorer.config import Config, load_config
@@ -64,15 +63,6 @@ KEDA_KAFKA_METADATA = {
 KEDA_KAFKA_AUTH = {"sasl", "username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 # Metrics queried that a worker does not export: Prometheus' own scrape health.
 NOT_FROM_WORKERS = {"up"}
-
-
-def _tool(name: str) -> str:
-    """Path of a checker: the virtualenv's scripts first, then PATH; a missing one fails."""
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    path = shutil.which(name, path=search)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run `make setup` (it installs every checker)")
-    return path
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
