@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from support import read_topic
 
+import stream_scorer
 from stream_scorer import headers as hdr
 
 pytestmark = pytest.mark.integration
@@ -138,6 +139,12 @@ def test_every_documented_command_runs_from_the_installed_package(
     lag_args = ("lag", "--group", group, "--topic", topic, "--bootstrap-servers", kafka_bootstrap)
     lag = json.loads(installed.run(*lag_args, "--json").stdout)
     assert lag["total"]["lag_records"] == 0
+    # the version from the installed metadata; a rewind's plan (the window: everything)
+    version = installed.run("--version").stdout.splitlines()
+    assert version[0] == f"stream-scorer {stream_scorer.__version__}"
+    rewind_args = ("rewind", *lag_args[1:], "--by", "1h", "--dry-run", "--json")
+    plan = json.loads(installed.run(*rewind_args).stdout)
+    assert plan["dry_run"] is True and plan["total"]["again"] == events
 
     replay = json.loads(
         installed.run(
