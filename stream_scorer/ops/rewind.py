@@ -77,12 +77,15 @@ class RewindReport:
         to_ms: the time, in epoch milliseconds.
         dry_run: True when nothing was changed.
         partitions: one line per partition, sorted by topic and partition.
+        members: the group's members when the plan was made (a dry run allows them; the real
+            rewind is refused while there are any).
     """
 
     group: str
     to_ms: int
     dry_run: bool
     partitions: list[PartitionRewind]
+    members: list[str]
 
 
 def parse_duration(text: str) -> float:
@@ -213,7 +216,7 @@ def rewind(
     committed = _partitions(admin, group, topics, timeout)
     rows = _targets(settings, committed, to_ms, timeout)
     if dry_run:
-        return RewindReport(group, to_ms, True, rows)
+        return RewindReport(group, to_ms, True, rows, members)
     request = [
         ConsumerGroupTopicPartitions(
             group, [TopicPartition(r.topic, r.partition, r.after) for r in rows]
@@ -243,7 +246,7 @@ def rewind(
             f"(a member joined meanwhile?): "
             + ", ".join(f"{r.topic}/{r.partition}" for r in changed)
         )
-    return RewindReport(group, to_ms, False, rows)
+    return RewindReport(group, to_ms, False, rows, [])
 
 
 def _iso(ms: int) -> str:
@@ -285,4 +288,9 @@ def to_table(report: RewindReport) -> str:
     ]
     for line in lines:
         out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    if report.members:
+        out.append(
+            f"the group has {len(report.members)} active member(s), so the rewind itself would be "
+            f"refused: {'; '.join(report.members)}"
+        )
     return "\n".join(out)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from support import (
     PAYMENT_SCHEMA,
     avro,
@@ -30,7 +31,7 @@ from stream_scorer import headers as hdr
 from stream_scorer.cli import main
 from stream_scorer.config import load_config
 from stream_scorer.contracts import PREDICTION_SCHEMA_V1
-from stream_scorer.ops.rewind import BEYOND_END
+from stream_scorer.ops.rewind import BEYOND_END, LOG_START
 from stream_scorer.worker.loop import run_worker
 
 pytestmark = pytest.mark.integration
@@ -218,6 +219,12 @@ def test_rewind_refuses_members_dry_run_changes_nothing_and_a_later_time_is_the_
             assert main(["rewind", "--group", group, "--to", at_10, *bootstrap]) == 1
         assert "1 active member(s): busy-member (member " in caplog.text
         assert "stop its workers first" in caplog.text
+        # a dry run shows the plan anyway, and who is in the way
+        capsys.readouterr()
+        assert main(["rewind", "--group", group, "--to", at_10, "--dry-run", *bootstrap]) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        assert last.startswith("the group has 1 active member(s), so the rewind itself would")
+        assert "busy-member (member " in last
     finally:
         member.close()
     assert committed_offsets(kafka_bootstrap, group, topic) == committed
@@ -243,3 +250,16 @@ def test_rewind_refuses_members_dry_run_changes_nothing_and_a_later_time_is_the_
     assert BEYOND_END in lines[2] and BEYOND_END in lines[3]
     assert lines[4].split() == ["TOTAL", "0", "12"]
     assert committed_offsets(kafka_bootstrap, group, topic) == {0: 20, 1: 20}
+
+    # retention deleted the first records of partition 0: a time before them gets its first
+    # record kept, and the line says why
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, 0, 3)]).values():
+        future.result(30)
+    plan = _rewind_json(
+        capsys, "--group", group, "--to", _iso(base_ms - 60_000), "--dry-run", *bootstrap
+    )
+    assert [(r["low"], r["after"], r["note"]) for r in plan["partitions"]] == [
+        (3, 3, LOG_START),
+        (0, 0, ""),
+    ]
