@@ -222,16 +222,24 @@ def rewind(
             group, [TopicPartition(r.topic, r.partition, r.after) for r in rows]
         )
     ]
-    result = _ask_coordinator(
-        lambda: admin.alter_consumer_group_offsets(request, request_timeout=timeout)[group],
-        group,
-        "offsets (to change them)",
-        timeout,
-    )
+    try:
+        result = _ask_coordinator(
+            lambda: admin.alter_consumer_group_offsets(request, request_timeout=timeout)[group],
+            group,
+            "offsets",
+            timeout,
+        )
+    except BrokerError as exc:
+        cause = exc.__cause__ or exc
+        raise BrokerError(
+            f"the broker refused to change the offsets of group {group!r} (did a member join "
+            f"since the check?): {cause}"
+        ) from exc
     for tp in result.topic_partitions:
         if tp.error is not None:
             raise BrokerError(
-                f"the broker refused the new offset of group {group!r}: {tp.error}",
+                f"the broker refused to change the offsets of group {group!r} (did a member "
+                f"join since the check?): {tp.error}",
                 topic=tp.topic,
                 partition=tp.partition,
                 offset=tp.offset,

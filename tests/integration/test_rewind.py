@@ -31,6 +31,8 @@ from stream_scorer import headers as hdr
 from stream_scorer.cli import main
 from stream_scorer.config import load_config
 from stream_scorer.contracts import PREDICTION_SCHEMA_V1
+from stream_scorer.errors import BrokerError
+from stream_scorer.ops import rewind as rewind_module
 from stream_scorer.ops.rewind import BEYOND_END, LOG_START
 from stream_scorer.worker.loop import run_worker
 
@@ -175,6 +177,7 @@ def test_rewind_refuses_members_dry_run_changes_nothing_and_a_later_time_is_the_
     make_topics: Callable[[dict[str, int]], None],
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     topic, group = unique("rw-ops"), unique("rw-ops-g")
     make_topics({topic: PARTITIONS})
@@ -219,6 +222,12 @@ def test_rewind_refuses_members_dry_run_changes_nothing_and_a_later_time_is_the_
             assert main(["rewind", "--group", group, "--to", at_10, *bootstrap]) == 1
         assert "1 active member(s): busy-member (member " in caplog.text
         assert "stop its workers first" in caplog.text
+        # a member joining between the check and the change: the broker refuses, nothing changes
+        monkeypatch.setattr(rewind_module, "active_members", lambda *_args: [])
+        with pytest.raises(BrokerError, match=r"refused to change the offsets .*did a member join"):
+            rewind_module.rewind({"bootstrap.servers": kafka_bootstrap}, group, base_ms, [topic])
+        monkeypatch.undo()
+        assert committed_offsets(kafka_bootstrap, group, topic) == committed
         # a dry run shows the plan anyway, and who is in the way
         capsys.readouterr()
         assert main(["rewind", "--group", group, "--to", at_10, "--dry-run", *bootstrap]) == 0
