@@ -14,9 +14,12 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # promtool for the tests of deploy/prometheus: apt-get installs Debian's `prometheus` package when
-# promtool is missing (without starting its service); does nothing when promtool is on PATH
+# promtool is missing (without starting its service); does nothing when promtool is on PATH.
+# An MLflow tracking server for the model-registry tests, in its own virtualenv under
+# ~/.cache/stream-scorer/mlflow-tools (not the project's: mlflow is no dependency)
 tools:
 	@sh deploy/tools/install-promtool.sh
+	@PYTHON=$(PYTHON) sh deploy/tools/install-mlflow.sh
 
 # virtualenv, the package, Apache Kafka's broker jars (through Maven, cached outside the repo), tools
 setup: $(STAMP) tools
