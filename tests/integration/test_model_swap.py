@@ -206,7 +206,7 @@ def _check_stamps(
     """Every output's version against the alias history; returns outputs per version."""
     v1, v2, v3 = (models.stamps[k] for k in ("v1", "v2", "v3"))
     counts: dict[str, int] = {}
-    batches: dict[tuple[int, int], set[str]] = {}
+    batches: dict[tuple[Any, int], set[str]] = {}
     bad: list[tuple[str, int, str]] = []
     for topic in (run.out, run.dlq):
         for msg in read_topic(run.bootstrap, topic):
@@ -224,7 +224,7 @@ def _check_stamps(
                 bad.append((topic, at, version))
             if topic == run.out:
                 record = read_record(schema, msg.value())
-                key = (int(record["scored_at"]), int(headers[hdr.SOURCE_PARTITION]))
+                key = (record["scored_at"], int(headers[hdr.SOURCE_PARTITION]))
                 batches.setdefault(key, set()).add(version)
     assert not bad, (bad[:10], len(bad), t)
     mixed = {k: v for k, v in batches.items() if len(v) > 1}
