@@ -64,6 +64,46 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from stream_scorer.model.pack import pack, parse_feature_flag, read_mapping
+    from stream_scorer.stages.decode import load_schema
+
+    if args.features and args.feature:
+        raise ConfigError("--feature", "give --feature flags or --features FILE, not both")
+    mapping = read_mapping(args.features) if args.features else None
+    if args.feature:
+        mapping = {"features": [parse_feature_flag(f) for f in args.feature]}
+    manifest = pack(
+        args.booster,
+        load_schema(args.schema),
+        args.out,
+        mapping=mapping,
+        version=args.version,
+        sample=args.sample,
+        threshold=args.threshold,
+    )
+    print(
+        f"model {manifest.model_version} ({manifest.objective}, {len(manifest.features)} "
+        f"features{', reference bins from ' + str(args.sample) if args.sample else ''}) "
+        f"written to {args.out}",
+        flush=True,
+    )
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from stream_scorer.model.pack import check
+    from stream_scorer.stages.decode import load_schema
+
+    manifest = check(args.dir, load_schema(args.schema))
+    print(
+        f"OK {args.dir}: model {manifest.model_version} ({manifest.objective}, "
+        f"{len(manifest.features)} features) fits {args.schema}",
+        flush=True,
+    )
+    return 0
+
+
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "store_name",
@@ -102,3 +142,36 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _store_arguments(back)
     back.add_argument("--alias", default=DEFAULT_ALIAS)
     back.set_defaults(func=_cmd_rollback)
+
+    pk = model_sub.add_parser(
+        "pack",
+        help="write a model directory from a saved booster, the input schema and a feature "
+        "mapping (exit 2 on any mismatch)",
+    )
+    pk.add_argument("booster", type=Path, help="saved booster: UBJSON, JSON or legacy binary")
+    pk.add_argument("--schema", type=Path, required=True, help="the input Avro schema (.avsc)")
+    pk.add_argument("--out", type=Path, required=True, help="model directory to write")
+    pk.add_argument(
+        "--feature",
+        action="append",
+        default=[],
+        metavar="NAME=FIELD[:TRANSFORM[:CATS]]",
+        help="one feature, in the booster's order (repeat); default: each booster feature from "
+        "the field of its name",
+    )
+    pk.add_argument("--features", type=Path, help="a feature mapping file (YAML)")
+    pk.add_argument("--version", default="", help="model version (default: name-date-sha)")
+    pk.add_argument("--threshold", type=float, help="binary classifiers' label threshold")
+    pk.add_argument(
+        "--sample", type=Path, help="training sample (.avro, .csv, .parquet) for reference bins"
+    )
+    pk.set_defaults(func=_cmd_pack)
+
+    ck = model_sub.add_parser(
+        "check",
+        help="the worker's checks of a model directory against an input schema (exit 2 on any "
+        "problem)",
+    )
+    ck.add_argument("dir", type=Path, help="model directory")
+    ck.add_argument("--schema", type=Path, required=True, help="the input Avro schema (.avsc)")
+    ck.set_defaults(func=_cmd_check)
