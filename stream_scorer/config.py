@@ -275,8 +275,9 @@ class DeadLetterConfig(_Section):
 class ModelConfig(_Section):
     """The model to score with."""
 
-    path: ExistingDir | None = None
-    """Directory holding ``manifest.json`` and the model file (or give ``source``)."""
+    path: Annotated[ExistingDir | None, BeforeValidator(_none_words)] = None
+    """Directory holding ``manifest.json`` and the model file (or give ``source``; ``none``
+    unsets it, e.g. from the environment when a file sets it)."""
     source: Annotated[str, AfterValidator(_resolve_source)] = ""
     """Where the model comes from instead of ``path``: a model directory,
     ``store:<root>/<name>@<alias>`` (a model store; or ``…/<name>/<version>``) or
