@@ -206,6 +206,7 @@ def _check_stamps(
     """Every output's version against the alias history; returns outputs per version."""
     v1, v2, v3 = (models.stamps[k] for k in ("v1", "v2", "v3"))
     counts: dict[str, int] = {}
+    first: dict[str, int] = {}  # the first output of each version after its promotion
     batches: dict[tuple[Any, int], set[str]] = {}
     bad: list[tuple[str, int, str]] = []
     for topic in (run.out, run.dlq):
@@ -214,6 +215,9 @@ def _check_stamps(
             version = headers[hdr.MODEL_VERSION].decode()
             counts[version] = counts.get(version, 0) + 1
             at = msg.timestamp()[1]
+            since = t["promote"] if version == v2 else t["rollback"]
+            if at >= since:
+                first[version] = min(first.get(version, at), at)
             if version == v2:
                 ok = t["promote"] <= at <= t["all_v1"]
             elif version == v1:
@@ -230,6 +234,11 @@ def _check_stamps(
     mixed = {k: v for k, v in batches.items() if len(v) > 1}
     assert not mixed, list(mixed.items())[:5]
     assert v3 not in counts
+    # measured, not asserted: alias moved -> first output by the version it points at
+    print(
+        f"swap_ms promote={first.get(v2, 0) - t['promote']} "
+        f"rollback={first.get(v1, 0) - t['rollback']} (model.refresh_s = {REFRESH_S})"
+    )
     return counts
 
 

@@ -215,3 +215,43 @@ def test_outputs_carry_the_version_that_scored_their_batch() -> None:
         ("out", b"v1"),  # none given: the context's
         ("dlq", b"v1"),
     ]
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, model: dict[str, Any]) -> Any:
+    from stream_scorer.config import load_config
+
+    schema = tmp_path / "s.avsc"
+    schema.write_text('{"type": "record", "name": "r", "fields": []}')
+    return load_config(
+        None,
+        environ={},
+        overrides={
+            "kafka": {"bootstrap_servers": "unused:9092"},
+            "input": {"topic": "in", "group_id": "g", "schema": str(schema), "id_field": "id"},
+            "output": {"topic": "out", "schema": str(schema)},
+            "dead_letter": {"topic": "dlq"},
+            "model": model,
+        },
+    )
+
+
+def test_the_configuration_takes_a_path_or_a_source(tmp_path: Path) -> None:
+    from stream_scorer.errors import ConfigError
+    from stream_scorer.worker.loop import model_source
+
+    cfg = _config(tmp_path, {"source": "store:models/fraud@champion", "refresh_s": 2})
+    assert cfg.model.source == f"store:{Path.cwd() / 'models/fraud'}@champion"  # made absolute
+    assert cfg.model.refresh_s == 2
+    assert isinstance(model_source(cfg), StoreSource)
+    cfg = _config(tmp_path, {"source": "models:/fraud@champion"})
+    assert cfg.model.source == "models:/fraud@champion"
+    with pytest.raises(ConfigError, match=r"exactly one of model\.path and model\.source"):
+        _config(tmp_path, {"path": str(tmp_path), "source": "models:/fraud@champion"})
+    with pytest.raises(ConfigError, match=r"exactly one of model\.path and model\.source"):
+        _config(tmp_path, {})
+    assert _config(tmp_path, {"path": "none", "source": "models:/f@a"}).model.path is None
+    with pytest.raises(ConfigError, match=r"model\.refresh_s"):
+        _config(tmp_path, {"path": str(tmp_path), "refresh_s": -1})
