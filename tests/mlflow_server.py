@@ -1,6 +1,6 @@
 """A real MLflow tracking server for the model-registry tests.
 
-``mlflow server`` from the tools virtualenv ``make tools`` installs
+``mlflow server`` from the tools virtualenv ``make mlflow-tools`` installs
 (``$STREAM_SCORER_CACHE/mlflow-tools``, by default under ``~/.cache/stream-scorer``): a sqlite
 backend store and a local artifacts folder, artifacts served by the server, job execution off.
 """
@@ -35,11 +35,11 @@ def mlflow_server(workdir: Path, port: int, timeout: float = 120) -> Iterator[st
     """Run ``mlflow server`` on 127.0.0.1:``port``; yield its URI; stop it.
 
     Raises:
-        FileNotFoundError: the tools virtualenv is not installed (``make tools``).
+        FileNotFoundError: the tools virtualenv is not installed (``make mlflow-tools``).
         TimeoutError: the server did not answer within ``timeout`` seconds.
     """
     if not MLFLOW.is_file():
-        raise FileNotFoundError(f"no {MLFLOW}: run `make tools`")
+        raise FileNotFoundError(f"no {MLFLOW}: run `make mlflow-tools`")
     workdir.mkdir(parents=True, exist_ok=True)
     log = (workdir / "mlflow.log").open("wb")
     proc = subprocess.Popen(

@@ -290,7 +290,7 @@ def _summary(
     by_version: Counter[str] = Counter()
     v2_at: list[int] = []  # when each v2 prediction was produced
     v1_after: list[int] = []  # v1 predictions produced after the promotion (the rollout)
-    around: dict[str, list[int]] = {"before": [], "swap": [], "after": []}
+    around: dict[str, list[int]] = {"earlier": [], "before": [], "swap": [], "after": []}
 
     def on_prediction(msg: Any) -> None:
         h = dict(msg.headers() or [])
@@ -306,8 +306,7 @@ def _summary(
             latency = at - event_ts[src]
             latencies.append(latency)
             sent = event_ts[src] - promoted_ms  # when its event was produced, from the promotion
-            window = "before" if sent < 0 else "swap" if sent < SWAP_WINDOW_MS else "after"
-            around[window].append(latency)
+            around[_window(sent)].append(latency)
 
     reasons: Counter[str] = Counter()
 
@@ -368,6 +367,15 @@ def _summary(
 SWAP_WINDOW_MS = 1000
 
 
+def _window(sent_ms: float) -> str:
+    """Which window an event produced ``sent_ms`` after the promotion falls in."""
+    if sent_ms < -SWAP_WINDOW_MS:
+        return "earlier"
+    if sent_ms < 0:
+        return "before"
+    return "swap" if sent_ms < SWAP_WINDOW_MS else "after"
+
+
 def _update_line(v2_at: list[int], v1_after: list[int], promoted_ms: float) -> str:
     """Alias moved -> first v2 prediction, and -> the last v1 one (every worker swapped)."""
     if not v2_at:
@@ -381,9 +389,9 @@ def _update_line(v2_at: list[int], v1_after: list[int], promoted_ms: float) -> s
 
 
 def _around_line(around: dict[str, list[int]]) -> str:
-    """The paced events' p99 latency before, during (first second) and after the promotion."""
+    """The paced events' p99 latency around the promotion (``_window``)."""
     parts = []
     for name, values in around.items():
         p99 = f"{np.percentile(values, 99):.0f} ms" if values else "-"
         parts.append(f"{name} {p99} ({len(values):,})")
-    return ", ".join(parts) + " (events produced before / within 1 s after / later)"
+    return ", ".join(parts) + " (events produced earlier / 1 s before / 1 s after / later)"

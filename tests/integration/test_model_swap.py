@@ -188,7 +188,7 @@ def _in_mlflow(uri: str, dirs: dict[str, Path]) -> Models:
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (``make tools`` installs it); fails under CI when absent."""
+    """A real MLflow tracking server (``make mlflow-tools`` installs it); fails under CI when absent."""
     from conftest import _free_ports
 
     try:
@@ -197,7 +197,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"no MLflow server for the registry tests: {exc}")
-        pytest.skip(f"no MLflow server ({exc}); `make tools` installs one")
+        pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")
 
 
 def _check_stamps(
