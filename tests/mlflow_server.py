@@ -22,7 +22,7 @@ CACHE = Path(os.environ.get("STREAM_SCORER_CACHE") or Path.home() / ".cache" / "
 MLFLOW = CACHE / "mlflow-tools" / "bin" / "mlflow"
 
 
-def _answers(uri: str) -> bool:
+def _answers(uri: str) -> bool:  # /health answers without credentials
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
             return bool(resp.status == 200)
@@ -30,9 +30,24 @@ def _answers(uri: str) -> bool:
         return False
 
 
+def _auth_config(workdir: Path) -> Path:
+    """The basic-auth app's configuration: its user database in ``workdir``."""
+    path = workdir / "basic_auth.ini"
+    path.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{workdir / 'basic_auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
+
+
 @contextmanager
-def mlflow_server(workdir: Path, port: int, timeout: float = 120) -> Iterator[str]:
+def mlflow_server(
+    workdir: Path, port: int, *, admin_password: str = "", timeout: float = 120
+) -> Iterator[str]:
     """Run ``mlflow server`` on 127.0.0.1:``port``; yield its URI; stop it.
+
+    With ``admin_password``, the server runs MLflow's basic-auth app, user ``admin``.
 
     Raises:
         FileNotFoundError: the tools virtualenv is not installed (``make mlflow-tools``).
@@ -57,10 +72,17 @@ def mlflow_server(workdir: Path, port: int, timeout: float = 120) -> Iterator[st
             str(port),
             "--workers",
             "1",
+            *(["--app-name", "basic-auth"] if admin_password else []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+            "MLFLOW_AUTH_CONFIG_PATH": str(_auth_config(workdir)),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "stream-scorer-tests",
+        },
         cwd=workdir,
         start_new_session=True,  # its own process group: the server's workers stop with it
     )

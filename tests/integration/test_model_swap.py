@@ -188,7 +188,7 @@ def _in_mlflow(uri: str, dirs: dict[str, Path]) -> Models:
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (``make mlflow-tools`` installs it); fails under CI when absent."""
+    """A real MLflow tracking server (``make mlflow-tools``); fails under CI when absent."""
     from conftest import _free_ports
 
     try:
@@ -346,3 +346,51 @@ def test_mlflow_registry_rollout_with_kill_9_rollback_and_a_refused_version(
         },
     )
     _rollout(run, models, prediction_schema)
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow server with its basic-auth app (user ``admin``, ``ADMIN_PASSWORD``)."""
+    from conftest import _free_ports
+
+    workdir = tmp_path_factory.mktemp("mlflow-auth")
+    try:
+        with mlflow_server(workdir, _free_ports(1)[0], admin_password=ADMIN_PASSWORD) as uri:
+            yield uri
+    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no MLflow server for the registry tests: {exc}")
+        pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")
+
+
+ADMIN_PASSWORD = "stream-scorer-admin-1"
+
+
+@pytest.mark.integration
+def test_mlflow_registry_with_basic_auth(
+    mlflow_auth_uri: str, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_scorer.errors import ModelError
+    from stream_scorer.model.mlflow import MlflowSource
+    from stream_scorer.model.store import open_store, promote, rollback
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    store = open_store("models:/rides-auth", tracking_uri=mlflow_auth_uri)
+    model = MlflowRegistry.from_environment(mlflow_auth_uri).model("rides-auth")
+    v1, v2 = model.publish(model_dirs["v1"]), model.publish(model_dirs["v2"])
+    promote(store, v1)
+    promote(store, v2)
+    source = MlflowSource("rides-auth", "champion", None, tracking_uri=mlflow_auth_uri)
+    try:
+        assert source.wanted() == v2
+        fetched = source.fetch(v2)
+        assert read_manifest(fetched) == read_manifest(model_dirs["v2"])
+        assert rollback(store).after == v1
+        assert source.wanted() == v1
+    finally:
+        source.close()
+    assert not fetched.exists()  # close() removes the downloads
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    with pytest.raises(ModelError, match="HTTP 401"):
+        MlflowSource("rides-auth", "champion", None, tracking_uri=mlflow_auth_uri).wanted()
