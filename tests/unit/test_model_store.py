@@ -255,3 +255,52 @@ def test_the_configuration_takes_a_path_or_a_source(tmp_path: Path) -> None:
     assert _config(tmp_path, {"path": "none", "source": "models:/f@a"}).model.path is None
     with pytest.raises(ConfigError, match=r"model\.refresh_s"):
         _config(tmp_path, {"path": str(tmp_path), "refresh_s": -1})
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+
+def test_publish_promote_rollback_and_config_check_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream_scorer.cli import main
+
+    v1, v2 = _model(tmp_path, "v1"), _model(tmp_path, "v2")
+    spec = f"store:{tmp_path / 'store' / 'fraud'}"
+    assert main(["model", "publish", str(v1), spec, "--promote"]) == 0
+    assert main(["model", "publish", str(v2), "fraud", "--store", str(tmp_path / "store")]) == 0
+    assert main(["model", "promote", spec, "v2"]) == 0
+    assert "@champion: v1 -> v2" in capsys.readouterr().out
+    assert main(["model", "rollback", spec]) == 0
+    assert "@champion: v2 -> v1" in capsys.readouterr().out
+    assert main(["model", "rollback", spec]) == 2  # no earlier version
+    assert main(["model", "promote", spec, "v9"]) == 2  # no such version
+    assert main(["model", "promote", "fraud", "v2"]) == 2  # no --store: which store?
+
+
+def test_metrics_and_readiness_follow_a_swap() -> None:
+    from stream_scorer.config import load_config
+    from stream_scorer.worker.health import Monitor
+
+    metrics = Metrics()
+    metrics.model_swapped(None, "v1")
+    metrics.model_swapped("v1", "v2")
+    sample = metrics.registry.get_sample_value
+    assert sample("stream_scorer_model_info", {"model_version": "v1"}) is None
+    assert sample("stream_scorer_model_info", {"model_version": "v2"}) == 1
+    assert sample("stream_scorer_model_swaps_total") == 1
+    assert (sample("stream_scorer_model_loaded_timestamp_seconds") or 0) > 0
+    cfg = load_config(
+        None,
+        environ={},
+        overrides={
+            "kafka": {"bootstrap_servers": "unused:9092"},
+            "input": {"topic": "i", "group_id": "g", "schema": __file__, "id_field": "id"},
+            "output": {"topic": "o", "schema": __file__},
+            "dead_letter": {"topic": "d"},
+            "model": {"path": str(Path(__file__).parent)},
+        },
+    )
+    monitor = Monitor(cfg, metrics, "v1")
+    monitor.set_model_version("v2")
+    assert monitor.readiness()[1]["model_version"] == "v2"
