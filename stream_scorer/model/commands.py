@@ -148,7 +148,7 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="write a model directory from a saved booster, the input schema and a feature "
         "mapping (exit 2 on any mismatch)",
     )
-    pk.add_argument("booster", type=Path, help="saved booster: UBJSON, JSON or legacy binary")
+    pk.add_argument("booster", type=Path, help="saved booster: UBJSON or JSON")
     pk.add_argument("--schema", type=Path, required=True, help="the input Avro schema (.avsc)")
     pk.add_argument("--out", type=Path, required=True, help="model directory to write")
     pk.add_argument(

@@ -1,6 +1,7 @@
 """Bring your own model: ``model pack`` and ``model check``, and the training-side features.
 
-``pack`` turns a saved XGBoost booster (UBJSON, JSON or the legacy binary format), the input
+``pack`` turns a saved XGBoost booster (UBJSON or JSON; the legacy binary format only with an
+XGBoost before 3.1, which still reads it), the input
 schema and a feature mapping into a model directory the worker loads: the booster re-saved as
 ``model.ubj`` and a ``manifest.json`` with its version, sha256, objective, XGBoost version and
 features. Checked on the way: the mapping's feature names against the booster's (names and
@@ -85,17 +86,32 @@ def training_matrix(
 
 
 def load_booster(path: Path) -> xgb.Booster:
-    """Load a saved booster (UBJSON, JSON or legacy binary).
+    """Load a saved booster (UBJSON or JSON; the legacy binary format where XGBoost reads it).
 
     Raises:
-        ModelError: the file is missing or XGBoost cannot read it.
+        ModelError: the file is missing or XGBoost cannot read it (a legacy binary file that the
+            installed XGBoost no longer reads: the message says how to convert it).
     """
     if not path.is_file():
         raise ModelError(f"no booster file at {path}")
+    with path.open("rb") as fh:
+        head = fh.read(64).lstrip()
+    legacy = not head.startswith(b"{")  # UBJSON and JSON models both open an object
+    if legacy and _version(xgb.__version__) >= (3, 1):
+        raise ModelError(
+            f"{path} is in XGBoost's legacy binary format, which XGBoost 3.1 and later "
+            f"(installed: {xgb.__version__}) cannot read: load it with XGBoost 3.0 or older and "
+            "save it again as UBJSON (booster.save_model('model.ubj'))"
+        )
     try:
         return xgb.Booster(model_file=str(path))
     except xgb.core.XGBoostError as exc:
         raise ModelError(f"xgboost cannot load {path}: {exc}") from exc
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = [*text.split("."), "0", "0"][:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def booster_objective(booster: xgb.Booster) -> str:

@@ -150,6 +150,13 @@ def test_pack_names_the_feature_that_does_not_fit(booster: Path, tmp_path: Path)
         pack(booster, schema, tmp_path / "e")
 
 
+def test_a_legacy_binary_booster_is_refused_with_how_to_convert_it(tmp_path: Path) -> None:
+    legacy = tmp_path / "model.bin"
+    legacy.write_bytes(b"\x00\x00\x00?\x03\x00\x00\x00binf" + bytes(64))
+    with pytest.raises(ModelError, match=r"legacy binary format.*save it again as UBJSON"):
+        pack(legacy, load_ride_schema(), tmp_path / "out", mapping=_mapping())
+
+
 def test_check_refuses_a_changed_model_file(booster: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
     pack(booster, load_ride_schema(), out, mapping=_mapping())
