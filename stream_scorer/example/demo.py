@@ -342,7 +342,7 @@ def _summary(
             f"(event produced -> prediction, broker timestamps)",
         ),
         ("records per worker", per_worker),
-        ("predictions by model", json.dumps(dict(sorted(by_version.items())))),
+        ("predictions by model", f"v1 {v1} {by_version[v1]:,}, v2 {v2} {by_version[v2]:,}"),
         ("live update", _update_line(v2_at, v1_after, promoted_ms)),
         ("p99 around the swap", _around_line(around)),
         ("remaining lag", f"{lag:,}"),
