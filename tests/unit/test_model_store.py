@@ -304,3 +304,86 @@ def test_metrics_and_readiness_follow_a_swap() -> None:
     monitor = Monitor(cfg, metrics, "v1")
     monitor.set_model_version("v2")
     assert monitor.readiness()[1]["model_version"] == "v2"
+
+
+# --- the main loop swaps only between batches ---------------------------------------------------
+
+
+def test_the_loop_swaps_the_model_between_batches_only(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from stream_scorer.stages.pipeline import BatchResult
+    from stream_scorer.worker.flow import StopFlag
+    from stream_scorer.worker.loop import WorkerReport, _loop
+
+    events: list[str] = []
+    stop = StopFlag()
+    batches = [[Msg(b"x", o=3 * i + j) for j in range(3)] for i in range(4)]
+
+    class Source:
+        rebalances, joined, group_settled = 1, True, True
+
+        def poll_batch(self, _n: int, _wait: float) -> list[Msg]:
+            if not batches:
+                stop.set("done")
+                return []
+            return batches.pop(0)
+
+        def fetched_to_end(self) -> bool:
+            return True
+
+        def raise_errors(self) -> None:
+            pass
+
+    class Pipeline:
+        def __init__(self, version: str) -> None:
+            self.version = version
+
+        def process(self, batch: list[Msg]) -> BatchResult:
+            events.append(f"process {self.version}")
+            return BatchResult(Scored([], [], []), [], {}, self.version)
+
+    class Delivery:
+        paused = False
+
+        def deliver(self, _ticket: Any, result: BatchResult) -> bool:
+            events.append(f"deliver {result.model_version}")
+            return True
+
+        def service(self) -> None:
+            pass
+
+    models = iter(["v2", "v3"])
+
+    def swap(model: Any) -> Any:
+        # a new version is ready after each delivered batch, once each
+        if events and events[-1].startswith("deliver"):
+            version = next(models, None)
+            if version is not None:
+                events.append(f"swap {version}")
+                return SimpleNamespace(pipeline=Pipeline(version))
+        return model
+
+    _loop(
+        _config(tmp_path, {"path": str(tmp_path)}),
+        Source(),  # type: ignore[arg-type]
+        SimpleNamespace(pipeline=Pipeline("v1")),  # type: ignore[arg-type]
+        Delivery(),  # type: ignore[arg-type]
+        OffsetTracker(),
+        Metrics(),
+        WorkerReport("w"),
+        stop,
+        swap,
+    )
+    assert events == [
+        "process v1",
+        "deliver v1",
+        "swap v2",
+        "process v2",
+        "deliver v2",
+        "swap v3",
+        "process v3",
+        "deliver v3",
+        "process v3",
+        "deliver v3",
+    ]
