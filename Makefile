@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup tools demo test lint unit integration faults boundscheck clean
+.PHONY: setup tools mlflow-tools demo test lint unit integration faults boundscheck clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -20,6 +20,11 @@ tools:
 	@sh deploy/tools/install-promtool.sh
 	@sh deploy/tools/install-actionlint.sh
 
+# an MLflow tracking server for the model-registry tests, in its own virtualenv under
+# ~/.cache/stream-scorer/mlflow-tools (not the project's: mlflow is no dependency of the worker)
+mlflow-tools:
+	@PYTHON=$(PYTHON) sh deploy/tools/install-mlflow.sh
+
 # virtualenv, the package, Apache Kafka's broker jars (through Maven, cached outside the repo), tools
 setup: $(STAMP) tools
 	$(BIN)/stream-scorer local-kafka fetch
@@ -33,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/mypy stream_scorer tests
 
 # everything: lint, then every tier (unit, integration, faults, boundscheck)
-test: setup lint
+test: setup mlflow-tools lint
 	$(BIN)/pytest
 
 # the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),
@@ -44,7 +49,7 @@ unit: $(STAMP)
 boundscheck: $(STAMP)
 	$(BIN)/pytest -m boundscheck
 
-integration: setup
+integration: setup mlflow-tools
 	$(BIN)/pytest -m "integration and not faults"
 
 faults: setup

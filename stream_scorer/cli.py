@@ -3,7 +3,8 @@
 Subcommands: ``run`` (a worker, or ``--workers N`` of them), ``config check`` and ``config
 schema`` (validate a configuration offline; its JSON Schema), ``lag`` (a group's lag),
 ``rewind`` (move a stopped group's offsets back to a time), ``dlq replay`` (publish dead
-letters again), ``train`` and ``produce`` (the shipped example's
+letters again), ``model`` (publish, promote, roll back, pack and check model versions),
+``train`` and ``produce`` (the shipped example's
 model and load generator), ``demo`` (everything end to end on a local broker), ``bench``
 (throughput and latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a
 single-node Apache Kafka broker for development and tests).
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from stream_scorer import logs
 from stream_scorer.devtools.soak import add_arguments as add_soak_arguments
 from stream_scorer.errors import EXIT_INTERRUPTED, ConfigError, StreamScorerError, exit_code
+from stream_scorer.model.commands import add_model_commands
 from stream_scorer.stages.records import Reason
 
 if TYPE_CHECKING:
@@ -219,19 +221,25 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         worker_identity,
     )
     from stream_scorer.errors import ModelError, SchemaError
-    from stream_scorer.worker.loop import build_pipeline
+    from stream_scorer.worker.loop import build_pipeline, model_source
     from stream_scorer.worker.metrics import Metrics
 
     cfg = load_config(args.file)
     worker_id = worker_identity(cfg)
     consumer_settings(cfg, worker_id)  # the librdkafka settings' own checks
     producer_settings(cfg, worker_id)
+    model_key = "model.path" if cfg.model.path is not None else "model.source"
     try:
-        _, scorer = build_pipeline(cfg, Metrics())
+        models = model_source(cfg)
+        try:
+            _, scorer = build_pipeline(cfg, Metrics(), models.fetch(models.wanted()))
+        finally:
+            models.close()
     except ConfigError:
         raise
     except StreamScorerError as exc:  # every problem of the file is a configuration error here
-        key = {ModelError: "model.path", SchemaError: "input.schema"}.get(type(exc), "config")
+        key = "input.schema" if isinstance(exc, SchemaError) else "config"
+        key = model_key if isinstance(exc, ModelError) else key
         raise ConfigError(key, str(exc)) from exc
     manifest = scorer.manifest
     print(
@@ -567,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_soak_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    add_model_commands(sub)
 
     lk = sub.add_parser("local-kafka", help="a local single-node Kafka broker")
     lk.add_argument("action", choices=["start", "stop", "status", "fetch"])

@@ -122,6 +122,14 @@ def _existing_dir(path: Path) -> Path:
     return path
 
 
+def _resolve_source(value: str, info: ValidationInfo) -> str:
+    """``model.source``: a relative directory or store root made absolute like a path key."""
+    if not value or value.startswith("models:/"):
+        return value
+    scheme = "store:" if value.startswith("store:") else ""
+    return scheme + str(_resolve(Path(value[len(scheme) :]), info))
+
+
 #: A file that must exist when the configuration is loaded.
 ExistingFile = Annotated[Path, AfterValidator(_resolve), AfterValidator(_existing_file)]
 #: A directory that must exist when the configuration is loaded.
@@ -267,8 +275,22 @@ class DeadLetterConfig(_Section):
 class ModelConfig(_Section):
     """The model to score with."""
 
-    path: ExistingDir
-    """Directory holding ``manifest.json`` and the model file."""
+    path: Annotated[ExistingDir | None, BeforeValidator(_none_words)] = None
+    """Directory holding ``manifest.json`` and the model file (or give ``source``; ``none``
+    unsets it, e.g. from the environment when a file sets it)."""
+    source: Annotated[str, AfterValidator(_resolve_source)] = ""
+    """Where the model comes from instead of ``path``: a model directory,
+    ``store:<root>/<name>@<alias>`` (a model store; or ``…/<name>/<version>``) or
+    ``models:/<name>@<alias>`` (an MLflow Model Registry; or ``models:/<name>/<version>``).
+    A relative directory or store root is relative to the configuration file's folder."""
+    refresh_s: Number = Field(default=30.0, ge=0)
+    """How often each worker asks its ``source`` which version its alias points at, to load a
+    new one in the background and swap it in between batches (0 = never; a plain directory or
+    a pinned version is never asked)."""
+    mlflow_tracking_uri: str = ""
+    """The MLflow tracking server of a ``models:/`` source (``http(s)://host:port``; empty:
+    ``$MLFLOW_TRACKING_URI``). Basic auth from ``$MLFLOW_TRACKING_USERNAME`` and
+    ``$MLFLOW_TRACKING_PASSWORD``."""
     threshold: Annotated[float | None, BeforeValidator(_none_words)] = Field(
         default=None, gt=0, lt=1
     )
@@ -276,6 +298,17 @@ class ModelConfig(_Section):
     manifest's threshold when set."""
     nthread: Int = Field(default=1, gt=0)
     """XGBoost threads per worker process."""
+
+    @property
+    def directory(self) -> Path:
+        """``path``, for tools that read a model directory only.
+
+        Raises:
+            ConfigError: the model comes from a ``source``.
+        """
+        if self.path is None:
+            raise ConfigError("model.path", "this tool needs a model directory, not a source")
+        return self.path
 
 
 class BatchConfig(_Section):
@@ -414,6 +447,8 @@ def _check(cfg: Config) -> None:
             "output.copy_headers",
             f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
         )
+    if (cfg.model.path is None) == (not cfg.model.source):
+        raise ConfigError("model.source", "give exactly one of model.path and model.source")
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
         raise ConfigError("output.topic", "input, output and dead-letter topics must differ")

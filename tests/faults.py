@@ -287,8 +287,12 @@ class FaultRun:
         events: int,
         rate: float,
         poison_every: int = 90,
+        model: dict[str, Any] | None = None,
     ) -> None:
-        """Create the topics and the worker configuration."""
+        """Create the topics and the worker configuration.
+
+        ``model``: the workers' ``model`` section (default: ``path`` = ``model_dir``).
+        """
         self.bootstrap = bootstrap
         self.workdir = workdir
         self.mode = mode
@@ -331,7 +335,7 @@ class FaultRun:
             },
             "output": {"topic": self.out, "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
             "dead_letter": {"topic": self.dlq},
-            "model": {"path": str(model_dir)},
+            "model": model or {"path": str(model_dir)},
             "batch": {"max_records": 500, "max_wait_ms": 20, "max_processing_s": 2},
             "worker": {"shutdown_timeout_s": 20},
             "metrics": {"port": 0},

@@ -151,7 +151,7 @@ def profile_fast_path(
 
     fast = FastDecoder(
         load_schema(cfg.input.schema),
-        read_manifest(cfg.model.path).features,
+        read_manifest(cfg.model.directory).features,
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
         max_message_bytes=cfg.input.max_message_bytes,

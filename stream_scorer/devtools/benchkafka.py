@@ -173,8 +173,8 @@ def _naive_step(args: dict[str, Any], stages: dict[str, float]) -> Callable[[Any
 
     cfg = load_config(EXAMPLE_CONFIG, environ={}, overrides={"model": {"path": args["model"]}})
     schema = load_schema(cfg.input.schema)
-    manifest = read_manifest(cfg.model.path)
-    booster = xgb.Booster(model_file=str(cfg.model.path / manifest.model_file))
+    manifest = read_manifest(cfg.model.directory)
+    booster = xgb.Booster(model_file=str(cfg.model.directory / manifest.model_file))
     booster.set_param({"nthread": 1})
     features = FeatureBuilder(manifest.features)
     encoder = PredictionEncoder(load_schema(cfg.output.schema))

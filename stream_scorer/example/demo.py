@@ -1,10 +1,12 @@
 """``stream-scorer demo``: the shipped example end to end on a local broker.
 
 Starts a single-node Kafka broker (unless one already answers on the port), creates run-unique
-topics, trains the example model if there is none, starts worker processes, produces example
-ride events with a share of malformed ones, waits until the group has committed everything,
-stops the workers with SIGTERM, reads every prediction and dead letter back, prints a summary
-and stops the broker it started. Exit 0 only when the books balance.
+topics, trains the example model if there is none (and a second version of it), starts worker
+processes that follow the alias ``champion`` of a model store, produces example ride events with
+a share of malformed ones, waits until the group has committed everything, then paces events
+and halfway through promotes v2 (a live update, no restart), stops the workers with SIGTERM,
+reads every prediction and dead letter back, prints a summary (predictions by model version,
+the swap's latency) and stops the broker it started. Exit 0 only when the books balance.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -29,6 +32,7 @@ from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
 from stream_scorer.example.produce import ProduceReport, produce_events
 from stream_scorer.model.manifest import MANIFEST_FILE, read_manifest
+from stream_scorer.model.store import ModelStore, promote
 from stream_scorer.ops.topics import (
     describe_group,
     ensure_topics,
@@ -38,6 +42,10 @@ from stream_scorer.ops.topics import (
 from stream_scorer.worker.supervisor import run_command
 
 INPUT_PARTITIONS = 4
+#: How often the demo's workers ask the model store which version ``champion`` points at.
+DEMO_REFRESH_S = 0.5
+#: The second version's training seed (the first is the example's default).
+V2_SEED = 8
 
 
 def _say(text: str) -> None:
@@ -89,7 +97,7 @@ def _wait_for_members(
     return members
 
 
-def _ensure_model(model_dir: Path) -> None:
+def _ensure_model(model_dir: Path, seed: int | None = None) -> None:
     from stream_scorer.example.rides import FEATURES
 
     if (model_dir / MANIFEST_FILE).is_file():
@@ -101,7 +109,7 @@ def _ensure_model(model_dir: Path) -> None:
     from stream_scorer.example.train import train
 
     _say("model: training the example model ...")
-    manifest = train(model_dir)
+    manifest = train(model_dir) if seed is None else train(model_dir, seed=seed)
     val = manifest.metrics.get("validation", {})
     base = manifest.metrics.get("baseline", {})
     _say(f"model: {manifest.model_version}")
@@ -171,6 +179,9 @@ def run_demo(
         _say("[3/6] model")
         config = cached_example()
         _ensure_model(config.parent / MODEL_SUBDIR)
+        _ensure_model(config.parent / f"{MODEL_SUBDIR}-v2", seed=V2_SEED)
+        store, v1, v2 = _model_store(state / "model-store", config.parent / MODEL_SUBDIR)
+        _say(f"      model store {store.describe()}: champion -> {v1}; {v2} waits")
         env = {
             **os.environ,
             "STREAM_SCORER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -180,6 +191,9 @@ def run_demo(
             "STREAM_SCORER_DEAD_LETTER__TOPIC": dlq,
             "STREAM_SCORER_METRICS__PORT": "0",
             "STREAM_SCORER_WORKER__IDLE_TIMEOUT_S": "300",
+            "STREAM_SCORER_MODEL__PATH": "none",
+            "STREAM_SCORER_MODEL__SOURCE": f"{store.describe()}@champion",
+            "STREAM_SCORER_MODEL__REFRESH_S": str(DEMO_REFRESH_S),
         }
         log_dir = state / "demo-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +217,17 @@ def run_demo(
         paced_from = topic_end_offsets(bootstrap, topic)
         paced_n = round(paced_rate * paced_seconds)
         _say(f"      paced: {paced_n:,} events at {paced_rate:,.0f}/s (latency is measured here)")
+        promoted: list[float] = []
+
+        def promote_v2() -> None:
+            promoted.append(time.time())
+            promote(store, v2)
+            _say(f"      live update: champion -> {v2} (model promote, no restart)")
+
+        halfway = threading.Timer(paced_seconds / 2, promote_v2)
+        halfway.start()
         paced = produce_events(bootstrap, topic, paced_n, rate=paced_rate, seed=2)
+        halfway.join()
         _wait_drained(bootstrap, group, topic, paced.produced, procs, log_dir)
         _say("[6/6] stopping workers (SIGTERM), reading back every prediction and dead letter")
         reports = []
@@ -214,7 +238,14 @@ def run_demo(
                 raise StreamScorerError(f"worker exited with {proc.returncode}; see {log_path}")
             reports.append(json.loads(stdout.strip().splitlines()[-1]))
         return _summary(
-            bootstrap, (topic, out, dlq), group, (report, paced), paced_from, reports, drained
+            bootstrap,
+            (topic, out, dlq),
+            group,
+            (report, paced),
+            paced_from,
+            reports,
+            drained,
+            (v1, v2, promoted[0]),
         )
     finally:
         for proc, _ in procs:
@@ -226,6 +257,16 @@ def run_demo(
             _say("broker stopped")
 
 
+def _model_store(root: Path, v1_dir: Path) -> tuple[ModelStore, str, str]:
+    """A fresh model store holding v1 and v2 of the example model, ``champion`` on v1."""
+    shutil.rmtree(root, ignore_errors=True)
+    store = ModelStore(root, "rides")
+    v1 = store.publish(v1_dir)
+    v2 = store.publish(v1_dir.with_name(f"{v1_dir.name}-v2"))
+    promote(store, v1)
+    return store, v1, v2
+
+
 def _summary(
     bootstrap: str,
     topics: tuple[str, str, str],
@@ -234,6 +275,7 @@ def _summary(
     paced_from: dict[int, int],
     reports: list[dict[str, Any]],
     drained: float,
+    update: tuple[str, str, float],
 ) -> int:
     topic, out, dlq = topics
     produced, paced = phases
@@ -243,12 +285,28 @@ def _summary(
         event_ts[(msg.partition(), msg.offset())] = msg.timestamp()[1]
 
     latencies: list[int] = []
+    v1, v2, promoted_s = update
+    promoted_ms = promoted_s * 1000
+    by_version: Counter[str] = Counter()
+    v2_at: list[int] = []  # when each v2 prediction was produced
+    v1_after: list[int] = []  # v1 predictions produced after the promotion (the rollout)
+    around: dict[str, list[int]] = {"earlier": [], "before": [], "swap": [], "after": []}
 
     def on_prediction(msg: Any) -> None:
         h = dict(msg.headers() or [])
         src = (int(h[hdr.SOURCE_PARTITION]), int(h[hdr.SOURCE_OFFSET]))
+        version = h[hdr.MODEL_VERSION].decode()
+        by_version[version] += 1
+        at = msg.timestamp()[1]
+        if version == v2:
+            v2_at.append(at)
+        elif at > promoted_ms:
+            v1_after.append(at)
         if src[1] >= paced_from.get(src[0], 0):  # the paced phase's events only
-            latencies.append(msg.timestamp()[1] - event_ts[src])
+            latency = at - event_ts[src]
+            latencies.append(latency)
+            sent = event_ts[src] - promoted_ms  # when its event was produced, from the promotion
+            around[_window(sent)].append(latency)
 
     reasons: Counter[str] = Counter()
 
@@ -284,6 +342,9 @@ def _summary(
             f"(event produced -> prediction, broker timestamps)",
         ),
         ("records per worker", per_worker),
+        ("predictions by model", f"v1 {v1} {by_version[v1]:,}, v2 {v2} {by_version[v2]:,}"),
+        ("live update", _update_line(v2_at, v1_after, promoted_ms)),
+        ("p99 around the swap", _around_line(around)),
         ("remaining lag", f"{lag:,}"),
     ]
     _say("\nsummary")
@@ -291,8 +352,46 @@ def _summary(
         _say(f"  {name:<23} {value}")
     total = produced.produced + paced.produced
     balanced = predictions + dead == total and dead == malformed and lag == 0
+    stamps_ok = set(by_version) <= {v1, v2} and all(at >= promoted_ms for at in v2_at)
+    if not stamps_ok:
+        _say(f"FAILED: predictions stamped {sorted(by_version)}; v2 before its promotion?")
+        return 1
     if balanced:
         _say("OK: every event has exactly one prediction or one dead letter, and the lag is 0")
         return 0
     _say("FAILED: predictions + dead letters != events, dead letters != malformed, or lag > 0")
     return 1
+
+
+#: The paced events produced within this long after the promotion count as "during the swap".
+SWAP_WINDOW_MS = 1000
+
+
+def _window(sent_ms: float) -> str:
+    """Which window an event produced ``sent_ms`` after the promotion falls in."""
+    if sent_ms < -SWAP_WINDOW_MS:
+        return "earlier"
+    if sent_ms < 0:
+        return "before"
+    return "swap" if sent_ms < SWAP_WINDOW_MS else "after"
+
+
+def _update_line(v2_at: list[int], v1_after: list[int], promoted_ms: float) -> str:
+    """Alias moved -> first v2 prediction, and -> the last v1 one (every worker swapped)."""
+    if not v2_at:
+        return "v2 promoted, but no prediction by v2"
+    first = min(v2_at) - promoted_ms
+    last_v1 = (max(v1_after) - promoted_ms) if v1_after else 0.0
+    return (
+        f"alias moved -> first prediction by v2 {first:.0f} ms, last by v1 {last_v1:.0f} ms "
+        f"(model.refresh_s = {DEMO_REFRESH_S})"
+    )
+
+
+def _around_line(around: dict[str, list[int]]) -> str:
+    """The paced events' p99 latency around the promotion (``_window``)."""
+    parts = []
+    for name, values in around.items():
+        p99 = f"{np.percentile(values, 99):.0f} ms" if values else "-"
+        parts.append(f"{name} {p99} ({len(values):,})")
+    return ", ".join(parts) + " (events produced earlier / 1 s before / 1 s after / later)"

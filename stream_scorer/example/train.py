@@ -1,6 +1,8 @@
 """Train the example model: trip duration (regression) or "long trip" (binary) from rides.
 
-The data are synthetic (``rides.py``); the model is saved as UBJSON with its manifest.
+The data are synthetic (``rides.py``); the model is saved as UBJSON with its manifest. The
+training matrix comes from the worker's own feature builder (``model.pack.training_matrix``):
+the records as the worker decodes them in, the matrix the worker scores out.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import xgboost as xgb
 
 from stream_scorer.example.rides import (
     FEATURES,
-    feature_matrix,
     generate_columns,
+    to_records,
     trip_duration_minutes,
 )
 from stream_scorer.model.manifest import BINARY_OBJECTIVES, Manifest, sha256_file, write_manifest
+from stream_scorer.model.pack import training_matrix
 
 LONG_TRIP_MINUTES = 20.0
 MODEL_FILE = "model.ubj"
@@ -61,10 +64,12 @@ def train(
     constant baseline (the training mean).
     """
     cols = generate_columns(rows, seed)
-    x = feature_matrix(cols)
+    built = training_matrix(to_records(cols), FEATURES)  # exactly what the worker scores
     minutes = trip_duration_minutes(cols, np.random.default_rng(seed + 1))
     binary = objective in BINARY_OBJECTIVES
     y = (minutes > LONG_TRIP_MINUTES).astype(np.float64) if binary else minutes
+    x, y = built.matrix[built.kept], y[built.kept]  # rows the worker would dead-letter: out
+    rows = len(x)
     order = np.random.default_rng(seed + 2).permutation(rows)
     cut = int(rows * 0.8)
     train_idx, val_idx = order[:cut], order[cut:]

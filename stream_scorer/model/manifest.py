@@ -295,6 +295,10 @@ class Manifest:
     """When the model was trained (ISO 8601)."""
     value_policy: ValuePolicy = dataclasses.field(default_factory=ValuePolicy)
     """The manifest-wide value policy (keys left out keep their defaults)."""
+    reference: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Reference distributions from a training sample (``model pack --sample``): ``rows``,
+    per feature and for the predictions ``edges`` (numeric), ``shares`` per bin and the
+    ``missing`` share; for drift checks (the worker does not read them)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -501,6 +505,8 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
     """Write ``manifest`` as ``manifest.json`` in ``model_dir`` and return its path."""
     body = asdict(manifest)
     body["features"] = [_feature_to_json(f) for f in manifest.features]
+    if not body["reference"]:
+        del body["reference"]
     body = {"format": MANIFEST_FORMAT, **body}
     path = model_dir / MANIFEST_FILE
     path.write_text(json.dumps(body, indent=2, default=list) + "\n", encoding="utf-8")

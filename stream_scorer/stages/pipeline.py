@@ -45,11 +45,14 @@ class BatchResult:
         unseen: per ``category`` feature with any, how many decoded records held a value that
             is none of its categories, whatever its ``unseen`` policy made of them (the worker
             adds them to ``stream_scorer_unseen_categories_total``).
+        model_version: the version of the model that scored the whole batch (every prediction
+            and dead letter carries it; empty: the sink's default).
     """
 
     scored: Scored
     dead: list[DeadLetter]
     unseen: Mapping[str, int] = field(default_factory=dict)
+    model_version: str = ""
 
 
 class ColumnBuilder(Protocol):
@@ -86,6 +89,11 @@ class Pipeline:
         self._encoder = encoder
         self._clock = clock
         self._timer = timer
+
+    @property
+    def model(self) -> Model:
+        """The model every batch of this pipeline is scored with."""
+        return self._scorer
 
     def process(self, messages: Sequence[Message]) -> BatchResult:
         """Score a batch. Bad records come back as dead letters; nothing is dropped.
@@ -124,7 +132,7 @@ class Pipeline:
             ("encode", t4 - t3),
         ):
             self._timer(stage, seconds)
-        return BatchResult(scored, dead, cols.unseen)
+        return BatchResult(scored, dead, cols.unseen, self._scorer.model_version)
 
     def _encode(
         self,

@@ -6,6 +6,7 @@ and names against the manifest, so a mismatched pair fails at start-up, not on t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +59,10 @@ class Scorer:
         except xgb.core.XGBoostError as exc:
             raise ModelError(f"xgboost cannot load {path}: {exc}") from exc
         booster.set_param({"nthread": nthread})
-        expected = self.manifest.feature_names
-        if booster.num_features() != len(expected):
-            raise ModelError(
-                f"model expects {booster.num_features()} features, manifest lists {len(expected)}"
-            )
-        if booster.feature_names is not None and list(booster.feature_names) != expected:
-            raise ModelError(
-                f"model feature names {booster.feature_names} differ from the manifest's {expected}"
-            )
+        try:
+            compare_features(booster, self.manifest.feature_names)
+        except ModelError as exc:
+            raise ModelError(f"model {path} and its manifest: {exc}") from None
         self._booster = booster
         self.threshold = self.manifest.threshold if threshold is None else threshold
 
@@ -95,3 +91,32 @@ class Scorer:
         if not self.manifest.is_binary:
             return Predictions(values, None)
         return Predictions(values, (values >= self.threshold).astype(np.int8))
+
+
+def compare_features(booster: xgb.Booster, names: Sequence[str]) -> None:
+    """Raise ``ModelError`` naming the first feature where booster and ``names`` differ.
+
+    The count must match; so must the names, when the booster has any.
+    """
+    got = list(booster.feature_names or [])
+    if got:
+        for i, (have, want) in enumerate(zip(got, names, strict=False)):
+            if have != want:
+                where = f"the booster has {have!r}"
+                if want in got:
+                    where += f" (it has {want!r} at column {got.index(want)})"
+                raise ModelError(
+                    f"feature {want!r} (column {i}): {where}; list the features in the "
+                    "booster's order"
+                )
+        extra = got[len(names) :]
+        if extra:
+            raise ModelError(f"feature {extra[0]!r}: the booster has it, the manifest does not")
+        missing = list(names[len(got) :])
+        if missing:
+            raise ModelError(f"feature {missing[0]!r}: the manifest has it, the booster does not")
+    elif booster.num_features() != len(names):
+        raise ModelError(
+            f"the booster expects {booster.num_features()} features, the manifest lists "
+            f"{len(names)}"
+        )

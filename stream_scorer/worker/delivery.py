@@ -277,7 +277,7 @@ class AtLeastOnce:
 
         Never rolled back: an output the broker refuses stops the worker (``service``).
         """
-        self.sink.publish(result.scored, result.dead, ticket)
+        self.sink.publish(result.scored, result.dead, ticket, result.model_version)
         return True
 
     def service(self) -> None:
@@ -427,7 +427,7 @@ class ExactlyOnce:
         offsets = [TopicPartition(t, p, o) for t, p, o in ticket.next_offsets]
         try:
             self._producer.begin_transaction()
-            self.sink.publish(result.scored, result.dead, ticket)
+            self.sink.publish(result.scored, result.dead, ticket, result.model_version)
             self._send_offsets(offsets)
             bounded(
                 partial(self._producer.commit_transaction, self._timeout),

@@ -124,6 +124,10 @@ class Monitor:
         self._server: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
 
+    def set_model_version(self, version: str) -> None:
+        """The model version a swap brought in (``/readyz`` shows it)."""
+        self._model_version = version
+
     def watch(self, source: SourceView) -> None:
         """Start following ``source`` (its assignment, broker state and lag)."""
         self._source = source

@@ -10,8 +10,11 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 from confluent_kafka import Producer
 
@@ -27,6 +30,7 @@ from stream_scorer.config import (
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
+from stream_scorer.model.store import DirectorySource, ModelSource, open_source
 from stream_scorer.ops.topics import require_topics
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -47,6 +51,7 @@ from stream_scorer.worker.flow import (
 from stream_scorer.worker.health import Monitor
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
+from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, load_model
 from stream_scorer.worker.sink import Sink, SinkContext
 from stream_scorer.worker.source import Source
 
@@ -66,9 +71,27 @@ class WorkerReport:
     stopped_by: str = ""
 
 
-def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
-    """Load the schemas and the model and check they fit each other."""
-    scorer = Scorer(cfg.model.path, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
+def model_source(cfg: Config) -> ModelSource:
+    """The configured model source (``model.source``, or the directory ``model.path``)."""
+    if cfg.model.path is not None:
+        return DirectorySource(cfg.model.path)
+    return open_source(cfg.model.source, tracking_uri=cfg.model.mlflow_tracking_uri)
+
+
+def build_pipeline(
+    cfg: Config, metrics: Metrics, model_dir: Path | None = None
+) -> tuple[Pipeline, Scorer]:
+    """Load the schemas and the model and check they fit each other.
+
+    Args:
+        cfg: the configuration.
+        metrics: the worker's metrics.
+        model_dir: the model's directory (default ``model.path``).
+    """
+    model_dir = model_dir or cfg.model.path
+    if model_dir is None:
+        raise ConfigError("model.path", "no model directory")
+    scorer = Scorer(model_dir, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
     input_schema = load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
     # every category feature's series exists from the start, at 0
@@ -157,8 +180,19 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     tracker = OffsetTracker()
     with ExitStack() as stack:
         stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
-        pipeline, scorer = build_pipeline(cfg, metrics)
-        metrics.model_info.labels(scorer.model_version).set(1)
+        models = model_source(cfg)
+        stack.callback(models.close)
+        model = load_model(models, models.wanted(), lambda d: build_pipeline(cfg, metrics, d))
+        scorer = model.scorer
+        log.info("model %s from %s", scorer.model_version, models.describe())
+        metrics.model_swapped(None, scorer.model_version)
+        refresher = ModelRefresher(
+            models,
+            model,
+            lambda d: build_pipeline(cfg, metrics, d),
+            metrics,
+            cfg.model.refresh_s,
+        )
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         ctx = SinkContext(
             cfg.output.topic,
@@ -194,12 +228,14 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         )
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
         monitor.watch(source)
+        stack.enter_context(refresher)
         # the ~130k objects of start-up (xgboost, numba, numpy, the clients) live as long as
         # the worker: frozen, the collector's full passes skip them (each took ~50 ms and
         # showed as periodic latency spikes under load)
         gc.collect()
         gc.freeze()
-        rolled_back = _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
+        swap = partial(_swap, refresher, metrics, monitor)
+        rolled_back = _loop(cfg, source, model, delivery, tracker, metrics, report, stop, swap)
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
         check_clean_stop(
@@ -271,17 +307,43 @@ def check_clean_stop(
         )
 
 
+def _swap(
+    refresher: ModelRefresher, metrics: Metrics, monitor: Monitor, model: LoadedModel
+) -> LoadedModel:
+    """The model to score the next batch with: a version the refresher has ready, or ``model``.
+
+    Called between batches only.
+    """
+    new = refresher.take()
+    if new is None:
+        return model
+    metrics.model_swapped(model.model_version, new.model_version)
+    monitor.set_model_version(new.model_version)
+    log.info(
+        "model swapped: %s -> %s (version %s); every batch from now on is scored by it",
+        model.model_version,
+        new.model_version,
+        new.source_version,
+    )
+    return new
+
+
 def _loop(
     cfg: Config,
     source: Source,
-    pipeline: Pipeline,
+    model: LoadedModel,
     delivery: Delivery,
     tracker: OffsetTracker,
     metrics: Metrics,
     report: WorkerReport,
     stop: StopFlag,
+    swap: Callable[[LoadedModel], LoadedModel] = lambda model: model,
 ) -> int:
-    """The main loop: poll → score → deliver (→ offsets) → health.
+    """The main loop: poll → score → deliver (→ offsets) → swap the model → health.
+
+    The model is swapped only here, between batches: after ``deliver`` returned, the batch's
+    transaction has committed (or was rolled back, its records to be consumed again) or its
+    outputs are with the producer (at-least-once); a batch is scored by one model.
 
     Returns how many records the last batch had if its delivery was rolled back (0 when the
     last batch was delivered).
@@ -303,7 +365,7 @@ def _loop(
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
-            result = pipeline.process(batch)
+            result = model.pipeline.process(batch)
             if poison.enabled:
                 dead = {id(d.message) for d in result.dead}
                 poison.observe([id(m) in dead for m in batch])
@@ -317,6 +379,7 @@ def _loop(
                 metrics.observe_latency(result.scored.event_ms)
                 metrics.count_unseen(result.unseen)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
+        model = swap(model)
         delivery.service()
         source.raise_errors()
         metrics.in_flight.set(tracker.pending)

@@ -129,6 +129,22 @@ class Metrics:
         self.model_info = Gauge(
             "stream_scorer_model_info", "The loaded model (value 1).", ["model_version"], registry=r
         )
+        self.model_swaps = Counter(
+            "stream_scorer_model_swaps",
+            "New model versions swapped in between batches (model.refresh_s).",
+            registry=r,
+        )
+        self.model_refused = Counter(
+            "stream_scorer_model_refused",
+            "New model versions refused (failed to load or to pass their checks); the "
+            "previous one kept scoring.",
+            registry=r,
+        )
+        self.model_loaded_at = Gauge(
+            "stream_scorer_model_loaded_timestamp_seconds",
+            "Unix time the model now scoring was swapped in (or loaded at start-up).",
+            registry=r,
+        )
 
         self.transactions = Counter(
             "stream_scorer_transactions",
@@ -148,6 +164,15 @@ class Metrics:
             "The current batch size limit (shrinks when batches take too long).",
             registry=r,
         )
+
+    def model_swapped(self, old: str | None, new: str) -> None:
+        """Show ``new`` as the model in use (``old``: the one it replaced, None at start-up)."""
+        if old is not None:
+            with suppress(KeyError):
+                self.model_info.remove(old)
+            self.model_swaps.inc()
+        self.model_info.labels(new).set(1)
+        self.model_loaded_at.set(time.time())
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one batch's time in ``stage``."""

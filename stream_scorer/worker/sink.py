@@ -55,8 +55,13 @@ class SinkContext:
     copy_headers: frozenset[str] = frozenset()
 
 
-def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, bytes | None]]:
-    """Return the original headers followed by the error context headers."""
+def dead_letter_headers(
+    dl: DeadLetter, ctx: SinkContext, model_version: str = ""
+) -> list[tuple[str, bytes | None]]:
+    """Return the original headers followed by the error context headers.
+
+    ``model_version``: the model the record's batch was scored with (default: ``ctx``'s).
+    """
     msg = dl.message
     ts_type, ts = msg.timestamp()
     original = list(msg.headers() or ())
@@ -74,7 +79,7 @@ def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, byt
         hdr.ORIGINAL_TIMESTAMP_TYPE: str(ts_type),
         hdr.CONSUMER_GROUP: ctx.group_id,
         hdr.WORKER_ID: ctx.worker_id,
-        hdr.MODEL_VERSION: ctx.model_version,
+        hdr.MODEL_VERSION: model_version or ctx.model_version,
         hdr.ATTEMPT: attempt.decode(errors="replace"),
     }
     headers: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != hdr.ATTEMPT]
@@ -153,7 +158,8 @@ class Sink:
         self.tracker = tracker
         self.metrics = metrics
         self._errors: list[DeliveryError] = []
-        self._version_header = ctx.model_version.encode()
+        self._version = ctx.model_version
+        self._version_header = self._version.encode()
         self.acked_predictions = 0
         #: (topic, partition) -> the model-version, source-topic and source-partition headers
         self._source_headers: dict[tuple[str, int], list[tuple[str, bytes | None]]] = {}
@@ -218,14 +224,24 @@ class Sink:
         return common
 
     def publish(
-        self, scored: Scored, dead: Sequence[DeadLetter], ticket: Ticket | None = None
+        self,
+        scored: Scored,
+        dead: Sequence[DeadLetter],
+        ticket: Ticket | None = None,
+        model_version: str = "",
     ) -> None:
         """Produce every prediction and dead letter of a batch (asynchronously).
 
         Each span of ``ticket`` (``OffsetTracker.track``) is acknowledged once the broker
         acknowledged the outputs of all its records; None: nothing is tracked.
+        ``model_version``: the model that scored the batch, in every output's headers
+        (default: the context's).
         """
         ctx = self._ctx
+        version = model_version or ctx.model_version
+        if version != self._version:  # a model swapped in: the cached headers name the old one
+            self._version, self._version_header = version, version.encode()
+            self._source_headers.clear()
         spans = {} if ticket is None else ticket.spans
         #: (topic, partition) -> (the prediction headers they share, their outputs)
         groups: dict[tuple[str, int], tuple[list[tuple[str, bytes | None]], _Outputs]] = {}
@@ -260,7 +276,7 @@ class Sink:
                 dl.message,
                 ctx.dead_letter_topic,
                 dl.message.value(),
-                dead_letter_headers(dl, ctx),
+                dead_letter_headers(dl, ctx, version),
                 partial(group(dl.message)[1].dead_letter, dl),
             )
         self.poll(0)

@@ -163,7 +163,7 @@ FEATURE_KEYS = "unknown key (known: categories, field, max, min, name, policy, t
 TRANSFORM_NAMES = "category, day_of_week, hour_of_day, number"
 MANIFEST_KEYS = (
     "unknown key (known: created_at, features, format, metrics, model_file, model_sha256, "
-    "model_version, objective, threshold, value_policy, xgboost_version)"
+    "model_version, objective, reference, threshold, value_policy, xgboost_version)"
 )
 OBJECTIVE_NAMES = (
     "binary:logistic, reg:absoluteerror, reg:pseudohubererror, reg:squarederror, "

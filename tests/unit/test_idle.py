@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -235,7 +236,7 @@ def _run_loop(
     rolled_back = _loop(
         cfg,
         _Source([Msg(b"x", o=i) for i in range(4)], stop, polls),  # type: ignore[arg-type]
-        _Pipeline(),  # type: ignore[arg-type]
+        SimpleNamespace(pipeline=_Pipeline()),  # type: ignore[arg-type]  # a LoadedModel
         delivery or _Delivered(tracker),  # type: ignore[arg-type]
         tracker,
         Metrics(),
