@@ -14,6 +14,7 @@ Every error the service raises on purpose derives from one root, so callers can 
     │   ├── DeliveryError    the broker did not acknowledge a prediction or dead letter
     │   └── FencedError      exactly-once: another producer took this transactional id
     ├── ScoringError         the model failed on a batch
+    ├── UnavailableError     a server the worker reads from did not answer (asked again later)
     ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
     ├── GroupActiveError     an operator command refused: the consumer group has members
     └── LocalKafkaError      the local development broker could not be fetched, started or stopped
@@ -112,6 +113,13 @@ class GroupActiveError(StreamScorerError):
 
 class ScoringError(StreamScorerError):
     """The model failed to score a batch."""
+
+
+class UnavailableError(StreamScorerError):
+    """A server the worker reads from (a model registry) did not answer: not a bad input.
+
+    A running worker asks again later; at start-up it exits 1 (a restart can help).
+    """
 
 
 class LocalKafkaError(StreamScorerError):

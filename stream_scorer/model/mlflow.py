@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from stream_scorer.errors import ModelError, StreamScorerError
+from stream_scorer.errors import ModelError, UnavailableError
 from stream_scorer.model.manifest import read_manifest
 
 API: Final = "/api/2.0/mlflow"
@@ -90,7 +90,7 @@ class MlflowRegistry:
 
         Raises:
             MlflowError: the server answered with an error (its message).
-            StreamScorerError: the server is unreachable (exit 1: a restart may help).
+            UnavailableError: the server is unreachable (exit 1: a restart may help).
         """
         url = self.uri + path + ("?" + urllib.parse.urlencode(query) if query else "")
         headers = {"Authorization": self._auth} if self._auth else {}
@@ -111,7 +111,7 @@ class MlflowRegistry:
                 f"MLflow {method} {path}: HTTP {exc.code}: {detail}", exc.code, code
             ) from exc
         except (urllib.error.URLError, OSError) as exc:  # may pass: not a deployment error
-            raise StreamScorerError(f"MLflow server {self.uri} unreachable: {exc}") from exc
+            raise UnavailableError(f"MLflow server {self.uri} unreachable: {exc}") from exc
 
     def call(
         self,

@@ -12,7 +12,7 @@ from support import Msg, train_payment_classifier
 from test_pipeline_sink import FakeProducer
 
 from stream_scorer import headers as hdr
-from stream_scorer.errors import ModelError
+from stream_scorer.errors import ModelError, UnavailableError
 from stream_scorer.model.manifest import read_manifest, write_manifest
 from stream_scorer.model.store import (
     DirectorySource,
@@ -172,6 +172,33 @@ def test_a_source_that_cannot_answer_keeps_the_model(tmp_path: Path) -> None:
     refresher = ModelRefresher(source, current, _scorer_only, Metrics(), interval_s=60)
     refresher.check_now()
     assert refresher.take() is None
+
+
+def test_a_version_whose_download_fails_in_an_outage_is_fetched_again(tmp_path: Path) -> None:
+    """A registry that stops answering mid-download is an outage, not a bad version."""
+    store = ModelStore(tmp_path, "fraud")
+    for version in ("v1", "v2"):
+        store.publish(_model(tmp_path, version))
+    promote(store, "v1")
+    calls: list[str] = []
+
+    def flaky(directory: Path) -> tuple[Any, Scorer]:
+        calls.append(directory.name)
+        if len(calls) == 2:  # the first load of v2
+            raise UnavailableError("registry down mid-download")
+        return _scorer_only(directory)
+
+    source = StoreSource(store, "champion", None)
+    metrics = Metrics()
+    first = load_model(source, source.wanted(), flaky)
+    refresher = ModelRefresher(source, first, flaky, metrics, interval_s=60)
+    promote(store, "v2")
+    refresher.check_now()
+    assert refresher.take() is None
+    assert metrics.registry.get_sample_value("stream_scorer_model_refused_total") == 0
+    refresher.check_now()  # the registry answers again: v2 is loaded, not refused
+    second = refresher.take()
+    assert second is not None and second.model_version == "v2"
 
 
 def test_the_refresher_thread_polls_and_stops(tmp_path: Path) -> None:
