@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,14 @@ def test_workers_are_measured_through_their_metrics(
     workers = bk.Workers(kafka_bootstrap, topics, model_dir, 1, 1)
     try:
         workers.wait_assigned()
-        reached = bk.paced(kafka_bootstrap, topics[0], example_payloads(EVENTS), 4, 4_000.0)
-        seconds, events, stages = workers.measure(EVENTS, timeout=120)
+        # fed while measured (as the bench's latency phase is): fed first, a fast worker could
+        # have consumed everything before the first sample, leaving nothing to measure
+        with ThreadPoolExecutor(1) as feeder:
+            feed = feeder.submit(
+                bk.paced, kafka_bootstrap, topics[0], example_payloads(EVENTS), 4, 1_000.0
+            )
+            seconds, events, stages = workers.measure(EVENTS, timeout=120)
+            reached = feed.result()
         rss = workers.peak_rss()
     finally:
         workers.stop()
