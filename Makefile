@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 tools:
 	@sh deploy/tools/install-promtool.sh
 
-# virtualenv, the package, Apache Kafka's broker jars (through Maven, cached outside the repo), tools
+# virtualenv, the package, Apache Kafka's broker jars and Apicurio Registry (through Maven, cached
+# outside the repo), tools
 setup: $(STAMP) tools
 	$(BIN)/stream-scorer local-kafka fetch
+	$(BIN)/stream-scorer local-registry fetch
 
 demo: setup
 	$(BIN)/stream-scorer demo

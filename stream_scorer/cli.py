@@ -324,6 +324,31 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_local_registry(args: argparse.Namespace) -> int:
+    from stream_scorer.devtools.localkafka import default_cache_dir
+    from stream_scorer.devtools.localregistry import LocalRegistry, fetch_registry, find_java
+
+    if args.action == "fetch":
+        find_java()
+        print(fetch_registry())
+        return 0
+    state_dir = args.dir or default_cache_dir() / f"registry-{args.port}"
+    registry = LocalRegistry(state_dir, port=args.port, management_port=args.management_port)
+    if args.action == "start":
+        print(registry.start())
+    elif args.action == "stop":
+        print("stopped" if registry.stop() else "not running")
+    else:
+        status = registry.status()
+        if status is None:
+            print("not running")
+            return 1
+        state = "answering" if status.answering else "not answering"
+        print(f"pid {status.pid} at {status.url}: {state}")
+        return 0 if status.answering else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="stream-scorer", description=__doc__.splitlines()[0])
@@ -478,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lk.add_argument("--dir", type=Path, help="state and data directory")
     lk.set_defaults(func=_cmd_local_kafka)
+
+    lr = sub.add_parser(
+        "local-registry", help="a local Schema Registry (Apicurio, Confluent-compatible API)"
+    )
+    lr.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    lr.add_argument("--port", type=int, default=8081, help="HTTP port (default 8081)")
+    lr.add_argument("--management-port", type=int, help="management port (default: --port + 1)")
+    lr.add_argument("--dir", type=Path, help="state directory")
+    lr.set_defaults(func=_cmd_local_registry)
     return parser
 
 

@@ -15,7 +15,9 @@ Every error the service raises on purpose derives from one root, so callers can 
     │   └── FencedError      exactly-once: another producer took this transactional id
     ├── ScoringError         the model failed on a batch
     ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
-    └── LocalKafkaError      the local development broker could not be fetched, started or stopped
+    ├── LocalKafkaError      the local development broker could not be fetched, started or stopped
+    ├── RegistryError        the schema registry did not answer (retried, then exit 1)
+    └── LocalRegistryError   the local development registry could not be fetched or started
 
 Exit codes of the command line (README.md, "Exit codes"): 0 a clean stop; 2 the deployment must
 be fixed before a restart can help (``DEPLOYMENT_ERRORS``: configuration, model, schema); 1 any
@@ -98,6 +100,22 @@ class ScoringError(StreamScorerError):
 
 class LocalKafkaError(StreamScorerError):
     """The local development broker could not be fetched, started or stopped."""
+
+
+class RegistryError(StreamScorerError):
+    """The schema registry could not be reached, or answered with a server error, past the bound.
+
+    Attributes:
+        status: the HTTP status of the last answer; None when there was none (unreachable).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LocalRegistryError(StreamScorerError):
+    """The local development schema registry could not be fetched, started or stopped."""
 
 
 #: Errors no restart can fix: the deployment (configuration, model, schemas) must change.
