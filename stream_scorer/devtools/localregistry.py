@@ -118,8 +118,10 @@ def fetch_registry(cache_dir: Path | None = None, *, log: Callable[[str], None] 
     repo = Path(tempfile.mkdtemp(prefix=".m2-", dir=home.parent))
     tmp = Path(tempfile.mkdtemp(prefix=".registry-", dir=home.parent))
     try:
-        cmd = [mvn, "-B", "-q", "org.apache.maven.plugins:maven-dependency-plugin:2.8:get",
-               "-Dtransitive=false", f"-Dartifact={_ARTIFACT}", f"-Dmaven.repo.local={repo}"]  # fmt: skip
+        cmd = [
+            mvn, "-B", "-q", "org.apache.maven.plugins:maven-dependency-plugin:2.8:get",
+            "-Dtransitive=false", f"-Dartifact={_ARTIFACT}", f"-Dmaven.repo.local={repo}",
+        ]  # fmt: skip
         local = Path.home() / ".m2" / "repository"
         archive_name = f"apicurio-registry-app-{APICURIO_VERSION}-all.tar.gz"
         cached = local / "io/apicurio/apicurio-registry-app" / APICURIO_VERSION / archive_name

@@ -87,6 +87,11 @@ class Pipeline:
         self._clock = clock
         self._timer = timer
 
+    @property
+    def columns(self) -> ColumnBuilder:
+        """The decode + features step this pipeline runs."""
+        return self._columns
+
     def process(self, messages: Sequence[Message]) -> BatchResult:
         """Score a batch. Bad records come back as dead letters; nothing is dropped.
 

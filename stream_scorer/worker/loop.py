@@ -8,6 +8,7 @@ or an error stops it. Then: drain, commit, leave the group.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from contextlib import ExitStack
@@ -28,11 +29,13 @@ from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.ops.topics import require_topics
+from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve
+from stream_scorer.stages.framing import MAGIC_ID, FramedColumns, build_framed_columns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Reconnection
@@ -66,8 +69,46 @@ class WorkerReport:
     stopped_by: str = ""
 
 
-def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
-    """Load the schemas and the model and check they fit each other."""
+def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
+    """``output.format: confluent``: the frame before every prediction (magic 0 and the id).
+
+    Registers the prediction schema under ``<output topic>-value`` (``output.auto_register``)
+    or looks it up there, retrying while the registry is unreachable.
+
+    Raises:
+        ConfigError: auto-registration is off and the subject lacks the schema (exit 2).
+        RegistryError: the registry did not answer for ``registry.unavailable_timeout_s``.
+    """
+    if cfg.output.format != "confluent":
+        return b""
+    client = client or RegistryClient.from_config(cfg.registry)
+    subject = f"{cfg.output.topic}-value"
+    text = json.dumps(json.loads(cfg.output.schema.read_text(encoding="utf-8")))
+    for attempt in retrying(cfg.registry.unavailable_timeout_s, f"subject {subject}"):
+        with attempt:
+            try:
+                schema_id = (
+                    client.register(subject, text)
+                    if cfg.output.auto_register
+                    else client.lookup(subject, text)
+                )
+            except NotFound:
+                raise ConfigError(
+                    "output.auto_register",
+                    f"is false and subject {subject!r} at {cfg.registry.url} does not hold "
+                    f"the prediction schema {cfg.output.schema}: register it first",
+                ) from None
+    log.info("predictions framed with schema id %d (subject %s)", schema_id, subject)
+    return bytes([MAGIC_ID]) + schema_id.to_bytes(4, "big")
+
+
+def build_pipeline(
+    cfg: Config, metrics: Metrics, *, prefix: bytes = b""
+) -> tuple[Pipeline, Scorer]:
+    """Load the schemas and the model and check they fit each other.
+
+    ``prefix``: written before every prediction (``output_prefix``).
+    """
     scorer = Scorer(cfg.model.path, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
     input_schema = load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
@@ -83,9 +124,22 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
             except SchemaError as exc:
                 raise ConfigError(key, f"{exc} (input schema {cfg.input.schema})") from None
     try:
-        encoder = PredictionEncoder(load_schema(cfg.output.schema))
+        encoder = PredictionEncoder(load_schema(cfg.output.schema), prefix=prefix)
     except SchemaError as exc:
         raise ConfigError("output.schema", str(exc)) from exc
+    if cfg.input.format == "confluent":
+        framed = build_framed_columns(
+            input_schema,
+            scorer.manifest.features,
+            id_field=cfg.input.id_field,
+            event_time_field=cfg.input.event_time_field,
+            max_message_bytes=cfg.input.max_message_bytes,
+            fast_path=cfg.input.fast_path,
+            max_schemas=cfg.registry.max_schemas,
+        )
+        log.info("decoder: confluent wire format, each writer schema resolved against %s",
+                 cfg.input.schema)  # fmt: skip
+        return Pipeline(framed, scorer, encoder, timer=metrics.observe_stage), scorer
     fast = build_fast_path(
         input_schema,
         scorer.manifest.features,
@@ -102,6 +156,19 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
     )
     pipeline = Pipeline(columns, scorer, encoder, timer=metrics.observe_stage)
     return pipeline, scorer
+
+
+def _writer_schemas(cfg: Config, pipeline: Pipeline, metrics: Metrics) -> WriterSchemas | None:
+    """``input.format: confluent``: the registry fetches behind the framed decoder."""
+    columns = pipeline.columns
+    if not isinstance(columns, FramedColumns):
+        return None
+    return WriterSchemas(
+        columns,
+        RegistryClient.from_config(cfg.registry),
+        unavailable_timeout_s=cfg.registry.unavailable_timeout_s,
+        keepalive=lambda: metrics.last_progress.set(time.time()),
+    )
 
 
 def _delivery(
@@ -157,7 +224,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     tracker = OffsetTracker()
     with ExitStack() as stack:
         stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
-        pipeline, scorer = build_pipeline(cfg, metrics)
+        pipeline, scorer = build_pipeline(cfg, metrics, prefix=output_prefix(cfg))
+        schemas = _writer_schemas(cfg, pipeline, metrics)
         metrics.model_info.labels(scorer.model_version).set(1)
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         ctx = SinkContext(
@@ -199,7 +267,16 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         # showed as periodic latency spikes under load)
         gc.collect()
         gc.freeze()
-        rolled_back = _loop(cfg, source, pipeline, delivery, tracker, metrics, report, stop)
+        if schemas is not None:
+
+            def keepalive() -> None:  # while the registry is down: acks and health go on
+                delivery.service()
+                metrics.last_progress.set(time.time())
+
+            schemas.keepalive = keepalive
+        rolled_back = _loop(
+            cfg, source, pipeline, delivery, tracker, metrics, report, stop, schemas=schemas
+        )
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
         check_clean_stop(
@@ -280,6 +357,8 @@ def _loop(
     metrics: Metrics,
     report: WorkerReport,
     stop: StopFlag,
+    *,
+    schemas: WriterSchemas | None = None,
 ) -> int:
     """The main loop: poll → score → deliver (→ offsets) → health.
 
@@ -299,6 +378,8 @@ def _loop(
         want = sizer.size if not limit else min(sizer.size, limit - report.consumed)
         batch = source.poll_batch(want, max_wait)
         if batch:
+            if schemas is not None:  # unknown writer schemas: fetched, waiting out an outage
+                schemas.prepare(batch)
             t0 = time.monotonic()
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
