@@ -153,8 +153,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from stream_scorer.example.produce import produce_events
+    from stream_scorer.example.produce import confluent_frame, produce_events
 
+    frame = b""
+    if args.format == "confluent":
+        if not args.registry_url:
+            raise ConfigError("--registry-url", "is required by --format confluent")
+        frame = confluent_frame(args.registry_url, args.topic)
     report = produce_events(
         args.bootstrap_servers,
         args.topic,
@@ -162,6 +167,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         malformed_fraction=args.malformed_fraction,
         rate=args.rate,
         seed=args.seed,
+        frame=frame,
     )
     print(
         f"produced {report.produced} events ({report.valid} valid, malformed: "
@@ -416,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("--malformed-fraction", type=float, default=0.0)
     produce.add_argument("--seed", type=int, default=1)
+    produce.add_argument(
+        "--format",
+        choices=["schemaless", "confluent"],
+        default="schemaless",
+        help="confluent: register the ride schema under <topic>-value and frame every event",
+    )
+    produce.add_argument("--registry-url", help="the registry's Confluent-compatible API URL")
     produce.set_defaults(func=_cmd_produce)
 
     example = sub.add_parser("example", help="the shipped example's files")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from support import wait_for
 
+from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
 
 KAFKA_IMAGE = "apache/kafka:4.1.1"
@@ -155,12 +156,11 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop()
 
 
-def start_local_registry(state_dir: Path) -> tuple[object, str]:
-    """Start a local Apicurio registry on free loopback ports; fail (never skip) if it cannot."""
-    from stream_scorer.devtools.localregistry import LocalRegistry
-
-    port, management = _free_ports(2)
-    registry = LocalRegistry(state_dir, port=port, management_port=management)
+def start_local_registry(state_dir: Path, port: int = 0) -> tuple[LocalRegistry, str]:
+    """Start a local Apicurio registry on loopback (free ports unless ``port``); fail, never
+    skip, if it cannot start."""
+    free, management = _free_ports(2)
+    registry = LocalRegistry(state_dir, port=port or free, management_port=management)
     try:
         url = registry.start(timeout=120)
     except StreamScorerError as exc:
@@ -185,7 +185,7 @@ def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield url
     finally:
-        registry.stop()  # type: ignore[attr-defined]
+        registry.stop()
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ For development, the demo and the tests on machines without Docker, like ``local
 registry (``io.apicurio:apicurio-registry-app``, a ready Quarkus application) comes from Maven
 Central into a cache outside the repository and runs as a detached ``java`` process whose pid
 and address are kept in a state directory, so ``start``, ``status`` and ``stop`` work across
-commands. Its HTTP port and its management port are both bound to 127.0.0.1; storage is in
-memory (a restarted registry is empty). Clients use ``http://127.0.0.1:PORT/apis/ccompat/v7``.
+commands. Its HTTP port and its management port are both bound to 127.0.0.1; storage is an H2
+database file in the state directory, so a restarted registry keeps its schemas and ids. Clients use ``http://127.0.0.1:PORT/apis/ccompat/v7``.
 
 Apicurio 3.3 needs Java 21 or newer: the first of ``$STREAM_SCORER_REGISTRY_JAVA``,
 ``$JAVA_HOME/bin/java``, ``java`` on PATH and ``/usr/lib/jvm/*/bin/java`` that is new enough.
@@ -290,6 +290,10 @@ class LocalRegistry:
             "-Dquarkus.management.host=127.0.0.1",
             f"-Dquarkus.management.port={self.management_port}",
             "-Dquarkus.log.level=WARN", "-Dquarkus.banner.enabled=false",
+            # storage in an H2 file of the state directory: a restart keeps every schema and id
+            f"-Dapicurio.datasource.url=jdbc:h2:file:{self.state_dir / 'data' / 'registry'}",
+            "-Dapicurio.datasource.jdbc.initial-size=2", "-Dapicurio.datasource.jdbc.min-size=2",
+            "-Dapicurio.datasource.jdbc.max-size=10",
             "-jar", str(home / "quarkus-run.jar"),
         ]  # fmt: skip
         try:

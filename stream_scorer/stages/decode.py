@@ -115,6 +115,8 @@ class Decoder:
         if self._skip:
             value = value[self._skip :]
             size = len(value)
+            if size == 0:  # a frame without a body, as the fast path says
+                return self._dead(msg, Reason.EMPTY, _GUARD, "record value is empty")
         try:
             violation = self._guard.check(value)
         except Exception as exc:  # the guard must not raise; if it does, still a dead letter
