@@ -5,7 +5,8 @@ registry (``io.apicurio:apicurio-registry-app``, a ready Quarkus application) co
 Central into a cache outside the repository and runs as a detached ``java`` process whose pid
 and address are kept in a state directory, so ``start``, ``status`` and ``stop`` work across
 commands. Its HTTP port and its management port are both bound to 127.0.0.1; storage is an H2
-database file in the state directory, so a restarted registry keeps its schemas and ids. Clients use ``http://127.0.0.1:PORT/apis/ccompat/v7``.
+database file in the state directory, so a restarted registry keeps its schemas and ids.
+Clients use ``http://127.0.0.1:PORT/apis/ccompat/v7``.
 
 Apicurio 3.3 needs Java 21 or newer: the first of ``$STREAM_SCORER_REGISTRY_JAVA``,
 ``$JAVA_HOME/bin/java``, ``java`` on PATH and ``/usr/lib/jvm/*/bin/java`` that is new enough.
