@@ -289,6 +289,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from stream_scorer.devtools.bench import run_bench
     from stream_scorer.devtools.localkafka import default_cache_dir
 
+    if args.framed:
+        if not args.registry_url:
+            raise ConfigError("--registry-url", "is required by --framed")
+        from stream_scorer.devtools.bench import (
+            ensure_example_model,
+            example_config,
+            example_payloads,
+            profile_framed,
+        )
+
+        model = ensure_example_model(default_cache_dir() / "bench-models" / "100x6")
+        profile = profile_framed(
+            example_config(model), example_payloads(args.events), args.registry_url
+        )
+        print(json.dumps(profile), flush=True)
+        return 0
     if args.soak:
         from stream_scorer.devtools.soak import SoakSettings, run_soak
 
@@ -505,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", type=Path, help="results folder (default: bench-results in the cache folder)"
     )
+    bench.add_argument(
+        "--framed",
+        action="store_true",
+        help="no broker: framed input (Confluent wire format) against the stock "
+        "AvroDeserializer per record, µs per event (needs --registry-url)",
+    )
+    bench.add_argument("--registry-url", help="the registry's Confluent-compatible API URL")
     add_soak_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 

@@ -214,6 +214,9 @@ class FramedColumns:
 
     def run(self, messages: Sequence[Message]) -> Columns:
         """Decode a batch of framed records; every writer schema must have been learned."""
+        key = self._one_key(messages)
+        if key is not None:  # the common case, checked in two passes: one writer, no header
+            return self._run_group(key, list(messages))
         keys = [frame_key(m) for m in messages]
         groups: dict[SchemaKey, list[int]] = {}
         dead: list[DeadLetter] = []
@@ -227,6 +230,22 @@ class FramedColumns:
             return self._run_group(key, list(messages))
         parts = [self._run_group(k, [messages[i] for i in rows]) for k, rows in groups.items()]
         return self._merge(messages, parts, dead)
+
+    @staticmethod
+    def _one_key(messages: Sequence[Message]) -> SchemaKey | None:
+        """The schema key when every value has the same valid prefix and no header; else None."""
+        if not messages:
+            return None
+        try:
+            heads = {m.value()[:PREFIX_BYTES] for m in messages}  # type: ignore[index]
+        except TypeError:  # a null value
+            return None
+        if len(heads) != 1 or any([m.headers() for m in messages]):
+            return None
+        (head,) = heads
+        if len(head) != PREFIX_BYTES or head[0] != MAGIC_ID:
+            return None
+        return ("id", int.from_bytes(head[1:], "big"))
 
     def _run_group(self, key: SchemaKey, messages: list[Message]) -> Columns:
         plan = self._plan(key)

@@ -311,3 +311,22 @@ def test_a_registry_outage_waits_and_loses_nothing(
     assert read_topic(kafka_bootstrap, dlq) == []
     keys = [m.key() for m in read_topic(kafka_bootstrap, preds)]
     assert sorted(keys) == sorted(r["ride_id"].encode() for r in rides)
+
+
+def test_the_framed_bench_profile_sets_the_stock_deserializer_beside_the_fast_path(
+    tmp_path: Path, schema_registry: str
+) -> None:
+    from stream_scorer.devtools.bench import example_config, example_payloads, profile_framed
+    from stream_scorer.example.train import train
+
+    train(tmp_path, rows=1_000, n_estimators=5)
+    got = profile_framed(example_config(tmp_path), example_payloads(300), schema_registry)
+    assert set(got) == {
+        "schemaless_fast",
+        "framed_fast",
+        "framed_fast_evolved",
+        "stock_deserializer",
+        "stock_deserializer_plus_features",
+        "stock_evolved",
+    }
+    assert all(v > 0 for v in got.values())
