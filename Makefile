@@ -24,8 +24,9 @@ setup: $(STAMP) tools
 	$(BIN)/stream-scorer local-kafka fetch
 	$(BIN)/stream-scorer local-registry fetch
 
+# DEMO_ARGS="--format confluent": the same with a local Schema Registry and framed events
 demo: setup
-	$(BIN)/stream-scorer demo
+	$(BIN)/stream-scorer demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check stream_scorer tests

@@ -237,6 +237,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         malformed_fraction=args.malformed_fraction,
         paced_rate=args.paced_rate,
         paced_seconds=args.paced_seconds,
+        fmt=args.format,
+        registry_port=args.registry_port,
     )
 
 
@@ -478,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--paced-seconds", type=float, default=5.0, help="length of the latency phase"
+    )
+    demo.add_argument(
+        "--format",
+        choices=["schemaless", "confluent"],
+        default="schemaless",
+        help="confluent: a local Schema Registry too, framed events and predictions",
+    )
+    demo.add_argument(
+        "--registry-port", type=int, default=39081, help="local registry port (--format confluent)"
     )
     demo.set_defaults(func=_cmd_demo)
 

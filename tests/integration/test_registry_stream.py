@@ -330,3 +330,19 @@ def test_the_framed_bench_profile_sets_the_stock_deserializer_beside_the_fast_pa
         "stock_evolved",
     }
     assert all(v > 0 for v in got.values())
+
+
+def test_the_demo_balances_its_books_with_framed_events() -> None:
+    from conftest import _free_ports
+
+    port, _controller, registry_port, _management = _free_ports(4)
+    demo = subprocess.run(
+        [sys.executable, "-m", "stream_scorer", "demo", "--events", "2000", "--port", str(port),
+         "--registry-port", str(registry_port), "--paced-rate", "400", "--paced-seconds", "1",
+         "--format", "confluent"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "events framed with schema id" in demo.stdout
+    assert "OK: every event has exactly one prediction" in demo.stdout
+    assert "schema registry stopped" in demo.stdout
