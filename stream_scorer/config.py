@@ -15,6 +15,7 @@ This module is also the one place where settings become librdkafka's dotted keys
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -212,6 +213,10 @@ class InputConfig(_Section):
 
     topic: NonEmpty
     """Topic to consume."""
+    topics: tuple[NonEmpty, ...] = ()
+    """More topics consumed by the same group, each a name or a regular expression starting
+    with ``^`` (librdkafka's pattern subscription); with ``format: confluent`` each record is
+    read with its own writer schema, whatever its topic."""
     group_id: NonEmpty
     """Consumer group; workers of one deployment share it."""
     schema_file: ExistingFile = Field(alias="schema")
@@ -461,9 +466,25 @@ def _check(cfg: Config) -> None:
             "registry.unavailable_timeout_s",
             f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
+    for name in cfg.input.topics:
+        for key, out in (
+            ("output.topic", cfg.output.topic),
+            ("dead_letter.topic", cfg.dead_letter.topic),
+        ):
+            if name == out or (name.startswith("^") and _matches(name, out)):
+                raise ConfigError("input.topics", f"{name!r} would consume {key} {out!r}")
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
         raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
+
+
+def _matches(pattern: str, topic: str) -> bool:
+    try:
+        return re.search(pattern, topic) is not None
+    except re.error as exc:
+        raise ConfigError(
+            "input.topics", f"{pattern!r} is not a regular expression: {exc}"
+        ) from None
 
 
 def config_schema() -> dict[str, Any]:

@@ -243,6 +243,11 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             client_settings(cfg),
             {
                 "input.topic": cfg.input.topic,
+                **{
+                    f"input.topics[{i}]": t
+                    for i, t in enumerate(cfg.input.topics)
+                    if not t.startswith("^")
+                },
                 "output.topic": cfg.output.topic,
                 "dead_letter.topic": cfg.dead_letter.topic,
             },
@@ -258,6 +263,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                 unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
                 on_revoke=lambda parts: delivery.on_revoke(parts),
                 on_lost=lambda parts: delivery.on_lost(parts),
+                extra_topics=cfg.input.topics,
             )
         )
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)

@@ -184,7 +184,7 @@ def test_framed_events_are_scored_and_predictions_read_with_the_stock_deserializ
     assert all(m.value()[1:5] == subject[0].to_bytes(4, "big") for m in predictions)
 
 
-def test_v1_and_v2_interleaved_score_as_v1_and_an_incompatible_v3_is_dead_lettered(
+def test_v1_and_v2_interleaved_over_two_topics_score_as_v1_and_an_incompatible_v3_is_dead_lettered(
     tmp_path: Path,
     kafka_bootstrap: str,
     schema_registry: str,
@@ -194,7 +194,8 @@ def test_v1_and_v2_interleaved_score_as_v1_and_an_incompatible_v3_is_dead_letter
 ) -> None:
     topics = (unique("rides"), unique("preds"), unique("dlq"), unique("grp"))
     topic, preds, dlq, group = topics
-    make_topics({topic: 2, preds: 2, dlq: 1})
+    second = f"{topic}-second"  # input.topics: a pattern, the same group and writer schemas
+    make_topics({topic: 2, second: 2, preds: 2, dlq: 1})
     client = RegistryClient(schema_registry)
     subject = f"{topic}-value"
     client.register(subject, json.dumps(SCHEMAS["v1"]))
@@ -213,20 +214,24 @@ def test_v1_and_v2_interleaved_score_as_v1_and_an_incompatible_v3_is_dead_letter
         (r["ride_id"].encode(), _frame(ids[v]) + _body(v, r))
         for v, r in zip(versions, rides, strict=True)
     ]
-    produce_raw(kafka_bootstrap, topic, items, 2)
+    produce_raw(kafka_bootstrap, topic, items[::2], 2)
+    produce_raw(kafka_bootstrap, second, items[1::2], 2)
     reader = tmp_path / "ride_request.v2.avsc"
     reader.write_text(json.dumps(SCHEMAS["v2"]))
     env = _env(
         kafka_bootstrap, schema_registry, model_dir, topics,
         STREAM_SCORER_INPUT__SCHEMA=str(reader), STREAM_SCORER_OUTPUT__FORMAT="schemaless",
+        STREAM_SCORER_INPUT__TOPICS=json.dumps([f"^{second}$"]),
     )  # fmt: skip
     log = tmp_path / "worker.log"
     worker = _worker(env, log)
     try:
         wait_for(
-            lambda: sum(committed_lag(kafka_bootstrap, group, topic).values()) == 0,
+            lambda: all(
+                sum(committed_lag(kafka_bootstrap, group, t).values()) == 0 for t in (topic, second)
+            ),
             120,
-            "the worker did not commit every event",
+            "the worker did not commit every event of both topics",
         )
     finally:
         _stop(worker, log)
