@@ -49,6 +49,8 @@ _JAVA_HINT = (
 _MARKER = ".complete"
 _STATE = "state.json"
 _HEAP = ("-Xms64m", "-Xmx512m")
+#: Where Debian and Ubuntu install JDKs (searched last).
+JVM_ROOT = Path("/usr/lib/jvm")
 
 
 def _java_major(java: str) -> int | None:
@@ -81,7 +83,7 @@ def find_java() -> str:
     on_path = shutil.which("java")
     if on_path:
         candidates.append(on_path)
-    candidates.extend(str(p) for p in sorted(Path("/usr/lib/jvm").glob("*/bin/java"), reverse=True))
+    candidates.extend(str(p) for p in sorted(JVM_ROOT.glob("*/bin/java"), reverse=True))
     tried = []
     for java in dict.fromkeys(candidates):
         major = _java_major(java)
