@@ -17,6 +17,7 @@ import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
+from confluent_kafka import Producer
 from conftest import start_local_registry
 from support import committed_lag, produce_raw, read_record, read_topic, wait_for
 
@@ -30,6 +31,7 @@ from stream_scorer.example.rides import (
     load_ride_schema,
     ride_as,
 )
+from stream_scorer.ops.replay import ReplayFilter, replay
 from stream_scorer.registry import RegistryClient
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.features import FeatureBuilder
@@ -147,6 +149,10 @@ def test_framed_events_are_scored_and_predictions_read_with_the_stock_deserializ
         (b"schemaless", body),  # not framed at all: starts with the id's length, not 0
     ]
     produce_raw(kafka_bootstrap, topic, bad_frames, 2)
+    # the header form (confluent-kafka-python 2.10+): Apicurio's ccompat API serves no GUIDs
+    guid = Producer({"bootstrap.servers": kafka_bootstrap})
+    guid.produce(topic, body, b"guid", headers=[(hdr.VALUE_SCHEMA_ID, b"\x01" + bytes(16))])
+    assert guid.flush(30) == 0
     log = tmp_path / "worker.log"
     worker = _worker(_env(kafka_bootstrap, schema_registry, model_dir, topics), log)
     try:
@@ -167,11 +173,24 @@ def test_framed_events_are_scored_and_predictions_read_with_the_stock_deserializ
     for (_stage, reason), n in expected_reasons(report.malformed_by_kind).items():
         wanted[reason.value] += n
     wanted.update(["bad_magic_byte", "short_frame", "unknown_schema_id", "bad_magic_byte"])
+    wanted.update(["unknown_schema_id"])  # the GUID header
     assert reasons == wanted
     for msg in dead:  # the original frames, byte for byte
         assert msg.value() == inputs[msg.key()].value()
     unknown = next(m for m in dead if m.key() == b"unknown")
     assert b"schema id 987654" in dict(unknown.headers())[hdr.CONNECT_EXCEPTION_MESSAGE]
+    by_guid = next(m for m in dead if m.key() == b"guid")
+    assert b"schema GUID 00000000-" in dict(by_guid.headers())[hdr.CONNECT_EXCEPTION_MESSAGE]
+    # dlq replay republishes the framed dead letters as they came (frame and header kept)
+    replayed = f"{topic}-replayed"
+    make_topics({replayed: 1})
+    flt = ReplayFilter(reasons=frozenset({"unknown_schema_id", "bad_magic_byte"}))
+    replay(kafka_bootstrap, dlq, replayed, flt)
+    again = {m.key(): m for m in read_topic(kafka_bootstrap, replayed)}
+    assert set(again) == {b"unknown", b"guid", b"magic", b"schemaless"}
+    for key, msg in again.items():
+        assert msg.value() == inputs[key].value()
+    assert (hdr.VALUE_SCHEMA_ID, b"\x01" + bytes(16)) in again[b"guid"].headers()
 
     decoded = _read_with_stock_deserializer(schema_registry, predictions)
     ride_schema = load_ride_schema()
