@@ -236,6 +236,11 @@ class InputConfig(_Section):
     wire format (magic byte 0 and a schema id, or the ``__value_schema_id`` header), each
     record read with its writer schema from the registry and resolved against ``schema``
     (needs ``registry.url``)."""
+    reader_subject: str = ""
+    """``confluent``: take the reader schema from this registry subject at start-up instead of
+    ``schema`` (which stays the contract ``config check`` checks offline)."""
+    reader_version: Annotated[str, Field(pattern=r"^(latest|[1-9][0-9]*)$")] = "latest"
+    """The version of ``reader_subject``: a number, or ``latest`` (read once, at start-up)."""
 
     @property
     def schema(self) -> Path:  # type: ignore[override]
@@ -458,6 +463,8 @@ def _check(cfg: Config) -> None:
             "output.copy_headers",
             f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
         )
+    if cfg.input.reader_subject and cfg.input.format != "confluent":
+        raise ConfigError("input.reader_subject", "needs input.format: confluent")
     for key, fmt in (("input.format", cfg.input.format), ("output.format", cfg.output.format)):
         if fmt == "confluent" and not cfg.registry.url:
             raise ConfigError("registry.url", f"is required by {key}: confluent")

@@ -13,7 +13,9 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
+import fastavro
 from confluent_kafka import Producer
 
 from stream_scorer.config import (
@@ -102,15 +104,51 @@ def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
     return bytes([MAGIC_ID]) + schema_id.to_bytes(4, "big")
 
 
+def reader_schema(cfg: Config, client: RegistryClient | None = None) -> dict[str, Any] | None:
+    """``input.reader_subject``: the reader schema from the registry (None: ``input.schema``).
+
+    Raises:
+        ConfigError: the subject or version does not exist (exit 2).
+        SchemaError: its schema is not an Avro record.
+        RegistryError: the registry did not answer for ``registry.unavailable_timeout_s``.
+    """
+    subject, version = cfg.input.reader_subject, cfg.input.reader_version
+    if not subject:
+        return None
+    client = client or RegistryClient.from_config(cfg.registry)
+    for attempt in retrying(cfg.registry.unavailable_timeout_s, f"subject {subject}"):
+        with attempt:
+            try:
+                schema_id, text = client.subject_version(subject, version)
+            except NotFound:
+                raise ConfigError(
+                    "input.reader_subject",
+                    f"subject {subject!r} has no version {version!r} at {cfg.registry.url}",
+                ) from None
+    try:
+        parsed = fastavro.parse_schema(json.loads(text))
+    except (ValueError, fastavro.schema.SchemaParseException) as exc:
+        raise SchemaError(f"reader schema {subject} v{version}: {exc}") from exc
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        raise SchemaError(f"reader schema {subject} v{version}: not an Avro record")
+    log.info("reader schema: subject %s version %s (id %d)", subject, version, schema_id)
+    return dict(parsed)
+
+
 def build_pipeline(
-    cfg: Config, metrics: Metrics, *, prefix: bytes = b""
+    cfg: Config,
+    metrics: Metrics,
+    *,
+    prefix: bytes = b"",
+    reader: dict[str, Any] | None = None,
 ) -> tuple[Pipeline, Scorer]:
     """Load the schemas and the model and check they fit each other.
 
-    ``prefix``: written before every prediction (``output_prefix``).
+    ``prefix``: written before every prediction (``output_prefix``); ``reader``: the input's
+    reader schema when it does not come from ``input.schema`` (``reader_schema``).
     """
     scorer = Scorer(cfg.model.path, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
-    input_schema = load_schema(cfg.input.schema)
+    input_schema = reader if reader is not None else load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
     # every category feature's series exists from the start, at 0
     metrics.count_unseen({f.name: 0 for f in scorer.manifest.features if f.transform == "category"})
@@ -224,7 +262,9 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     tracker = OffsetTracker()
     with ExitStack() as stack:
         stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
-        pipeline, scorer = build_pipeline(cfg, metrics, prefix=output_prefix(cfg))
+        pipeline, scorer = build_pipeline(
+            cfg, metrics, prefix=output_prefix(cfg), reader=reader_schema(cfg)
+        )
         schemas = _writer_schemas(cfg, pipeline, metrics)
         metrics.model_info.labels(scorer.model_version).set(1)
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))

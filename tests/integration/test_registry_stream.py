@@ -235,12 +235,12 @@ def test_v1_and_v2_interleaved_over_two_topics_score_as_v1_and_an_incompatible_v
     ]
     produce_raw(kafka_bootstrap, topic, items[::2], 2)
     produce_raw(kafka_bootstrap, second, items[1::2], 2)
-    reader = tmp_path / "ride_request.v2.avsc"
-    reader.write_text(json.dumps(SCHEMAS["v2"]))
     env = _env(
         kafka_bootstrap, schema_registry, model_dir, topics,
-        STREAM_SCORER_INPUT__SCHEMA=str(reader), STREAM_SCORER_OUTPUT__FORMAT="schemaless",
+        STREAM_SCORER_OUTPUT__FORMAT="schemaless",
         STREAM_SCORER_INPUT__TOPICS=json.dumps([f"^{second}$"]),
+        # the reader schema from the registry: the subject's version 2 (v2; v3 is version 3)
+        STREAM_SCORER_INPUT__READER_SUBJECT=subject, STREAM_SCORER_INPUT__READER_VERSION="2",
     )  # fmt: skip
     log = tmp_path / "worker.log"
     worker = _worker(env, log)
@@ -270,7 +270,9 @@ def test_v1_and_v2_interleaved_over_two_topics_score_as_v1_and_an_incompatible_v
     np.testing.assert_allclose(
         [g["prediction"] for g in got], _expected(model_dir, scored), rtol=1e-6
     )
-    assert "path" in log.read_text()  # each writer schema's plan is logged
+    text = log.read_text()
+    assert f"reader schema: subject {subject} version 2" in text
+    assert "path" in text  # each writer schema's plan is logged
 
 
 @pytest.fixture

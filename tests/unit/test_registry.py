@@ -16,7 +16,7 @@ from stream_scorer.config import load_config
 from stream_scorer.devtools import localregistry
 from stream_scorer.errors import ConfigError, LocalRegistryError, RegistryError
 from stream_scorer.registry import RegistryClient, retrying
-from stream_scorer.worker.loop import output_prefix
+from stream_scorer.worker.loop import output_prefix, reader_schema
 
 ROOT = Path(__file__).parents[2]
 SCHEMA = json.dumps({"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]})
@@ -187,3 +187,18 @@ def test_a_missing_java_21_says_what_to_install(
     new.write_text("#!/bin/sh\necho 'openjdk version \"25.0.1\" 2025-10-21' >&2\n")
     new.chmod(0o755)
     assert localregistry.find_java() == str(new)
+
+
+def test_the_reader_schema_can_come_from_a_subject(tmp_path: Path, fake_registry: str) -> None:
+    with pytest.raises(ConfigError, match=r"needs input\.format: confluent"):
+        _load(tmp_path, _raw(tmp_path, input={"reader_subject": "rides-value"}))
+    with pytest.raises(ConfigError, match=r"input\.reader_version"):
+        _load(tmp_path, _raw(tmp_path, input={"reader_version": "newest"}))
+    raw = _raw(
+        tmp_path,
+        input={"format": "confluent", "reader_subject": "rides-value", "reader_version": "3"},
+        registry={"url": fake_registry},
+    )
+    with pytest.raises(ConfigError, match="subject 'rides-value' has no version '3'"):
+        reader_schema(_load(tmp_path, raw))
+    assert reader_schema(_load(tmp_path, _raw(tmp_path))) is None
