@@ -27,6 +27,7 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from stream_scorer.errors import ConfigError, RegistryError
 from stream_scorer.stages.framing import FramedColumns, SchemaKey, describe_key
@@ -154,11 +155,27 @@ class RegistryClient:
         self._call("PUT", f"/config/{quoted}", {"compatibility": level})
 
 
-def retrying(bound_s: float, what: str, keepalive: Callable[[], None] = lambda: None) -> Retrying:
+class _StopWhen(stop_base):
+    """Stop retrying when ``asked()`` says so (a stop signal)."""
+
+    def __init__(self, asked: Callable[[], bool]) -> None:
+        self._asked = asked
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._asked()
+
+
+def retrying(
+    bound_s: float,
+    what: str,
+    keepalive: Callable[[], None] = lambda: None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> Retrying:
     """Retry ``RegistryError`` with exponential backoff (0.2 s to 5 s) for up to ``bound_s``.
 
-    ``keepalive`` runs before every wait (the worker serves its producer and health there).
-    After the bound the last ``RegistryError`` is raised, saying how long it was tried.
+    ``keepalive`` runs before every wait (the worker serves its producer and health there);
+    ``stopping`` ends the retries early (a stop signal). Then the last ``RegistryError`` is
+    raised.
     """
 
     def before_sleep(state: RetryCallState) -> None:
@@ -171,7 +188,7 @@ def retrying(bound_s: float, what: str, keepalive: Callable[[], None] = lambda: 
     return Retrying(
         retry=retry_if_exception_type(RegistryError),
         wait=wait_exponential(multiplier=0.2, min=0.2, max=5.0),
-        stop=stop_after_delay(bound_s),
+        stop=stop_after_delay(bound_s) | _StopWhen(stopping),
         before_sleep=before_sleep,
         reraise=True,
     )
@@ -187,12 +204,18 @@ class WriterSchemas:
         *,
         unavailable_timeout_s: float,
         keepalive: Callable[[], None] = lambda: None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Serve ``columns`` from ``client``, retrying for ``unavailable_timeout_s``."""
+        """Serve ``columns`` from ``client``, retrying for ``unavailable_timeout_s``.
+
+        ``stopping``: a stop was asked for; the wait for the registry ends (``RegistryError``,
+        the batch stays unprocessed and uncommitted).
+        """
         self._columns = columns
         self._client = client
         self._bound = unavailable_timeout_s
         self.keepalive = keepalive
+        self.stopping = stopping
 
     def prepare(self, messages: Iterable[Any]) -> None:
         """Fetch every writer schema ``messages`` need that is not known yet.
@@ -209,10 +232,12 @@ class WriterSchemas:
             try:
                 text = self.fetch(key)
             except RegistryError as exc:
+                waited = time.monotonic() - started
+                why = "a stop was asked for" if self.stopping() else "the bound was reached"
                 raise RegistryError(
-                    f"the schema registry did not answer for {time.monotonic() - started:.0f} s "
-                    f"(registry.unavailable_timeout_s = {self._bound:g}) while fetching "
-                    f"{describe_key(key)}; the records stay uncommitted: {exc}",
+                    f"the schema registry did not answer for {waited:.0f} s "
+                    f"(registry.unavailable_timeout_s = {self._bound:g}; {why}) while fetching "
+                    f"{describe_key(key)}; the batch stays unprocessed and uncommitted: {exc}",
                     status=exc.status,
                 ) from exc
             self._columns.learn(key, text)
@@ -223,7 +248,7 @@ class WriterSchemas:
 
     def fetch(self, key: SchemaKey) -> str | None:
         """One writer schema, retried while the registry is unavailable."""
-        for attempt in retrying(self._bound, describe_key(key), self.keepalive):
+        for attempt in retrying(self._bound, describe_key(key), self.keepalive, self.stopping):
             with attempt:
                 return self._client.writer_schema(key)
         raise AssertionError("unreachable")  # pragma: no cover

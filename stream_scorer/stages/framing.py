@@ -163,7 +163,11 @@ class FramedColumns:
 
     def schema_keys(self, messages: Sequence[Message]) -> set[SchemaKey]:
         """The writer schemas ``messages`` need that have neither a plan nor a learned text."""
-        keys = {k for k in map(frame_key, messages) if isinstance(k, tuple)}
+        one = self._one_key(messages)
+        if one is not None:
+            keys = {one}
+        else:
+            keys = {k for k in map(frame_key, messages) if isinstance(k, tuple)}
         return {k for k in keys if k not in self._plans and k not in self._learned}
 
     def learn(self, key: SchemaKey, text: str | None) -> None:

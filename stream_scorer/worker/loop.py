@@ -320,6 +320,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                 metrics.last_progress.set(time.time())
 
             schemas.keepalive = keepalive
+            schemas.stopping = lambda: bool(stop)
         rolled_back = _loop(
             cfg, source, pipeline, delivery, tracker, metrics, report, stop, schemas=schemas
         )

@@ -202,3 +202,14 @@ def test_the_reader_schema_can_come_from_a_subject(tmp_path: Path, fake_registry
     with pytest.raises(ConfigError, match="subject 'rides-value' has no version '3'"):
         reader_schema(_load(tmp_path, raw))
     assert reader_schema(_load(tmp_path, _raw(tmp_path))) is None
+
+
+def test_a_stop_ends_the_wait_for_the_registry() -> None:
+    client = RegistryClient("http://127.0.0.1:9", timeout_s=0.5)
+    tries = 0
+    with pytest.raises(RegistryError):
+        for attempt in retrying(600, "test", stopping=lambda: True):
+            with attempt:
+                tries += 1
+                client.writer_schema(("id", 1))
+    assert tries == 1  # no second try, although the bound is ten minutes away
