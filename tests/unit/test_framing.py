@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 from typing import Any
 
 import fastavro
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import Msg, parse_record_schema
 
 from stream_scorer.example.produce import malformed_payload
@@ -298,3 +301,128 @@ def test_plans_are_bounded_and_learned_schemas_are_required() -> None:
         assert len(cols.run([Msg(_framed(i, body))]).messages) == 1
     assert cols.schema_keys([Msg(_framed(1, body))]) == {("id", 1)}  # the oldest plan went
     assert cols.schema_keys([Msg(_framed(3, body))]) == set()
+
+
+# --- generated evolutions: the framed decoder against fastavro's own resolution ---------------
+_LEAVES: dict[str, list[Any]] = {
+    # writer type -> reader types Avro resolves it to (the first: unchanged)
+    "int": ["int", "long", "float", "double", ["null", "int"], ["null", "long"]],
+    "long": ["long", "float", "double", ["null", "long"]],
+    "float": ["float", "double", ["null", "float"]],
+    "double": ["double", ["null", "double"]],
+    "string": ["string", "bytes", ["null", "string"]],
+    "bytes": ["bytes", "string"],
+    "boolean": ["boolean", ["null", "boolean"]],
+    "enum": ["enum", "enum+"],
+    "nullable": ["nullable"],
+}
+_SYMBOLS = ("A", "B", "C")
+
+
+def _leaf_value(kind: str) -> st.SearchStrategy[Any]:
+    return {
+        "int": st.integers(-(2**31), 2**31 - 1),
+        "long": st.integers(-(2**63), 2**63 - 1),
+        "float": st.floats(width=32, allow_nan=False, allow_infinity=False),
+        "double": st.floats(-1e30, 1e30, allow_nan=False),
+        "string": st.sampled_from(["A", "B", "", "é", "zz"]),
+        "bytes": st.sampled_from([b"A", b"", b"q"]),
+        "boolean": st.booleans(),
+        "enum": st.sampled_from(_SYMBOLS[:2]),
+        "nullable": st.one_of(st.none(), st.floats(-1e6, 1e6)),
+    }[kind]
+
+
+@st.composite
+def evolutions(
+    draw: st.DrawFn,
+) -> tuple[dict[str, Any], dict[str, Any], list[FeatureSpec], list[dict[str, Any]]]:
+    kinds = draw(st.lists(st.sampled_from(sorted(_LEAVES)), min_size=1, max_size=6))
+    wfields: list[dict[str, Any]] = [{"name": "key", "type": "string"}]
+    rfields: list[dict[str, Any]] = [{"name": "key", "type": "string"}]
+    for i, kind in enumerate(kinds):
+        name = f"f{i}"
+        if kind == "enum":
+            wtype: Any = {"type": "enum", "name": f"E{i}", "symbols": list(_SYMBOLS[:2])}
+        elif kind == "nullable":
+            wtype = ["null", "double"]
+        else:
+            wtype = kind
+        wfields.append({"name": name, "type": wtype})
+        if draw(st.integers(0, 5)) == 0:
+            continue  # dropped by the reader: skipped
+        target = draw(st.sampled_from(_LEAVES[kind]))
+        if target == "enum":
+            rtype: Any = wtype
+        elif target == "enum+":
+            rtype = {"type": "enum", "name": f"E{i}", "symbols": list(_SYMBOLS)}
+        elif target == "nullable":
+            rtype = draw(st.sampled_from([["null", "double"], ["double", "null"]]))
+        else:
+            rtype = target
+        rfields.append({"name": name, "type": rtype})
+    for j in range(draw(st.integers(0, 2))):  # added by the reader, with defaults
+        rfields.append(
+            draw(
+                st.sampled_from(
+                    [
+                        {"name": f"new{j}", "type": "double", "default": 1.5},
+                        {"name": f"new{j}", "type": ["null", "long"], "default": None},
+                        {"name": f"new{j}", "type": "string", "default": "B"},
+                    ]
+                )
+            )
+        )
+    writer = {"type": "record", "name": "Evo", "fields": wfields}
+    reader = {"type": "record", "name": "Evo", "fields": rfields}
+    names = [f["name"] for f in rfields if f["name"] != "key"] + ["missing"]
+    specs = []
+    for n in range(draw(st.integers(1, 4))):
+        transform = draw(st.sampled_from(["number", "category"]))
+        cats = ("A", "B", "C", "") if transform == "category" else ()
+        specs.append(FeatureSpec(f"x{n}", draw(st.sampled_from(names)), transform, cats))
+    fields = {"key": st.text(max_size=4)}
+    fields.update({f"f{i}": _leaf_value(k) for i, k in enumerate(kinds)})
+    records = draw(st.lists(st.fixed_dictionaries(fields), min_size=1, max_size=5))
+    return writer, reader, specs, records
+
+
+@settings(
+    derandomize=True,
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(evolutions())
+def test_generated_evolutions_read_exactly_as_fastavro_resolves_them(
+    case: tuple[dict[str, Any], dict[str, Any], list[FeatureSpec], list[dict[str, Any]]],
+) -> None:
+    writer_raw, reader_raw, specs, records = case
+    writer, reader = parse_record_schema(writer_raw), parse_record_schema(reader_raw)
+    bodies = [_body(writer_raw, r) for r in records]
+    resolved = [_resolve(b, writer, reader) for b in bodies]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float32 overflow of a long: inf
+        expected, rejected = FeatureBuilder(specs).build(resolved)
+    rejected_rows = {r.index: r.reason for r in rejected}
+    # the fast path also refuses values beyond float32 (features.py stores inf): non_finite
+    for i in np.flatnonzero(np.isinf(expected).any(axis=1)).tolist():
+        rejected_rows.setdefault(i, Reason.NON_FINITE)
+    keep = [i for i in range(len(records)) if i not in rejected_rows]
+    messages = [Msg(_framed(9, b), o=i) for i, b in enumerate(bodies)]
+    for fast in (True, False):
+        cols = build_framed_columns(
+            reader, specs, id_field="key", event_time_field="", max_message_bytes=4096,
+            fast_path=fast,
+        )  # fmt: skip
+        _teach(cols, {("id", 9): writer_raw})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out = cols.run(messages)
+        if not fast:  # the fastavro path keeps features.py's inf; compare it row for row
+            assert _same(out.matrix, np.delete(expected, [r.index for r in rejected], axis=0))
+            continue
+        got = {d.message.offset(): d.reason for d in out.dead}
+        assert got == rejected_rows, (cols.plan_kind(("id", 9)), got, rejected_rows)
+        assert _same(out.matrix, expected[keep])
+        assert out.ids == [resolved[i]["key"] for i in keep]
