@@ -372,3 +372,30 @@ def test_the_demo_balances_its_books_with_framed_events() -> None:
     assert "events framed with schema id" in demo.stdout
     assert "OK: every event has exactly one prediction" in demo.stdout
     assert "schema registry stopped" in demo.stdout
+
+
+def test_local_registry_command_starts_reports_and_stops(tmp_path: Path) -> None:
+    from conftest import _free_ports
+
+    port, management = _free_ports(2)
+    base = [sys.executable, "-m", "stream_scorer", "local-registry"]
+    where = ["--port", str(port), "--management-port", str(management), "--dir", str(tmp_path)]
+
+    def cli(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, action, *where], capture_output=True, text=True, timeout=180, check=False
+        )
+
+    started = cli("start")
+    try:
+        assert started.returncode == 0, started.stderr
+        url = f"http://127.0.0.1:{port}/apis/ccompat/v7"
+        assert started.stdout.strip().endswith(url)
+        status = cli("status")
+        assert status.returncode == 0 and "answering" in status.stdout
+        assert RegistryClient(url).register("probe-value", json.dumps(SCHEMAS["v1"])) > 0
+    finally:
+        stopped = cli("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    after = cli("status")
+    assert after.returncode == 1 and "not running" in after.stdout
