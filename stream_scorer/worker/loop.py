@@ -316,6 +316,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         if schemas is not None:
 
             def keepalive() -> None:  # while the registry is down: acks and health go on
+                metrics.registry_retries.inc()
+                metrics.registry_waiting.set(1)
                 delivery.service()
                 metrics.last_progress.set(time.time())
 
@@ -427,6 +429,7 @@ def _loop(
         if batch:
             if schemas is not None:  # unknown writer schemas: fetched, waiting out an outage
                 schemas.prepare(batch)
+                metrics.registry_waiting.set(0)
             t0 = time.monotonic()
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))

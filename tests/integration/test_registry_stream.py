@@ -326,6 +326,7 @@ def test_a_registry_outage_waits_and_loses_nothing(
         )
         assert worker.poll() is None
         assert sum(committed_lag(kafka_bootstrap, group, topic).values()) > 0
+        assert read_topic(kafka_bootstrap, dlq) == []  # waiting, not dead-lettering
         registry.start(timeout=120)  # its storage is kept: the same schemas and ids
         wait_for(
             lambda: sum(committed_lag(kafka_bootstrap, group, topic).values()) == 0,
