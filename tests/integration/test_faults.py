@@ -156,16 +156,17 @@ def test_kill_9_five_times(make_run: MakeRun, mode: str) -> None:
 
 def test_kill_9_with_framed_input_exactly_once(make_run: MakeRun, schema_registry: str) -> None:
     """Confluent-framed input (the writer schema from a real registry) through kill -9s."""
-    events = max(EVENTS // 3, 3000)
+    events = max(EVENTS // 2, 3000)
     run = make_run(EOS, "kill-9-framed", events=events, registry=schema_registry)
     run.start_all()
     run.produce_in_background()
     rng = random.Random(11)
     kills = 0
-    for i in range(1, 9):
+    # three kills, and more (up to 10) until one has hit an open transaction
+    for i in range(1, 11):
         if kills >= 3 and run.aborted_records() > 0:
             break
-        when_committed(run, i / 10)
+        when_committed(run, i / 12)
         run.kill9(rng.choice(sorted(run.workers)))
         kills += 1
     outcome = _finish(run, f"kills={kills}", "framed")
