@@ -30,7 +30,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from stream_scorer.errors import ConfigError, RegistryError
-from stream_scorer.stages.framing import FramedColumns, SchemaKey, describe_key
+from stream_scorer.stages.framing import FramedColumns, SchemaKey, SchemaSource, describe_key
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class WriterSchemas:
     def __init__(
         self,
         columns: FramedColumns,
-        client: RegistryClient,
+        client: SchemaSource,
         *,
         unavailable_timeout_s: float,
         keepalive: Callable[[], None] = lambda: None,

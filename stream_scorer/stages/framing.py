@@ -126,6 +126,7 @@ class _Plan:
     reason: Reason | None
     why: str
     path: str = ""
+    made: float = 0.0  # time.monotonic() when built (an unknown id is asked again later)
 
 
 class FramedColumns:
@@ -140,6 +141,7 @@ class FramedColumns:
         *,
         max_message_bytes: int,
         max_schemas: int = 1000,
+        unknown_ttl_s: float = 30.0,
     ) -> None:
         """Create the stage.
 
@@ -150,6 +152,8 @@ class FramedColumns:
             n_features: the feature matrix's columns.
             max_message_bytes: larger values are dead-lettered (``too_large``) unread.
             max_schemas: how many writer schemas' plans are kept (least recently seen go).
+            unknown_ttl_s: an id the registry answered 404 for is asked again after this long
+                (a registry replica that lagged behind must not dead-letter an id for good).
         """
         self._reader = dict(reader)
         self._paths = tuple(paths)
@@ -157,6 +161,7 @@ class FramedColumns:
         self._n = n_features
         self._max = max_message_bytes
         self._max_schemas = max_schemas
+        self._unknown_ttl_s = unknown_ttl_s
         self._plans: OrderedDict[SchemaKey, _Plan] = OrderedDict()
         #: writer schemas learned but not planned yet (JSON text, None = unknown to the registry)
         self._learned: dict[SchemaKey, str | None] = {}
@@ -168,6 +173,12 @@ class FramedColumns:
             keys = {one}
         else:
             keys = {k for k in map(frame_key, messages) if isinstance(k, tuple)}
+        now = time.monotonic()
+        for k in keys:  # an id the registry did not know is asked again after a while
+            plan = self._plans.get(k)
+            unknown = plan is not None and plan.reason is Reason.UNKNOWN_SCHEMA_ID
+            if unknown and plan is not None and now - plan.made > self._unknown_ttl_s:
+                del self._plans[k]
         return {k for k in keys if k not in self._plans and k not in self._learned}
 
     def learn(self, key: SchemaKey, text: str | None) -> None:
@@ -184,7 +195,8 @@ class FramedColumns:
         text = self._learned.pop(key)
         skip = PREFIX_BYTES if key[0] == "id" else 0
         if text is None:
-            plan = _Plan(None, Reason.UNKNOWN_SCHEMA_ID, f"the registry has no {describe_key(key)}")
+            why = f"the registry has no {describe_key(key)}"
+            plan = _Plan(None, Reason.UNKNOWN_SCHEMA_ID, why, made=time.monotonic())
         else:
             plan = self._build(key, text, skip)
         self._plans[key] = plan

@@ -426,3 +426,25 @@ def test_generated_evolutions_read_exactly_as_fastavro_resolves_them(
         assert got == rejected_rows, (cols.plan_kind(("id", 9)), got, rejected_rows)
         assert _same(out.matrix, expected[keep])
         assert out.ids == [resolved[i]["key"] for i in keep]
+
+
+def test_an_unknown_id_is_asked_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    cols = build_framed_columns(
+        parse_record_schema(_WRITER), _FEATURES, id_field="id", event_time_field="",
+        max_message_bytes=4096,
+    )  # fmt: skip
+    body = _body(_WRITER, {"id": "a", "n": 1, "x": 1.0, "kind": "A", "extra": "", "d": 0.5})
+    msg = [Msg(_framed(4, body))]
+    assert cols.schema_keys(msg) == {("id", 4)}
+    cols.learn(("id", 4), None)  # a registry replica that does not have it yet
+    assert cols.run(msg).dead[0].reason is Reason.UNKNOWN_SCHEMA_ID
+    clock[0] += 10
+    assert cols.schema_keys(msg) == set()  # not asked again at once
+    clock[0] += 25
+    assert cols.schema_keys(msg) == {("id", 4)}
+    cols.learn(("id", 4), json.dumps(_WRITER))
+    assert len(cols.run(msg).messages) == 1
