@@ -25,12 +25,15 @@ tools:
 mlflow-tools:
 	@PYTHON=$(PYTHON) sh deploy/tools/install-mlflow.sh
 
-# virtualenv, the package, Apache Kafka's broker jars (through Maven, cached outside the repo), tools
+# virtualenv, the package, Apache Kafka's broker jars and Apicurio Registry (through Maven, cached
+# outside the repo), tools
 setup: $(STAMP) tools
 	$(BIN)/stream-scorer local-kafka fetch
+	$(BIN)/stream-scorer local-registry fetch
 
+# DEMO_ARGS="--format confluent": the same with a local Schema Registry and framed events
 demo: setup
-	$(BIN)/stream-scorer demo
+	$(BIN)/stream-scorer demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check stream_scorer tests

@@ -185,8 +185,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from stream_scorer.example.produce import produce_events
+    from stream_scorer.example.produce import confluent_frame, produce_events
 
+    frame = b""
+    if args.format == "confluent":
+        if not args.registry_url:
+            raise ConfigError("--registry-url", "is required by --format confluent")
+        frame = confluent_frame(args.registry_url, args.topic)
     report = produce_events(
         args.bootstrap_servers,
         args.topic,
@@ -194,6 +199,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         malformed_fraction=args.malformed_fraction,
         rate=args.rate,
         seed=args.seed,
+        frame=frame,
     )
     print(
         f"produced {report.produced} events ({report.valid} valid, malformed: "
@@ -269,6 +275,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         malformed_fraction=args.malformed_fraction,
         paced_rate=args.paced_rate,
         paced_seconds=args.paced_seconds,
+        fmt=args.format,
+        registry_port=args.registry_port,
     )
 
 
@@ -321,6 +329,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from stream_scorer.devtools.bench import run_bench
     from stream_scorer.devtools.localkafka import default_cache_dir
 
+    if args.framed:
+        if not args.registry_url:
+            raise ConfigError("--registry-url", "is required by --framed")
+        from stream_scorer.devtools.bench import (
+            ensure_example_model,
+            example_config,
+            example_payloads,
+            profile_framed,
+        )
+
+        model = ensure_example_model(default_cache_dir() / "bench-models" / "100x6")
+        profile = profile_framed(
+            example_config(model), example_payloads(args.events), args.registry_url
+        )
+        print(json.dumps(profile), flush=True)
+        return 0
     if args.soak:
         from stream_scorer.devtools.soak import SoakSettings, run_soak
 
@@ -399,6 +423,31 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
         print(version_text(), flush=True)
         parser.exit()
+
+
+def _cmd_local_registry(args: argparse.Namespace) -> int:
+    from stream_scorer.devtools.localkafka import default_cache_dir
+    from stream_scorer.devtools.localregistry import LocalRegistry, fetch_registry, find_java
+
+    if args.action == "fetch":
+        find_java()
+        print(fetch_registry())
+        return 0
+    state_dir = args.dir or default_cache_dir() / f"registry-{args.port}"
+    registry = LocalRegistry(state_dir, port=args.port, management_port=args.management_port)
+    if args.action == "start":
+        print(registry.start())
+    elif args.action == "stop":
+        print("stopped" if registry.stop() else "not running")
+    else:
+        status = registry.status()
+        if status is None:
+            print("not running")
+            return 1
+        state = "answering" if status.answering else "not answering"
+        print(f"pid {status.pid} at {status.url}: {state}")
+        return 0 if status.answering else 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -497,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("--malformed-fraction", type=float, default=0.0)
     produce.add_argument("--seed", type=int, default=1)
+    produce.add_argument(
+        "--format",
+        choices=["schemaless", "confluent"],
+        default="schemaless",
+        help="confluent: register the ride schema under <topic>-value and frame every event",
+    )
+    produce.add_argument("--registry-url", help="the registry's Confluent-compatible API URL")
     produce.set_defaults(func=_cmd_produce)
 
     example = sub.add_parser("example", help="the shipped example's files")
@@ -530,6 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--paced-seconds", type=float, default=5.0, help="length of the latency phase"
+    )
+    demo.add_argument(
+        "--format",
+        choices=["schemaless", "confluent"],
+        default="schemaless",
+        help="confluent: a local Schema Registry too, framed events and predictions",
+    )
+    demo.add_argument(
+        "--registry-port", type=int, default=39081, help="local registry port (--format confluent)"
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -573,6 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", type=Path, help="results folder (default: bench-results in the cache folder)"
     )
+    bench.add_argument(
+        "--framed",
+        action="store_true",
+        help="no broker: framed input (Confluent wire format) against the stock "
+        "AvroDeserializer per record, µs per event (needs --registry-url)",
+    )
+    bench.add_argument("--registry-url", help="the registry's Confluent-compatible API URL")
     add_soak_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
 
@@ -586,6 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lk.add_argument("--dir", type=Path, help="state and data directory")
     lk.set_defaults(func=_cmd_local_kafka)
+
+    lr = sub.add_parser(
+        "local-registry", help="a local Schema Registry (Apicurio, Confluent-compatible API)"
+    )
+    lr.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    lr.add_argument("--port", type=int, default=8081, help="HTTP port (default 8081)")
+    lr.add_argument("--management-port", type=int, help="management port (default: --port + 1)")
+    lr.add_argument("--dir", type=Path, help="state directory")
+    lr.set_defaults(func=_cmd_local_registry)
     return parser
 
 

@@ -15,6 +15,7 @@ This module is also the one place where settings become librdkafka's dotted keys
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -220,6 +221,10 @@ class InputConfig(_Section):
 
     topic: NonEmpty
     """Topic to consume."""
+    topics: tuple[NonEmpty, ...] = ()
+    """More topics consumed by the same group, each a name or a regular expression starting
+    with ``^`` (librdkafka's pattern subscription); with ``format: confluent`` each record is
+    read with its own writer schema, whatever its topic."""
     group_id: NonEmpty
     """Consumer group; workers of one deployment share it."""
     schema_file: ExistingFile = Field(alias="schema")
@@ -234,6 +239,16 @@ class InputConfig(_Section):
     fast_path: bool = True
     """Decode with the compiled decoder specialised to the schema and model when the schema
     allows it (see ``fast``); false forces the fastavro path."""
+    format: Literal["schemaless", "confluent"] = "schemaless"
+    """``schemaless``: bare Avro bodies written with ``schema``; ``confluent``: the Confluent
+    wire format (magic byte 0 and a schema id, or the ``__value_schema_id`` header), each
+    record read with its writer schema from the registry and resolved against ``schema``
+    (needs ``registry.url``)."""
+    reader_subject: str = ""
+    """``confluent``: take the reader schema from this registry subject at start-up instead of
+    ``schema`` (which stays the contract ``config check`` checks offline)."""
+    reader_version: Annotated[str, Field(pattern=r"^(latest|[1-9][0-9]*)$")] = "latest"
+    """The version of ``reader_subject``: a number, or ``latest`` (read once, at start-up)."""
 
     @property
     def schema(self) -> Path:  # type: ignore[override]
@@ -251,6 +266,12 @@ class OutputConfig(_Section):
     copy_headers: tuple[NonEmpty, ...] = ()
     """Input headers copied onto each prediction when the input record has them (trace ids
     such as ``traceparent``); the prediction's own headers are never replaced."""
+    format: Literal["schemaless", "confluent"] = "schemaless"
+    """``schemaless``: bare Avro; ``confluent``: each prediction framed with the id of the
+    prediction schema, registered under ``<output topic>-value`` (needs ``registry.url``)."""
+    auto_register: bool = True
+    """``confluent``: register the prediction schema at start-up; false: it must already be
+    registered under ``<output topic>-value`` (start-up fails naming the subject)."""
 
     @property
     def schema(self) -> Path:  # type: ignore[override]
@@ -377,6 +398,32 @@ class DeliveryConfig(_Section):
     without a rebalance (pair with a larger ``session.timeout.ms``)."""
 
 
+class RegistryConfig(_Section):
+    """The Schema Registry (Confluent-compatible REST API) of ``format: confluent``."""
+
+    url: str = ""
+    """Base URL of the Confluent-compatible API, e.g. ``http://registry:8080/apis/ccompat/v7``
+    (Apicurio) or ``https://sr.example:8081`` (Confluent)."""
+    username: str = ""
+    """HTTP basic authentication user (empty: none)."""
+    password: str = Field(default="", repr=False)
+    """HTTP basic authentication password; never logged."""
+    ca_location: str = ""
+    """PEM file of the CA that signed the registry's certificate (empty: the system's)."""
+    certificate_location: str = ""
+    """PEM client certificate for mutual TLS (with ``key_location``)."""
+    key_location: str = ""
+    """PEM private key of ``certificate_location``."""
+    timeout_s: Number = Field(default=10.0, gt=0)
+    """Timeout of one request."""
+    unavailable_timeout_s: Number = Field(default=120.0, gt=0)
+    """While the registry does not answer, records needing an unknown schema wait (retried with
+    backoff, never dead-lettered, offsets uncommitted); after this long the worker exits 1.
+    Must stay below ``max.poll.interval.ms``."""
+    max_schemas: Int = Field(default=1000, gt=0)
+    """Writer schemas (and their compiled plans) kept in memory, least recently seen dropped."""
+
+
 class HealthConfig(_Section):
     """Liveness, readiness and the per-partition progress watchdog (README.md, "Health")."""
 
@@ -422,6 +469,8 @@ class Config(_Section):
     """Liveness, readiness and the progress watchdog."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Log output."""
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """The Schema Registry (``format: confluent``)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -449,9 +498,35 @@ def _check(cfg: Config) -> None:
         )
     if (cfg.model.path is None) == (not cfg.model.source):
         raise ConfigError("model.source", "give exactly one of model.path and model.source")
+    if cfg.input.reader_subject and cfg.input.format != "confluent":
+        raise ConfigError("input.reader_subject", "needs input.format: confluent")
+    for key, fmt in (("input.format", cfg.input.format), ("output.format", cfg.output.format)):
+        if fmt == "confluent" and not cfg.registry.url:
+            raise ConfigError("registry.url", f"is required by {key}: confluent")
+    if 1000 * cfg.registry.unavailable_timeout_s >= poll_ms:
+        raise ConfigError(
+            "registry.unavailable_timeout_s",
+            f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
+    for name in cfg.input.topics:
+        for key, out in (
+            ("output.topic", cfg.output.topic),
+            ("dead_letter.topic", cfg.dead_letter.topic),
+        ):
+            if name == out or (name.startswith("^") and _matches(name, out)):
+                raise ConfigError("input.topics", f"{name!r} would consume {key} {out!r}")
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
         raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
+
+
+def _matches(pattern: str, topic: str) -> bool:
+    try:
+        return re.search(pattern, topic) is not None
+    except re.error as exc:
+        raise ConfigError(
+            "input.topics", f"{pattern!r} is not a regular expression: {exc}"
+        ) from None
 
 
 def config_schema() -> dict[str, Any]:

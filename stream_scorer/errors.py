@@ -15,9 +15,11 @@ Every error the service raises on purpose derives from one root, so callers can 
     │   └── FencedError      exactly-once: another producer took this transactional id
     ├── ScoringError         the model failed on a batch
     ├── UnavailableError     a server the worker reads from did not answer (asked again later)
+    │   └── RegistryError    the schema registry, past registry.unavailable_timeout_s (exit 1)
     ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
     ├── GroupActiveError     an operator command refused: the consumer group has members
-    └── LocalKafkaError      the local development broker could not be fetched, started or stopped
+    ├── LocalKafkaError      the local development broker could not be fetched, started or stopped
+    └── LocalRegistryError   the local development registry could not be fetched or started
 
 Exit codes of the command line (README.md, "Exit codes"): 0 a clean stop; 2 the deployment must
 be fixed before a restart can help (``DEPLOYMENT_ERRORS``: configuration, model, schema); 1 any
@@ -116,7 +118,7 @@ class ScoringError(StreamScorerError):
 
 
 class UnavailableError(StreamScorerError):
-    """A server the worker reads from (a model registry) did not answer: not a bad input.
+    """A server the worker reads from (a registry) did not answer: not a bad input.
 
     A running worker asks again later; at start-up it exits 1 (a restart can help).
     """
@@ -124,6 +126,22 @@ class UnavailableError(StreamScorerError):
 
 class LocalKafkaError(StreamScorerError):
     """The local development broker could not be fetched, started or stopped."""
+
+
+class RegistryError(UnavailableError):
+    """The schema registry could not be reached, or answered with a server error, past the bound.
+
+    Attributes:
+        status: the HTTP status of the last answer; None when there was none (unreachable).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LocalRegistryError(StreamScorerError):
+    """The local development schema registry could not be fetched, started or stopped."""
 
 
 #: Errors no restart can fix: the deployment (configuration, model, schemas) must change.

@@ -40,3 +40,7 @@ ATTEMPT = "stream_scorer.attempt"
 # --- on every replayed record -----------------------------------------------------------------
 #: ``topic/partition/offset`` of the dead letter a replayed record was published from.
 REPLAY_SOURCE = "stream_scorer.replay.source"
+
+# --- read on framed input (``input.format: confluent``) ----------------------------------------
+#: Confluent's schema id header (confluent-kafka-python 2.10+): magic byte 1 and a 16-byte GUID.
+VALUE_SCHEMA_ID = "__value_schema_id"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from support import wait_for
 
+from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
 
 KAFKA_IMAGE = "apache/kafka:4.1.1"
@@ -153,6 +154,38 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield bootstrap
     finally:
         broker.stop()
+
+
+def start_local_registry(state_dir: Path, port: int = 0) -> tuple[LocalRegistry, str]:
+    """Start a local Apicurio registry on loopback (free ports unless ``port``); fail, never
+    skip, if it cannot start."""
+    free, management = _free_ports(2)
+    registry = LocalRegistry(state_dir, port=port or free, management_port=management)
+    try:
+        url = registry.start(timeout=120)
+    except StreamScorerError as exc:
+        registry.stop()
+        pytest.fail(
+            "no Schema Registry for the integration tests: $SCHEMA_REGISTRY_URL is unset and "
+            f"the local registry (stream-scorer local-registry) could not start: {exc}"
+        )
+    return registry, url
+
+
+@pytest.fixture(scope="session")
+def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Schema Registry's Confluent-compatible URL: $SCHEMA_REGISTRY_URL, else a local one.
+
+    When none can be had, the tests that need it fail; they never skip.
+    """
+    if os.environ.get("SCHEMA_REGISTRY_URL"):
+        yield os.environ["SCHEMA_REGISTRY_URL"]
+        return
+    registry, url = start_local_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield url
+    finally:
+        registry.stop()
 
 
 @pytest.fixture

@@ -39,7 +39,12 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 from support import committed_offsets, high_watermarks, produce_raw, read_topic, wait_for
 
 from stream_scorer import headers as hdr
-from stream_scorer.example.produce import EXPECTED_DEAD_LETTERS, MALFORMED_KINDS, RideEncoder
+from stream_scorer.example.produce import (
+    EXPECTED_DEAD_LETTERS,
+    MALFORMED_KINDS,
+    RideEncoder,
+    confluent_frame,
+)
 from stream_scorer.example.rides import generate_rides
 from stream_scorer.ops.topics import ensure_topics, group_lag
 from stream_scorer.stages.records import Reason
@@ -288,10 +293,13 @@ class FaultRun:
         rate: float,
         poison_every: int = 90,
         model: dict[str, Any] | None = None,
+        registry: str = "",
     ) -> None:
         """Create the topics and the worker configuration.
 
-        ``model``: the workers' ``model`` section (default: ``path`` = ``model_dir``).
+        ``model``: the workers' ``model`` section (default: ``path`` = ``model_dir``). With
+        ``registry`` (a Confluent-compatible URL) the input is framed: the ride schema is
+        registered under ``<topic>-value`` and every value (poison too) carries its id.
         """
         self.bootstrap = bootstrap
         self.workdir = workdir
@@ -302,6 +310,9 @@ class FaultRun:
         self.group = f"grp-{suffix}"
         ensure_topics(bootstrap, {self.topic: PARTITIONS, self.out: PARTITIONS, self.dlq: 1})
         self.items = make_events(events, poison_every, seed=len(name))
+        if registry:
+            frame = confluent_frame(registry, self.topic)
+            self.items = [(k, None if v is None else frame + v, kind) for k, v, kind in self.items]
         self.rate = rate
         self.workers: dict[str, Worker] = {}
         self.unexpected: list[str] = []
@@ -332,10 +343,12 @@ class FaultRun:
                 "id_field": "ride_id",
                 "event_time_field": "requested_at",
                 "max_message_bytes": MAX_MESSAGE_BYTES,
+                "format": "confluent" if registry else "schemaless",
             },
             "output": {"topic": self.out, "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
             "dead_letter": {"topic": self.dlq},
             "model": model or {"path": str(model_dir)},
+            **({"registry": {"url": registry, "unavailable_timeout_s": 6}} if registry else {}),
             "batch": {"max_records": 500, "max_wait_ms": 20, "max_processing_s": 2},
             "worker": {"shutdown_timeout_s": 20},
             "metrics": {"port": 0},

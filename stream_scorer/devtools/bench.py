@@ -178,6 +178,105 @@ def profile_fast_path(
     }
 
 
+def profile_framed(
+    cfg: Config, payloads: Sequence[bytes], registry_url: str, *, batch: int = 1000
+) -> dict[str, float]:
+    """Framed input (Confluent wire format) against the stock deserializer, µs per record.
+
+    The example's ride schema (v1) is registered on the registry at ``registry_url``; the same
+    events, framed with its id, go through (best of 7 passes over batches of ``batch``):
+
+    - ``schemaless_fast``: the fast path on the bare bodies (today's input), decode + features;
+    - ``framed_fast``: ``FramedColumns`` on the framed values, reader = writer (decode +
+      features; the writer schema is fetched once, before timing);
+    - ``framed_fast_evolved``: the same, read with the evolved reader (v2: int->long, a field
+      added with a default, one dropped);
+    - ``stock_deserializer``: confluent-kafka's ``AvroDeserializer`` per record (decode only,
+      its default settings), and ``stock_evolved`` with the v2 reader schema;
+    - ``stock_deserializer_plus_features``: that, then the feature builder over the records.
+    """
+    import json as _json
+
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    from stream_scorer.example.rides import RIDE_SCHEMA_PATH, evolved_ride_schemas
+    from stream_scorer.fast.path import FastDecoder
+    from stream_scorer.model.manifest import read_manifest
+    from stream_scorer.registry import RegistryClient
+    from stream_scorer.stages.decode import load_schema
+    from stream_scorer.stages.features import FeatureBuilder
+    from stream_scorer.stages.framing import build_framed_columns, frame_key
+
+    features = read_manifest(cfg.model.directory).features
+    reader_v1 = load_schema(cfg.input.schema)
+    v2_text = _json.dumps(evolved_ride_schemas()["v2"])
+    v1_text = _json.dumps(_json.loads(RIDE_SCHEMA_PATH.read_text(encoding="utf-8")))
+    client = RegistryClient(registry_url)
+    subject = f"bench-rides-{int(time.time() * 1000)}-value"
+    schema_id = client.register(subject, v1_text)
+    frame = b"\x00" + schema_id.to_bytes(4, "big")
+    bodies = [PlainMessage(v, o=i) for i, v in enumerate(payloads)]
+    framed = [PlainMessage(frame + v, o=i) for i, v in enumerate(payloads)]
+
+    def chunks(msgs: list[PlainMessage]) -> list[list[PlainMessage]]:
+        return [msgs[i : i + batch] for i in range(0, len(msgs), batch)]
+
+    def best(
+        step: Callable[[list[PlainMessage]], Any], msgs: list[PlainMessage], n: int = 7
+    ) -> float:
+        parts = chunks(msgs)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            for chunk in parts:
+                step(chunk)
+            times.append(time.perf_counter() - t0)
+        return min(times) / len(msgs) * 1e6
+
+    kw: dict[str, Any] = {
+        "id_field": cfg.input.id_field,
+        "event_time_field": cfg.input.event_time_field,
+        "max_message_bytes": cfg.input.max_message_bytes,
+    }
+    fast = FastDecoder(reader_v1, features, **kw)
+    out = {"schemaless_fast": best(fast.run, bodies)}
+    for name, reader in (("framed_fast", reader_v1), ("framed_fast_evolved", None)):
+        if reader is None:
+            import fastavro
+
+            parsed = fastavro.parse_schema(_json.loads(v2_text))
+            assert isinstance(parsed, dict)
+            reader = parsed
+        cols = build_framed_columns(reader, features, **kw)
+        key = frame_key(framed[0])
+        assert isinstance(key, tuple)
+        cols.learn(key, client.writer_schema(key))
+        cols.run(framed[:1])
+        assert cols.plan_kind(key) == "fast", cols.plan_kind(key)
+        out[name] = best(cols.run, framed)
+    builder = FeatureBuilder(features)
+    with SchemaRegistryClient({"url": registry_url}) as sr:
+        plain = AvroDeserializer(sr)
+        evolved = AvroDeserializer(sr, schema_str=Schema(v2_text, "AVRO"))
+        for name, deser in (("stock_deserializer", plain), ("stock_evolved", evolved)):
+            ctx = SerializationContext("bench", MessageField.VALUE)
+
+            def stock(chunk: list[PlainMessage], d: Any = deser, c: Any = ctx) -> list[Any]:
+                return [d(m.val, c) for m in chunk]
+
+            stock(framed[:1])
+            out[name] = best(stock, framed, n=3)
+
+            def stock_features(chunk: list[PlainMessage], d: Any = deser, c: Any = ctx) -> Any:
+                return builder.build([d(m.val, c) for m in chunk])
+
+            if name == "stock_deserializer":
+                out["stock_deserializer_plus_features"] = best(stock_features, framed, n=3)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 # --- on a broker --------------------------------------------------------------------------
 @dataclass
 class ModeResult:

@@ -28,9 +28,10 @@ import numpy as np
 from stream_scorer import headers as hdr
 from stream_scorer.clients import read_to_end, topic_end_offsets
 from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
+from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
-from stream_scorer.example.produce import ProduceReport, produce_events
+from stream_scorer.example.produce import ProduceReport, confluent_frame, produce_events
 from stream_scorer.model.manifest import MANIFEST_FILE, read_manifest
 from stream_scorer.model.store import ModelStore, promote
 from stream_scorer.ops.topics import (
@@ -149,12 +150,16 @@ def run_demo(
     malformed_fraction: float,
     paced_rate: float = 1000.0,
     paced_seconds: float = 5.0,
+    fmt: str = "schemaless",
+    registry_port: int = 39081,
 ) -> int:
     """Run the demo; return the process exit code.
 
     Two phases: ``events`` produced as fast as possible (a backlog: the workers' drain rate),
     then ``paced_rate`` events per second for ``paced_seconds`` (the end-to-end latency of a
-    stream the workers keep up with).
+    stream the workers keep up with). ``fmt`` ``confluent``: a local Schema Registry
+    (``registry_port``) too, the events framed with the ride schema's id and the predictions
+    with the prediction schema's.
     """
     state = default_cache_dir() / f"demo-broker-{port}"
     broker = LocalKafka(state, port=port)
@@ -166,7 +171,24 @@ def run_demo(
     bootstrap = broker.start()
     _say(f"      bootstrap {bootstrap}")
     procs: list[tuple[subprocess.Popen[str], Path]] = []
+    registry: LocalRegistry | None = None
+    registry_ours = False
     try:
+        frame = b""
+        extra_env: dict[str, str] = {}
+        if fmt == "confluent":
+            registry = LocalRegistry(
+                default_cache_dir() / f"demo-registry-{registry_port}", port=registry_port
+            )
+            present = registry.status()
+            registry_ours = present is None or not present.answering
+            url = registry.start()
+            _say(f"      schema registry {url} (Apicurio, Confluent-compatible API)")
+            extra_env = {
+                "STREAM_SCORER_INPUT__FORMAT": "confluent",
+                "STREAM_SCORER_OUTPUT__FORMAT": "confluent",
+                "STREAM_SCORER_REGISTRY__URL": url,
+            }
         run = time.strftime("%Y%m%d-%H%M%S")
         topic, out, dlq, group = (
             f"rides-{run}",
@@ -175,6 +197,9 @@ def run_demo(
             f"demo-{run}",
         )
         ensure_topics(bootstrap, {topic: INPUT_PARTITIONS, out: INPUT_PARTITIONS, dlq: 1})
+        if registry is not None:
+            frame = confluent_frame(registry.url, topic)
+            _say(f"      events framed with schema id {int.from_bytes(frame[1:], 'big')}")
         _say(f"[2/6] topics: {topic} ({INPUT_PARTITIONS} partitions), {out}, {dlq}")
         _say("[3/6] model")
         config = cached_example()
@@ -194,6 +219,7 @@ def run_demo(
             "STREAM_SCORER_MODEL__PATH": "none",
             "STREAM_SCORER_MODEL__SOURCE": f"{store.describe()}@champion",
             "STREAM_SCORER_MODEL__REFRESH_S": str(DEMO_REFRESH_S),
+            **extra_env,
         }
         log_dir = state / "demo-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +236,7 @@ def run_demo(
             events,
             malformed_fraction=malformed_fraction,
             progress=lambda n: _say(f"      produced {n:,}") if n % step == 0 else None,
+            frame=frame,
         )
         _say(f"      produced {report.produced:,} in {report.elapsed_s:.1f} s; draining")
         _wait_drained(bootstrap, group, topic, report.produced, procs, log_dir)
@@ -226,7 +253,7 @@ def run_demo(
 
         halfway = threading.Timer(paced_seconds / 2, promote_v2)
         halfway.start()
-        paced = produce_events(bootstrap, topic, paced_n, rate=paced_rate, seed=2)
+        paced = produce_events(bootstrap, topic, paced_n, rate=paced_rate, seed=2, frame=frame)
         halfway.join()
         _wait_drained(bootstrap, group, topic, paced.produced, procs, log_dir)
         _say("[6/6] stopping workers (SIGTERM), reading back every prediction and dead letter")
@@ -252,6 +279,9 @@ def run_demo(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if registry is not None and registry_ours:
+            registry.stop()
+            _say("schema registry stopped")
         if ours:
             broker.stop()
             _say("broker stopped")

@@ -36,6 +36,7 @@ Decoded, then refused by the example model's value policy (stage ``features``; s
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from collections import Counter
@@ -49,7 +50,12 @@ from confluent_kafka import Producer
 
 from stream_scorer.clients import produce_retrying
 from stream_scorer.errors import BrokerError
-from stream_scorer.example.rides import generate_columns, load_ride_schema, to_records
+from stream_scorer.example.rides import (
+    RIDE_SCHEMA_PATH,
+    generate_columns,
+    load_ride_schema,
+    to_records,
+)
 from stream_scorer.stages.records import Reason, Stage
 
 #: Each malformed kind and the dead letter it becomes: (stage, reason code).
@@ -289,6 +295,7 @@ def produce_events(
     seed: int = 1,
     progress: Callable[[int], None] | None = None,
     producer_config: Mapping[str, str] | None = None,
+    frame: bytes = b"",
 ) -> ProduceReport:
     """Produce ``n`` ride events keyed by ride id; ``requested_at`` is the time of production.
 
@@ -301,6 +308,8 @@ def produce_events(
         seed: random seed (ride ids are ``ride-<seed>-<i>``).
         progress: called with the count produced so far, every 1,000 events and at the end.
         producer_config: extra librdkafka settings.
+        frame: written before every value but tombstones (``confluent_frame``: the Confluent
+            wire format's magic byte and schema id); malformed bodies are framed too.
 
     Raises:
         BrokerError: the broker did not acknowledge every event.
@@ -346,6 +355,8 @@ def produce_events(
             value = encoder.malformed(kind, ride, rng)
             counts[kind] += 1
             keys.append(key)
+        if frame and value is not None:
+            value = frame + value
         produce_retrying(
             producer, topic, value, key=key, headers=HEADERS, on_delivery=delivered, wait_s=0.1
         )
@@ -370,3 +381,13 @@ def produce_events(
         malformed_keys=keys,
         elapsed_s=time.monotonic() - started,
     )
+
+
+def confluent_frame(registry_url: str, topic: str) -> bytes:
+    """Register the ride schema under ``<topic>-value``; return the frame: magic 0 and its id."""
+    from stream_scorer.registry import RegistryClient
+
+    schema_id = RegistryClient(registry_url).register(
+        f"{topic}-value", json.dumps(json.loads(RIDE_SCHEMA_PATH.read_text(encoding="utf-8")))
+    )
+    return b"\x00" + schema_id.to_bytes(4, "big")

@@ -249,3 +249,40 @@ def feature_matrix(cols: Columns) -> npt.NDArray[np.float32]:
             cols["surge_multiplier"],
         ]
     ).astype(np.float32)
+
+
+def evolved_ride_schemas() -> dict[str, dict[str, Any]]:
+    """The ride request schema's evolutions (raw JSON), for the registry demo and tests.
+
+    ``v2`` (readable by the model, BACKWARD compatible): ``passenger_count`` promoted from int
+    to long, ``promo_code`` added with a default, ``rider_rating`` (unused) dropped. ``v3``
+    (incompatible, registered only under compatibility NONE): ``distance_km`` dropped, a
+    feature field without a default in v2.
+    """
+    v1 = json.loads(RIDE_SCHEMA_PATH.read_text(encoding="utf-8"))
+    v2 = json.loads(json.dumps(v1))
+    v2["doc"] = "Version 2 of the example input contract (int->long, a field added, one dropped)."
+    fields = []
+    for f in v2["fields"]:
+        if f["name"] == "rider_rating":
+            continue
+        if f["name"] == "passenger_count":
+            f = {**f, "type": "long"}
+        fields.append(f)
+    fields.append({"name": "promo_code", "type": ["null", "string"], "default": None})
+    v2["fields"] = fields
+    v3 = json.loads(json.dumps(v2))
+    v3["doc"] = "Version 3: distance_km dropped (incompatible with a reader that needs it)."
+    v3["fields"] = [f for f in v3["fields"] if f["name"] != "distance_km"]
+    return {"v1": v1, "v2": v2, "v3": v3}
+
+
+def ride_as(version: str, ride: Mapping[str, Any]) -> dict[str, Any]:
+    """A ride dict (``generate_rides``) as written with ``evolved_ride_schemas()[version]``."""
+    out = dict(ride)
+    if version in ("v2", "v3"):
+        out.pop("rider_rating", None)
+        out["promo_code"] = "SPRING" if int(ride["pickup_zone"]) % 2 else None
+    if version == "v3":
+        out.pop("distance_km", None)
+    return out

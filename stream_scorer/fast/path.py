@@ -76,6 +76,10 @@ DECODE_EXPLAIN = {
     Reason.INVALID_UTF8: "a string is not valid UTF-8",
     Reason.TRAILING_BYTES: "bytes are left over after the record",
     Reason.MALFORMED_AVRO: "a logical-type value cannot be converted",
+    Reason.BAD_MAGIC_BYTE: "the value does not start with the magic byte 0",
+    Reason.SHORT_FRAME: "the value is shorter than its frame",
+    Reason.UNKNOWN_SCHEMA_ID: "the registry has no schema with this id",
+    Reason.SCHEMA_MISMATCH: "the writer schema cannot be read with the reader schema",
 }
 
 
@@ -169,13 +173,18 @@ class FastDecoder:
         return lo_float, hi_float, lo_int, hi_int
 
     def decode(
-        self, messages: Sequence[Message]
+        self, messages: Sequence[Message], skip: int = 0
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], dict[str, Any]]:
         """Run the kernel only: the raw matrix, the cell states and the per-record columns.
 
         The columns: ``status`` (index into ``fast.kernel.REASONS``), ``err_at``, ``ids``,
         ``id_float``, ``times``, ``raw_float``, ``raw_int`` (see ``fast.kernel.run_batch``) and
         ``buf`` (the bytes).
+
+        Args:
+            messages: the records.
+            skip: bytes before each record's Avro body (a wire-format frame's prefix, which the
+                caller has checked: every non-null value is at least this long).
         """
         values = [m.value() for m in messages]
         n = len(values)
@@ -192,6 +201,10 @@ class FastDecoder:
         starts = np.zeros(n, dtype=np.int64)
         if n > 1:
             np.cumsum(sizes[:-1], out=starts[1:])
+        if skip:
+            body = (lens >= 0) & (lens <= self._max)
+            starts = np.where(body, starts + skip, starts)
+            lens = np.where(body, lens - skip, lens)
         buf = np.frombuffer(joined or b"\x00", dtype=np.uint8)
         prog = self.program
         matrix = np.empty((n, prog.n_features), dtype=np.float32)
@@ -310,9 +323,12 @@ class FastDecoder:
             if n
         }
 
-    def run(self, messages: Sequence[Message]) -> Columns:
-        """Decode a batch and apply the feature policies; bad records become dead letters."""
-        matrix, state, cols = self.decode(messages)
+    def run(self, messages: Sequence[Message], skip: int = 0) -> Columns:
+        """Decode a batch and apply the feature policies; bad records become dead letters.
+
+        ``skip``: bytes of frame before each Avro body (see ``decode``).
+        """
+        matrix, state, cols = self.decode(messages, skip)
         decode_done = time.perf_counter()
         status = cols["status"]
         reasons = self._k.REASONS

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 
 from stream_scorer.errors import SchemaError
 from stream_scorer.stages.avro_guard import (
@@ -48,6 +49,8 @@ def load_schema(path: Path) -> dict[str, Any]:
 
 
 def _reason(exc: BaseException) -> Reason:
+    if isinstance(exc, SchemaResolutionError):
+        return Reason.SCHEMA_MISMATCH
     if isinstance(exc, UnicodeDecodeError):
         return Reason.INVALID_UTF8
     if isinstance(exc, EOFError):
@@ -65,6 +68,8 @@ class Decoder:
         *,
         max_zero_size_items: int = DEFAULT_MAX_ZERO_SIZE_ITEMS,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        reader: dict[str, Any] | None = None,
+        skip: int = 0,
     ) -> None:
         """Create a decoder.
 
@@ -74,11 +79,16 @@ class Decoder:
             max_zero_size_items: items of zero-byte types (``null``, empty records) allowed in
                 one value's arrays together (see ``AvroGuard``).
             max_depth: how deeply recursive types may nest.
+            reader: the reader schema the records are resolved against (Avro schema
+                resolution, fastavro's); None reads them with the writer schema.
+            skip: bytes of wire-format frame before each Avro body (checked by the caller).
 
         Raises:
             SchemaError: the schema cannot be compiled into a guard.
         """
         self._schema = schema
+        self._reader = reader
+        self._skip = skip
         self._max = max_message_bytes
         try:
             self._guard = AvroGuard(
@@ -102,6 +112,11 @@ class Decoder:
             return self._dead(
                 msg, Reason.TOO_LARGE, _GUARD, f"value has {size} bytes, limit is {self._max}"
             )
+        if self._skip:
+            value = value[self._skip :]
+            size = len(value)
+            if size == 0:  # a frame without a body, as the fast path says
+                return self._dead(msg, Reason.EMPTY, _GUARD, "record value is empty")
         try:
             violation = self._guard.check(value)
         except Exception as exc:  # the guard must not raise; if it does, still a dead letter
@@ -110,7 +125,7 @@ class Decoder:
             return self._dead(msg, violation.reason, _GUARD, violation.message)
         buf = io.BytesIO(value)
         try:
-            record = fastavro.schemaless_reader(buf, self._schema, None)
+            record = fastavro.schemaless_reader(buf, self._schema, self._reader)
         except Exception as exc:  # any failure of any type is a dead letter, by design
             return self._dead(msg, _reason(exc), type(exc).__name__, str(exc) or repr(exc))
         used = buf.tell()

@@ -116,8 +116,13 @@ class PredictionEncoder:
     any other compatible schema is written by fastavro, one record at a time.
     """
 
-    def __init__(self, schema: dict[str, Any]) -> None:
+    def __init__(self, schema: dict[str, Any], *, prefix: bytes = b"") -> None:
         """Create an encoder and prove the schema can be written.
+
+        Args:
+            schema: the parsed prediction schema.
+            prefix: bytes written before every record (``output.format: confluent``: the
+                magic byte 0 and the schema id, see ``stages.framing``).
 
         Raises:
             SchemaError: the schema lacks a required field or rejects a sample prediction.
@@ -127,6 +132,7 @@ class PredictionEncoder:
         if missing:
             raise SchemaError(f"prediction schema lacks field(s) {', '.join(missing)}")
         self._schema = schema
+        self._prefix = prefix
         self._buf = io.BytesIO()
         layout = tuple((f["name"], _type_key(f["type"])) for f in schema.get("fields", ()))
         self.specialised = layout == _V1_LAYOUT
@@ -155,6 +161,7 @@ class PredictionEncoder:
                 self._version = (model_version, _string(model_version))
             return b"".join(
                 (
+                    self._prefix,
                     _string(input_id),
                     _DOUBLE(prediction),
                     b"\x00" if label is None else b"\x02" + _long(label),
@@ -178,7 +185,7 @@ class PredictionEncoder:
                 "scored_at": scored_at_ms,
             },
         )
-        return buf.getvalue()
+        return self._prefix + buf.getvalue()
 
     def encode_batch(
         self,
@@ -197,9 +204,13 @@ class PredictionEncoder:
         if self.specialised and ids:
             if model_version != self._version[0]:
                 self._version = (model_version, _string(model_version))
-            return _encode_v1_batch(
+            out = _encode_v1_batch(
                 ids, predictions, labels, self._version[1], event_ms, scored_at_ms
             )
+            if self._prefix:
+                prefix = self._prefix
+                return [prefix + v for v in out]
+            return out
         values = predictions.tolist()
         marks = [None] * len(ids) if labels is None else labels.tolist()
         return [

@@ -95,6 +95,11 @@ class Pipeline:
         """The model every batch of this pipeline is scored with."""
         return self._scorer
 
+    @property
+    def columns(self) -> ColumnBuilder:
+        """The decode + features step this pipeline runs."""
+        return self._columns
+
     def process(self, messages: Sequence[Message]) -> BatchResult:
         """Score a batch. Bad records come back as dead letters; nothing is dropped.
 

@@ -129,6 +129,16 @@ class Reason(StrEnum):
     TRAILING_BYTES = "trailing_bytes", Stage.DECODE
     #: decode: anything else the value's bytes get wrong (see ``avro_guard``).
     MALFORMED_AVRO = "malformed_avro", Stage.DECODE
+    #: decode (``input.format: confluent``): the value's first byte is not the magic byte 0
+    #: and no ``__value_schema_id`` header names its schema.
+    BAD_MAGIC_BYTE = "bad_magic_byte", Stage.DECODE
+    #: decode (confluent): the value or the schema id header is shorter than its frame.
+    SHORT_FRAME = "short_frame", Stage.DECODE
+    #: decode (confluent): the registry has no schema with the frame's id (or GUID).
+    UNKNOWN_SCHEMA_ID = "unknown_schema_id", Stage.DECODE
+    #: decode (confluent): the writer schema cannot be resolved against the reader schema (a
+    #: reader field without a default that the writer lacks, types that do not match, ...).
+    SCHEMA_MISMATCH = "schema_mismatch", Stage.DECODE
     #: features: the value is null or absent and the ``missing`` policy is ``dead_letter``.
     MISSING_VALUE = "missing_value", Stage.FEATURES
     #: features: the value is NaN and the ``nan`` policy is ``dead_letter``.

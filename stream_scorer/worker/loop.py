@@ -8,6 +8,7 @@ or an error stops it. Then: drain, commit, leave the group.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import fastavro
 from confluent_kafka import Producer
 
 from stream_scorer.config import (
@@ -32,11 +35,13 @@ from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.model.store import DirectorySource, ModelSource, open_source
 from stream_scorer.ops.topics import require_topics
+from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve
+from stream_scorer.stages.framing import MAGIC_ID, FramedColumns, build_framed_columns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Reconnection
@@ -78,8 +83,77 @@ def model_source(cfg: Config) -> ModelSource:
     return open_source(cfg.model.source, tracking_uri=cfg.model.mlflow_tracking_uri)
 
 
+def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
+    """``output.format: confluent``: the frame before every prediction (magic 0 and the id).
+
+    Registers the prediction schema under ``<output topic>-value`` (``output.auto_register``)
+    or looks it up there, retrying while the registry is unreachable.
+
+    Raises:
+        ConfigError: auto-registration is off and the subject lacks the schema (exit 2).
+        RegistryError: the registry did not answer for ``registry.unavailable_timeout_s``.
+    """
+    if cfg.output.format != "confluent":
+        return b""
+    client = client or RegistryClient.from_config(cfg.registry)
+    subject = f"{cfg.output.topic}-value"
+    text = json.dumps(json.loads(cfg.output.schema.read_text(encoding="utf-8")))
+    for attempt in retrying(cfg.registry.unavailable_timeout_s, f"subject {subject}"):
+        with attempt:
+            try:
+                schema_id = (
+                    client.register(subject, text)
+                    if cfg.output.auto_register
+                    else client.lookup(subject, text)
+                )
+            except NotFound:
+                raise ConfigError(
+                    "output.auto_register",
+                    f"is false and subject {subject!r} at {cfg.registry.url} does not hold "
+                    f"the prediction schema {cfg.output.schema}: register it first",
+                ) from None
+    log.info("predictions framed with schema id %d (subject %s)", schema_id, subject)
+    return bytes([MAGIC_ID]) + schema_id.to_bytes(4, "big")
+
+
+def reader_schema(cfg: Config, client: RegistryClient | None = None) -> dict[str, Any] | None:
+    """``input.reader_subject``: the reader schema from the registry (None: ``input.schema``).
+
+    Raises:
+        ConfigError: the subject or version does not exist (exit 2).
+        SchemaError: its schema is not an Avro record.
+        RegistryError: the registry did not answer for ``registry.unavailable_timeout_s``.
+    """
+    subject, version = cfg.input.reader_subject, cfg.input.reader_version
+    if not subject:
+        return None
+    client = client or RegistryClient.from_config(cfg.registry)
+    for attempt in retrying(cfg.registry.unavailable_timeout_s, f"subject {subject}"):
+        with attempt:
+            try:
+                schema_id, text = client.subject_version(subject, version)
+            except NotFound:
+                raise ConfigError(
+                    "input.reader_subject",
+                    f"subject {subject!r} has no version {version!r} at {cfg.registry.url}",
+                ) from None
+    try:
+        parsed = fastavro.parse_schema(json.loads(text))
+    except (ValueError, fastavro.schema.SchemaParseException) as exc:
+        raise SchemaError(f"reader schema {subject} v{version}: {exc}") from exc
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        raise SchemaError(f"reader schema {subject} v{version}: not an Avro record")
+    log.info("reader schema: subject %s version %s (id %d)", subject, version, schema_id)
+    return dict(parsed)
+
+
 def build_pipeline(
-    cfg: Config, metrics: Metrics, model_dir: Path | None = None
+    cfg: Config,
+    metrics: Metrics,
+    model_dir: Path | None = None,
+    *,
+    prefix: bytes = b"",
+    reader: dict[str, Any] | None = None,
 ) -> tuple[Pipeline, Scorer]:
     """Load the schemas and the model and check they fit each other.
 
@@ -87,12 +161,15 @@ def build_pipeline(
         cfg: the configuration.
         metrics: the worker's metrics.
         model_dir: the model's directory (default ``model.path``).
+        prefix: written before every prediction (``output_prefix``).
+        reader: the input's reader schema when it does not come from ``input.schema``
+            (``reader_schema``).
     """
     model_dir = model_dir or cfg.model.path
     if model_dir is None:
         raise ConfigError("model.path", "no model directory")
     scorer = Scorer(model_dir, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
-    input_schema = load_schema(cfg.input.schema)
+    input_schema = reader if reader is not None else load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
     # every category feature's series exists from the start, at 0
     metrics.count_unseen({f.name: 0 for f in scorer.manifest.features if f.transform == "category"})
@@ -106,9 +183,22 @@ def build_pipeline(
             except SchemaError as exc:
                 raise ConfigError(key, f"{exc} (input schema {cfg.input.schema})") from None
     try:
-        encoder = PredictionEncoder(load_schema(cfg.output.schema))
+        encoder = PredictionEncoder(load_schema(cfg.output.schema), prefix=prefix)
     except SchemaError as exc:
         raise ConfigError("output.schema", str(exc)) from exc
+    if cfg.input.format == "confluent":
+        framed = build_framed_columns(
+            input_schema,
+            scorer.manifest.features,
+            id_field=cfg.input.id_field,
+            event_time_field=cfg.input.event_time_field,
+            max_message_bytes=cfg.input.max_message_bytes,
+            fast_path=cfg.input.fast_path,
+            max_schemas=cfg.registry.max_schemas,
+        )
+        log.info("decoder: confluent wire format, each writer schema resolved against %s",
+                 cfg.input.schema)  # fmt: skip
+        return Pipeline(framed, scorer, encoder, timer=metrics.observe_stage), scorer
     fast = build_fast_path(
         input_schema,
         scorer.manifest.features,
@@ -125,6 +215,19 @@ def build_pipeline(
     )
     pipeline = Pipeline(columns, scorer, encoder, timer=metrics.observe_stage)
     return pipeline, scorer
+
+
+def _writer_schemas(cfg: Config, pipeline: Pipeline, metrics: Metrics) -> WriterSchemas | None:
+    """``input.format: confluent``: the registry fetches behind the framed decoder."""
+    columns = pipeline.columns
+    if not isinstance(columns, FramedColumns):
+        return None
+    return WriterSchemas(
+        columns,
+        RegistryClient.from_config(cfg.registry),
+        unavailable_timeout_s=cfg.registry.unavailable_timeout_s,
+        keepalive=lambda: metrics.last_progress.set(time.time()),
+    )
 
 
 def _delivery(
@@ -180,19 +283,19 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     tracker = OffsetTracker()
     with ExitStack() as stack:
         stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
+        prefix, reader = output_prefix(cfg), reader_schema(cfg)
+
+        def load(directory: Path) -> tuple[Pipeline, Scorer]:
+            return build_pipeline(cfg, metrics, directory, prefix=prefix, reader=reader)
+
         models = model_source(cfg)
         stack.callback(models.close)
-        model = load_model(models, models.wanted(), lambda d: build_pipeline(cfg, metrics, d))
+        model = load_model(models, models.wanted(), load)
         scorer = model.scorer
         log.info("model %s from %s", scorer.model_version, models.describe())
         metrics.model_swapped(None, scorer.model_version)
-        refresher = ModelRefresher(
-            models,
-            model,
-            lambda d: build_pipeline(cfg, metrics, d),
-            metrics,
-            cfg.model.refresh_s,
-        )
+        refresher = ModelRefresher(models, model, load, metrics, cfg.model.refresh_s)
+        schemas = _writer_schemas(cfg, model.pipeline, metrics)
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         ctx = SinkContext(
             cfg.output.topic,
@@ -209,6 +312,11 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             client_settings(cfg),
             {
                 "input.topic": cfg.input.topic,
+                **{
+                    f"input.topics[{i}]": t
+                    for i, t in enumerate(cfg.input.topics)
+                    if not t.startswith("^")
+                },
                 "output.topic": cfg.output.topic,
                 "dead_letter.topic": cfg.dead_letter.topic,
             },
@@ -224,6 +332,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                 unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
                 on_revoke=lambda parts: delivery.on_revoke(parts),
                 on_lost=lambda parts: delivery.on_lost(parts),
+                extra_topics=cfg.input.topics,
             )
         )
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
@@ -234,8 +343,28 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         # showed as periodic latency spikes under load)
         gc.collect()
         gc.freeze()
-        swap = partial(_swap, refresher, metrics, monitor)
-        rolled_back = _loop(cfg, source, model, delivery, tracker, metrics, report, stop, swap)
+        if schemas is not None:
+
+            def keepalive() -> None:  # while the registry is down: acks and health go on
+                metrics.registry_retries.inc()
+                metrics.registry_waiting.set(1)
+                delivery.service()
+                metrics.last_progress.set(time.time())
+
+            schemas.keepalive = keepalive
+            schemas.stopping = lambda: bool(stop)
+        rolled_back = _loop(
+            cfg,
+            source,
+            model,
+            delivery,
+            tracker,
+            metrics,
+            report,
+            stop,
+            partial(_swap, refresher, metrics, monitor),
+            schemas=schemas,
+        )
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
         check_clean_stop(
@@ -338,6 +467,8 @@ def _loop(
     report: WorkerReport,
     stop: StopFlag,
     swap: Callable[[LoadedModel], LoadedModel] = lambda model: model,
+    *,
+    schemas: WriterSchemas | None = None,
 ) -> int:
     """The main loop: poll → score → deliver (→ offsets) → swap the model → health.
 
@@ -361,6 +492,9 @@ def _loop(
         want = sizer.size if not limit else min(sizer.size, limit - report.consumed)
         batch = source.poll_batch(want, max_wait)
         if batch:
+            if schemas is not None:  # unknown writer schemas: fetched, waiting out an outage
+                schemas.prepare(batch)
+                metrics.registry_waiting.set(0)
             t0 = time.monotonic()
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
@@ -379,7 +513,10 @@ def _loop(
                 metrics.observe_latency(result.scored.event_ms)
                 metrics.count_unseen(result.unseen)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
-        model = swap(model)
+        swapped = swap(model)
+        if swapped is not model and schemas is not None:
+            schemas.follow(swapped.pipeline.columns)  # the writer schemas fetched so far
+        model = swapped
         delivery.service()
         source.raise_errors()
         metrics.in_flight.set(tracker.pending)

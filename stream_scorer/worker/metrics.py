@@ -61,6 +61,17 @@ class Metrics:
             ["stage", "reason"],
             registry=r,
         )
+        self.registry_retries = Counter(
+            "stream_scorer_registry_retries",
+            "Schema Registry requests that failed (unreachable or a server error) and were "
+            "retried while a batch waited for a writer schema.",
+            registry=r,
+        )
+        self.registry_waiting = Gauge(
+            "stream_scorer_registry_waiting",
+            "1 while a batch waits for the Schema Registry (an outage), else 0.",
+            registry=r,
+        )
         self.unseen_categories = Counter(
             "stream_scorer_unseen_categories",
             "Values of a category feature that are none of its categories, by feature (scored "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -49,10 +49,15 @@ class Source:
         unreachable_timeout_s: float,
         on_revoke: RevokeHook,
         on_lost: RevokeHook,
+        extra_topics: Sequence[str] = (),
     ) -> None:
-        """Prepare a consumer; it is created and subscribed on ``__enter__``."""
+        """Prepare a consumer; it is created and subscribed on ``__enter__``.
+
+        ``extra_topics``: more topics (names, or ``^`` regular expressions) for the same group.
+        """
         self._settings = settings
         self._topic = topic
+        self._extra_topics = tuple(extra_topics)
         self._metrics = metrics
         self._unreachable_timeout = unreachable_timeout_s
         self._on_revoke_hook = on_revoke
@@ -80,7 +85,7 @@ class Source:
         try:
             self._consumer = Consumer(settings)
             self._consumer.subscribe(
-                [self._topic],
+                [self._topic, *self._extra_topics],
                 on_assign=self._assigned_cb,
                 on_revoke=self._revoked_cb,
                 on_lost=self._lost_cb,

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 EVENTS = int(os.environ.get("FAULT_EVENTS", "50000"))
 RATE = float(os.environ.get("FAULT_RATE", "5000"))
 ALO, EOS = "at-least-once", "exactly-once"
-MakeRun = Callable[[str, str], FaultRun]
+MakeRun = Callable[..., FaultRun]
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_run(broker: LocalKafka, model_dir: Path, tmp_path: Path) -> Iterator[MakeRun]:
     runs: list[FaultRun] = []
 
-    def make(mode: str, name: str) -> FaultRun:
+    def make(mode: str, name: str, *, events: int = EVENTS, registry: str = "") -> FaultRun:
         run = FaultRun(
-            broker.bootstrap, tmp_path, model_dir, mode=mode, name=name, events=EVENTS, rate=RATE
-        )
+            broker.bootstrap, tmp_path, model_dir, mode=mode, name=name, events=events,
+            rate=RATE, registry=registry,
+        )  # fmt: skip
         runs.append(run)
         return run
 
@@ -151,6 +152,31 @@ def test_kill_9_five_times(make_run: MakeRun, mode: str) -> None:
     assert not outcome.unexpected_exits, outcome.unexpected_exits
     if mode == EOS:
         assert outcome.aborted_records > 0  # the kills hit open transactions
+
+
+def test_kill_9_with_framed_input_exactly_once(make_run: MakeRun, schema_registry: str) -> None:
+    """Confluent-framed input (the writer schema from a real registry) through kill -9s."""
+    events = max(EVENTS // 2, 3000)
+    run = make_run(EOS, "kill-9-framed", events=events, registry=schema_registry)
+    run.start_all()
+    run.produce_in_background()
+    rng = random.Random(11)
+    kills = 0
+    # three kills, and more (up to 10) until one has hit an open transaction
+    for i in range(1, 11):
+        if kills >= 3 and run.aborted_records() > 0:
+            break
+        when_committed(run, i / 12)
+        run.kill9(rng.choice(sorted(run.workers)))
+        kills += 1
+    outcome = _finish(run, f"kills={kills}", "framed")
+    assert outcome.events == events
+    assert outcome.lost == 0
+    assert outcome.duplicated == 0, outcome.duplicates[:20]
+    assert outcome.dead_letter_mismatches == 0
+    assert outcome.dead_letters_found == outcome.dead_letters_expected >= events // 100
+    assert outcome.aborted_records > 0  # the kills hit open transactions
+    assert not outcome.unexpected_exits, outcome.unexpected_exits
 
 
 @pytest.mark.parametrize("mode", [EOS, ALO])

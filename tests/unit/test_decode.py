@@ -146,6 +146,10 @@ def test_reason_codes_are_the_documented_set() -> None:
         "invalid_utf8",
         "trailing_bytes",
         "malformed_avro",
+        "bad_magic_byte",
+        "short_frame",
+        "unknown_schema_id",
+        "schema_mismatch",
     }
     assert decode.DECODE_REASONS is DECODE_REASONS
 

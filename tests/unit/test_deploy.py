@@ -171,6 +171,14 @@ def test_compose_worker_and_producer_commands_parse(tmp_path: Path) -> None:
     assert produce.topic == cfg.input.topic
     assert produce.bootstrap_servers == cfg.kafka.bootstrap_servers == "kafka:9092"
     assert 0 < produce.malformed_fraction < 0.1
+    # the workers and the producer use the compose file's registry, in the Confluent format
+    assert produce.format == cfg.input.format == cfg.output.format == "confluent"
+    assert produce.registry_url == cfg.registry.url
+    registry = services["registry"]
+    assert registry["image"].startswith("apicurio/apicurio-registry:")
+    assert cfg.registry.url.startswith(f"http://registry:{registry['ports'][0].split(':')[1]}/")
+    for name in ("worker", "producer"):
+        assert services[name]["depends_on"]["registry"]["condition"] == "service_healthy"
 
 
 def test_compose_stop_grace_period_outlasts_the_drain(tmp_path: Path) -> None:
@@ -329,6 +337,11 @@ def test_k8s_configmap_and_deployment_environment_load_as_a_config(tmp_path: Pat
     assert cfg.kafka.client["sasl.username"] == "from-secret-username"
     assert cfg.kafka.client["sasl.password"] == "from-secret-password"
     assert cfg.kafka.client["security.protocol"].startswith("SASL")
+    assert (cfg.registry.username, cfg.registry.password) == (
+        "from-secret-registry-username",
+        "from-secret-registry-password",
+    )
+    assert cfg.input.format == cfg.output.format == "confluent" and cfg.registry.url
     assert cfg.worker.id == "stream-scorer-abc12"
     example = _example_config(tmp_path)
     assert (cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic) == (

@@ -13,7 +13,7 @@ def _documented() -> set[str]:
     names: set[str] = set()
     base = ""
     for token in re.findall(r"`([^`\s]+)`", README):
-        if token.startswith(("stream_scorer.", "__connect.errors.")):
+        if token.startswith(("stream_scorer.", "__connect.errors.", "__value_schema_id")):
             names.add(token)
             base = token.rsplit(".", 1)[0] + "."
         elif token.startswith(".") and base:

@@ -1,0 +1,391 @@
+"""A real Schema Registry on loopback: Apicurio Registry with its Confluent-compatible API.
+
+For development, the demo and the tests on machines without Docker, like ``localkafka``: the
+registry (``io.apicurio:apicurio-registry-app``, a ready Quarkus application) comes from Maven
+Central into a cache outside the repository and runs as a detached ``java`` process whose pid
+and address are kept in a state directory, so ``start``, ``status`` and ``stop`` work across
+commands. Its HTTP port and its management port are both bound to 127.0.0.1; storage is an H2
+database file in the state directory, so a restarted registry keeps its schemas and ids.
+Clients use ``http://127.0.0.1:PORT/apis/ccompat/v7``.
+
+Apicurio 3.3 needs Java 21 or newer: the first of ``$STREAM_SCORER_REGISTRY_JAVA``,
+``$JAVA_HOME/bin/java``, ``java`` on PATH and ``/usr/lib/jvm/*/bin/java`` that is new enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+from stream_scorer.devtools.localkafka import _alive, _port_free, _tail, default_cache_dir
+from stream_scorer.errors import LocalRegistryError
+
+APICURIO_VERSION = "3.3.3"
+#: The oldest Java the registry runs on.
+JAVA_MAJOR = 21
+#: The Confluent-compatible API's path under the registry's address.
+CCOMPAT_PATH = "/apis/ccompat/v7"
+
+_ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
+_JAVA_HINT = (
+    "install a Java 21+ JDK (Debian/Ubuntu: apt-get install openjdk-21-jre-headless, or a "
+    "Temurin 21/25) and point STREAM_SCORER_REGISTRY_JAVA at its bin/java"
+)
+_MARKER = ".complete"
+_STATE = "state.json"
+_HEAP = ("-Xms64m", "-Xmx512m")
+#: Where Debian and Ubuntu install JDKs (searched last).
+JVM_ROOT = Path("/usr/lib/jvm")
+
+
+def _java_major(java: str) -> int | None:
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if match is None:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def find_java() -> str:
+    """Return a ``java`` of version 21 or newer (see the module docstring for the search order).
+
+    Raises:
+        LocalRegistryError: none was found (the message lists what was tried and what to do).
+    """
+    candidates: list[str] = []
+    explicit = os.environ.get("STREAM_SCORER_REGISTRY_JAVA")
+    if explicit:
+        candidates.append(explicit)
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        candidates.append(str(Path(home) / "bin" / "java"))
+    on_path = shutil.which("java")
+    if on_path:
+        candidates.append(on_path)
+    candidates.extend(str(p) for p in sorted(JVM_ROOT.glob("*/bin/java"), reverse=True))
+    tried = []
+    for java in dict.fromkeys(candidates):
+        major = _java_major(java)
+        if major is not None and major >= JAVA_MAJOR:
+            return java
+        tried.append(f"{java} (Java {major if major is not None else '?'})")
+    found = ", ".join(tried) if tried else "no java at all"
+    raise LocalRegistryError(
+        f"Java {JAVA_MAJOR} or newer is needed to run Apicurio Registry {APICURIO_VERSION}; "
+        f"found {found}: {_JAVA_HINT}"
+    )
+
+
+def fetch_registry(cache_dir: Path | None = None, *, log: Callable[[str], None] = print) -> Path:
+    """Download Apicurio Registry with Maven and unpack it into the cache; return its folder.
+
+    The application lands in ``<cache>/apicurio-registry-<version>`` (``quarkus-run.jar``,
+    ``lib/``, ...). Maven runs only when that folder lacks its completion marker; it is unpacked
+    into a temporary folder renamed into place, so a partial download never looks complete.
+
+    Raises:
+        LocalRegistryError: Maven is missing or cannot download the artifact.
+    """
+    home = (cache_dir or default_cache_dir()) / f"apicurio-registry-{APICURIO_VERSION}"
+    if (home / _MARKER).is_file():
+        return home
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise LocalRegistryError(
+            "Maven is needed to fetch Apicurio Registry and `mvn` is not on PATH: install it "
+            "(Debian/Ubuntu: apt-get install maven)"
+        )
+    home.parent.mkdir(parents=True, exist_ok=True)
+    log(f"fetching {_ARTIFACT} with Maven (about 160 MB)")
+    repo = Path(tempfile.mkdtemp(prefix=".m2-", dir=home.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".registry-", dir=home.parent))
+    try:
+        cmd = [
+            mvn, "-B", "-q", "org.apache.maven.plugins:maven-dependency-plugin:2.8:get",
+            "-Dtransitive=false", f"-Dartifact={_ARTIFACT}", f"-Dmaven.repo.local={repo}",
+        ]  # fmt: skip
+        local = Path.home() / ".m2" / "repository"
+        archive_name = f"apicurio-registry-app-{APICURIO_VERSION}-all.tar.gz"
+        cached = local / "io/apicurio/apicurio-registry-app" / APICURIO_VERSION / archive_name
+        if cached.is_file():  # already in the user's Maven repository: no download
+            archive = cached
+        else:
+            try:
+                result = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=1800, check=False
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise LocalRegistryError(f"cannot run Maven ({mvn}): {exc}") from exc
+            if result.returncode != 0:
+                tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+                raise LocalRegistryError(
+                    f"Maven could not fetch {_ARTIFACT} (exit {result.returncode}); check that "
+                    "Maven Central is reachable. Maven's last lines:\n" + tail
+                )
+            archive = repo / "io/apicurio/apicurio-registry-app" / APICURIO_VERSION / archive_name
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (OSError, tarfile.TarError) as exc:
+            raise LocalRegistryError(f"cannot unpack {archive}: {exc}") from exc
+        if not (tmp / "quarkus-run.jar").is_file():
+            raise LocalRegistryError(f"{archive} holds no quarkus-run.jar")
+        (tmp / _MARKER).write_text(_ARTIFACT + "\n")
+        shutil.rmtree(home, ignore_errors=True)
+        try:
+            tmp.rename(home)
+        except OSError as exc:
+            if not (home / _MARKER).is_file():  # a concurrent fetch may have won the race
+                raise LocalRegistryError(f"cannot move the registry into {home}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(repo, ignore_errors=True)
+    log(f"Apicurio Registry in {home}")
+    return home
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether the Confluent-compatible API at ``url`` answers ``GET /subjects``."""
+    try:
+        with urllib.request.urlopen(f"{url}/subjects", timeout=timeout) as resp:
+            return int(resp.status) == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class RegistryStatus:
+    """What a state directory records about a registry, checked against reality.
+
+    Attributes:
+        pid: the recorded java process id.
+        url: the Confluent-compatible API's URL.
+        running: that process is alive and is this state directory's registry.
+        answering: it answers ``GET /subjects``.
+    """
+
+    pid: int
+    url: str
+    running: bool
+    answering: bool
+
+
+class LocalRegistry:
+    """One local registry, identified by its state directory (a context manager too)."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int = 8081,
+        management_port: int | None = None,
+        cache_dir: Path | None = None,
+        *,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        """Describe a registry; nothing starts until ``start``.
+
+        Args:
+            state_dir: folder for its output and ``state.json``.
+            port: the HTTP port on 127.0.0.1.
+            management_port: Quarkus' management port (health, metrics) on 127.0.0.1;
+                ``port + 1`` when None.
+            cache_dir: where the application is cached; ``default_cache_dir()`` when None.
+            log: receives one-line progress messages.
+        """
+        self.state_dir = Path(state_dir).resolve()
+        self.port = port
+        self.management_port = port + 1 if management_port is None else management_port
+        if self.management_port == port:
+            raise LocalRegistryError(f"the HTTP and management ports must differ (both {port})")
+        self.cache_dir = cache_dir
+        self.url = f"http://127.0.0.1:{port}{CCOMPAT_PATH}"
+        self._log = log
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def _state_file(self) -> Path:
+        return self.state_dir / _STATE
+
+    def _marker_arg(self) -> str:
+        return f"-Dstream.scorer.registry.dir={self.state_dir}"
+
+    def _recorded(self) -> tuple[int, str] | None:
+        try:
+            raw = json.loads(self._state_file.read_text())
+            return int(raw["pid"]), str(raw["url"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def _is_ours(self, pid: int) -> bool:
+        if not _alive(pid):
+            return False
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return os.fsencode(self._marker_arg()) in args
+
+    def status(self) -> RegistryStatus | None:
+        """The recorded registry's status, or None when none is recorded."""
+        recorded = self._recorded()
+        if recorded is None:
+            return None
+        pid, url = recorded
+        running = self._is_ours(pid)
+        return RegistryStatus(pid, url, running, running and _answers(url))
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the registry, or report the one running; return the ccompat API's URL.
+
+        Raises:
+            LocalRegistryError: a port is taken, Java 21+ or the application is missing, or
+                the registry exits or does not answer within ``timeout``.
+        """
+        recorded = self._recorded()
+        stale = False
+        if recorded is not None:
+            pid, url = recorded
+            if self._is_ours(pid):
+                if self._wait(url, time.monotonic() + timeout, lambda: self._is_ours(pid)):
+                    self._log(f"already running at {url} (pid {pid})")
+                    return url
+                raise LocalRegistryError(
+                    f"the registry recorded in {self.state_dir} (pid {pid}) runs but does not "
+                    f"answer at {url}: stop it and start again\n{self._logs()}"
+                )
+            self._state_file.unlink(missing_ok=True)
+            stale = True
+        for port, what in ((self.port, "HTTP"), (self.management_port, "management")):
+            if not _port_free(port, wait_s=30.0 if stale else 0.0):
+                raise LocalRegistryError(
+                    f"port {port} on 127.0.0.1 (the registry's {what} port) is taken by another "
+                    f"process: stop it (see `ss -ltnp 'sport = :{port}'`) or choose another port"
+                )
+        java = find_java()
+        home = fetch_registry(self.cache_dir, log=self._log)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            java, *_HEAP, self._marker_arg(),
+            "-Dquarkus.http.host=127.0.0.1", f"-Dquarkus.http.port={self.port}",
+            "-Dquarkus.management.host=127.0.0.1",
+            f"-Dquarkus.management.port={self.management_port}",
+            "-Dquarkus.log.level=WARN", "-Dquarkus.banner.enabled=false",
+            # storage in an H2 file of the state directory: a restart keeps every schema and id
+            f"-Dapicurio.datasource.url=jdbc:h2:file:{self.state_dir / 'data' / 'registry'}",
+            "-Dapicurio.datasource.jdbc.initial-size=2", "-Dapicurio.datasource.jdbc.min-size=2",
+            "-Dapicurio.datasource.jdbc.max-size=10",
+            "-jar", str(home / "quarkus-run.jar"),
+        ]  # fmt: skip
+        try:
+            with (self.state_dir / "registry.out").open("wb") as out:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=self.state_dir, start_new_session=True,
+                )  # fmt: skip
+        except OSError as exc:
+            raise LocalRegistryError(f"cannot start {java}: {exc}") from exc
+        if self._proc is not None:
+            self._proc.poll()
+        self._proc = proc
+        state = {
+            "pid": proc.pid,
+            "port": self.port,
+            "management_port": self.management_port,
+            "url": self.url,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        partial = self._state_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(state, indent=2) + "\n")
+        partial.replace(self._state_file)
+        if self._wait(self.url, time.monotonic() + timeout, lambda: proc.poll() is None):
+            return self.url
+        if proc.poll() is not None:
+            self._state_file.unlink(missing_ok=True)
+            self._proc = None
+            raise LocalRegistryError(
+                f"the registry exited with code {proc.returncode} while starting\n{self._logs()}"
+            )
+        self.stop()
+        raise LocalRegistryError(
+            f"the registry did not answer at {self.url} within {timeout:.0f} s\n{self._logs()}"
+        )
+
+    @staticmethod
+    def _wait(url: str, deadline: float, alive: Callable[[], bool]) -> bool:
+        while True:
+            if _answers(url):
+                return True
+            if not alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def _logs(self) -> str:
+        return _tail(self.state_dir / "registry.out") or f"(no output in {self.state_dir})"
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the recorded registry (SIGTERM, then SIGKILL); return whether one was running."""
+        recorded = self._recorded()
+        if recorded is None:
+            return False
+        pid, _ = recorded
+        running = self._is_ours(pid)
+        if running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_gone(pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                if not self._wait_gone(pid, 10.0):
+                    raise LocalRegistryError(f"the registry (pid {pid}) survives SIGKILL")
+        self._state_file.unlink(missing_ok=True)
+        return running
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        proc = self._proc
+        if proc is not None and proc.pid == pid:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            self._proc = None
+            return True
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
