@@ -448,3 +448,28 @@ def test_an_unknown_id_is_asked_again_after_a_while(monkeypatch: pytest.MonkeyPa
     assert cols.schema_keys(msg) == {("id", 4)}
     cols.learn(("id", 4), json.dumps(_WRITER))
     assert len(cols.run(msg).messages) == 1
+
+
+def test_a_swapped_in_pipeline_learns_the_fetched_writer_schemas_without_the_registry() -> None:
+    """After a model swap the new pipeline's decoder is taught from memory, not the registry."""
+    from stream_scorer.registry import WriterSchemas
+
+    asked: list[SchemaKey] = []
+
+    class Source:
+        def writer_schema(self, key: SchemaKey) -> str | None:
+            asked.append(key)
+            return json.dumps(SCHEMAS["v1"]) if key == ("id", IDS["v1"]) else None
+
+    first, second = _columns(fast=True), _columns(fast=True)
+    schemas = WriterSchemas(first, Source(), unavailable_timeout_s=1)
+    record = ride_as("v1", generate_rides(1, seed=3)[0])
+    batch = [Msg(_framed(IDS["v1"], _body(SCHEMAS["v1"], record)))]
+    schemas.prepare(batch)
+    assert asked == [("id", IDS["v1"])]
+    schemas.follow(second)
+    assert second.schema_keys(batch)  # a new decoder knows nothing yet
+    schemas.prepare(batch)
+    assert asked == [("id", IDS["v1"])]  # taught from memory: the registry was not asked again
+    assert not second.schema_keys(batch)
+    assert len(second.run(batch).ids) == 1
