@@ -320,6 +320,9 @@ class FaultRun:
         #: One per fault and per unexpected exit: what at-least-once may repeat because of it.
         self.windows: list[FaultWindow] = []
         self._watchers: list[threading.Thread] = []
+        # set once the workers are stopped: watchers of windows that never settled stop asking
+        # (each ask is a child process; left polling, they piled up across tests)
+        self._closed = threading.Event()
         self._last_committed: dict[int, int] = {}  # the latest committed() read
         self._alive_committed: dict[int, int] = {}  # read before every worker was seen running
         self._starts = Counter[str]()
@@ -423,9 +426,8 @@ class FaultRun:
             self.windows.append(window)
 
         def watch() -> None:
-            tick = threading.Event()
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
+            while not self._closed.is_set() and time.monotonic() < deadline:
                 try:
                     if self._settled(gone):
                         window.settled = high_watermarks(self.bootstrap, self.topic)
@@ -433,7 +435,7 @@ class FaultRun:
                         return
                 except Exception:  # a broker restarting or a coordinator moving: ask again
                     pass
-                tick.wait(0.5)
+                self._closed.wait(0.5)
 
         thread = threading.Thread(target=watch, name=f"settle {window.what}", daemon=True)
         thread.start()
@@ -560,6 +562,7 @@ class FaultRun:
 
     def stop_all(self) -> dict[str, int]:
         """SIGTERM every worker (once started); return their exit codes."""
+        self._closed.set()
         codes = {}
         for wid in self.workers:
             self.wait_started(wid)
@@ -573,6 +576,7 @@ class FaultRun:
 
     def kill_all(self) -> None:
         """Clean up after a failed test: SIGKILL whatever still runs."""
+        self._closed.set()
         for worker in self.workers.values():
             if worker.proc.poll() is None:
                 worker.proc.kill()
