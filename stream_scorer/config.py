@@ -196,6 +196,12 @@ class KafkaConfig(_Section):
     """librdkafka settings for the consumer only."""
     producer: Librdkafka = Field(default_factory=dict)
     """librdkafka settings for the producer only."""
+    secret_files: Mapping[Annotated[str, AfterValidator(_librdkafka_key)], ExistingFile] = Field(
+        default_factory=dict
+    )
+    """librdkafka settings for every client whose values are read from files at start-up
+    (Kubernetes Secrets mounted as files), e.g. ``sasl.password: /etc/kafka-secret/password``;
+    a trailing newline is dropped. They win over ``client`` and are never logged."""
     statistics_interval_ms: Int = Field(default=5000, ge=0)
     """How often librdkafka reports statistics (lag metrics); 0 = off."""
     unreachable_timeout_s: Number = Field(default=120.0, gt=0)
@@ -667,13 +673,31 @@ def transactional_id(cfg: Config, worker_id: str) -> str:
     return cfg.delivery.transactional_id or f"stream-scorer-{cfg.input.group_id}-{worker_id}"
 
 
+def kafka_client(kafka: KafkaConfig) -> dict[str, str]:
+    """Return ``kafka.client`` with the ``kafka.secret_files`` read into it (security settings).
+
+    Raises:
+        ConfigError: a secret file cannot be read (names the key, never the content).
+    """
+    settings = dict(kafka.client)
+    for key, path in kafka.secret_files.items():
+        try:
+            settings[key] = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"kafka.secret_files.{key}", f"cannot read {path}: {reason}"
+            ) from None
+    return settings
+
+
 def client_settings(cfg: Config) -> dict[str, str]:
     """Return the librdkafka settings for the tools' own clients: the brokers and security.
 
     For admin and probe clients (the start-up topic check, the ``lag`` command), which need
     ``kafka.client`` (SASL, TLS) but none of the consumer's or producer's own settings.
     """
-    return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}
+    return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **kafka_client(cfg.kafka)}
 
 
 def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
@@ -698,7 +722,7 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
     }
     if cfg.delivery.static_membership:
         settings["group.instance.id"] = f"{cfg.input.group_id}-{worker_id}"
-    settings.update(cfg.kafka.client)
+    settings.update(kafka_client(cfg.kafka))
     settings.update(cfg.kafka.consumer)
     if settings.get("group.protocol") == "consumer":  # KIP-848: the broker assigns
         settings.pop("partition.assignment.strategy", None)
@@ -727,7 +751,7 @@ def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
         settings["transactional.id"] = transactional_id(cfg, worker_id)
         settings["transaction.timeout.ms"] = str(txn_ms)
         settings["message.timeout.ms"] = str(txn_ms)
-    settings.update(cfg.kafka.client)
+    settings.update(kafka_client(cfg.kafka))
     settings.update(cfg.kafka.producer)
     if cfg.delivery.mode == EXACTLY_ONCE and int(settings["message.timeout.ms"]) > txn_ms:
         raise ConfigError(

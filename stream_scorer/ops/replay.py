@@ -38,6 +38,9 @@ from stream_scorer.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
+#: The replay's consumer groups and transactional ids start with this (``default_group``).
+GROUP_PREFIX = "stream-scorer-replay-"
+
 
 @dataclass(frozen=True)
 class ReplayFilter:
@@ -95,7 +98,7 @@ def replay_headers(
 def default_group(dead_letter_topic: str, target: str, flt: ReplayFilter) -> str:
     """The replay's consumer group: one per (dead-letter topic, target, filter)."""
     key = f"{dead_letter_topic}|{target}|{sorted(flt.reasons)}|{flt.since_ms}|{flt.until_ms}"
-    return f"stream-scorer-replay-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return f"{GROUP_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def replay(

@@ -15,6 +15,7 @@ call that blocks past its timeout is left behind with its producer for a new one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,8 +25,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from stream_scorer.errors import BrokerError, FencedError, broker_unreachable
+from stream_scorer.errors import AccessDeniedError, BrokerError, FencedError, broker_unreachable
 from stream_scorer.logs import client_logger
+from stream_scorer.ops.acl import AUTHORIZATION_CODES, Grant, denied
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Partitions, Position, Ticket
@@ -341,6 +343,9 @@ class ExactlyOnce:
         unreachable_timeout_s: float,
         reconnection: Reconnection | None = None,
         clock: Callable[[], float] = time.monotonic,
+        group_id: str = "",
+        transactional_id: str = "",
+        principal: str = "",
     ) -> None:
         """Create the transactional producer and initialise its transactions.
 
@@ -356,6 +361,10 @@ class ExactlyOnce:
                 up after this long (or ``timeout_s`` if shorter) when no broker answers.
             reconnection: fed by the producers' error callback (``Reconnection.callbacks``).
             clock: the time in seconds.
+            group_id: ``input.group_id`` (its offsets commit in the transactions), named when
+                the broker refuses it.
+            transactional_id: the producer's, named when the broker refuses it.
+            principal: ``User:<name>`` the producer authenticates as, named when refused.
         """
         self._make_producer = make_producer
         self._ctx = ctx
@@ -367,6 +376,9 @@ class ExactlyOnce:
         self._reconnection = reconnection or Reconnection(clock)
         self._bootstrap = bootstrap
         self._unreachable_timeout = unreachable_timeout_s
+        self._group_id = group_id
+        self._transactional_id = transactional_id
+        self._principal = principal
         self._failed_in_a_row = 0
         self._abandoned = 0
         self.paused = False  # transactions are synchronous: never backed up
@@ -405,8 +417,32 @@ class ExactlyOnce:
                     raise
                 producer.init_transactions(self._timeout - first)  # documented: resume it
         except KafkaException as exc:
-            raise self._fatal(exc, "cannot initialise transactions") from exc
+            refused = self._denied(exc, producer)
+            raise (refused or self._fatal(exc, "cannot initialise transactions")) from exc
         return producer
+
+    def _denied(
+        self, exc: BaseException, producer: TransactionalProducer | None = None
+    ) -> AccessDeniedError | None:
+        """The error when the broker refused an ACL (the call's or an output's), else None."""
+        if producer is None:
+            with contextlib.suppress(Exception):
+                self.sink.poll(0)  # the delivery reports: which output was refused
+            for recorded in self.sink.errors:
+                if isinstance(recorded, AccessDeniedError):
+                    return recorded  # names the topic that refused the output
+        err = kafka_error(exc)
+        if err is None or err.code() not in AUTHORIZATION_CODES:
+            return None
+        kind = AUTHORIZATION_CODES[err.code()]
+        if kind == "group":
+            need = Grant("group", self._group_id, "member")
+        elif kind == "topic":  # not said which: the transaction writes both
+            topics = f"{self._ctx.output_topic}' and '{self._ctx.dead_letter_topic}"
+            need = Grant("topic", topics, "write")
+        else:
+            need = Grant("transactional_id", self._transactional_id, "write")
+        return denied(err, need, self._principal)
 
     def _fatal(self, exc: BaseException, what: str) -> BrokerError:
         err = kafka_error(exc)
@@ -499,6 +535,12 @@ class ExactlyOnce:
         )
 
     def _recover(self, exc: BaseException) -> None:
+        refused = self._denied(exc)
+        if refused is not None:  # no retry helps: roll back and stop
+            with contextlib.suppress(KafkaException):
+                self._producer.abort_transaction(self._timeout)
+            self._metrics.transactions.labels("aborted").inc()
+            raise refused from exc
         if isinstance(exc, _StuckCall):
             # the blocked call still holds the producer: leave it, fence it with a new one
             self._abandoned += 1

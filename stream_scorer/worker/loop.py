@@ -22,11 +22,13 @@ from stream_scorer.config import (
     consumer_settings,
     producer_settings,
     redacted,
+    transactional_id,
     worker_identity,
 )
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
+from stream_scorer.ops.acl import principal_of
 from stream_scorer.ops.topics import require_topics
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -128,6 +130,9 @@ def _delivery(
             reconnection=reconnection,
             bootstrap=cfg.kafka.bootstrap_servers,
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
+            group_id=cfg.input.group_id,
+            transactional_id=transactional_id(cfg, worker_id),
+            principal=ctx.principal,
         )
     return AtLeastOnce(
         Sink(Producer(settings), ctx, tracker, metrics),
@@ -168,6 +173,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             scorer.model_version,
             cfg.kafka.unreachable_timeout_s,
             frozenset(cfg.output.copy_headers),
+            principal_of(client_settings(cfg)),
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
+from confluent_kafka import KafkaError
+
 from stream_scorer import headers as hdr
 from stream_scorer.errors import BrokerError, DeliveryError
+from stream_scorer.ops.acl import Grant, denied
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
@@ -53,6 +56,8 @@ class SinkContext:
     queue_full_timeout_s: float = 120.0
     #: Input headers copied onto each prediction (``output.copy_headers``).
     copy_headers: frozenset[str] = frozenset()
+    #: ``User:<name>`` the producer authenticates as (empty: none), named when refused.
+    principal: str = ""
 
 
 def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, bytes | None]]:
@@ -152,7 +157,7 @@ class Sink:
         self._ctx = ctx
         self.tracker = tracker
         self.metrics = metrics
-        self._errors: list[DeliveryError] = []
+        self._errors: list[BrokerError] = []
         self._version_header = ctx.model_version.encode()
         self.acked_predictions = 0
         #: (topic, partition) -> the model-version, source-topic and source-partition headers
@@ -169,6 +174,12 @@ class Sink:
         """
         self.metrics.delivery_errors.inc()
         where = "" if to is None else f" to topic {to!r}"
+        refused = None
+        if isinstance(err, KafkaError) and to is not None:
+            refused = denied(err, Grant("topic", to, "write"), self._ctx.principal)
+        if refused is not None:
+            self._errors.append(refused)
+            return
         self._errors.append(
             DeliveryError(
                 f"broker did not acknowledge the {what}{where} for this record: {err}",
@@ -281,7 +292,12 @@ class Sink:
         self._count_acks()
         return remaining
 
-    def clear_errors(self) -> list[DeliveryError]:
+    @property
+    def errors(self) -> list[BrokerError]:
+        """The delivery failures recorded and not raised or cleared yet."""
+        return list(self._errors)
+
+    def clear_errors(self) -> list[BrokerError]:
         """Forget recorded delivery failures (an aborted transaction's purged outputs)."""
         errors, self._errors = self._errors, []
         return errors
