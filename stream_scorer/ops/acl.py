@@ -20,7 +20,7 @@ The same table words the error a worker stops with when the broker refuses one o
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -64,6 +64,12 @@ class Grant:
     def operations(self) -> tuple[str, ...]:
         """The ACL operations this use needs."""
         return _OPERATIONS[(self.resource, self.use)]
+
+    def covers(self, other: Grant) -> bool:
+        """Whether this grant allows what ``other`` needs (same use, name or prefix)."""
+        if (self.resource, self.use) != (other.resource, other.use):
+            return False
+        return other.name.startswith(self.name) if self.prefixed else other.name == self.name
 
     def describe(self) -> str:
         """``WRITE and DESCRIBE on topic 'x'`` (or ``... on transactional ids prefixed 'x'``)."""
@@ -188,7 +194,11 @@ _VERBS: Final[dict[Use, str]] = {
 
 
 def denied(
-    err: KafkaError | None, need: Grant, principal: str = "", role: str = "worker"
+    err: KafkaError | None,
+    need: Grant,
+    principal: str = "",
+    role: str = "worker",
+    grants: Sequence[Grant] = (),
 ) -> AccessDeniedError | None:
     """The error for ``err`` when it is an authorization refusal of ``need``, else None.
 
@@ -197,6 +207,8 @@ def denied(
         need: what the client tried (``Grant("topic", "x", "write")``).
         principal: ``User:<name>`` when known (``sasl.username``), for the hint.
         role: the ``acl grant`` role that includes ``need``.
+        grants: the role's grants (``role_grants``): the hint names the one covering
+            ``need`` (a prefix, for transactional ids), else ``need`` itself.
     """
     if err is None or err.code() not in AUTHORIZATION_CODES:
         return None
@@ -207,9 +219,11 @@ def denied(
             f"cluster to {who}"
         )
     word = _WORDS[need.resource]
+    verb = "use" if need.resource == "transactional_id" else _VERBS[need.use]
+    hint = next((g for g in grants if g.covers(need)), need)
     return AccessDeniedError(
-        f"not authorized to {_VERBS[need.use]} {word} {need.name!r} ({err.name()}): grant "
-        f"{need.describe()} to {who} (stream-scorer acl grant --role {role})"
+        f"not authorized to {verb} {word} {need.name!r} ({err.name()}): grant "
+        f"{hint.describe()} to {who} (stream-scorer acl grant --role {role})"
     )
 
 
@@ -246,3 +260,71 @@ def _without_address(text: str) -> str:
     """Librdkafka's ``proto://host:port/id: message`` without its prefix."""
     head, sep, rest = text.partition(": ")
     return rest if sep and "://" in head else text
+
+
+def check_access(
+    settings: Mapping[str, Any],
+    grants: Sequence[Grant],
+    *,
+    role: str = "worker",
+    timeout_s: float = 30.0,
+) -> None:
+    """Check, before anything is consumed, that the topics and groups of ``grants`` allow them.
+
+    One describe request for the topics and one for the groups, asking the broker which
+    operations this client may perform (``include_authorized_operations``). A broker that does
+    not say (no authorizer: every operation allowed, or an old broker) passes. Transactional
+    ids cannot be asked about: ``init_transactions`` finds a missing one at start-up.
+
+    Raises:
+        AccessDeniedError: a right is missing (names the resource, the operation and the grant).
+    """
+    from confluent_kafka import TopicCollection
+    from confluent_kafka.admin import AdminClient
+
+    principal = principal_of(settings)
+    admin = AdminClient({**settings, "log_level": "3"})
+    topics = [g for g in grants if g.resource == "topic" and not g.prefixed]
+    groups = [g for g in grants if g.resource == "group" and not g.prefixed]
+    found: dict[tuple[Resource, str], Any] = {}
+    try:
+        if topics:
+            names = sorted({g.name for g in topics})
+            futures = admin.describe_topics(
+                TopicCollection(names),
+                request_timeout=timeout_s,
+                include_authorized_operations=True,
+            )
+            for name, future in futures.items():
+                found[("topic", name)] = future.result(timeout=timeout_s)
+        if groups:
+            futures = admin.describe_consumer_groups(
+                sorted({g.name for g in groups}),
+                request_timeout=timeout_s,
+                include_authorized_operations=True,
+            )
+            for name, future in futures.items():
+                found[("group", name)] = future.result(timeout=timeout_s)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        kind = AUTHORIZATION_CODES.get(err.code()) if err is not None else None
+        need = next((g for g in [*topics, *groups] if g.resource == kind), None)
+        refused = denied(err, need, principal, role, grants) if need is not None else None
+        if refused is not None:
+            raise refused from None
+        log.warning("cannot ask the broker which operations are allowed (%s): not checked", exc)
+        return
+    for need in [*topics, *groups]:
+        allowed = getattr(found.get((need.resource, need.name)), "authorized_operations", None)
+        if not allowed:
+            continue  # the broker did not say (no authorizer, or an old broker)
+        ops = {op.name for op in allowed}
+        missing = [op for op in need.operations if op not in ops and "ALL" not in ops]
+        if missing:
+            word = _WORDS[need.resource]
+            verb = "use" if need.resource == "transactional_id" else _VERBS[need.use]
+            who = principal or "this client's principal"
+            raise AccessDeniedError(
+                f"not authorized to {verb} {word} {need.name!r} (no {' and '.join(missing)} "
+                f"ACL): grant {need.describe()} to {who} (stream-scorer acl grant --role {role})"
+            )

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -64,6 +65,8 @@ _WATCH_EVERY_S = 0.5
 #: The producer's errors that mean a broker connection was lost.
 _LOST_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 _PRODUCER_LOG = client_logger("producer")
+#: librdkafka's line when the transaction coordinator refuses a partition (names its topic).
+_ADD_PARTITION_REFUSED = re.compile(r'Failed to add partition "([^"]+)" \[\d+\] to transaction')
 
 
 class TransactionalProducer(Producer, Protocol):
@@ -145,6 +148,9 @@ class Reconnection:
         self._clock = clock
         self.lost_at: float | None = None  # a connection was lost since the last commit
         self.back_since: float | None = None  # the brokers answer again since
+        #: The topic the transaction coordinator last refused to add (librdkafka says which
+        #: only in its log line, not in the error the transactional call raises).
+        self.refused_topic: str | None = None
 
     def on_error(self, err: KafkaError) -> None:
         """The producer's ``error_cb``: log the error (repeats summarised); note a lost link."""
@@ -154,7 +160,24 @@ class Reconnection:
 
     def callbacks(self) -> dict[str, Any]:
         """Producer settings for the callbacks: its log lines and errors, repeats summarised."""
-        return {"logger": _PRODUCER_LOG, "error_cb": self.on_error}
+        return {"logger": self, "error_cb": self.on_error}
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        """The producer's ``logger``: its lines go to ``librdkafka.producer``.
+
+        An authorization refusal is noted (``refused_topic``) and logged as a warning: the
+        worker's own error line says what is missing and what to grant.
+        """
+        try:
+            text = fmt % args
+            if "authorization failed" in text.lower():
+                level = min(level, logging.WARNING)
+                match = _ADD_PARTITION_REFUSED.search(text)
+                if match is not None:
+                    self.refused_topic = match.group(1)
+        except Exception:  # a log callback never raises
+            pass
+        _PRODUCER_LOG.log(level, fmt, *args)
 
     def lost(self) -> None:
         """A broker connection was lost (or could not be made)."""
@@ -170,8 +193,9 @@ class Reconnection:
         self.back_since = None
 
     def clear(self) -> None:
-        """A transaction committed: whatever was lost is behind us."""
+        """A transaction committed: whatever was lost or refused is behind us."""
         self.lost_at = self.back_since = None
+        self.refused_topic = None
 
     def waited_back(self, started: float) -> float:
         """Seconds a call started at ``started`` has waited with the brokers back after a loss.
@@ -346,6 +370,7 @@ class ExactlyOnce:
         group_id: str = "",
         transactional_id: str = "",
         principal: str = "",
+        grants: Sequence[Grant] = (),
     ) -> None:
         """Create the transactional producer and initialise its transactions.
 
@@ -365,6 +390,7 @@ class ExactlyOnce:
                 the broker refuses it.
             transactional_id: the producer's, named when the broker refuses it.
             principal: ``User:<name>`` the producer authenticates as, named when refused.
+            grants: what the worker role is granted (``ops.acl.role_grants``), for the hint.
         """
         self._make_producer = make_producer
         self._ctx = ctx
@@ -379,6 +405,7 @@ class ExactlyOnce:
         self._group_id = group_id
         self._transactional_id = transactional_id
         self._principal = principal
+        self._grants = tuple(grants)
         self._failed_in_a_row = 0
         self._abandoned = 0
         self.paused = False  # transactions are synchronous: never backed up
@@ -437,12 +464,18 @@ class ExactlyOnce:
         kind = AUTHORIZATION_CODES[err.code()]
         if kind == "group":
             need = Grant("group", self._group_id, "member")
+        elif kind == "topic" and self._reconnection.refused_topic is not None:
+            need = Grant("topic", self._reconnection.refused_topic, "write")
         elif kind == "topic":  # not said which: the transaction writes both
-            topics = f"{self._ctx.output_topic}' and '{self._ctx.dead_letter_topic}"
-            need = Grant("topic", topics, "write")
+            out, dlq = self._ctx.output_topic, self._ctx.dead_letter_topic
+            return AccessDeniedError(
+                f"not authorized to write topic {out!r} or {dlq!r} ({err.name()}): grant WRITE "
+                f"and DESCRIBE on both to {self._principal or 'this client'} "
+                "(stream-scorer acl grant --role worker)"
+            )
         else:
             need = Grant("transactional_id", self._transactional_id, "write")
-        return denied(err, need, self._principal)
+        return denied(err, need, self._principal, grants=self._grants)
 
     def _fatal(self, exc: BaseException, what: str) -> BrokerError:
         err = kafka_error(exc)

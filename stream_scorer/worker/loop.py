@@ -28,7 +28,7 @@ from stream_scorer.config import (
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
-from stream_scorer.ops.acl import principal_of
+from stream_scorer.ops.acl import check_access, principal_of, role_grants
 from stream_scorer.ops.topics import require_topics
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -133,6 +133,7 @@ def _delivery(
             group_id=cfg.input.group_id,
             transactional_id=transactional_id(cfg, worker_id),
             principal=ctx.principal,
+            grants=role_grants(cfg, "worker"),
         )
     return AtLeastOnce(
         Sink(Producer(settings), ctx, tracker, metrics),
@@ -188,6 +189,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             stop=lambda: bool(stop),
             alive=lambda: metrics.last_progress.set(time.time()),
         )
+        # a missing ACL stops the worker here, before it consumes anything
+        check_access(client_settings(cfg), role_grants(cfg, "worker"))
         source = stack.enter_context(
             Source(
                 csettings,
