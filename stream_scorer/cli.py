@@ -306,7 +306,16 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
         _time_ms("--since", args.since),
         _time_ms("--until", args.until),
     )
-    report = replay(bootstrap, dlq, target, flt, rate=args.rate, group=args.group, client=client)
+    report = replay(
+        bootstrap,
+        dlq,
+        target,
+        flt,
+        rate=args.rate,
+        group=args.group,
+        client=client,
+        private_key=args.private_key,
+    )
     print(json.dumps(asdict(report)), flush=True)
     return 0
 
@@ -498,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--until", help="dead-lettered before (ISO 8601 or epoch ms)")
     rp.add_argument("--rate", type=float, help="records per second (default: unlimited)")
     rp.add_argument("--group", help="progress group (default: derived from topics and filter)")
+    rp.add_argument(
+        "--private-key",
+        type=Path,
+        help="PEM RSA private key that opens encrypted dead letters (dead_letter.payload)",
+    )
     rp.set_defaults(func=_cmd_dlq_replay)
 
     acl = sub.add_parser("acl", help="least-privilege ACLs for the worker and the tools")

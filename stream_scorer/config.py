@@ -268,6 +268,13 @@ class DeadLetterConfig(_Section):
     """How many recent records ``max_ratio`` looks at."""
     max_consecutive: Int = Field(default=0, ge=0)
     """Stop the worker after this many dead letters in a row (0 = no limit)."""
+    payload: Literal["keep", "drop", "encrypt"] = "keep"
+    """What a dead letter carries of its record: ``keep`` the original key and value, ``drop``
+    them (coordinates, headers and reason only), or ``encrypt`` them for ``public_key``'s
+    holder (README.md, "Security"); ``drop`` and ``encrypt`` also withhold the exception
+    message, which can quote field values."""
+    public_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """PEM RSA public key (2048+ bits) that ``payload: encrypt`` wraps each data key with."""
 
 
 class ModelConfig(_Section):
@@ -419,6 +426,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             "output.copy_headers",
             f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
+        )
+    if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
+        raise ConfigError(
+            "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
         )
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:

@@ -25,6 +25,7 @@ from stream_scorer.config import (
     transactional_id,
     worker_identity,
 )
+from stream_scorer.envelope import Protector, load_public_key
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
@@ -106,6 +107,15 @@ def build_pipeline(cfg: Config, metrics: Metrics) -> tuple[Pipeline, Scorer]:
     return pipeline, scorer
 
 
+def _protector(cfg: Config) -> Protector | None:
+    """What dead letters carry of their records (``dead_letter.payload``); None: all of it."""
+    mode = cfg.dead_letter.payload
+    if mode == "keep":
+        return None
+    path = cfg.dead_letter.public_key
+    return Protector(mode, None if path is None else load_public_key(path))
+
+
 def _delivery(
     cfg: Config,
     worker_id: str,
@@ -175,6 +185,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             cfg.kafka.unreachable_timeout_s,
             frozenset(cfg.output.copy_headers),
             principal_of(client_settings(cfg)),
+            _protector(cfg),
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))

@@ -16,11 +16,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from confluent_kafka import KafkaError
 
 from stream_scorer import headers as hdr
+from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
 from stream_scorer.ops.acl import Grant, denied
 from stream_scorer.stages.records import DeadLetter, Message, Scored
@@ -58,6 +59,8 @@ class SinkContext:
     copy_headers: frozenset[str] = frozenset()
     #: ``User:<name>`` the producer authenticates as (empty: none), named when refused.
     principal: str = ""
+    #: What dead letters carry of their records (``dead_letter.payload``); None: everything.
+    protector: Protector | None = None
 
 
 def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, bytes | None]]:
@@ -73,7 +76,11 @@ def dead_letter_headers(dl: DeadLetter, ctx: SinkContext) -> list[tuple[str, byt
         hdr.CONNECT_STAGE: dl.stage.value,
         hdr.CONNECT_CLASS_NAME: "stream_scorer",
         hdr.CONNECT_EXCEPTION_CLASS: dl.error_type,
-        hdr.CONNECT_EXCEPTION_MESSAGE: dl.error_message[:2000],
+        hdr.CONNECT_EXCEPTION_MESSAGE: (
+            f"withheld (dead_letter.payload = {ctx.protector.mode})"
+            if ctx.protector is not None and ctx.protector.withholds_details
+            else dl.error_message[:2000]
+        ),
         hdr.REASON: dl.reason,
         hdr.ORIGINAL_TIMESTAMP: str(ts),
         hdr.ORIGINAL_TIMESTAMP_TYPE: str(ts_type),
@@ -197,13 +204,18 @@ class Sink:
         value: bytes | None,
         headers: list[tuple[str, bytes | None]],
         callback: Callable[[Any, Any], None],
+        key: bytes | Literal[False] | None = False,
     ) -> None:
-        """Produce, serving delivery reports while the local queue is full."""
+        """Produce, serving delivery reports while the local queue is full.
+
+        ``key``: the record's key; ``False`` (the default): ``msg``'s.
+        """
         deadline: float | None = None
+        record_key = msg.key() if key is False else key
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=msg.key(), headers=headers, on_delivery=callback
+                    topic, value=value, key=record_key, headers=headers, on_delivery=callback
                 )
                 return
             except BufferError:
@@ -267,12 +279,17 @@ class Sink:
             except Exception as exc:
                 raise _refused(msg, topic, exc) from exc
         for dl in dead:
+            dl_key, dl_value = dl.message.key(), dl.message.value()
+            extra: list[tuple[str, bytes | None]] = []
+            if ctx.protector is not None:
+                dl_key, dl_value, extra = ctx.protector.protect(dl_key, dl_value)
             self._produce_waiting(
                 dl.message,
                 ctx.dead_letter_topic,
-                dl.message.value(),
-                dead_letter_headers(dl, ctx),
+                dl_value,
+                dead_letter_headers(dl, ctx) + extra,
                 partial(group(dl.message)[1].dead_letter, dl),
+                dl_key,
             )
         self.poll(0)
 

@@ -158,10 +158,12 @@ def _produce(dep: Deployment, good: int, poison_at: int | None = None) -> int:
     return len(items)
 
 
-def _run(dep: Deployment, *extra: str, port: int | None = None) -> subprocess.Popen[str]:
+def _run(
+    dep: Deployment, *extra: str, port: int | None = None, log_level: str | None = None
+) -> subprocess.Popen[str]:
     args = [*extra, *(["--metrics-port", str(port)] if port else [])]
     return subprocess.Popen(
-        run_command(dep.config, *args),
+        run_command(dep.config, *args, log_level=log_level),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -327,7 +329,7 @@ def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_commi
             ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
             AclOperation.WRITE, AclPermissionType.ALLOW,
         )  # fmt: skip
-        admin = AdminClient(dep.admin)
+        admin = AdminClient(dict[str, Any](dep.admin))
         for future in admin.delete_acls([revoke]).values():
             assert len(future.result(timeout=30)) == 1
         _produce(dep, 100, poison_at=50)  # offsets 100..200 of partition 0, the poison at 150
@@ -374,3 +376,84 @@ def test_missing_transactional_id_acl_stops_exactly_once_before_any_transaction(
     )
     assert _read(dep, dep.out) == []
     assert _committed(dep) == {0: -1001, 1: -1001}
+
+
+# --- private data: encrypted dead letters, replayed only with the private key ----------------
+
+
+def _rsa_pair(folder: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_file, private_file = folder / "dlq.pub.pem", folder / "dlq.key.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    private_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return public_file, private_file
+
+
+def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_with_the_key(
+    broker: LocalKafka, tmp_path: Path, model_dir: Path
+) -> None:
+    import math
+
+    public_file, private_file = _rsa_pair(tmp_path)
+    dep = _deployment(broker, tmp_path, model_dir, "at-least-once", _worker_client(broker))
+    raw = yaml.safe_load(dep.config.read_text())
+    raw["dead_letter"].update(payload="encrypt", public_key=str(public_file))
+    dep.config.write_text(yaml.safe_dump(raw))
+    _grant(dep)
+    recs = payments(40, seed=9)
+    secret = dict(recs[0], txn_id="TXN-SECRET-4711", amount=math.inf)  # a non_finite dead letter
+    poison: list[tuple[bytes | None, bytes | None]] = [
+        (b"KEY-SECRET-1", avro(PAYMENT_SCHEMA, secret)),
+        (None, b"\x00VALUE-SECRET-2"),
+        (b"KEY-SECRET-3", None),
+    ]
+    items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs] + poison
+    produce_raw(broker.bootstrap, dep.topic, items, 1, settings=dep.admin)
+    proc = _run(dep, "--max-messages", str(len(items)), log_level="DEBUG")
+    code, out, err = _finish(proc)
+    assert code == 0, err[-3000:]
+    # the most verbose log holds no payload bytes and no field values (record ids included)
+    for needle in ("SECRET", "TXN-", *(r["txn_id"] for r in recs[:5])):
+        assert needle not in out + err, needle
+    dead = _read(dep, dep.dlq)
+    assert len(dead) == 3
+    for msg in dead:
+        blob = (
+            (msg.key() or b"")
+            + (msg.value() or b"")
+            + b"".join(k.encode() + (v or b"") for k, v in msg.headers() or [])
+        )
+        assert b"SECRET" not in blob and msg.key() is None
+        assert dict(msg.headers())["stream_scorer.payload"] == b"encrypted"
+
+    # the tools user with the replay role: without the key, a clear refusal and nothing replayed
+    tools = tmp_path / "tools.yaml"
+    raw["kafka"] = {**yaml.safe_load(broker.client_file("tools").read_text())["kafka"]}
+    tools.write_text(yaml.safe_dump(raw))
+    grant(dep.admin, role_grants(load_config(tools, environ={}), "replay"), "User:tools")
+    replay = [*run_command(tools)[:3], "dlq", "replay", "--config", str(tools)]
+    refused = subprocess.run(replay, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "is encrypted (key id" in refused.stderr and "--private-key FILE" in refused.stderr
+    assert len(_read(dep, dep.topic)) == len(items)
+    done = subprocess.run(
+        [*replay, "--private-key", str(private_file)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["replayed"] == 3
+    replayed = _read(dep, dep.topic)[len(items) :]
+    assert sorted(((m.key(), m.value()) for m in replayed), key=repr) == sorted(poison, key=repr)
