@@ -329,6 +329,17 @@ class MetricsConfig(_Section):
     """HTTP port for ``/metrics``; 0 disables the endpoint."""
     host: str = "0.0.0.0"
     """Address to bind."""
+    tls_cert: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """PEM certificate chain: serve HTTPS instead of HTTP (with ``tls_key``)."""
+    tls_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """PEM private key of ``tls_cert``."""
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> MetricsConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "metrics.tls_key" if self.tls_key is None else "metrics.tls_cert"
+            raise ConfigError(missing, "is required with the other of tls_cert and tls_key")
+        return self
 
 
 #: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
