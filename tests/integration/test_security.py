@@ -457,3 +457,13 @@ def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_
     assert json.loads(done.stdout)["replayed"] == 3
     replayed = _read(dep, dep.topic)[len(items) :]
     assert sorted(((m.key(), m.value()) for m in replayed), key=repr) == sorted(poison, key=repr)
+    # the lag role is enough for `stream-scorer lag`
+    grant(dep.admin, role_grants(load_config(tools, environ={}), "lag"), "User:tools")
+    lag = subprocess.run(
+        [*run_command(tools)[:3], "lag", "--config", str(tools), "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert lag.returncode == 0, lag.stderr[-2000:]
+    rows = json.loads(lag.stdout)["partitions"]
+    assert rows and all(r["lag_records"] == 3 for r in rows if r["partition"] == 0), rows
+    assert all(r["lag_seconds"] is not None for r in rows if r["lag_records"]), rows
