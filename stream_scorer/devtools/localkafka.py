@@ -403,7 +403,7 @@ class LocalKafka:
     def client_settings(self, user: str = "admin") -> dict[str, str]:
         """Librdkafka settings for ``user`` (with the password); plaintext: the address only."""
         settings = {"bootstrap.servers": self.bootstrap}
-        if self.secure:
+        if self.secure or self._recorded_secure():
             settings.update(self._security(user))
             settings["sasl.password"] = self.password_file(user).read_text().strip()
         return settings
@@ -450,6 +450,13 @@ class LocalKafka:
         except (OSError, ValueError, TypeError, KeyError):
             return None
 
+    def _recorded_secure(self) -> bool:
+        """Whether ``state.json`` records a secured broker (``status`` without ``--secure``)."""
+        try:
+            return bool(json.loads(self._state_file.read_text()).get("secure"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def _logs(self) -> str:
         parts = (_tail(self.state_dir / "server.log"), _tail(self.state_dir / "broker.out"))
         return "\n".join(p for p in parts if p) or f"(no broker output in {self.state_dir})"
@@ -465,14 +472,14 @@ class LocalKafka:
             return None
         pid, bootstrap = recorded
         running = _is_broker(pid, self._props)
-        client = self.client_settings() if self.secure else None
+        client = self.client_settings() if self.secure or self._recorded_secure() else None
         return BrokerStatus(pid, bootstrap, running, running and _answers(bootstrap, client=client))
 
     def _wait_answering(self, bootstrap: str, deadline: float, alive: Callable[[], bool]) -> bool:
         """Poll until the broker answers (True), or it dies or the deadline passes (False)."""
         from confluent_kafka.admin import AdminClient
 
-        client = self.client_settings() if self.secure else {}
+        client = self.client_settings()  # the recorded broker's, secured or not
         admin = AdminClient(
             {**client, "bootstrap.servers": bootstrap, "log_level": 0,
              "reconnect.backoff.max.ms": 500}

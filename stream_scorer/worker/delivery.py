@@ -164,7 +164,8 @@ class Reconnection:
     def log(self, level: int, fmt: str, *args: Any) -> None:
         """The producer's ``logger``: its lines go to ``librdkafka.producer``.
 
-        An authorization refusal is noted (``refused_topic``) and logged as a warning: the
+        An authorization refusal is noted (``refused_topic``) and logged as a warning, like
+        the "operation not attempted" of the other partitions of the refused request: the
         worker's own error line says what is missing and what to grant.
         """
         try:
@@ -174,6 +175,8 @@ class Reconnection:
                 match = _ADD_PARTITION_REFUSED.search(text)
                 if match is not None:
                     self.refused_topic = match.group(1)
+            elif "Operation not attempted" in text:  # the others of a refused request
+                level = min(level, logging.WARNING)
         except Exception:  # a log callback never raises
             pass
         _PRODUCER_LOG.log(level, fmt, *args)

@@ -35,7 +35,7 @@ from support import (
 from stream_scorer.clients import read_to_end
 from stream_scorer.config import load_config
 from stream_scorer.devtools.localkafka import LocalKafka
-from stream_scorer.errors import AccessDeniedError, StreamScorerError
+from stream_scorer.errors import AccessDeniedError
 from stream_scorer.ops.acl import Grant, grant, role_grants
 from stream_scorer.ops.topics import ensure_topics
 from stream_scorer.worker.loop import run_worker
@@ -61,14 +61,28 @@ def _free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """``stream-scorer local-kafka start --secure``, as a user runs it."""
     port, cport = _free_ports(2)
-    kafka = LocalKafka(tmp_path_factory.mktemp("secure-kafka"), port, cport, secure=True)
+    state = tmp_path_factory.mktemp("secure-kafka")
+    kafka = LocalKafka(state, port, cport, secure=True)
+    command = [*run_command(state)[:3], "local-kafka", "start", "--secure"]
+    command += ["--port", str(port), "--controller-port", str(cport), "--dir", str(state)]
     try:
-        kafka.start(timeout=120)
-    except StreamScorerError as exc:
+        started = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    except subprocess.TimeoutExpired as exc:
         kafka.stop()
-        pytest.fail(f"the secured local broker could not start: {exc}")
+        pytest.fail(f"the secured local broker did not start within 180 s: {exc}")
+    if started.returncode != 0:
+        kafka.stop()
+        pytest.fail(f"the secured local broker could not start:\n{started.stdout}{started.stderr}")
     try:
+        # it prints the address, the CA and each user's client settings, never a password
+        assert started.stdout.splitlines()[0] == kafka.bootstrap
+        for path in (kafka.ca_file, kafka.client_file("worker"), kafka.client_file("admin")):
+            assert str(path) in started.stdout
+        for user in ("admin", "worker", "tools"):
+            assert kafka.password_file(user).read_text().strip() not in started.stdout
+            assert kafka.password_file(user).stat().st_mode & 0o077 == 0
         yield kafka
     finally:
         kafka.stop()
@@ -209,7 +223,7 @@ def _assert_refused(dep: Deployment, proc: subprocess.Popen[str], *expected: str
     code, out, err = _finish(proc)
     errors = _errors(err)
     assert code == 1, err[-3000:]
-    assert len(errors) == 1, errors
+    assert len(errors) == 1, "\n".join(errors)
     for text in expected:
         assert text in errors[0], errors[0]
     assert dep.password not in out + err
