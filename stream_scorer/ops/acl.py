@@ -305,6 +305,9 @@ def check_access(
             )
             for name, future in futures.items():
                 found[("group", name)] = future.result(timeout=timeout_s)
+    except TimeoutError:
+        log.warning("the broker did not say within %.0f s which operations are allowed", timeout_s)
+        return
     except KafkaException as exc:
         err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
         kind = AUTHORIZATION_CODES.get(err.code()) if err is not None else None
