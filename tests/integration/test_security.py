@@ -306,6 +306,21 @@ def test_plaintext_client_against_the_tls_listener_is_refused_at_once(
     _assert_refused(dep, _run(dep), f"the broker at {broker.bootstrap} speaks TLS", "PLAINTEXT")
 
 
+def test_an_untrusted_broker_certificate_is_refused_at_once(
+    broker: LocalKafka, tmp_path: Path, model_dir: Path
+) -> None:
+    from stream_scorer.devtools.tls import make_tls
+
+    client = _worker_client(broker)
+    client["client"]["ssl.ca.location"] = str(
+        make_tls(tmp_path / "other-ca").ca
+    )  # not the broker's
+    dep = _deployment(broker, tmp_path, model_dir, "at-least-once", client)
+    _assert_refused(
+        dep, _run(dep), f"TLS handshake with {broker.bootstrap} failed", "certificate verify failed"
+    )
+
+
 def _without(resource: str, name: str) -> Callable[[list[Grant]], list[Grant]]:
     return lambda grants: [g for g in grants if (g.resource, g.name) != (resource, name)]
 
