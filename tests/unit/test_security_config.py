@@ -148,3 +148,40 @@ def test_refusals_name_what_is_missing_and_what_to_grant() -> None:
         {"bootstrap.servers": "h:1", "sasl.username": "worker", "sasl.password": "pw-123"},
     )
     assert auth is not None and "as user 'worker'" in str(auth) and "pw-123" not in str(auth)
+
+
+def test_the_producers_refusal_lines_name_the_topic_and_are_warnings() -> None:
+    import logging
+
+    from stream_scorer.worker.delivery import Reconnection
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.levels: list[int] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.levels.append(record.levelno)
+
+    rec, collect = Reconnection(), Collect()
+    assert rec.callbacks()["logger"] is rec
+    logger = logging.getLogger("librdkafka.producer")
+    logger.addHandler(collect)
+    level, logger.level = logger.level, logging.DEBUG
+    fmt = "%s [%s] %s"
+    try:
+        added = 'Failed to add partition "{}" [0] to transaction: Broker: {}'
+        rec.log(
+            logging.ERROR, fmt, "ADDPARTS", "p#1", added.format("dlq", "Topic authorization failed")
+        )
+        rec.log(
+            logging.ERROR, fmt, "ADDPARTS", "p#1", added.format("out", "Operation not attempted")
+        )
+        rec.log(logging.ERROR, fmt, "FAIL", "p#1", "Connect to ipv4#127.0.0.1:1 failed")
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(level)
+    assert rec.refused_topic == "dlq"
+    assert collect.levels == [logging.WARNING, logging.WARNING, logging.ERROR]
+    rec.clear()
+    assert rec.refused_topic is None
