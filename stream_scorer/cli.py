@@ -144,7 +144,7 @@ def _cmd_rewind(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics_create(args: argparse.Namespace) -> int:
-    from stream_scorer.config import load_config
+    from stream_scorer.config import kafka_client, load_config
     from stream_scorer.ops.topics import ensure_topics
 
     cfg = load_config(args.config)
@@ -165,10 +165,42 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
         cfg.kafka.bootstrap_servers,
         topics,
         replication_factor=args.replication_factor,
-        client=cfg.kafka.client,
+        client=kafka_client(cfg.kafka),
     )
     for name, partitions in topics.items():
         print(f"{name}: {partitions} partitions (created, or already there)")
+    return 0
+
+
+def _cmd_acl_grant(args: argparse.Namespace) -> int:
+    """Grant a principal exactly what a role needs for the deployment of ``--config``."""
+    from pydantic import ValidationError
+
+    from stream_scorer.config import KafkaConfig, client_settings, load_config, read_file
+    from stream_scorer.ops.acl import grant, role_grants
+
+    cfg = load_config(args.config)
+    grants = role_grants(cfg, args.role)
+    for g in grants:
+        print(f"ALLOW {args.principal} {g.describe()}")
+    if args.dry_run:
+        return 0
+    settings = client_settings(cfg)
+    if args.admin_config is not None:
+        table = read_file(args.admin_config).get("kafka")
+        if not isinstance(table, dict):
+            raise ConfigError("--admin-config", f"{args.admin_config} has no kafka table")
+        try:
+            kafka = KafkaConfig.model_validate(
+                table, context={"base": args.admin_config.resolve().parent}
+            )
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError("--admin-config", f"{args.admin_config}: kafka.{where}") from exc
+        settings = client_settings(cfg.model_copy(update={"kafka": kafka}))
+    grant(settings, grants, args.principal)
+    print(f"granted {len(grants)} rights to {args.principal} ({args.role})", flush=True)
     return 0
 
 
@@ -298,7 +330,7 @@ def _time_ms(name: str, text: str | None) -> int | None:
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from stream_scorer.config import load_config
+    from stream_scorer.config import kafka_client, load_config
     from stream_scorer.ops.replay import ReplayFilter, replay
 
     bootstrap, dlq, target, client = args.bootstrap_servers, args.dead_letter_topic, args.to, {}
@@ -307,7 +339,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
         bootstrap = bootstrap or cfg.kafka.bootstrap_servers
         dlq = dlq or cfg.dead_letter.topic
         target = target or cfg.input.topic
-        client = dict(cfg.kafka.client)
+        client = kafka_client(cfg.kafka)
     for name, value in (
         ("--bootstrap-servers", bootstrap),
         ("--dead-letter-topic", dlq),
@@ -320,7 +352,16 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
         _time_ms("--since", args.since),
         _time_ms("--until", args.until),
     )
-    report = replay(bootstrap, dlq, target, flt, rate=args.rate, group=args.group, client=client)
+    report = replay(
+        bootstrap,
+        dlq,
+        target,
+        flt,
+        rate=args.rate,
+        group=args.group,
+        client=client,
+        private_key=args.private_key,
+    )
     print(json.dumps(asdict(report)), flush=True)
     return 0
 
@@ -364,15 +405,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
-    from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir, fetch_jars
+    from stream_scorer.devtools.localkafka import (
+        SECURE_USERS,
+        LocalKafka,
+        default_cache_dir,
+        fetch_jars,
+    )
 
     if args.action == "fetch":
         print(fetch_jars())
         return 0
     state_dir = args.dir or default_cache_dir() / f"broker-{args.port}"
-    broker = LocalKafka(state_dir, port=args.port, controller_port=args.controller_port)
+    broker = LocalKafka(
+        state_dir, port=args.port, controller_port=args.controller_port, secure=args.secure
+    )
     if args.action == "start":
         print(broker.start())
+        if args.secure:
+            print(f"SASL_SSL (SCRAM-SHA-512), CA {broker.ca_file}; ACLs deny what is not granted")
+            for user in SECURE_USERS:
+                print(f"  {user}: merge the kafka table of {broker.client_file(user)}")
+            print(
+                "grant the worker its rights: stream-scorer acl grant --config CONFIG "
+                f"--admin-config {broker.client_file('admin')} --principal User:worker "
+                "--role worker"
+            )
     elif args.action == "stop":
         print("stopped" if broker.stop() else "not running")
     else:
@@ -621,7 +678,32 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--until", help="dead-lettered before (ISO 8601 or epoch ms)")
     rp.add_argument("--rate", type=float, help="records per second (default: unlimited)")
     rp.add_argument("--group", help="progress group (default: derived from topics and filter)")
+    rp.add_argument(
+        "--private-key",
+        type=Path,
+        help="PEM RSA private key that opens encrypted dead letters (dead_letter.payload)",
+    )
     rp.set_defaults(func=_cmd_dlq_replay)
+
+    acl = sub.add_parser("acl", help="least-privilege ACLs for the worker and the tools")
+    acl_sub = acl.add_subparsers(dest="acl_command", required=True)
+    ag = acl_sub.add_parser(
+        "grant",
+        help="grant a principal exactly what a role needs (README.md, Security)",
+        description="Create the ALLOW ACLs a role needs for the deployment a configuration "
+        "describes: worker (in its delivery mode), lag, or replay. Idempotent.",
+    )
+    ag.add_argument("--config", type=Path, required=True, help="the worker configuration")
+    ag.add_argument("--principal", required=True, help="User:<name>")
+    ag.add_argument("--role", required=True, choices=["worker", "lag", "replay"])
+    ag.add_argument(
+        "--admin-config",
+        type=Path,
+        help="a file whose kafka table connects as a user allowed to alter ACLs "
+        "(default: --config's own connection)",
+    )
+    ag.add_argument("--dry-run", action="store_true", help="print the ACLs, change nothing")
+    ag.set_defaults(func=_cmd_acl_grant)
 
     bench = sub.add_parser(
         "bench", help="benchmark: Kafka ceiling, naive loop, stream-scorer (docs/benchmarks.md)"
@@ -657,6 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--controller-port", type=int, help="KRaft controller port (default: --port + 1)"
     )
     lk.add_argument("--dir", type=Path, help="state and data directory")
+    lk.add_argument(
+        "--secure",
+        action="store_true",
+        help="SASL_SSL (SCRAM-SHA-512) with a throwaway CA, ACLs on, users admin, worker, tools",
+    )
     lk.set_defaults(func=_cmd_local_kafka)
 
     lr = sub.add_parser(

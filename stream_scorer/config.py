@@ -205,6 +205,12 @@ class KafkaConfig(_Section):
     """librdkafka settings for the consumer only."""
     producer: Librdkafka = Field(default_factory=dict)
     """librdkafka settings for the producer only."""
+    secret_files: Mapping[Annotated[str, AfterValidator(_librdkafka_key)], ExistingFile] = Field(
+        default_factory=dict
+    )
+    """librdkafka settings for every client whose values are read from files at start-up
+    (Kubernetes Secrets mounted as files), e.g. ``sasl.password: /etc/kafka-secret/password``;
+    a trailing newline is dropped. They win over ``client`` and are never logged."""
     statistics_interval_ms: Int = Field(default=5000, ge=0)
     """How often librdkafka reports statistics (lag metrics); 0 = off."""
     unreachable_timeout_s: Number = Field(default=120.0, gt=0)
@@ -291,6 +297,13 @@ class DeadLetterConfig(_Section):
     """How many recent records ``max_ratio`` looks at."""
     max_consecutive: Int = Field(default=0, ge=0)
     """Stop the worker after this many dead letters in a row (0 = no limit)."""
+    payload: Literal["keep", "drop", "encrypt"] = "keep"
+    """What a dead letter carries of its record: ``keep`` the original key and value, ``drop``
+    them (coordinates, headers and reason only), or ``encrypt`` them for ``public_key``'s
+    holder (README.md, "Security"); ``drop`` and ``encrypt`` also withhold the exception
+    message, which can quote field values."""
+    public_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """PEM RSA public key (2048+ bits) that ``payload: encrypt`` wraps each data key with."""
 
 
 class ModelConfig(_Section):
@@ -370,6 +383,17 @@ class MetricsConfig(_Section):
     """HTTP port for ``/metrics``; 0 disables the endpoint."""
     host: str = "0.0.0.0"
     """Address to bind."""
+    tls_cert: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """PEM certificate chain: serve HTTPS instead of HTTP (with ``tls_key``)."""
+    tls_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """PEM private key of ``tls_cert``."""
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> MetricsConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "metrics.tls_key" if self.tls_key is None else "metrics.tls_cert"
+            raise ConfigError(missing, "is required with the other of tls_cert and tls_key")
+        return self
 
 
 #: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
@@ -515,6 +539,10 @@ def _check(cfg: Config) -> None:
         ):
             if name == out or (name.startswith("^") and _matches(name, out)):
                 raise ConfigError("input.topics", f"{name!r} would consume {key} {out!r}")
+    if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
+        raise ConfigError(
+            "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
+        )
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
         raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
@@ -777,13 +805,31 @@ def transactional_id(cfg: Config, worker_id: str) -> str:
     return cfg.delivery.transactional_id or f"stream-scorer-{cfg.input.group_id}-{worker_id}"
 
 
+def kafka_client(kafka: KafkaConfig) -> dict[str, str]:
+    """Return ``kafka.client`` with the ``kafka.secret_files`` read into it (security settings).
+
+    Raises:
+        ConfigError: a secret file cannot be read (names the key, never the content).
+    """
+    settings = dict(kafka.client)
+    for key, path in kafka.secret_files.items():
+        try:
+            settings[key] = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"kafka.secret_files.{key}", f"cannot read {path}: {reason}"
+            ) from None
+    return settings
+
+
 def client_settings(cfg: Config) -> dict[str, str]:
     """Return the librdkafka settings for the tools' own clients: the brokers and security.
 
     For admin and probe clients (the start-up topic check, the ``lag`` command), which need
     ``kafka.client`` (SASL, TLS) but none of the consumer's or producer's own settings.
     """
-    return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.client}
+    return {"bootstrap.servers": cfg.kafka.bootstrap_servers, **kafka_client(cfg.kafka)}
 
 
 def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
@@ -808,7 +854,7 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
     }
     if cfg.delivery.static_membership:
         settings["group.instance.id"] = f"{cfg.input.group_id}-{worker_id}"
-    settings.update(cfg.kafka.client)
+    settings.update(kafka_client(cfg.kafka))
     settings.update(cfg.kafka.consumer)
     if settings.get("group.protocol") == "consumer":  # KIP-848: the broker assigns
         settings.pop("partition.assignment.strategy", None)
@@ -837,7 +883,7 @@ def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
         settings["transactional.id"] = transactional_id(cfg, worker_id)
         settings["transaction.timeout.ms"] = str(txn_ms)
         settings["message.timeout.ms"] = str(txn_ms)
-    settings.update(cfg.kafka.client)
+    settings.update(kafka_client(cfg.kafka))
     settings.update(cfg.kafka.producer)
     if cfg.delivery.mode == EXACTLY_ONCE and int(settings["message.timeout.ms"]) > txn_ms:
         raise ConfigError(

@@ -12,7 +12,8 @@ Every error the service raises on purpose derives from one root, so callers can 
     ├── SchemaError          an Avro schema that cannot be parsed or does not fit
     ├── BrokerError          Kafka unreachable or a request refused (topic/partition/offset)
     │   ├── DeliveryError    the broker did not acknowledge a prediction or dead letter
-    │   └── FencedError      exactly-once: another producer took this transactional id
+    │   ├── FencedError      exactly-once: another producer took this transactional id
+    │   └── AccessDeniedError  the broker refused the credentials, the TLS setup or an ACL
     ├── ScoringError         the model failed on a batch
     ├── UnavailableError     a server the worker reads from did not answer (asked again later)
     │   └── RegistryError    the schema registry, past registry.unavailable_timeout_s (exit 1)
@@ -90,6 +91,15 @@ class DeliveryError(BrokerError):
 
 class FencedError(BrokerError):
     """A newer producer with the same transactional id (or group generation) fenced this one."""
+
+
+class AccessDeniedError(BrokerError):
+    """The broker refused this client: authentication, TLS, or a missing ACL.
+
+    The message names what is missing and what to grant (``stream_scorer.ops.acl``); it never
+    holds a secret. A runtime failure (exit 1): fixing the credentials or ACLs needs no new
+    deployment, and the orchestrator's restart then succeeds.
+    """
 
 
 class PoisonLimitError(StreamScorerError):

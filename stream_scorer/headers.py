@@ -37,6 +37,16 @@ WORKER_ID = "stream_scorer.worker.id"
 #: a replay (``stream-scorer dlq replay``) put on it.
 ATTEMPT = "stream_scorer.attempt"
 
+# --- on dead letters whose payload is protected (``dead_letter.payload``, ``envelope.py``) -------
+#: ``dropped`` (no key, no value) or ``encrypted`` (the value is an envelope); absent: kept.
+PAYLOAD = "stream_scorer.payload"
+#: The envelope's scheme, ``rsa-oaep-sha256+aes-256-gcm/v1``.
+ENCRYPTION_SCHEME = "stream_scorer.encryption.scheme"
+#: Which public key wrapped the data key: 16 hex digits of the SHA-256 of its DER.
+ENCRYPTION_KEY_ID = "stream_scorer.encryption.key_id"
+#: The data key, wrapped with RSA-OAEP (SHA-256), in base64.
+ENCRYPTION_WRAPPED_KEY = "stream_scorer.encryption.wrapped_key"
+
 # --- on every replayed record -----------------------------------------------------------------
 #: ``topic/partition/offset`` of the dead letter a replayed record was published from.
 REPLAY_SOURCE = "stream_scorer.replay.source"

@@ -249,10 +249,12 @@ def produce_raw(
     partitions: int,
     *,
     per_second: float | None = None,
+    settings: dict[str, str] | None = None,
 ) -> None:
     """Produce ``(key, value)`` pairs round-robin over partitions and wait for every ack.
 
-    With ``per_second``, production is paced in chunks of 1% of the items.
+    With ``per_second``, production is paced in chunks of 1% of the items; ``settings``: more
+    librdkafka settings (security).
     """
     import threading
     import time
@@ -264,7 +266,12 @@ def produce_raw(
     chunk = max(1, len(items) // 100)
 
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": "true", "linger.ms": "5"}
+        {
+            **(settings or {}),
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": "true",
+            "linger.ms": "5",
+        }
     )
     errors: list[Any] = []
     for i, (key, value) in enumerate(items):

@@ -8,6 +8,14 @@ directory, so ``start``, ``status`` and ``stop`` work across commands and proces
 State directory layout: ``server.properties``, ``log4j2.properties``, ``data/`` (the log
 dirs), ``broker.out`` (the JVM's stdout and stderr), ``server.log`` (WARN and above) and,
 while a broker runs, ``state.json``.
+
+``secure=True`` (``local-kafka start --secure``): the client listener is SASL_SSL (SCRAM-SHA-512)
+with a throwaway CA and broker certificate (``tls/``), the StandardAuthorizer denies whatever no
+ACL allows, ``admin`` is the super user, and ``worker`` and ``tools`` are users with no rights
+until granted (``stream-scorer acl grant``). Their passwords, made for the state directory, are in
+``secrets/<user>.password`` (owner-only) and each user's client settings in
+``clients/<user>.yaml`` (a ``kafka`` table to merge into a configuration). The KRaft controller
+listener stays PLAINTEXT on loopback.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -43,6 +52,9 @@ _MARKER = ".complete"
 _MARKER_TEXT = f"kafka_2.13 {KAFKA_VERSION} + {_SLF4J_BINDING}\n"
 _STATE = "state.json"
 _HEAP = ("-Xms256m", "-Xmx1g")
+#: The secured broker's users: the super user first (the broker's own principal too).
+SECURE_USERS = ("admin", "worker", "tools")
+SCRAM_MECHANISM = "SCRAM-SHA-512"
 
 
 def default_cache_dir() -> Path:
@@ -219,12 +231,12 @@ def _is_broker(pid: int, props: Path) -> bool:
     return b"kafka.Kafka" in args and os.fsencode(props) in args
 
 
-def _answers(bootstrap: str, timeout: float = 3.0) -> bool:
+def _answers(bootstrap: str, timeout: float = 3.0, client: dict[str, str] | None = None) -> bool:
     """Whether a broker at ``bootstrap`` answers a metadata request (TCP alone is not enough)."""
     from confluent_kafka.admin import AdminClient
 
     try:
-        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+        admin = AdminClient({**(client or {}), "bootstrap.servers": bootstrap, "log_level": 0})
         return bool(admin.list_topics(timeout=timeout).brokers)
     except Exception:
         return False
@@ -282,6 +294,40 @@ group.initial.rebalance.delay.ms=0
 log.retention.hours=24
 """
 
+_SECURE_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{cport}
+listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
+advertised.listeners=SASL_SSL://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=SASL_SSL
+sasl.enabled.mechanisms={mechanism}
+sasl.mechanism.inter.broker.protocol={mechanism}
+listener.name.sasl_ssl.{lower}.sasl.jaas.config=org.apache.kafka.common.security.scram.\
+ScramLoginModule required username="{admin}" password="{password}";
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={truststore}
+ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+# ANONYMOUS: the broker's own requests on the PLAINTEXT controller listener (loopback only)
+super.users=User:{admin};User:ANONYMOUS
+log.dirs={data}
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+group.initial.rebalance.delay.ms=0
+log.retention.hours=24
+"""
+
 _LOG4J2 = """\
 status = warn
 shutdownHook = disable
@@ -309,15 +355,17 @@ class LocalKafka:
         controller_port: int | None = None,
         cache_dir: Path | None = None,
         *,
+        secure: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
         """Describe a broker; nothing starts until ``start``.
 
         Args:
             state_dir: folder for its configuration, data, logs and ``state.json``.
-            port: the client (PLAINTEXT) port on 127.0.0.1.
+            port: the client port on 127.0.0.1 (PLAINTEXT, or SASL_SSL when ``secure``).
             controller_port: the KRaft controller port; ``port + 1`` when None.
             cache_dir: where the jars are cached; ``default_cache_dir()`` when None.
+            secure: SASL_SSL (SCRAM-SHA-512), TLS and ACLs (the module's docstring).
             log: receives one-line progress messages.
         """
         self.state_dir = Path(state_dir).resolve()
@@ -327,6 +375,7 @@ class LocalKafka:
             raise LocalKafkaError(f"the client and controller ports must differ (both {port})")
         self.cache_dir = cache_dir
         self.bootstrap = f"127.0.0.1:{port}"
+        self.secure = secure
         self._log = log
         self._proc: subprocess.Popen[bytes] | None = None  # kept so it can be reaped
 
@@ -338,6 +387,61 @@ class LocalKafka:
     def _state_file(self) -> Path:
         return self.state_dir / _STATE
 
+    @property
+    def ca_file(self) -> Path:
+        """The secured broker's CA certificate (clients' ``ssl.ca.location``)."""
+        return self.state_dir / "tls" / "ca.pem"
+
+    def password_file(self, user: str) -> Path:
+        """The file holding ``user``'s password (secured broker)."""
+        return self.state_dir / "secrets" / f"{user}.password"
+
+    def client_file(self, user: str) -> Path:
+        """The file holding ``user``'s ``kafka`` configuration table (secured broker)."""
+        return self.state_dir / "clients" / f"{user}.yaml"
+
+    def client_settings(self, user: str = "admin") -> dict[str, str]:
+        """Librdkafka settings for ``user`` (with the password); plaintext: the address only."""
+        settings = {"bootstrap.servers": self.bootstrap}
+        if self.secure or self._recorded_secure():
+            settings.update(self._security(user))
+            settings["sasl.password"] = self.password_file(user).read_text().strip()
+        return settings
+
+    def _security(self, user: str) -> dict[str, str]:
+        return {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": SCRAM_MECHANISM,
+            "sasl.username": user,
+            "ssl.ca.location": str(self.ca_file),
+        }
+
+    def _prepare_secure(self) -> dict[str, str]:
+        """Make the TLS files and passwords (once per state directory); return the passwords."""
+        from stream_scorer.devtools.tls import make_tls
+
+        if not self.ca_file.is_file():
+            make_tls(self.ca_file.parent)
+        passwords: dict[str, str] = {}
+        for user in SECURE_USERS:
+            path = self.password_file(user)
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(24) + "\n")
+            passwords[user] = path.read_text().strip()
+            table = {
+                "kafka": {
+                    "bootstrap_servers": self.bootstrap,
+                    "client": self._security(user),
+                    "secret_files": {"sasl.password": str(path)},
+                }
+            }
+            self.client_file(user).parent.mkdir(parents=True, exist_ok=True)
+            self.client_file(user).write_text(json.dumps(table, indent=2) + "\n")  # YAML too
+        return passwords
+
     def _recorded(self) -> tuple[int, str] | None:
         """The pid and bootstrap address in ``state.json``, or None (absent or unreadable)."""
         try:
@@ -345,6 +449,13 @@ class LocalKafka:
             return int(raw["pid"]), str(raw["bootstrap"])
         except (OSError, ValueError, TypeError, KeyError):
             return None
+
+    def _recorded_secure(self) -> bool:
+        """Whether ``state.json`` records a secured broker (``status`` without ``--secure``)."""
+        try:
+            return bool(json.loads(self._state_file.read_text()).get("secure"))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _logs(self) -> str:
         parts = (_tail(self.state_dir / "server.log"), _tail(self.state_dir / "broker.out"))
@@ -361,15 +472,18 @@ class LocalKafka:
             return None
         pid, bootstrap = recorded
         running = _is_broker(pid, self._props)
-        return BrokerStatus(pid, bootstrap, running, running and _answers(bootstrap))
+        client = self.client_settings() if self.secure or self._recorded_secure() else None
+        return BrokerStatus(pid, bootstrap, running, running and _answers(bootstrap, client=client))
 
     def _wait_answering(self, bootstrap: str, deadline: float, alive: Callable[[], bool]) -> bool:
         """Poll until the broker answers (True), or it dies or the deadline passes (False)."""
         from confluent_kafka.admin import AdminClient
 
+        client = self.client_settings()  # the recorded broker's, secured or not
         admin = AdminClient(
-            {"bootstrap.servers": bootstrap, "log_level": 0, "reconnect.backoff.max.ms": 500}
-        )
+            {**client, "bootstrap.servers": bootstrap, "log_level": 0,
+             "reconnect.backoff.max.ms": 500}
+        )  # fmt: skip
         while True:
             try:
                 if admin.list_topics(timeout=1.0).brokers:
@@ -424,9 +538,31 @@ class LocalKafka:
         libs = fetch_jars(self.cache_dir, log=self._log)
         data = self.state_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        self._props.write_text(
-            _PROPERTIES.format(port=self.port, cport=self.controller_port, data=data)
-        )
+        scram: list[str] = []
+        if self.secure:
+            passwords = self._prepare_secure()
+            admin = SECURE_USERS[0]
+            fd = os.open(self._props, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:  # holds the admin's password
+                fh.write(
+                    _SECURE_PROPERTIES.format(
+                        port=self.port,
+                        cport=self.controller_port,
+                        data=data,
+                        mechanism=SCRAM_MECHANISM,
+                        lower=SCRAM_MECHANISM.lower(),
+                        admin=admin,
+                        password=passwords[admin],
+                        keystore=self.ca_file.parent / "server.pem",
+                        truststore=self.ca_file,
+                    )
+                )
+            for user, password in passwords.items():
+                scram += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
+        else:
+            self._props.write_text(
+                _PROPERTIES.format(port=self.port, cport=self.controller_port, data=data)
+            )
         log4j = self.state_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.state_dir / "server.log"))
         jvm = [
@@ -436,7 +572,7 @@ class LocalKafka:
             f"{libs}/*",
         ]
         if not (data / "meta.properties").is_file():
-            self._format([java, "-Xmx256m", *jvm], data)
+            self._format([java, "-Xmx256m", *jvm], data, scram)
         try:
             with (self.state_dir / "broker.out").open("wb") as out:
                 proc = subprocess.Popen(
@@ -454,6 +590,7 @@ class LocalKafka:
             "port": self.port,
             "controller_port": self.controller_port,
             "bootstrap": self.bootstrap,
+            "secure": self.secure,
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         partial = self._state_file.with_suffix(".tmp")
@@ -473,19 +610,21 @@ class LocalKafka:
             f"the broker did not answer at {self.bootstrap} within {timeout:.0f} s\n{self._logs()}"
         )
 
-    def _format(self, java: list[str], data: Path) -> None:
-        """Format ``data`` for KRaft (once per data directory) with the ``java`` command line."""
+    def _format(self, java: list[str], data: Path, scram: list[str]) -> None:
+        """Format ``data`` for KRaft (once per data directory) with the ``java`` command line.
+
+        ``scram``: ``--add-scram`` arguments (the secured broker's users).
+        """
         cmd = [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(),
-               "-c", str(self._props)]  # fmt: skip
+               "-c", str(self._props), *scram]  # fmt: skip
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise LocalKafkaError(f"formatting {data} failed: {exc}") from exc
         if result.returncode != 0:
-            raise LocalKafkaError(
-                f"formatting {data} failed (exit {result.returncode}):\n"
-                f"{result.stdout}{result.stderr}".rstrip()
-            )
+            out = f"{result.stdout}{result.stderr}".rstrip()
+            out = re.sub(r"password=[^\]]*", "password=***", out)  # never show one
+            raise LocalKafkaError(f"formatting {data} failed (exit {result.returncode}):\n{out}")
 
     def _wait_gone(self, pid: int, timeout: float) -> bool:
         proc = self._proc

@@ -27,16 +27,22 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from stream_scorer import headers as hdr
 from stream_scorer.config import CLIENT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES
+from stream_scorer.envelope import DROPPED, EnvelopeError, load_private_key, open_sealed
 from stream_scorer.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
+
+#: The replay's consumer groups and transactional ids start with this (``default_group``).
+GROUP_PREFIX = "stream-scorer-replay-"
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ def replay_headers(
 def default_group(dead_letter_topic: str, target: str, flt: ReplayFilter) -> str:
     """The replay's consumer group: one per (dead-letter topic, target, filter)."""
     key = f"{dead_letter_topic}|{target}|{sorted(flt.reasons)}|{flt.since_ms}|{flt.until_ms}"
-    return f"stream-scorer-replay-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return f"{GROUP_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def replay(
@@ -109,11 +115,16 @@ def replay(
     client: Mapping[str, str] | None = None,
     batch: int = 500,
     timeout_s: float = 60.0,
+    private_key: Path | None = None,
 ) -> ReplayReport:
     """Replay matching dead letters of ``dead_letter_topic`` to ``target``; see the module doc.
 
+    Encrypted dead letters (``dead_letter.payload = encrypt``) are decrypted with
+    ``private_key`` and replayed with their original key and value.
+
     Raises:
-        ConfigError: a bad rate or batch.
+        ConfigError: a bad rate or batch; an encrypted dead letter without ``private_key``
+            (or one it does not open); a dead letter whose payload was dropped.
         BrokerError: the broker refused or did not answer; a record larger than the client's
             ``message.max.bytes`` (set in ``client``) or the target topic's
             ``max.message.bytes`` (the message names which).
@@ -122,6 +133,7 @@ def replay(
         raise ConfigError("--rate", "must be greater than 0")
     group = group or default_group(dead_letter_topic, target, flt)
     report = ReplayReport(group)
+    opener = None if private_key is None else load_private_key(private_key)
     common = {"bootstrap.servers": bootstrap, **(client or {})}
     consumer = Consumer(
         {
@@ -135,7 +147,7 @@ def replay(
     )
     transactional = {"transactional.id": f"{group}-{uuid.uuid4().hex[:8]}", "linger.ms": "5"}
     try:
-        publisher = _Publisher(common, transactional, target, timeout_s)
+        publisher = _Publisher(common, transactional, target, timeout_s, opener)
         ends = _assign_from_committed(consumer, dead_letter_topic, timeout_s)
         started = time.monotonic()
         done = {p for p, (position, end) in ends.items() if position >= end}
@@ -237,12 +249,14 @@ class _Publisher:
         transactional: Mapping[str, str],
         target: str,
         timeout_s: float,
+        private_key: rsa.RSAPrivateKey | None = None,
     ) -> None:
-        """Create the producer and initialise its transactions."""
+        """Create the producer, initialise its transactions; ``private_key`` opens dead letters."""
         self._common = dict(common)
         self._settings = {**self._common, **transactional}
         self._target = target
         self._timeout = timeout_s
+        self._private_key = private_key
         self._configured = "message.max.bytes" in self._settings
         self.limit = int(self._settings.get("message.max.bytes", CLIENT_MESSAGE_MAX_BYTES))
         #: (dead letter, size, error) of each record the broker refused in this transaction
@@ -285,19 +299,20 @@ class _Publisher:
         for msg in chosen:
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             headers = replay_headers(msg.headers() or [], source)
-            size = record_size(msg.key(), msg.value(), headers)
-            records.append((msg, headers, source, size))
+            key, value = self._original(msg, source)
+            size = record_size(key, value, headers)
+            records.append((key, value, headers, source, size))
         if records:
             self._fit(max(size for *_rest, size in records))
         producer, self._refused = self._producer, []
         producer.begin_transaction()
         try:
-            for msg, headers, source, size in records:
+            for key, value, headers, source, size in records:
                 try:
                     producer.produce(
                         self._target,
-                        value=msg.value(),
-                        key=msg.key(),
+                        value=value,
+                        key=key,
                         headers=headers,
                         on_delivery=partial(self._delivered, source, size),
                     )
@@ -316,6 +331,30 @@ class _Publisher:
             if self._refused and not isinstance(exc, BrokerError):
                 raise self._broker_refused(*self._refused[0]) from exc
             raise
+
+    def _original(self, msg: Any, source: str) -> tuple[bytes | None, bytes | None]:
+        """The record's original key and value: as read, or decrypted (never logged)."""
+        headers = _headers(msg)
+        payload = headers.get(hdr.PAYLOAD)
+        if payload is None:
+            return msg.key(), msg.value()
+        if payload == DROPPED:
+            raise ConfigError(
+                "dead_letter.payload",
+                f"dead letter {source} was written without its key and value (drop): it "
+                "cannot be replayed",
+            )
+        key_id = headers.get(hdr.ENCRYPTION_KEY_ID, b"?").decode(errors="replace")
+        if self._private_key is None:
+            raise ConfigError(
+                "--private-key",
+                f"dead letter {source} is encrypted (key id {key_id}): give the private key "
+                "that opens it with --private-key FILE; nothing was replayed from this batch",
+            )
+        try:
+            return open_sealed(self._private_key, msg.value(), headers)
+        except EnvelopeError as exc:
+            raise ConfigError("--private-key", f"dead letter {source}: {exc}") from None
 
     def _abort(self) -> None:
         try:

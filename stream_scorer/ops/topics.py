@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from stream_scorer.errors import BrokerError, ConfigError, broker_unreachable
+from stream_scorer.errors import AccessDeniedError, BrokerError, ConfigError, broker_unreachable
 from stream_scorer.logs import client_logger
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def require_topics(
     Raises:
         ConfigError: a topic does not exist (names its key and the topic; the others missing
             too are listed in the message).
+        AccessDeniedError: the broker refused the credentials, the TLS handshake failed, or
+            the broker speaks TLS to a plaintext client (at once: no retry can fix them).
         BrokerError: no broker answered within ``unreachable_timeout_s``.
     """
     bootstrap = settings.get("bootstrap.servers", "")
@@ -66,6 +68,7 @@ def require_topics(
             break
         except KafkaException as exc:
             admin.poll(0)
+            _raise_refused(errors, settings, probe_tls=not warned)
             last = errors[-1] if errors else (exc.args[0] if exc.args else exc)
             last = last.str() if isinstance(last, KafkaError) else last
             down = time.monotonic() - started
@@ -92,6 +95,46 @@ def require_topics(
             f"topic {name!r} does not exist at {bootstrap} (or this client may not describe it):"
             f" create it before starting{also}",
         )
+
+
+def _raise_refused(
+    errors: list[KafkaError], settings: Mapping[str, str], *, probe_tls: bool
+) -> None:
+    """Raise what no retry fixes: refused credentials or TLS, or TLS spoken to plaintext."""
+    from stream_scorer.ops.acl import refused_connection
+
+    for err in errors:
+        refused = refused_connection(err, settings)
+        if refused is not None:
+            raise refused
+    protocol = settings.get("security.protocol", "plaintext").lower()
+    if probe_tls and protocol in ("plaintext", "sasl_plaintext"):
+        bootstrap = settings.get("bootstrap.servers", "")
+        tls = next((a for a in bootstrap.split(",") if _speaks_tls(a.strip())), None)
+        if tls is not None:
+            raise AccessDeniedError(
+                f"the broker at {tls} speaks TLS and this client {protocol.upper()}: set "
+                "kafka.client security.protocol to SSL or SASL_SSL (and ssl.ca.location)"
+            )
+
+
+def _speaks_tls(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (its certificate is not checked)."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=host.strip("[]") or None),
+        ):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_topics(

@@ -15,17 +15,20 @@ call that blocks past its timeout is left behind with its producer for a new one
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from stream_scorer.errors import BrokerError, FencedError, broker_unreachable
+from stream_scorer.errors import AccessDeniedError, BrokerError, FencedError, broker_unreachable
 from stream_scorer.logs import client_logger
+from stream_scorer.ops.acl import AUTHORIZATION_CODES, Grant, denied
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Partitions, Position, Ticket
@@ -38,7 +41,6 @@ _FENCED_CODES = frozenset(
         KafkaError._FENCED,
         KafkaError.PRODUCER_FENCED,
         KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
     }
 )
 _SEND_OFFSETS_TRIES = 5
@@ -62,6 +64,8 @@ _WATCH_EVERY_S = 0.5
 #: The producer's errors that mean a broker connection was lost.
 _LOST_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 _PRODUCER_LOG = client_logger("producer")
+#: librdkafka's line when the transaction coordinator refuses a partition (names its topic).
+_ADD_PARTITION_REFUSED = re.compile(r'Failed to add partition "([^"]+)" \[\d+\] to transaction')
 
 
 class TransactionalProducer(Producer, Protocol):
@@ -143,6 +147,9 @@ class Reconnection:
         self._clock = clock
         self.lost_at: float | None = None  # a connection was lost since the last commit
         self.back_since: float | None = None  # the brokers answer again since
+        #: The topic the transaction coordinator last refused to add (librdkafka says which
+        #: only in its log line, not in the error the transactional call raises).
+        self.refused_topic: str | None = None
 
     def on_error(self, err: KafkaError) -> None:
         """The producer's ``error_cb``: log the error (repeats summarised); note a lost link."""
@@ -152,7 +159,27 @@ class Reconnection:
 
     def callbacks(self) -> dict[str, Any]:
         """Producer settings for the callbacks: its log lines and errors, repeats summarised."""
-        return {"logger": _PRODUCER_LOG, "error_cb": self.on_error}
+        return {"logger": self, "error_cb": self.on_error}
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        """The producer's ``logger``: its lines go to ``librdkafka.producer``.
+
+        An authorization refusal is noted (``refused_topic``) and logged as a warning, like
+        the "operation not attempted" of the other partitions of the refused request: the
+        worker's own error line says what is missing and what to grant.
+        """
+        try:
+            text = fmt % args
+            if "authorization failed" in text.lower():
+                level = min(level, logging.WARNING)
+                match = _ADD_PARTITION_REFUSED.search(text)
+                if match is not None:
+                    self.refused_topic = match.group(1)
+            elif "Operation not attempted" in text:  # the others of a refused request
+                level = min(level, logging.WARNING)
+        except Exception:  # a log callback never raises
+            pass
+        _PRODUCER_LOG.log(level, fmt, *args)
 
     def lost(self) -> None:
         """A broker connection was lost (or could not be made)."""
@@ -168,8 +195,9 @@ class Reconnection:
         self.back_since = None
 
     def clear(self) -> None:
-        """A transaction committed: whatever was lost is behind us."""
+        """A transaction committed: whatever was lost or refused is behind us."""
         self.lost_at = self.back_since = None
+        self.refused_topic = None
 
     def waited_back(self, started: float) -> float:
         """Seconds a call started at ``started`` has waited with the brokers back after a loss.
@@ -341,6 +369,10 @@ class ExactlyOnce:
         unreachable_timeout_s: float,
         reconnection: Reconnection | None = None,
         clock: Callable[[], float] = time.monotonic,
+        group_id: str = "",
+        transactional_id: str = "",
+        principal: str = "",
+        grants: Sequence[Grant] = (),
     ) -> None:
         """Create the transactional producer and initialise its transactions.
 
@@ -356,6 +388,11 @@ class ExactlyOnce:
                 up after this long (or ``timeout_s`` if shorter) when no broker answers.
             reconnection: fed by the producers' error callback (``Reconnection.callbacks``).
             clock: the time in seconds.
+            group_id: ``input.group_id`` (its offsets commit in the transactions), named when
+                the broker refuses it.
+            transactional_id: the producer's, named when the broker refuses it.
+            principal: ``User:<name>`` the producer authenticates as, named when refused.
+            grants: what the worker role is granted (``ops.acl.role_grants``), for the hint.
         """
         self._make_producer = make_producer
         self._ctx = ctx
@@ -367,6 +404,10 @@ class ExactlyOnce:
         self._reconnection = reconnection or Reconnection(clock)
         self._bootstrap = bootstrap
         self._unreachable_timeout = unreachable_timeout_s
+        self._group_id = group_id
+        self._transactional_id = transactional_id
+        self._principal = principal
+        self._grants = tuple(grants)
         self._failed_in_a_row = 0
         self._abandoned = 0
         self.paused = False  # transactions are synchronous: never backed up
@@ -405,8 +446,38 @@ class ExactlyOnce:
                     raise
                 producer.init_transactions(self._timeout - first)  # documented: resume it
         except KafkaException as exc:
-            raise self._fatal(exc, "cannot initialise transactions") from exc
+            refused = self._denied(exc, producer)
+            raise (refused or self._fatal(exc, "cannot initialise transactions")) from exc
         return producer
+
+    def _denied(
+        self, exc: BaseException, producer: TransactionalProducer | None = None
+    ) -> AccessDeniedError | None:
+        """The error when the broker refused an ACL (the call's or an output's), else None."""
+        if producer is None:
+            with contextlib.suppress(Exception):
+                self.sink.poll(0)  # the delivery reports: which output was refused
+            for recorded in self.sink.errors:
+                if isinstance(recorded, AccessDeniedError):
+                    return recorded  # names the topic that refused the output
+        err = kafka_error(exc)
+        if err is None or err.code() not in AUTHORIZATION_CODES:
+            return None
+        kind = AUTHORIZATION_CODES[err.code()]
+        if kind == "group":
+            need = Grant("group", self._group_id, "member")
+        elif kind == "topic" and self._reconnection.refused_topic is not None:
+            need = Grant("topic", self._reconnection.refused_topic, "write")
+        elif kind == "topic":  # not said which: the transaction writes both
+            out, dlq = self._ctx.output_topic, self._ctx.dead_letter_topic
+            return AccessDeniedError(
+                f"not authorized to write topic {out!r} or {dlq!r} ({err.name()}): grant WRITE "
+                f"and DESCRIBE on both to {self._principal or 'this client'} "
+                "(stream-scorer acl grant --role worker)"
+            )
+        else:
+            need = Grant("transactional_id", self._transactional_id, "write")
+        return denied(err, need, self._principal, grants=self._grants)
 
     def _fatal(self, exc: BaseException, what: str) -> BrokerError:
         err = kafka_error(exc)
@@ -499,6 +570,12 @@ class ExactlyOnce:
         )
 
     def _recover(self, exc: BaseException) -> None:
+        refused = self._denied(exc)
+        if refused is not None:  # no retry helps: roll back and stop
+            with contextlib.suppress(KafkaException):
+                self._producer.abort_transaction(self._timeout)
+            self._metrics.transactions.labels("aborted").inc()
+            raise refused from exc
         if isinstance(exc, _StuckCall):
             # the blocked call still holds the producer: leave it, fence it with a new one
             self._abandoned += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -185,7 +186,7 @@ class Monitor:
         if self._cfg.metrics.port:
             host, port = self._cfg.metrics.host, self._cfg.metrics.port
             try:
-                self._server = _make_server(self, host, port)
+                self._server = _make_server(self, host, port, _tls_context(self._cfg))
             except OSError as exc:
                 raise ConfigError(
                     "metrics.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
@@ -225,7 +226,49 @@ class Monitor:
                 log.exception("health refresh failed")
 
 
-def _make_server(monitor: Monitor, host: str, port: int) -> ThreadingHTTPServer:
+def _tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The HTTPS context of ``metrics.tls_cert``/``tls_key``, or None (plain HTTP).
+
+    Raises:
+        ConfigError: the certificate or key cannot be loaded.
+    """
+    cert, key = cfg.metrics.tls_cert, cfg.metrics.tls_key
+    if cert is None or key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("metrics.tls_cert", f"cannot load {cert} with {key}: {exc}") from exc
+    return context
+
+
+class _HttpsServer(ThreadingHTTPServer):
+    """Each connection's TLS handshake happens in its own thread, bounded in time."""
+
+    context: ssl.SSLContext
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Wrap the connection in TLS (the handshake bounded), serve it, close it."""
+        request.settimeout(_HANDSHAKE_S)
+        tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls.do_handshake()
+            super().finish_request(tls, client_address)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("https: connection from %s failed: %s", client_address, exc)
+        finally:
+            self.shutdown_request(tls)
+
+
+#: How long a client of the HTTPS endpoint may take over its TLS handshake.
+_HANDSHAKE_S = 10.0
+
+
+def _make_server(
+    monitor: Monitor, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> ThreadingHTTPServer:
     metrics = monitor._metrics
 
     class Handler(BaseHTTPRequestHandler):
@@ -256,6 +299,10 @@ def _make_server(monitor: Monitor, host: str, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http: " + format, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    if tls is None:
+        server = ThreadingHTTPServer((host, port), Handler)
+    else:
+        server = _HttpsServer((host, port), Handler)
+        server.context = tls
     server.daemon_threads = True
     return server

@@ -28,12 +28,15 @@ from stream_scorer.config import (
     consumer_settings,
     producer_settings,
     redacted,
+    transactional_id,
     worker_identity,
 )
+from stream_scorer.envelope import Protector, load_public_key
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.model.store import DirectorySource, ModelSource, open_source
+from stream_scorer.ops.acl import check_access, principal_of, role_grants
 from stream_scorer.ops.topics import require_topics
 from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
 from stream_scorer.stages.columns import AvroColumns
@@ -230,6 +233,15 @@ def _writer_schemas(cfg: Config, pipeline: Pipeline, metrics: Metrics) -> Writer
     )
 
 
+def _protector(cfg: Config) -> Protector | None:
+    """What dead letters carry of their records (``dead_letter.payload``); None: all of it."""
+    mode = cfg.dead_letter.payload
+    if mode == "keep":
+        return None
+    path = cfg.dead_letter.public_key
+    return Protector(mode, None if path is None else load_public_key(path))
+
+
 def _delivery(
     cfg: Config,
     worker_id: str,
@@ -254,6 +266,10 @@ def _delivery(
             reconnection=reconnection,
             bootstrap=cfg.kafka.bootstrap_servers,
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
+            group_id=cfg.input.group_id,
+            transactional_id=transactional_id(cfg, worker_id),
+            principal=ctx.principal,
+            grants=role_grants(cfg, "worker"),
         )
     return AtLeastOnce(
         Sink(Producer(settings), ctx, tracker, metrics),
@@ -305,6 +321,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             scorer.model_version,
             cfg.kafka.unreachable_timeout_s,
             frozenset(cfg.output.copy_headers),
+            principal_of(client_settings(cfg)),
+            _protector(cfg),
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
@@ -324,6 +342,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             stop=lambda: bool(stop),
             alive=lambda: metrics.last_progress.set(time.time()),
         )
+        # a missing ACL stops the worker here, before it consumes anything
+        check_access(client_settings(cfg), role_grants(cfg, "worker"))
         source = stack.enter_context(
             Source(
                 csettings,

@@ -16,10 +16,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from confluent_kafka import KafkaError
 
 from stream_scorer import headers as hdr
+from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
+from stream_scorer.ops.acl import Grant, denied
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
@@ -53,6 +57,10 @@ class SinkContext:
     queue_full_timeout_s: float = 120.0
     #: Input headers copied onto each prediction (``output.copy_headers``).
     copy_headers: frozenset[str] = frozenset()
+    #: ``User:<name>`` the producer authenticates as (empty: none), named when refused.
+    principal: str = ""
+    #: What dead letters carry of their records (``dead_letter.payload``); None: everything.
+    protector: Protector | None = None
 
 
 def dead_letter_headers(
@@ -73,7 +81,11 @@ def dead_letter_headers(
         hdr.CONNECT_STAGE: dl.stage.value,
         hdr.CONNECT_CLASS_NAME: "stream_scorer",
         hdr.CONNECT_EXCEPTION_CLASS: dl.error_type,
-        hdr.CONNECT_EXCEPTION_MESSAGE: dl.error_message[:2000],
+        hdr.CONNECT_EXCEPTION_MESSAGE: (
+            f"withheld (dead_letter.payload = {ctx.protector.mode})"
+            if ctx.protector is not None and ctx.protector.withholds_details
+            else dl.error_message[:2000]
+        ),
         hdr.REASON: dl.reason,
         hdr.ORIGINAL_TIMESTAMP: str(ts),
         hdr.ORIGINAL_TIMESTAMP_TYPE: str(ts_type),
@@ -157,7 +169,7 @@ class Sink:
         self._ctx = ctx
         self.tracker = tracker
         self.metrics = metrics
-        self._errors: list[DeliveryError] = []
+        self._errors: list[BrokerError] = []
         self._version = ctx.model_version
         self._version_header = self._version.encode()
         self.acked_predictions = 0
@@ -175,6 +187,12 @@ class Sink:
         """
         self.metrics.delivery_errors.inc()
         where = "" if to is None else f" to topic {to!r}"
+        refused = None
+        if isinstance(err, KafkaError) and to is not None:
+            refused = denied(err, Grant("topic", to, "write"), self._ctx.principal)
+        if refused is not None:
+            self._errors.append(refused)
+            return
         self._errors.append(
             DeliveryError(
                 f"broker did not acknowledge the {what}{where} for this record: {err}",
@@ -192,13 +210,18 @@ class Sink:
         value: bytes | None,
         headers: list[tuple[str, bytes | None]],
         callback: Callable[[Any, Any], None],
+        key: bytes | Literal[False] | None = False,
     ) -> None:
-        """Produce, serving delivery reports while the local queue is full."""
+        """Produce, serving delivery reports while the local queue is full.
+
+        ``key``: the record's key; ``False`` (the default): ``msg``'s.
+        """
         deadline: float | None = None
+        record_key = msg.key() if key is False else key
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=msg.key(), headers=headers, on_delivery=callback
+                    topic, value=value, key=record_key, headers=headers, on_delivery=callback
                 )
                 return
             except BufferError:
@@ -272,12 +295,17 @@ class Sink:
             except Exception as exc:
                 raise _refused(msg, topic, exc) from exc
         for dl in dead:
+            dl_key, dl_value = dl.message.key(), dl.message.value()
+            extra: list[tuple[str, bytes | None]] = []
+            if ctx.protector is not None:
+                dl_key, dl_value, extra = ctx.protector.protect(dl_key, dl_value)
             self._produce_waiting(
                 dl.message,
                 ctx.dead_letter_topic,
-                dl.message.value(),
-                dead_letter_headers(dl, ctx, version),
+                dl_value,
+                dead_letter_headers(dl, ctx, version) + extra,
                 partial(group(dl.message)[1].dead_letter, dl),
+                dl_key,
             )
         self.poll(0)
 
@@ -297,7 +325,12 @@ class Sink:
         self._count_acks()
         return remaining
 
-    def clear_errors(self) -> list[DeliveryError]:
+    @property
+    def errors(self) -> list[BrokerError]:
+        """The delivery failures recorded and not raised or cleared yet."""
+        return list(self._errors)
+
+    def clear_errors(self) -> list[BrokerError]:
         """Forget recorded delivery failures (an aborted transaction's purged outputs)."""
         errors, self._errors = self._errors, []
         return errors

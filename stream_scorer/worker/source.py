@@ -26,6 +26,13 @@ from confluent_kafka import (
 
 from stream_scorer.errors import BrokerError, broker_unreachable
 from stream_scorer.logs import client_logger
+from stream_scorer.ops.acl import (
+    AUTHORIZATION_CODES,
+    Grant,
+    denied,
+    principal_of,
+    refused_connection,
+)
 from stream_scorer.stages.records import Message
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
@@ -109,6 +116,11 @@ class Source:
 
     # --- callbacks: never raise ------------------------------------------------------------
     def _on_error(self, err: KafkaError) -> None:
+        refused = refused_connection(err, self._settings)
+        if refused is not None:  # the same on every attempt: stop instead of retrying
+            if not self._errors:
+                self._errors.append(refused)
+            return
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._down_since = self._down_since or time.monotonic()
         if err.fatal():
@@ -189,6 +201,8 @@ class Source:
                 continue
             elif err.retriable() or (not err.fatal() and err.code() < 0):
                 log.warning("consume: %s", err)
+            elif err.code() in AUTHORIZATION_CODES:
+                raise self._denied(err)
             else:
                 raise BrokerError(
                     f"consume error: {err}", topic=msg.topic(), partition=msg.partition()
@@ -197,6 +211,14 @@ class Source:
             self._down_since = None
             self.lag.consumed(batch)
         return batch
+
+    def _denied(self, err: KafkaError) -> BrokerError:
+        """The error for an authorization refusal of the consumer (its topic or group)."""
+        if AUTHORIZATION_CODES.get(err.code()) == "group":
+            need = Grant("group", str(self._settings.get("group.id", "")), "member")
+        else:
+            need = Grant("topic", self._topic, "read")
+        return denied(err, need, principal_of(self._settings)) or BrokerError(str(err))
 
     def store(self, offsets: list[tuple[str, int, int]]) -> None:
         """Store ``(topic, partition, next_offset)`` for commit; skips unassigned partitions."""

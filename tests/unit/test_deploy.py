@@ -28,7 +28,7 @@ from support import exported_metric_names
 from support import tool as _tool
 
 from stream_scorer.cli import build_parser
-from stream_scorer.config import Config, load_config
+from stream_scorer.config import Config, client_settings, load_config
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -40,7 +40,13 @@ DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 EXAMPLE_CONFIG = DEPLOY / "config" / "rides.yaml"
 
 # Manifests with a schema in kubernetes-validate (KEDA's custom resources are checked below).
-CORE_MANIFESTS = ("configmap.yaml", "deployment.yaml", "pdb.yaml", "secret.template.yaml")
+CORE_MANIFESTS = (
+    "configmap.yaml",
+    "deployment.yaml",
+    "networkpolicy.yaml",
+    "pdb.yaml",
+    "secret.template.yaml",
+)
 
 # The Kafka scaler's trigger metadata and authentication parameters (KEDA 2.x documentation).
 KEDA_KAFKA_METADATA = {
@@ -101,6 +107,12 @@ def _configmap_config(tmp_path: Path, environ: dict[str, str] | None = None) -> 
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
     text = text.replace("/app/models/rides", str(model)).replace("/app/", f"{ROOT}/")
+    (mount,) = [m for m in _container()["volumeMounts"] if m["name"] == "kafka-secret"]
+    secret = tmp_path / "kafka-secret"  # the Secret's files, as the pod mounts them
+    secret.mkdir(exist_ok=True)
+    for key in _k8s("Secret")["stringData"]:
+        (secret / key).write_text(f"from-secret-{key}\n")
+    text = text.replace(mount["mountPath"], str(secret))
     path = tmp_path / "config.yaml"
     path.write_text(text)
     return load_config(path, environ=environ or {})
@@ -334,9 +346,12 @@ def test_k8s_configmap_and_deployment_environment_load_as_a_config(tmp_path: Pat
         else:
             environ[var["name"]] = var["value"]
     cfg = _configmap_config(tmp_path, environ)
-    assert cfg.kafka.client["sasl.username"] == "from-secret-username"
-    assert cfg.kafka.client["sasl.password"] == "from-secret-password"
-    assert cfg.kafka.client["security.protocol"].startswith("SASL")
+    client = client_settings(cfg)
+    assert client["sasl.username"] == "from-secret-username"
+    assert client["sasl.password"] == "from-secret-password"
+    assert client["security.protocol"] == "SASL_SSL"
+    assert Path(client["ssl.ca.location"]).read_text() == "from-secret-ca.crt\n"
+    assert not any("SASL" in name for name in environ), "credentials come as files, not env"
     assert (cfg.registry.username, cfg.registry.password) == (
         "from-secret-registry-username",
         "from-secret-registry-password",
@@ -383,6 +398,56 @@ def test_k8s_secret_references_match_the_template() -> None:
     for ref in refs:
         assert ref["name"] == template["metadata"]["name"]
         assert ref["key"] in keys
+
+
+def test_k8s_secret_is_mounted_as_files_the_configuration_reads() -> None:
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kafka-secret"]
+    assert volume["secret"]["secretName"] == _k8s("Secret")["metadata"]["name"]
+    assert {i["key"] for i in volume["secret"]["items"]} <= set(_k8s("Secret")["stringData"])
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    (mount,) = [m for m in _container()["volumeMounts"] if m["name"] == "kafka-secret"]
+    assert mount["readOnly"] is True
+    config = yaml.safe_load(_k8s("ConfigMap")["data"]["config.yaml"])["kafka"]
+    paths = [*config["secret_files"].values(), config["client"]["ssl.ca.location"]]
+    items = {f"{mount['mountPath']}/{i['path']}" for i in volume["secret"]["items"]}
+    assert set(paths) == items
+
+
+def test_k8s_pod_is_hardened() -> None:
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert isinstance(pod["securityContext"]["runAsUser"], int)
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = _container()["securityContext"]
+    assert container["readOnlyRootFilesystem"] is True
+    assert container["allowPrivilegeEscalation"] is False
+    assert container["capabilities"] == {"drop": ["ALL"]}
+    # what must be writable is an emptyDir
+    (tmp,) = [m for m in _container()["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
+    assert "emptyDir" in volume
+
+
+def test_k8s_network_policy_allows_brokers_registry_dns_and_the_scraper_only(
+    tmp_path: Path,
+) -> None:
+    policy = _k8s("NetworkPolicy")["spec"]
+    labels = _k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = policy["ingress"]
+    (port,) = _container()["ports"]
+    assert [p["port"] for p in ingress["ports"]] == [port["name"]]
+    assert all("podSelector" in peer for peer in ingress["from"])
+    egress = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
+    brokers = _configmap_config(tmp_path).kafka.bootstrap_servers.split(",")
+    assert {("TCP", int(b.rsplit(":", 1)[1])) for b in brokers} <= egress
+    assert {("UDP", 53), ("TCP", 53), ("TCP", 8081)} <= egress
+    assert len(egress) == 4, egress
+    assert all(rule.get("to") for rule in policy["egress"]), "every rule names its peers"
 
 
 def test_k8s_pod_disruption_budget_selects_the_workers() -> None:

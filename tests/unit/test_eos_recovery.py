@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 from eos_fakes import GROUP_METADATA, Run, kafka_exception
 from support import Msg
 
-from stream_scorer.errors import BrokerError, FencedError
+from stream_scorer.errors import AccessDeniedError, BrokerError, FencedError
 from stream_scorer.worker import delivery
 from stream_scorer.worker.delivery import MAX_ABANDONED_PRODUCERS, MAX_FAILED_TRANSACTIONS
 
@@ -121,7 +121,6 @@ def test_an_ambiguous_error_recreates_the_producer(error: KafkaException) -> Non
         ("commit_transaction", kafka_exception(KafkaError.PRODUCER_FENCED, fatal=True)),
         ("commit_transaction", kafka_exception(KafkaError._FENCED, fatal=True)),
         ("send_offsets_to_transaction", kafka_exception(KafkaError.INVALID_PRODUCER_EPOCH)),
-        ("begin_transaction", kafka_exception(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED)),
         # fatal wins over abortable or retriable: no new transaction can start
         ("commit_transaction", kafka_exception(KafkaError.INVALID_TXN_STATE, fatal=True)),
         ("commit_transaction", kafka_exception(KafkaError._FATAL, fatal=True, retriable=True)),
@@ -153,7 +152,6 @@ def test_a_producer_fenced_while_it_is_recreated_stops_the_worker() -> None:
 @pytest.mark.parametrize(
     "error",
     [
-        kafka_exception(KafkaError.TOPIC_AUTHORIZATION_FAILED),  # neither abortable nor retriable
         kafka_exception(KafkaError._STATE),
         RuntimeError("not a Kafka error"),
     ],
@@ -166,6 +164,38 @@ def test_an_unclassified_error_is_a_broker_error(error: Exception) -> None:
     assert raised.value.__cause__ is error
     assert len(run.producers) == 1 and run.source.rewinds == 0
     assert run.count("aborted") == run.count("recreated") == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (
+            "begin_transaction",
+            kafka_exception(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED),
+            "not authorized to use transactional id",
+        ),
+        (
+            "commit_transaction",
+            kafka_exception(KafkaError.TOPIC_AUTHORIZATION_FAILED),  # not abortable, retriable
+            "not authorized to write topic 'out' or 'dlq' (TOPIC_AUTHORIZATION_FAILED)",
+        ),
+        (
+            "send_offsets_to_transaction",
+            kafka_exception(KafkaError.GROUP_AUTHORIZATION_FAILED, txn_requires_abort=True),
+            "not authorized to join group",
+        ),
+    ],
+)
+def test_a_refused_acl_rolls_back_and_stops_the_worker_at_once(
+    call: str, error: KafkaException, words: str
+) -> None:
+    run = make_run(**{call: [error]})
+    with pytest.raises(AccessDeniedError) as raised:
+        run.deliver(BATCH)
+    assert words in str(raised.value)
+    assert raised.value.__cause__ is error
+    assert len(run.producers) == 1 and run.source.rewinds == 0  # no retry
+    assert run.source.committed == [] and run.count("committed") == 0
 
 
 def test_rolled_back_transactions_in_a_row_stop_the_worker(backoffs: list[float]) -> None:

@@ -325,3 +325,33 @@ def test_revoke_after_drain_commits_nothing_more() -> None:
     delivery.on_revoke([("in", 0)])  # close() revokes: no second flush, no second commit
     assert source.committed == [None]
     assert tracker.pending == 0  # the partition is forgotten
+
+
+@pytest.mark.parametrize("mode", ["drop", "encrypt"])
+def test_protected_dead_letters_carry_neither_the_payload_nor_the_error_details(
+    mode: str,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from stream_scorer.envelope import Protector
+
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    protector = Protector("drop") if mode == "drop" else Protector("encrypt", public)
+    ctx = SinkContext("out", "dlq", "grp", "w1", "v9", protector=protector)
+    producer, tracker = FakeProducer(), OffsetTracker()
+    msg = Msg(b"SECRET-VALUE", k=b"SECRET-KEY", t="in", p=0, o=3, hdrs=[("trace", b"abc")])
+    detail = "country: unseen category 'SECRET-FIELD'"
+    Sink(producer, ctx, tracker, Metrics()).publish(
+        Scored([], [], []),
+        [DeadLetter(msg, Stage.FEATURES, Reason.UNSEEN_CATEGORY, "FeatureError", detail)],
+        tracker.track([msg]),
+    )
+    [sent] = producer.sent
+    h = sent["headers"]
+    assert sent["key"] is None
+    assert b"SECRET" not in (sent["value"] or b"")
+    assert all(b"SECRET" not in (v or b"") for v in h.values())
+    assert h[hdr.CONNECT_EXCEPTION_MESSAGE] == f"withheld (dead_letter.payload = {mode})".encode()
+    assert (h["trace"], h[hdr.CONNECT_OFFSET], h[hdr.REASON]) == (b"abc", b"3", b"unseen_category")
+    assert h[hdr.PAYLOAD] == (b"dropped" if mode == "drop" else b"encrypted")
+    assert tracker.take_committable() == [("in", 0, 4)]
