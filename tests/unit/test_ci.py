@@ -123,11 +123,19 @@ def test_integration_jobs_have_java_maven_and_the_cache_outside_the_checkout() -
     for job in ("integration", "installed"):
         uses = _uses(job)
         java = uses["actions/setup-java"]
-        assert int(java["java-version"]) >= 17 and java["cache"] == "maven", job
+        versions = [int(v) for v in str(java["java-version"]).split()]
+        # Kafka's Java (17, the last: JAVA_HOME) and Apicurio Registry's (21+), the one the
+        # registry runs with named to it
+        assert versions[-1] >= 17 and max(versions) >= 21 and java["cache"] == "maven", job
+        steps = _workflow()["jobs"][job]["steps"]
+        setup = next(s for s in steps if "make setup" in s.get("run", ""))
+        assert setup["env"]["STREAM_SCORER_REGISTRY_JAVA"].startswith("${{ env.JAVA_HOME_21"), job
         assert java["cache-dependency-path"] == "stream_scorer/devtools/local-kafka-pom.xml"
         assert uses["actions/cache"]["path"] == "~/.cache/stream-scorer", job
         assert "actions/setup-go" in uses, job  # make setup builds actionlint
         assert "make setup" in _runs(job)
+    # the MLflow server of the model-registry tests (CI=true: they fail without it)
+    assert "mlflow-tools" in _runs("integration")
 
 
 def test_build_makes_the_wheel_and_the_versioned_image_and_publishes_only_on_a_tag() -> None:
