@@ -524,10 +524,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError("model.source", "give exactly one of model.path and model.source")
     if cfg.input.reader_subject and cfg.input.format != "confluent":
         raise ConfigError("input.reader_subject", "needs input.format: confluent")
-    for key, fmt in (("input.format", cfg.input.format), ("output.format", cfg.output.format)):
-        if fmt == "confluent" and not cfg.registry.url:
-            raise ConfigError("registry.url", f"is required by {key}: confluent")
-    if 1000 * cfg.registry.unavailable_timeout_s >= poll_ms:
+    framed = [
+        k
+        for k, f in (("input.format", cfg.input.format), ("output.format", cfg.output.format))
+        if f == "confluent"
+    ]
+    if framed and not cfg.registry.url:
+        raise ConfigError("registry.url", f"is required by {framed[0]}: confluent")
+    # the wait for a registry that does not answer happens between polls (input format only)
+    if cfg.input.format == "confluent" and 1000 * cfg.registry.unavailable_timeout_s >= poll_ms:
         raise ConfigError(
             "registry.unavailable_timeout_s",
             f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",

@@ -68,8 +68,14 @@ def test_the_registry_password_never_shows(tmp_path: Path) -> None:
 
 
 def test_the_outage_bound_stays_below_the_poll_interval(tmp_path: Path) -> None:
+    framed = {"format": "confluent"}
+    registry = {"url": "http://r:1", "unavailable_timeout_s": 300}
     with pytest.raises(ConfigError, match=r"registry\.unavailable_timeout_s"):
-        _load(tmp_path, _raw(tmp_path, registry={"unavailable_timeout_s": 300}))
+        _load(tmp_path, _raw(tmp_path, input=framed, registry=registry))
+    # without framed input no batch waits for the registry: a short poll interval is fine
+    short = {"consumer": {"max.poll.interval.ms": 8000}}
+    cfg = _load(tmp_path, _raw(tmp_path, kafka=short, batch={"max_processing_s": 2}))
+    assert cfg.input.format == "schemaless"
 
 
 @pytest.mark.parametrize(
