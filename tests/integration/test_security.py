@@ -36,8 +36,11 @@ from stream_scorer.clients import read_to_end
 from stream_scorer.config import load_config
 from stream_scorer.devtools.localkafka import LocalKafka
 from stream_scorer.errors import AccessDeniedError
+from stream_scorer.headers import REASON
 from stream_scorer.ops.acl import Grant, grant, role_grants
 from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.registry import RegistryClient
+from stream_scorer.stages.records import Reason
 from stream_scorer.worker.loop import run_worker
 from stream_scorer.worker.supervisor import run_command
 
@@ -269,6 +272,40 @@ def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Depl
     assert _committed(dep)[0] == total  # everything went to partition 0
     for text in (out, err, *scraped):
         assert dep.password not in text
+
+
+def test_least_privilege_worker_reads_and_writes_the_confluent_format(
+    broker: LocalKafka, tmp_path: Path, model_dir: Path, schema_registry: str
+) -> None:
+    """The secured broker with the Schema Registry: framed in, framed out, least privilege."""
+    dep = _deployment(broker, tmp_path, model_dir, "exactly-once", _worker_client(broker))
+    raw = yaml.safe_load(dep.config.read_text())
+    raw["input"]["format"] = raw["output"]["format"] = "confluent"
+    raw["registry"] = {"url": schema_registry}
+    dep.config.write_text(yaml.safe_dump(raw))
+    _grant(dep)
+    schema_id = RegistryClient(schema_registry).register(
+        f"{dep.topic}-value", json.dumps(PAYMENT_SCHEMA)
+    )
+    frame = b"\x00" + schema_id.to_bytes(4, "big")
+    items: list[tuple[bytes | None, bytes | None]] = [
+        (r["txn_id"].encode(), frame + avro(PAYMENT_SCHEMA, r)) for r in payments(200, seed=5)
+    ]
+    items.insert(50, (b"unframed", b"\x07not a frame"))
+    produce_raw(dep.broker.bootstrap, dep.topic, items, 1, settings=dep.admin)
+    code, out, err = _finish(_run(dep, "--idle-timeout", "3"))
+    assert code == 0, err[-3000:]
+    predictions = _read(dep, dep.out)
+    assert len(predictions) == 200
+    out_id = RegistryClient(schema_registry).lookup(
+        f"{dep.out}-value",
+        json.dumps(json.loads((ROOT / "schemas" / "prediction.v1.avsc").read_text())),
+    )
+    assert {m.value()[:5] for m in predictions} == {b"\x00" + out_id.to_bytes(4, "big")}
+    dead = _read(dep, dep.dlq)
+    assert [m.value() for m in dead] == [b"\x07not a frame"]
+    assert dict(dead[0].headers())[REASON] == Reason.BAD_MAGIC_BYTE.encode()
+    assert dep.password not in out + err
 
 
 # --- refusals: each stops the worker with exit 1 and one line naming what is missing ---------
