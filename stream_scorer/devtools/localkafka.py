@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -35,10 +34,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
+from stream_scorer.devtools.process import ServerProcess, tail
 from stream_scorer.errors import LocalKafkaError
 from stream_scorer.resources import packaged_file
 
@@ -50,7 +49,6 @@ _JAVA_HINT = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless"
 _SLF4J_BINDING = "org.apache.logging.log4j:log4j-slf4j-impl"
 _MARKER = ".complete"
 _MARKER_TEXT = f"kafka_2.13 {KAFKA_VERSION} + {_SLF4J_BINDING}\n"
-_STATE = "state.json"
 _HEAP = ("-Xms256m", "-Xmx1g")
 #: The secured broker's users: the super user first (the broker's own principal too).
 SECURE_USERS = ("admin", "worker", "tools")
@@ -202,35 +200,6 @@ class BrokerStatus:
     answering: bool
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited child not yet reaped (zombie) is not alive
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _is_broker(pid: int, props: Path) -> bool:
-    """Whether ``pid`` is alive and is ``kafka.Kafka`` run on ``props`` (not a recycled pid)."""
-    if not _alive(pid):
-        return False
-    if not Path("/proc/self/cmdline").exists():  # no procfs: trust the recorded pid
-        return True
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return b"kafka.Kafka" in args and os.fsencode(props) in args
-
-
 def _answers(bootstrap: str, timeout: float = 3.0, client: dict[str, str] | None = None) -> bool:
     """Whether a broker at ``bootstrap`` answers a metadata request (TCP alone is not enough)."""
     from confluent_kafka.admin import AdminClient
@@ -263,14 +232,6 @@ def _cluster_id() -> str:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
         if not cid.startswith("-"):  # Kafka never hands out ids that look like an option
             return cid
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return f"--- last lines of {path} ---\n" + "\n".join(text[-lines:]) if text else ""
 
 
 _PROPERTIES = """\
@@ -377,7 +338,13 @@ class LocalKafka:
         self.bootstrap = f"127.0.0.1:{port}"
         self.secure = secure
         self._log = log
-        self._proc: subprocess.Popen[bytes] | None = None  # kept so it can be reaped
+        self._server = ServerProcess(
+            self.state_dir,
+            "the broker",
+            (b"kafka.Kafka", os.fsencode(self._props)),
+            LocalKafkaError,
+            log,
+        )
 
     @property
     def _props(self) -> Path:
@@ -385,7 +352,7 @@ class LocalKafka:
 
     @property
     def _state_file(self) -> Path:
-        return self.state_dir / _STATE
+        return self._server.state_file
 
     @property
     def ca_file(self) -> Path:
@@ -444,11 +411,10 @@ class LocalKafka:
 
     def _recorded(self) -> tuple[int, str] | None:
         """The pid and bootstrap address in ``state.json``, or None (absent or unreadable)."""
-        try:
-            raw = json.loads(self._state_file.read_text())
-            return int(raw["pid"]), str(raw["bootstrap"])
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
+        raw = self._server.recorded()
+        return (
+            None if raw is None or "bootstrap" not in raw else (raw["pid"], str(raw["bootstrap"]))
+        )
 
     def _recorded_secure(self) -> bool:
         """Whether ``state.json`` records a secured broker (``status`` without ``--secure``)."""
@@ -458,7 +424,7 @@ class LocalKafka:
             return False
 
     def _logs(self) -> str:
-        parts = (_tail(self.state_dir / "server.log"), _tail(self.state_dir / "broker.out"))
+        parts = (tail(self.state_dir / "server.log"), tail(self.state_dir / "broker.out"))
         return "\n".join(p for p in parts if p) or f"(no broker output in {self.state_dir})"
 
     def status(self) -> BrokerStatus | None:
@@ -471,7 +437,7 @@ class LocalKafka:
         if recorded is None:
             return None
         pid, bootstrap = recorded
-        running = _is_broker(pid, self._props)
+        running = self._server.is_ours(pid)
         client = self.client_settings() if self.secure or self._recorded_secure() else None
         return BrokerStatus(pid, bootstrap, running, running and _answers(bootstrap, client=client))
 
@@ -511,12 +477,12 @@ class LocalKafka:
         recorded = self._recorded()
         if recorded is not None:
             pid, bootstrap = recorded
-            if _is_broker(pid, self._props):
+            if self._server.is_ours(pid):
                 deadline = time.monotonic() + timeout
-                if self._wait_answering(bootstrap, deadline, lambda: _is_broker(pid, self._props)):
+                if self._wait_answering(bootstrap, deadline, lambda: self._server.is_ours(pid)):
                     self._log(f"already running at {bootstrap} (pid {pid})")
                     return bootstrap
-                if _is_broker(pid, self._props):
+                if self._server.is_ours(pid):
                     raise LocalKafkaError(
                         f"the broker recorded in {self.state_dir} (pid {pid}) runs but does not "
                         f"answer at {bootstrap}: stop it (`stream-scorer local-kafka stop`) and "
@@ -573,35 +539,21 @@ class LocalKafka:
         ]
         if not (data / "meta.properties").is_file():
             self._format([java, "-Xmx256m", *jvm], data, scram)
-        try:
-            with (self.state_dir / "broker.out").open("wb") as out:
-                proc = subprocess.Popen(
-                    [java, *_HEAP, *jvm, "kafka.Kafka", str(self._props)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    cwd=self.state_dir, start_new_session=True,  # outlives this process
-                )  # fmt: skip
-        except OSError as exc:
-            raise LocalKafkaError(f"cannot start {java}: {exc}") from exc
-        if self._proc is not None:  # a previous broker of ours that died: reap it
-            self._proc.poll()
-        self._proc = proc
-        state = {
-            "pid": proc.pid,
-            "port": self.port,
-            "controller_port": self.controller_port,
-            "bootstrap": self.bootstrap,
-            "secure": self.secure,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        partial = self._state_file.with_suffix(".tmp")
-        partial.write_text(json.dumps(state, indent=2) + "\n")
-        partial.replace(self._state_file)
+        proc = self._server.spawn(
+            [java, *_HEAP, *jvm, "kafka.Kafka", str(self._props)],
+            self.state_dir / "broker.out",
+            {
+                "port": self.port,
+                "controller_port": self.controller_port,
+                "bootstrap": self.bootstrap,
+                "secure": self.secure,
+            },
+        )
         if self._wait_answering(self.bootstrap, time.monotonic() + timeout,
                                 lambda: proc.poll() is None):  # fmt: skip
             return self.bootstrap
         if proc.poll() is not None:
-            self._state_file.unlink(missing_ok=True)
-            self._proc = None
+            self._server.forget()
             raise LocalKafkaError(
                 f"the broker exited with code {proc.returncode} while starting\n{self._logs()}"
             )
@@ -626,22 +578,6 @@ class LocalKafka:
             out = re.sub(r"password=[^\]]*", "password=***", out)  # never show one
             raise LocalKafkaError(f"formatting {data} failed (exit {result.returncode}):\n{out}")
 
-    def _wait_gone(self, pid: int, timeout: float) -> bool:
-        proc = self._proc
-        if proc is not None and proc.pid == pid:  # our child: wait() also reaps it
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            self._proc = None
-            return True
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the recorded broker: SIGTERM, then SIGKILL if it outlasts ``timeout``.
 
@@ -656,22 +592,7 @@ class LocalKafka:
         Raises:
             LocalKafkaError: the process survives SIGKILL.
         """
-        recorded = self._recorded()
-        if recorded is None:
-            return False
-        pid, _ = recorded
-        running = _is_broker(pid, self._props)
-        if running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not self._wait_gone(pid, timeout):
-                self._log(f"the broker (pid {pid}) ignored SIGTERM for {timeout:.0f} s: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                if not self._wait_gone(pid, 10.0):
-                    raise LocalKafkaError(f"the broker (pid {pid}) survives SIGKILL")
-        self._state_file.unlink(missing_ok=True)
-        return running
+        return self._server.stop(timeout)
 
     def __enter__(self) -> str:
         return self.start()

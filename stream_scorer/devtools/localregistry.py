@@ -14,12 +14,9 @@ Apicurio 3.3 needs Java 21 or newer: the first of ``$STREAM_SCORER_REGISTRY_JAVA
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -28,11 +25,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
-from stream_scorer.devtools.localkafka import _alive, _port_free, _tail, default_cache_dir
+from stream_scorer.devtools.localkafka import _port_free, default_cache_dir
+from stream_scorer.devtools.process import ServerProcess, tail
 from stream_scorer.errors import LocalRegistryError
 
 APICURIO_VERSION = "3.3.3"
@@ -47,7 +44,6 @@ _JAVA_HINT = (
     "Temurin 21/25) and point STREAM_SCORER_REGISTRY_JAVA at its bin/java"
 )
 _MARKER = ".complete"
-_STATE = "state.json"
 _HEAP = ("-Xms64m", "-Xmx512m")
 #: Where Debian and Ubuntu install JDKs (searched last).
 JVM_ROOT = Path("/usr/lib/jvm")
@@ -221,32 +217,24 @@ class LocalRegistry:
         self.cache_dir = cache_dir
         self.url = f"http://127.0.0.1:{port}{CCOMPAT_PATH}"
         self._log = log
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._server = ServerProcess(
+            self.state_dir,
+            "the registry",
+            (os.fsencode(self._marker_arg()),),
+            LocalRegistryError,
+            log,
+        )
 
     @property
     def _state_file(self) -> Path:
-        return self.state_dir / _STATE
+        return self._server.state_file
 
     def _marker_arg(self) -> str:
         return f"-Dstream.scorer.registry.dir={self.state_dir}"
 
     def _recorded(self) -> tuple[int, str] | None:
-        try:
-            raw = json.loads(self._state_file.read_text())
-            return int(raw["pid"]), str(raw["url"])
-        except (OSError, ValueError, TypeError, KeyError):
-            return None
-
-    def _is_ours(self, pid: int) -> bool:
-        if not _alive(pid):
-            return False
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
-        return os.fsencode(self._marker_arg()) in args
+        raw = self._server.recorded()
+        return None if raw is None or "url" not in raw else (raw["pid"], str(raw["url"]))
 
     def status(self) -> RegistryStatus | None:
         """The recorded registry's status, or None when none is recorded."""
@@ -254,7 +242,7 @@ class LocalRegistry:
         if recorded is None:
             return None
         pid, url = recorded
-        running = self._is_ours(pid)
+        running = self._server.is_ours(pid)
         return RegistryStatus(pid, url, running, running and _answers(url))
 
     def start(self, timeout: float = 90.0) -> str:
@@ -268,8 +256,8 @@ class LocalRegistry:
         stale = False
         if recorded is not None:
             pid, url = recorded
-            if self._is_ours(pid):
-                if self._wait(url, time.monotonic() + timeout, lambda: self._is_ours(pid)):
+            if self._server.is_ours(pid):
+                if self._wait(url, time.monotonic() + timeout, lambda: self._server.is_ours(pid)):
                     self._log(f"already running at {url} (pid {pid})")
                     return url
                 raise LocalRegistryError(
@@ -299,32 +287,15 @@ class LocalRegistry:
             "-Dapicurio.datasource.jdbc.max-size=10",
             "-jar", str(home / "quarkus-run.jar"),
         ]  # fmt: skip
-        try:
-            with (self.state_dir / "registry.out").open("wb") as out:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    cwd=self.state_dir, start_new_session=True,
-                )  # fmt: skip
-        except OSError as exc:
-            raise LocalRegistryError(f"cannot start {java}: {exc}") from exc
-        if self._proc is not None:
-            self._proc.poll()
-        self._proc = proc
-        state = {
-            "pid": proc.pid,
-            "port": self.port,
-            "management_port": self.management_port,
-            "url": self.url,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        partial = self._state_file.with_suffix(".tmp")
-        partial.write_text(json.dumps(state, indent=2) + "\n")
-        partial.replace(self._state_file)
+        proc = self._server.spawn(
+            cmd,
+            self.state_dir / "registry.out",
+            {"port": self.port, "management_port": self.management_port, "url": self.url},
+        )
         if self._wait(self.url, time.monotonic() + timeout, lambda: proc.poll() is None):
             return self.url
         if proc.poll() is not None:
-            self._state_file.unlink(missing_ok=True)
-            self._proc = None
+            self._server.forget()
             raise LocalRegistryError(
                 f"the registry exited with code {proc.returncode} while starting\n{self._logs()}"
             )
@@ -343,41 +314,11 @@ class LocalRegistry:
             time.sleep(0.2)
 
     def _logs(self) -> str:
-        return _tail(self.state_dir / "registry.out") or f"(no output in {self.state_dir})"
+        return tail(self.state_dir / "registry.out") or f"(no output in {self.state_dir})"
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the recorded registry (SIGTERM, then SIGKILL); return whether one was running."""
-        recorded = self._recorded()
-        if recorded is None:
-            return False
-        pid, _ = recorded
-        running = self._is_ours(pid)
-        if running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not self._wait_gone(pid, timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                if not self._wait_gone(pid, 10.0):
-                    raise LocalRegistryError(f"the registry (pid {pid}) survives SIGKILL")
-        self._state_file.unlink(missing_ok=True)
-        return running
-
-    def _wait_gone(self, pid: int, timeout: float) -> bool:
-        proc = self._proc
-        if proc is not None and proc.pid == pid:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            self._proc = None
-            return True
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return self._server.stop(timeout)
 
     def __enter__(self) -> str:
         return self.start()

@@ -1,0 +1,173 @@
+"""A detached server process of the development tools: its state file, start, status, stop.
+
+The local broker (``localkafka``) and the local registry (``localregistry``) each run a Java
+server that outlives the command that started it. Both record it the same way: ``state.json``
+in the server's state directory holds its pid (and what the server adds: ports, addresses), a
+pid counts as the server only while it is alive and its command line holds the server's markers
+(a recycled pid is not it), and stopping is SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from stream_scorer.errors import StreamScorerError
+
+#: The file in a server's state directory that records the running process.
+STATE_FILE = "state.json"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited child not yet reaped is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited child not yet reaped (zombie) is not alive
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` of a log file under a header naming it; "" when absent or empty."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f"--- last lines of {path} ---\n" + "\n".join(text[-lines:]) if text else ""
+
+
+class ServerProcess:
+    """The process of one server, recorded in ``<state_dir>/state.json``."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        what: str,
+        markers: Sequence[bytes],
+        error: type[StreamScorerError],
+        log: Callable[[str], None] = print,
+    ) -> None:
+        """Describe the server's process.
+
+        Args:
+            state_dir: the server's state directory.
+            what: how messages name it ("the broker").
+            markers: arguments its command line holds, each of them (what tells it from
+                another process that got its pid).
+            error: the error raised when it cannot be started or stopped.
+            log: receives one-line progress messages.
+        """
+        self.state_file = state_dir / STATE_FILE
+        self._what = what
+        self._markers = tuple(markers)
+        self._error = error
+        self._log = log
+        self._proc: subprocess.Popen[bytes] | None = None  # kept so it can be reaped
+
+    def recorded(self) -> dict[str, Any] | None:
+        """What ``state.json`` records (``pid`` an int), or None (absent or unreadable)."""
+        try:
+            raw = json.loads(self.state_file.read_text())
+            raw["pid"] = int(raw["pid"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return raw if isinstance(raw, dict) else None
+
+    def is_ours(self, pid: int) -> bool:
+        """Whether ``pid`` is alive and is this server (its command line holds the markers)."""
+        if not alive(pid):
+            return False
+        if not Path("/proc/self/cmdline").exists():  # no procfs: trust the recorded pid
+            return True
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return all(marker in args for marker in self._markers)
+
+    def spawn(self, cmd: list[str], out: Path, state: dict[str, Any]) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` detached (its output into ``out``) and record it with ``state``."""
+        try:
+            with out.open("wb") as sink:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                    cwd=out.parent, start_new_session=True,  # outlives this process
+                )  # fmt: skip
+        except OSError as exc:
+            raise self._error(f"cannot start {cmd[0]}: {exc}") from exc
+        if self._proc is not None:  # a previous process of ours that died: reap it
+            self._proc.poll()
+        self._proc = proc
+        record = {
+            "pid": proc.pid,
+            **state,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        partial = self.state_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        partial.replace(self.state_file)  # atomic: a reader never sees half a record
+        return proc
+
+    def forget(self) -> None:
+        """Drop the record of a process that exited by itself."""
+        self.state_file.unlink(missing_ok=True)
+        self._proc = None
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the recorded process: SIGTERM, then SIGKILL if it outlasts ``timeout``.
+
+        Safe when nothing runs; a stale record is removed. Returns whether it was running.
+
+        Raises:
+            StreamScorerError: (the ``error`` type) the process survives SIGKILL.
+        """
+        recorded = self.recorded()
+        if recorded is None:
+            return False
+        pid = recorded["pid"]
+        running = self.is_ours(pid)
+        if running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_gone(pid, timeout):
+                self._log(
+                    f"{self._what} (pid {pid}) ignored SIGTERM for {timeout:.0f} s: killing it"
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                if not self._wait_gone(pid, 10.0):
+                    raise self._error(f"{self._what} (pid {pid}) survives SIGKILL")
+        self.state_file.unlink(missing_ok=True)
+        return running
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        proc = self._proc
+        if proc is not None and proc.pid == pid:  # our child: wait() also reaps it
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            self._proc = None
+            return True
+        deadline = time.monotonic() + timeout
+        while alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True

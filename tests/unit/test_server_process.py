@@ -1,0 +1,52 @@
+"""The development servers' process record (devtools/process.py), with real child processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from stream_scorer.devtools.process import STATE_FILE, ServerProcess, alive, tail
+from stream_scorer.errors import LocalKafkaError
+
+SLEEPER = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_DFL)\ntime.sleep(600)"
+
+
+def test_spawn_record_status_and_stop(tmp_path: Path) -> None:
+    marker = f"--marker={tmp_path}"
+    server = ServerProcess(tmp_path, "the sleeper", (marker.encode(),), LocalKafkaError, log=print)
+    proc = server.spawn([sys.executable, "-c", SLEEPER, marker], tmp_path / "out", {"port": 1})
+    recorded = server.recorded()
+    assert recorded is not None and recorded["pid"] == proc.pid and recorded["port"] == 1
+    assert json.loads((tmp_path / STATE_FILE).read_text())["started_at"]
+    assert server.is_ours(proc.pid) and alive(proc.pid)
+    # the same pid with other markers (a recycled pid) is not this server
+    other = ServerProcess(tmp_path, "another", (b"--not-there",), LocalKafkaError)
+    assert not other.is_ours(proc.pid)
+    assert server.stop(timeout=10) is True
+    assert not alive(proc.pid) and server.recorded() is None
+    assert server.stop() is False  # nothing recorded: nothing to do
+
+
+def test_a_stale_record_is_not_running_and_is_removed_by_stop(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "the sleeper", (b"x",), LocalKafkaError)
+    proc = server.spawn([sys.executable, "-c", "pass"], tmp_path / "out", {})
+    proc.wait(10)
+    assert not server.is_ours(proc.pid)
+    assert server.stop() is False and not (tmp_path / STATE_FILE).exists()
+
+
+def test_an_unstartable_command_raises_the_servers_error(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "the broker", (b"x",), LocalKafkaError)
+    with pytest.raises(LocalKafkaError, match="cannot start"):
+        server.spawn([str(tmp_path / "no-such-java")], tmp_path / "out", {})
+
+
+def test_tail_names_the_file_and_keeps_the_last_lines(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    assert tail(log) == ""
+    log.write_text("\n".join(f"line {i}" for i in range(50)))
+    text = tail(log, lines=3)
+    assert text.splitlines() == [f"--- last lines of {log} ---", "line 47", "line 48", "line 49"]
