@@ -234,15 +234,8 @@ def _cluster_id() -> str:
             return cid
 
 
-_PROPERTIES = """\
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{cport}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+# the same in both listeners' configurations: storage, the single node's internal topics
+_COMMON_PROPERTIES = """\
 log.dirs={data}
 num.partitions=1
 auto.create.topics.enable=false
@@ -255,7 +248,22 @@ group.initial.rebalance.delay.ms=0
 log.retention.hours=24
 """
 
-_SECURE_PROPERTIES = """\
+_PROPERTIES = (
+    """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{cport}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+"""
+    + _COMMON_PROPERTIES
+)
+
+_SECURE_PROPERTIES = (
+    """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{cport}
@@ -277,17 +285,9 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 allow.everyone.if.no.acl.found=false
 # ANONYMOUS: the broker's own requests on the PLAINTEXT controller listener (loopback only)
 super.users=User:{admin};User:ANONYMOUS
-log.dirs={data}
-num.partitions=1
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-transaction.state.log.num.partitions=4
-group.initial.rebalance.delay.ms=0
-log.retention.hours=24
 """
+    + _COMMON_PROPERTIES
+)
 
 _LOG4J2 = """\
 status = warn
