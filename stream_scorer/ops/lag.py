@@ -93,8 +93,8 @@ def _committed_offsets(
     return out
 
 
-def _assigned_topics(admin: AdminClient, group: str, timeout: float) -> set[str]:
-    """The topics of the group's members' current assignments (none: no members)."""
+def group_members(admin: AdminClient, group: str, timeout: float) -> list[Any]:
+    """The group's members (``MemberDescription``); [] when it has none or does not exist."""
     try:
         desc = _ask_coordinator(
             lambda: admin.describe_consumer_groups([group], request_timeout=timeout)[group],
@@ -105,11 +105,16 @@ def _assigned_topics(admin: AdminClient, group: str, timeout: float) -> set[str]
     except BrokerError as exc:
         err = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else None
         if isinstance(err, KafkaError) and err.code() == KafkaError.GROUP_ID_NOT_FOUND:
-            return set()
+            return []
         raise
+    return list(desc.members)
+
+
+def _assigned_topics(admin: AdminClient, group: str, timeout: float) -> set[str]:
+    """The topics of the group's members' current assignments (none: no members)."""
     return {
         tp.topic
-        for member in desc.members
+        for member in group_members(admin, group, timeout)
         if member.assignment is not None
         for tp in member.assignment.topic_partitions
     }

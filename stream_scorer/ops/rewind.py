@@ -21,7 +21,6 @@ from typing import Any
 from confluent_kafka import (
     Consumer,
     ConsumerGroupTopicPartitions,
-    KafkaError,
     KafkaException,
     TopicPartition,
 )
@@ -29,7 +28,12 @@ from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError, ConfigError, GroupActiveError
 from stream_scorer.logs import client_logger
-from stream_scorer.ops.lag import _ask_coordinator, _committed_offsets, _group_partitions
+from stream_scorer.ops.lag import (
+    _ask_coordinator,
+    _committed_offsets,
+    _group_partitions,
+    group_members,
+)
 from stream_scorer.worker.lag import TP
 
 _RDKAFKA_LOG = client_logger("rewind")
@@ -102,20 +106,9 @@ def parse_duration(text: str) -> float:
 
 def active_members(admin: AdminClient, group: str, timeout: float) -> list[str]:
     """The group's members, one description each (client id, member id, host); [] if none."""
-    try:
-        desc = _ask_coordinator(
-            lambda: admin.describe_consumer_groups([group], request_timeout=timeout)[group],
-            group,
-            "members",
-            timeout,
-        )
-    except BrokerError as exc:
-        err = exc.__cause__.args[0] if isinstance(exc.__cause__, KafkaException) else None
-        if isinstance(err, KafkaError) and err.code() == KafkaError.GROUP_ID_NOT_FOUND:
-            return []
-        raise
     return [
-        f"{m.client_id} (member {m.member_id}, host {m.host.lstrip('/')})" for m in desc.members
+        f"{m.client_id} (member {m.member_id}, host {m.host.lstrip('/')})"
+        for m in group_members(admin, group, timeout)
     ]
 
 
