@@ -246,6 +246,24 @@ def client_logger(client: str) -> logging.Logger:
 
 
 def _flush_at_exit(logger: logging.Logger, repeats: RepeatFilter) -> None:
-    """Report what is still held, before logging shuts down (if anything still listens)."""
-    if logger.hasHandlers():
+    """Report what is still held, before logging shuts down (if anything still listens).
+
+    A handler whose stream is closed by now (a test runner's captured stderr) does not listen.
+    """
+    if any(_listening(h) for h in _handlers(logger)):
         repeats.flush(final=True)
+
+
+def _handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers a record of ``logger`` reaches (its own and its ancestors', as propagated)."""
+    found: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        found.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    return found
+
+
+def _listening(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return stream is None or not getattr(stream, "closed", False)

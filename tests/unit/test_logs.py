@@ -242,3 +242,24 @@ def test_client_loggers_summarise_repeats_once() -> None:
     assert logs.client_logger("test-client") is logger
     assert sum(isinstance(f, logs.RepeatFilter) for f in logger.filters) == 1
     assert logger.name == "librdkafka.test-client"
+
+
+def test_the_exit_flush_reports_only_where_a_stream_still_listens(repeats: Repeats) -> None:
+    log = repeats.log
+    stderr = io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    log.addHandler(handler)
+    log.propagate = False  # only the handler of this test (not pytest's own)
+    try:
+        for t in (0.0, 1.0, 2.0):
+            repeats.at(t, "Connection refused")
+        stderr.close()  # a test runner's captured stderr, closed before the interpreter exits
+        logs._flush_at_exit(log, repeats.filter)  # nothing written: no "--- Logging error ---"
+        handler.setStream(reopened := io.StringIO())
+        logs._flush_at_exit(log, repeats.filter)  # still held, now said
+        assert reopened.getvalue().splitlines() == [
+            "Connection refused (repeated 2 times in 2.0 s)"
+        ]
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
