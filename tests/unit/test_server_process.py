@@ -11,7 +11,8 @@ import pytest
 from stream_scorer.devtools.process import STATE_FILE, ServerProcess, alive, tail
 from stream_scorer.errors import LocalKafkaError
 
-SLEEPER = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_DFL)\ntime.sleep(600)"
+# a server stand-in: waits for a signal (SIGTERM ends it), nothing else
+SLEEPER = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_DFL)\nsignal.pause()"
 
 
 def test_spawn_record_status_and_stop(tmp_path: Path) -> None:
