@@ -33,12 +33,11 @@ log = logging.getLogger(__name__)
 SEED_ENV = "STREAM_SCORER_NUMBA_SEED"
 
 
-def cache_dir(environ: dict[str, str] | None = None) -> Path:
-    """numba's cache folder: ``$NUMBA_CACHE_DIR``, else ``numba/`` in the stream-scorer cache."""
-    env = os.environ if environ is None else environ
-    if env.get("NUMBA_CACHE_DIR"):
-        return Path(env["NUMBA_CACHE_DIR"])
-    base = env.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")
+def cache_dir() -> Path:
+    """Return numba's cache folder: ``$NUMBA_CACHE_DIR``, else ``numba/`` in our cache folder."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")
     return Path(base) / "numba"
 
 

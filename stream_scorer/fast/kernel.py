@@ -47,7 +47,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 #: Whether the compiled functions are cached on disk (False: compiled in memory by each process).
 CACHED = jitcache.prepare(
-    __file__, numba.core.caching.UserProvidedCacheLocator.get_suitable_cache_subpath(__file__)
+    __file__,
+    numba.core.caching.UserProvidedCacheLocator.get_suitable_cache_subpath(__file__),  # type: ignore[no-untyped-call]
 )
 
 

@@ -306,9 +306,7 @@ def test_k8s_numba_cache_is_a_writable_volume_the_baked_cache_is_not_under() -> 
     final = _env(_final_stage())
     pod = _k8s("Deployment")["spec"]["template"]["spec"]
     mounts = _container()["volumeMounts"]
-    covering = [
-        m for m in mounts if Path(final["NUMBA_CACHE_DIR"]).is_relative_to(m["mountPath"])
-    ]
+    covering = [m for m in mounts if Path(final["NUMBA_CACHE_DIR"]).is_relative_to(m["mountPath"])]
     assert covering, "under readOnlyRootFilesystem numba can neither read nor write its cache"
     (mount,) = covering
     assert not mount.get("readOnly")

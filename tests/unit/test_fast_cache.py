@@ -46,11 +46,16 @@ from stream_scorer.fast.path import FastDecoder
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.records import PlainMessage
 encoder = RideEncoder()
-values = [encoder.encode(r) for r in generate_rides(50, seed=7, start_ms=1_763_900_000_000)]
-values += [encoder.malformed(kind, r) for kind, r in zip(MALFORMED_KINDS, generate_rides(len(MALFORMED_KINDS), seed=8, start_ms=1_763_900_000_000))]
+start = 1_763_900_000_000
+values = [encoder.encode(r) for r in generate_rides(50, seed=7, start_ms=start)]
+bad = generate_rides(len(MALFORMED_KINDS), seed=8, start_ms=start)
+values += [encoder.malformed(kind, r) for kind, r in zip(MALFORMED_KINDS, bad)]
 schema = load_schema(RIDE_SCHEMA_PATH)
 for _ in range(2):
-    fast = FastDecoder(schema, FEATURES, id_field="ride_id", event_time_field="requested_at", max_message_bytes=4096)
+    fast = FastDecoder(
+        schema, FEATURES, id_field="ride_id", event_time_field="requested_at",
+        max_message_bytes=4096,
+    )
     cols = fast.run([PlainMessage(v, o=i) for i, v in enumerate(values)])
 print(json.dumps({
     "matrix": hashlib.sha256(cols.matrix.tobytes()).hexdigest(),
