@@ -72,5 +72,9 @@ if ! podman image exists "$IMAGE"; then
     # shellcheck disable=SC2086  # MOUNTS is a list of options
     podman build --network host $MOUNTS --build-arg PYTHON_IMAGE="$BASE" \
         -f deploy/Dockerfile -t "$IMAGE" . >&2
+    # the images of earlier trees, and the build stages left untagged: ~0.8 GB each
+    podman images --format '{{.Repository}}:{{.Tag}}' --filter "reference=$NAME" |
+        grep -vx "$IMAGE" | xargs -r podman rmi >/dev/null 2>&1 || true
+    podman image prune --force >/dev/null 2>&1 || true
 fi
 echo "$IMAGE"
