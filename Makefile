@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml
 # promtool for the tests of deploy/prometheus: apt-get installs Debian's `prometheus` package when
 # promtool is missing (without starting its service); does nothing when promtool is on PATH.
 # actionlint for the tests of .github/workflows: built with `go install` into the cache's bin/
+# podman, runc and mmdebstrap for the image test (tests/integration/test_image.py builds
+# deploy/Dockerfile with deploy/tools/build-image.sh and runs it): Debian's packages when missing
 tools:
 	@sh deploy/tools/install-promtool.sh
 	@sh deploy/tools/install-actionlint.sh
+	@sh deploy/tools/install-podman.sh
 
 # an MLflow tracking server for the model-registry tests, in its own virtualenv under
 # ~/.cache/stream-scorer/mlflow-tools (not the project's: mlflow is no dependency of the worker)

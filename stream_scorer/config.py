@@ -45,10 +45,11 @@ from pydantic_settings import (
 
 from stream_scorer import headers
 from stream_scorer.errors import ConfigError
+from stream_scorer.fast.cache import SEED_ENV
 
 ENV_PREFIX = "STREAM_SCORER_"
 #: Variables with the prefix that are not configuration keys.
-_NOT_CONFIG = frozenset({"STREAM_SCORER_CACHE"})
+_NOT_CONFIG = frozenset({"STREAM_SCORER_CACHE", SEED_ENV})
 _SECRET_MARKERS = ("password", "secret", "token", "key")
 #: The librdkafka pass-through tables (``kafka.<name>``): any key, values passed as strings.
 _PASSTHROUGH = ("client", "consumer", "producer")

@@ -2,7 +2,7 @@
 
 One function, ``run_batch``, decodes a whole batch of records (their bytes concatenated) and
 writes the feature matrix, a cell state per feature, a decode status per record and the id
-and event time of each. It is compiled once by numba (``cache=True``: later processes load the
+and event time of each. It is compiled once by numba (cached: later processes load the
 machine code from the cache directory instead of compiling again) and serves every schema,
 because the schema is data (the program), not code.
 
@@ -17,9 +17,8 @@ or, for items that take no bytes, more than ``MAX_EMPTY_ITEMS`` in the whole rec
 after the record; ``malformed_avro``: a boolean byte other than 0 or 1, block items that do not
 fill their announced byte size exactly, logical-type values fastavro cannot convert.
 
-numba's cache goes to ``$NUMBA_CACHE_DIR`` when set, else to ``numba/`` under the
-stream-scorer cache folder (``$STREAM_SCORER_CACHE`` or ``~/.cache/stream-scorer``), which
-must be writable; compiling without a cache takes a few seconds. numba keys its cache on this
+numba's cache folder and what happens when it cannot be written: ``fast.cache`` (by default
+``$NUMBA_CACHE_DIR``; unwritable: compiled in memory, one warning). numba keys its cache on this
 file and the functions' bytecode, not on the constants they read from other modules (the
 decode statuses from ``Reason``, the operations and states of ``fast.plan``): importing this
 module compares a fingerprint of those constants with the one compiled into the cache and,
@@ -28,21 +27,46 @@ when they differ, compiles afresh (``_refresh_stale_cache``).
 
 from __future__ import annotations
 
-import os
+import logging
 import zlib
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numba
+import numba.core.caching
 import numpy as np
 import numpy.typing as npt
 
+from stream_scorer.fast import cache as jitcache
 from stream_scorer.fast import plan as fp
 from stream_scorer.stages.avro_guard import DEFAULT_MAX_ZERO_SIZE_ITEMS
 from stream_scorer.stages.records import DECODE_REASONS, Reason
 
-if not os.environ.get("NUMBA_CACHE_DIR"):
-    _base = os.environ.get("STREAM_SCORER_CACHE") or str(Path.home() / ".cache" / "stream-scorer")
-    numba.config.CACHE_DIR = str(Path(_base) / "numba")  # type: ignore[attr-defined]
+log = logging.getLogger(__name__)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Whether the compiled functions are cached on disk (False: compiled in memory by each process).
+CACHED = jitcache.prepare(
+    __file__,
+    numba.core.caching.UserProvidedCacheLocator.get_suitable_cache_subpath(__file__),  # type: ignore[no-untyped-call]
+)
+
+
+def _njit(**options: Any) -> Callable[[_F], _F]:
+    """``numba.njit`` with ``cache=CACHED``; compiles in memory when numba finds no cache folder."""
+
+    def decorate(func: _F) -> _F:
+        global CACHED
+        if CACHED:
+            try:
+                return numba.njit(cache=True, **options)(func)  # type: ignore[no-any-return]
+            except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+                log.warning("%s: the fast path's kernel is compiled in memory at every start", exc)
+                CACHED = False
+        return numba.njit(cache=False, **options)(func)  # type: ignore[no-any-return]
+
+    return decorate
+
 
 #: Decode statuses: 0 is success, status ``s`` is the dead-letter reason ``REASONS[s]``: the
 #: decode stage's ``Reason`` members, in their order. The constants below are their indexes.
@@ -76,7 +100,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 Int64s = npt.NDArray[np.int64]
 
 
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _varint(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[int, int, int]:
     """Read a zigzag varint: (value, new position, status)."""
     acc = np.uint64(0)
@@ -101,7 +125,7 @@ def _varint(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[int, int, i
     return 0, pos, VARINT  # pragma: no cover - the loop returns on its tenth byte
 
 
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _utf8(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[bool, int]:
     """Validate UTF-8 as Python's strict decoder does: (valid, code points)."""
     chars = 0
@@ -140,7 +164,7 @@ def _utf8(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[bool, int]:
     return True, chars
 
 
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _check(value: int, check: int) -> bool:
     """Whether fastavro can convert ``value`` of a logical type (see ``fast.plan.CHECK_*``)."""
     if check == fp.CHECK_TS_MILLIS:
@@ -156,7 +180,7 @@ def _check(value: int, check: int) -> bool:
     return True
 
 
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _blocks(
     buf: npt.NDArray[np.uint8], pos: int, end: int, item_min: int, zero_left: int
 ) -> tuple[int, int, int, int, int]:
@@ -192,7 +216,7 @@ def _blocks(
     return count, pos, block_end, zero_left, OK
 
 
-@numba.njit(cache=True)
+@_njit()
 def run_batch(
     buf: npt.NDArray[np.uint8],
     starts: Int64s,
@@ -492,7 +516,7 @@ def run_batch(
     return good
 
 
-@numba.njit(cache=True)
+@_njit()
 def gather(buf: npt.NDArray[np.uint8], spans: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
     """Concatenate the ``(start, length)`` spans of ``buf``."""
     total = 0
@@ -508,7 +532,7 @@ def gather(buf: npt.NDArray[np.uint8], spans: npt.NDArray[np.int64]) -> npt.NDAr
     return out
 
 
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _put_long(out: npt.NDArray[np.uint8], pos: int, value: int) -> int:
     """Write ``value`` as an Avro zigzag varint at ``pos``; return the position after it."""
     z = (np.uint64(value) << np.uint64(1)) ^ np.uint64(value >> 63)
@@ -520,7 +544,7 @@ def _put_long(out: npt.NDArray[np.uint8], pos: int, value: int) -> int:
     return pos + 1
 
 
-@numba.njit(cache=True)
+@_njit()
 def encode_v1(
     ids: npt.NDArray[np.uint8],
     id_ends: Int64s,
@@ -581,7 +605,7 @@ def _constants_fingerprint() -> int:
 _FINGERPRINT = _constants_fingerprint()
 
 
-@numba.njit(cache=True)
+@_njit()
 def _compiled_fingerprint() -> int:
     """``_FINGERPRINT`` as it was when the cached machine code was compiled."""
     return _FINGERPRINT
@@ -597,3 +621,9 @@ def _refresh_stale_cache() -> None:
 
 
 _refresh_stale_cache()
+
+
+def origin() -> str:
+    """Where the machine code run so far in this process came from (numba's cache or not)."""
+    dispatchers = [v for v in globals().values() if isinstance(v, numba.core.dispatcher.Dispatcher)]
+    return jitcache.origin(dispatchers, CACHED)

@@ -128,7 +128,11 @@ class FastDecoder:
         self._k = _kernel()
         started = time.perf_counter()
         self.run([])  # compile, or load from numba's cache, before the first real batch
+        # and the id gatherer of ``_id_values``, with the argument types of its call there
+        self._k.gather(np.frombuffer(b"\x00", dtype=np.uint8), np.zeros((0, 6), np.int64)[:, 2:4])
         self.warmup_s = time.perf_counter() - started
+        #: where the kernel's machine code came from (``fast.cache.origin``), for the log
+        self.kernel_origin: str = self._k.origin()
 
     @staticmethod
     def _reason_table(policies: Sequence[ValuePolicy]) -> npt.NDArray[np.int64]:
@@ -415,10 +419,11 @@ def build_fast_path(
         log.info("decoder: fastavro path (the schema cannot be specialised: %s)", exc)
         return None
     log.info(
-        "decoder: fast path for %s (%d operations, %d features; kernel ready in %.2f s)",
+        "decoder: fast path for %s (%d operations, %d features; kernel ready in %.2f s, %s)",
         schema.get("name", "the input schema"),
         len(fast.program.code),
         len(fast.features),
         fast.warmup_s,
+        fast.kernel_origin,
     )
     return fast

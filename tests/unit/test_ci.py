@@ -82,7 +82,11 @@ def test_both_checks_reject_a_broken_copy(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "says"),
     [
-        ("needs: [lint, unit, integration, installed]", "needs: [lint, unit, linting]", "linting"),
+        (
+            "needs: [lint, unit, integration, installed, image]",
+            "needs: [lint, unit, linting]",
+            "linting",
+        ),
         (
             "${{ steps.version.outputs.version }}\n",
             "${{ steps.versions.outputs.version }}\n",
@@ -141,7 +145,8 @@ def test_integration_jobs_have_java_maven_and_the_cache_outside_the_checkout() -
 def test_build_makes_the_wheel_and_the_versioned_image_and_publishes_only_on_a_tag() -> None:
     wf = _workflow()
     build = wf["jobs"]["build"]
-    assert set(build["needs"]) == {"lint", "unit", "integration", "installed"}
+    assert set(build["needs"]) == {"lint", "unit", "integration", "installed", "image"}
+    assert "tests/integration/test_image.py" in _runs("image")
     assert "pip wheel --no-deps --wheel-dir dist ." in _runs("build")
     image = _uses("build")["docker/build-push-action"]
     assert image["file"] == "deploy/Dockerfile"

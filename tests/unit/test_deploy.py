@@ -29,6 +29,7 @@ from support import tool as _tool
 
 from stream_scorer.cli import build_parser
 from stream_scorer.config import Config, client_settings, load_config
+from stream_scorer.fast.cache import SEED_ENV
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -269,6 +270,50 @@ def test_dockerfile_user_is_the_pods_user() -> None:
     pod = _k8s("Deployment")["spec"]["template"]["spec"]["securityContext"]
     assert (pod["runAsUser"], pod["runAsGroup"]) == (uid, gid)
     assert pod["runAsNonRoot"] is True
+
+
+def _env(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """The variables the ``ENV`` instructions of ``steps`` set (``KEY=value`` forms)."""
+    return dict(kv.split("=", 1) for op, arg in steps if op == "ENV" for kv in shlex.split(arg))
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    steps = _instructions()
+    return steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
+
+
+def test_dockerfile_warms_the_numba_cache_of_the_installed_package() -> None:
+    steps = _instructions()
+    build = steps[: max(i for i, (op, _) in enumerate(steps) if op == "FROM")]
+    workdirs = [i for i, (op, _) in enumerate(build) if op == "WORKDIR"]
+    (warm,) = [i for i, (op, arg) in enumerate(build) if op == "RUN" and "build_pipeline" in arg]
+    install = max(i for i, (op, arg) in enumerate(build) if op == "RUN" and "pip install" in arg)
+    # python -c puts its working folder first on sys.path: the sources in /src would shadow
+    # the installed package, and numba keys its cache on the path of the kernel it compiled
+    workdir = build[max(i for i in workdirs if i < warm)][1]
+    assert install < max(i for i in workdirs if i < warm) and workdir != "/src"
+    assert "/opt/venv/" in build[warm][1] and "CACHED" in build[warm][1]
+    # the baked cache seeds the worker's: a folder of the final stage's user, not the baked one
+    baked = _env(build)["NUMBA_CACHE_DIR"]
+    final = _env(_final_stage())
+    assert final[SEED_ENV] == baked
+    assert final["NUMBA_CACHE_DIR"] != baked
+    (chown,) = [arg for op, arg in _final_stage() if op == "RUN" and "chown" in arg]
+    assert "10001:10001" in chown and str(Path(final["NUMBA_CACHE_DIR"]).parent) in chown
+
+
+def test_k8s_numba_cache_is_a_writable_volume_the_baked_cache_is_not_under() -> None:
+    final = _env(_final_stage())
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    mounts = _container()["volumeMounts"]
+    covering = [m for m in mounts if Path(final["NUMBA_CACHE_DIR"]).is_relative_to(m["mountPath"])]
+    assert covering, "under readOnlyRootFilesystem numba can neither read nor write its cache"
+    (mount,) = covering
+    assert not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
+    for m in mounts:  # a volume over the baked cache would hide it
+        assert not Path(final[SEED_ENV]).is_relative_to(m["mountPath"]), m
 
 
 def test_docker_build_context_holds_what_the_dockerfile_copies() -> None:
