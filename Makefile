@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup tools mlflow-tools demo test lint unit integration faults boundscheck clean
+.PHONY: setup tools mlflow-tools demo test lint docs unit integration faults boundscheck clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -43,9 +43,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check stream_scorer tests
 	$(BIN)/mypy stream_scorer tests
 
-# everything: lint, then every tier (unit, integration, faults, boundscheck)
+# the manual (docs/mkdocs.yml): its reference pages regenerated from the code, then the site built
+# with --strict (a broken link or anchor fails) into build/manual/; nothing is fetched
+docs: $(STAMP)
+	$(BIN)/python -m stream_scorer.devtools.manual docs/manual/reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml
+
+# everything: lint, every tier (unit, integration, faults, boundscheck), then the manual (after
+# the tests: `docs` rewrites the generated pages, whose freshness a unit test checks as committed)
 test: setup mlflow-tools lint
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory docs
 
 # the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),
 # boundscheck (the numba kernel's tests compiled with bounds checks; no server, slow)
@@ -62,4 +70,4 @@ faults: setup
 	$(BIN)/pytest -m faults
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache models
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache models build/manual

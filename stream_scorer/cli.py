@@ -706,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.set_defaults(func=_cmd_acl_grant)
 
     bench = sub.add_parser(
-        "bench", help="benchmark: Kafka ceiling, naive loop, stream-scorer (docs/benchmarks.md)"
+        "bench",
+        help="benchmark: Kafka ceiling, naive loop, stream-scorer (docs/manual/benchmarks.md)",
     )
     bench.add_argument("--events", type=int, default=1_000_000, help="events preloaded per run")
     bench.add_argument("--partitions", type=int, default=8)

@@ -11,26 +11,43 @@ from __future__ import annotations
 OWN_PREFIX = "stream_scorer."
 
 # --- on every prediction ----------------------------------------------------------------------
+#: The model version that scored the record (also ``model_version`` in a prediction's value);
+#: on dead letters too: the model in use.
 MODEL_VERSION = "stream_scorer.model.version"
+#: The input record's topic.
 SOURCE_TOPIC = "stream_scorer.source.topic"
+#: The input record's partition.
 SOURCE_PARTITION = "stream_scorer.source.partition"
+#: The input record's offset.
 SOURCE_OFFSET = "stream_scorer.source.offset"
 
 # --- on every dead letter ---------------------------------------------------------------------
 #: Prefix of Kafka Connect's error context headers (``errors.deadletterqueue.context.headers``).
 CONNECT_PREFIX = "__connect.errors."
+#: The topic the record came from.
 CONNECT_TOPIC = CONNECT_PREFIX + "topic"
+#: The partition the record came from.
 CONNECT_PARTITION = CONNECT_PREFIX + "partition"
+#: The offset of the record.
 CONNECT_OFFSET = CONNECT_PREFIX + "offset"
+#: The stage that refused it: ``decode``, ``features``, ``score`` or ``encode``.
 CONNECT_STAGE = CONNECT_PREFIX + "stage"
+#: ``stream_scorer``.
 CONNECT_CLASS_NAME = CONNECT_PREFIX + "class.name"
+#: The exception type (``stream_scorer`` for our own guards).
 CONNECT_EXCEPTION_CLASS = CONNECT_PREFIX + "exception.class.name"
+#: What went wrong; withheld with ``dead_letter.payload`` ``drop`` or ``encrypt`` (it can
+#: quote field values).
 CONNECT_EXCEPTION_MESSAGE = CONNECT_PREFIX + "exception.message"
 #: The dead-letter reason code (also the ``reason`` label of the dead-letter metric).
 REASON = "stream_scorer.error.reason"
+#: The record's Kafka timestamp (milliseconds since the epoch).
 ORIGINAL_TIMESTAMP = "stream_scorer.original.timestamp"
+#: Its type, as librdkafka numbers it: 0 none, 1 create time, 2 log-append time.
 ORIGINAL_TIMESTAMP_TYPE = "stream_scorer.original.timestamp.type"
+#: The consumer group of the worker that refused it.
 CONSUMER_GROUP = "stream_scorer.consumer.group"
+#: The id of that worker (``worker.id``).
 WORKER_ID = "stream_scorer.worker.id"
 # MODEL_VERSION (above) too
 #: How many times the record has been through a worker: 1, or one more than the attempt header

@@ -46,7 +46,7 @@ from stream_scorer.worker.sink import Sink, SinkContext
 EXAMPLE_CONFIG = bk.EXAMPLE_CONFIG
 STAGES = bk.STAGES
 #: The first seconds of each latency run are left out of p50/p99: when a stream starts, its
-#: first ~300 ms of events wait up to ~200 ms more (docs/benchmarks.md, "Latency").
+#: first ~300 ms of events wait up to ~200 ms more (docs/manual/benchmarks.md, "Latency").
 WARMUP_S = 1.0
 
 

@@ -115,7 +115,7 @@ def test_ci_runs_every_tier_of_make_test_on_python_3_11() -> None:
     for job in wf["jobs"]:
         python = _uses(job).get("actions/setup-python")
         assert python is None or python["python-version"] == "${{ env.PYTHON_VERSION }}", job
-    assert "make lint" in _runs("lint")
+    assert "make lint" in _runs("lint") and "make docs" in _runs("lint")
     assert "make tools" in _runs("unit") and "make unit" in _runs("unit")
     assert "make boundscheck" in _runs("unit")
     integration = _runs("integration")

@@ -1,4 +1,4 @@
-"""docs/runbook.md against what exists: alert rules, metrics, commands, log lines, errors.
+"""docs/manual/runbook.md against what exists: alert rules, metrics, commands, log lines, errors.
 
 Generic on purpose: an alert rule added to deploy/prometheus/alerts.yml later fails here until
 it has a ``runbook_url`` and an entry; a metric, a ``stream-scorer`` command or flag, a log line
@@ -22,7 +22,7 @@ from stream_scorer import errors
 from stream_scorer.cli import build_parser
 
 ROOT = Path(__file__).parents[2]
-RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK = ROOT / "docs" / "manual" / "runbook.md"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 PACKAGE = ROOT / "stream_scorer"
 #: The parts of every entry, in this order.
@@ -67,12 +67,12 @@ def alert_problems(rules: list[dict[str, Any]], text: str) -> list[str]:
         if not url:
             problems.append(f"{name}: no runbook_url annotation")
             continue
-        if not base.endswith("docs/runbook.md"):
-            problems.append(f"{name}: runbook_url {url!r} does not point at docs/runbook.md")
+        if not base.endswith("docs/manual/runbook.md"):
+            problems.append(f"{name}: runbook_url {url!r} does not point at docs/manual/runbook.md")
         if anchor != slug(name):
             problems.append(f"{name}: runbook_url anchor {anchor!r}, expected {slug(name)!r}")
         if anchor not in found:
-            problems.append(f"{name}: docs/runbook.md has no entry '## {name}' (#{anchor})")
+            problems.append(f"{name}: docs/manual/runbook.md has no entry '## {name}' (#{anchor})")
             continue
         _title, body = found[anchor]
         positions = [body.find(part) for part in PARTS]
@@ -221,7 +221,7 @@ def _rule(name: str, url: str | None) -> dict[str, Any]:
     return {"alert": name, "expr": "vector(1)", "annotations": annotations}
 
 
-URL = "https://git.example/stream-scorer/blob/main/docs/runbook.md#"
+URL = "https://git.example/stream-scorer/blob/main/docs/manual/runbook.md#"
 
 
 @pytest.mark.parametrize(
@@ -233,7 +233,7 @@ URL = "https://git.example/stream-scorer/blob/main/docs/runbook.md#"
         (
             _rule("NewAlert", "https://x/README.md#newalert"),
             GOOD_ENTRY.format(name="NewAlert"),
-            "does not point at docs/runbook.md",
+            "does not point at docs/manual/runbook.md",
         ),
         (
             _rule("NewAlert", URL + "newalert"),
