@@ -44,6 +44,7 @@ from pydantic_settings import (
 )
 
 from stream_scorer import headers
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
 
 ENV_PREFIX = "STREAM_SCORER_"
@@ -166,6 +167,11 @@ Librdkafka = Annotated[
 ]
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    """Drop a field's ``default`` from the JSON Schema (a path that differs per installation)."""
+    schema.pop("default", None)
+
+
 def _none_words(value: Any) -> Any:
     """An empty string, ``null`` or ``none`` (an environment variable) means unset."""
     if isinstance(value, str) and value.lower() in ("", "null", "none"):
@@ -238,8 +244,9 @@ class InputConfig(_Section):
     id_field: NonEmpty
     """Input field copied into each prediction as ``input_id``."""
     event_time_field: str = ""
-    """Input field holding the event time (timestamp-millis or long milliseconds); empty means
-    the Kafka record's timestamp."""
+    """Input field holding the event time: a long of epoch milliseconds, plain or
+    ``timestamp-millis`` (or ``timestamp-micros``), any other type refused at start-up; empty
+    means the Kafka record's timestamp."""
     max_message_bytes: Int = Field(default=1_048_576, gt=0)
     """Records larger than this are dead-lettered unread."""
     fast_path: bool = True
@@ -267,8 +274,13 @@ class OutputConfig(_Section):
 
     topic: NonEmpty
     """Prediction topic."""
-    schema_file: ExistingFile = Field(alias="schema")
-    """Path of the prediction record's Avro schema."""
+    schema_file: ExistingFile = Field(
+        default=PREDICTION_SCHEMA_V1,
+        alias="schema",
+        json_schema_extra=_no_default,  # an installation's path
+    )
+    """Path of the prediction record's Avro schema (default: the packaged
+    ``prediction.v1.avsc``, which ``stream-scorer example init`` also writes out)."""
     copy_headers: tuple[NonEmpty, ...] = ()
     """Input headers copied onto each prediction when the input record has them (trace ids
     such as ``traceparent``); the prediction's own headers are never replaced."""

@@ -14,8 +14,11 @@ from stream_scorer.config import (
     load_config,
     producer_settings,
 )
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
 from stream_scorer.example.files import CONFIG_NAME, example_files
+from stream_scorer.stages.decode import load_schema
+from stream_scorer.stages.encode import PredictionEncoder
 
 ROOT = Path(__file__).parents[2]
 
@@ -325,3 +328,15 @@ def test_copy_headers_refuses_the_predictions_own_names(
     base["output"]["copy_headers"] = ["traceparent"]
     cfg = load_config(_write(tmp_path, base), environ={})
     assert cfg.output.copy_headers == ("traceparent",)
+
+
+def test_output_schema_defaults_to_the_packaged_prediction_schema(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    del base["output"]["schema"]
+    cfg = load_config(_write(tmp_path, base), environ={})
+    assert cfg.output.schema == PREDICTION_SCHEMA_V1
+    assert cfg.output.schema.read_bytes() == (ROOT / "schemas" / "prediction.v1.avsc").read_bytes()
+    PredictionEncoder(load_schema(cfg.output.schema))  # a schema the encoder takes
+    # an installation's path is no default a JSON Schema can state
+    assert "default" not in config_schema()["$defs"]["OutputConfig"]["properties"]["schema"]
