@@ -4,7 +4,8 @@ Sources, later ones winning: the defaults below, one YAML or TOML file, environm
 ``STREAM_SCORER_<SECTION>__<KEY>`` (for example ``STREAM_SCORER_INPUT__TOPIC=rides`` or
 ``STREAM_SCORER_KAFKA__CONSUMER__FETCH_MIN_BYTES=1`` — inside the ``kafka.*`` pass-through
 tables a single ``_`` becomes a ``.``), then command-line flags. An unknown key, a missing
-required key or a value of the wrong type stops start-up with a ``ConfigError`` naming the key;
+required key or a value of the wrong type stops start-up with a ``ConfigError`` naming every such
+key (an unknown one with the nearest known key);
 a value inside the ``kafka.*`` tables, or of a key that looks secret, is never echoed.
 ``config_schema()`` is the file's JSON Schema (``stream-scorer config schema``).
 
@@ -14,6 +15,7 @@ This module is also the one place where settings become librdkafka's dotted keys
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -400,13 +402,6 @@ class MetricsConfig(_Section):
     tls_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
     """PEM private key of ``tls_cert``."""
 
-    @model_validator(mode="after")
-    def _both_or_neither(self) -> MetricsConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "metrics.tls_key" if self.tls_key is None else "metrics.tls_cert"
-            raise ConfigError(missing, "is required with the other of tls_cert and tls_key")
-        return self
-
 
 #: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
 CLIENT_MESSAGE_MAX_BYTES: Final = 1_000_000
@@ -515,37 +510,51 @@ class Config(_Section):
 
 
 def _check(cfg: Config) -> None:
-    """The checks that involve more than one key (each key's own rules are declared above)."""
+    """The checks that involve more than one key (each key's own rules are declared above).
+
+    Raises:
+        ConfigError: every check that failed, in one error.
+    """
+    problems = list(_cross_problems(cfg))
+    if problems:
+        (field, message), *more = problems
+        raise ConfigError(field, message, more=more)
+
+
+def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
+    """Each failed check across keys as (key, problem)."""
     raw_poll = cfg.kafka.consumer.get("max.poll.interval.ms", "300000")
+    poll_ms: int | None = None
     try:
         poll_ms = int(raw_poll)
     except ValueError:
-        raise ConfigError("kafka.consumer.max.poll.interval.ms", "must be an integer") from None
-    if poll_ms < 2000 * cfg.batch.max_processing_s:
-        raise ConfigError(
+        yield "kafka.consumer.max.poll.interval.ms", "must be an integer"
+    if poll_ms is not None and poll_ms < 2000 * cfg.batch.max_processing_s:
+        yield (
             "batch.max_processing_s",
             f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
     own = [h for h in cfg.output.copy_headers if h.startswith(headers.OWN_PREFIX)]
     if own:
-        raise ConfigError(
+        yield (
             "output.copy_headers",
             f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
         )
     if (cfg.model.path is None) == (not cfg.model.source):
-        raise ConfigError("model.source", "give exactly one of model.path and model.source")
+        yield "model.source", "give exactly one of model.path and model.source"
     if cfg.input.reader_subject and cfg.input.format != "confluent":
-        raise ConfigError("input.reader_subject", "needs input.format: confluent")
+        yield "input.reader_subject", "needs input.format: confluent"
     framed = [
         k
         for k, f in (("input.format", cfg.input.format), ("output.format", cfg.output.format))
         if f == "confluent"
     ]
     if framed and not cfg.registry.url:
-        raise ConfigError("registry.url", f"is required by {framed[0]}: confluent")
+        yield "registry.url", f"is required by {framed[0]}: confluent"
     # the wait for a registry that does not answer happens between polls (input format only)
-    if cfg.input.format == "confluent" and 1000 * cfg.registry.unavailable_timeout_s >= poll_ms:
-        raise ConfigError(
+    polled = cfg.input.format == "confluent" and poll_ms is not None
+    if polled and 1000 * cfg.registry.unavailable_timeout_s >= (poll_ms or 0):
+        yield (
             "registry.unavailable_timeout_s",
             f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
@@ -555,14 +564,15 @@ def _check(cfg: Config) -> None:
             ("dead_letter.topic", cfg.dead_letter.topic),
         ):
             if name == out or (name.startswith("^") and _matches(name, out)):
-                raise ConfigError("input.topics", f"{name!r} would consume {key} {out!r}")
+                yield "input.topics", f"{name!r} would consume {key} {out!r}"
     if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
-        raise ConfigError(
-            "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
-        )
+        yield "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
-        raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
+        yield "output.topic", "input, output and dead-letter topics must differ"
+    if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
+        missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
+        yield missing, "is required with the other of tls_cert and tls_key"
 
 
 def _matches(pattern: str, topic: str) -> bool:
@@ -665,14 +675,39 @@ def _message(err: ErrorDetails, loc: tuple[str | int, ...], secret: bool) -> str
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
-    """The first error of ``exc`` as a ConfigError naming the dotted key."""
-    err = exc.errors(include_url=False)[0]
-    loc = tuple(p for p in err["loc"] if p != "[key]")
-    name = ".".join(str(p) for p in loc) or "config"
-    secret = (len(loc) > 1 and loc[0] == "kafka" and loc[1] in _PASSTHROUGH) or any(
-        _is_secret(str(p)) for p in loc
-    )
-    return ConfigError(name, _message(err, loc, secret))
+    """Every error of ``exc`` in one ConfigError naming each dotted key.
+
+    Unknown keys come first, each with the nearest key of its table (``did you mean``; a
+    required key missing beside it first): a misspelled key is the cause of that key missing.
+    """
+    errors = [
+        (e, tuple(p for p in e["loc"] if p != "[key]")) for e in exc.errors(include_url=False)
+    ]
+    missing = [loc for e, loc in errors if e["type"] == "missing"]
+    problems = []
+    for err, loc in errors:
+        name = ".".join(str(p) for p in loc) or "config"
+        secret = (len(loc) > 1 and loc[0] == "kafka" and loc[1] in _PASSTHROUGH) or any(
+            _is_secret(str(p)) for p in loc
+        )
+        message = _message(err, loc, secret)
+        if err["type"] == "extra_forbidden":
+            absent = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+            message = _nearest(str(loc[-1]), absent, loc) or message
+        problems.append((err["type"] != "extra_forbidden", name, message))
+    (_, field, message), *more = sorted(problems, key=lambda p: p[0])
+    return ConfigError(field, message, more=[(f, m) for _, f, m in more])
+
+
+def _nearest(unknown: str, absent: list[str], loc: tuple[str | int, ...]) -> str:
+    """``unknown key; did you mean 'x'?`` with the missing or known key nearest ``unknown``."""
+    model = _model_at(loc[:-1])
+    known = [f.alias or n for n, f in model.model_fields.items()] if model else []
+    for candidates in (absent, known):
+        near = difflib.get_close_matches(unknown, candidates, n=1, cutoff=0.6)
+        if near:
+            return f"unknown key; did you mean {near[0]!r}?"
+    return ""
 
 
 # --- sources: file, environment, command line ---------------------------------------------------
@@ -781,7 +816,7 @@ def load_config(
         overrides: a nested table applied last (command-line flags).
 
     Raises:
-        ConfigError: naming the first offending key.
+        ConfigError: naming every offending key.
     """
     raw: dict[str, Any] = read_file(path) if path is not None else {}
     base = path.resolve().parent if path is not None else Path.cwd()

@@ -340,3 +340,38 @@ def test_output_schema_defaults_to_the_packaged_prediction_schema(
     PredictionEncoder(load_schema(cfg.output.schema))  # a schema the encoder takes
     # an installation's path is no default a JSON Schema can state
     assert "default" not in config_schema()["$defs"]["OutputConfig"]["properties"]["schema"]
+
+
+def test_every_error_is_reported_and_a_misspelled_key_gets_did_you_mean(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    base["kafka"] = {"bootstrap_server": "h:1"}  # misspelled: the required key is then missing
+    base["batch"] = {"max_records": 0, "colour": "red"}
+    base["input"]["topc"] = base["input"].pop("topic")
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, base), environ={})
+    problems = dict(info.value.problems)
+    # the unknown key is the cause: named first, with the key it was meant to be
+    assert info.value.field == "kafka.bootstrap_server"
+    assert problems["kafka.bootstrap_server"] == "unknown key; did you mean 'bootstrap_servers'?"
+    assert problems["input.topc"] == "unknown key; did you mean 'topic'?"
+    assert problems["batch.colour"].startswith("unknown key (known: max_in_flight,")
+    assert problems["kafka.bootstrap_servers"] == "is required"
+    assert problems["input.topic"] == "is required"
+    assert problems["batch.max_records"] == "must be greater than 0, got 0"
+    assert len(problems) == 6
+    for key, message in problems.items():
+        assert f"{key}: {message}" in str(info.value)
+
+
+def test_every_failed_check_across_keys_is_reported(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["output"]["topic"] = "in"
+    base["input"]["format"] = "confluent"  # without registry.url
+    base["dead_letter"]["payload"] = "encrypt"  # without public_key
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, base), environ={})
+    assert [f for f, _ in info.value.problems] == [
+        "registry.url",
+        "dead_letter.public_key",
+        "output.topic",
+    ]
