@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from stream_scorer.config import (
     EXACTLY_ONCE,
     Config,
+    check_clients,
     client_settings,
     consumer_settings,
     producer_settings,
@@ -302,6 +303,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         StreamScorerError: a configuration, model, broker or delivery failure (exit non-zero).
     """
     worker_id = worker_identity(cfg)
+    check_clients(cfg, worker_id)  # a setting librdkafka refuses stops start-up naming its key
     report = WorkerReport(worker_id)
     set_log_context(worker_id=worker_id, group=cfg.input.group_id)
     stop = stop if stop is not None else StopFlag()

@@ -178,3 +178,40 @@ def test_config_schema_prints_the_files_json_schema() -> None:
     assert set(schema["required"]) == {"kafka", "input", "output", "dead_letter", "model"}
     batch = schema["$defs"]["BatchConfig"]["properties"]["max_records"]
     assert (batch["type"], batch["exclusiveMinimum"], batch["default"]) == ("integer", 0, 1000)
+
+
+TYPO_VALUE = "hunter2-in-a-typo"
+
+
+@pytest.mark.parametrize("command", ["config check", "run"])
+@pytest.mark.parametrize(
+    ("kafka", "field"),
+    [
+        ({"client": {"sasl.passwd": TYPO_VALUE}}, "kafka.client.sasl.passwd"),
+        (
+            {
+                "client": {
+                    "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-999",
+                    "sasl.username": "u",
+                    "sasl.password": "p",
+                }
+            },
+            "kafka.client.sasl.mechanism",
+        ),
+        ({"producer": {"linger.ms": "notanumber"}}, "kafka.producer.linger.ms"),
+    ],
+)
+def test_a_setting_librdkafka_refuses_exits_2_naming_its_key(
+    tmp_path: Path, command: str, kafka: dict[str, Any], field: str
+) -> None:
+    path = _config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["kafka"].update(kafka)
+    path.write_text(yaml.safe_dump(raw))
+    args = [*command.split(), *(["--config"] if command == "run" else []), str(path)]
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"{field}: librdkafka refuses the" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert TYPO_VALUE not in result.stdout + result.stderr

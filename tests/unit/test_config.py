@@ -8,11 +8,16 @@ import pytest
 import yaml
 
 from stream_scorer.config import (
+    AT_LEAST_ONCE,
+    EXACTLY_ONCE,
+    LOGGABLE_KEYS,
     Config,
+    check_clients,
     config_schema,
     consumer_settings,
     load_config,
     producer_settings,
+    redacted,
 )
 from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
@@ -375,3 +380,106 @@ def test_every_failed_check_across_keys_is_reported(tmp_path: Path, base: dict[s
         "dead_letter.public_key",
         "output.topic",
     ]
+
+
+TYPO_VALUE = "hunter2-in-a-typo"
+
+
+@pytest.mark.parametrize(
+    ("kafka", "mode", "field", "message"),
+    [
+        (
+            {"client": {"sasl.passwd": TYPO_VALUE}},
+            AT_LEAST_ONCE,
+            "kafka.client.sasl.passwd",
+            "No such",
+        ),
+        (
+            {
+                "client": {
+                    "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-999",
+                    "sasl.username": "u",
+                },
+                "secret_files": {"sasl.password": "password"},
+            },
+            AT_LEAST_ONCE,
+            "kafka.client.sasl.mechanism",
+            "SCRAM-SHA-999",
+        ),
+        (
+            {"client": {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"}},
+            AT_LEAST_ONCE,
+            "kafka.client.sasl.username",
+            "sasl.username and sasl.password must be set",
+        ),
+        # an alias: librdkafka names it queue.buffering.max.ms
+        (
+            {"producer": {"linger.ms": "notanumber"}},
+            AT_LEAST_ONCE,
+            "kafka.producer.linger.ms",
+            "Invalid value",
+        ),
+        (
+            {"consumer": {"fetch.min.bytes": "lots"}},
+            AT_LEAST_ONCE,
+            "kafka.consumer.fetch.min.bytes",
+            "Invalid value",
+        ),
+        (
+            {"client": {"security.protocol": "SSL", "ssl.ca.location": "/nonexistent/ca.pem"}},
+            AT_LEAST_ONCE,
+            "kafka.client.ssl.ca.location",
+            "ssl.ca.location failed",
+        ),
+        # only the transactional producer refuses it
+        (
+            {"producer": {"enable.idempotence": "false"}},
+            EXACTLY_ONCE,
+            "kafka.producer.enable.idempotence",
+            "requires `enable.idempotence=true`",
+        ),
+    ],
+)
+def test_settings_librdkafka_refuses_name_their_key_and_never_a_value(
+    tmp_path: Path, base: dict[str, Any], kafka: dict[str, Any], mode: str, field: str, message: str
+) -> None:
+    (tmp_path / "password").write_text(TYPO_VALUE)
+    base["kafka"].update(kafka)
+    base["delivery"] = {"mode": mode}
+    cfg = load_config(_write(tmp_path, base), environ={})  # pydantic cannot know them
+    with pytest.raises(ConfigError, match=message) as info:
+        check_clients(cfg, "w")
+    assert info.value.field == field
+    assert "librdkafka refuses the" in str(info.value)
+    assert TYPO_VALUE not in "".join(traceback.format_exception(info.value))
+
+
+def test_the_clients_the_worker_builds_pass_librdkafkas_checks(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    base["kafka"]["client"] = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+    base["kafka"]["client"] |= {"sasl.username": "u", "sasl.password": "p"}
+    base["kafka"]["producer"] = {"linger.ms": 20, "compression.type": "lz4"}
+    for mode in (AT_LEAST_ONCE, EXACTLY_ONCE):
+        base["delivery"] = {"mode": mode, "static_membership": True}
+        check_clients(load_config(_write(tmp_path, base), environ={}), "w")
+
+
+def test_logged_settings_show_only_allow_listed_values() -> None:
+    settings = {
+        "bootstrap.servers": "h:1",
+        "security.protocol": "SASL_SSL",
+        "sasl.username": "worker",
+        "sasl.password": "pw-value",
+        "sasl.passwd": TYPO_VALUE,  # a typo no secret-name pattern catches
+        "sasl.oauthbearer.config": "principal=x clientSecret=oauth-value",
+        "ssl.key.pem": "pem-value",
+    }
+    shown = redacted(settings)
+    assert shown["bootstrap.servers"] == "h:1"
+    assert shown["security.protocol"] == "SASL_SSL"
+    assert shown["sasl.username"] == "worker"
+    for key in ("sasl.password", "sasl.passwd", "sasl.oauthbearer.config", "ssl.key.pem"):
+        assert shown[key] == "***"
+    assert not set(LOGGABLE_KEYS) & {"sasl.password", "ssl.key.password", "ssl.key.pem"}
