@@ -186,8 +186,9 @@ def build_pipeline(
                 types = resolve(input_schema, name)
             except SchemaError as exc:
                 raise ConfigError(key, f"{exc} (input schema {cfg.input.schema})") from None
-            wrong = [type_name(t) for t in types if type_name(t) not in EVENT_TIME_TYPES]
-            if key == "input.event_time_field" and wrong:
+            timed = key == "input.event_time_field"
+            wrong = [type_name(t) for t in types if timed and type_name(t) not in EVENT_TIME_TYPES]
+            if wrong:
                 raise ConfigError(
                     key,
                     f"field {name!r} is of type {', '.join(wrong)} "
