@@ -252,20 +252,13 @@ def _cmd_example_init(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     """Load a configuration and its schemas and model as a worker's start-up does, offline."""
-    from stream_scorer.config import (
-        consumer_settings,
-        load_config,
-        producer_settings,
-        worker_identity,
-    )
+    from stream_scorer.config import check_clients, load_config, worker_identity
     from stream_scorer.errors import ModelError, SchemaError
     from stream_scorer.worker.loop import build_pipeline, model_source
     from stream_scorer.worker.metrics import Metrics
 
     cfg = load_config(args.file)
-    worker_id = worker_identity(cfg)
-    consumer_settings(cfg, worker_id)  # the librdkafka settings' own checks
-    producer_settings(cfg, worker_id)
+    check_clients(cfg, worker_identity(cfg))  # librdkafka's own checks, as at start-up
     model_key = "model.path" if cfg.model.path is not None else "model.source"
     try:
         models = model_source(cfg)

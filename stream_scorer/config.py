@@ -4,7 +4,8 @@ Sources, later ones winning: the defaults below, one YAML or TOML file, environm
 ``STREAM_SCORER_<SECTION>__<KEY>`` (for example ``STREAM_SCORER_INPUT__TOPIC=rides`` or
 ``STREAM_SCORER_KAFKA__CONSUMER__FETCH_MIN_BYTES=1`` — inside the ``kafka.*`` pass-through
 tables a single ``_`` becomes a ``.``), then command-line flags. An unknown key, a missing
-required key or a value of the wrong type stops start-up with a ``ConfigError`` naming the key;
+required key or a value of the wrong type stops start-up with a ``ConfigError`` naming every such
+key (an unknown one with the nearest known key);
 a value inside the ``kafka.*`` tables, or of a key that looks secret, is never echoed.
 ``config_schema()`` is the file's JSON Schema (``stream-scorer config schema``).
 
@@ -14,11 +15,12 @@ This module is also the one place where settings become librdkafka's dotted keys
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, cast
 
@@ -44,6 +46,7 @@ from pydantic_settings import (
 )
 
 from stream_scorer import headers
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
 from stream_scorer.fast.cache import SEED_ENV
 
@@ -73,8 +76,92 @@ def _is_secret(name: str) -> bool:
     return any(m in name.lower() for m in _SECRET_MARKERS)
 
 
+#: librdkafka keys whose values may be logged (``redacted``); any other key's value is not,
+#: whatever its name: a misspelled ``sasl.passwd`` or a new secret-bearing key included.
+LOGGABLE_KEYS: Final = frozenset(
+    {
+        # set by stream-scorer
+        *_OWNED_KEYS,
+        "client.id",
+        "auto.commit.interval.ms",
+        "auto.offset.reset",
+        "partition.assignment.strategy",
+        "fetch.max.bytes",
+        "enable.idempotence",
+        "acks",
+        "linger.ms",
+        "message.max.bytes",
+        "message.timeout.ms",
+        "transaction.timeout.ms",
+        # connection and security (no secrets: mechanisms, user names, file locations)
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.kerberos.service.name",
+        "sasl.kerberos.principal",
+        "sasl.oauthbearer.method",
+        "sasl.oauthbearer.client.id",
+        "sasl.oauthbearer.scope",
+        "sasl.oauthbearer.token.endpoint.url",
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.endpoint.identification.algorithm",
+        "client.rack",
+        "broker.address.family",
+        "socket.timeout.ms",
+        "socket.keepalive.enable",
+        "socket.connection.setup.timeout.ms",
+        "connections.max.idle.ms",
+        "reconnect.backoff.ms",
+        "reconnect.backoff.max.ms",
+        "retry.backoff.ms",
+        "retry.backoff.max.ms",
+        "request.timeout.ms",
+        "metadata.max.age.ms",
+        "topic.metadata.refresh.interval.ms",
+        "api.version.request",
+        "debug",
+        "log_level",
+        # consumer
+        "group.protocol",
+        "group.remote.assignor",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "fetch.min.bytes",
+        "fetch.wait.max.ms",
+        "max.partition.fetch.bytes",
+        "fetch.message.max.bytes",
+        "queued.min.messages",
+        "queued.max.messages.kbytes",
+        "enable.partition.eof",
+        "check.crcs",
+        "allow.auto.create.topics",
+        # producer
+        "batch.size",
+        "batch.num.messages",
+        "compression.type",
+        "compression.codec",
+        "compression.level",
+        "queue.buffering.max.ms",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "request.required.acks",
+        "delivery.timeout.ms",
+        "retries",
+        "message.send.max.retries",
+        "max.in.flight.requests.per.connection",
+        "max.in.flight",
+        "partitioner",
+        "sticky.partitioning.linger.ms",
+    }
+)
+
+
 def _redact(settings: Mapping[str, str]) -> dict[str, str]:
-    return {k: ("***" if _is_secret(k) else v) for k, v in settings.items()}
+    """``settings`` with the value of every key not in ``LOGGABLE_KEYS`` replaced by ``***``."""
+    return {k: (v if k in LOGGABLE_KEYS else "***") for k, v in settings.items()}
 
 
 # --- value types: what the file may hold, declared once ------------------------------------------
@@ -167,6 +254,11 @@ Librdkafka = Annotated[
 ]
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    """Drop a field's ``default`` from the JSON Schema (a path that differs per installation)."""
+    schema.pop("default", None)
+
+
 def _none_words(value: Any) -> Any:
     """An empty string, ``null`` or ``none`` (an environment variable) means unset."""
     if isinstance(value, str) and value.lower() in ("", "null", "none"):
@@ -218,7 +310,7 @@ class KafkaConfig(_Section):
     """Exit non-zero when no broker has answered for this long."""
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        """The fields, with secret values of the pass-through tables shown as ``***``."""
+        """The fields; the pass-through tables' values only of ``LOGGABLE_KEYS``, others ``***``."""
         for name, value in super().__repr_args__():
             yield name, (_redact(value) if name in _PASSTHROUGH else value)
 
@@ -239,8 +331,9 @@ class InputConfig(_Section):
     id_field: NonEmpty
     """Input field copied into each prediction as ``input_id``."""
     event_time_field: str = ""
-    """Input field holding the event time (timestamp-millis or long milliseconds); empty means
-    the Kafka record's timestamp."""
+    """Input field holding the event time: a long of epoch milliseconds, plain or
+    ``timestamp-millis`` (or ``timestamp-micros``), any other type refused at start-up; empty
+    means the Kafka record's timestamp."""
     max_message_bytes: Int = Field(default=1_048_576, gt=0)
     """Records larger than this are dead-lettered unread."""
     fast_path: bool = True
@@ -268,8 +361,13 @@ class OutputConfig(_Section):
 
     topic: NonEmpty
     """Prediction topic."""
-    schema_file: ExistingFile = Field(alias="schema")
-    """Path of the prediction record's Avro schema."""
+    schema_file: ExistingFile = Field(
+        default=PREDICTION_SCHEMA_V1,
+        alias="schema",
+        json_schema_extra=_no_default,  # an installation's path
+    )
+    """Path of the prediction record's Avro schema (default: the packaged
+    ``prediction.v1.avsc``, which ``stream-scorer example init`` also writes out)."""
     copy_headers: tuple[NonEmpty, ...] = ()
     """Input headers copied onto each prediction when the input record has them (trace ids
     such as ``traceparent``); the prediction's own headers are never replaced."""
@@ -389,13 +487,6 @@ class MetricsConfig(_Section):
     tls_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
     """PEM private key of ``tls_cert``."""
 
-    @model_validator(mode="after")
-    def _both_or_neither(self) -> MetricsConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "metrics.tls_key" if self.tls_key is None else "metrics.tls_cert"
-            raise ConfigError(missing, "is required with the other of tls_cert and tls_key")
-        return self
-
 
 #: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
 CLIENT_MESSAGE_MAX_BYTES: Final = 1_000_000
@@ -504,37 +595,51 @@ class Config(_Section):
 
 
 def _check(cfg: Config) -> None:
-    """The checks that involve more than one key (each key's own rules are declared above)."""
+    """The checks that involve more than one key (each key's own rules are declared above).
+
+    Raises:
+        ConfigError: every check that failed, in one error.
+    """
+    problems = list(_cross_problems(cfg))
+    if problems:
+        (field, message), *more = problems
+        raise ConfigError(field, message, more=more)
+
+
+def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
+    """Each failed check across keys as (key, problem)."""
     raw_poll = cfg.kafka.consumer.get("max.poll.interval.ms", "300000")
+    poll_ms: int | None = None
     try:
         poll_ms = int(raw_poll)
     except ValueError:
-        raise ConfigError("kafka.consumer.max.poll.interval.ms", "must be an integer") from None
-    if poll_ms < 2000 * cfg.batch.max_processing_s:
-        raise ConfigError(
+        yield "kafka.consumer.max.poll.interval.ms", "must be an integer"
+    if poll_ms is not None and poll_ms < 2000 * cfg.batch.max_processing_s:
+        yield (
             "batch.max_processing_s",
             f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
     own = [h for h in cfg.output.copy_headers if h.startswith(headers.OWN_PREFIX)]
     if own:
-        raise ConfigError(
+        yield (
             "output.copy_headers",
             f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
         )
     if (cfg.model.path is None) == (not cfg.model.source):
-        raise ConfigError("model.source", "give exactly one of model.path and model.source")
+        yield "model.source", "give exactly one of model.path and model.source"
     if cfg.input.reader_subject and cfg.input.format != "confluent":
-        raise ConfigError("input.reader_subject", "needs input.format: confluent")
+        yield "input.reader_subject", "needs input.format: confluent"
     framed = [
         k
         for k, f in (("input.format", cfg.input.format), ("output.format", cfg.output.format))
         if f == "confluent"
     ]
     if framed and not cfg.registry.url:
-        raise ConfigError("registry.url", f"is required by {framed[0]}: confluent")
+        yield "registry.url", f"is required by {framed[0]}: confluent"
     # the wait for a registry that does not answer happens between polls (input format only)
-    if cfg.input.format == "confluent" and 1000 * cfg.registry.unavailable_timeout_s >= poll_ms:
-        raise ConfigError(
+    polled = cfg.input.format == "confluent" and poll_ms is not None
+    if polled and 1000 * cfg.registry.unavailable_timeout_s >= (poll_ms or 0):
+        yield (
             "registry.unavailable_timeout_s",
             f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
@@ -544,14 +649,15 @@ def _check(cfg: Config) -> None:
             ("dead_letter.topic", cfg.dead_letter.topic),
         ):
             if name == out or (name.startswith("^") and _matches(name, out)):
-                raise ConfigError("input.topics", f"{name!r} would consume {key} {out!r}")
+                yield "input.topics", f"{name!r} would consume {key} {out!r}"
     if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
-        raise ConfigError(
-            "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
-        )
+        yield "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
-        raise ConfigError("output.topic", "input, output and dead-letter topics must differ")
+        yield "output.topic", "input, output and dead-letter topics must differ"
+    if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
+        missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
+        yield missing, "is required with the other of tls_cert and tls_key"
 
 
 def _matches(pattern: str, topic: str) -> bool:
@@ -654,14 +760,39 @@ def _message(err: ErrorDetails, loc: tuple[str | int, ...], secret: bool) -> str
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
-    """The first error of ``exc`` as a ConfigError naming the dotted key."""
-    err = exc.errors(include_url=False)[0]
-    loc = tuple(p for p in err["loc"] if p != "[key]")
-    name = ".".join(str(p) for p in loc) or "config"
-    secret = (len(loc) > 1 and loc[0] == "kafka" and loc[1] in _PASSTHROUGH) or any(
-        _is_secret(str(p)) for p in loc
-    )
-    return ConfigError(name, _message(err, loc, secret))
+    """Every error of ``exc`` in one ConfigError naming each dotted key.
+
+    Unknown keys come first, each with the nearest key of its table (``did you mean``; a
+    required key missing beside it first): a misspelled key is the cause of that key missing.
+    """
+    errors = [
+        (e, tuple(p for p in e["loc"] if p != "[key]")) for e in exc.errors(include_url=False)
+    ]
+    missing = [loc for e, loc in errors if e["type"] == "missing"]
+    problems = []
+    for err, loc in errors:
+        name = ".".join(str(p) for p in loc) or "config"
+        secret = (len(loc) > 1 and loc[0] == "kafka" and loc[1] in _PASSTHROUGH) or any(
+            _is_secret(str(p)) for p in loc
+        )
+        message = _message(err, loc, secret)
+        if err["type"] == "extra_forbidden":
+            absent = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+            message = _nearest(str(loc[-1]), absent, loc) or message
+        problems.append((err["type"] != "extra_forbidden", name, message))
+    (_, field, message), *more = sorted(problems, key=lambda p: p[0])
+    return ConfigError(field, message, more=[(f, m) for _, f, m in more])
+
+
+def _nearest(unknown: str, absent: list[str], loc: tuple[str | int, ...]) -> str:
+    """``unknown key; did you mean 'x'?`` with the missing or known key nearest ``unknown``."""
+    model = _model_at(loc[:-1])
+    known = [f.alias or n for n, f in model.model_fields.items()] if model else []
+    for candidates in (absent, known):
+        near = difflib.get_close_matches(unknown, candidates, n=1, cutoff=0.6)
+        if near:
+            return f"unknown key; did you mean {near[0]!r}?"
+    return ""
 
 
 # --- sources: file, environment, command line ---------------------------------------------------
@@ -770,7 +901,7 @@ def load_config(
         overrides: a nested table applied last (command-line flags).
 
     Raises:
-        ConfigError: naming the first offending key.
+        ConfigError: naming every offending key.
     """
     raw: dict[str, Any] = read_file(path) if path is not None else {}
     base = path.resolve().parent if path is not None else Path.cwd()
@@ -900,5 +1031,123 @@ def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
 
 
 def redacted(settings: Mapping[str, str]) -> dict[str, str]:
-    """Return librdkafka ``settings`` with secret values replaced by ``***``, for logs."""
+    """Return librdkafka ``settings`` for logs: values only of ``LOGGABLE_KEYS``, others ``***``."""
     return _redact(settings)
+
+
+# --- librdkafka's own checks --------------------------------------------------------------------
+
+#: A librdkafka property named in one of its messages (``"sasl.passwd"``, ssl.ca.location).
+_PROPERTY = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+")
+_CREATE_PREFIX = re.compile(r"^Failed to create [a-z ]+: ")
+
+
+def check_clients(cfg: Config, worker_id: str) -> None:
+    """Have librdkafka check the settings of every client the worker builds, without connecting.
+
+    The consumer, the producer (transactional in exactly-once mode) and the admin client of the
+    start-up checks are built from exactly the settings the worker uses, without
+    ``bootstrap.servers`` (so that nothing connects), and closed: librdkafka refuses an unknown
+    key, a value it cannot parse or out of range, an unsupported SASL mechanism, a missing SASL
+    user or password, or a TLS file it cannot read.
+
+    Raises:
+        ConfigError: librdkafka refused a setting; names the configuration key (the table it
+            came from: ``kafka.client``, ``kafka.consumer``, ``kafka.producer`` or
+            ``kafka.secret_files``) and never the value of a key outside ``LOGGABLE_KEYS``.
+    """
+    from confluent_kafka import Consumer, KafkaException, Producer
+    from confluent_kafka.admin import AdminClient
+
+    clients: tuple[tuple[str, Any, dict[str, str]], ...] = (
+        ("consumer", Consumer, consumer_settings(cfg, worker_id)),
+        ("producer", Producer, producer_settings(cfg, worker_id)),
+        ("client", AdminClient, client_settings(cfg)),
+    )
+    for role, make, settings in clients:
+        try:
+            _build_unconnected(make, settings)
+        except KafkaException as exc:
+            raise _refused(cfg, role, make, settings, exc) from None
+
+
+def _build_unconnected(make: Any, settings: Mapping[str, str]) -> None:
+    """Build a client from ``settings`` without its brokers (it never connects), then close it."""
+    unconnected = {k: v for k, v in settings.items() if k != "bootstrap.servers"}
+    client = make({**unconnected, "log_level": "0"})  # its lines come again at the real start
+    if hasattr(client, "close"):
+        client.close()
+
+
+def _refused(
+    cfg: Config, role: str, make: Any, settings: Mapping[str, str], exc: Exception
+) -> ConfigError:
+    """The ConfigError for librdkafka's refusal ``exc`` of the ``role`` client's ``settings``."""
+    err = exc.args[0] if exc.args else exc
+    text = err.str() if hasattr(err, "str") else str(err)
+    reason = _CREATE_PREFIX.sub("", text.strip())
+    for name, value in settings.items():  # librdkafka may quote a value it refuses
+        if name not in LOGGABLE_KEYS and value:
+            reason = re.sub(_token(value), "***", reason)
+    tables = _user_tables(cfg, role)
+    key = _culprit(text, [k for t in tables.values() for k in t], settings, make)
+    if key is not None:
+        table = next(name for name, t in tables.items() if key in t)
+        field = f"{table}.{key}"
+    else:  # a key it needs and nobody set, or one of stream-scorer's own
+        named = _PROPERTY.findall(text)
+        field = f"kafka.client.{named[0]}" if named else f"kafka.{role}"
+    client = {"client": "admin client", "consumer": "consumer", "producer": "producer"}[role]
+    return ConfigError(field, f"librdkafka refuses the {client}'s settings: {reason}")
+
+
+def _token(value: str) -> str:
+    """A pattern of ``value`` as a whole word of a message (not a part of a longer one)."""
+    return rf"(?<![\w.]){re.escape(value)}(?![\w.])"
+
+
+def _user_tables(cfg: Config, role: str) -> dict[str, Collection[str]]:
+    """The configuration's librdkafka keys that reach the ``role`` client, by table.
+
+    The table that wins comes first (a consumer's own key over ``secret_files`` over ``client``).
+    """
+    tables: dict[str, Collection[str]] = {}
+    if role in ("consumer", "producer"):
+        tables[f"kafka.{role}"] = getattr(cfg.kafka, role).keys()
+    tables["kafka.secret_files"] = cfg.kafka.secret_files.keys()
+    tables["kafka.client"] = cfg.kafka.client.keys()
+    return tables
+
+
+def _culprit(text: str, mine: Sequence[str], settings: Mapping[str, str], make: Any) -> str | None:
+    """Which of the configuration's own librdkafka keys (``mine``) librdkafka's ``text`` is about.
+
+    A key the message names (quoted or not, or as words: ``SASL mechanism``); else the one key
+    that alone gets the same refusal (an alias: ``linger.ms`` is refused as
+    ``queue.buffering.max.ms``); else a key whose value it quotes (``Unsupported hash function:
+    SCRAM-SHA-999``); else None.
+    """
+    from confluent_kafka import Consumer, KafkaException
+
+    named: list[str] = _PROPERTY.findall(text)
+    for name in named:
+        if name in mine:
+            return name
+    lower = text.lower()
+    for name in mine:
+        if name.replace(".", " ") in lower:
+            return name
+    reason = _CREATE_PREFIX.sub("", text.strip())
+    alone = {"group.id": "check"} if make is Consumer else {}
+    for name in mine:
+        try:
+            _build_unconnected(make, {**alone, name: settings[name]})
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else exc
+            again = err.str() if hasattr(err, "str") else str(err)
+            if _CREATE_PREFIX.sub("", again.strip()) == reason:
+                return name
+    for name in mine:  # the value it quotes (an unsupported mechanism or hash)
+        if settings[name] and re.search(_token(settings[name]), text):
+            return name
+    return None

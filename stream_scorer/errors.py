@@ -29,6 +29,8 @@ other failure (broker, delivery, poison limit, fenced, ...); 130 interrupted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class StreamScorerError(Exception):
     """Root of every exception stream-scorer raises on purpose."""
@@ -37,13 +39,19 @@ class StreamScorerError(Exception):
 class ConfigError(StreamScorerError):
     """The configuration is invalid.
 
+    One error, or several found at once (``more``): the message lists them all,
+    ``config: <key>: <problem>; <key>: <problem>``.
+
     Attributes:
-        field: dotted name of the offending key, e.g. ``batch.max_records``.
+        field: dotted name of the (first) offending key, e.g. ``batch.max_records``.
+        problems: every offending key with its problem, the first one first.
     """
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"config: {field}: {message}")
+    def __init__(self, field: str, message: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
+        problems = ((field, message), *more)
+        super().__init__("config: " + "; ".join(f"{f}: {m}" for f, m in problems))
         self.field = field
+        self.problems = problems
 
 
 class ModelError(StreamScorerError):

@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from stream_scorer.errors import AccessDeniedError, BrokerError, ConfigError, broker_unreachable
+from stream_scorer.errors import BrokerError, ConfigError, broker_unreachable
 from stream_scorer.logs import client_logger
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ def require_topics(
 
     Raises:
         ConfigError: a topic does not exist (names its key and the topic; the others missing
-            too are listed in the message).
-        AccessDeniedError: the broker refused the credentials, the TLS handshake failed, or
-            the broker speaks TLS to a plaintext client (at once: no retry can fix them).
+            too are listed in the message); or ``security.protocol`` does not match the
+            listener: the broker speaks TLS to a client without it, or requires SASL of a
+            client without it (at once, naming what to set).
+        AccessDeniedError: the broker refused the credentials or the TLS handshake failed (at
+            once: no retry can fix them).
         BrokerError: no broker answered within ``unreachable_timeout_s``.
     """
     bootstrap = settings.get("bootstrap.servers", "")
@@ -100,22 +102,108 @@ def require_topics(
 def _raise_refused(
     errors: list[KafkaError], settings: Mapping[str, str], *, probe_tls: bool
 ) -> None:
-    """Raise what no retry fixes: refused credentials or TLS, or TLS spoken to plaintext."""
+    """Raise what no retry fixes: refused credentials or TLS, or a security protocol mismatch.
+
+    With ``probe_tls`` (the first failed attempt) the brokers are asked what they speak: TLS to
+    a client without it, or SASL (``SaslHandshake``) to a client without it.
+    """
     from stream_scorer.ops.acl import refused_connection
 
     for err in errors:
         refused = refused_connection(err, settings)
         if refused is not None:
             raise refused
+    if not probe_tls:
+        return
     protocol = settings.get("security.protocol", "plaintext").lower()
-    if probe_tls and protocol in ("plaintext", "sasl_plaintext"):
-        bootstrap = settings.get("bootstrap.servers", "")
-        tls = next((a for a in bootstrap.split(",") if _speaks_tls(a.strip())), None)
+    addresses = [a.strip() for a in settings.get("bootstrap.servers", "").split(",") if a.strip()]
+    if protocol in ("plaintext", "sasl_plaintext"):
+        tls = next((a for a in addresses if _speaks_tls(a)), None)
         if tls is not None:
-            raise AccessDeniedError(
+            raise ConfigError(
+                "kafka.client.security.protocol",
                 f"the broker at {tls} speaks TLS and this client {protocol.upper()}: set "
-                "kafka.client security.protocol to SSL or SASL_SSL (and ssl.ca.location)"
+                "kafka.client security.protocol to SSL or SASL_SSL (and ssl.ca.location)",
             )
+    if protocol in ("plaintext", "ssl"):
+        for address in addresses:
+            mechanisms = sasl_mechanisms(address, tls=protocol == "ssl")
+            if mechanisms:
+                wanted = "SASL_SSL" if protocol == "ssl" else "SASL_PLAINTEXT"
+                raise ConfigError(
+                    "kafka.client.security.protocol",
+                    f"the broker at {address} requires SASL ({', '.join(mechanisms)}) and this "
+                    f"client speaks {protocol.upper()} without it: set kafka.client "
+                    f"security.protocol to {wanted}, sasl.mechanism to {mechanisms[0]}, "
+                    "sasl.username, and sasl.password (kafka.secret_files)",
+                )
+
+
+#: Kafka's SaslHandshake request (api key 17, version 1) and its error codes.
+_SASL_HANDSHAKE = 17
+_SASL_ANSWERS = frozenset({0, 33})  # NONE, UNSUPPORTED_SASL_MECHANISM: the mechanisms follow
+
+
+def sasl_mechanisms(address: str, *, tls: bool, timeout_s: float = 2.0) -> list[str]:
+    """The SASL mechanisms the listener at ``host:port`` requires; empty: none (or no answer).
+
+    Sends one ``SaslHandshake`` request (over TLS, its certificate not checked, when ``tls``),
+    as a client does before authenticating: a SASL listener answers with its enabled
+    mechanisms, any other answers ``ILLEGAL_SASL_STATE`` or closes the connection. Nothing
+    secret is sent.
+    """
+    import socket
+    import ssl
+    import struct
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    client_id, mechanism = b"stream-scorer-probe", b"PLAIN"
+    body = struct.pack(">hhih", _SASL_HANDSHAKE, 1, 1, len(client_id)) + client_id
+    body += struct.pack(">h", len(mechanism)) + mechanism
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
+            conn: socket.socket = raw
+            if tls:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                conn = context.wrap_socket(raw, server_hostname=host or None)
+            conn.sendall(struct.pack(">i", len(body)) + body)
+            answer = _read_frame(conn)
+    except (OSError, ValueError, struct.error):
+        return []
+    try:
+        _correlation, error, count = struct.unpack_from(">ihi", answer)
+        if error not in _SASL_ANSWERS:
+            return []
+        offset, names = 10, []
+        for _ in range(count):
+            (size,) = struct.unpack_from(">h", answer, offset)
+            names.append(answer[offset + 2 : offset + 2 + size].decode("utf-8", "replace"))
+            offset += 2 + size
+    except struct.error:
+        return []
+    return names
+
+
+def _read_frame(conn: Any) -> bytes:
+    """One size-prefixed Kafka response (at most 64 KiB); ValueError when the peer closes."""
+    import struct
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ValueError("closed")
+            data += chunk
+        return data
+
+    (size,) = struct.unpack(">i", exactly(4))
+    if not 0 < size <= 65_536:
+        raise ValueError(f"not a Kafka response of {size} bytes")
+    return exactly(size)
 
 
 def _speaks_tls(address: str, timeout_s: float = 2.0) -> bool:

@@ -15,6 +15,10 @@ from stream_scorer.stages.decode import Decoder
 from stream_scorer.stages.features import FeatureBuilder, field_getter
 from stream_scorer.stages.records import Columns, DeadLetter, Message, Stage
 
+#: The Avro types an ``input.event_time_field`` may have (``fields.type_name``): epoch
+#: milliseconds, plain or with their logical type, or microseconds (both decoders convert).
+EVENT_TIME_TYPES = frozenset({"long", "long/timestamp-millis", "long/timestamp-micros"})
+
 
 def event_millis(value: Any) -> int | None:
     """An event time field's value in epoch milliseconds (None: not a time)."""

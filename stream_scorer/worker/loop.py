@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from stream_scorer.config import (
     EXACTLY_ONCE,
     Config,
+    check_clients,
     client_settings,
     consumer_settings,
     producer_settings,
@@ -39,11 +40,11 @@ from stream_scorer.model.store import DirectorySource, ModelSource, open_source
 from stream_scorer.ops.acl import check_access, principal_of, role_grants
 from stream_scorer.ops.topics import require_topics
 from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
-from stream_scorer.stages.columns import AvroColumns
+from stream_scorer.stages.columns import EVENT_TIME_TYPES, AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
-from stream_scorer.stages.fields import resolve
+from stream_scorer.stages.fields import resolve, type_name
 from stream_scorer.stages.framing import MAGIC_ID, FramedColumns, build_framed_columns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
@@ -182,9 +183,20 @@ def build_pipeline(
     ):
         if name:
             try:
-                resolve(input_schema, name)
+                types = resolve(input_schema, name)
             except SchemaError as exc:
                 raise ConfigError(key, f"{exc} (input schema {cfg.input.schema})") from None
+            timed = key == "input.event_time_field"
+            wrong = [type_name(t) for t in types if timed and type_name(t) not in EVENT_TIME_TYPES]
+            if wrong:
+                raise ConfigError(
+                    key,
+                    f"field {name!r} is of type {', '.join(wrong)} "
+                    f"(input schema {cfg.input.schema}): "
+                    "an event time must be a long of epoch milliseconds (logical type "
+                    "timestamp-millis, or timestamp-micros); leave the key empty to use the "
+                    "Kafka record's timestamp",
+                )
     try:
         encoder = PredictionEncoder(load_schema(cfg.output.schema), prefix=prefix)
     except SchemaError as exc:
@@ -292,6 +304,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         StreamScorerError: a configuration, model, broker or delivery failure (exit non-zero).
     """
     worker_id = worker_identity(cfg)
+    check_clients(cfg, worker_id)  # a setting librdkafka refuses stops start-up naming its key
     report = WorkerReport(worker_id)
     set_log_context(worker_id=worker_id, group=cfg.input.group_id)
     stop = stop if stop is not None else StopFlag()

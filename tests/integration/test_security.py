@@ -221,11 +221,13 @@ def _errors(stderr: str) -> list[str]:
     return [e["msg"] for e in lines if e.get("level") == "ERROR"]
 
 
-def _assert_refused(dep: Deployment, proc: subprocess.Popen[str], *expected: str) -> str:
-    """Exit 1, one ERROR line holding ``expected``, no password anywhere; returns that line."""
+def _assert_refused(
+    dep: Deployment, proc: subprocess.Popen[str], *expected: str, exit_code: int = 1
+) -> str:
+    """``exit_code``, one ERROR line holding ``expected``, no password anywhere; returns it."""
     code, out, err = _finish(proc)
     errors = _errors(err)
-    assert code == 1, err[-3000:]
+    assert code == exit_code, err[-3000:]
     assert len(errors) == 1, "\n".join(errors)
     for text in expected:
         assert text in errors[0], errors[0]
@@ -340,7 +342,33 @@ def test_plaintext_client_against_the_tls_listener_is_refused_at_once(
     raw = yaml.safe_load(dep.config.read_text())
     raw["kafka"]["bootstrap_servers"] = broker.bootstrap
     dep.config.write_text(yaml.safe_dump(raw))
-    _assert_refused(dep, _run(dep), f"the broker at {broker.bootstrap} speaks TLS", "PLAINTEXT")
+    _assert_refused(
+        dep,
+        _run(dep),
+        "kafka.client.security.protocol: ",
+        f"the broker at {broker.bootstrap} speaks TLS",
+        "PLAINTEXT",
+        exit_code=2,  # the configuration must change
+    )
+
+
+def test_tls_client_without_sasl_against_the_sasl_listener_is_refused_at_once(
+    broker: LocalKafka, tmp_path: Path, model_dir: Path
+) -> None:
+    """Not an outage after kafka.unreachable_timeout_s (600 s here): exit 2 saying what to set."""
+    client = {
+        "bootstrap_servers": broker.bootstrap,
+        "client": {"security.protocol": "SSL", "ssl.ca.location": str(broker.ca_file)},
+    }
+    dep = _deployment(broker, tmp_path, model_dir, "at-least-once", client)
+    _assert_refused(
+        dep,
+        _run(dep),
+        "kafka.client.security.protocol: ",
+        f"the broker at {broker.bootstrap} requires SASL (SCRAM-SHA-512)",
+        "security.protocol to SASL_SSL, sasl.mechanism to SCRAM-SHA-512, sasl.username",
+        exit_code=2,
+    )
 
 
 def test_an_untrusted_broker_certificate_is_refused_at_once(

@@ -105,7 +105,12 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
 
 
 def test_config_check_accepts_a_good_configuration_without_kafka(tmp_path: Path) -> None:
-    result = _run("config", "check", str(_config(tmp_path)))  # its broker, 127.0.0.1:1, is closed
+    path = _config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["input"]["event_time_field"] = "at"  # a timestamp-millis long
+    del raw["output"]["schema"]  # the packaged prediction schema
+    path.write_text(yaml.safe_dump(raw))
+    result = _run("config", "check", str(path))  # its broker, 127.0.0.1:1, is closed
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK ")
     assert "in -> out" in result.stdout
@@ -124,6 +129,19 @@ def test_config_check_accepts_a_good_configuration_without_kafka(tmp_path: Path)
                 "kafka": {"producer": {"message.timeout.ms": "20000"}},
             },
             "kafka.producer.message.timeout.ms: must not exceed",
+        ),
+        # the worker would silently use the Kafka timestamp instead
+        (
+            {"input": {"event_time_field": "country"}},
+            "input.event_time_field: field 'country' is of type string",
+        ),
+        (
+            {"input": {"event_time_field": "amount"}},
+            "input.event_time_field: field 'amount' is of type float",
+        ),
+        (
+            {"input": {"event_time_field": "customer.age"}},
+            "input.event_time_field: field 'customer.age' is of type int",
         ),
     ],
 )
@@ -160,3 +178,40 @@ def test_config_schema_prints_the_files_json_schema() -> None:
     assert set(schema["required"]) == {"kafka", "input", "output", "dead_letter", "model"}
     batch = schema["$defs"]["BatchConfig"]["properties"]["max_records"]
     assert (batch["type"], batch["exclusiveMinimum"], batch["default"]) == ("integer", 0, 1000)
+
+
+TYPO_VALUE = "hunter2-in-a-typo"
+
+
+@pytest.mark.parametrize("command", ["config check", "run"])
+@pytest.mark.parametrize(
+    ("kafka", "field"),
+    [
+        ({"client": {"sasl.passwd": TYPO_VALUE}}, "kafka.client.sasl.passwd"),
+        (
+            {
+                "client": {
+                    "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-999",
+                    "sasl.username": "u",
+                    "sasl.password": "p",
+                }
+            },
+            "kafka.client.sasl.mechanism",
+        ),
+        ({"producer": {"linger.ms": "notanumber"}}, "kafka.producer.linger.ms"),
+    ],
+)
+def test_a_setting_librdkafka_refuses_exits_2_naming_its_key(
+    tmp_path: Path, command: str, kafka: dict[str, Any], field: str
+) -> None:
+    path = _config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["kafka"].update(kafka)
+    path.write_text(yaml.safe_dump(raw))
+    args = [*command.split(), *(["--config"] if command == "run" else []), str(path)]
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"{field}: librdkafka refuses the" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert TYPO_VALUE not in result.stdout + result.stderr

@@ -8,14 +8,22 @@ import pytest
 import yaml
 
 from stream_scorer.config import (
+    AT_LEAST_ONCE,
+    EXACTLY_ONCE,
+    LOGGABLE_KEYS,
     Config,
+    check_clients,
     config_schema,
     consumer_settings,
     load_config,
     producer_settings,
+    redacted,
 )
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
 from stream_scorer.example.files import CONFIG_NAME, example_files
+from stream_scorer.stages.decode import load_schema
+from stream_scorer.stages.encode import PredictionEncoder
 
 ROOT = Path(__file__).parents[2]
 
@@ -325,3 +333,153 @@ def test_copy_headers_refuses_the_predictions_own_names(
     base["output"]["copy_headers"] = ["traceparent"]
     cfg = load_config(_write(tmp_path, base), environ={})
     assert cfg.output.copy_headers == ("traceparent",)
+
+
+def test_output_schema_defaults_to_the_packaged_prediction_schema(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    del base["output"]["schema"]
+    cfg = load_config(_write(tmp_path, base), environ={})
+    assert cfg.output.schema == PREDICTION_SCHEMA_V1
+    assert cfg.output.schema.read_bytes() == (ROOT / "schemas" / "prediction.v1.avsc").read_bytes()
+    PredictionEncoder(load_schema(cfg.output.schema))  # a schema the encoder takes
+    # an installation's path is no default a JSON Schema can state
+    assert "default" not in config_schema()["$defs"]["OutputConfig"]["properties"]["schema"]
+
+
+def test_every_error_is_reported_and_a_misspelled_key_gets_did_you_mean(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    base["kafka"] = {"bootstrap_server": "h:1"}  # misspelled: the required key is then missing
+    base["batch"] = {"max_records": 0, "colour": "red"}
+    base["input"]["topc"] = base["input"].pop("topic")
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, base), environ={})
+    problems = dict(info.value.problems)
+    # the unknown key is the cause: named first, with the key it was meant to be
+    assert info.value.field == "kafka.bootstrap_server"
+    assert problems["kafka.bootstrap_server"] == "unknown key; did you mean 'bootstrap_servers'?"
+    assert problems["input.topc"] == "unknown key; did you mean 'topic'?"
+    assert problems["batch.colour"].startswith("unknown key (known: max_in_flight,")
+    assert problems["kafka.bootstrap_servers"] == "is required"
+    assert problems["input.topic"] == "is required"
+    assert problems["batch.max_records"] == "must be greater than 0, got 0"
+    assert len(problems) == 6
+    for key, message in problems.items():
+        assert f"{key}: {message}" in str(info.value)
+
+
+def test_every_failed_check_across_keys_is_reported(tmp_path: Path, base: dict[str, Any]) -> None:
+    base["output"]["topic"] = "in"
+    base["input"]["format"] = "confluent"  # without registry.url
+    base["dead_letter"]["payload"] = "encrypt"  # without public_key
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, base), environ={})
+    assert [f for f, _ in info.value.problems] == [
+        "registry.url",
+        "dead_letter.public_key",
+        "output.topic",
+    ]
+
+
+TYPO_VALUE = "hunter2-in-a-typo"
+
+
+@pytest.mark.parametrize(
+    ("kafka", "mode", "field", "message"),
+    [
+        (
+            {"client": {"sasl.passwd": TYPO_VALUE}},
+            AT_LEAST_ONCE,
+            "kafka.client.sasl.passwd",
+            "No such",
+        ),
+        (
+            {
+                "client": {
+                    "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-999",
+                    "sasl.username": "u",
+                },
+                "secret_files": {"sasl.password": "password"},
+            },
+            AT_LEAST_ONCE,
+            "kafka.client.sasl.mechanism",
+            "SCRAM-SHA-999",
+        ),
+        (
+            {"client": {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"}},
+            AT_LEAST_ONCE,
+            "kafka.client.sasl.username",
+            "sasl.username and sasl.password must be set",
+        ),
+        # an alias: librdkafka names it queue.buffering.max.ms
+        (
+            {"producer": {"linger.ms": "notanumber"}},
+            AT_LEAST_ONCE,
+            "kafka.producer.linger.ms",
+            "Invalid value",
+        ),
+        (
+            {"consumer": {"fetch.min.bytes": "lots"}},
+            AT_LEAST_ONCE,
+            "kafka.consumer.fetch.min.bytes",
+            "Invalid value",
+        ),
+        (
+            {"client": {"security.protocol": "SSL", "ssl.ca.location": "/nonexistent/ca.pem"}},
+            AT_LEAST_ONCE,
+            "kafka.client.ssl.ca.location",
+            "ssl.ca.location failed",
+        ),
+        # only the transactional producer refuses it
+        (
+            {"producer": {"enable.idempotence": "false"}},
+            EXACTLY_ONCE,
+            "kafka.producer.enable.idempotence",
+            "requires `enable.idempotence=true`",
+        ),
+    ],
+)
+def test_settings_librdkafka_refuses_name_their_key_and_never_a_value(
+    tmp_path: Path, base: dict[str, Any], kafka: dict[str, Any], mode: str, field: str, message: str
+) -> None:
+    (tmp_path / "password").write_text(TYPO_VALUE)
+    base["kafka"].update(kafka)
+    base["delivery"] = {"mode": mode}
+    cfg = load_config(_write(tmp_path, base), environ={})  # pydantic cannot know them
+    with pytest.raises(ConfigError, match=message) as info:
+        check_clients(cfg, "w")
+    assert info.value.field == field
+    assert "librdkafka refuses the" in str(info.value)
+    assert TYPO_VALUE not in "".join(traceback.format_exception(info.value))
+
+
+def test_the_clients_the_worker_builds_pass_librdkafkas_checks(
+    tmp_path: Path, base: dict[str, Any]
+) -> None:
+    base["kafka"]["client"] = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+    base["kafka"]["client"] |= {"sasl.username": "u", "sasl.password": "p"}
+    base["kafka"]["producer"] = {"linger.ms": 20, "compression.type": "lz4"}
+    for mode in (AT_LEAST_ONCE, EXACTLY_ONCE):
+        base["delivery"] = {"mode": mode, "static_membership": True}
+        check_clients(load_config(_write(tmp_path, base), environ={}), "w")
+
+
+def test_logged_settings_show_only_allow_listed_values() -> None:
+    settings = {
+        "bootstrap.servers": "h:1",
+        "security.protocol": "SASL_SSL",
+        "sasl.username": "worker",
+        "sasl.password": "pw-value",
+        "sasl.passwd": TYPO_VALUE,  # a typo no secret-name pattern catches
+        "sasl.oauthbearer.config": "principal=x clientSecret=oauth-value",
+        "ssl.key.pem": "pem-value",
+    }
+    shown = redacted(settings)
+    assert shown["bootstrap.servers"] == "h:1"
+    assert shown["security.protocol"] == "SASL_SSL"
+    assert shown["sasl.username"] == "worker"
+    for key in ("sasl.password", "sasl.passwd", "sasl.oauthbearer.config", "ssl.key.pem"):
+        assert shown[key] == "***"
+    assert not set(LOGGABLE_KEYS) & {"sasl.password", "ssl.key.password", "ssl.key.pem"}
