@@ -245,7 +245,7 @@ def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Depl
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert granted.returncode == 0, granted.stderr[-2000:]
-    expected = 5 if dep.mode == "exactly-once" else 4
+    expected = 6 if dep.mode == "exactly-once" else 5
     assert granted.stdout.count("ALLOW User:worker ") == expected, granted.stdout
     total = _produce(dep, 400, poison_at=123)
     (port,) = _free_ports(1)
