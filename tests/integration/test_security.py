@@ -366,7 +366,10 @@ def test_missing_write_on_the_dead_letter_topic_stops_start_up(deployment: Deplo
     dep = deployment
 
     def describe_only(grants: list[Grant]) -> list[Grant]:
-        return [replace(g, use="describe") if g.name == dep.dlq else g for g in grants]
+        return [
+            replace(g, use="describe") if (g.name, g.use) == (dep.dlq, "write") else g
+            for g in grants
+        ]
 
     _grant(dep, describe_only)
     _produce(dep, 50)
