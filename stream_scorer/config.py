@@ -401,6 +401,8 @@ class MetricsConfig(_Section):
 
 #: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
 CLIENT_MESSAGE_MAX_BYTES: Final = 1_000_000
+#: The largest ``message.max.bytes`` librdkafka accepts.
+CLIENT_MESSAGE_MAX_BYTES_LIMIT: Final = 1_000_000_000
 #: librdkafka's default ``batch.size``: the most bytes of records it batches in one request.
 CLIENT_BATCH_SIZE: Final = 1_000_000
 #: Room beyond a record's key, value and headers for its framing (record batch, varints).
@@ -887,7 +889,7 @@ def producer_settings(
     largest = max(
         CLIENT_MESSAGE_MAX_BYTES,
         cfg.input.max_message_bytes + RECORD_OVERHEAD_BYTES,
-        dead_letter_max_bytes,
+        min(dead_letter_max_bytes, CLIENT_MESSAGE_MAX_BYTES_LIMIT),
     )
     settings = {
         "bootstrap.servers": cfg.kafka.bootstrap_servers,

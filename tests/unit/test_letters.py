@@ -122,6 +122,7 @@ def test_the_producer_takes_dead_letters_as_large_as_the_topic_and_batches_no_mo
     assert producer_settings(cfg, "w")["message.max.bytes"] == str(1_048_576 + 65_536)
     assert "batch.size" not in producer_settings(cfg, "w")
     assert producer_settings(cfg, "w", 5_000_000)["message.max.bytes"] == "5000000"
+    assert producer_settings(cfg, "w", 2**31 - 1)["message.max.bytes"] == "1000000000"
     small = producer_settings(cfg, "w", 300_000)
     assert (small["message.max.bytes"], small["batch.size"]) == (str(1_048_576 + 65_536), "300000")
 
