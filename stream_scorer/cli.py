@@ -327,12 +327,14 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from stream_scorer.ops.replay import ReplayFilter, replay
 
     bootstrap, dlq, target, client = args.bootstrap_servers, args.dead_letter_topic, args.to, {}
+    signing_key = args.signing_key
     if args.config is not None:
         cfg = load_config(args.config)
         bootstrap = bootstrap or cfg.kafka.bootstrap_servers
         dlq = dlq or cfg.dead_letter.topic
         target = target or cfg.input.topic
         client = kafka_client(cfg.kafka)
+        signing_key = signing_key or cfg.dead_letter.signing_key
     for name, value in (
         ("--bootstrap-servers", bootstrap),
         ("--dead-letter-topic", dlq),
@@ -354,9 +356,10 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
         group=args.group,
         client=client,
         private_key=args.private_key,
+        signing_key=signing_key,
     )
     print(json.dumps(asdict(report)), flush=True)
-    return 0
+    return 1 if report.refused else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -675,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--private-key",
         type=Path,
         help="PEM RSA private key that opens encrypted dead letters (dead_letter.payload)",
+    )
+    rp.add_argument(
+        "--signing-key",
+        type=Path,
+        help="replay only dead letters signed with this key (default: the config's "
+        "dead_letter.signing_key); unsigned or altered ones are refused",
     )
     rp.set_defaults(func=_cmd_dlq_replay)
 

@@ -403,6 +403,9 @@ class DeadLetterConfig(_Section):
     message, which can quote field values."""
     public_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
     """PEM RSA public key (2048+ bits) that ``payload: encrypt`` wraps each data key with."""
+    signing_key: Annotated[ExistingFile | None, BeforeValidator(_none_words)] = None
+    """File holding a secret (32+ bytes) every dead letter is signed with (HMAC-SHA256);
+    ``dlq replay`` then replays only letters signed with it (README.md, "Security")."""
 
 
 class ModelConfig(_Section):
@@ -490,6 +493,10 @@ class MetricsConfig(_Section):
 
 #: librdkafka's default ``message.max.bytes``: a producer refuses larger records unless told.
 CLIENT_MESSAGE_MAX_BYTES: Final = 1_000_000
+#: The largest ``message.max.bytes`` librdkafka accepts.
+CLIENT_MESSAGE_MAX_BYTES_LIMIT: Final = 1_000_000_000
+#: librdkafka's default ``batch.size``: the most bytes of records it batches in one request.
+CLIENT_BATCH_SIZE: Final = 1_000_000
 #: Room beyond a record's key, value and headers for its framing (record batch, varints).
 RECORD_OVERHEAD_BYTES: Final = 65_536
 
@@ -998,24 +1005,35 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
     return settings
 
 
-def producer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
+def producer_settings(
+    cfg: Config, worker_id: str, dead_letter_max_bytes: int = 0
+) -> dict[str, str]:
     """Return the librdkafka settings for the worker's producer (predictions, dead letters).
 
     A message not acknowledged within ``message.timeout.ms`` (default: two minutes; in
     exactly-once mode at most the transaction timeout) fails its delivery, and the worker stops.
+
+    ``dead_letter_max_bytes``: the dead-letter topic's ``max.message.bytes`` (0: unknown). The
+    producer takes records that large (dead letters up to the topic's limit keep their
+    payload), and batches no more than that (several dead letters in one batch must fit too).
     """
     txn_ms = int(cfg.delivery.transaction_timeout_s * 1000)
+    largest = max(
+        CLIENT_MESSAGE_MAX_BYTES,
+        cfg.input.max_message_bytes + RECORD_OVERHEAD_BYTES,
+        min(dead_letter_max_bytes, CLIENT_MESSAGE_MAX_BYTES_LIMIT),
+    )
     settings = {
         "bootstrap.servers": cfg.kafka.bootstrap_servers,
         "client.id": f"stream-scorer-{worker_id}",
         "enable.idempotence": "true",
         "acks": "all",
         "linger.ms": "5",
-        "message.max.bytes": str(
-            max(CLIENT_MESSAGE_MAX_BYTES, cfg.input.max_message_bytes + RECORD_OVERHEAD_BYTES)
-        ),
+        "message.max.bytes": str(largest),
         "message.timeout.ms": "120000",
     }
+    if 0 < dead_letter_max_bytes < CLIENT_BATCH_SIZE:
+        settings["batch.size"] = str(dead_letter_max_bytes)
     if cfg.delivery.mode == EXACTLY_ONCE:
         settings["transactional.id"] = transactional_id(cfg, worker_id)
         settings["transaction.timeout.ms"] = str(txn_ms)

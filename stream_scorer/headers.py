@@ -55,14 +55,27 @@ WORKER_ID = "stream_scorer.worker.id"
 ATTEMPT = "stream_scorer.attempt"
 
 # --- on dead letters whose payload is protected (``dead_letter.payload``, ``envelope.py``) -------
-#: ``dropped`` (no key, no value) or ``encrypted`` (the value is an envelope); absent: kept.
+#: ``dropped`` (no key, no value), ``encrypted`` (the value is an envelope) or ``stripped``
+#: (too large for the dead-letter topic: no key, no value; see below); absent: kept.
 PAYLOAD = "stream_scorer.payload"
-#: The envelope's scheme, ``rsa-oaep-sha256+aes-256-gcm/v1``.
+#: The envelope's scheme, ``rsa-oaep-sha256+aes-256-gcm/v2`` (v1: not bound to its record).
 ENCRYPTION_SCHEME = "stream_scorer.encryption.scheme"
 #: Which public key wrapped the data key: 16 hex digits of the SHA-256 of its DER.
 ENCRYPTION_KEY_ID = "stream_scorer.encryption.key_id"
 #: The data key, wrapped with RSA-OAEP (SHA-256), in base64.
 ENCRYPTION_WRAPPED_KEY = "stream_scorer.encryption.wrapped_key"
+
+# --- on stripped dead letters (``PAYLOAD`` = ``stripped``, ``letters.py``) ---------------------
+#: Bytes of the original record's value (absent: a null value, or ``payload: drop``).
+ORIGINAL_VALUE_SIZE = "stream_scorer.original.value.size"
+#: SHA-256 of the original record's value, in hex (absent as the size is).
+ORIGINAL_VALUE_SHA256 = "stream_scorer.original.value.sha256"
+#: How many of the original record's headers were left out for room (0: none).
+HEADERS_DROPPED = "stream_scorer.original.headers.dropped"
+
+# --- on signed dead letters (``dead_letter.signing_key``, ``letters.py``) -----------------------
+#: ``hmac-sha256/v1:<key id>:<hex digest>`` over the letter's key, value and other headers.
+SIGNATURE = "stream_scorer.signature"
 
 # --- on every replayed record -----------------------------------------------------------------
 #: ``topic/partition/offset`` of the dead letter a replayed record was published from.

@@ -3,8 +3,10 @@
 The one home of the rights stream-scorer's clients need (README.md, "Security"):
 
 - ``worker``: READ + DESCRIBE on the input topic, READ on its group, WRITE + DESCRIBE on the
-  output and dead-letter topics; exactly-once adds WRITE + DESCRIBE on its transactional ids
-  (prefixed ``stream-scorer-<group>-``, or ``delivery.transactional_id`` itself).
+  output and dead-letter topics, DESCRIBE_CONFIGS on the dead-letter topic (its
+  ``max.message.bytes``, which every dead letter is sized to); exactly-once adds WRITE +
+  DESCRIBE on its transactional ids (prefixed ``stream-scorer-<group>-``, or
+  ``delivery.transactional_id`` itself).
   IDEMPOTENT_WRITE on the cluster is implied by WRITE on a topic (Kafka 3.0+, KIP-679) and
   not granted.
 - ``lag``: DESCRIBE on the group, READ + DESCRIBE on the input topic (the record at the
@@ -34,11 +36,12 @@ log = logging.getLogger(__name__)
 
 Resource = Literal["topic", "group", "transactional_id"]
 #: What a client does with a resource, and the ACL operations that allows.
-Use = Literal["read", "write", "member", "describe"]
+Use = Literal["read", "write", "member", "describe", "configs"]
 _OPERATIONS: Final[dict[tuple[Resource, Use], tuple[str, ...]]] = {
     ("topic", "read"): ("READ", "DESCRIBE"),
     ("topic", "write"): ("WRITE", "DESCRIBE"),
     ("topic", "describe"): ("DESCRIBE",),
+    ("topic", "configs"): ("DESCRIBE_CONFIGS",),
     ("group", "member"): ("READ",),
     ("group", "describe"): ("DESCRIBE",),
     ("transactional_id", "write"): ("WRITE", "DESCRIBE"),
@@ -102,6 +105,7 @@ def role_grants(cfg: Config, role: str) -> list[Grant]:
             Grant("group", group, "member"),
             Grant("topic", cfg.output.topic, "write"),
             Grant("topic", cfg.dead_letter.topic, "write"),
+            Grant("topic", cfg.dead_letter.topic, "configs"),
         ]
         if cfg.delivery.mode == EXACTLY_ONCE:
             name, prefixed = transactional_prefix(cfg)
@@ -193,6 +197,7 @@ _VERBS: Final[dict[Use, str]] = {
     "write": "write",
     "member": "join",
     "describe": "describe",
+    "configs": "read the configuration of",
 }
 
 

@@ -10,6 +10,17 @@ Safe to run twice: every batch of replayed records and the dead-letter offsets i
 commit in one Kafka transaction, under a consumer group derived from the target and the filter.
 A second run of the same command finds nothing left; a crash mid-way resumes without repeats.
 
+Refused letters: a dead letter that cannot be replayed as the record it names is not
+published and is reported (``ReplayReport.refused``: where it is and why), and the replay goes
+on with the others (the command then exits 1): a letter stripped of its payload for size
+(``stream_scorer.payload: stripped``); an encrypted letter whose envelope does not open for its
+coordinates (moved from another dead letter, or damaged); with a signing key
+(``--signing-key``, ``dead_letter.signing_key``), a letter that is not signed with it or was
+changed since. It stays on the dead-letter topic; the replay's group moves past it. Letters
+that only another key opens, or a payload dropped by configuration, stop the replay instead
+(``ConfigError``: the command is to be run differently). A v1 envelope (not bound to its
+record) still opens, with a warning.
+
 Record size: dead letters of ``too_large`` inputs are larger than librdkafka's default
 ``message.max.bytes`` (1,000,000), which the client enforces before the broker sees a record.
 The replay's producer is sized from the records it reads (re-created, between transactions,
@@ -31,13 +42,20 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from stream_scorer import headers as hdr
 from stream_scorer.config import CLIENT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES
-from stream_scorer.envelope import DROPPED, EnvelopeError, load_private_key, open_sealed
+from stream_scorer.envelope import (
+    DROPPED,
+    STRIPPED,
+    EnvelopeError,
+    EnvelopeKeyError,
+    load_private_key,
+    open_sealed,
+)
 from stream_scorer.errors import BrokerError, ConfigError
+from stream_scorer.letters import SignatureError, Signer, record_size
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +94,12 @@ class ReplayReport:
     scanned: int = 0
     replayed: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    #: ``topic/partition/offset`` of each dead letter not replayed, and why.
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class _Refused(Exception):
+    """A dead letter that cannot be replayed as the record it names (skipped and reported)."""
 
 
 def replay_headers(
@@ -116,11 +140,14 @@ def replay(
     batch: int = 500,
     timeout_s: float = 60.0,
     private_key: Path | None = None,
+    signing_key: Path | None = None,
 ) -> ReplayReport:
     """Replay matching dead letters of ``dead_letter_topic`` to ``target``; see the module doc.
 
     Encrypted dead letters (``dead_letter.payload = encrypt``) are decrypted with
-    ``private_key`` and replayed with their original key and value.
+    ``private_key`` and replayed with their original key and value. With ``signing_key``
+    (the workers' ``dead_letter.signing_key``) only letters signed with it are replayed.
+    Letters that cannot be replayed are skipped and listed in ``ReplayReport.refused``.
 
     Raises:
         ConfigError: a bad rate or batch; an encrypted dead letter without ``private_key``
@@ -134,6 +161,7 @@ def replay(
     group = group or default_group(dead_letter_topic, target, flt)
     report = ReplayReport(group)
     opener = None if private_key is None else load_private_key(private_key)
+    signer = None if signing_key is None else Signer.from_file(signing_key, "--signing-key")
     common = {"bootstrap.servers": bootstrap, **(client or {})}
     consumer = Consumer(
         {
@@ -147,7 +175,7 @@ def replay(
     )
     transactional = {"transactional.id": f"{group}-{uuid.uuid4().hex[:8]}", "linger.ms": "5"}
     try:
-        publisher = _Publisher(common, transactional, target, timeout_s, opener)
+        publisher = _Publisher(common, transactional, target, timeout_s, opener, signer)
         ends = _assign_from_committed(consumer, dead_letter_topic, timeout_s)
         started = time.monotonic()
         done = {p for p, (position, end) in ends.items() if position >= end}
@@ -175,11 +203,16 @@ def replay(
                 if offset + 1 >= end:
                     done.add(part)
             if last:
-                publisher.publish(consumer, chosen, last, dead_letter_topic)
+                refused = publisher.publish(consumer, chosen, last, dead_letter_topic)
                 for msg in chosen:
+                    source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+                    if source in refused:
+                        log.error("dead letter %s not replayed: %s", source, refused[source])
+                        continue
                     reason = _headers(msg).get(hdr.REASON, b"?").decode(errors="replace")
                     report.by_reason[reason] = report.by_reason.get(reason, 0) + 1
-                report.replayed += len(chosen)
+                    report.replayed += 1
+                report.refused.update(refused)
             if rate:
                 ahead = report.replayed / rate - (time.monotonic() - started)
                 if ahead > 0:
@@ -217,20 +250,13 @@ def _assign_from_committed(
     return ranges
 
 
-def record_size(key: bytes | None, value: bytes | None, headers: Sequence[Any]) -> int:
-    """Bytes of a record's key, value and headers (its framing not counted)."""
-    size = len(key or b"") + len(value or b"")
-    return size + sum(len(k.encode()) + len(v or b"") for k, v in headers)
-
-
 def _topic_max_message_bytes(common: Mapping[str, Any], topic: str, timeout_s: float) -> int | None:
     """The topic's ``max.message.bytes`` on the broker, or None when it cannot be read."""
-    resource = ConfigResource("topic", topic)
+    from stream_scorer.ops.topics import topic_max_message_bytes
+
     try:
-        admin = AdminClient(dict(common))
-        entries = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
-        return int(entries.result(timeout=timeout_s)["max.message.bytes"].value)
-    except Exception as exc:  # only for the error message: never hide the refusal behind it
+        return topic_max_message_bytes(dict(common), topic, timeout_s)
+    except BrokerError as exc:  # only for the error message: never hide the refusal behind it
         log.warning("cannot read max.message.bytes of topic %s: %s", topic, exc)
         return None
 
@@ -250,13 +276,18 @@ class _Publisher:
         target: str,
         timeout_s: float,
         private_key: rsa.RSAPrivateKey | None = None,
+        signer: Signer | None = None,
     ) -> None:
-        """Create the producer, initialise its transactions; ``private_key`` opens dead letters."""
+        """Create the producer, initialise its transactions.
+
+        ``private_key`` opens encrypted dead letters; ``signer`` verifies their signatures.
+        """
         self._common = dict(common)
         self._settings = {**self._common, **transactional}
         self._target = target
         self._timeout = timeout_s
         self._private_key = private_key
+        self._signer = signer
         self._configured = "message.max.bytes" in self._settings
         self.limit = int(self._settings.get("message.max.bytes", CLIENT_MESSAGE_MAX_BYTES))
         #: (dead letter, size, error) of each record the broker refused in this transaction
@@ -288,18 +319,27 @@ class _Publisher:
         if err is not None:
             self._refused.append((source, size, err))
 
-    def publish(self, consumer: Any, chosen: list[Any], last: dict[int, int], topic: str) -> None:
+    def publish(
+        self, consumer: Any, chosen: list[Any], last: dict[int, int], topic: str
+    ) -> dict[str, str]:
         """One transaction: the chosen records and the consumed dead-letter offsets.
+
+        Returns the chosen dead letters refused (not published), by ``topic/partition/offset``.
 
         Raises:
             BrokerError: the client or the target topic refused a record (names the limit).
             KafkaException: another transaction error.
         """
         records = []
+        refused: dict[str, str] = {}
         for msg in chosen:
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
             headers = replay_headers(msg.headers() or [], source)
-            key, value = self._original(msg, source)
+            try:
+                key, value = self._original(msg, source)
+            except _Refused as exc:
+                refused[source] = str(exc)
+                continue
             size = record_size(key, value, headers)
             records.append((key, value, headers, source, size))
         if records:
@@ -331,13 +371,31 @@ class _Publisher:
             if self._refused and not isinstance(exc, BrokerError):
                 raise self._broker_refused(*self._refused[0]) from exc
             raise
+        return refused
 
     def _original(self, msg: Any, source: str) -> tuple[bytes | None, bytes | None]:
-        """The record's original key and value: as read, or decrypted (never logged)."""
+        """The record's original key and value: as read, or decrypted (never logged).
+
+        Raises:
+            _Refused: not replayable as the record it names (stripped, forged, moved, damaged).
+            ConfigError: encrypted and no key (or another key) given; dropped by configuration.
+        """
         headers = _headers(msg)
+        if self._signer is not None:
+            try:
+                self._signer.verify(msg.key(), msg.value(), list(msg.headers() or []))
+            except SignatureError as exc:
+                raise _Refused(f"signature: {exc}") from None
         payload = headers.get(hdr.PAYLOAD)
         if payload is None:
             return msg.key(), msg.value()
+        if payload == STRIPPED:
+            size = headers.get(hdr.ORIGINAL_VALUE_SIZE, b"?").decode(errors="replace")
+            raise _Refused(
+                f"written without its key and value ({size} bytes of value: too large for the "
+                "dead-letter topic); the original is at the __connect.errors.topic/partition/"
+                "offset it names, while the input topic retains it"
+            )
         if payload == DROPPED:
             raise ConfigError(
                 "dead_letter.payload",
@@ -352,9 +410,18 @@ class _Publisher:
                 "that opens it with --private-key FILE; nothing was replayed from this batch",
             )
         try:
-            return open_sealed(self._private_key, msg.value(), headers)
-        except EnvelopeError as exc:
+            opened = open_sealed(self._private_key, msg.value(), headers)
+        except EnvelopeKeyError as exc:
             raise ConfigError("--private-key", f"dead letter {source}: {exc}") from None
+        except EnvelopeError as exc:
+            raise _Refused(f"encrypted payload: {exc}") from None
+        if not opened.bound:
+            log.warning(
+                "dead letter %s is encrypted with the v1 scheme, which does not bind it to its "
+                "record: replayed as the record its headers name, unverified",
+                source,
+            )
+        return opened.key, opened.value
 
     def _abort(self) -> None:
         try:

@@ -99,6 +99,35 @@ def require_topics(
         )
 
 
+def topic_max_message_bytes(settings: Mapping[str, str], topic: str, timeout_s: float) -> int:
+    """The topic's ``max.message.bytes`` on the broker (a DescribeConfigs request).
+
+    Raises:
+        AccessDeniedError: this principal may not describe the topic's configuration.
+        BrokerError: the broker did not answer within ``timeout_s`` or refused otherwise.
+    """
+    from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+
+    from stream_scorer.ops.acl import Grant, denied, principal_of
+
+    resource = ConfigResource("topic", topic)
+    admin = AdminClient({**settings, "log_level": "3"})
+    try:
+        entries = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+        return int(entries.result(timeout=timeout_s)["max.message.bytes"].value)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        need = Grant("topic", topic, "configs")
+        refused = denied(err, need, principal_of(settings))
+        if refused is not None:
+            raise refused from None
+        raise BrokerError(f"cannot read max.message.bytes of topic {topic!r}: {exc}") from exc
+    except (TimeoutError, KeyError, ValueError) as exc:
+        raise BrokerError(
+            f"cannot read max.message.bytes of topic {topic!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _raise_refused(
     errors: list[KafkaError], settings: Mapping[str, str], *, probe_tls: bool
 ) -> None:

@@ -454,6 +454,8 @@ class ExactlyOnce:
         self, exc: BaseException, producer: TransactionalProducer | None = None
     ) -> AccessDeniedError | None:
         """The error when the broker refused an ACL (the call's or an output's), else None."""
+        if isinstance(exc, AccessDeniedError):  # the sink named the topic produce() refused
+            return exc
         if producer is None:
             with contextlib.suppress(Exception):
                 self.sink.poll(0)  # the delivery reports: which output was refused

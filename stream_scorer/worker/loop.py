@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import fastavro
 from confluent_kafka import Producer
 
 from stream_scorer.config import (
+    CLIENT_MESSAGE_MAX_BYTES,
     EXACTLY_ONCE,
     Config,
     check_clients,
@@ -35,10 +36,11 @@ from stream_scorer.config import (
 from stream_scorer.envelope import Protector, load_public_key
 from stream_scorer.errors import BrokerError, ConfigError, SchemaError
 from stream_scorer.fast.path import build_fast_path
+from stream_scorer.letters import Signer
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.model.store import DirectorySource, ModelSource, open_source
 from stream_scorer.ops.acl import check_access, principal_of, role_grants
-from stream_scorer.ops.topics import require_topics
+from stream_scorer.ops.topics import require_topics, topic_max_message_bytes
 from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
 from stream_scorer.stages.columns import EVENT_TIME_TYPES, AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -254,6 +256,12 @@ def _protector(cfg: Config) -> Protector | None:
     return Protector(mode, None if path is None else load_public_key(path))
 
 
+def _signer(cfg: Config) -> Signer | None:
+    """What signs dead letters (``dead_letter.signing_key``); None: unsigned."""
+    path = cfg.dead_letter.signing_key
+    return None if path is None else Signer.from_file(path, "dead_letter.signing_key")
+
+
 def _delivery(
     cfg: Config,
     worker_id: str,
@@ -262,8 +270,17 @@ def _delivery(
     tracker: OffsetTracker,
     metrics: Metrics,
 ) -> Delivery:
-    """Create the producer side of the configured delivery mode."""
-    psettings = producer_settings(cfg, worker_id)
+    """Create the producer side of the configured delivery mode.
+
+    Dead letters are sized to the least of the dead-letter topic's ``max.message.bytes``
+    (``ctx.dead_letter_max_bytes``, read at start-up) and the producer's ``message.max.bytes``.
+    """
+    topic_limit = ctx.dead_letter_max_bytes
+    psettings = producer_settings(cfg, worker_id, topic_limit)
+    client_limit = int(psettings.get("message.max.bytes", CLIENT_MESSAGE_MAX_BYTES))
+    ctx = replace(
+        ctx, dead_letter_max_bytes=min(client_limit, topic_limit) if topic_limit else client_limit
+    )
     log.info("producer settings: %s", redacted(psettings))
     reconnection = Reconnection()
     settings = {**psettings, **reconnection.callbacks()}  # its log lines and errors
@@ -336,6 +353,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             frozenset(cfg.output.copy_headers),
             principal_of(client_settings(cfg)),
             _protector(cfg),
+            signer=_signer(cfg),
         )
         csettings = consumer_settings(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
@@ -357,6 +375,13 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         )
         # a missing ACL stops the worker here, before it consumes anything
         check_access(client_settings(cfg), role_grants(cfg, "worker"))
+        # every dead letter is sized to fit its topic: no record can stop a partition
+        ctx = replace(
+            ctx,
+            dead_letter_max_bytes=topic_max_message_bytes(
+                client_settings(cfg), cfg.dead_letter.topic, cfg.kafka.unreachable_timeout_s
+            ),
+        )
         source = stack.enter_context(
             Source(
                 csettings,

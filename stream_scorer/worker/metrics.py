@@ -61,6 +61,14 @@ class Metrics:
             ["stage", "reason"],
             registry=r,
         )
+        self.dead_letters_stripped = Counter(
+            "stream_scorer_dead_letters_stripped",
+            "Dead letters written without their key and value because the whole record did not "
+            "fit the dead-letter topic (acknowledged; also counted in dead_letters), by stage "
+            "and reason.",
+            ["stage", "reason"],
+            registry=r,
+        )
         self.registry_retries = Counter(
             "stream_scorer_registry_retries",
             "Schema Registry requests that failed (unreachable or a server error) and were "

@@ -6,11 +6,14 @@ failed delivery is recorded and ``raise_errors`` raises it in the main loop.
 
 Dead letters keep the original key, value and headers, and add Kafka Connect's
 ``__connect.errors.*`` context headers plus ``stream_scorer.*`` extras (see README.md,
-"Dead letters").
+"Dead letters"). One that would not fit the dead-letter topic (``SinkContext.
+dead_letter_max_bytes``) is written stripped of its key and value (``letters.strip``), so no
+record can stop a partition.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -18,15 +21,18 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from stream_scorer import headers as hdr
 from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
+from stream_scorer.letters import Signer, fits, strip
 from stream_scorer.ops.acl import Grant, denied
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
+
+log = logging.getLogger(__name__)
 
 
 class Producer(Protocol):
@@ -61,6 +67,11 @@ class SinkContext:
     principal: str = ""
     #: What dead letters carry of their records (``dead_letter.payload``); None: everything.
     protector: Protector | None = None
+    #: The bytes a dead letter must fit: the least of the dead-letter topic's
+    #: ``max.message.bytes`` and the producer's ``message.max.bytes`` (0: no limit known).
+    dead_letter_max_bytes: int = 0
+    #: Signs every dead letter (``dead_letter.signing_key``); None: unsigned.
+    signer: Signer | None = None
 
 
 def dead_letter_headers(
@@ -70,6 +81,14 @@ def dead_letter_headers(
 
     ``model_version``: the model the record's batch was scored with (default: ``ctx``'s).
     """
+    original, context = _header_parts(dl, ctx, model_version)
+    return original + context
+
+
+def _header_parts(
+    dl: DeadLetter, ctx: SinkContext, model_version: str = ""
+) -> tuple[list[tuple[str, bytes | None]], list[tuple[str, bytes | None]]]:
+    """The record's own headers (its attempt header left out) and the error context headers."""
     msg = dl.message
     ts_type, ts = msg.timestamp()
     original = list(msg.headers() or ())
@@ -94,13 +113,51 @@ def dead_letter_headers(
         hdr.MODEL_VERSION: model_version or ctx.model_version,
         hdr.ATTEMPT: attempt.decode(errors="replace"),
     }
-    headers: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != hdr.ATTEMPT]
-    headers.extend((k, v.encode()) for k, v in added.items())
-    return headers
+    own: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != hdr.ATTEMPT]
+    return own, [(k, v.encode()) for k, v in added.items()]
 
 
-def _refused(msg: Message, topic: str, exc: Exception) -> BrokerError:
-    """The error for an output ``produce()`` refused, naming the input record."""
+def dead_letter(
+    dl: DeadLetter, ctx: SinkContext, model_version: str = ""
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]], bool]:
+    """The dead letter of ``dl`` as written: key, value, headers, and whether it was stripped.
+
+    Protected as ``ctx.protector`` says, stripped when the whole letter would not fit
+    ``ctx.dead_letter_max_bytes``, signed last when ``ctx.signer`` is set.
+    """
+    msg = dl.message
+    original, context = _header_parts(dl, ctx, model_version)
+    key, value = msg.key(), msg.value()
+    extra: list[tuple[str, bytes | None]] = []
+    if ctx.protector is not None:
+        coordinates = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+        key, value, extra = ctx.protector.protect(key, value, *coordinates)
+    headers = original + context + extra
+    reserve = 0 if ctx.signer is None else ctx.signer.header_bytes
+    limit = ctx.dead_letter_max_bytes - reserve if ctx.dead_letter_max_bytes else 0
+    stripped = not fits(key, value, headers, limit)
+    if stripped:
+        dropped = ctx.protector is not None and ctx.protector.mode == "drop"
+        key, value = None, None
+        headers = strip(
+            None if dropped else msg.value(), original, context, ctx.dead_letter_max_bytes, reserve
+        )
+    if ctx.signer is not None:
+        headers = ctx.signer.sign(key, value, headers)
+    return key, value, headers, stripped
+
+
+def _refused(msg: Message, topic: str, exc: Exception, principal: str = "") -> BrokerError:
+    """The error for an output ``produce()`` refused, naming the input record.
+
+    An authorization refusal (the client learnt from the broker that this principal may not
+    write ``topic``) is the ``AccessDeniedError`` naming the grant, as a refused delivery is.
+    """
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(err, KafkaError):
+        refused = denied(err, Grant("topic", topic, "write"), principal)
+        if refused is not None:
+            return refused
     return BrokerError(
         f"cannot produce to {topic}: {exc}",
         topic=msg.topic() or "",
@@ -147,12 +204,14 @@ class _Outputs:
         except Exception:  # pragma: no cover - defensive: a callback must not raise
             self.sink.failed("prediction", traceback.format_exc(), None, None)
 
-    def dead_letter(self, dl: DeadLetter, err: Any, msg: Any) -> None:
+    def dead_letter(self, dl: DeadLetter, stripped: bool, err: Any, msg: Any) -> None:
         try:
             if err is not None:
                 self.sink.failed("dead letter", err, dl.message, msg.topic())
                 return
             self.sink.metrics.dead_letters.labels(dl.stage.value, dl.reason).inc()
+            if stripped:
+                self.sink.metrics.dead_letters_stripped.labels(dl.stage.value, dl.reason).inc()
             self._one_done()
         except Exception:  # pragma: no cover - defensive: a callback must not raise
             self.sink.failed("dead letter", traceback.format_exc(), dl.message, None)
@@ -234,7 +293,7 @@ class Sink:
                     ) from None
                 self._producer.poll(0.05)
             except Exception as exc:
-                raise _refused(msg, topic, exc) from exc
+                raise _refused(msg, topic, exc, self._ctx.principal) from exc
 
     def _headers_of(self, tp: tuple[str, int]) -> list[tuple[str, bytes | None]]:
         common = self._source_headers.get(tp)
@@ -293,18 +352,26 @@ class Sink:
             except BufferError:  # the local queue is full: wait for room
                 self._produce_waiting(msg, topic, value, headers, done)
             except Exception as exc:
-                raise _refused(msg, topic, exc) from exc
+                raise _refused(msg, topic, exc, ctx.principal) from exc
         for dl in dead:
-            dl_key, dl_value = dl.message.key(), dl.message.value()
-            extra: list[tuple[str, bytes | None]] = []
-            if ctx.protector is not None:
-                dl_key, dl_value, extra = ctx.protector.protect(dl_key, dl_value)
+            dl_key, dl_value, dl_headers, stripped = dead_letter(dl, ctx, version)
+            if stripped:
+                m = dl.message
+                log.warning(
+                    "dead letter of %s[%s]@%s (%s) is larger than the %d bytes the dead-letter "
+                    "topic takes: written without its key and value (size and SHA-256 kept)",
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    dl.reason,
+                    ctx.dead_letter_max_bytes,
+                )
             self._produce_waiting(
                 dl.message,
                 ctx.dead_letter_topic,
                 dl_value,
-                dead_letter_headers(dl, ctx, version) + extra,
-                partial(group(dl.message)[1].dead_letter, dl),
+                dl_headers,
+                partial(group(dl.message)[1].dead_letter, dl, stripped),
                 dl_key,
             )
         self.poll(0)

@@ -247,7 +247,7 @@ def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Depl
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert granted.returncode == 0, granted.stderr[-2000:]
-    expected = 5 if dep.mode == "exactly-once" else 4
+    expected = 6 if dep.mode == "exactly-once" else 5
     assert granted.stdout.count("ALLOW User:worker ") == expected, granted.stdout
     total = _produce(dep, 400, poison_at=123)
     (port,) = _free_ports(1)
@@ -394,7 +394,10 @@ def test_missing_write_on_the_dead_letter_topic_stops_start_up(deployment: Deplo
     dep = deployment
 
     def describe_only(grants: list[Grant]) -> list[Grant]:
-        return [replace(g, use="describe") if g.name == dep.dlq else g for g in grants]
+        return [
+            replace(g, use="describe") if (g.name, g.use) == (dep.dlq, "write") else g
+            for g in grants
+        ]
 
     _grant(dep, describe_only)
     _produce(dep, 50)
@@ -445,6 +448,63 @@ def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_commi
     assert 100 <= committed[0] <= 150, committed  # never past the refused dead letter
     if dep.mode == "exactly-once":
         assert len(_read(dep, dep.out)) == committed[0]
+
+
+def test_dead_letter_topic_acls_revoked_while_running_refuse_the_produce_itself_by_name(
+    deployment: Deployment,
+) -> None:
+    """WRITE and DESCRIBE revoked: the producer's next metadata refresh learns it, and the next
+    dead letter is refused by ``produce()`` itself (not by a delivery report)."""
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    dep = deployment
+    raw = yaml.safe_load(dep.config.read_text())
+    raw["kafka"]["producer"] = {"topic.metadata.refresh.interval.ms": "200"}
+    dep.config.write_text(yaml.safe_dump(raw))
+    _grant(dep)
+    _produce(dep, 100, poison_at=50)  # the producer knows the dead-letter topic from here on
+    proc = _run(dep)
+    try:
+        wait_for(
+            lambda: (
+                (len(_read(dep, dep.dlq)) == 1 and len(_read(dep, dep.out)) == 100)
+                or proc.poll() is not None
+            ),
+            120,
+            "the first dead letter and 100 predictions",
+        )
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        admin = AdminClient(dict[str, Any](dep.admin))
+        for op in (AclOperation.WRITE, AclOperation.DESCRIBE):
+            revoke = AclBindingFilter(
+                ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
+                op, AclPermissionType.ALLOW,
+            )  # fmt: skip
+            for future in admin.delete_acls([revoke]).values():
+                assert len(future.result(timeout=30)) == 1
+        _produce(dep, 100)  # scored while the producer's metadata refreshes (every 200 ms)
+        wait_for(lambda: len(_read(dep, dep.out)) == 200 or proc.poll() is not None, 120, "200")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        _produce(dep, 0, poison_at=0)  # offset 201 of partition 0
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    line = _assert_refused(
+        dep,
+        proc,
+        f"not authorized to write topic {dep.dlq!r} (TOPIC_AUTHORIZATION_FAILED): grant WRITE "
+        f"and DESCRIBE on topic {dep.dlq!r} to User:worker (stream-scorer acl grant --role worker)",
+    )
+    assert "cannot produce" not in line
+    assert _committed(dep)[0] <= 201  # never past the refused dead letter
 
 
 def test_missing_read_on_the_group_stops_without_consuming(

@@ -90,6 +90,7 @@ def test_a_missing_secret_file_or_public_key_stops_start_up(tmp_path: Path) -> N
                 "READ on group 'g'",
                 "WRITE and DESCRIBE on topic 'out'",
                 "WRITE and DESCRIBE on topic 'dlq'",
+                "DESCRIBE_CONFIGS on topic 'dlq'",
             ],
         ),
         (
@@ -100,6 +101,7 @@ def test_a_missing_secret_file_or_public_key_stops_start_up(tmp_path: Path) -> N
                 "READ on group 'g'",
                 "WRITE and DESCRIBE on topic 'out'",
                 "WRITE and DESCRIBE on topic 'dlq'",
+                "DESCRIBE_CONFIGS on topic 'dlq'",
                 "WRITE and DESCRIBE on transactional ids prefixed 'stream-scorer-g-'",
             ],
         ),
