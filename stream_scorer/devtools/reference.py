@@ -53,11 +53,10 @@ def rewrite(text: str) -> str:
         ValueError: a block's markers are missing (each appears exactly once).
     """
     for name, generate in BLOCKS.items():
-        pattern = _block(name)
-        if len(pattern.findall(text)) != 1:
+        found = list(_block(name).finditer(text))
+        if len(found) != 1:
             raise ValueError(f"README must hold the generated block {name!r} exactly once")
-        block = generate() + "\n"
-        text = pattern.sub(lambda m: m.group(1) + block + m.group(3), text)
+        text = text[: found[0].start(2)] + generate() + "\n" + text[found[0].end(2) :]
     return text
 
 
