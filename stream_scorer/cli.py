@@ -161,14 +161,16 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
         cfg.output.topic: args.output_partitions or args.partitions,
         cfg.dead_letter.topic: args.dead_letter_partitions,
     }
-    ensure_topics(
-        cfg.kafka.bootstrap_servers,
+    bootstrap = args.bootstrap_servers or cfg.kafka.bootstrap_servers
+    created = ensure_topics(
+        bootstrap,
         topics,
         replication_factor=args.replication_factor,
         client=kafka_client(cfg.kafka),
     )
     for name, partitions in topics.items():
-        print(f"{name}: {partitions} partitions (created, or already there)")
+        state = "created" if name in created else "already there"
+        print(f"{name}: {state}, {partitions} partitions (at {bootstrap})")
     return 0
 
 
@@ -578,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The input's partition count bounds how many workers of the group are useful.",
     )
     create.add_argument("--config", type=Path, required=True, help="a worker configuration")
+    create.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     create.add_argument("--partitions", type=int, default=6, help="input topic (default 6)")
     create.add_argument("--output-partitions", type=int, help="default: --partitions")
     create.add_argument("--dead-letter-partitions", type=int, default=1, help="default 1")
