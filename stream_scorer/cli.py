@@ -6,8 +6,9 @@ schema`` (validate a configuration offline; its JSON Schema), ``lag`` (a group's
 letters again), ``model`` (publish, promote, roll back, pack and check model versions),
 ``train`` and ``produce`` (the shipped example's
 model and load generator), ``demo`` (everything end to end on a local broker), ``bench``
-(throughput and latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a
-single-node Apache Kafka broker for development and tests).
+(throughput and latency against the Kafka ceiling and a naive loop), ``local-kafka`` (a
+single-node Apache Kafka broker for development and tests), ``local-registry`` (a Schema
+Registry) and ``local-mlflow`` (an MLflow tracking server).
 """
 
 from __future__ import annotations
@@ -509,6 +510,32 @@ def _cmd_local_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_local_mlflow(args: argparse.Namespace) -> int:
+    from stream_scorer.devtools.localkafka import default_cache_dir
+    from stream_scorer.devtools.localmlflow import LocalMlflow, fetch_mlflow
+
+    if args.action == "fetch":
+        print(fetch_mlflow())
+        return 0
+    state_dir = args.dir or default_cache_dir() / f"mlflow-{args.port}"
+    server = LocalMlflow(state_dir, port=args.port)
+    if args.action == "start":
+        uri = server.start()
+        print(uri)
+        print(f"model.mlflow_tracking_uri: {uri} (or MLFLOW_TRACKING_URI={uri})")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    else:
+        status = server.status()
+        if status is None:
+            print("not running")
+            return 1
+        state = "answering" if status.answering else "not answering"
+        print(f"pid {status.pid} at {status.uri}: {state}")
+        return 0 if status.answering else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="stream-scorer", description=__doc__.splitlines()[0])
@@ -757,6 +784,14 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--management-port", type=int, help="management port (default: --port + 1)")
     lr.add_argument("--dir", type=Path, help="state directory")
     lr.set_defaults(func=_cmd_local_registry)
+
+    lm = sub.add_parser(
+        "local-mlflow", help="a local MLflow tracking server (the models:/ source's registry)"
+    )
+    lm.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    lm.add_argument("--port", type=int, default=5000, help="HTTP port (default 5000)")
+    lm.add_argument("--dir", type=Path, help="state directory (database, artifacts)")
+    lm.set_defaults(func=_cmd_local_mlflow)
     return parser
 
 
