@@ -23,10 +23,11 @@ tools:
 	@sh deploy/tools/install-actionlint.sh
 	@sh deploy/tools/install-podman.sh
 
-# an MLflow tracking server for the model-registry tests, in its own virtualenv under
-# ~/.cache/stream-scorer/mlflow-tools (not the project's: mlflow is no dependency of the worker)
-mlflow-tools:
-	@PYTHON=$(PYTHON) sh deploy/tools/install-mlflow.sh
+# an MLflow tracking server for the model-registry tests (and `stream-scorer local-mlflow start`),
+# in its own virtualenv under ~/.cache/stream-scorer/mlflow-tools (not the project's: mlflow is no
+# dependency of the worker); idempotent
+mlflow-tools: $(STAMP)
+	@$(BIN)/stream-scorer local-mlflow fetch >/dev/null
 
 # virtualenv, the package, Apache Kafka's broker jars and Apicurio Registry (through Maven, cached
 # outside the repo), tools

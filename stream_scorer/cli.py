@@ -6,8 +6,9 @@ schema`` (validate a configuration offline; its JSON Schema), ``lag`` (a group's
 letters again), ``model`` (publish, promote, roll back, pack and check model versions),
 ``train`` and ``produce`` (the shipped example's
 model and load generator), ``demo`` (everything end to end on a local broker), ``bench``
-(throughput and latency against the Kafka ceiling and a naive loop) and ``local-kafka`` (a
-single-node Apache Kafka broker for development and tests).
+(throughput and latency against the Kafka ceiling and a naive loop), ``local-kafka`` (a
+single-node Apache Kafka broker for development and tests), ``local-registry`` (a Schema
+Registry) and ``local-mlflow`` (an MLflow tracking server).
 """
 
 from __future__ import annotations
@@ -161,14 +162,16 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
         cfg.output.topic: args.output_partitions or args.partitions,
         cfg.dead_letter.topic: args.dead_letter_partitions,
     }
-    ensure_topics(
-        cfg.kafka.bootstrap_servers,
+    bootstrap = args.bootstrap_servers or cfg.kafka.bootstrap_servers
+    created = ensure_topics(
+        bootstrap,
         topics,
         replication_factor=args.replication_factor,
         client=kafka_client(cfg.kafka),
     )
     for name, partitions in topics.items():
-        print(f"{name}: {partitions} partitions (created, or already there)")
+        state = "created" if name in created else "already there"
+        print(f"{name}: {state}, {partitions} partitions (at {bootstrap})")
     return 0
 
 
@@ -503,6 +506,32 @@ def _cmd_local_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_local_mlflow(args: argparse.Namespace) -> int:
+    from stream_scorer.devtools.localkafka import default_cache_dir
+    from stream_scorer.devtools.localmlflow import LocalMlflow, fetch_mlflow
+
+    if args.action == "fetch":
+        print(fetch_mlflow())
+        return 0
+    state_dir = args.dir or default_cache_dir() / f"mlflow-{args.port}"
+    server = LocalMlflow(state_dir, port=args.port)
+    if args.action == "start":
+        uri = server.start()
+        print(uri)
+        print(f"model.mlflow_tracking_uri: {uri} (or MLFLOW_TRACKING_URI={uri})")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    else:
+        status = server.status()
+        if status is None:
+            print("not running")
+            return 1
+        state = "answering" if status.answering else "not answering"
+        print(f"pid {status.pid} at {status.uri}: {state}")
+        return 0 if status.answering else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="stream-scorer", description=__doc__.splitlines()[0])
@@ -574,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The input's partition count bounds how many workers of the group are useful.",
     )
     create.add_argument("--config", type=Path, required=True, help="a worker configuration")
+    create.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     create.add_argument("--partitions", type=int, default=6, help="input topic (default 6)")
     create.add_argument("--output-partitions", type=int, help="default: --partitions")
     create.add_argument("--dead-letter-partitions", type=int, default=1, help="default 1")
@@ -757,6 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--management-port", type=int, help="management port (default: --port + 1)")
     lr.add_argument("--dir", type=Path, help="state directory")
     lr.set_defaults(func=_cmd_local_registry)
+
+    lm = sub.add_parser(
+        "local-mlflow", help="a local MLflow tracking server (the models:/ source's registry)"
+    )
+    lm.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    lm.add_argument("--port", type=int, default=5000, help="HTTP port (default 5000)")
+    lm.add_argument("--dir", type=Path, help="state directory (database, artifacts)")
+    lm.set_defaults(func=_cmd_local_mlflow)
     return parser
 
 

@@ -565,6 +565,9 @@ class LoggingConfig(_Section):
     else JSON."""
     level: Annotated[str, AfterValidator(_log_level)] = "INFO"
     """``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR`` (any case)."""
+    progress_interval_s: Number = Field(default=30.0, ge=0)
+    """Seconds between the worker's INFO progress lines (records/s, dead letters by reason,
+    lag, model version); 0: none."""
 
 
 class Config(_Section):

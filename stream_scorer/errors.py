@@ -162,6 +162,10 @@ class LocalRegistryError(StreamScorerError):
     """The local development schema registry could not be fetched, started or stopped."""
 
 
+class LocalMlflowError(StreamScorerError):
+    """The local MLflow server could not be installed, started or stopped."""
+
+
 #: Errors no restart can fix: the deployment (configuration, model, schemas) must change.
 DEPLOYMENT_ERRORS = (ConfigError, ModelError, SchemaError)
 EXIT_OK = 0

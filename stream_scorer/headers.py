@@ -84,3 +84,48 @@ REPLAY_SOURCE = "stream_scorer.replay.source"
 # --- read on framed input (``input.format: confluent``) ----------------------------------------
 #: Confluent's schema id header (confluent-kafka-python 2.10+): magic byte 1 and a 16-byte GUID.
 VALUE_SCHEMA_ID = "__value_schema_id"
+
+# --- README's header tables, generated from these rows (``devtools/reference.py``) --------------
+#: One row per group of headers: the names (a later one shown as ``.rest`` after the first when
+#: they share its prefix) and what the value holds. Markdown, as README shows it.
+HeaderRow = tuple[tuple[str, ...], str]
+
+#: The headers of every prediction.
+PREDICTION_ROWS: tuple[HeaderRow, ...] = (
+    ((MODEL_VERSION,), "the model version that scored it (also `model_version` in the value)"),
+    ((SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET), "the input record's coordinates"),
+)
+
+#: The headers of every dead letter (beside the record's own, kept).
+DEAD_LETTER_ROWS: tuple[HeaderRow, ...] = (
+    ((CONNECT_TOPIC, CONNECT_PARTITION, CONNECT_OFFSET), "where the record came from"),
+    ((CONNECT_STAGE,), "`decode`, `features`, `score` or `encode`"),
+    ((CONNECT_CLASS_NAME,), "`stream_scorer`"),
+    (
+        (CONNECT_EXCEPTION_CLASS,),
+        "the exception type (`stream_scorer` for our own guards)",
+    ),
+    (
+        (CONNECT_EXCEPTION_MESSAGE,),
+        "what went wrong (`withheld (dead_letter.payload = drop)` or `… = encrypt)`: it can "
+        "quote field values)",
+    ),
+    ((REASON,), "reason code (below); also the `reason` label of the metric"),
+    ((ORIGINAL_TIMESTAMP, ORIGINAL_TIMESTAMP_TYPE), "the record's Kafka timestamp and its type"),
+    ((CONSUMER_GROUP, WORKER_ID), "who rejected it"),
+    ((MODEL_VERSION,), "the model in use"),
+    (
+        (ATTEMPT,),
+        f"`1`, or one more than the record's own `{ATTEMPT}` header (set by `dlq replay`)",
+    ),
+    (
+        (PAYLOAD,),
+        "only with `dead_letter.payload` `drop` or `encrypt`: `dropped` (no key, no value) or "
+        "`encrypted`",
+    ),
+    (
+        (ENCRYPTION_SCHEME, ENCRYPTION_KEY_ID, ENCRYPTION_WRAPPED_KEY),
+        "encrypted dead letters: the scheme, the public key's id and the wrapped data key (see "
+        '"Security")',
+    ),
+)

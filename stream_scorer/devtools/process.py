@@ -1,10 +1,11 @@
 """A detached server process of the development tools: its state file, start, status, stop.
 
-The local broker (``localkafka``) and the local registry (``localregistry``) each run a Java
-server that outlives the command that started it. Both record it the same way: ``state.json``
-in the server's state directory holds its pid (and what the server adds: ports, addresses), a
-pid counts as the server only while it is alive and its command line holds the server's markers
-(a recycled pid is not it), and stopping is SIGTERM, then SIGKILL.
+The local broker (``localkafka``), the local registry (``localregistry``) and the local MLflow
+server (``localmlflow``) each run a server that outlives the command that started it. They all
+record it the same way: ``state.json`` in the server's state directory holds its pid (and what
+the server adds: ports, addresses), a pid counts as the server only while it is alive and its
+command line holds the server's markers (a recycled pid is not it), and stopping is SIGTERM,
+then SIGKILL (to the whole process group for a server with worker processes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class ServerProcess:
         markers: Sequence[bytes],
         error: type[StreamScorerError],
         log: Callable[[str], None] = print,
+        *,
+        group: bool = False,
     ) -> None:
         """Describe the server's process.
 
@@ -70,12 +73,15 @@ class ServerProcess:
                 another process that got its pid).
             error: the error raised when it cannot be started or stopped.
             log: receives one-line progress messages.
+            group: signal the server's whole process group (it was started in a session of
+                its own): for a server whose workers are child processes (``mlflow server``).
         """
         self.state_file = state_dir / STATE_FILE
         self._what = what
         self._markers = tuple(markers)
         self._error = error
         self._log = log
+        self._group = group
         self._proc: subprocess.Popen[bytes] | None = None  # kept so it can be reaped
 
     def recorded(self) -> dict[str, Any] | None:
@@ -101,13 +107,23 @@ class ServerProcess:
             return True
         return all(marker in args for marker in self._markers)
 
-    def spawn(self, cmd: list[str], out: Path, state: dict[str, Any]) -> subprocess.Popen[bytes]:
-        """Start ``cmd`` detached (its output into ``out``) and record it with ``state``."""
+    def spawn(
+        self,
+        cmd: list[str],
+        out: Path,
+        state: dict[str, Any],
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` detached (its output into ``out``) and record it with ``state``.
+
+        ``env``: its environment (default: this process's).
+        """
         try:
             with out.open("wb") as sink:
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                     cwd=out.parent, start_new_session=True,  # outlives this process
+                    env=None if env is None else dict(env),
                 )  # fmt: skip
         except OSError as exc:
             raise self._error(f"cannot start {cmd[0]}: {exc}") from exc
@@ -143,20 +159,35 @@ class ServerProcess:
         pid = recorded["pid"]
         running = self.is_ours(pid)
         if running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            self._signal(pid, signal.SIGTERM)
             if not self._wait_gone(pid, timeout):
                 self._log(
                     f"{self._what} (pid {pid}) ignored SIGTERM for {timeout:.0f} s: killing it"
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                self._signal(pid, signal.SIGKILL)
                 if not self._wait_gone(pid, 10.0):
                     raise self._error(f"{self._what} (pid {pid}) survives SIGKILL")
         self.state_file.unlink(missing_ok=True)
         return running
 
+    def _signal(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self._group:
+                os.killpg(pid, sig)  # its session's leader: the group has the pid's number
+            else:
+                os.kill(pid, sig)
+
+    def _group_alive(self, pid: int) -> bool:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         proc = self._proc
         if proc is not None and proc.pid == pid:  # our child: wait() also reaps it
             try:
@@ -164,9 +195,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 return False
             self._proc = None
-            return True
-        deadline = time.monotonic() + timeout
-        while alive(pid):
+            if not self._group:
+                return True
+        while alive(pid) or (self._group and self._group_alive(pid)):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)

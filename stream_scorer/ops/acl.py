@@ -22,6 +22,7 @@ The same table words the error a worker stops with when the broker refuses one o
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -31,6 +32,7 @@ from confluent_kafka import KafkaError, KafkaException
 from stream_scorer.config import EXACTLY_ONCE, Config, transactional_id
 from stream_scorer.errors import AccessDeniedError, BrokerError, ConfigError
 from stream_scorer.ops.replay import GROUP_PREFIX as REPLAY_PREFIX
+from stream_scorer.ops.topics import coordinator_busy
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,28 @@ def _without_address(text: str) -> str:
     return rest if sep and "://" in head else text
 
 
+def _describe_groups(
+    admin: Any, names: list[str], deadline: float
+) -> dict[tuple[Resource, str], Any]:
+    """The groups' descriptions with their authorized operations.
+
+    Retried while the group coordinator is busy until ``deadline``: on a fresh broker the first
+    asks get NOT_COORDINATOR while the offsets topic is being created.
+    """
+    while True:
+        timeout_s = max(1.0, deadline - time.monotonic())
+        futures = admin.describe_consumer_groups(
+            names, request_timeout=timeout_s, include_authorized_operations=True
+        )
+        try:
+            return {("group", n): f.result(timeout=timeout_s) for n, f in futures.items()}
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is None or not coordinator_busy(err) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.25)
+
+
 def check_access(
     settings: Mapping[str, Any],
     grants: Sequence[Grant],
@@ -306,13 +330,8 @@ def check_access(
             for name, future in futures.items():
                 found[("topic", name)] = future.result(timeout=timeout_s)
         if groups:
-            futures = admin.describe_consumer_groups(
-                sorted({g.name for g in groups}),
-                request_timeout=timeout_s,
-                include_authorized_operations=True,
-            )
-            for name, future in futures.items():
-                found[("group", name)] = future.result(timeout=timeout_s)
+            names = sorted({g.name for g in groups})
+            found.update(_describe_groups(admin, names, time.monotonic() + timeout_s))
     except TimeoutError:
         log.warning("the broker did not say within %.0f s which operations are allowed", timeout_s)
         return

@@ -12,8 +12,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,6 +54,21 @@ class PartitionLag:
     lag_records: int
     lag_seconds: float | None
     oldest_timestamp_ms: int | None
+
+
+@contextmanager
+def naming_brokers(settings: Mapping[str, Any]) -> Iterator[None]:
+    """Add the brokers' address to a ``BrokerError`` raised inside that does not name it.
+
+    A wrong address shows as a timeout; the message then says which address did not answer.
+    """
+    try:
+        yield
+    except BrokerError as exc:
+        where = str(settings.get("bootstrap.servers", ""))
+        if where and where not in str(exc):
+            exc.args = (f"{exc} (brokers at {where})", *exc.args[1:])
+        raise
 
 
 def _ask_coordinator(ask: Callable[[], Future[Any]], group: str, what: str, timeout: float) -> Any:
@@ -174,61 +190,62 @@ def describe_group(
         BrokerError: the broker does not answer or refuses; the topic does not exist; without
             ``topic``, the group does not exist (no members and no committed offsets).
     """
-    # librdkafka's own lines (warnings and worse) through Python logging
-    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
-    admin = AdminClient(admin_settings)
-    if topic is None:
-        committed = _group_partitions(admin, group, timeout)
-    else:
-        try:
-            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
-        if meta is None or meta.error is not None:
-            raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
-        tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-        committed = _committed_offsets(admin, group, tps, timeout)
-    probe = Consumer(
-        {
-            "log_level": "4",
-            "logger": _RDKAFKA_LOG,
-            **settings,
-            "group.id": f"stream-scorer-lag-{uuid.uuid4().hex[:8]}",  # never joined: assign()
-            "enable.auto.commit": "false",
-            "enable.partition.eof": "false",
-            "isolation.level": "read_uncommitted",
-        }
-    )
-    try:
-        marks: dict[TP, tuple[int, int]] = {}
-        for tp in sorted(committed):
-            try:
-                marks[tp] = probe.get_watermark_offsets(TopicPartition(*tp), timeout=timeout)
-            except KafkaException as exc:
-                raise BrokerError(f"cannot read watermarks: {exc}", topic=tp[0]) from exc
-        starts: dict[TP, int] = {}
-        for tp, (low, high) in marks.items():
-            start = committed[tp]
-            start = low if start is None else max(start, low)
-            if start < high:
-                starts[tp] = start
-        oldest = _read_first(probe, starts, {tp: marks[tp][1] for tp in starts}, timeout)
-    finally:
-        probe.close()
-    now = time.time() if now is None else now
-    rows = []
-    for tp in sorted(committed):
-        low, high = marks[tp]
-        done = committed[tp]
-        base = low if done is None else done
-        lag = max(0, high - base)
-        ts = oldest.get(tp) if lag else None
-        if lag == 0 or (tp in oldest and ts is None):  # no record: transaction markers only
-            seconds: float | None = 0.0
+    with naming_brokers(settings):
+        # librdkafka's own lines (warnings and worse) through Python logging
+        admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
+        admin = AdminClient(admin_settings)
+        if topic is None:
+            committed = _group_partitions(admin, group, timeout)
         else:
-            seconds = None if ts is None else max(0.0, now - ts / 1000.0)
-        rows.append(PartitionLag(tp[0], tp[1], committed[tp], low, high, lag, seconds, ts))
-    return rows
+            try:
+                meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+            except KafkaException as exc:
+                raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
+            if meta is None or meta.error is not None:
+                raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
+            tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+            committed = _committed_offsets(admin, group, tps, timeout)
+        probe = Consumer(
+            {
+                "log_level": "4",
+                "logger": _RDKAFKA_LOG,
+                **settings,
+                "group.id": f"stream-scorer-lag-{uuid.uuid4().hex[:8]}",  # never joined: assign()
+                "enable.auto.commit": "false",
+                "enable.partition.eof": "false",
+                "isolation.level": "read_uncommitted",
+            }
+        )
+        try:
+            marks: dict[TP, tuple[int, int]] = {}
+            for tp in sorted(committed):
+                try:
+                    marks[tp] = probe.get_watermark_offsets(TopicPartition(*tp), timeout=timeout)
+                except KafkaException as exc:
+                    raise BrokerError(f"cannot read watermarks: {exc}", topic=tp[0]) from exc
+            starts: dict[TP, int] = {}
+            for tp, (low, high) in marks.items():
+                start = committed[tp]
+                start = low if start is None else max(start, low)
+                if start < high:
+                    starts[tp] = start
+            oldest = _read_first(probe, starts, {tp: marks[tp][1] for tp in starts}, timeout)
+        finally:
+            probe.close()
+        now = time.time() if now is None else now
+        rows = []
+        for tp in sorted(committed):
+            low, high = marks[tp]
+            done = committed[tp]
+            base = low if done is None else done
+            lag = max(0, high - base)
+            ts = oldest.get(tp) if lag else None
+            if lag == 0 or (tp in oldest and ts is None):  # no record: transaction markers only
+                seconds: float | None = 0.0
+            else:
+                seconds = None if ts is None else max(0.0, now - ts / 1000.0)
+            rows.append(PartitionLag(tp[0], tp[1], committed[tp], low, high, lag, seconds, ts))
+        return rows
 
 
 def _read_first(

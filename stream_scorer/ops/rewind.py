@@ -33,6 +33,7 @@ from stream_scorer.ops.lag import (
     _committed_offsets,
     _group_partitions,
     group_members,
+    naming_brokers,
 )
 from stream_scorer.worker.lag import TP
 
@@ -201,53 +202,54 @@ def rewind(
         BrokerError: the broker does not answer or refuses; a topic does not exist; without
             ``topics``, the group has no committed offsets.
     """
-    admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
-    admin = AdminClient(admin_settings)
-    members = active_members(admin, group, timeout)
-    if members and not dry_run:
-        raise GroupActiveError(group, members)
-    committed = _partitions(admin, group, topics, timeout)
-    rows = _targets(settings, committed, to_ms, timeout)
-    if dry_run:
-        return RewindReport(group, to_ms, True, rows, members)
-    request = [
-        ConsumerGroupTopicPartitions(
-            group, [TopicPartition(r.topic, r.partition, r.after) for r in rows]
-        )
-    ]
-    try:
-        result = _ask_coordinator(
-            lambda: admin.alter_consumer_group_offsets(request, request_timeout=timeout)[group],
-            group,
-            "offsets",
-            timeout,
-        )
-    except BrokerError as exc:
-        cause = exc.__cause__ or exc
-        raise BrokerError(
-            f"the broker refused to change the offsets of group {group!r} (did a member join "
-            f"since the check?): {cause}"
-        ) from exc
-    for tp in result.topic_partitions:
-        if tp.error is not None:
-            raise BrokerError(
-                f"the broker refused to change the offsets of group {group!r} (did a member "
-                f"join since the check?): {tp.error}",
-                topic=tp.topic,
-                partition=tp.partition,
-                offset=tp.offset,
+    with naming_brokers(settings):
+        admin_settings: dict[str, Any] = {"log_level": "4", "logger": _RDKAFKA_LOG, **settings}
+        admin = AdminClient(admin_settings)
+        members = active_members(admin, group, timeout)
+        if members and not dry_run:
+            raise GroupActiveError(group, members)
+        committed = _partitions(admin, group, topics, timeout)
+        rows = _targets(settings, committed, to_ms, timeout)
+        if dry_run:
+            return RewindReport(group, to_ms, True, rows, members)
+        request = [
+            ConsumerGroupTopicPartitions(
+                group, [TopicPartition(r.topic, r.partition, r.after) for r in rows]
             )
-    now = _committed_offsets(
-        admin, group, [TopicPartition(r.topic, r.partition) for r in rows], timeout
-    )
-    changed = [r for r in rows if now.get((r.topic, r.partition)) != r.after]
-    if changed:
-        raise BrokerError(
-            f"group {group!r}: the committed offsets read back differ from those set "
-            f"(a member joined meanwhile?): "
-            + ", ".join(f"{r.topic}/{r.partition}" for r in changed)
+        ]
+        try:
+            result = _ask_coordinator(
+                lambda: admin.alter_consumer_group_offsets(request, request_timeout=timeout)[group],
+                group,
+                "offsets",
+                timeout,
+            )
+        except BrokerError as exc:
+            cause = exc.__cause__ or exc
+            raise BrokerError(
+                f"the broker refused to change the offsets of group {group!r} (did a member join "
+                f"since the check?): {cause}"
+            ) from exc
+        for tp in result.topic_partitions:
+            if tp.error is not None:
+                raise BrokerError(
+                    f"the broker refused to change the offsets of group {group!r} (did a member "
+                    f"join since the check?): {tp.error}",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=tp.offset,
+                )
+        now = _committed_offsets(
+            admin, group, [TopicPartition(r.topic, r.partition) for r in rows], timeout
         )
-    return RewindReport(group, to_ms, False, rows, [])
+        changed = [r for r in rows if now.get((r.topic, r.partition)) != r.after]
+        if changed:
+            raise BrokerError(
+                f"group {group!r}: the committed offsets read back differ from those set "
+                f"(a member joined meanwhile?): "
+                + ", ".join(f"{r.topic}/{r.partition}" for r in changed)
+            )
+        return RewindReport(group, to_ms, False, rows, [])
 
 
 def _iso(ms: int) -> str:

@@ -262,11 +262,12 @@ def ensure_topics(
     config: Mapping[str, str] | None = None,
     replication_factor: int = 1,
     client: Mapping[str, Any] | None = None,
-) -> None:
-    """Create ``topics`` (name to partition count) unless they exist.
+) -> frozenset[str]:
+    """Create ``topics`` (name to partition count) unless they exist; return those created.
 
     A topic that already exists with the asked partition count is fine. Returns once every
-    topic appears in the metadata with a leader for each partition.
+    topic appears in the metadata with a leader for each partition: the names it created (the
+    others were there already).
 
     Args:
         bootstrap: the brokers, ``host:port[,host:port...]``.
@@ -281,7 +282,7 @@ def ensure_topics(
             another partition count, or the topics get no leaders within ``timeout``.
     """
     if not topics:
-        return
+        return frozenset()
     deadline = time.monotonic() + timeout
     settings: dict[str, Any] = {
         **(client or {}),
@@ -338,7 +339,7 @@ def ensure_topics(
             ):
                 del pending[name]
         if not pending:
-            return
+            return frozenset(topics) - existed
         if time.monotonic() > deadline:
             raise BrokerError(
                 f"topics without a leader for every partition at {bootstrap} after "

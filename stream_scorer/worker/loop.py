@@ -62,6 +62,7 @@ from stream_scorer.worker.flow import (
 from stream_scorer.worker.health import Monitor
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
+from stream_scorer.worker.progress import Progress
 from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, load_model
 from stream_scorer.worker.sink import Sink, SinkContext
 from stream_scorer.worker.source import Source
@@ -422,6 +423,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             stop,
             partial(_swap, refresher, metrics, monitor),
             schemas=schemas,
+            progress=Progress(metrics, cfg.logging.progress_interval_s),
         )
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
@@ -527,6 +529,7 @@ def _loop(
     swap: Callable[[LoadedModel], LoadedModel] = lambda model: model,
     *,
     schemas: WriterSchemas | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """The main loop: poll → score → deliver (→ offsets) → swap the model → health.
 
@@ -569,12 +572,17 @@ def _loop(
                 report.consumed += len(batch)
                 report.batches += 1
                 metrics.observe_latency(result.scored.event_ms)
-                metrics.count_unseen(result.unseen)
+                if progress is None:
+                    metrics.count_unseen(result.unseen)
+                else:
+                    progress.unseen(result.unseen, result.model_version)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         swapped = swap(model)
         if swapped is not model and schemas is not None:
             schemas.follow(swapped.pipeline.columns)  # the writer schemas fetched so far
         model = swapped
+        if progress is not None:
+            progress.tick(model.model_version)
         delivery.service()
         source.raise_errors()
         metrics.in_flight.set(tracker.pending)

@@ -86,7 +86,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     )
     (wheel,) = wheels.glob("stream_scorer-*.whl")
     _call(sys.executable, "-m", "venv", venv, cwd=cwd)
-    _call(venv / "bin" / "pip", "install", "--quiet", wheel, cwd=cwd)
+    # with the extra README's install line names (confluent-kafka's serializers)
+    _call(venv / "bin" / "pip", "install", "--quiet", f"{wheel}[producer]", cwd=cwd)
     yield Installed(venv, cwd, base / "cache")
 
 
@@ -170,3 +171,60 @@ def test_local_kafka_fetch_and_a_small_demo_from_an_empty_cache(installed: Insta
         "demo", "--events", "2000", "--workers", "1", "--port", str(port), timeout=600
     )
     assert "OK: every event has exactly one prediction or one dead letter" in demo.stdout
+
+
+def _walkthrough_blocks() -> list[str]:
+    """The ``sh`` blocks of README's "your own model" walk-through, after its install line."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Install, and your own model\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert "pip install" in blocks[0]  # the install line: the fixture's own install
+    return blocks[1:]
+
+
+def test_readmes_own_model_walkthrough_runs_from_the_installed_wheel(
+    installed: Installed, tmp_path: Path
+) -> None:
+    from conftest import _free_ports
+
+    from stream_scorer.devtools.localkafka import KAFKA_VERSION, default_cache_dir
+
+    # the extra of the install line brings the Confluent serializers
+    installed.run("python", "-c", "import confluent_kafka.schema_registry.avro")
+    blocks = _walkthrough_blocks()
+    assert len(blocks) == 3
+    # its own folder and cache, the broker jars linked from this machine's cache (no download);
+    # the broker on free ports instead of 9092/9093
+    cwd, cache = tmp_path / "walkthrough", tmp_path / "cache"
+    cwd.mkdir()
+    cache.mkdir()
+    jars = default_cache_dir() / f"kafka-{KAFKA_VERSION}"
+    if jars.is_dir():
+        (cache / jars.name).symlink_to(jars)
+    port, controller = _free_ports(2)
+    env = {
+        **installed.env,
+        "STREAM_SCORER_CACHE": str(cache),
+        "PATH": f"{installed.bin}:{os.environ['PATH']}",
+    }
+    local = f"--port {port} --controller-port {controller}"
+    try:
+        for i, block in enumerate(blocks):
+            script = block.replace("127.0.0.1:9092", f"127.0.0.1:{port}")
+            script = script.replace("local-kafka start", f"local-kafka start {local}")
+            script = script.replace("local-kafka stop", f"local-kafka stop {local}")
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, f"block {i + 1}:\n{script}\n{done.stdout}\n{done.stderr}"
+            if i == 1:
+                assert "OK payments.yaml: payments -> payment-scores" in done.stdout
+    finally:
+        subprocess.run(
+            [str(installed.bin / "stream-scorer"), "local-kafka", "stop", *local.split()],
+            cwd=cwd, env=env, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+    report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert report["consumed"] == 4 and report["predictions"] == 4, report
+    assert "feature 'channel' met a value none of its categories" in done.stderr

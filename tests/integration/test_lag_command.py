@@ -235,3 +235,23 @@ def test_transaction_markers_after_the_committed_offset_are_no_waiting_record(
     (row,) = json.loads(result.stdout)["partitions"]
     assert (row["committed"], row["high"], row["lag_records"]) == (3, 4, 1)  # as Kafka counts
     assert (row["lag_seconds"], row["oldest_timestamp_ms"]) == (0.0, None)  # nothing waits
+
+
+@pytest.mark.parametrize("command", ["lag", "rewind"])
+def test_a_wrong_broker_address_is_named_in_the_message(command: str) -> None:
+    from conftest import _free_ports
+
+    (port,) = _free_ports(1)  # nothing listens there: a wrong address
+    where = f"127.0.0.1:{port}"
+    args = ["--group", "g", "--bootstrap-servers", where, "--timeout", "2"]
+    args += ["--by", "1h", "--dry-run"] if command == "rewind" else []
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_scorer", command, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "BrokerError" in last and where in last, result.stderr

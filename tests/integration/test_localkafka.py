@@ -207,3 +207,18 @@ def test_missing_and_failing_maven_are_explained(
     assert "Unknown host" in message and "~/.m2/settings.xml" in message
     libs = tmp_path / "cache" / "kafka-4.1.1"
     assert [p.name for p in libs.iterdir()] == []  # no half download left to look complete
+
+
+def test_the_start_up_acl_check_on_a_fresh_plaintext_broker_warns_nothing(
+    broker: LocalKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first group request of a fresh broker gets NOT_COORDINATOR: it is retried."""
+    from stream_scorer.ops.acl import Grant, check_access
+
+    bootstrap = broker.start()
+    ensure_topics(bootstrap, {"in": 1, "out": 1})  # what `topics create` does before a run
+    grants = [Grant("topic", "in", "read"), Grant("topic", "out", "write")]
+    grants.append(Grant("group", "fresh-group", "member"))
+    with caplog.at_level("WARNING", logger="stream_scorer"):
+        check_access({"bootstrap.servers": bootstrap}, grants, timeout_s=30)
+    assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == []

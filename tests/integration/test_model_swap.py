@@ -36,6 +36,7 @@ from mlflow_server import mlflow_server
 from support import parse_record_schema, read_record, read_topic, wait_for
 
 from stream_scorer import headers as hdr
+from stream_scorer.errors import LocalMlflowError
 from stream_scorer.example.train import train
 from stream_scorer.model.manifest import read_manifest
 from stream_scorer.model.mlflow import MlflowRegistry
@@ -195,7 +196,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         with mlflow_server(tmp_path_factory.mktemp("mlflow"), _free_ports(1)[0]) as uri:
             yield uri
-    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+    except LocalMlflowError as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"no MLflow server for the registry tests: {exc}")
         pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")
@@ -355,7 +356,7 @@ def mlflow_auth_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         with mlflow_server(workdir, _free_ports(1)[0], admin_password=ADMIN_PASSWORD) as uri:
             yield uri
-    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+    except LocalMlflowError as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"no MLflow server for the registry tests: {exc}")
         pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")

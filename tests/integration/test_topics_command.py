@@ -46,6 +46,11 @@ def _create(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _states(stdout: str) -> list[str]:
+    """``created`` or ``already there`` from each line ``name: STATE, N partitions (at B)``."""
+    return [line.split(": ", 1)[1].split(",")[0] for line in stdout.splitlines()]
+
+
 def _partitions(bootstrap: str, names: tuple[str, ...]) -> dict[str, int]:
     meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
     return {n: len(meta[n].partitions) for n in names if n in meta}
@@ -61,8 +66,23 @@ def test_topics_create_makes_the_three_topics_once(
     assert _partitions(kafka_bootstrap, names) == {names[0]: 3, names[1]: 3, names[2]: 1}
     again = _create(config, "--partitions", "3")  # idempotent
     assert again.returncode == 0, again.stderr
+    assert _states(first.stdout) == ["created"] * 3
+    assert _states(again.stdout) == ["already there"] * 3
     other = _create(config, "--partitions", "5")  # an existing topic keeps its partitions
     assert other.returncode == 1
     assert "exists with 3 partitions, 5 asked" in other.stderr
     bad = _create(config, "--partitions", "0")
     assert bad.returncode == 2 and "--partitions" in bad.stderr
+
+
+def test_topics_create_takes_the_brokers_from_the_command_line(
+    tmp_path: Path, kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
+    names = (unique("in"), unique("out"), unique("dlq"))
+    config = _config(tmp_path, "127.0.0.1:1", names)  # the file's address: nothing there
+    done = _create(config, "--bootstrap-servers", kafka_bootstrap, "--partitions", "2")
+    assert done.returncode == 0, done.stderr
+    assert _partitions(kafka_bootstrap, names) == {names[0]: 2, names[1]: 2, names[2]: 1}
+    assert done.stdout.splitlines()[0] == (
+        f"{names[0]}: created, 2 partitions (at {kafka_bootstrap})"
+    )

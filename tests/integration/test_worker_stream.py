@@ -257,7 +257,8 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
     items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs] + [(b"bad", b"")]
     produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
     port = _free_port()
-    worker = _worker(env, "--metrics-port", str(port))
+    progress = {"STREAM_SCORER_LOGGING__PROGRESS_INTERVAL_S": "0.2"}
+    worker = _worker(env, "--metrics-port", str(port), extra_env=progress)
     try:
 
         def settled() -> bool:
@@ -276,8 +277,18 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
         m = _scrape(port)
     finally:
         worker.send_signal(signal.SIGTERM)
-        worker.communicate(timeout=60)
+        _, stderr = worker.communicate(timeout=60)
     assert m["stream_scorer_records_consumed_total"] == 1001
+    # the progress lines (one per 0.2 s) add up to what was consumed: the lag reached 0 in the
+    # statistics (1 s apart) after the last batch, so a line came after it
+    said = [json.loads(line)["msg"] for line in stderr.splitlines() if line.startswith("{")]
+    lines = [s for s in said if s.startswith("progress: ")]
+    assert sum(int(s.split()[1]) for s in lines) == 1001, lines
+    assert sum(int(s.split("dead letters ")[1].split()[0].rstrip(",")) for s in lines) == 1
+    assert all(s.endswith(", model test-model-1") for s in lines)
+    assert any(", lag 0 records," in s for s in lines)
+    unseen = [s for s in said if "none of its categories" in s]
+    assert len(unseen) == 1 and unseen[0].startswith("feature 'country' met"), unseen
     assert m["stream_scorer_dead_letters_total{reason=empty,stage=decode}"] == 1
     assert m["stream_scorer_unseen_categories_total{feature=country}"] == 8
     assert m["stream_scorer_unseen_categories_total{feature=channel}"] == 0  # there from the start
