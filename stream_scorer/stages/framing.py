@@ -374,9 +374,9 @@ def build_framed_columns(
             except Unsupported as exc:
                 log.info("writer schema %s: fastavro path (%s)", writer.get("name"), exc)
             else:
-                return (lambda messages: fast.run(messages, skip)), "fast"
+                return (lambda messages: fast.run(messages, skip, hints=False)), "fast"
         slow = AvroColumns(
-            Decoder(writer, max_message_bytes, reader=reader, skip=skip),
+            Decoder(writer, max_message_bytes, reader=reader, skip=skip, hints=False),
             FeatureBuilder(features),
             id_field=id_field,
             event_time_field=event_time_field,
