@@ -30,7 +30,7 @@ from support import (
 )
 
 from stream_scorer import headers as hdr
-from stream_scorer.errors import RegistryError
+from stream_scorer.errors import RefusedError
 from stream_scorer.example.produce import confluent_frame, expected_reasons, produce_events
 from stream_scorer.example.rides import (
     FEATURES,
@@ -229,8 +229,10 @@ def test_v1_and_v2_interleaved_over_two_topics_score_as_v1_and_an_incompatible_v
     client.set_compatibility(subject, "BACKWARD")  # v2 reads v1: accepted
     ids = {v: client.register(subject, json.dumps(SCHEMAS[v])) for v in ("v1", "v2")}
     client.set_compatibility(subject, "FORWARD")
-    with pytest.raises(RegistryError, match="409"):  # v2's readers cannot read v3: refused
+    with pytest.raises(RefusedError) as refusal:  # v2's readers cannot read v3: refused
         client.register(subject, json.dumps(SCHEMAS["v3"]))
+    assert refusal.value.status == 409  # a configuration error, not an outage: Apicurio's words
+    assert "Incompatible artifact" in str(refusal.value) and "distance_km" in str(refusal.value)
     client.set_compatibility(subject, "NONE")
     ids["v3"] = client.register(subject, json.dumps(SCHEMAS["v3"]))
     assert len(set(ids.values())) == 3
