@@ -49,6 +49,7 @@ from stream_scorer import headers
 from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
 from stream_scorer.fast.cache import SEED_ENV
+from stream_scorer.urls import split_userinfo
 
 ENV_PREFIX = "STREAM_SCORER_"
 #: Variables with the prefix that are not configuration keys.
@@ -526,7 +527,8 @@ class RegistryConfig(_Section):
 
     url: str = ""
     """Base URL of the Confluent-compatible API, e.g. ``http://registry:8080/apis/ccompat/v7``
-    (Apicurio) or ``https://sr.example:8081`` (Confluent)."""
+    (Apicurio) or ``https://sr.example:8081`` (Confluent). Credentials in it
+    (``https://user:password@sr:8081``) become ``username`` and ``password``."""
     username: str = ""
     """HTTP basic authentication user (empty: none)."""
     password: str = Field(default="", repr=False)
@@ -545,6 +547,32 @@ class RegistryConfig(_Section):
     Must stay below ``max.poll.interval.ms``."""
     max_schemas: Int = Field(default=1000, gt=0)
     """Writer schemas (and their compiled plans) kept in memory, least recently seen dropped."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_in_url(cls, data: Any) -> Any:
+        """``http://user:password@host/...``: the credentials move to ``username``/``password``.
+
+        The URL kept (requested, logged, in messages) never holds them. Credentials given both
+        ways must agree.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        url, user, password = split_userinfo(data["url"])
+        if url == data["url"]:
+            return data
+        for key, value in (("username", user), ("password", password)):
+            given = data.get(key)
+            if given and value and given != value:
+                raise ConfigError(
+                    "registry.url", f"holds a {key} other than registry.{key}: give it once"
+                )
+        return {
+            **data,
+            "url": url,
+            "username": data.get("username") or user,
+            "password": data.get("password") or password,
+        }
 
 
 class HealthConfig(_Section):

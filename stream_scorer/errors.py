@@ -8,6 +8,8 @@ Every error the service raises on purpose derives from one root, so callers can 
 
     StreamScorerError
     ├── ConfigError          bad configuration; names the offending field
+    │   └── RefusedError     a server (registry, MLflow) refused the credentials (401), forbade
+    │                        the request (403) or rejected it for good (409, 422, other 4xx)
     ├── ModelError           model file or manifest missing, corrupt or inconsistent
     ├── SchemaError          an Avro schema that cannot be parsed or does not fit
     ├── BrokerError          Kafka unreachable or a request refused (topic/partition/offset)
@@ -45,6 +47,7 @@ class ConfigError(StreamScorerError):
     Attributes:
         field: dotted name of the (first) offending key, e.g. ``batch.max_records``.
         problems: every offending key with its problem, the first one first.
+        detail: the (first) message without the field.
     """
 
     def __init__(self, field: str, message: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
@@ -52,6 +55,71 @@ class ConfigError(StreamScorerError):
         super().__init__("config: " + "; ".join(f"{f}: {m}" for f, m in problems))
         self.field = field
         self.problems = problems
+        self.detail = message
+
+
+class RefusedError(ConfigError):
+    """A server the worker talks to over HTTP refused it: a configuration error, not an outage.
+
+    HTTP 401 (the credentials), 403 (the principal may not do this) or another 4xx the server
+    will answer again (409 incompatible schema, 422 invalid schema, ...): asking again cannot
+    help, a restart in a loop neither (exit 2). 404 is not one (a missing schema or version is
+    the caller's to judge); 408, 429 and 5xx are outages (``UnavailableError``).
+
+    Attributes:
+        url: the server's URL, without credentials.
+        status: the HTTP status.
+        principal: the user the request was sent as (empty: none).
+    """
+
+    def __init__(
+        self, field: str, message: str, *, url: str, status: int, principal: str = ""
+    ) -> None:
+        super().__init__(field, message)
+        self.url = url
+        self.status = status
+        self.principal = principal
+
+
+#: HTTP statuses that are an outage (asked again with backoff), not a refusal.
+TRANSIENT_HTTP = frozenset({408, 425, 429})
+
+
+def http_refusal(status: int) -> bool:
+    """Whether an HTTP error ``status`` is a refusal (``RefusedError``), not an outage.
+
+    A 4xx other than 404 and the transient ones (408, 425, 429); 5xx are outages.
+    """
+    return 400 <= status < 500 and status != 404 and status not in TRANSIENT_HTTP
+
+
+def refused(
+    field: str, server: str, url: str, status: int, principal: str, detail: str, what: str
+) -> RefusedError:
+    """The ``RefusedError`` of ``server`` at ``url`` answering ``what`` with ``status``.
+
+    Args:
+        field: the configuration to fix (credentials for 401/403).
+        server: ``schema registry``, ``MLflow server``.
+        url: the server's URL, without credentials.
+        status: the HTTP status.
+        principal: the user the request was sent as; empty: no credentials were sent.
+        detail: the server's own message (quoted).
+        what: the request, ``GET /subjects/x/versions``.
+    """
+    who = f"user {principal!r}" if principal else "no credentials (anonymous)"
+    if status == 401:
+        why = f"refused the credentials of {who}"
+    elif status == 403:
+        why = f"forbids {who} to {what}"
+    else:
+        why = f"refused {what} (HTTP {status})"
+    quoted = f": {detail.strip()}" if detail.strip() else ""
+    return RefusedError(
+        field,
+        f"{server} {url} {why}{quoted} (HTTP {status}: a configuration error, not retried)",
+        url=url, status=status, principal=principal,
+    )  # fmt: skip
 
 
 class ModelError(StreamScorerError):

@@ -3,7 +3,10 @@
 Every event carries ``ts``, ``level``, ``logger``, ``msg``, and the process context set with
 ``set_context`` (``worker_id``, ``group``); ``topic``, ``partition``, ``offset``, ``error`` and
 other fields come from a call's ``extra={...}`` (README.md, "Logs"). Values of keys that look
-secret (password, secret, token, key) are replaced by ``***`` both in fields and in messages.
+secret (password, secret, token, key) are replaced by ``***`` in fields and in messages'
+``name=value`` and ``'name': 'value'`` pairs; a prose ``name: value`` only when the name is a
+known secret (``password``, ``sasl.password``, ``token``, ...); passwords in URLs
+(``scheme://user:password@``) too.
 
 The Kafka clients' own lines (``client_logger``) go through a ``RepeatFilter``: a client that
 cannot reach a broker says so several times a second, and that becomes one line and a count.
@@ -23,11 +26,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from stream_scorer.urls import USERINFO
+
 _CONTEXT: dict[str, str] = {}
 _SECRET = r"[\w.\-]*(?:password|secret|token|sasl\.oauthbearer\.config|\bkey)[\w.\-]*"
-# `name': 'value'`, `"name": "value"`, `name=value`, `name: value` with a secret-looking name
+#: Names that *are* secrets, not merely look like one: the last part (after ``.``, ``_``, ``-``)
+#: says so (``sasl.password``, ``client_secret``, ``ssl.key.pem``), or a known key-material name.
+_KNOWN_SECRET = (
+    r"(?:[\w.\-]*[._\-])?(?:password|passwd|secret|token|pem|credentials)"
+    r"|[\w.\-]*(?:sasl\.oauthbearer\.config|ssl\.keystore\.key)"
+)
+# `name': 'value'`, `"name": "value"`, `name=value` with a secret-looking name; prose `name: value`
+# (unquoted name and a colon) only with a known secret name: "--private-key: dead letter ..." is
+# a sentence, not a secret
 _SECRET_IN_TEXT = re.compile(
-    rf"""(?P<name>['"]?{_SECRET}['"]?\s*[:=]\s*)(?P<q>['"]?)(?P<value>[^'",\s}}]*)(?P=q)""",
+    rf"""(?P<name>['"]{_SECRET}['"]\s*[:=]\s*|(?<![\w.\-]){_SECRET}\s*=\s*"""
+    rf"""|(?<![\w.\-])(?:{_KNOWN_SECRET})\s*:\s*)(?P<q>['"]?)(?P<value>[^'",\s}}]*)(?P=q)""",
     re.IGNORECASE,
 )
 _SECRET_NAME = re.compile(_SECRET, re.IGNORECASE)
@@ -46,7 +60,12 @@ def set_context(**fields: str) -> None:
 
 
 def redact_text(text: str) -> str:
-    """Replace the values of secret-looking ``name=value`` / ``'name': 'value'`` pairs."""
+    """Replace secret values in ``text`` by ``***``.
+
+    Those of ``name=value`` / ``'name': 'value'`` pairs with a secret-looking name, of a prose
+    ``name: value`` with a known secret name, and URL passwords (``scheme://user:***@``).
+    """
+    text = USERINFO.sub(lambda m: f"{m['head']}***@", text)
     return _SECRET_IN_TEXT.sub(lambda m: f"{m['name']}{m['q']}***{m['q']}", text)
 
 

@@ -29,9 +29,10 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from stream_scorer.errors import ConfigError, RegistryError
+from stream_scorer.errors import ConfigError, RegistryError, http_refusal, refused
 from stream_scorer.stages.framing import FramedColumns, SchemaKey, SchemaSource, describe_key
 from stream_scorer.stages.pipeline import ColumnBuilder
+from stream_scorer.urls import split_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,16 @@ _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 class NotFound(Exception):
     """The registry answered 404: no such schema, subject or version."""
+
+
+def _message(detail: str) -> str:
+    """The registry's own words from an error body (``{"error_code": .., "message": ..}``)."""
+    try:
+        answer = json.loads(detail)
+    except ValueError:
+        return detail
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return message if isinstance(message, str) and message else detail
 
 
 class RegistryClient:
@@ -58,10 +69,16 @@ class RegistryClient:
     ) -> None:
         """Describe the registry; nothing is requested until a call.
 
+        Credentials in ``url`` (``http://user:password@host/...``) are used when ``username``
+        and ``password`` are not given, and never kept in ``url``.
+
         Raises:
             ConfigError: a TLS file cannot be loaded.
         """
-        self.url = url.rstrip("/")
+        bare, url_user, url_password = split_userinfo(url)
+        username, password = username or url_user, password or url_password
+        self.url = bare.rstrip("/")
+        self.principal = username
         self._timeout = timeout_s
         self._headers = {"Accept": _CONTENT_TYPE, "Content-Type": _CONTENT_TYPE}
         if username or password:
@@ -101,6 +118,16 @@ class RegistryClient:
             detail = exc.read()[:300].decode(errors="replace")
             if exc.code == 404:
                 raise NotFound(f"{method} {path}: {detail}") from exc
+            if http_refusal(exc.code):  # asking again cannot help: a configuration error
+                raise refused(
+                    "registry.username" if exc.code in (401, 403) else "registry.url",
+                    "schema registry",
+                    self.url,
+                    exc.code,
+                    self.principal,
+                    _message(detail),
+                    f"{method} {path}",
+                ) from exc
             raise RegistryError(
                 f"schema registry {self.url} answered {method} {path} with HTTP {exc.code}: "
                 f"{detail}",

@@ -9,8 +9,10 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +331,42 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run `make setup` (it installs every checker)")
     return path
+
+
+#: What an ``http_server`` answers a request: ``(method, path)`` to ``(status, JSON body)``.
+Answer = Callable[[str, str], tuple[int, Any]]
+
+
+@contextmanager
+def http_server(answer: Answer) -> Iterator[tuple[str, list[tuple[str, str, str | None]]]]:
+    """A real HTTP server on 127.0.0.1 (a thread) answering JSON; yields its URL and the
+    requests it saw, ``(method, path, Authorization header)``. Stopped on exit.
+    """
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            status, body = answer(self.command, self.path)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = _any
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -36,7 +36,14 @@ from stream_scorer.stages.features import (
     out_of_range_message,
     unseen_message,
 )
-from stream_scorer.stages.records import Columns, DeadLetter, Message, Reason, Stage
+from stream_scorer.stages.records import (
+    Columns,
+    DeadLetter,
+    Message,
+    Reason,
+    Stage,
+    not_avro_hint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,7 @@ class FastDecoder:
             Unsupported: the schema cannot be specialised (the message says why).
         """
         self.features = tuple(features)
+        self._name = str(schema.get("name", "?"))
         self.program: Program = compile_program(
             schema, self.features, id_field=id_field, event_time_field=event_time_field
         )
@@ -327,10 +335,11 @@ class FastDecoder:
             if n
         }
 
-    def run(self, messages: Sequence[Message], skip: int = 0) -> Columns:
+    def run(self, messages: Sequence[Message], skip: int = 0, *, hints: bool = True) -> Columns:
         """Decode a batch and apply the feature policies; bad records become dead letters.
 
-        ``skip``: bytes of frame before each Avro body (see ``decode``).
+        ``skip``: bytes of frame before each Avro body (see ``decode``). ``hints``: schemaless
+        input, whose dead letters say when a value looks like JSON or a frame (``not_avro_hint``).
         """
         matrix, state, cols = self.decode(messages, skip)
         decode_done = time.perf_counter()
@@ -345,13 +354,15 @@ class FastDecoder:
                 where = "" if lens[i] <= 0 else f" (at byte {cols['err_at'][i]} of {lens[i]})"
                 if reason is Reason.TOO_LARGE:
                     where = f" ({lens[i]} bytes, limit {self._max})"
+                raw = messages[i].value()
+                hint = not_avro_hint(raw, self._name, reason) if hints else ""
                 dead.append(
                     DeadLetter(
                         messages[i],
                         Stage.DECODE,
                         reason,
                         _GUARD,
-                        DECODE_EXPLAIN[reason] + where,
+                        DECODE_EXPLAIN[reason] + where + hint,
                     )
                 )
         verdict, column = self.feature_verdicts(matrix, state)

@@ -26,8 +26,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from stream_scorer.errors import ModelError, UnavailableError
+from stream_scorer.errors import ModelError, UnavailableError, http_refusal, refused
 from stream_scorer.model.manifest import read_manifest
+from stream_scorer.urls import split_userinfo
 
 API: Final = "/api/2.0/mlflow"
 ARTIFACTS_API: Final = "/api/2.0/mlflow-artifacts/artifacts"
@@ -42,13 +43,20 @@ class MlflowRegistry:
     def __init__(
         self, uri: str, *, username: str = "", password: str = "", timeout_s: float = TIMEOUT_S
     ) -> None:
-        """Talk to the server at ``uri`` (``http(s)://host:port``)."""
+        """Talk to the server at ``uri`` (``http(s)://host:port``).
+
+        Credentials in ``uri`` (``http://user:password@host``) are used when ``username`` and
+        ``password`` are not given, and never kept in ``uri``.
+        """
+        uri, url_user, url_password = split_userinfo(uri)
+        username, password = username or url_user, password or url_password
         if not uri.startswith(("http://", "https://")):
             raise ModelError(
                 f"MLflow tracking URI {uri!r}: give http(s)://host:port "
                 "(model.mlflow_tracking_uri or $MLFLOW_TRACKING_URI)"
             )
         self.uri = uri.rstrip("/")
+        self.principal = username
         self.timeout_s = timeout_s
         self._auth = ""
         if username or password:
@@ -89,8 +97,12 @@ class MlflowRegistry:
         """One request; returns the response body.
 
         Raises:
-            MlflowError: the server answered with an error (its message).
-            UnavailableError: the server is unreachable (exit 1: a restart may help).
+            RefusedError: the server refused the credentials (401) or forbade the request (403):
+                a configuration error (exit 2).
+            MlflowError: the server answered another 4xx (its message; 404 and 400 are how
+                MLflow says "no such model, version or alias").
+            UnavailableError: the server is unreachable or answered 408, 429 or 5xx (exit 1 at
+                start-up: a restart may help; a running worker asks again later).
         """
         url = self.uri + path + ("?" + urllib.parse.urlencode(query) if query else "")
         headers = {"Authorization": self._auth} if self._auth else {}
@@ -107,6 +119,21 @@ class MlflowRegistry:
             with contextlib.suppress(ValueError, AttributeError):
                 answer = json.loads(detail)
                 detail, code = answer.get("message", detail), answer.get("error_code", "")
+            if exc.code in (401, 403):  # the credentials: asking again cannot help
+                raise refused(
+                    "MLFLOW_TRACKING_USERNAME",
+                    "MLflow server",
+                    self.uri,
+                    exc.code,
+                    self.principal,
+                    detail,
+                    f"{method} {path}",
+                ) from exc
+            if not http_refusal(exc.code) and exc.code != 404:  # 5xx, 408, 429: an outage
+                raise UnavailableError(
+                    f"MLflow server {self.uri} answered {method} {path} with HTTP {exc.code}: "
+                    f"{detail}"
+                ) from exc
             raise MlflowError(
                 f"MLflow {method} {path}: HTTP {exc.code}: {detail}", exc.code, code
             ) from exc

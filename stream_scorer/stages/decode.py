@@ -29,7 +29,15 @@ from stream_scorer.stages.avro_guard import (
     DEFAULT_MAX_ZERO_SIZE_ITEMS,
     AvroGuard,
 )
-from stream_scorer.stages.records import DECODE_REASONS, DeadLetter, Decoded, Message, Reason, Stage
+from stream_scorer.stages.records import (
+    DECODE_REASONS,
+    DeadLetter,
+    Decoded,
+    Message,
+    Reason,
+    Stage,
+    not_avro_hint,
+)
 
 __all__ = ["DECODE_REASONS", "Decoder", "load_schema"]
 
@@ -70,6 +78,7 @@ class Decoder:
         max_depth: int = DEFAULT_MAX_DEPTH,
         reader: dict[str, Any] | None = None,
         skip: int = 0,
+        hints: bool = True,
     ) -> None:
         """Create a decoder.
 
@@ -82,6 +91,8 @@ class Decoder:
             reader: the reader schema the records are resolved against (Avro schema
                 resolution, fastavro's); None reads them with the writer schema.
             skip: bytes of wire-format frame before each Avro body (checked by the caller).
+            hints: schemaless input: a dead letter whose value looks like JSON or a Confluent
+                frame says so (``records.not_avro_hint``); framed input: no.
 
         Raises:
             SchemaError: the schema cannot be compiled into a guard.
@@ -89,6 +100,7 @@ class Decoder:
         self._schema = schema
         self._reader = reader
         self._skip = skip
+        self._hints = hints
         self._max = max_message_bytes
         try:
             self._guard = AvroGuard(
@@ -98,6 +110,8 @@ class Decoder:
             raise SchemaError(f"cannot compile the Avro guard: {exc}") from exc
 
     def _dead(self, msg: Message, reason: Reason, kind: str, text: str) -> DeadLetter:
+        if self._hints:  # schemaless input: say when the value looks like JSON or a frame
+            text += not_avro_hint(msg.value(), str(self._schema.get("name", "?")), reason)
         return DeadLetter(msg, Stage.DECODE, reason, kind, text)
 
     def decode(self, msg: Message) -> Decoded | DeadLetter:

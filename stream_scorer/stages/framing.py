@@ -3,8 +3,9 @@
 ``input.format: confluent``. A value is framed in one of two ways (the stock
 ``AvroDeserializer`` reads both, the header first):
 
-- the ``__value_schema_id`` header: magic byte 1 and a 16-byte schema GUID; the value is the
-  bare Avro body (confluent-kafka-python 2.10+ producers in header mode);
+- the ``__value_schema_id`` header: magic byte 1 and a 16-byte schema GUID, or magic byte 0 and
+  a 4-byte big-endian schema id (``SchemaId.from_bytes`` reads both); the value is the bare
+  Avro body (confluent-kafka-python 2.10+ producers in header mode);
 - the classic prefix: magic byte 0, a 4-byte big-endian schema id, then the Avro body.
 
 ``FramedColumns`` is a ``ColumnBuilder`` and stays a pure batch function: ``schema_keys``
@@ -27,7 +28,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import fastavro
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: A writer schema's key: ``("id", 42)`` or ``("guid", "5f1c...-...")``.
 SchemaKey = tuple[str, int | str]
+#: A frame: the writer schema's key and the bytes of frame before the Avro body in the value.
+Frame = tuple[SchemaKey, int]
 
 
 class SchemaSource(Protocol):
@@ -69,19 +72,30 @@ class SchemaSource(Protocol):
         ...
 
 
-def frame_key(msg: Message) -> SchemaKey | Reason:
-    """The writer schema key of one record's frame, or the reason it has none."""
+def frame_of(msg: Message) -> Frame | Reason:
+    """One record's frame (writer schema key, bytes before the body), or why it has none.
+
+    As the stock deserializer (``dual_schema_id_deserializer``): a ``__value_schema_id`` header
+    first (magic 1 + 16-byte GUID, or magic 0 + 4-byte id; the value is the bare body), else the
+    value's prefix (magic 0 + 4-byte id).
+    """
     headers = msg.headers()
     if headers:
         for name, raw in headers:
-            if name == VALUE_SCHEMA_ID:
-                if raw is None or len(raw) < _GUID_BYTES:
+            if name == VALUE_SCHEMA_ID and raw is not None:  # None: absent, as the stock one reads
+                if not raw:
                     return Reason.SHORT_FRAME
+                if raw[0] == MAGIC_ID:
+                    if len(raw) < PREFIX_BYTES:
+                        return Reason.SHORT_FRAME
+                    return ("id", int.from_bytes(raw[1:PREFIX_BYTES], "big")), 0
                 if raw[0] != MAGIC_GUID:
                     return Reason.BAD_MAGIC_BYTE
+                if len(raw) < _GUID_BYTES:
+                    return Reason.SHORT_FRAME
                 hexed = raw[1:_GUID_BYTES].hex()
                 guid = f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
-                return ("guid", guid)
+                return ("guid", guid), 0
     value = msg.value()
     if value is None:
         return Reason.NULL_VALUE
@@ -91,7 +105,13 @@ def frame_key(msg: Message) -> SchemaKey | Reason:
         return Reason.BAD_MAGIC_BYTE
     if len(value) < PREFIX_BYTES:
         return Reason.SHORT_FRAME
-    return ("id", int.from_bytes(value[1:PREFIX_BYTES], "big"))
+    return ("id", int.from_bytes(value[1:PREFIX_BYTES], "big")), PREFIX_BYTES
+
+
+def frame_key(msg: Message) -> SchemaKey | Reason:
+    """The writer schema key of one record's frame, or the reason it has none."""
+    frame = frame_of(msg)
+    return frame if isinstance(frame, Reason) else frame[0]
 
 
 _EXPLAIN = {
@@ -122,11 +142,16 @@ class ColumnsFactory(Protocol):
 
 @dataclass
 class _Plan:
-    run: Callable[[Sequence[Message]], Columns] | None
+    """How one writer schema's records are read: a reason to dead-letter them, or a writer."""
+
     reason: Reason | None
     why: str
+    writer: dict[str, Any] | None = None
+    kind: Kind | None = None
     path: str = ""
     made: float = 0.0  # time.monotonic() when built (an unknown id is asked again later)
+    #: the decode step per frame length before the body (prefix 5, header 0), built on first use
+    runs: dict[int, Callable[[Sequence[Message]], Columns]] = field(default_factory=dict)
 
 
 class FramedColumns:
@@ -172,7 +197,7 @@ class FramedColumns:
         if one is not None:
             keys = {one}
         else:
-            keys = {k for k in map(frame_key, messages) if isinstance(k, tuple)}
+            keys = {f[0] for f in map(frame_of, messages) if isinstance(f, tuple)}
         now = time.monotonic()
         for k in keys:  # an id the registry did not know is asked again after a while
             plan = self._plans.get(k)
@@ -193,35 +218,46 @@ class FramedColumns:
         if key not in self._learned:
             raise LookupError(f"{describe_key(key)} was not learned before run()")
         text = self._learned.pop(key)
-        skip = PREFIX_BYTES if key[0] == "id" else 0
         if text is None:
             why = f"the registry has no {describe_key(key)}"
-            plan = _Plan(None, Reason.UNKNOWN_SCHEMA_ID, why, made=time.monotonic())
+            plan = _Plan(Reason.UNKNOWN_SCHEMA_ID, why, made=time.monotonic())
         else:
-            plan = self._build(key, text, skip)
+            plan = self._build(key, text)
         self._plans[key] = plan
         while len(self._plans) > self._max_schemas:
             self._plans.popitem(last=False)
         return plan
 
-    def _build(self, key: SchemaKey, text: str, skip: int) -> _Plan:
+    def _build(self, key: SchemaKey, text: str) -> _Plan:
         import json
 
         try:
             writer = fastavro.parse_schema(json.loads(text))
         except Exception as exc:  # a schema the registry accepted but fastavro refuses
-            return _Plan(None, Reason.SCHEMA_MISMATCH, f"{describe_key(key)} does not parse: {exc}")
+            return _Plan(Reason.SCHEMA_MISMATCH, f"{describe_key(key)} does not parse: {exc}")
         if not isinstance(writer, dict) or writer.get("type") != "record":
-            return _Plan(None, Reason.SCHEMA_MISMATCH, f"{describe_key(key)} is not a record")
+            return _Plan(Reason.SCHEMA_MISMATCH, f"{describe_key(key)} is not a record")
         verdict = resolve_pair(writer, self._reader, self._paths)
         if verdict.kind is Kind.MISMATCH:
             why = f"{describe_key(key)} cannot be read with the reader schema: {verdict.why}"
-            return _Plan(None, Reason.SCHEMA_MISMATCH, why)
-        run, path = self._factory(writer, verdict.kind, skip)
-        log.info(
-            "%s: %s path%s", describe_key(key), path, f" ({verdict.why})" if verdict.why else ""
-        )
-        return _Plan(run, None, verdict.why, path)
+            return _Plan(Reason.SCHEMA_MISMATCH, why)
+        plan = _Plan(None, verdict.why, writer, verdict.kind)
+        self._runner(key, plan, PREFIX_BYTES if key[0] == "id" else 0)  # names the path
+        return plan
+
+    def _runner(
+        self, key: SchemaKey, plan: _Plan, skip: int
+    ) -> Callable[[Sequence[Message]], Columns]:
+        """The decode step of ``plan``'s records framed with ``skip`` bytes before the body."""
+        run = plan.runs.get(skip)
+        if run is None:
+            assert plan.writer is not None and plan.kind is not None
+            run, plan.path = self._factory(plan.writer, plan.kind, skip)
+            plan.runs[skip] = run
+            if len(plan.runs) == 1:
+                why = f" ({plan.why})" if plan.why else ""
+                log.info("%s: %s path%s", describe_key(key), plan.path, why)
+        return run
 
     def plan_kind(self, key: SchemaKey) -> str:
         """How records of ``key`` are read: ``fast``, ``fastavro`` or a dead-letter reason."""
@@ -232,18 +268,18 @@ class FramedColumns:
         """Decode a batch of framed records; every writer schema must have been learned."""
         key = self._one_key(messages)
         if key is not None:  # the common case, checked in two passes: one writer, no header
-            return self._run_group(key, list(messages))
-        keys = [frame_key(m) for m in messages]
-        groups: dict[SchemaKey, list[int]] = {}
+            return self._run_group((key, PREFIX_BYTES), list(messages))
+        frames = [frame_of(m) for m in messages]
+        groups: dict[Frame, list[int]] = {}
         dead: list[DeadLetter] = []
-        for i, k in enumerate(keys):
-            if isinstance(k, tuple):
-                groups.setdefault(k, []).append(i)
+        for i, f in enumerate(frames):
+            if isinstance(f, tuple):
+                groups.setdefault(f, []).append(i)
             else:
-                dead.append(DeadLetter(messages[i], Stage.DECODE, k, _GUARD, _EXPLAIN[k]))
+                dead.append(DeadLetter(messages[i], Stage.DECODE, f, _GUARD, _EXPLAIN[f]))
         if len(groups) == 1 and not dead:  # the common case: one writer schema, no bad frame
-            ((key, _),) = groups.items()
-            return self._run_group(key, list(messages))
+            ((frame, _),) = groups.items()
+            return self._run_group(frame, list(messages))
         parts = [self._run_group(k, [messages[i] for i in rows]) for k, rows in groups.items()]
         return self._merge(messages, parts, dead)
 
@@ -263,10 +299,11 @@ class FramedColumns:
             return None
         return ("id", int.from_bytes(head[1:], "big"))
 
-    def _run_group(self, key: SchemaKey, messages: list[Message]) -> Columns:
+    def _run_group(self, frame: Frame, messages: list[Message]) -> Columns:
+        key, skip = frame
         plan = self._plan(key)
-        if plan.run is not None:
-            return plan.run(messages)
+        if plan.reason is None:
+            return self._runner(key, plan, skip)(messages)
         reason = plan.reason or Reason.SCHEMA_MISMATCH
         dead = [DeadLetter(m, Stage.DECODE, reason, _GUARD, plan.why) for m in messages]
         empty = np.empty((0, self._n), dtype=np.float32)
@@ -337,9 +374,9 @@ def build_framed_columns(
             except Unsupported as exc:
                 log.info("writer schema %s: fastavro path (%s)", writer.get("name"), exc)
             else:
-                return (lambda messages: fast.run(messages, skip)), "fast"
+                return (lambda messages: fast.run(messages, skip, hints=False)), "fast"
         slow = AvroColumns(
-            Decoder(writer, max_message_bytes, reader=reader, skip=skip),
+            Decoder(writer, max_message_bytes, reader=reader, skip=skip, hints=False),
             FeatureBuilder(features),
             id_field=id_field,
             event_time_field=event_time_field,

@@ -173,6 +173,33 @@ DECODE_REASONS = reasons_of(Stage.DECODE)
 FEATURE_REASONS = reasons_of(Stage.FEATURES)
 
 
+#: Decode reasons about the value's size, not its bytes: no hint (``not_avro_hint``) for them.
+_SIZE_REASONS = frozenset({Reason.NULL_VALUE, Reason.EMPTY, Reason.TOO_LARGE})
+
+
+def not_avro_hint(value: bytes | None, schema: str, reason: Reason) -> str:
+    """A hint for a schemaless value that did not decode, when it starts like something else.
+
+    JSON (``{`` or ``[``, after white space) or a Confluent frame (magic byte 0 and a 4-byte
+    schema id): ``"; the value does not look like Avro of schema X: ...; is the producer
+    writing JSON or framed Avro (input.format: confluent)?"``; otherwise, and for
+    ``null_value``, ``empty`` and ``too_large``, ``""``.
+    """
+    if not value or reason in _SIZE_REASONS:
+        return ""
+    if value.lstrip()[:1] in (b"{", b"["):
+        looks = "it starts like JSON"
+    elif value[0] == 0 and len(value) > 5:
+        schema_id = int.from_bytes(value[1:5], "big")
+        looks = f"it starts like a Confluent frame (magic byte 0, schema id {schema_id})"
+    else:
+        return ""
+    return (
+        f"; the value does not look like Avro of schema {schema}: {looks}; is the producer "
+        "writing JSON or framed Avro (input.format: confluent)?"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record that cannot be scored, with everything needed to find and replay it.

@@ -34,7 +34,7 @@ from stream_scorer.config import (
     worker_identity,
 )
 from stream_scorer.envelope import Protector, load_public_key
-from stream_scorer.errors import BrokerError, ConfigError, SchemaError
+from stream_scorer.errors import BrokerError, ConfigError, RefusedError, SchemaError
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.letters import Signer
 from stream_scorer.logs import set_context as set_log_context
@@ -98,6 +98,8 @@ def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
 
     Raises:
         ConfigError: auto-registration is off and the subject lacks the schema (exit 2).
+        RefusedError: the registry refused the credentials (401/403) or the schema (409, 422:
+            its message quoted, field ``output.schema``).
         RegistryError: the registry did not answer for ``registry.unavailable_timeout_s``.
     """
     if cfg.output.format != "confluent":
@@ -113,6 +115,16 @@ def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
                     if cfg.output.auto_register
                     else client.lookup(subject, text)
                 )
+            except RefusedError as exc:
+                if exc.status in (401, 403):
+                    raise
+                raise RefusedError(  # 409 incompatible, 422 invalid: the schema is to fix
+                    "output.schema",
+                    f"{cfg.output.schema} under subject {subject!r}: {exc.detail}",
+                    url=exc.url,
+                    status=exc.status,
+                    principal=exc.principal,
+                ) from exc
             except NotFound:
                 raise ConfigError(
                     "output.auto_register",

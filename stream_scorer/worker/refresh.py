@@ -27,7 +27,7 @@ from typing import Final
 
 import numpy as np
 
-from stream_scorer.errors import ModelError, UnavailableError
+from stream_scorer.errors import ModelError, RefusedError, UnavailableError
 from stream_scorer.model.store import ModelSource
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
@@ -183,7 +183,7 @@ class ModelRefresher:
         else:
             try:
                 loaded = load_model(self._source, wanted, self._load)
-            except UnavailableError as exc:  # an outage, not a bad version: fetch it again later
+            except (UnavailableError, RefusedError) as exc:  # not the version's fault: again later
                 if not self._failing:
                     log.warning(
                         "cannot fetch version %s from %s (%s); %s keeps scoring, asking again "

@@ -369,7 +369,7 @@ ADMIN_PASSWORD = "stream-scorer-admin-1"
 def test_mlflow_registry_with_basic_auth(
     mlflow_auth_uri: str, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stream_scorer.errors import ModelError
+    from stream_scorer.errors import EXIT_DEPLOYMENT, RefusedError, exit_code
     from stream_scorer.model.mlflow import MlflowSource
     from stream_scorer.model.store import open_store, promote, rollback
 
@@ -390,6 +390,11 @@ def test_mlflow_registry_with_basic_auth(
     finally:
         source.close()
     assert not fetched.exists()  # close() removes the downloads
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
-    with pytest.raises(ModelError, match="HTTP 401"):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-pw-7")
+    with pytest.raises(RefusedError) as err:  # a configuration error (exit 2), not an outage
         MlflowSource("rides-auth", "champion", None, tracking_uri=mlflow_auth_uri).wanted()
+    assert exit_code(err.value) == EXIT_DEPLOYMENT and err.value.status == 401
+    assert f"MLflow server {mlflow_auth_uri} refused the credentials of user 'admin'" in str(
+        err.value
+    )
+    assert "wrong-pw-7" not in str(err.value)

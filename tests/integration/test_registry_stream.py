@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -19,10 +20,17 @@ import pytest
 import xgboost as xgb
 from confluent_kafka import Producer
 from conftest import start_local_registry
-from support import committed_lag, produce_raw, read_record, read_topic, wait_for
+from support import (
+    committed_lag,
+    http_server,
+    produce_raw,
+    read_record,
+    read_topic,
+    wait_for,
+)
 
 from stream_scorer import headers as hdr
-from stream_scorer.errors import RegistryError
+from stream_scorer.errors import RefusedError
 from stream_scorer.example.produce import confluent_frame, expected_reasons, produce_events
 from stream_scorer.example.rides import (
     FEATURES,
@@ -221,8 +229,10 @@ def test_v1_and_v2_interleaved_over_two_topics_score_as_v1_and_an_incompatible_v
     client.set_compatibility(subject, "BACKWARD")  # v2 reads v1: accepted
     ids = {v: client.register(subject, json.dumps(SCHEMAS[v])) for v in ("v1", "v2")}
     client.set_compatibility(subject, "FORWARD")
-    with pytest.raises(RegistryError, match="409"):  # v2's readers cannot read v3: refused
+    with pytest.raises(RefusedError) as refusal:  # v2's readers cannot read v3: refused
         client.register(subject, json.dumps(SCHEMAS["v3"]))
+    assert refusal.value.status == 409  # a configuration error, not an outage: Apicurio's words
+    assert "Incompatible artifact" in str(refusal.value) and "distance_km" in str(refusal.value)
     client.set_compatibility(subject, "NONE")
     ids["v3"] = client.register(subject, json.dumps(SCHEMAS["v3"]))
     assert len(set(ids.values())) == 3
@@ -400,3 +410,44 @@ def test_local_registry_command_starts_reports_and_stops(tmp_path: Path) -> None
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     after = cli("status")
     assert after.returncode == 1 and "not running" in after.stdout
+
+
+def test_a_registry_refusing_the_credentials_stops_the_worker_at_once_with_exit_2(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    model_dir: Path,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    """A real HTTP server answering 401; credentials given in registry.url, never printed."""
+    topics = (unique("rides"), unique("preds"), unique("dlq"), unique("grp"))
+    topic, preds, dlq, _ = topics
+    make_topics({topic: 1, preds: 1, dlq: 1})
+    ride = generate_rides(1, seed=8)[0]
+    produce_raw(kafka_bootstrap, topic, [(b"r", _frame(7) + _body("v1", ride))], 1)
+    secret = "hunter2-sr-9"
+
+    def unauthorized(method: str, path: str) -> tuple[int, Any]:
+        return 401, {"error_code": 401, "message": "Unauthorized"}
+
+    with http_server(unauthorized) as (url, seen):
+        bare = url[len("http://") :]
+        env = _env(kafka_bootstrap, f"http://bob:{secret}@{bare}/apis/ccompat/v7", model_dir,
+                   topics, STREAM_SCORER_OUTPUT__FORMAT="schemaless")  # fmt: skip
+        check = subprocess.run(
+            [sys.executable, "-m", "stream_scorer", "config", "check", str(CONFIG)],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        log = tmp_path / "worker.log"
+        worker = _worker(env, log)
+        out, _ = worker.communicate(timeout=300)
+    text = log.read_text()
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert worker.returncode == 2, text[-3000:]
+    assert secret not in check.stdout + check.stderr + text + out
+    assert len(seen) == 1  # asked once: not retried as an outage
+    assert seen[0][1] == "/apis/ccompat/v7/schemas/ids/7"
+    assert seen[0][2] == "Basic " + base64.b64encode(f"bob:{secret}".encode()).decode()
+    assert f"schema registry {url}/apis/ccompat/v7 refused the credentials of user 'bob'" in text
+    assert "registry not answering" not in text
+    assert read_topic(kafka_bootstrap, dlq) == []  # nothing dead-lettered, nothing scored

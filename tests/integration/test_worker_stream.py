@@ -441,3 +441,25 @@ def test_poison_past_the_tolerance_stops_the_worker_loudly_with_the_batch_uncomm
     assert committed_offsets(env.bootstrap, env.group, env.topic)[0] <= 12
     assert len(read_topic(env.bootstrap, env.out)) <= 12
     assert read_topic(env.bootstrap, env.dlq) == []
+
+
+def test_json_and_framed_values_on_schemaless_input_are_dead_lettered_with_a_hint(
+    env: Env,
+) -> None:
+    rec = payments(1, seed=5)[0]
+    items: list[tuple[bytes | None, bytes | None]] = [
+        (b"json", json.dumps({"txn_id": "t-1", "amount": 12.5}).encode()),
+        (b"framed", b"\x00\x00\x00\x00\x2a" + avro(PAYMENT_SCHEMA, rec)),
+        (b"good", avro(PAYMENT_SCHEMA, rec)),
+    ]
+    produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
+    cfg = load_config(env.config, environ={}, overrides={"worker": {"max_messages": len(items)}})
+    report = run_worker(cfg)
+    assert report.predictions == 1
+    dead = {m.key(): _headers(m) for m in read_topic(env.bootstrap, env.dlq)}
+    assert set(dead) == {b"json", b"framed"}
+    said = {k: h[hdr.CONNECT_EXCEPTION_MESSAGE].decode() for k, h in dead.items()}
+    hint = "the value does not look like Avro of schema test.payments.Payment"
+    assert f"{hint}: it starts like JSON; is the producer writing JSON" in said[b"json"]
+    assert "Confluent frame (magic byte 0, schema id 42)" in said[b"framed"]
+    assert all(h[hdr.REASON] != b"" for h in dead.values())

@@ -6,7 +6,7 @@ from support import PAYMENT_SCHEMA, Msg, avro, parse_record_schema, payments
 
 from stream_scorer.stages import decode
 from stream_scorer.stages.decode import DECODE_REASONS, Decoder
-from stream_scorer.stages.records import DeadLetter, Decoded, Stage
+from stream_scorer.stages.records import DeadLetter, Decoded, Reason, Stage, not_avro_hint
 
 SCHEMA = parse_record_schema(PAYMENT_SCHEMA)
 GOOD = payments(1)[0]
@@ -167,3 +167,58 @@ def test_batch_splits_good_and_bad_keeping_every_record() -> None:
     good, dead = Decoder(SCHEMA, 2048).decode_batch(msgs)
     assert [d.message.offset() for d in good] == [0, 2]
     assert [(d.message.offset(), d.reason) for d in dead] == [(1, "empty"), (3, "trailing_bytes")]
+
+
+_HINT = "the value does not look like Avro of schema"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "says"),
+    [
+        (b'{"ride_id": "r1", "fare": 3.5}', Reason.NEGATIVE_LENGTH, "it starts like JSON"),
+        (b'  [{"a": 1}]', Reason.TRUNCATED, "it starts like JSON"),
+        (
+            b"\x00\x00\x00\x00\x07\x02ab",
+            Reason.TRAILING_BYTES,
+            "it starts like a Confluent frame (magic byte 0, schema id 7)",
+        ),
+        (b"\x9a\x11random bytes", Reason.NEGATIVE_LENGTH, None),  # no guess: no hint
+        (b"\x00\x00\x01", Reason.TRUNCATED, None),  # too short for a frame and a body
+        (b'{"too": "large"}', Reason.TOO_LARGE, None),
+        (None, Reason.NULL_VALUE, None),
+    ],
+)
+def test_a_value_that_looks_like_json_or_a_frame_gets_a_hint(
+    value: bytes | None, reason: Reason, says: str | None
+) -> None:
+    hint = not_avro_hint(value, "RideRequest", reason)
+    if says is None:
+        assert hint == ""
+    else:
+        assert hint.startswith(f"; {_HINT} RideRequest: {says}; is the producer writing JSON")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_json_and_framed_values_are_dead_lettered_with_the_hint_on_both_paths(fast: bool) -> None:
+    from stream_scorer.example.rides import FEATURES, load_ride_schema
+    from stream_scorer.fast.path import build_fast_path
+    from stream_scorer.stages.columns import AvroColumns
+    from stream_scorer.stages.features import FeatureBuilder
+
+    schema = load_ride_schema()
+    kw: dict[str, Any] = {"id_field": "ride_id", "event_time_field": "requested_at"}
+    columns = (
+        build_fast_path(schema, FEATURES, max_message_bytes=4096, **kw)
+        if fast
+        else AvroColumns(Decoder(schema, 4096), FeatureBuilder(FEATURES), **kw)
+    )
+    assert columns is not None
+    json_value = b'{"ride_id": "r-1", "distance_km": 3.2}'
+    framed = b"\x00\x00\x00\x00\x0c" + bytes(40)
+    out = columns.run([Msg(json_value, o=0), Msg(framed, o=1), Msg(b"\x9a\x11xyz", o=2)])
+    dead = {d.message.offset(): d for d in out.dead}
+    assert set(dead) == {0, 1, 2}
+    assert dead[0].reason is Reason.NEGATIVE_LENGTH
+    assert f"{_HINT} {schema['name']}: it starts like JSON" in dead[0].error_message
+    assert "Confluent frame (magic byte 0, schema id 12)" in dead[1].error_message
+    assert _HINT not in dead[2].error_message

@@ -473,3 +473,41 @@ def test_a_swapped_in_pipeline_learns_the_fetched_writer_schemas_without_the_reg
     assert asked == [("id", IDS["v1"])]  # taught from memory: the registry was not asked again
     assert not second.schema_keys(batch)
     assert len(second.run(batch).ids) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_schema_id_header_with_magic_0_is_read_as_the_stock_deserializer_reads_it(
+    fast: bool,
+) -> None:
+    from confluent_kafka.schema_registry import dual_schema_id_deserializer
+    from confluent_kafka.schema_registry.common.serde import SchemaId
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    rides = generate_rides(6, seed=3)
+    bodies = [_body(SCHEMAS["v2"], ride_as("v2", r)) for r in rides]
+    header = SchemaId("AVRO", 12).id_to_bytes()  # magic 0 + 4-byte id
+    assert header == b"\x00" + struct.pack(">I", 12)
+    # the stock deserializer takes the id from this header and the whole value as the body
+    ctx = SerializationContext("t", MessageField.VALUE, [(VALUE_SCHEMA_ID, header)])
+    found = SchemaId("AVRO")
+    assert dual_schema_id_deserializer(bodies[0], ctx, found).read() == bodies[0]
+    assert found.id == 12
+    # header-framed and prefix-framed records of one schema id, in one batch
+    messages = [
+        Msg(b, o=i, hdrs=[(VALUE_SCHEMA_ID, header)]) if i % 2 else Msg(_framed(12, b), o=i)
+        for i, b in enumerate(bodies)
+    ]
+    assert frame_key(messages[1]) == ("id", 12)
+    assert frame_key(Msg(b"x", hdrs=[(VALUE_SCHEMA_ID, b"\x00\x00\x01")])) is Reason.SHORT_FRAME
+    assert frame_key(Msg(b"x", hdrs=[(VALUE_SCHEMA_ID, b"\x05" + bytes(16))])) is (
+        Reason.BAD_MAGIC_BYTE
+    )
+    cols = _columns(fast=fast)
+    assert cols.schema_keys(messages) == {("id", 12)}
+    _teach(cols, {("id", 12): SCHEMAS["v2"]})
+    out = cols.run(messages)
+    assert not out.dead, [d.error_message for d in out.dead]
+    assert [m.offset() for m in out.messages] == list(range(len(rides)))
+    expected, ids, _ = _reference(SCHEMAS["v2"], SCHEMAS["v2"], bodies, FEATURES)
+    assert _same(out.matrix, expected)
+    assert out.ids == ids

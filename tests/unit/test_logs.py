@@ -130,6 +130,24 @@ def test_auto_is_text_on_a_terminal_and_json_otherwise() -> None:
         ('{"api_token": "abc"}', '{"api_token": "***"}'),
         ("monkey=3 keyboard", "monkey=3 keyboard"),
         ("offset=5 partition=2", "offset=5 partition=2"),
+        # prose "name: value" is redacted for known secret names only (issue: over-redaction)
+        (
+            "--private-key: dead letter enc-dlq/0/0 cannot be decrypted",
+            "--private-key: dead letter enc-dlq/0/0 cannot be decrypted",
+        ),
+        ("the primary key: ride_id", "the primary key: ride_id"),
+        ("key: value", "key: value"),
+        ("password: hunter2 and more", "password: *** and more"),
+        ("sasl.password: hunter2", "sasl.password: ***"),
+        ("oauth token: abc", "oauth token: ***"),
+        ("ssl.key.pem: -----BEGIN", "ssl.key.pem: ***"),
+        ("sasl.oauthbearer.config: principal=x", "sasl.oauthbearer.config: ***"),
+        ("ssl.key.password = 'abc'", "ssl.key.password = '***'"),
+        # URL user-info: the password goes, the user and the host stay
+        ("at http://bob:hunter2@sr:8081/apis failed", "at http://bob:***@sr:8081/apis failed"),
+        ("https://bob:p@ss@sr/x", "https://bob:***@sr/x"),
+        ("<urlopen error http://a:b%40c@h>", "<urlopen error http://a:***@h>"),
+        ("http://sr:8081/apis and user@example.com", "http://sr:8081/apis and user@example.com"),
     ],
 )
 def test_redact_text(text: str, expected: str) -> None:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Msg, train_payment_classifier
+from support import Msg, http_server, train_payment_classifier
 from test_pipeline_sink import FakeProducer
 
 from stream_scorer import headers as hdr
-from stream_scorer.errors import ModelError, UnavailableError
+from stream_scorer.errors import (
+    EXIT_DEPLOYMENT,
+    EXIT_FAILURE,
+    ModelError,
+    StreamScorerError,
+    UnavailableError,
+    exit_code,
+)
 from stream_scorer.model.manifest import read_manifest, write_manifest
 from stream_scorer.model.store import (
     DirectorySource,
@@ -414,3 +422,35 @@ def test_the_loop_swaps_the_model_between_batches_only(tmp_path: Path) -> None:
         "process v3",
         "deliver v3",
     ]
+
+
+# --- MLflow over HTTP: refusals are configuration errors, server errors outages --------------
+@pytest.mark.parametrize(
+    ("status", "error", "code"),
+    [
+        (401, "RefusedError", EXIT_DEPLOYMENT),
+        (403, "RefusedError", EXIT_DEPLOYMENT),
+        (500, "UnavailableError", EXIT_FAILURE),
+        (503, "UnavailableError", EXIT_FAILURE),
+        (404, "MlflowError", EXIT_DEPLOYMENT),
+    ],
+)
+def test_mlflow_answers_are_classified(status: int, error: str, code: int) -> None:
+    from stream_scorer.model.mlflow import MlflowRegistry
+
+    def answer(method: str, path: str) -> tuple[int, Any]:
+        return status, {"error_code": "X", "message": f"answer {status}"}
+
+    with http_server(answer) as (url, seen):
+        host = url[len("http://") :]
+        model = MlflowRegistry(f"http://ann:pw-9@{host}").model("m")
+        with pytest.raises(StreamScorerError) as err:
+            model.check_version("1")
+    assert type(err.value).__name__ == error
+    assert exit_code(err.value) == code
+    assert len(seen) == 1 and seen[0][2] == "Basic " + base64.b64encode(b"ann:pw-9").decode()
+    assert "pw-9" not in str(err.value)
+    if status != 404:
+        assert f"MLflow server {url}" in str(err.value)
+    if status in (401, 403):
+        assert "user 'ann'" in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -11,10 +12,19 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from support import http_server
 
 from stream_scorer.config import load_config
 from stream_scorer.devtools import localregistry
-from stream_scorer.errors import ConfigError, LocalRegistryError, RegistryError
+from stream_scorer.errors import (
+    EXIT_DEPLOYMENT,
+    EXIT_FAILURE,
+    ConfigError,
+    LocalRegistryError,
+    RefusedError,
+    RegistryError,
+    exit_code,
+)
 from stream_scorer.registry import RegistryClient, retrying
 from stream_scorer.worker.loop import output_prefix, reader_schema
 
@@ -219,3 +229,80 @@ def test_a_stop_ends_the_wait_for_the_registry() -> None:
                 tries += 1
                 client.writer_schema(("id", 1))
     assert tries == 1  # no second try, although the bound is ten minutes away
+
+
+# --- refusals are configuration errors, server errors outages (real HTTP server) ----------
+def _registry_answer(method: str, path: str) -> tuple[int, Any]:
+    """``/schemas/ids/<status>`` answers that status; registration as Apicurio refuses."""
+    if path.startswith("/schemas/ids/"):
+        status = int(path.rsplit("/", 1)[1])
+        return status, {"error_code": status, "message": f"answer {status}"}
+    if method == "POST" and path == "/subjects/incompatible-value/versions":
+        return 409, {"error_code": 409, "message": "Incompatible schema: field x removed"}
+    if method == "POST" and path == "/subjects/invalid-value/versions":
+        return 422, {"error_code": 42201, "message": "Invalid schema: no type"}
+    return 404, {"message": "no"}
+
+
+@pytest.mark.parametrize(
+    ("status", "field", "says"),
+    [
+        (401, "registry.username", "refused the credentials of user 'bob'"),
+        (403, "registry.username", "forbids user 'bob' to GET /schemas/ids/403"),
+        (400, "registry.url", "refused GET /schemas/ids/400 (HTTP 400): answer 400"),
+    ],
+)
+def test_a_refusal_is_a_configuration_error_asked_once(status: int, field: str, says: str) -> None:
+    with http_server(_registry_answer) as (url, seen):
+        client = RegistryClient(f"http://bob:hunter2@{url[len('http://') :]}")
+        with pytest.raises(RefusedError) as err:
+            for attempt in retrying(60, "test"):  # not retried: no wait for the bound
+                with attempt:
+                    client.writer_schema(("id", status))
+    assert len(seen) == 1
+    assert seen[0][2] == "Basic " + base64.b64encode(b"bob:hunter2").decode()
+    assert err.value.field == field and err.value.status == status
+    assert says in str(err.value)
+    assert f"schema registry {url} " in str(err.value)  # the URL, without the credentials
+    assert "hunter2" not in str(err.value)
+    assert exit_code(err.value) == EXIT_DEPLOYMENT
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 408])
+def test_a_server_error_is_an_outage(status: int) -> None:
+    with http_server(_registry_answer) as (url, _), pytest.raises(RegistryError) as err:
+        RegistryClient(url).writer_schema(("id", status))
+    assert err.value.status == status
+    assert exit_code(err.value) == EXIT_FAILURE
+
+
+@pytest.mark.parametrize(
+    ("topic", "status", "message"),
+    [("incompatible", 409, "Incompatible schema: field x removed"), ("invalid", 422, "Invalid")],
+)
+def test_a_refused_registration_quotes_the_registry(
+    tmp_path: Path, topic: str, status: int, message: str
+) -> None:
+    with http_server(_registry_answer) as (url, seen):
+        raw = _raw(tmp_path, output={"format": "confluent", "topic": topic},
+                   registry={"url": url})  # fmt: skip
+        with pytest.raises(RefusedError) as err:
+            output_prefix(_load(tmp_path, raw))
+    assert len(seen) == 1
+    assert err.value.field == "output.schema" and err.value.status == status
+    assert message in str(err.value) and "subject" in str(err.value)
+    assert exit_code(err.value) == EXIT_DEPLOYMENT
+
+
+def test_credentials_in_the_url_are_used_and_never_kept(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, _raw(tmp_path, input={"format": "confluent"},
+                               registry={"url": "https://bob:s%40cret@sr:8081/apis"}))  # fmt: skip
+    assert cfg.registry.url == "https://sr:8081/apis"
+    assert (cfg.registry.username, cfg.registry.password) == ("bob", "s@cret")
+    assert "s@cret" not in repr(cfg) and "s%40cret" not in repr(cfg)
+    same = _raw(tmp_path, registry={"url": "http://bob:pw@sr/", "username": "bob"})
+    assert _load(tmp_path, same).registry.password == "pw"
+    other = _raw(tmp_path, registry={"url": "http://bob:pw@sr/", "password": "other"})
+    with pytest.raises(ConfigError, match=r"registry\.url: holds a password other") as err:
+        _load(tmp_path, other)
+    assert "pw" not in str(err.value).replace("password", "")
