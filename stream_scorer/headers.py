@@ -120,8 +120,18 @@ DEAD_LETTER_ROWS: tuple[HeaderRow, ...] = (
     ),
     (
         (PAYLOAD,),
-        "only with `dead_letter.payload` `drop` or `encrypt`: `dropped` (no key, no value) or "
-        "`encrypted`",
+        "`dropped` (no key, no value: `dead_letter.payload` `drop`), `encrypted` (`encrypt`) or "
+        "`stripped` (too large for the dead-letter topic: no key, no value); absent: kept",
+    ),
+    (
+        (ORIGINAL_VALUE_SIZE, ORIGINAL_VALUE_SHA256, HEADERS_DROPPED),
+        "stripped dead letters: the original value's size in bytes and SHA-256 (hex), and how "
+        "many of the record's own headers were left out for room",
+    ),
+    (
+        (SIGNATURE,),
+        "with `dead_letter.signing_key`: `hmac-sha256/v1:<key id>:<hex digest>` over the "
+        "letter's key, value and other headers (checked by `dlq replay`)",
     ),
     (
         (ENCRYPTION_SCHEME, ENCRYPTION_KEY_ID, ENCRYPTION_WRAPPED_KEY),

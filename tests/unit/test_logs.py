@@ -136,6 +136,15 @@ def test_auto_is_text_on_a_terminal_and_json_otherwise() -> None:
             "--private-key: dead letter enc-dlq/0/0 cannot be decrypted",
         ),
         ("the primary key: ride_id", "the primary key: ride_id"),
+        # a configuration error names the key, never its value: its problems are not secrets
+        (
+            "config: kafka.client.sasl.passwd: librdkafka refuses the consumer's settings",
+            "config: kafka.client.sasl.passwd: librdkafka refuses the consumer's settings",
+        ),
+        (
+            "config: a: is required; registry.password: give it once",
+            "config: a: is required; registry.password: give it once",
+        ),
         ("key: value", "key: value"),
         ("password: hunter2 and more", "password: *** and more"),
         ("sasl.password: hunter2", "sasl.password: ***"),
