@@ -57,6 +57,12 @@ ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
 WORKERS = 3
 MAX_MESSAGE_BYTES = 4096
+#: The workers' consumer settings by default: the group evicts a killed or stopped worker fast.
+SHORT_SESSIONS = {
+    "session.timeout.ms": "6000",
+    "heartbeat.interval.ms": "1000",
+    "max.poll.interval.ms": "8000",
+}
 #: Poison kinds: the example generator's malformed kinds plus one the harness makes itself.
 POISON_KINDS = (*MALFORMED_KINDS, "too_large")
 EXPECTED_REASON = {k: reason for k, (_stage, reason) in EXPECTED_DEAD_LETTERS.items()}
@@ -299,6 +305,7 @@ class FaultRun:
         registry: str = "",
         transaction_timeout_s: float = 20,
         metrics: bool = False,
+        consumer: dict[str, str] | None = None,
     ) -> None:
         """Create the topics and the worker configuration.
 
@@ -307,6 +314,8 @@ class FaultRun:
         registered under ``<topic>-value`` and every value (poison too) carries its id.
         ``transaction_timeout_s``: ``delivery.transaction_timeout_s``. With ``metrics`` each
         worker serves its metrics on a port of its own (``metrics_ports``, kept across restarts).
+        ``consumer``: the workers' ``kafka.consumer`` settings (default: sessions of 6 s and a
+        poll interval of 8 s, so that the group evicts a killed or stopped worker quickly).
         """
         self.bootstrap = bootstrap
         self.workdir = workdir
@@ -345,11 +354,7 @@ class FaultRun:
                 "bootstrap_servers": bootstrap,
                 "statistics_interval_ms": 1000,
                 "unreachable_timeout_s": 90,
-                "consumer": {
-                    "session.timeout.ms": "6000",
-                    "heartbeat.interval.ms": "1000",
-                    "max.poll.interval.ms": "8000",
-                },
+                "consumer": SHORT_SESSIONS if consumer is None else consumer,
             },
             "input": {
                 "topic": self.topic,

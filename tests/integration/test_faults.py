@@ -296,12 +296,14 @@ def test_every_exactly_once_worker_recovers_soon_after_each_broker_restart(
     counting any hang after a first commit) is printed per round and stays within the
     README's bound (10 s) on every worker in every round: a send_offsets_to_transaction that
     hung after the first commit that followed the reconnection (librdkafka#5456) held a
-    worker for the transaction timeout + 5 s (65 s). The default transaction timeout, as
-    deployed.
+    worker for the transaction timeout + 5 s (65 s). The default transaction timeout, session
+    timeout and poll interval, as deployed: with the other runs' 6 s sessions, every member's
+    session runs out while the broker restarts (15-20 s here), and the group's rebalance after
+    it adds up to 8 s to a worker's recovery.
     """
     run = make_run(
         EOS, "broker-restarts", events=RESTART_ROUNDS * 2 * RESTART_SLICE, rate=RESTART_RATE,
-        transaction_timeout_s=60, metrics=True,
+        transaction_timeout_s=60, metrics=True, consumer={},
     )  # fmt: skip
     run.start_all()
     for wid in run.workers:  # the stream starts once every worker runs
