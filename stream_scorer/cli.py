@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from stream_scorer import logs
 from stream_scorer.devtools.soak import add_arguments as add_soak_arguments
-from stream_scorer.errors import EXIT_INTERRUPTED, ConfigError, StreamScorerError, exit_code
+from stream_scorer.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ORPHANED_LAG,
+    ConfigError,
+    StreamScorerError,
+    exit_code,
+)
 from stream_scorer.model.commands import add_model_commands
 from stream_scorer.stages.records import Reason
 
@@ -69,7 +76,7 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     # one write: with --workers N the reports share one stdout and must not interleave
     sys.stdout.write(json.dumps(asdict(report)) + "\n")
     sys.stdout.flush()
-    return 0
+    return EXIT_ORPHANED_LAG if report.orphaned_lag else EXIT_OK
 
 
 def _supervise(args: argparse.Namespace, cfg: Config) -> int:
@@ -802,7 +809,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (README.md, "Exit codes").
 
     0 a clean stop; 2 the deployment must be fixed (configuration, model, schema: no restart
-    helps); 1 any other failure; 130 interrupted.
+    helps); 3 stopped idle with records left in partitions no live member consumes; 1 any
+    other failure; 130 interrupted.
     """
     args = build_parser().parse_args(argv)
     logs.setup("auto", args.log_level or "INFO")

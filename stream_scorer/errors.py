@@ -241,6 +241,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: ``DEPLOYMENT_ERRORS``: do not restart, fix the deployment.
 EXIT_DEPLOYMENT = 2
+#: A worker stopped by ``--idle-timeout`` while the group had records left in partitions no
+#: live member works on (a member killed without leaving holds them until its session ends):
+#: the worker's own work is done, the group's is not (the report names them).
+EXIT_ORPHANED_LAG = 3
 EXIT_INTERRUPTED = 130
 
 

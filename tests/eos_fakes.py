@@ -2,7 +2,8 @@
 
 A fake transactional producer that records its calls, raises errors from a script and can block
 a call until released; a fake source (the small surface ``ExactlyOnce`` uses); an optional fake
-network with a fake clock, where each look at the producer (``poll``) lets ``STEP_S`` pass. The
+network with a fake clock, where each look at the producer (``poll``, a metadata request)
+lets ``STEP_S`` pass. The
 offset tracker, metrics and sink context are the real ones.
 """
 
@@ -144,7 +145,15 @@ class FakeProducer:
         return 0
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
-        if self.net is not None and self.net.down:
+        """On a fake network, a metadata request lets ``STEP_S`` pass too (it waits for an
+        answer); it fails while the network is down."""
+        net = self.net
+        if net is None:
+            return object()
+        net.now += STEP_S
+        if self.release_at is not None and net.now >= self.release_at:
+            self.released.set()
+        if net.down:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT))
         return object()
 

@@ -16,6 +16,7 @@ must lie in some window (``check_duplicates``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     MemberAssignment,
     MemberDescription,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from support import committed_offsets, high_watermarks, produce_raw, read_topic, wait_for
 
 from stream_scorer import headers as hdr
@@ -54,6 +57,12 @@ ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
 WORKERS = 3
 MAX_MESSAGE_BYTES = 4096
+#: The workers' consumer settings by default: the group evicts a killed or stopped worker fast.
+SHORT_SESSIONS = {
+    "session.timeout.ms": "6000",
+    "heartbeat.interval.ms": "1000",
+    "max.poll.interval.ms": "8000",
+}
 #: Poison kinds: the example generator's malformed kinds plus one the harness makes itself.
 POISON_KINDS = (*MALFORMED_KINDS, "too_large")
 EXPECTED_REASON = {k: reason for k, (_stage, reason) in EXPECTED_DEAD_LETTERS.items()}
@@ -294,12 +303,19 @@ class FaultRun:
         poison_every: int = 90,
         model: dict[str, Any] | None = None,
         registry: str = "",
+        transaction_timeout_s: float = 20,
+        metrics: bool = False,
+        consumer: dict[str, str] | None = None,
     ) -> None:
         """Create the topics and the worker configuration.
 
         ``model``: the workers' ``model`` section (default: ``path`` = ``model_dir``). With
         ``registry`` (a Confluent-compatible URL) the input is framed: the ride schema is
         registered under ``<topic>-value`` and every value (poison too) carries its id.
+        ``transaction_timeout_s``: ``delivery.transaction_timeout_s``. With ``metrics`` each
+        worker serves its metrics on a port of its own (``metrics_ports``, kept across restarts).
+        ``consumer``: the workers' ``kafka.consumer`` settings (default: sessions of 6 s and a
+        poll interval of 8 s, so that the group evicts a killed or stopped worker quickly).
         """
         self.bootstrap = bootstrap
         self.workdir = workdir
@@ -328,16 +344,17 @@ class FaultRun:
         self._starts = Counter[str]()
         self._producer_error: list[BaseException] = []
         self._producer: threading.Thread | None = None
+        #: How many events the finished ``produce_in_background`` calls produced.
+        self.produced = 0
+        self._metrics = metrics
+        #: Worker ``wid`` → the port its metrics are served on (with ``metrics``).
+        self.metrics_ports: dict[str, int] = {}
         raw = {
             "kafka": {
                 "bootstrap_servers": bootstrap,
                 "statistics_interval_ms": 1000,
                 "unreachable_timeout_s": 90,
-                "consumer": {
-                    "session.timeout.ms": "6000",
-                    "heartbeat.interval.ms": "1000",
-                    "max.poll.interval.ms": "8000",
-                },
+                "consumer": SHORT_SESSIONS if consumer is None else consumer,
             },
             "input": {
                 "topic": self.topic,
@@ -355,7 +372,7 @@ class FaultRun:
             "batch": {"max_records": 500, "max_wait_ms": 20, "max_processing_s": 2},
             "worker": {"shutdown_timeout_s": 20},
             "metrics": {"port": 0},
-            "delivery": {"mode": mode, "transaction_timeout_s": 20},
+            "delivery": {"mode": mode, "transaction_timeout_s": transaction_timeout_s},
         }
         self.config = workdir / f"{name}-{mode}.yaml"
         self.config.write_text(yaml.safe_dump(raw))
@@ -368,9 +385,16 @@ class FaultRun:
         """
         self._starts[wid] += 1
         log = self.workdir / f"{self.name}-{self.mode}-{wid}-{self._starts[wid]}.log"
+        extra: list[str] = []
+        if self._metrics:
+            if wid not in self.metrics_ports:
+                from conftest import _free_ports
+
+                (self.metrics_ports[wid],) = _free_ports(1)
+            extra = ["--metrics-port", str(self.metrics_ports[wid])]
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                run_command(self.config, "--worker-id", worker_id or wid),
+                run_command(self.config, "--worker-id", worker_id or wid, *extra),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONWARNINGS": "error"},
@@ -498,18 +522,31 @@ class FaultRun:
         return self._last_committed
 
     # --- the stream ------------------------------------------------------------------------
-    def produce_in_background(self, first: int = 0, stop: int | None = None) -> None:
+    def produce_in_background(
+        self, first: int = 0, stop: int | None = None, *, until: threading.Event | None = None
+    ) -> None:
         """Produce the events (``items[first:stop]``) at ``rate`` per second in a thread.
 
         ``first`` must be a multiple of the partition count, so that every event lands in the
-        partition it would have landed in had all been produced at once (round robin).
+        partition it would have landed in had all been produced at once (round robin). With
+        ``until``, production stops early once it is set (``produced`` then says how many were
+        produced in all). The producer buffers whatever a broker outage holds up.
         """
         assert first % PARTITIONS == 0, first
         items = [(k, v) for k, v, _kind in self.items[first:stop]]
 
         def run() -> None:
             try:
-                produce_raw(self.bootstrap, self.topic, items, PARTITIONS, per_second=self.rate)
+                self.produced += produce_raw(
+                    self.bootstrap,
+                    self.topic,
+                    items,
+                    PARTITIONS,
+                    per_second=self.rate,
+                    settings={"queue.buffering.max.messages": "2000000"},
+                    until=until,
+                    flush_s=180,  # through a broker restart
+                )
             except BaseException as exc:  # reported by wait_produced
                 self._producer_error.append(exc)
 
@@ -685,6 +722,95 @@ def recovery_s(run: FaultRun, timeout: float = 180) -> tuple[float, float]:
     wait_for(moved, timeout, "every partition committed after the broker came back", interval=0.1)
     every = time.monotonic() - start
     return (first[0] if first else every), every
+
+
+def worker_metrics(port: int) -> tuple[float, float] | None:
+    """A worker's committed transactions and its main loop's last progress (Unix time).
+
+    None when its metrics endpoint does not answer (not started yet, or gone).
+    """
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    samples = {
+        (s.name, s.labels.get("outcome", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    committed = samples.get(("stream_scorer_transactions_total", "committed"), 0.0)
+    progress = samples.get(("stream_scorer_last_progress_timestamp_seconds", ""), 0.0)
+    return committed, progress
+
+
+@dataclass
+class _Progress:
+    """What one worker did after the broker came back (``worker_recovery_s``)."""
+
+    pid: int = 0
+    committed: float = 0.0
+    commits: list[float] = field(default_factory=list)  # when its count was seen to grow
+    blocked: float = 0.0  # its main loop's longest block since the broker came back
+
+
+def worker_recovery_s(
+    run: FaultRun, back: float, *, commits: int = 5, timeout: float = 180
+) -> dict[str, float]:
+    """Per worker, seconds from ``back`` (Unix time the broker answered again) until it recovered.
+
+    Watches every worker's metrics (``FaultRun(metrics=True)``) every 0.2 s, while the stream
+    goes on, until none has its main loop blocked and each worker has been seen committing
+    ``commits`` times since ``back``, or the stream has ended and the group committed all of
+    it (a worker left with nothing to do). A worker's recovery is the longest of: the time to
+    its first commit after ``back``, the longest time between two of its commits, and the
+    longest its main loop stayed blocked after ``back`` (a call that hangs after a first
+    commit shows, even when the group moved the worker's partitions meanwhile). A restarted
+    worker's count starts again (its first commit counts). A commit made before the first look
+    is not seen: the figures err long, by at most one look, never short.
+    """
+    seen: dict[str, _Progress] = {}
+
+    def look() -> bool:
+        run.supervise()
+        now = time.time()
+        busy = run.producing
+        steady = True
+        for wid, worker in list(run.workers.items()):
+            read = worker_metrics(run.metrics_ports[wid])
+            if read is None:
+                steady = False
+                continue
+            committed, progress = read
+            pid = worker.proc.pid
+            state = seen.get(wid)
+            if state is None:  # the first look: what it had committed before
+                state = seen[wid] = _Progress(pid, committed)
+            elif pid != state.pid or committed > state.committed:
+                if committed > (state.committed if pid == state.pid else 0.0):
+                    state.commits.append(now)
+                state.pid, state.committed = pid, committed
+            blocked = now - max(progress, back)
+            state.blocked = max(state.blocked, blocked)
+            steady = steady and blocked < 1.0 and len(state.commits) >= (commits if busy else 0)
+        return steady and (busy or all_done())
+
+    def all_done() -> bool:
+        lag = group_lag(run.bootstrap, run.group, run.topic)
+        return not run.producing and sum(lag.values()) == 0
+
+    try:
+        wait_for(look, timeout, "every worker committing again after the broker came back", 0.2)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}: {seen}") from None
+    end = time.time()
+    out = {}
+    for wid, state in seen.items():
+        # no commit at all (the stream ended first): from back to the end, erring long
+        times = [back, *(state.commits or [end])]
+        longest_gap = max(b - a for a, b in itertools.pairwise(times))
+        out[wid] = max(longest_gap, state.blocked)
+    return out
 
 
 def when_committed(run: FaultRun, fraction: float, timeout: float = 120) -> None:

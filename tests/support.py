@@ -252,11 +252,15 @@ def produce_raw(
     *,
     per_second: float | None = None,
     settings: dict[str, str] | None = None,
-) -> None:
+    until: threading.Event | None = None,
+    flush_s: float = 30,
+) -> int:
     """Produce ``(key, value)`` pairs round-robin over partitions and wait for every ack.
 
     With ``per_second``, production is paced in chunks of 1% of the items; ``settings``: more
-    librdkafka settings (security).
+    librdkafka settings (security). Production stops early once ``until`` is set, after a
+    whole round over the partitions. Every ack must come within ``flush_s`` after the last
+    produce. Returns how many items were produced.
     """
     import threading
     import time
@@ -276,7 +280,11 @@ def produce_raw(
         }
     )
     errors: list[Any] = []
+    produced = 0
     for i, (key, value) in enumerate(items):
+        if until is not None and i % partitions == 0 and until.is_set():
+            break
+        produced += 1
         producer.produce(
             topic,
             value=value,
@@ -288,8 +296,9 @@ def produce_raw(
         producer.poll(0)
         if per_second and (i + 1) % chunk == 0:
             pace.wait(max(0.0, started + (i + 1) / per_second - time.monotonic()))
-    assert producer.flush(30) == 0
+    assert producer.flush(flush_s) == 0
     assert errors == []
+    return produced
 
 
 def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -> None:

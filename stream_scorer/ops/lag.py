@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -246,6 +246,61 @@ def describe_group(
                 seconds = None if ts is None else max(0.0, now - ts / 1000.0)
             rows.append(PartitionLag(tp[0], tp[1], committed[tp], low, high, lag, seconds, ts))
         return rows
+
+
+#: How long ``orphaned_lag`` watches the group's committed offsets for progress: over two
+#: auto-commit intervals (at-least-once members commit every second, exactly-once ones every
+#: batch).
+ORPHAN_WATCH_S = 2.5
+
+
+@dataclass(frozen=True)
+class OrphanedLag:
+    """Records left in partitions nobody consumes (``orphaned_lag``); JSON in the report."""
+
+    records: int
+    partitions: list[str]  # "topic[partition]"
+
+    def __bool__(self) -> bool:
+        """True when there are any."""
+        return bool(self.partitions)
+
+
+def orphaned_lag(
+    settings: Mapping[str, str],
+    group: str,
+    own: Collection[TP],
+    *,
+    watch_s: float = ORPHAN_WATCH_S,
+    timeout: float = 15.0,
+    wait: Callable[[float], object] = time.sleep,
+) -> OrphanedLag:
+    """The lag of ``group`` on partitions no live member works on, seen by a stopping member.
+
+    A partition counts when it has records left to consume (not just transaction markers),
+    is not one of ``own`` (the asking member's), and its committed offset did not move over
+    ``watch_s``: a member killed without leaving keeps its partitions until its
+    ``session.timeout.ms`` runs out, and whoever stops before then leaves their records behind.
+
+    Raises:
+        BrokerError: the broker does not answer or refuses.
+    """
+    before = {
+        (r.topic, r.partition): r.committed
+        for r in describe_group(settings, group, timeout=timeout)
+    }
+    wait(watch_s)
+    rows = [
+        r
+        for r in describe_group(settings, group, timeout=timeout)
+        if (r.topic, r.partition) not in own
+        and r.lag_records > 0
+        and not (r.lag_seconds == 0.0 and r.oldest_timestamp_ms is None)  # markers only
+        and before.get((r.topic, r.partition), -1) == r.committed
+    ]
+    return OrphanedLag(
+        sum(r.lag_records for r in rows), [f"{r.topic}[{r.partition}]" for r in rows]
+    )
 
 
 def _read_first(

@@ -8,9 +8,10 @@ record's prediction or dead letter. A crash repeats at most the records not yet 
 transaction. Abortable errors abort it and rewind the consumer to the committed offsets;
 ambiguous ones (timeouts) re-create the producer, whose ``init_transactions`` finishes or aborts
 the previous incarnation's transaction first; a fenced producer stops the worker. A transactional
-call that blocks past its timeout is left behind with its producer for a new one; for
-``send_offsets_to_transaction``, which can wait forever once a broker connection was lost
-(librdkafka#5456, #5511), that happens soon after the brokers answer again (``Reconnection``).
+call that blocks past its timeout is left behind with its producer for a new one; after a
+lost broker connection, when ``send_offsets_to_transaction`` can wait forever (librdkafka#5456,
+#5511), a call still blocked soon after the brokers answer again is left behind then, and so
+is any later one for a while after the first commit (``Reconnection``).
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ MAX_FAILED_TRANSACTIONS = 5
 MAX_ABANDONED_PRODUCERS = 3
 #: Beyond a call's own timeout, how long to wait before deciding it ignores it.
 _GRACE_S = 5.0
-#: After a lost broker connection: how long the brokers must have answered again before a
-#: ``send_offsets_to_transaction`` that was already waiting counts as stuck (librdkafka#5456,
-#: #5511) and is left behind, instead of after its full timeout. Once connected the call takes
-#: milliseconds; the grace leaves a restarted broker's coordinators time to load their state.
+#: After a lost broker connection: how long a transactional call may wait with the brokers
+#: answering again before it counts as stuck (librdkafka#5456, #5511) and is left behind,
+#: instead of after its full timeout. Once connected the calls take milliseconds; the grace
+#: leaves a restarted broker's coordinators time to load their state.
 RECONNECTED_GRACE_S = 5.0
+#: How long after the brokers answer again the transactional calls stay under that grace. The
+#: first commit after a reconnection does not end it: the next ``send_offsets_to_transaction``
+#: can still hang (seen after broker restarts, held until the timeout fallback). Only a commit
+#: once the brokers have answered this long puts the loss behind.
+RECONNECTED_WATCH_S = 60.0
 #: While ``send_offsets_to_transaction`` runs: how often the main thread serves the producer's
 #: callbacks (its log lines and errors keep their time) and, after a lost connection, asks a
 #: broker for metadata (waiting at most this long for the answer).
@@ -138,14 +144,18 @@ class Reconnection:
 
     ``lost`` comes from the producer's error callback (``on_error``), ``answered`` and
     ``unanswered`` from the metadata requests the main thread sends while a transactional call
-    waits, ``clear`` from a committed transaction. It answers one question: how long has a
+    waits, ``committed`` from a committed transaction (proof the brokers answer; once they have
+    for ``RECONNECTED_WATCH_S``, the loss is behind). It answers one question: how long has a
     call been waiting with the brokers answering, after a connection was lost?
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, watch_s: float = RECONNECTED_WATCH_S
+    ) -> None:
         """Start with nothing lost; ``clock`` gives the time in seconds."""
         self._clock = clock
-        self.lost_at: float | None = None  # a connection was lost since the last commit
+        self._watch_s = watch_s
+        self.lost_at: float | None = None  # a connection was lost, not yet put behind
         self.back_since: float | None = None  # the brokers answer again since
         #: The topic the transaction coordinator last refused to add (librdkafka says which
         #: only in its log line, not in the error the transactional call raises).
@@ -194,15 +204,28 @@ class Reconnection:
         """No broker answered: not back (yet)."""
         self.back_since = None
 
-    def clear(self) -> None:
-        """A transaction committed: whatever was lost or refused is behind us."""
-        self.lost_at = self.back_since = None
+    def committed(self) -> None:
+        """A transaction committed: the brokers answer; what was refused is behind us.
+
+        A lost connection is put behind only once the brokers have answered for
+        ``RECONNECTED_WATCH_S``: until then the calls that follow stay under the short grace.
+        """
         self.refused_topic = None
+        if self.lost_at is None:
+            return
+        self.answered()
+        if self.back_since is not None and self._clock() - self.back_since >= self._watch_s:
+            self.lost_at = self.back_since = None
+
+    @property
+    def watching(self) -> bool:
+        """Whether a lost connection is not behind us yet (calls get the short grace)."""
+        return self.lost_at is not None
 
     def waited_back(self, started: float) -> float:
         """Seconds a call started at ``started`` has waited with the brokers back after a loss.
 
-        0 when no connection was lost since the last commit or no broker answers now.
+        0 when no lost connection is being watched or no broker answers now.
         """
         if self.lost_at is None or self.back_since is None:
             return 0.0
@@ -506,6 +529,7 @@ class ExactlyOnce:
                 partial(self._producer.commit_transaction, self._timeout),
                 self._timeout + _GRACE_S,
                 "commit_transaction",
+                watch=partial(self._watch_stuck, serve=False),
                 clock=self._clock,
             )
         except Exception as exc:
@@ -518,7 +542,7 @@ class ExactlyOnce:
             time.sleep(min(0.1 * 2**self._failed_in_a_row, 5.0))  # back off before the retry
             return False
         self._failed_in_a_row = self._abandoned = 0
-        self._reconnection.clear()
+        self._reconnection.committed()
         self._source.mark_committed([(tp.topic, tp.partition, tp.offset) for tp in offsets])
         self.sink.poll(0)  # serve the delivery reports: metrics, tracker
         self._metrics.transactions.labels("committed").inc()
@@ -537,7 +561,7 @@ class ExactlyOnce:
                     call,
                     self._timeout + _GRACE_S,
                     "send_offsets_to_transaction",
-                    watch=self._watch_send_offsets,
+                    watch=self._watch_stuck,
                     clock=self._clock,
                 )
                 return
@@ -547,17 +571,19 @@ class ExactlyOnce:
                     raise
                 log.warning("send_offsets_to_transaction: %s (retrying, same offsets)", err)
 
-    def _watch_send_offsets(self, started: float) -> str | None:
-        """While ``send_offsets_to_transaction`` waits: is it stuck (librdkafka#5456, #5511)?
+    def _watch_stuck(self, started: float, *, serve: bool = True) -> str | None:
+        """While a transactional call waits: is it stuck (librdkafka#5456, #5511)?
 
-        Serves the producer (delivery reports, and its log lines and errors on time); after a
-        lost connection, asks a broker for metadata. Stuck: the brokers have answered again for
-        ``RECONNECTED_GRACE_S`` while the call kept waiting. Not commit_transaction: it serves
-        the producer's callbacks itself (flush) and keeps to its timeout.
+        With ``serve``, serves the producer (delivery reports, and its log lines and errors on
+        time): not during ``commit_transaction``, which serves them itself (flush). After a
+        lost connection (``Reconnection.watching``, which outlasts the first commit), asks a
+        broker for metadata. Stuck: the brokers have answered again for
+        ``RECONNECTED_GRACE_S`` while the call kept waiting.
         """
-        self.sink.poll(0)
+        if serve:
+            self.sink.poll(0)
         reconnection = self._reconnection
-        if reconnection.lost_at is None:
+        if not reconnection.watching:
             return None
         if _metadata_error(self._producer, _WATCH_EVERY_S) is not None:
             reconnection.unanswered()

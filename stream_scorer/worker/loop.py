@@ -34,12 +34,19 @@ from stream_scorer.config import (
     worker_identity,
 )
 from stream_scorer.envelope import Protector, load_public_key
-from stream_scorer.errors import BrokerError, ConfigError, RefusedError, SchemaError
+from stream_scorer.errors import (
+    BrokerError,
+    ConfigError,
+    RefusedError,
+    SchemaError,
+    StreamScorerError,
+)
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.letters import Signer
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.model.store import DirectorySource, ModelSource, open_source
 from stream_scorer.ops.acl import check_access, principal_of, role_grants
+from stream_scorer.ops.lag import OrphanedLag, orphaned_lag
 from stream_scorer.ops.topics import require_topics, topic_max_message_bytes
 from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
 from stream_scorer.stages.columns import EVENT_TIME_TYPES, AvroColumns
@@ -81,6 +88,9 @@ class WorkerReport:
     batches: int = 0
     elapsed_s: float = 0.0
     stopped_by: str = ""
+    #: Stopped by idle timeout: the group's records left in partitions nobody consumes (None:
+    #: not checked, another stop, or the check failed).
+    orphaned_lag: OrphanedLag | None = None
 
 
 def model_source(cfg: Config) -> ModelSource:
@@ -446,6 +456,9 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             in_flight=tracker.pending,
             shutdown_timeout_s=cfg.worker.shutdown_timeout_s,
         )
+        own = source.assignment
+    if report.stopped_by == "idle_timeout":  # out of the group: what it leaves behind
+        report.orphaned_lag = check_orphaned_lag(cfg, own)
     report.dead_letters = {
         f"{s.labels['stage']}/{s.labels['reason']}": int(s.value)
         for m in metrics.dead_letters.collect()
@@ -456,6 +469,29 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         metrics.registry.get_sample_value("stream_scorer_predictions_produced_total") or 0
     )
     return report
+
+
+def check_orphaned_lag(cfg: Config, own: set[tuple[str, int]]) -> OrphanedLag | None:
+    """After an idle stop: the group's records in partitions no live member consumes.
+
+    Logged as a warning when there are any (``cli`` then exits ``EXIT_ORPHANED_LAG``); None
+    when the broker could not tell (a warning says so).
+    """
+    try:
+        found = orphaned_lag(client_settings(cfg), cfg.input.group_id, own)
+    except StreamScorerError as exc:
+        log.warning("stopped idle; could not check the group's lag elsewhere: %s", exc)
+        return None
+    if found:
+        log.warning(
+            "stopped idle with %d records left in %d partitions no live member consumes: %s "
+            "(a member that died keeps its partitions until its session.timeout.ms runs out; "
+            "start a worker to take them over)",
+            found.records,
+            len(found.partitions),
+            ", ".join(found.partitions),
+        )
+    return found
 
 
 def check_clean_stop(

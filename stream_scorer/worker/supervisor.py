@@ -6,12 +6,14 @@ parent only supervises (README.md, "Commands"):
 - worker ``i`` (0-based) gets the id ``<id>-<i>`` and serves HTTP on ``metrics.port + i``;
 - SIGTERM or SIGINT to the parent is passed to every worker, and each drains and leaves;
   a worker still running ``grace_s`` after that is killed;
-- a worker that exits 0 on its own (``--max-messages``, ``--idle-timeout``) is left alone;
+- a worker that exits 0 on its own (``--max-messages``, ``--idle-timeout``), or 3 (idle, with
+  records left in partitions no live member consumes), is left alone;
 - a worker that fails or dies while nobody asked it to stop makes the parent stop the others
   and exit non-zero: the host runs all or nothing, and the orchestrator restarts the whole
   thing (its restart policy and back-off apply, rather than a second one in here);
-- the parent's exit code is the highest of its workers' (2, a deployment error, stays 2:
-  README.md, "Exit codes"), or 1 when the only failures were workers killed by a signal.
+- the parent's exit code is the highest of its workers' failures (2, a deployment error,
+  stays 2: README.md, "Exit codes"), or 1 when the only failures were workers killed by a
+  signal; without failures, 3 when a worker exited 3, else 0.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from stream_scorer.errors import EXIT_OK, EXIT_ORPHANED_LAG
+
 log = logging.getLogger(__name__)
+#: A worker's exit codes when it stopped on its own without failing: left alone.
+_OWN_STOPS = frozenset({EXIT_OK, EXIT_ORPHANED_LAG})
 
 
 def run_command(config: Path, *extra: str, log_level: str | None = None) -> list[str]:
@@ -108,8 +114,9 @@ class Supervisor:
     def run(self) -> int:
         """Run the workers until all have exited; return 0 only if every one exited 0.
 
-        Otherwise the highest exit code of a worker, or 1 if every failed worker was killed
-        by a signal (a negative return code).
+        Otherwise the highest exit code of a failed worker, or 1 if every failed worker was
+        killed by a signal (a negative return code); with no failure, 3 when a worker stopped
+        idle with records left in partitions no live member consumes (``EXIT_ORPHANED_LAG``).
         """
         with self._signals():
             for i, cmd in enumerate(self._commands):
@@ -122,8 +129,8 @@ class Supervisor:
                     if code is None or i in codes:
                         continue
                     codes[i] = code
-                    if code == 0 or self._stop_reason:
-                        (log.info if code == 0 else log.error)(
+                    if code in _OWN_STOPS or self._stop_reason:
+                        (log.info if code in _OWN_STOPS else log.error)(
                             "worker %d exited with %d", i, code, extra={"pid": proc.pid}
                         )
                     else:
@@ -148,7 +155,7 @@ class Supervisor:
                     self._stop_at = None
                 self._tick.wait(self._poll)
                 self._tick.clear()
-        failed = [c for c in codes.values() if c != 0]
+        failed = [c for c in codes.values() if c not in _OWN_STOPS]
         if not failed:
-            return 0
+            return max(codes.values(), default=EXIT_OK)
         return max(failed) if max(failed) > 0 else 1

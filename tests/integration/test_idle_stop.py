@@ -25,6 +25,7 @@ from support import (
     avro,
     committed_lag,
     committed_offsets,
+    high_watermarks,
     payments,
     produce_raw,
     read_topic,
@@ -33,6 +34,8 @@ from support import (
 from test_worker_stream import PARTITIONS, Env, _worker
 
 from stream_scorer.config import load_config
+from stream_scorer.errors import EXIT_ORPHANED_LAG
+from stream_scorer.ops.topics import describe_group, members_holding_partitions
 from stream_scorer.worker.loop import run_worker
 
 pytestmark = pytest.mark.integration
@@ -307,3 +310,60 @@ def test_exactly_once_with_its_output_topic_gone_fails_instead_of_idling_out(env
     assert "rolled back" in err
     # what could not be delivered stays uncommitted
     assert sum(committed_lag(env.bootstrap, env.group, env.topic).values()) > 0
+
+
+# --- (e) an idle stop that leaves a dead member's records behind says so --------------------
+def test_an_idle_stop_names_the_records_a_dead_member_left_and_exits_3(env: Env) -> None:
+    admin = AdminClient({"bootstrap.servers": env.bootstrap})
+
+    def holders() -> dict[str, list[int]]:
+        group = describe_group(admin, env.group)
+        if group is None or members_holding_partitions(group, PARTITIONS) != 2:
+            return {}
+        return {
+            m.client_id: sorted(tp.partition for tp in m.assignment.topic_partitions)
+            for m in group.members
+        }
+
+    stop = threading.Event()
+    producing = threading.Thread(
+        target=produce_raw,
+        args=(env.bootstrap, env.topic, _items(6000, seed=35), PARTITIONS),
+        kwargs={"per_second": 100, "until": stop},
+    )
+    # the victim keeps the default session (45 s), far longer than the survivor's idle timeout
+    victim = _worker(env, "--worker-id", "victim")
+    with _cleanup(victim):
+        wait_for(lambda: describe_group(admin, env.group) is not None, 120, "victim joined")
+        producing.start()  # records keep coming: neither worker is idle meanwhile
+        try:
+            survivor = _worker(env, "--worker-id", "survivor", "--idle-timeout", "3")
+            with _cleanup(survivor):
+                wait_for(lambda: len(holders()) == 2, 120, "both workers hold partitions")
+                left = holders()["stream-scorer-victim"]
+                victim.kill()
+                victim.communicate(timeout=30)
+                marks = high_watermarks(env.bootstrap, env.topic)
+                wait_for(
+                    lambda: all(
+                        high_watermarks(env.bootstrap, env.topic)[p] > marks[p] + 20 for p in left
+                    ),
+                    60,
+                    "records for the dead member's partitions",
+                )
+                stop.set()  # the survivor then finishes its own partitions and idles out
+                out, err = survivor.communicate(timeout=120)
+        finally:
+            stop.set()
+            producing.join()
+    lag = committed_lag(env.bootstrap, env.group, env.topic)
+    assert survivor.returncode == EXIT_ORPHANED_LAG == 3, err
+    report = _report(out)
+    assert report["stopped_by"] == "idle_timeout"
+    assert report["orphaned_lag"] == {
+        "records": sum(lag[p] for p in left),
+        "partitions": [f"{env.topic}[{p}]" for p in left],
+    }
+    assert sum(lag[p] for p in left) > 0
+    assert all(lag[p] == 0 for p in range(PARTITIONS) if p not in left)  # the survivor's: done
+    assert "no live member consumes" in err

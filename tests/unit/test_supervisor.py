@@ -15,7 +15,8 @@ from support import wait_for
 from stream_scorer.worker.supervisor import worker_commands
 
 # A stand-in worker: announces itself, drains (writes a file) on SIGTERM and exits 0;
-# mode "exit0" exits 0 at once, mode "fail" exits 3 on SIGUSR1.
+# mode "exit0" exits 0 at once, "exit3" 3 (idle, with a dead member's records left); any
+# exits 4 (a failure) on SIGUSR1.
 CHILD = """
 import os, signal, sys, pathlib
 d, i, mode = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -23,11 +24,11 @@ def term(*_):
     (d / f"drained-{i}").write_text("1")
     sys.exit(0)
 signal.signal(signal.SIGTERM, term)
-signal.signal(signal.SIGUSR1, lambda *_: sys.exit(3))
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(4))
 (d / f".ready-{i}").write_text(str(os.getpid()))
 (d / f".ready-{i}").rename(d / f"ready-{i}")  # atomic: the test never reads it half written
-if mode == "exit0":
-    sys.exit(0)
+if mode.startswith("exit"):
+    sys.exit(int(mode[4:]))
 while True:
     signal.pause()
 """
@@ -115,11 +116,24 @@ def test_a_worker_finishing_cleanly_leaves_the_others_running(tmp_path: Path) ->
 
 def test_a_failing_worker_stops_the_others_and_the_parent_fails(tmp_path: Path) -> None:
     parent = _start(tmp_path, ["wait", "wait", "wait"])
-    os.kill(_pid(tmp_path, 1), signal.SIGUSR1)  # worker 1 exits with 3
+    os.kill(_pid(tmp_path, 1), signal.SIGUSR1)  # worker 1 exits with 4
     _out, err = parent.communicate(timeout=30)
-    assert parent.returncode == 3, err
+    assert parent.returncode == 4, err
     assert _drained(tmp_path) == {0, 2}  # the others were asked to drain
-    assert "worker 1 exited unexpectedly with 3" in err
+    assert "worker 1 exited unexpectedly with 4" in err
+
+
+def test_a_worker_stopping_idle_with_records_left_elsewhere_leaves_the_others_running(
+    tmp_path: Path,
+) -> None:
+    parent = _start(tmp_path, ["exit3", "wait"])  # EXIT_ORPHANED_LAG: its own stop
+    wait_for(lambda: _gone(_pid(tmp_path, 0)), 30, "worker 0 did not exit", interval=0.02)
+    assert parent.poll() is None
+    os.kill(_pid(tmp_path, 1), 0)  # still alive
+    parent.send_signal(signal.SIGTERM)
+    _out, err = parent.communicate(timeout=30)
+    assert parent.returncode == 3, err  # no failure: the records left behind are the news
+    assert _drained(tmp_path) == {1}
 
 
 def test_a_killed_worker_makes_the_parent_exit_non_zero(tmp_path: Path) -> None:
