@@ -705,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=[r.value for r in Reason],
         metavar="REASON",
-        help="replay only this dead-letter reason code (repeatable; README lists them)",
+        help="replay only this dead-letter reason code (repeatable; the manual's Dead letters)",
     )
     rp.add_argument("--since", help="dead-lettered at or after (ISO 8601 or epoch ms)")
     rp.add_argument("--until", help="dead-lettered before (ISO 8601 or epoch ms)")
@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     acl_sub = acl.add_subparsers(dest="acl_command", required=True)
     ag = acl_sub.add_parser(
         "grant",
-        help="grant a principal exactly what a role needs (README.md, Security)",
+        help="grant a principal exactly what a role needs (the manual, Security)",
         description="Create the ALLOW ACLs a role needs for the deployment a configuration "
         "describes: worker (in its delivery mode), lag, or replay. Idempotent.",
     )
@@ -806,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (README.md, "Exit codes").
+    """Run the command line; return the exit code (docs/manual/commands.md, "Exit codes").
 
     0 a clean stop; 2 the deployment must be fixed (configuration, model, schema: no restart
     helps); 3 stopped idle with records left in partitions no live member consumes; 1 any

@@ -1,6 +1,6 @@
 """Dead-letter payload protection: keep, drop, or envelope-encrypt the original key and value.
 
-``dead_letter.payload`` (README.md, "Security"):
+``dead_letter.payload`` (docs/manual/security.md):
 
 - ``keep``: the dead letter carries the original key and value (the default).
 - ``drop``: no key and no value; coordinates, headers and the reason only. Not replayable.

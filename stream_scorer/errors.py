@@ -24,9 +24,9 @@ Every error the service raises on purpose derives from one root, so callers can 
     ├── LocalKafkaError      the local development broker could not be fetched, started or stopped
     └── LocalRegistryError   the local development registry could not be fetched or started
 
-Exit codes of the command line (README.md, "Exit codes"): 0 a clean stop; 2 the deployment must
-be fixed before a restart can help (``DEPLOYMENT_ERRORS``: configuration, model, schema); 1 any
-other failure (broker, delivery, poison limit, fenced, ...); 130 interrupted.
+Exit codes of the command line (docs/manual/commands.md, "Exit codes"): 0 a clean stop; 2 the
+deployment must be fixed before a restart can help (``DEPLOYMENT_ERRORS``: configuration, model,
+schema); 1 any other failure (broker, delivery, poison limit, fenced, ...); 130 interrupted.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Every Kafka header name stream-scorer writes or reads: the output contract's one home.
 
 Predictions carry the model version and their input's coordinates; dead letters carry Kafka
-Connect's ``__connect.errors.*`` context and ``stream_scorer.*`` extras (README.md, "Dead
-letters"); ``dlq replay`` adds where a replayed record came from. All values are UTF-8 text.
+Connect's ``__connect.errors.*`` context and ``stream_scorer.*`` extras (the manual's
+"Kafka headers" page, ``docs/manual/reference/headers.md``, is generated from the ``#:`` comments
+below); ``dlq replay`` adds where a replayed record came from. All values are UTF-8 text.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ ORIGINAL_VALUE_SHA256 = "stream_scorer.original.value.sha256"
 HEADERS_DROPPED = "stream_scorer.original.headers.dropped"
 
 # --- on signed dead letters (``dead_letter.signing_key``, ``letters.py``) -----------------------
-#: ``hmac-sha256/v1:<key id>:<hex digest>`` over the letter's key, value and other headers.
+#: ``hmac-sha256/v1:<key id>:<hex digest>`` over the letter's key, value and other headers
+#: (``dlq replay`` checks it).
 SIGNATURE = "stream_scorer.signature"
 
 # --- on every replayed record -----------------------------------------------------------------
@@ -84,58 +86,3 @@ REPLAY_SOURCE = "stream_scorer.replay.source"
 # --- read on framed input (``input.format: confluent``) ----------------------------------------
 #: Confluent's schema id header (confluent-kafka-python 2.10+): magic byte 1 and a 16-byte GUID.
 VALUE_SCHEMA_ID = "__value_schema_id"
-
-# --- README's header tables, generated from these rows (``devtools/reference.py``) --------------
-#: One row per group of headers: the names (a later one shown as ``.rest`` after the first when
-#: they share its prefix) and what the value holds. Markdown, as README shows it.
-HeaderRow = tuple[tuple[str, ...], str]
-
-#: The headers of every prediction.
-PREDICTION_ROWS: tuple[HeaderRow, ...] = (
-    ((MODEL_VERSION,), "the model version that scored it (also `model_version` in the value)"),
-    ((SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET), "the input record's coordinates"),
-)
-
-#: The headers of every dead letter (beside the record's own, kept).
-DEAD_LETTER_ROWS: tuple[HeaderRow, ...] = (
-    ((CONNECT_TOPIC, CONNECT_PARTITION, CONNECT_OFFSET), "where the record came from"),
-    ((CONNECT_STAGE,), "`decode`, `features`, `score` or `encode`"),
-    ((CONNECT_CLASS_NAME,), "`stream_scorer`"),
-    (
-        (CONNECT_EXCEPTION_CLASS,),
-        "the exception type (`stream_scorer` for our own guards)",
-    ),
-    (
-        (CONNECT_EXCEPTION_MESSAGE,),
-        "what went wrong (`withheld (dead_letter.payload = drop)` or `… = encrypt)`: it can "
-        "quote field values)",
-    ),
-    ((REASON,), "reason code (below); also the `reason` label of the metric"),
-    ((ORIGINAL_TIMESTAMP, ORIGINAL_TIMESTAMP_TYPE), "the record's Kafka timestamp and its type"),
-    ((CONSUMER_GROUP, WORKER_ID), "who rejected it"),
-    ((MODEL_VERSION,), "the model in use"),
-    (
-        (ATTEMPT,),
-        f"`1`, or one more than the record's own `{ATTEMPT}` header (set by `dlq replay`)",
-    ),
-    (
-        (PAYLOAD,),
-        "`dropped` (no key, no value: `dead_letter.payload` `drop`), `encrypted` (`encrypt`) or "
-        "`stripped` (too large for the dead-letter topic: no key, no value); absent: kept",
-    ),
-    (
-        (ORIGINAL_VALUE_SIZE, ORIGINAL_VALUE_SHA256, HEADERS_DROPPED),
-        "stripped dead letters: the original value's size in bytes and SHA-256 (hex), and how "
-        "many of the record's own headers were left out for room",
-    ),
-    (
-        (SIGNATURE,),
-        "with `dead_letter.signing_key`: `hmac-sha256/v1:<key id>:<hex digest>` over the "
-        "letter's key, value and other headers (checked by `dlq replay`)",
-    ),
-    (
-        (ENCRYPTION_SCHEME, ENCRYPTION_KEY_ID, ENCRYPTION_WRAPPED_KEY),
-        "encrypted dead letters: the scheme, the public key's id and the wrapped data key (see "
-        '"Security")',
-    ),
-)

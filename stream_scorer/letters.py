@@ -1,7 +1,7 @@
 """The dead letter as a record: its size against the topic's limit, stripping, and signing.
 
 Shared by the worker, which writes dead letters (``worker/sink.py``), and ``dlq replay``, which
-reads them (``ops/replay.py``); README.md, "Dead letters" and "Security".
+reads them (``ops/replay.py``); docs/manual/dead-letters.md and security.md.
 
 Size: a dead letter must fit the dead-letter topic's ``max.message.bytes`` and the producer's
 ``message.max.bytes``, whatever the input. One that does not (``fits``) is written stripped

@@ -2,10 +2,10 @@
 
 Every event carries ``ts``, ``level``, ``logger``, ``msg``, and the process context set with
 ``set_context`` (``worker_id``, ``group``); ``topic``, ``partition``, ``offset``, ``error`` and
-other fields come from a call's ``extra={...}`` (README.md, "Logs"). Values of keys that look
-secret (password, secret, token, key) are replaced by ``***`` in fields and in messages'
-``name=value`` and ``'name': 'value'`` pairs; a prose ``name: value`` only when the name is a
-known secret (``password``, ``sasl.password``, ``token``, ...); passwords in URLs
+other fields come from a call's ``extra={...}`` (docs/manual/observability.md, "Logs").
+Values of keys that look secret (password, secret, token, key) are replaced by ``***`` in fields
+and in messages' ``name=value`` and ``'name': 'value'`` pairs; a prose ``name: value`` only when
+the name is a known secret (``password``, ``sasl.password``, ``token``, ...); passwords in URLs
 (``scheme://user:password@``) too.
 
 The Kafka clients' own lines (``client_logger``) go through a ``RepeatFilter``: a client that

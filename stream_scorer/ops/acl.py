@@ -1,6 +1,6 @@
 """Least-privilege ACLs: what each role needs, ``stream-scorer acl grant``, refusals' words.
 
-The one home of the rights stream-scorer's clients need (README.md, "Security"):
+The one home of the rights stream-scorer's clients need (docs/manual/security.md):
 
 - ``worker``: READ + DESCRIBE on the input topic, READ on its group, WRITE + DESCRIBE on the
   output and dead-letter topics, DESCRIBE_CONFIGS on the dead-letter topic (its

@@ -2,7 +2,7 @@
 
 The group's committed offsets (admin API) and the watermarks, then the record at each committed
 offset read by a separate ``assign()``-ed consumer that never joins the group. Definitions:
-README.md, "Lag" (and ``stream_scorer.worker.lag``).
+docs/manual/observability.md, "Lag" (and ``stream_scorer.worker.lag``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ their group to when things went wrong, start them again, and they score that win
 Each partition's new offset is that of the first record whose timestamp is at or after the time
 (``offsets_for_times``); with no such record, the partition's end offset. The broker only lets
 a group's offsets be changed while the group has no members, so the command refuses (and names
-them) while any worker is in the group. README.md, "Recovery".
+them) while any worker is in the group. docs/manual/recovery.md.
 """
 
 from __future__ import annotations

@@ -404,7 +404,8 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 def group_lag(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """Return, per partition of ``topic``, the high watermark minus ``group``'s committed offset.
 
-    A partition the group never committed counts from its low watermark (README, "Lag").
+    A partition the group never committed counts from its low watermark
+    (docs/manual/observability.md, "Lag").
     Retries while the group coordinator is loading or moving (a fresh broker), for at most 30 s.
     """
     committed = committed_offsets(bootstrap, group, topic)

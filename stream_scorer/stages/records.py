@@ -91,7 +91,8 @@ class Reason(StrEnum):
     its value never changes. ``reason.stage`` is the stage that emits it. Everything else
     derives from this enumeration: ``DECODE_REASONS`` and ``FEATURE_REASONS`` below, the fast
     path's decode statuses (``fast.kernel.REASONS``: the decode reasons in this order) and its
-    feature verdicts. README's "Dead letters" table lists the members in this order.
+    feature verdicts. The manual's reason table (docs/manual/dead-letters.md) lists the members
+    in this order.
     """
 
     stage: Stage

@@ -1,7 +1,8 @@
 """Health: the HTTP endpoints, readiness and liveness checks, and the progress watchdog.
 
 One small threaded HTTP server per worker process serves ``/metrics`` (Prometheus),
-``/healthz`` (liveness) and ``/readyz`` (readiness) on ``metrics.port`` (README.md, "Health").
+``/healthz`` (liveness) and ``/readyz`` (readiness) on ``metrics.port``
+(docs/manual/observability.md, "Health").
 A background thread refreshes the per-partition lag gauges and runs the watchdog every second,
 so a main loop that is stuck is still reported.
 """

@@ -1,6 +1,6 @@
 """Lag in records and in seconds, as the worker sees it live (the metrics and the watchdog).
 
-Definitions (README.md, "Lag"), per partition:
+Definitions (docs/manual/observability.md, "Lag"), per partition:
 
 - *lag in records*: the end offset (the last stable offset, i.e. the high watermark unless
   transactions are open) minus the committed offset; a partition without a committed offset

@@ -1,8 +1,9 @@
 """Prometheus metrics of one worker process.
 
-Every metric is listed, with its meaning, in README.md ("Metrics"). Each worker process owns its
-registry and serves it on its own port (``stream_scorer.worker.health``), so with ``--workers N``
-nothing is counted twice: Prometheus scrapes each process and sums.
+Every metric is listed, with its meaning, in docs/manual/reference/metrics.md (generated from
+this registry). Each worker process owns its registry and serves it on its own port
+(``stream_scorer.worker.health``), so with ``--workers N`` nothing is counted twice: Prometheus
+scrapes each process and sums.
 """
 
 from __future__ import annotations

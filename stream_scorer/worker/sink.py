@@ -5,8 +5,8 @@ callbacks count them down and then tell the ``OffsetTracker``. Callbacks never r
 failed delivery is recorded and ``raise_errors`` raises it in the main loop.
 
 Dead letters keep the original key, value and headers, and add Kafka Connect's
-``__connect.errors.*`` context headers plus ``stream_scorer.*`` extras (see README.md,
-"Dead letters"). One that would not fit the dead-letter topic (``SinkContext.
+``__connect.errors.*`` context headers plus ``stream_scorer.*`` extras (see
+docs/manual/dead-letters.md). One that would not fit the dead-letter topic (``SinkContext.
 dead_letter_max_bytes``) is written stripped of its key and value (``letters.strip``), so no
 record can stop a partition.
 """

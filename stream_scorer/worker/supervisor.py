@@ -1,7 +1,7 @@
 """``stream-scorer run --workers N``: N worker processes on one host, one group member each.
 
 Python threads share one interpreter lock, so one process per core is how a host scales. The
-parent only supervises (README.md, "Commands"):
+parent only supervises (docs/manual/commands.md):
 
 - worker ``i`` (0-based) gets the id ``<id>-<i>`` and serves HTTP on ``metrics.port + i``;
 - SIGTERM or SIGINT to the parent is passed to every worker, and each drains and leaves;
@@ -12,8 +12,8 @@ parent only supervises (README.md, "Commands"):
   and exit non-zero: the host runs all or nothing, and the orchestrator restarts the whole
   thing (its restart policy and back-off apply, rather than a second one in here);
 - the parent's exit code is the highest of its workers' failures (2, a deployment error,
-  stays 2: README.md, "Exit codes"), or 1 when the only failures were workers killed by a
-  signal; without failures, 3 when a worker exited 3, else 0.
+  stays 2: docs/manual/commands.md, "Exit codes"), or 1 when the only failures were workers
+  killed by a signal; without failures, 3 when a worker exited 3, else 0.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The package as a user installs it: a wheel in a fresh virtualenv, run from another folder.
 
-No editable install and no checkout on the path: every command README, deploy/Dockerfile and
+No editable install and no checkout on the path: every command README and the manual,
+deploy/Dockerfile and
 docker-compose.yml run must find what it needs inside the installed package. The commands run
 against the session's real broker (and the demo against a local broker of its own).
 """
@@ -105,7 +106,7 @@ def test_every_documented_command_runs_from_the_installed_package(
     unique: Callable[[str], str],
     make_topics: Callable[[dict[str, int]], None],
 ) -> None:
-    # the example's files, and the model, as README says
+    # the example's files, and the model, as the manual says (docs/manual/demo.md)
     installed.run("example", "init", "example")
     installed.run("train", "--out", "example/models/rides", "--rows", "3000", "--trees", "20")
     config = installed.cwd / "example" / "rides.yaml"
@@ -174,9 +175,10 @@ def test_local_kafka_fetch_and_a_small_demo_from_an_empty_cache(installed: Insta
 
 
 def _walkthrough_blocks() -> list[str]:
-    """The ``sh`` blocks of README's "your own model" walk-through, after its install line."""
+    """The ``sh`` blocks of README's five-minute own-model path, after its install line."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Install, and your own model\n", 1)[1].split("\n## ", 1)[0]
+    heading = "\n## Five minutes with your own schema and model\n"
+    section = readme.split(heading, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
     assert "pip install" in blocks[0]  # the install line: the fixture's own install
     return blocks[1:]

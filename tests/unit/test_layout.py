@@ -1,4 +1,4 @@
-"""README's layout section lists exactly the package's modules and folders."""
+"""The manual's layout page lists exactly the package's modules and folders."""
 
 from pathlib import Path
 
@@ -7,8 +7,7 @@ PACKAGE = ROOT / "stream_scorer"
 
 
 def _documented() -> set[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Layout") :]
+    section = (ROOT / "docs" / "manual" / "layout.md").read_text()
     block = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n"))]
     paths: set[str] = set()
     folder = ""
@@ -35,7 +34,7 @@ def _tree() -> set[str]:
     return out
 
 
-def test_readme_layout_lists_every_module_and_folder() -> None:
+def test_manual_layout_lists_every_module_and_folder() -> None:
     documented = _documented()
     assert len(documented) > 40
     assert documented == _tree() | {"contracts/"}

@@ -1,4 +1,4 @@
-"""Dead-letter reason codes have one home, ``records.Reason``: the code and README follow it."""
+"""Dead-letter reason codes have one home, ``records.Reason``: the code and the manual follow it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stream_scorer.stages import avro_guard, decode, features
 from stream_scorer.stages.records import DECODE_REASONS, FEATURE_REASONS, Reason, Stage
 
 PACKAGE = Path(stream_scorer.__file__).parent
-README = PACKAGE.parent / "README.md"
+DEAD_LETTERS_PAGE = PACKAGE.parent / "docs" / "manual" / "dead-letters.md"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 #: Calls that carry a reason code, and where: (positional index, keyword).
@@ -79,10 +79,10 @@ def test_each_stage_has_its_reasons_and_the_modules_share_one_list() -> None:
     assert f"{Reason.TRUNCATED}" == "truncated"
 
 
-def _readme_reason_table() -> list[tuple[str, str]]:
-    """The (stage, reason) rows of README's "Dead letters" table, in order."""
-    section = README.read_text(encoding="utf-8").split("\n## Dead letters\n", 1)[1]
-    section = section.split("\n## ", 1)[0]
+def _manual_reason_table() -> list[tuple[str, str]]:
+    """The (stage, reason) rows of the manual's "Dead letters" table, in order."""
+    section = DEAD_LETTERS_PAGE.read_text(encoding="utf-8")
+    section = section.split("\n## Replaying dead letters\n", 1)[0]
     lines = section.splitlines()
     start = lines.index("| stage | reason | meaning |")
     rows = []
@@ -95,12 +95,12 @@ def _readme_reason_table() -> list[tuple[str, str]]:
     return rows
 
 
-def test_readme_reason_table_lists_exactly_the_members_in_order() -> None:
-    assert _readme_reason_table() == [(r.stage.value, r.value) for r in Reason]
+def test_manual_reason_table_lists_exactly_the_members_in_order() -> None:
+    assert _manual_reason_table() == [(r.stage.value, r.value) for r in Reason]
 
 
-def test_readme_names_where_the_reasons_live() -> None:
-    text = README.read_text(encoding="utf-8")
+def test_manual_names_where_the_reasons_live() -> None:
+    text = DEAD_LETTERS_PAGE.read_text(encoding="utf-8")
     assert "`Reason` in `stream_scorer/stages/records.py`" in text
 
 
