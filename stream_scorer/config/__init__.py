@@ -1,6 +1,6 @@
 """The worker's configuration: one typed, frozen tree, declared as pydantic models.
 
-Sources, later ones winning: the defaults below, one YAML or TOML file, environment variables
+Sources, later ones winning: the sections' defaults, one YAML or TOML file, environment variables
 ``STREAM_SCORER_<SECTION>__<KEY>`` (for example ``STREAM_SCORER_INPUT__TOPIC=rides`` or
 ``STREAM_SCORER_KAFKA__CONSUMER__FETCH_MIN_BYTES=1`` — inside the ``kafka.*`` pass-through
 tables a single ``_`` becomes a ``.``), then command-line flags. An unknown key, a missing
