@@ -486,3 +486,49 @@ def test_logged_settings_show_only_allow_listed_values() -> None:
     for key in ("sasl.password", "sasl.passwd", "sasl.oauthbearer.config", "ssl.key.pem"):
         assert shown[key] == "***"
     assert not set(LOGGABLE_KEYS) & {"sasl.password", "ssl.key.password", "ssl.key.pem"}
+
+
+def test_the_settings_sources_are_used_through_their_public_api() -> None:
+    """No class of the configuration overrides a private method of a pydantic-settings source.
+
+    Such overrides (``_read_file``, ``_load_env_vars``) break silently when pydantic-settings
+    changes its internals; the sources are built with their public arguments instead.
+    """
+    import importlib
+    import inspect
+    import pkgutil
+
+    from pydantic_settings import PydanticBaseSettingsSource
+
+    import stream_scorer.config as package
+
+    modules = [package]
+    if hasattr(package, "__path__"):
+        modules += [
+            importlib.import_module(f"{package.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(package.__path__)
+        ]
+    sources = {
+        cls
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, PydanticBaseSettingsSource)
+        and cls.__module__.startswith(package.__name__)
+    }
+    assert sources, "the configuration reads its sources through pydantic-settings"
+    private = {
+        f"{ours.__qualname__}.{name}"
+        for cls in sources
+        for ours in cls.__mro__
+        if ours.__module__.startswith("stream_scorer")
+        for name in vars(ours)
+        if name.startswith("_")
+        and not name.startswith("__")
+        and name != "_abc_impl"
+        and any(
+            name in vars(theirs)
+            for theirs in cls.__mro__
+            if theirs.__module__.startswith("pydantic_settings")
+        )
+    }
+    assert not private

@@ -1,0 +1,452 @@
+"""The sections of the configuration and the checks across them, declared as pydantic models.
+
+Each key's rules are declared with its type (``values``); the checks involving more than one key
+are ``Config``'s, reported together. ``config_schema()`` is the file's JSON Schema.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+
+from stream_scorer import headers
+from stream_scorer.config.keys import PASSTHROUGH, redacted
+from stream_scorer.config.values import (
+    ExistingDir,
+    ExistingFile,
+    Int,
+    Librdkafka,
+    NonEmpty,
+    Number,
+    Section,
+    librdkafka_key,
+    log_level,
+    no_default,
+    none_words,
+    resolve_source,
+)
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
+from stream_scorer.errors import ConfigError
+from stream_scorer.urls import split_userinfo
+
+
+class KafkaConfig(Section):
+    """Connection to Kafka; the three tables pass straight to librdkafka."""
+
+    bootstrap_servers: NonEmpty
+    """Comma-separated ``host:port`` list."""
+    client: Librdkafka = Field(default_factory=dict)
+    """librdkafka settings for every client (security, SASL, TLS, …)."""
+    consumer: Librdkafka = Field(default_factory=dict)
+    """librdkafka settings for the consumer only."""
+    producer: Librdkafka = Field(default_factory=dict)
+    """librdkafka settings for the producer only."""
+    secret_files: Mapping[Annotated[str, AfterValidator(librdkafka_key)], ExistingFile] = Field(
+        default_factory=dict
+    )
+    """librdkafka settings for every client whose values are read from files at start-up
+    (Kubernetes Secrets mounted as files), e.g. ``sasl.password: /etc/kafka-secret/password``;
+    a trailing newline is dropped. They win over ``client`` and are never logged."""
+    statistics_interval_ms: Int = Field(default=5000, ge=0)
+    """How often librdkafka reports statistics (lag metrics); 0 = off."""
+    unreachable_timeout_s: Number = Field(default=120.0, gt=0)
+    """Exit non-zero when no broker has answered for this long."""
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """The fields; the pass-through tables' values only of ``LOGGABLE_KEYS``, others ``***``."""
+        for name, value in super().__repr_args__():
+            yield name, (redacted(value) if name in PASSTHROUGH else value)
+
+
+class InputConfig(Section):
+    """The input topic and its contract."""
+
+    topic: NonEmpty
+    """Topic to consume."""
+    topics: tuple[NonEmpty, ...] = ()
+    """More topics consumed by the same group, each a name or a regular expression starting
+    with ``^`` (librdkafka's pattern subscription); with ``format: confluent`` each record is
+    read with its own writer schema, whatever its topic."""
+    group_id: NonEmpty
+    """Consumer group; workers of one deployment share it."""
+    schema_file: ExistingFile = Field(alias="schema")
+    """Path of the Avro schema (``.avsc``) the events are written with."""
+    id_field: NonEmpty
+    """Input field copied into each prediction as ``input_id``."""
+    event_time_field: str = ""
+    """Input field holding the event time: a long of epoch milliseconds, plain or
+    ``timestamp-millis`` (or ``timestamp-micros``), any other type refused at start-up; empty
+    means the Kafka record's timestamp."""
+    max_message_bytes: Int = Field(default=1_048_576, gt=0)
+    """Records larger than this are dead-lettered unread."""
+    fast_path: bool = True
+    """Decode with the compiled decoder specialised to the schema and model when the schema
+    allows it (see ``fast``); false forces the fastavro path."""
+    format: Literal["schemaless", "confluent"] = "schemaless"
+    """``schemaless``: bare Avro bodies written with ``schema``; ``confluent``: the Confluent
+    wire format (magic byte 0 and a schema id, or the ``__value_schema_id`` header), each
+    record read with its writer schema from the registry and resolved against ``schema``
+    (needs ``registry.url``)."""
+    reader_subject: str = ""
+    """``confluent``: take the reader schema from this registry subject at start-up instead of
+    ``schema`` (which stays the contract ``config check`` checks offline)."""
+    reader_version: Annotated[str, Field(pattern=r"^(latest|[1-9][0-9]*)$")] = "latest"
+    """The version of ``reader_subject``: a number, or ``latest`` (read once, at start-up)."""
+
+    @property
+    def schema(self) -> Path:  # type: ignore[override]
+        """Path of the Avro schema the events are written with."""
+        return self.schema_file
+
+
+class OutputConfig(Section):
+    """Where predictions go."""
+
+    topic: NonEmpty
+    """Prediction topic."""
+    schema_file: ExistingFile = Field(
+        default=PREDICTION_SCHEMA_V1,
+        alias="schema",
+        json_schema_extra=no_default,  # an installation's path
+    )
+    """Path of the prediction record's Avro schema (default: the packaged
+    ``prediction.v1.avsc``, which ``stream-scorer example init`` also writes out)."""
+    copy_headers: tuple[NonEmpty, ...] = ()
+    """Input headers copied onto each prediction when the input record has them (trace ids
+    such as ``traceparent``); the prediction's own headers are never replaced."""
+    format: Literal["schemaless", "confluent"] = "schemaless"
+    """``schemaless``: bare Avro; ``confluent``: each prediction framed with the id of the
+    prediction schema, registered under ``<output topic>-value`` (needs ``registry.url``)."""
+    auto_register: bool = True
+    """``confluent``: register the prediction schema at start-up; false: it must already be
+    registered under ``<output topic>-value`` (start-up fails naming the subject)."""
+
+    @property
+    def schema(self) -> Path:  # type: ignore[override]
+        """Path of the prediction record's Avro schema."""
+        return self.schema_file
+
+
+class DeadLetterConfig(Section):
+    """Where records that cannot be scored go."""
+
+    topic: NonEmpty
+    """Dead-letter topic."""
+    max_ratio: Number = Field(default=0.0, ge=0, lt=1)
+    """Stop the worker when more than this fraction of the last ``window`` records were
+    dead-lettered (0 = no limit)."""
+    window: Int = Field(default=1000, gt=0)
+    """How many recent records ``max_ratio`` looks at."""
+    max_consecutive: Int = Field(default=0, ge=0)
+    """Stop the worker after this many dead letters in a row (0 = no limit)."""
+    payload: Literal["keep", "drop", "encrypt"] = "keep"
+    """What a dead letter carries of its record: ``keep`` the original key and value, ``drop``
+    them (coordinates, headers and reason only), or ``encrypt`` them for ``public_key``'s
+    holder (docs/manual/security.md); ``drop`` and ``encrypt`` also withhold the exception
+    message, which can quote field values."""
+    public_key: Annotated[ExistingFile | None, BeforeValidator(none_words)] = None
+    """PEM RSA public key (2048+ bits) that ``payload: encrypt`` wraps each data key with."""
+    signing_key: Annotated[ExistingFile | None, BeforeValidator(none_words)] = None
+    """File holding a secret (32+ bytes) every dead letter is signed with (HMAC-SHA256);
+    ``dlq replay`` then replays only letters signed with it (docs/manual/security.md)."""
+
+
+class ModelConfig(Section):
+    """The model to score with."""
+
+    path: Annotated[ExistingDir | None, BeforeValidator(none_words)] = None
+    """Directory holding ``manifest.json`` and the model file (or give ``source``; ``none``
+    unsets it, e.g. from the environment when a file sets it)."""
+    source: Annotated[str, AfterValidator(resolve_source)] = ""
+    """Where the model comes from instead of ``path``: a model directory,
+    ``store:<root>/<name>@<alias>`` (a model store; or ``…/<name>/<version>``) or
+    ``models:/<name>@<alias>`` (an MLflow Model Registry; or ``models:/<name>/<version>``).
+    A relative directory or store root is relative to the configuration file's folder."""
+    refresh_s: Number = Field(default=30.0, ge=0)
+    """How often each worker asks its ``source`` which version its alias points at, to load a
+    new one in the background and swap it in between batches (0 = never; a plain directory or
+    a pinned version is never asked)."""
+    mlflow_tracking_uri: str = ""
+    """The MLflow tracking server of a ``models:/`` source (``http(s)://host:port``; empty:
+    ``$MLFLOW_TRACKING_URI``). Basic auth from ``$MLFLOW_TRACKING_USERNAME`` and
+    ``$MLFLOW_TRACKING_PASSWORD``."""
+    threshold: Annotated[float | None, BeforeValidator(none_words)] = Field(
+        default=None, gt=0, lt=1
+    )
+    """Binary classifiers: probability at or above which the label is 1; overrides the
+    manifest's threshold when set."""
+    nthread: Int = Field(default=1, gt=0)
+    """XGBoost threads per worker process."""
+
+    @property
+    def directory(self) -> Path:
+        """``path``, for tools that read a model directory only.
+
+        Raises:
+            ConfigError: the model comes from a ``source``.
+        """
+        if self.path is None:
+            raise ConfigError("model.path", "this tool needs a model directory, not a source")
+        return self.path
+
+
+class BatchConfig(Section):
+    """Micro-batching."""
+
+    max_records: Int = Field(default=1000, gt=0)
+    """A batch is scored as soon as it holds this many records."""
+    max_wait_ms: Int = Field(default=10, gt=0)
+    """A partial batch is scored after waiting this long."""
+    max_processing_s: Number = Field(default=30.0, gt=0)
+    """Target upper bound for processing one batch; when a batch takes longer (a slow model),
+    the batch size shrinks so the worker keeps calling poll well within
+    ``max.poll.interval.ms`` (which must be at least twice this)."""
+    max_in_flight: Int = Field(default=50_000, gt=0)
+    """At-least-once mode: when this many records wait for their outputs' acknowledgement (a
+    backed-up producer), the worker pauses its partitions until half of them are acknowledged."""
+
+
+class WorkerConfig(Section):
+    """The worker process."""
+
+    id: str = ""
+    """Worker id used in client ids, logs and dead-letter headers (default:
+    ``<hostname>-<pid>``; exactly-once: ``<hostname>``)."""
+    max_messages: Int = Field(default=0, ge=0)
+    """Stop after consuming this many records (0 = never)."""
+    idle_timeout_s: Number = Field(default=0.0, ge=0)
+    """Stop after this many seconds idle (0 = never): joined, group settled, every assigned
+    partition read to its end, nothing in flight (``worker.flow.IdleClock``)."""
+    shutdown_timeout_s: Number = Field(default=30.0, gt=0)
+    """How long shutdown waits for outstanding deliveries."""
+
+
+class MetricsConfig(Section):
+    """The Prometheus endpoint."""
+
+    port: Int = Field(default=9400, ge=0, le=65535)
+    """HTTP port for ``/metrics``; 0 disables the endpoint."""
+    host: str = "0.0.0.0"
+    """Address to bind."""
+    tls_cert: Annotated[ExistingFile | None, BeforeValidator(none_words)] = None
+    """PEM certificate chain: serve HTTPS instead of HTTP (with ``tls_key``)."""
+    tls_key: Annotated[ExistingFile | None, BeforeValidator(none_words)] = None
+    """PEM private key of ``tls_cert``."""
+
+
+AT_LEAST_ONCE: Final = "at-least-once"
+EXACTLY_ONCE: Final = "exactly-once"
+
+
+class DeliveryConfig(Section):
+    """The delivery guarantee (docs/manual/how-it-works.md, "Guarantees")."""
+
+    mode: Literal["at-least-once", "exactly-once"] = AT_LEAST_ONCE
+    """``at-least-once`` (outputs first, then offsets; a crash can repeat outputs) or
+    ``exactly-once`` (each batch's outputs and input offsets in one transaction)."""
+    transactional_id: str = ""
+    """Exactly-once: the producer's transactional id; default
+    ``stream-scorer-<group>-<worker id>``, stable across restarts when the worker id is (it
+    defaults to the host name in this mode)."""
+    transaction_timeout_s: Number = Field(default=60.0, gt=0)
+    """Exactly-once: the broker aborts a transaction open this long."""
+    static_membership: bool = False
+    """Use the worker id as ``group.instance.id`` so a quick restart keeps its partitions
+    without a rebalance (pair with a larger ``session.timeout.ms``)."""
+
+
+class RegistryConfig(Section):
+    """The Schema Registry (Confluent-compatible REST API) of ``format: confluent``."""
+
+    url: str = ""
+    """Base URL of the Confluent-compatible API, e.g. ``http://registry:8080/apis/ccompat/v7``
+    (Apicurio) or ``https://sr.example:8081`` (Confluent). Credentials in it
+    (``https://user:password@sr:8081``) become ``username`` and ``password``."""
+    username: str = ""
+    """HTTP basic authentication user (empty: none)."""
+    password: str = Field(default="", repr=False)
+    """HTTP basic authentication password; never logged."""
+    ca_location: str = ""
+    """PEM file of the CA that signed the registry's certificate (empty: the system's)."""
+    certificate_location: str = ""
+    """PEM client certificate for mutual TLS (with ``key_location``)."""
+    key_location: str = ""
+    """PEM private key of ``certificate_location``."""
+    timeout_s: Number = Field(default=10.0, gt=0)
+    """Timeout of one request."""
+    unavailable_timeout_s: Number = Field(default=120.0, gt=0)
+    """While the registry does not answer, records needing an unknown schema wait (retried with
+    backoff, never dead-lettered, offsets uncommitted); after this long the worker exits 1.
+    Must stay below ``max.poll.interval.ms``."""
+    max_schemas: Int = Field(default=1000, gt=0)
+    """Writer schemas (and their compiled plans) kept in memory, least recently seen dropped."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_in_url(cls, data: Any) -> Any:
+        """``http://user:password@host/...``: the credentials move to ``username``/``password``.
+
+        The URL kept (requested, logged, in messages) never holds them. Credentials given both
+        ways must agree.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        url, user, password = split_userinfo(data["url"])
+        if url == data["url"]:
+            return data
+        for key, value in (("username", user), ("password", password)):
+            given = data.get(key)
+            if given and value and given != value:
+                raise ConfigError(
+                    "registry.url", f"holds a {key} other than registry.{key}: give it once"
+                )
+        return {
+            **data,
+            "url": url,
+            "username": data.get("username") or user,
+            "password": data.get("password") or password,
+        }
+
+
+class HealthConfig(Section):
+    """Liveness, readiness and the per-partition progress watchdog (docs/manual/observability.md, "Health")."""
+
+    liveness_timeout_s: Number = Field(default=60.0, gt=0)
+    """``/healthz`` fails when the main loop has not completed an iteration for this long."""
+    stall_timeout_s: Number = Field(default=60.0, gt=0)
+    """A partition with lag whose committed offset has not moved for this long is stalled:
+    metric, ``/readyz`` fails, one warning."""
+
+
+class LoggingConfig(Section):
+    """Log output (docs/manual/observability.md, "Logs")."""
+
+    format: Literal["auto", "json", "text"] = "auto"
+    """``json`` (one event per line), ``text``, or ``auto``: text when stderr is a terminal,
+    else JSON."""
+    level: Annotated[str, AfterValidator(log_level)] = "INFO"
+    """``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR`` (any case)."""
+    progress_interval_s: Number = Field(default=30.0, ge=0)
+    """Seconds between the worker's INFO progress lines (records/s, dead letters by reason,
+    lag, model version); 0: none."""
+
+
+class Config(Section):
+    """The whole configuration of one worker."""
+
+    kafka: KafkaConfig
+    """Connection to Kafka."""
+    input: InputConfig
+    """The input topic and its contract."""
+    output: OutputConfig
+    """Where predictions go."""
+    dead_letter: DeadLetterConfig
+    """Where records that cannot be scored go."""
+    model: ModelConfig
+    """The model to score with."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Micro-batching."""
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    """The worker process."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """The Prometheus endpoint."""
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    """The delivery guarantee."""
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    """Liveness, readiness and the progress watchdog."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Log output."""
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """The Schema Registry (``format: confluent``)."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        _check(self)
+        return self
+
+
+def _check(cfg: Config) -> None:
+    """The checks that involve more than one key (each key's own rules are declared above).
+
+    Raises:
+        ConfigError: every check that failed, in one error.
+    """
+    problems = list(_cross_problems(cfg))
+    if problems:
+        (field, message), *more = problems
+        raise ConfigError(field, message, more=more)
+
+
+def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
+    """Each failed check across keys as (key, problem)."""
+    raw_poll = cfg.kafka.consumer.get("max.poll.interval.ms", "300000")
+    poll_ms: int | None = None
+    try:
+        poll_ms = int(raw_poll)
+    except ValueError:
+        yield "kafka.consumer.max.poll.interval.ms", "must be an integer"
+    if poll_ms is not None and poll_ms < 2000 * cfg.batch.max_processing_s:
+        yield (
+            "batch.max_processing_s",
+            f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
+    own = [h for h in cfg.output.copy_headers if h.startswith(headers.OWN_PREFIX)]
+    if own:
+        yield (
+            "output.copy_headers",
+            f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
+        )
+    if (cfg.model.path is None) == (not cfg.model.source):
+        yield "model.source", "give exactly one of model.path and model.source"
+    if cfg.input.reader_subject and cfg.input.format != "confluent":
+        yield "input.reader_subject", "needs input.format: confluent"
+    framed = [
+        k
+        for k, f in (("input.format", cfg.input.format), ("output.format", cfg.output.format))
+        if f == "confluent"
+    ]
+    if framed and not cfg.registry.url:
+        yield "registry.url", f"is required by {framed[0]}: confluent"
+    # the wait for a registry that does not answer happens between polls (input format only)
+    polled = cfg.input.format == "confluent" and poll_ms is not None
+    if polled and 1000 * cfg.registry.unavailable_timeout_s >= (poll_ms or 0):
+        yield (
+            "registry.unavailable_timeout_s",
+            f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
+    for name in cfg.input.topics:
+        for key, out in (
+            ("output.topic", cfg.output.topic),
+            ("dead_letter.topic", cfg.dead_letter.topic),
+        ):
+            if name == out or (name.startswith("^") and _matches(name, out)):
+                yield "input.topics", f"{name!r} would consume {key} {out!r}"
+    if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
+        yield "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
+    topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
+    if len(topics) != 3:
+        yield "output.topic", "input, output and dead-letter topics must differ"
+    if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
+        missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
+        yield missing, "is required with the other of tls_cert and tls_key"
+
+
+def _matches(pattern: str, topic: str) -> bool:
+    try:
+        return re.search(pattern, topic) is not None
+    except re.error as exc:
+        raise ConfigError(
+            "input.topics", f"{pattern!r} is not a regular expression: {exc}"
+        ) from None
+
+
+def config_schema() -> dict[str, Any]:
+    """Return the JSON Schema of the configuration file (for editors and ``config schema``)."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "stream-scorer configuration"
+    return schema
