@@ -313,7 +313,10 @@ class RegistryConfig(Section):
 
 
 class HealthConfig(Section):
-    """Liveness, readiness and the per-partition progress watchdog (docs/manual/observability.md, "Health")."""
+    """Liveness, readiness and the per-partition progress watchdog.
+
+    See docs/manual/observability.md, "Health".
+    """
 
     liveness_timeout_s: Number = Field(default=60.0, gt=0)
     """``/healthz`` fails when the main loop has not completed an iteration for this long."""

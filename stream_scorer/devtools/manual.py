@@ -264,6 +264,7 @@ def _option_row(action: argparse.Action, prog: str) -> tuple[str, str, str, str]
 def cli_page() -> str:
     """The command-line reference: every command and sub-command with its options."""
     from stream_scorer.cli import build_parser
+    from stream_scorer.cli.common import EXAMPLE
 
     top = build_parser()
     out = [
@@ -285,7 +286,9 @@ def cli_page() -> str:
         ]
         if rows:
             out.append(_table(("option", "value", "default", "meaning"), rows) + "\n")
-        if parser.epilog:
+        if parser.epilog and parser.epilog.startswith(EXAMPLE):
+            out.append(f"Example: {_code(parser.epilog.removeprefix(EXAMPLE))}\n")
+        elif parser.epilog:
             out.append(f"{_cell(parser.epilog)}\n")
     return "\n".join(out)
 

@@ -14,7 +14,6 @@ file and a markdown section in the bench results folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -50,15 +49,6 @@ class Sample:
     predictions: int
     dead_letters: int
     lag: int
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``--soak`` options to the bench command's parser."""
-    parser.add_argument("--soak", action="store_true", help="run the soak instead (RSS over time)")
-    parser.add_argument("--soak-seconds", type=float, default=600.0, help="length of the soak")
-    parser.add_argument("--soak-rate", type=float, default=10_000.0, help="events per second")
-    parser.add_argument("--soak-malformed", type=float, default=0.01, help="malformed share")
-    parser.add_argument("--soak-interval", type=float, default=10.0, help="seconds per sample")
 
 
 def rss_mib(pid: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stream_scorer.cli.common import Commands, command
 from stream_scorer.errors import ConfigError
 from stream_scorer.model.store import (
     DEFAULT_ALIAS,
@@ -21,6 +22,10 @@ from stream_scorer.model.store import (
     promote,
     rollback,
 )
+
+#: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
+TITLE = "Models"
+ROWS = [(("model",), "publish, promote, roll back, pack, check versions")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:
@@ -116,13 +121,21 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Commands) -> None:
     """Add ``model publish|promote|rollback|pack|check`` to the command line."""
-    model = sub.add_parser("model", help="model versions: publish, promote, rollback, pack, check")
+    model = command(
+        sub,
+        "model",
+        "model promote store:/srv/models/rides 7",
+        help="model versions: publish, promote, rollback, pack, check",
+    )
     model_sub = model.add_subparsers(dest="model_command", required=True)
 
-    publish = model_sub.add_parser(
-        "publish", help="copy a model directory into a store (or register it in MLflow)"
+    publish = command(
+        model_sub,
+        "publish",
+        "model publish rides/models/rides store:/srv/models/rides --promote",
+        help="copy a model directory into a store (or register it in MLflow)",
     )
     publish.add_argument("dir", type=Path, help="model directory (manifest.json + model file)")
     _store_arguments(publish)
@@ -130,21 +143,31 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     publish.add_argument("--alias", default=DEFAULT_ALIAS)
     publish.set_defaults(func=_cmd_publish)
 
-    prom = model_sub.add_parser("promote", help="point an alias at a version")
+    prom = command(
+        model_sub,
+        "promote",
+        "model promote models:/rides 7 --tracking-uri http://mlflow:5000",
+        help="point an alias at a version",
+    )
     _store_arguments(prom)
     prom.add_argument("version")
     prom.add_argument("--alias", default=DEFAULT_ALIAS)
     prom.set_defaults(func=_cmd_promote)
 
-    back = model_sub.add_parser(
-        "rollback", help="point an alias back at the version it pointed at before"
+    back = command(
+        model_sub,
+        "rollback",
+        "model rollback store:/srv/models/rides",
+        help="point an alias back at the version it pointed at before",
     )
     _store_arguments(back)
     back.add_argument("--alias", default=DEFAULT_ALIAS)
     back.set_defaults(func=_cmd_rollback)
 
-    pk = model_sub.add_parser(
+    pk = command(
+        model_sub,
         "pack",
+        "model pack booster.ubj --schema ride.avsc --out models/rides",
         help="write a model directory from a saved booster, the input schema and a feature "
         "mapping (exit 2 on any mismatch)",
     )
@@ -167,8 +190,10 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     pk.set_defaults(func=_cmd_pack)
 
-    ck = model_sub.add_parser(
+    ck = command(
+        model_sub,
         "check",
+        "model check models/rides --schema ride.avsc",
         help="the worker's checks of a model directory against an input schema (exit 2 on any "
         "problem)",
     )

@@ -1,0 +1,23 @@
+"""What the command modules share: the sub-parser type and the way a command is added."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+#: The ``add_subparsers()`` object a command group adds its commands to.
+if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+else:  # not subscriptable at run time
+    Commands = argparse._SubParsersAction
+
+#: What starts each command's epilog (``stream-scorer X --help`` ends with one example).
+EXAMPLE = "example: "
+
+
+def command(sub: Commands, name: str, example: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """Add command ``name`` to ``sub``; its help ends with ``example: stream-scorer <example>``.
+
+    ``kwargs`` go to ``add_parser`` (``help``, ``description``).
+    """
+    return sub.add_parser(name, epilog=f"{EXAMPLE}stream-scorer {example}", **kwargs)

@@ -1,0 +1,77 @@
+"""``stream-scorer config check|schema``: validate a configuration offline; its JSON Schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from stream_scorer.cli.common import Commands, command
+from stream_scorer.errors import ConfigError, StreamScorerError
+
+#: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
+TITLE = "Run"
+ROWS = [(("config",), "check a configuration offline; its JSON Schema")]
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    """Load a configuration and its schemas and model as a worker's start-up does, offline."""
+    from stream_scorer.config import check_clients, load_config, worker_identity
+    from stream_scorer.errors import ModelError, SchemaError
+    from stream_scorer.worker.loop import build_pipeline, model_source
+    from stream_scorer.worker.metrics import Metrics
+
+    cfg = load_config(args.file)
+    check_clients(cfg, worker_identity(cfg))  # librdkafka's own checks, as at start-up
+    model_key = "model.path" if cfg.model.path is not None else "model.source"
+    try:
+        models = model_source(cfg)
+        try:
+            _, scorer = build_pipeline(cfg, Metrics(), models.fetch(models.wanted()))
+        finally:
+            models.close()
+    except ConfigError:
+        raise
+    except StreamScorerError as exc:  # every problem of the file is a configuration error here
+        key = "input.schema" if isinstance(exc, SchemaError) else "config"
+        key = model_key if isinstance(exc, ModelError) else key
+        raise ConfigError(key, str(exc)) from exc
+    manifest = scorer.manifest
+    print(
+        f"OK {args.file}: {cfg.input.topic} -> {cfg.output.topic} "
+        f"(dead letters {cfg.dead_letter.topic}, group {cfg.input.group_id}, "
+        f"{cfg.delivery.mode}); model {manifest.model_version} ({manifest.objective}, "
+        f"{len(manifest.features)} features)",
+        flush=True,
+    )
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from stream_scorer.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2), flush=True)
+    return 0
+
+
+def add_commands(sub: Commands) -> None:
+    """Add ``config check`` and ``config schema``."""
+    config = command(
+        sub, "config", "config check rides.yaml", help="check a configuration file; its JSON Schema"
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = command(
+        config_sub,
+        "check",
+        "config check rides.yaml",
+        help="validate a configuration, its schemas and model as a worker's start-up does, "
+        "without connecting to Kafka (exit 2 on any problem)",
+    )
+    check.add_argument("file", type=Path, help="YAML or TOML configuration")
+    check.set_defaults(func=_cmd_config_check)
+    command(
+        config_sub,
+        "schema",
+        "config schema > config.schema.json",
+        help="print the configuration file's JSON Schema (for editors)",
+    ).set_defaults(func=_cmd_config_schema)

@@ -1,0 +1,97 @@
+"""``stream-scorer run``: a scoring worker, or ``--workers N`` of them under a supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stream_scorer import logs
+from stream_scorer.cli.common import Commands, command
+from stream_scorer.errors import EXIT_OK, EXIT_ORPHANED_LAG, ConfigError
+
+if TYPE_CHECKING:
+    from stream_scorer.config import Config
+    from stream_scorer.worker.flow import StopFlag
+
+#: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
+TITLE = "Run"
+ROWS = [(("run",), "score: one worker, or --workers N of them")]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from stream_scorer.worker.flow import StopFlag
+
+    stop = StopFlag()
+    with stop.on_signals():  # before the heavy imports: a SIGTERM during start-up stops cleanly
+        return _run(args, stop)
+
+
+def _run(args: argparse.Namespace, stop: StopFlag) -> int:
+    from stream_scorer.config import load_config
+    from stream_scorer.worker.loop import run_worker
+
+    worker: dict[str, Any] = {}
+    if args.max_messages is not None:
+        worker["max_messages"] = args.max_messages
+    if args.idle_timeout is not None:
+        worker["idle_timeout_s"] = args.idle_timeout
+    if args.worker_id is not None:
+        worker["id"] = args.worker_id
+    overrides: dict[str, Any] = {"worker": worker} if worker else {}
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
+    if args.bootstrap_servers is not None:
+        overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
+    cfg = load_config(args.config, overrides=overrides)
+    logs.setup(cfg.logging.format, args.log_level or cfg.logging.level)
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        return _supervise(args, cfg)
+    report = run_worker(cfg, stop)
+    # one write: with --workers N the reports share one stdout and must not interleave
+    sys.stdout.write(json.dumps(asdict(report)) + "\n")
+    sys.stdout.flush()
+    return EXIT_ORPHANED_LAG if report.orphaned_lag else EXIT_OK
+
+
+def _supervise(args: argparse.Namespace, cfg: Config) -> int:
+    import socket
+
+    from stream_scorer.worker.supervisor import Supervisor, worker_commands
+
+    base = [sys.executable, "-m", "stream_scorer"]
+    base += ["--log-level", args.log_level] if args.log_level else []
+    base += ["run", "--config", str(args.config)]
+    for flag, value in (
+        ("--max-messages", args.max_messages),
+        ("--idle-timeout", args.idle_timeout),
+        ("--bootstrap-servers", args.bootstrap_servers),
+    ):
+        base += [flag, str(value)] if value is not None else []
+    # stable across restarts (exactly-once's transactional ids, static membership)
+    worker_id = cfg.worker.id or socket.gethostname()
+    commands = worker_commands(base, args.workers, worker_id, cfg.metrics.port)
+    return Supervisor(commands, grace_s=cfg.worker.shutdown_timeout_s + 60).run()
+
+
+def add_commands(sub: Commands) -> None:
+    """Add ``run``."""
+    run = command(sub, "run", "run --config rides.yaml --workers 2", help="run a scoring worker")
+    run.add_argument("--config", type=Path, required=True, help="YAML or TOML configuration")
+    run.add_argument("--max-messages", type=int, help="stop after this many records")
+    run.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds")
+    run.add_argument("--metrics-port", type=int, help="Prometheus port (0 disables)")
+    run.add_argument("--worker-id", help="worker id (default: host-pid)")
+    run.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, one group member each (worker i: id <id>-<i>, port+i)",
+    )
+    run.set_defaults(func=_cmd_run)
