@@ -14,7 +14,7 @@ import pytest
 from eos_fakes import TIMEOUT_S, Net, Run
 
 from stream_scorer.worker import delivery
-from stream_scorer.worker.delivery import RECONNECTED_GRACE_S, Reconnection
+from stream_scorer.worker.delivery import RECONNECTED_GRACE_S, ProducerEvents
 
 #: The call that blocks (librdkafka#5456).
 STUCK = ("send_offsets_to_transaction",)
@@ -55,7 +55,7 @@ def test_a_call_that_returns_after_the_reconnection_is_not_left_behind() -> None
     finally:
         run.release()
     assert len(run.producers) == 1 and run.count("recreated") == 0
-    assert net.reconnection.lost_at is None  # the commit put the outage behind
+    assert net.producer_events.lost_at is None  # the commit put the outage behind
 
 
 def test_while_the_broker_stays_down_the_timeout_bound_applies(
@@ -85,7 +85,7 @@ def test_without_a_lost_connection_a_slow_call_gets_the_timeout_bound() -> None:
 
 def test_reconnection_counts_only_the_wait_with_the_brokers_back() -> None:
     now = [0.0]
-    rec = Reconnection(lambda: now[0])
+    rec = ProducerEvents(lambda: now[0])
     assert rec.waited_back(0.0) == 0.0  # nothing lost
     rec.answered()
     assert rec.back_since is None  # answers mean nothing without a loss
