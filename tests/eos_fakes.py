@@ -19,7 +19,7 @@ from support import Msg
 
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.stages.records import Message, Scored
-from stream_scorer.worker.delivery import ExactlyOnce, Reconnection
+from stream_scorer.worker.delivery import ExactlyOnce, ProducerEvents
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
 from stream_scorer.worker.sink import SinkContext
@@ -40,7 +40,7 @@ class Net:
     def __init__(self, down_at: float, back_at: float) -> None:
         self.now = 0.0
         self.down_at, self.back_at = down_at, back_at
-        self.reconnection = Reconnection(self.clock)
+        self.producer_events = ProducerEvents(self.clock)
 
     def clock(self) -> float:
         return self.now
@@ -139,7 +139,7 @@ class FakeProducer:
         net.now += STEP_S
         if net.down and not self.reported_down:
             self.reported_down = True
-            net.reconnection.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+            net.producer_events.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
         if self.release_at is not None and net.now >= self.release_at:
             self.released.set()
         return 0
@@ -183,7 +183,7 @@ class FakeSource:
 class Run:
     """An ``ExactlyOnce`` over fake producers; records each producer and when it was made.
 
-    With ``net``, its clock and reconnection; else ``clock`` (default the real one).
+    With ``net``, its clock and producer events; else ``clock`` (default the real one).
     """
 
     def __init__(
@@ -215,7 +215,7 @@ class Run:
             timeout_s=TIMEOUT_S,
             bootstrap="127.0.0.1:9",
             unreachable_timeout_s=120,
-            reconnection=None if net is None else net.reconnection,
+            producer_events=None if net is None else net.producer_events,
             clock=self.clock,
         )
 
@@ -236,13 +236,13 @@ class Run:
         """Deliver ``batch`` (default: one record at offset 7), every record scored."""
         messages: list[Message] = list(batch) if batch is not None else [Msg(b"x", o=7)]
         ticket = self.tracker.track(messages)
-        values = [b"p%d" % (m.offset() or 0) for m in messages]
-        scored = Scored(messages, values, [0] * len(messages))
+        encoded = [b"p%d" % (m.offset() or 0) for m in messages]
+        scored = Scored(messages, encoded, [0] * len(messages))
         return self.eos.deliver(ticket, BatchResult(scored, []))
 
     def count(self, outcome: str) -> float:
         """``stream_scorer_transactions_total`` for ``outcome``."""
-        value = self.metrics.registry.get_sample_value(
+        value = self.metrics.prometheus.get_sample_value(
             "stream_scorer_transactions_total", {"outcome": outcome}
         )
         return value or 0.0

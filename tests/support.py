@@ -324,7 +324,7 @@ def exported_metric_names() -> set[str]:
         "info": ("_info",),
     }
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    for family in Metrics().prometheus.collect():
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names
 

@@ -90,7 +90,7 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
 def _stage_sums(metrics: Metrics) -> dict[str, float]:
     out = {}
     for stage in STAGES:
-        value = metrics.registry.get_sample_value(
+        value = metrics.prometheus.get_sample_value(
             "stream_scorer_stage_duration_seconds_sum", {"stage": stage}
         )
         out[stage] = float(value or 0.0)
@@ -143,13 +143,13 @@ def profile_fast_path(
     """Time the fast path's parts over ``payloads`` in batches, µs per record (best of 15).
 
     ``kernel``: gathering the bytes and the compiled decode into the matrix; ``columns``: the
-    rest of ``FastDecoder.run`` (feature policies, dead letters, id and event-time columns).
+    rest of ``FastColumns.run`` (feature policies, dead letters, id and event-time columns).
     """
-    from stream_scorer.fast.path import FastDecoder
+    from stream_scorer.fast.path import FastColumns
     from stream_scorer.model.manifest import read_manifest
     from stream_scorer.stages.decode import load_schema
 
-    fast = FastDecoder(
+    fast = FastColumns(
         load_schema(cfg.input.schema),
         read_manifest(cfg.model.directory).features,
         id_field=cfg.input.id_field,
@@ -202,7 +202,7 @@ def profile_framed(
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     from stream_scorer.example.rides import RIDE_SCHEMA_PATH, evolved_ride_schemas
-    from stream_scorer.fast.path import FastDecoder
+    from stream_scorer.fast.path import FastColumns
     from stream_scorer.model.manifest import read_manifest
     from stream_scorer.registry import RegistryClient
     from stream_scorer.stages.decode import load_schema
@@ -240,7 +240,7 @@ def profile_framed(
         "event_time_field": cfg.input.event_time_field,
         "max_message_bytes": cfg.input.max_message_bytes,
     }
-    fast = FastDecoder(reader_v1, features, **kw)
+    fast = FastColumns(reader_v1, features, **kw)
     out = {"schemaless_fast": best(fast.run, bodies)}
     for name, reader in (("framed_fast", reader_v1), ("framed_fast_evolved", None)):
         if reader is None:

@@ -2,8 +2,8 @@
 
 For development, the tests and a first ``model.source: models:/<name>@<alias>``, like
 ``localkafka`` and ``localregistry``. mlflow is no dependency of stream-scorer (the worker reads
-the registry over REST), so the server is installed from PyPI into a virtualenv of its own in
-the cache (``<cache>/mlflow-tools``, by ``fetch``) and runs as a detached process whose pid and
+the model registry over REST), so the server is installed from PyPI into a virtualenv of its own
+in the cache (``<cache>/mlflow-tools``, by ``fetch``) and runs as a detached process whose pid and
 address are kept in a state directory: a sqlite backend store and an artifacts folder there
 (a restarted server keeps its models), artifacts served by the server
 (``--serve-artifacts``: the worker downloads through it), job execution off.

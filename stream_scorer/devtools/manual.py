@@ -200,7 +200,7 @@ def metrics_page() -> str:
     metrics = Metrics()
     labels = _labels(metrics)
     rows = []
-    for family in metrics.registry.collect():
+    for family in metrics.prometheus.collect():
         name = family.name + _SERIES.get(family.type, "")
         note = _HISTOGRAM_NOTE if family.type == "histogram" else ""
         label_names = ", ".join(_code(n) for n in labels.get(family.name, ()))
@@ -209,7 +209,7 @@ def metrics_page() -> str:
         [
             "# Metrics\n",
             "Each worker process serves these on `metrics.port` (`/metrics`); with "
-            "`run --workers N`, worker `i` serves its own registry on `metrics.port + i`, so "
+            "`run --workers N`, worker `i` serves its own metrics on `metrics.port + i`, so "
             "scrape every port (or replica) and `sum` in PromQL. Units are in the names.\n",
             _table(("metric", "type", "labels", "meaning"), rows) + "\n",
         ]

@@ -1,9 +1,10 @@
 """The fast path: a batch of messages straight to the model's float32 matrix, in one pass.
 
-``FastDecoder`` stands in for ``Decoder`` + ``FeatureBuilder``: a program specialised to the
-input schema and the model's features (``fast.plan``) is run over the whole batch by a compiled
-interpreter (``fast.kernel``), which enforces every decode guard and writes each feature cell
-with a *state* (value, missing, NaN, infinite, unseen category, not numeric, not a timestamp).
+``FastColumns`` stands in for ``Decoder`` + ``FeatureBuilder`` (``columns.AvroColumns``), a
+``ColumnBuilder`` like it: a program specialised to the input schema and the model's features
+(``fast.plan``) is run over the whole batch by a compiled interpreter (``fast.kernel``), which
+enforces every decode guard and writes each feature cell with a *state* (value, missing, NaN,
+infinite, unseen category, not numeric, not a timestamp).
 The feature policies are then applied to the states, vectorised, column by column in the
 manifest's order (the first failing feature names the dead letter, as in ``stages/features.py``).
 
@@ -96,8 +97,8 @@ def _kernel() -> Any:
     return fastkernel
 
 
-class FastDecoder:
-    """Decodes batches straight into the model's matrix; see the module docstring."""
+class FastColumns:
+    """Builds a batch's ``Columns`` straight from its bytes; see the module docstring."""
 
     def __init__(
         self,
@@ -413,13 +414,13 @@ def build_fast_path(
     event_time_field: str,
     max_message_bytes: int,
     enabled: bool = True,
-) -> FastDecoder | None:
-    """Return a ``FastDecoder`` for the schema, or None (fastavro path), logging the choice."""
+) -> FastColumns | None:
+    """Return a ``FastColumns`` for the schema, or None (fastavro path), logging the choice."""
     if not enabled:
         log.info("decoder: fastavro path (the fast path is switched off: input.fast_path)")
         return None
     try:
-        fast = FastDecoder(
+        fast = FastColumns(
             schema,
             features,
             id_field=id_field,

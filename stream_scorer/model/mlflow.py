@@ -148,7 +148,7 @@ class MlflowRegistry:
         query: Mapping[str, str] | None = None,
         body: Any = None,
     ) -> dict[str, Any]:
-        """A registry API call (``/api/2.0/mlflow/<endpoint>``) returning its JSON object."""
+        """A model registry API call (``/api/2.0/mlflow/<endpoint>``) returning its JSON object."""
         raw = self.request(method, f"{API}/{endpoint}", query=query, body=body)
         try:
             out = json.loads(raw or b"{}")
@@ -214,25 +214,25 @@ class MlflowError(ModelError):
 class MlflowModel:
     """One registered model: its versions, aliases and alias history (an ``AliasStore``)."""
 
-    def __init__(self, registry: MlflowRegistry, name: str) -> None:
-        """The registered model ``name`` of ``registry``."""
-        self.registry = registry
+    def __init__(self, model_registry: MlflowRegistry, name: str) -> None:
+        """The registered model ``name`` of ``model_registry``."""
+        self.model_registry = model_registry
         self.name = name
 
     def describe(self) -> str:
         """``models:/<name> at <server>``."""
-        return f"models:/{self.name} at {self.registry.uri}"
+        return f"models:/{self.name} at {self.model_registry.uri}"
 
     def check_version(self, version: str) -> None:
         """Raise ``ModelError`` unless the version exists."""
-        self.registry.call(
+        self.model_registry.call(
             "GET", "model-versions/get", query={"name": self.name, "version": version}
         )
 
     def get_alias(self, alias: str) -> str | None:
         """The version ``alias`` points at, or None."""
         try:
-            got = self.registry.call(
+            got = self.model_registry.call(
                 "GET", "registered-models/alias", query={"name": self.name, "alias": alias}
             )
         except MlflowError as exc:
@@ -246,7 +246,7 @@ class MlflowModel:
 
     def set_alias(self, alias: str, version: str) -> None:
         """Point ``alias`` at ``version``."""
-        self.registry.call(
+        self.model_registry.call(
             "POST",
             "registered-models/alias",
             body={"name": self.name, "alias": alias, "version": version},
@@ -254,7 +254,7 @@ class MlflowModel:
 
     def get_history(self, alias: str) -> list[str]:
         """The versions ``alias`` pointed at before (a registered model tag), oldest first."""
-        got = self.registry.call("GET", "registered-models/get", query={"name": self.name})
+        got = self.model_registry.call("GET", "registered-models/get", query={"name": self.name})
         tags = {t["key"]: t["value"] for t in got["registered_model"].get("tags", [])}
         raw = tags.get(HISTORY_TAG + alias)
         try:
@@ -265,7 +265,7 @@ class MlflowModel:
 
     def set_history(self, alias: str, versions: list[str]) -> None:
         """Replace ``alias``'s history."""
-        self.registry.call(
+        self.model_registry.call(
             "POST",
             "registered-models/set-tag",
             body={"name": self.name, "key": HISTORY_TAG + alias, "value": json.dumps(versions)},
@@ -273,15 +273,15 @@ class MlflowModel:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """No lock: the registry has none (two promoters at once may interleave histories)."""
+        """No lock: the model registry has none (two promoters at once may interleave histories)."""
         yield
 
     def download_path(self, version: str) -> str:
         """The proxied artifact path of ``version``'s files."""
-        got = self.registry.call(
+        got = self.model_registry.call(
             "GET", "model-versions/get-download-uri", query={"name": self.name, "version": version}
         )
-        return self.registry.artifact_path(str(got["artifact_uri"]))
+        return self.model_registry.artifact_path(str(got["artifact_uri"]))
 
     def publish(self, model_dir: Path, experiment: str = "stream-scorer") -> str:
         """Upload a model directory and register it as a new version; return the version.
@@ -290,7 +290,7 @@ class MlflowModel:
         (created if need be): MLflow registers a version only from a run's artifacts.
         """
         manifest = read_manifest(model_dir)
-        reg = self.registry
+        reg = self.model_registry
         with contextlib.suppress(MlflowError):  # it exists already
             reg.call("POST", "registered-models/create", body={"name": self.name})
         try:
@@ -363,7 +363,7 @@ class MlflowSource:
             return target
         partial = self._cache / f".{version}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        self.model.registry.download(self.model.download_path(version), partial)
+        self.model.model_registry.download(self.model.download_path(version), partial)
         os.replace(partial, target)
         return target
 

@@ -35,7 +35,7 @@ from typing import Final, Protocol
 from stream_scorer.errors import ModelError
 from stream_scorer.model.manifest import read_manifest
 
-#: The prefix of a model store source; ``models:/`` names an MLflow registry model.
+#: The prefix of a model store source; ``models:/`` names a model in an MLflow model registry.
 STORE_SCHEME: Final = "store:"
 MLFLOW_SCHEME: Final = "models:/"
 #: The alias ``promote`` moves when none is given.

@@ -255,7 +255,7 @@ class FeatureBuilder:
     def unseen(self, records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         """How many of ``records`` hold an unseen value, per ``category`` feature with any.
 
-        Every record counts, also one rejected for another feature (as ``FastDecoder`` counts).
+        Every record counts, also one rejected for another feature (as ``FastColumns`` counts).
         """
         out: dict[str, int] = {}
         for name, get, index in self._categories:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import fastavro
 import numpy as np
 
-from stream_scorer.fast.path import FastDecoder
+from stream_scorer.fast.path import FastColumns
 from stream_scorer.fast.plan import Unsupported
 from stream_scorer.headers import VALUE_SCHEMA_ID
 from stream_scorer.model.manifest import FeatureSpec
@@ -364,7 +364,7 @@ def build_framed_columns(
     ) -> tuple[Callable[[Sequence[Message]], Columns], str]:
         if kind is Kind.FAST and fast_path:
             try:
-                fast = FastDecoder(
+                fast = FastColumns(
                     writer,
                     features,
                     id_field=id_field,

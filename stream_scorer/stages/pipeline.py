@@ -56,7 +56,7 @@ class BatchResult:
 
 
 class ColumnBuilder(Protocol):
-    """Decode + features of a batch: ``columns.AvroColumns`` or ``fast.path.FastDecoder``."""
+    """Decode + features of a batch: ``columns.AvroColumns`` or ``fast.path.FastColumns``."""
 
     def run(self, messages: Sequence[Message]) -> Columns:
         """The batch's scorable records as columns, and its dead letters."""
@@ -171,7 +171,7 @@ class Pipeline:
                 )
                 continue
             out.messages.append(msg)
-            out.values.append(encoded_one)
+            out.encoded.append(encoded_one)
             out.event_ms.append(event)
         return out
 

@@ -234,12 +234,12 @@ class Scored:
 
     Attributes:
         messages: the records scored, in input order.
-        values: the encoded prediction of each.
+        encoded: the encoded prediction record of each (the output message's value).
         event_ms: the event time written into each prediction (0: unknown).
     """
 
     messages: list[Message]
-    values: list[bytes]
+    encoded: list[bytes]
     event_ms: list[int]
 
     def __len__(self) -> int:

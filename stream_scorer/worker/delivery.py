@@ -11,7 +11,7 @@ the previous incarnation's transaction first; a fenced producer stops the worker
 call that blocks past its timeout is left behind with its producer for a new one; after a
 lost broker connection, when ``send_offsets_to_transaction`` can wait forever (librdkafka#5456,
 #5511), a call still blocked soon after the brokers answer again is left behind then, and so
-is any later one for a while after the first commit (``Reconnection``).
+is any later one for a while after the first commit (``ProducerEvents``).
 """
 
 from __future__ import annotations
@@ -139,14 +139,15 @@ class _StuckCall(Exception):
     """A transactional call outlived its timeout, or stayed blocked after a reconnection."""
 
 
-class Reconnection:
-    """Whether the producer lost a broker connection, and since when the brokers answer again.
+class ProducerEvents:
+    """The producer's callbacks (``logger``, ``error_cb``) and what they and the probes tell.
 
-    ``lost`` comes from the producer's error callback (``on_error``), ``answered`` and
-    ``unanswered`` from the metadata requests the main thread sends while a transactional call
-    waits, ``committed`` from a committed transaction (proof the brokers answer; once they have
-    for ``RECONNECTED_WATCH_S``, the loss is behind). It answers one question: how long has a
-    call been waiting with the brokers answering, after a connection was lost?
+    Its log lines and errors go to ``librdkafka.producer``; from them it notes a lost broker
+    connection (``lost``) and a topic the transaction coordinator refused (``refused_topic``).
+    ``answered`` and ``unanswered`` come from the metadata requests the main thread sends while
+    a transactional call waits, ``committed`` from a committed transaction (proof the brokers
+    answer; once they have for ``RECONNECTED_WATCH_S``, the loss is behind). It answers: how
+    long has a call been waiting with the brokers answering again, after a connection was lost?
     """
 
     def __init__(
@@ -390,7 +391,7 @@ class ExactlyOnce:
         timeout_s: float,
         bootstrap: str,
         unreachable_timeout_s: float,
-        reconnection: Reconnection | None = None,
+        producer_events: ProducerEvents | None = None,
         clock: Callable[[], float] = time.monotonic,
         group_id: str = "",
         transactional_id: str = "",
@@ -409,7 +410,7 @@ class ExactlyOnce:
             bootstrap: ``kafka.bootstrap_servers``, named when no broker answers.
             unreachable_timeout_s: ``kafka.unreachable_timeout_s``: ``init_transactions`` gives
                 up after this long (or ``timeout_s`` if shorter) when no broker answers.
-            reconnection: fed by the producers' error callback (``Reconnection.callbacks``).
+            producer_events: the producers' callbacks (``ProducerEvents.callbacks``).
             clock: the time in seconds.
             group_id: ``input.group_id`` (its offsets commit in the transactions), named when
                 the broker refuses it.
@@ -424,7 +425,7 @@ class ExactlyOnce:
         self._metrics = metrics
         self._timeout = timeout_s
         self._clock = clock
-        self._reconnection = reconnection or Reconnection(clock)
+        self._producer_events = producer_events or ProducerEvents(clock)
         self._bootstrap = bootstrap
         self._unreachable_timeout = unreachable_timeout_s
         self._group_id = group_id
@@ -491,8 +492,8 @@ class ExactlyOnce:
         kind = AUTHORIZATION_CODES[err.code()]
         if kind == "group":
             need = Grant("group", self._group_id, "member")
-        elif kind == "topic" and self._reconnection.refused_topic is not None:
-            need = Grant("topic", self._reconnection.refused_topic, "write")
+        elif kind == "topic" and self._producer_events.refused_topic is not None:
+            need = Grant("topic", self._producer_events.refused_topic, "write")
         elif kind == "topic":  # not said which: the transaction writes both
             out, dlq = self._ctx.output_topic, self._ctx.dead_letter_topic
             return AccessDeniedError(
@@ -542,7 +543,7 @@ class ExactlyOnce:
             time.sleep(min(0.1 * 2**self._failed_in_a_row, 5.0))  # back off before the retry
             return False
         self._failed_in_a_row = self._abandoned = 0
-        self._reconnection.committed()
+        self._producer_events.committed()
         self._source.mark_committed([(tp.topic, tp.partition, tp.offset) for tp in offsets])
         self.sink.poll(0)  # serve the delivery reports: metrics, tracker
         self._metrics.transactions.labels("committed").inc()
@@ -576,20 +577,20 @@ class ExactlyOnce:
 
         With ``serve``, serves the producer (delivery reports, and its log lines and errors on
         time): not during ``commit_transaction``, which serves them itself (flush). After a
-        lost connection (``Reconnection.watching``, which outlasts the first commit), asks a
+        lost connection (``ProducerEvents.watching``, which outlasts the first commit), asks a
         broker for metadata. Stuck: the brokers have answered again for
         ``RECONNECTED_GRACE_S`` while the call kept waiting.
         """
         if serve:
             self.sink.poll(0)
-        reconnection = self._reconnection
-        if not reconnection.watching:
+        events = self._producer_events
+        if not events.watching:
             return None
         if _metadata_error(self._producer, _WATCH_EVERY_S) is not None:
-            reconnection.unanswered()
+            events.unanswered()
             return None
-        reconnection.answered()
-        waited = reconnection.waited_back(started)
+        events.answered()
+        waited = events.waited_back(started)
         if waited < RECONNECTED_GRACE_S:
             return None
         return (

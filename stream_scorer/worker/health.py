@@ -173,7 +173,7 @@ class Monitor:
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         """Return whether the main loop has progressed within ``health.liveness_timeout_s``."""
-        sample = self._metrics.registry.get_sample_value(
+        sample = self._metrics.prometheus.get_sample_value(
             "stream_scorer_last_progress_timestamp_seconds"
         )
         last = max(sample or 0.0, self._started)

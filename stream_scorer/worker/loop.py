@@ -57,7 +57,7 @@ from stream_scorer.stages.fields import resolve, type_name
 from stream_scorer.stages.framing import MAGIC_ID, FramedColumns, build_framed_columns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
-from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Reconnection
+from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, ProducerEvents
 from stream_scorer.worker.flow import (
     IDLE_GAP_SLACK_S,
     REQUESTED_STOPS,
@@ -305,8 +305,8 @@ def _delivery(
         ctx, dead_letter_max_bytes=min(client_limit, topic_limit) if topic_limit else client_limit
     )
     log.info("producer settings: %s", redacted(psettings))
-    reconnection = Reconnection()
-    settings = {**psettings, **reconnection.callbacks()}  # its log lines and errors
+    producer_events = ProducerEvents()
+    settings = {**psettings, **producer_events.callbacks()}  # its log lines and errors
     if cfg.delivery.mode == EXACTLY_ONCE:
         return ExactlyOnce(
             lambda: Producer(settings),
@@ -315,7 +315,7 @@ def _delivery(
             tracker,
             metrics,
             timeout_s=cfg.delivery.transaction_timeout_s,
-            reconnection=reconnection,
+            producer_events=producer_events,
             bootstrap=cfg.kafka.bootstrap_servers,
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
             group_id=cfg.input.group_id,
@@ -466,7 +466,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         if s.name.endswith("_total")
     }
     report.predictions = int(
-        metrics.registry.get_sample_value("stream_scorer_predictions_produced_total") or 0
+        metrics.prometheus.get_sample_value("stream_scorer_predictions_produced_total") or 0
     )
     return report
 

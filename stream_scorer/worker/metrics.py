@@ -1,7 +1,7 @@
 """Prometheus metrics of one worker process.
 
 Every metric is listed, with its meaning, in docs/manual/reference/metrics.md (generated from
-this registry). Each worker process owns its registry and serves it on its own port
+this registry). Each worker process owns its Prometheus registry and serves it on its own port
 (``stream_scorer.worker.health``), so with ``--workers N`` nothing is counted twice: Prometheus
 scrapes each process and sums.
 """
@@ -42,12 +42,12 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
-    """The worker's metrics, registered in their own registry."""
+    """The worker's metrics, registered in their own Prometheus registry (``prometheus``)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        """Create and register every metric."""
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+    def __init__(self, prometheus: CollectorRegistry | None = None) -> None:
+        """Create and register every metric (in ``prometheus``, default a new registry)."""
+        self.prometheus = prometheus if prometheus is not None else CollectorRegistry()
+        r = self.prometheus
         self.records_consumed = Counter(
             "stream_scorer_records_consumed", "Records consumed from the input topic.", registry=r
         )
@@ -230,8 +230,8 @@ class Metrics:
                     gauge.remove(topic, str(partition))
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
-        return generate_latest(self.registry)
+        """The Prometheus registry in Prometheus' text exposition format."""
+        return generate_latest(self.prometheus)
 
 
 class BatchHistogram(Collector):
@@ -274,5 +274,5 @@ class BatchHistogram(Collector):
         )
 
     def describe(self) -> Iterator[Metric]:
-        """Yield the family without samples (the registry checks names with it)."""
+        """Yield the family without samples (the Prometheus registry checks names with it)."""
         yield HistogramMetricFamily(self._name, self._doc)

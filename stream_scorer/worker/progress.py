@@ -61,7 +61,7 @@ class Progress:
         self._unseen_logged: set[str] = set()
 
     def _consumed(self) -> int:
-        value = self._metrics.registry.get_sample_value("stream_scorer_records_consumed_total")
+        value = self._metrics.prometheus.get_sample_value("stream_scorer_records_consumed_total")
         return int(value or 0)
 
     def _dead_letters(self) -> dict[str, int]:

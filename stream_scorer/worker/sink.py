@@ -190,7 +190,7 @@ class _Outputs:
     def _input_of(self, msg: Any) -> Message | None:
         """The input record of a refused prediction (error path only: a linear search)."""
         try:
-            return self.scored.messages[self.scored.values.index(msg.value())]
+            return self.scored.messages[self.scored.encoded.index(msg.value())]
         except Exception:
             return None
 
@@ -338,7 +338,7 @@ class Sink:
         produce, topic, copied = self._producer.produce, ctx.output_topic, ctx.copy_headers
         offset_header = hdr.SOURCE_OFFSET  # a local: looked up once per batch, not per record
         last: tuple[str, int] | None = None
-        for msg, value in zip(scored.messages, scored.values, strict=True):
+        for msg, value in zip(scored.messages, scored.encoded, strict=True):
             tp = (msg.topic() or "", msg.partition() or 0)
             if tp != last:  # consumed records come in runs per partition
                 last = tp

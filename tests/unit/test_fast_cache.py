@@ -42,7 +42,7 @@ logging.getLogger().addHandler(Count())
 from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import FEATURES, RIDE_SCHEMA_PATH, generate_rides
 from stream_scorer.fast import kernel
-from stream_scorer.fast.path import FastDecoder
+from stream_scorer.fast.path import FastColumns
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.records import PlainMessage
 encoder = RideEncoder()
@@ -52,7 +52,7 @@ bad = generate_rides(len(MALFORMED_KINDS), seed=8, start_ms=start)
 values += [encoder.malformed(kind, r) for kind, r in zip(MALFORMED_KINDS, bad)]
 schema = load_schema(RIDE_SCHEMA_PATH)
 for _ in range(2):
-    fast = FastDecoder(
+    fast = FastColumns(
         schema, FEATURES, id_field="ride_id", event_time_field="requested_at",
         max_message_bytes=4096,
     )

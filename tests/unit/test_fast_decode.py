@@ -16,7 +16,7 @@ from support import Msg, avro, offset_of, parse_record_schema
 from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import FEATURES, RIDE_SCHEMA_PATH, generate_rides
 from stream_scorer.example.train import train
-from stream_scorer.fast.path import FastDecoder, build_fast_path
+from stream_scorer.fast.path import FastColumns, build_fast_path
 from stream_scorer.fast.plan import Unsupported
 from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -85,9 +85,9 @@ def fields_bytes(**over: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def fast() -> FastDecoder:
+def fast() -> FastColumns:
     schema = parse_record_schema(ALL_TYPES)
-    return FastDecoder(schema, SPECS, id_field="id", event_time_field="at", max_message_bytes=64)
+    return FastColumns(schema, SPECS, id_field="id", event_time_field="at", max_message_bytes=64)
 
 
 def test_hand_encoding_matches_fastavro() -> None:
@@ -129,7 +129,7 @@ def test_hand_encoding_matches_fastavro() -> None:
         (fields_bytes(at=zz(253_402_300_800_000)), "malformed_avro"),  # past year 9999
     ],
 )
-def test_every_decode_reason(fast: FastDecoder, value: bytes | None, reason: str) -> None:
+def test_every_decode_reason(fast: FastColumns, value: bytes | None, reason: str) -> None:
     batch = fast.run([Msg(fields_bytes(), o=0), Msg(value, o=1), Msg(fields_bytes(), o=2)])
     assert [(d.message.offset(), d.stage.value, d.reason) for d in batch.dead] == [
         (1, "decode", reason)
@@ -144,7 +144,7 @@ def test_block_counts_are_bounded_by_the_items_smallest_encoding() -> None:
         {"name": "id", "type": "string"},
         {"name": "xs", "type": {"type": "array", "items": "double"}},
     ]}  # fmt: skip
-    fast = FastDecoder(parse_record_schema(raw), [], id_field="id", max_message_bytes=99)
+    fast = FastColumns(parse_record_schema(raw), [], id_field="id", max_message_bytes=99)
     two = zz(2) + np.float64(1.0).tobytes() * 2 + zz(0)
     three = zz(3) + np.float64(1.0).tobytes() * 2 + zz(0)  # 3 doubles cannot fit in 17 bytes
     batch = fast.run([Msg(zz(1) + b"a" + two, o=0), Msg(zz(1) + b"a" + three, o=1)])
@@ -153,7 +153,7 @@ def test_block_counts_are_bounded_by_the_items_smallest_encoding() -> None:
 
 def test_a_boolean_byte_other_than_0_or_1_is_malformed() -> None:
     raw = {"type": "record", "name": "B", "fields": [{"name": "b", "type": "boolean"}]}
-    fast = FastDecoder(
+    fast = FastColumns(
         parse_record_schema(raw), [FeatureSpec("b", "b")], id_field="b", max_message_bytes=9
     )
     batch = fast.run([Msg(b"\x01", o=0), Msg(b"\x02", o=1)])
@@ -161,13 +161,13 @@ def test_a_boolean_byte_other_than_0_or_1_is_malformed() -> None:
     assert batch.ids == [True] and batch.matrix.tolist() == [[1.0]]
 
 
-def test_blocks_with_negative_counts_and_sizes_decode(fast: FastDecoder) -> None:
+def test_blocks_with_negative_counts_and_sizes_decode(fast: FastColumns) -> None:
     tags = zz(-2) + zz(4) + zz(1) + b"a" + zz(1) + b"b" + zz(0)
     batch = fast.run([Msg(fields_bytes(tags=tags), o=0)])
     assert batch.dead == [] and batch.ids == ["x"]
 
 
-def test_values_ids_and_event_times(fast: FastDecoder) -> None:
+def test_values_ids_and_event_times(fast: FastColumns) -> None:
     batch = fast.run([Msg(fields_bytes(), o=0), Msg(fields_bytes(maybe=zz(0)), o=1)])
     np.testing.assert_array_equal(batch.matrix, [[5, 0, 1.5, 1], [5, 0, math.nan, 1]])
     assert batch.ids == ["x", "x"] and batch.event_ms == [3_600_000, 3_600_000]
@@ -187,7 +187,7 @@ def test_hours_and_weekdays_before_and_after_1970(millis: int, hour: int, weekda
         {"type": "record", "name": "T", "fields": [{"name": "t", "type": "long"}]}
     )
     specs = [FeatureSpec("h", "t", "hour_of_day"), FeatureSpec("d", "t", "day_of_week")]
-    fast = FastDecoder(schema, specs, id_field="t", max_message_bytes=100)
+    fast = FastColumns(schema, specs, id_field="t", max_message_bytes=100)
     batch = fast.run([Msg(zz(millis))])
     ref, _ = FeatureBuilder(specs).build([{"t": millis}])
     np.testing.assert_array_equal(batch.matrix, [[hour, weekday]])
@@ -216,7 +216,7 @@ def test_feature_policies(
 ) -> None:
     schema = parse_record_schema(ALL_TYPES)
     specs = [*SPECS[:2], FeatureSpec("maybe", "maybe", **maybe_spec), SPECS[3]]
-    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
+    fast = FastColumns(schema, specs, id_field="id", max_message_bytes=100)
     payload = avro(ALL_TYPES, {**GOOD, "maybe": maybe})
     batch = fast.run([Msg(payload)])
     assert [(d.stage.value, d.reason) for d in batch.dead] == (
@@ -232,7 +232,7 @@ def test_feature_policies(
 def test_infinities_that_pass_reach_the_model_as_nan(value: float) -> None:
     schema = parse_record_schema(ALL_TYPES)
     specs = [*SPECS[:2], FeatureSpec("maybe", "maybe", policy={"infinite": "pass"}), SPECS[3]]
-    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
+    fast = FastColumns(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "maybe": value}))])
     assert batch.dead == [] and math.isnan(batch.matrix[0, 2]) and batch.matrix[0, 0] == 5
 
@@ -240,7 +240,7 @@ def test_infinities_that_pass_reach_the_model_as_nan(value: float) -> None:
 def test_unseen_categories_are_nan_even_when_missing_values_are_dead_letters() -> None:
     schema = parse_record_schema(ALL_TYPES)
     specs = [FeatureSpec("color", "color", "category", ("G",), policy={"missing": "dead_letter"})]
-    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
+    fast = FastColumns(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "color": "R"}))])
     assert batch.dead == [] and math.isnan(batch.matrix[0, 0])
 
@@ -248,7 +248,7 @@ def test_unseen_categories_are_nan_even_when_missing_values_are_dead_letters() -
 def test_first_failing_feature_names_the_dead_letter() -> None:
     schema = parse_record_schema(ALL_TYPES)
     specs = [FeatureSpec("id_as_number", "id"), FeatureSpec("maybe", "maybe")]
-    fast = FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
+    fast = FastColumns(schema, specs, id_field="id", max_message_bytes=100)
     batch = fast.run([Msg(avro(ALL_TYPES, {**GOOD, "maybe": math.inf}))])
     assert [d.reason for d in batch.dead] == ["not_numeric"]
     assert batch.dead[0].error_message.startswith("id_as_number:")
@@ -292,7 +292,7 @@ def test_schemas_it_cannot_specialise_fall_back(
     schema = parse_record_schema(raw)
     specs = specs or [FeatureSpec("v", "id")]
     with pytest.raises(Unsupported, match=why):
-        FastDecoder(schema, specs, id_field="id", max_message_bytes=100)
+        FastColumns(schema, specs, id_field="id", max_message_bytes=100)
     with caplog.at_level(logging.INFO, logger="stream_scorer.fast.path"):
         assert (
             build_fast_path(
@@ -332,7 +332,7 @@ def test_example_events_and_every_malformed_kind_match_the_fastavro_path(
         payloads[10 + 7 * i] = encoder.malformed(kind, rides[10 + 7 * i])
     msgs = [Msg(p, o=i) for i, p in enumerate(payloads)]
 
-    fast = FastDecoder(
+    fast = FastColumns(
         schema,
         FEATURES,
         id_field="ride_id",

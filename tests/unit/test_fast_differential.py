@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Msg, parse_record_schema
 
-from stream_scorer.fast.path import FastDecoder
+from stream_scorer.fast.path import FastColumns
 from stream_scorer.fast.plan import Unsupported
 from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.decode import Decoder
@@ -219,7 +219,7 @@ def _encode(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
 
 def _check(schema: dict[str, Any], specs: list[FeatureSpec], payloads: list[bytes]) -> None:
     try:
-        fast = FastDecoder(
+        fast = FastColumns(
             schema, specs, id_field="key", event_time_field="when", max_message_bytes=1 << 20
         )
     except Unsupported as exc:
@@ -263,7 +263,7 @@ def test_mutated_payloads_fail_when_fastavro_fails(
     raw, specs, records = case
     schema = parse_record_schema(raw)
     try:
-        fast = FastDecoder(schema, specs, id_field="key", max_message_bytes=1 << 20)
+        fast = FastColumns(schema, specs, id_field="key", max_message_bytes=1 << 20)
     except Unsupported:
         return
     payloads = []
@@ -462,7 +462,7 @@ def test_values_one_ulp_around_bounds_and_float32s_range_match_the_fastavro_path
     # reasons and, for the records that pass, the feature matrix
     _check(schema, specs, payloads)
     # the dead letters quote the value as sent, in the fastavro path's words
-    fast = FastDecoder(schema, specs, id_field="key", max_message_bytes=1 << 20)
+    fast = FastColumns(schema, specs, id_field="key", max_message_bytes=1 << 20)
     msgs = [Msg(p, o=i) for i, p in enumerate(payloads)]
     fast_messages = {d.message.offset(): d.error_message for d in fast.run(msgs).dead}
     for msg in msgs:
@@ -565,7 +565,7 @@ def test_unseen_categories_under_both_policies_match_the_fastavro_path(policy: s
     ]
     payloads = [_encode(schema, {**r, "key": f"k{i}"}) for i, r in enumerate(UNSEEN_RECORDS)]
     _check(schema, specs, payloads)  # reasons, messages, matrices and counts
-    batch = FastDecoder(schema, specs, id_field="key", max_message_bytes=1 << 20).run(
+    batch = FastColumns(schema, specs, id_field="key", max_message_bytes=1 << 20).run(
         [Msg(p, o=i) for i, p in enumerate(payloads)]
     )
     assert batch.unseen == {"s": 4, "e": 2, "u": 5, "r": 9}

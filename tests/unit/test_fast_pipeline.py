@@ -80,10 +80,10 @@ def test_fast_and_fastavro_paths_publish_the_same_outputs(model_dir: Path) -> No
     slow = _pipeline(model_dir, fast=False, timings=[]).process(msgs)
     assert [
         (m.offset(), _read(v))
-        for m, v in zip(fast.scored.messages, fast.scored.values, strict=True)
+        for m, v in zip(fast.scored.messages, fast.scored.encoded, strict=True)
     ] == [
         (m.offset(), _read(v))
-        for m, v in zip(slow.scored.messages, slow.scored.values, strict=True)
+        for m, v in zip(slow.scored.messages, slow.scored.encoded, strict=True)
     ]
     assert fast.scored.event_ms == slow.scored.event_ms
     assert len(fast.scored) == 296

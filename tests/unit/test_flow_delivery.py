@@ -168,7 +168,7 @@ def test_rows_the_model_fails_on_are_isolated_and_the_rest_scored(
     assert [m.offset() for m in result.scored.messages] == good
     # the scored rows carry exactly the model's own values
     schema = load_schema(PREDICTION_SCHEMA)
-    got = [read_record(schema, v)["prediction"] for v in result.scored.values]
+    got = [read_record(schema, v)["prediction"] for v in result.scored.encoded]
     expected = (
         scorer.predict(payment_matrix([recs[i] for i in good])).values if good else np.empty(0)
     )

@@ -201,7 +201,7 @@ def test_watchdog_forgets_revoked_partitions() -> None:
 def test_end_to_end_latency_is_observed_per_prediction() -> None:
     m = Metrics()
     m.observe_latency([1_000_000, 1_002_000, 0], now=1_003.0)
-    get = m.registry.get_sample_value
+    get = m.prometheus.get_sample_value
     assert get("stream_scorer_end_to_end_latency_seconds_count") == 2  # unknown time skipped
     assert get("stream_scorer_end_to_end_latency_seconds_sum") == pytest.approx(3.0 + 1.0)
 
@@ -209,7 +209,7 @@ def test_end_to_end_latency_is_observed_per_prediction() -> None:
 def test_partition_gauges_set_and_forgotten() -> None:
     m = Metrics()
     m.update_partitions({("in", 0): (5, 7, 2.5), ("in", 1): (3, 0, 0.0)}, {("in", 0): True})
-    get = m.registry.get_sample_value
+    get = m.prometheus.get_sample_value
     labels = {"topic": "in", "partition": "0"}
     assert get("stream_scorer_consumer_lag_records", labels) == 7
     assert get("stream_scorer_consumer_lag_seconds", labels) == 2.5
@@ -225,7 +225,7 @@ def test_unseen_categories_are_counted_per_feature() -> None:
     m.count_unseen({"country": 0, "channel": 0})  # the series exist from the start
     m.count_unseen({"country": 3})
     m.count_unseen({"country": 2, "channel": 1})
-    get = m.registry.get_sample_value
+    get = m.prometheus.get_sample_value
     assert get("stream_scorer_unseen_categories_total", {"feature": "country"}) == 5
     assert get("stream_scorer_unseen_categories_total", {"feature": "channel"}) == 1
 
@@ -307,13 +307,13 @@ def test_endpoints_follow_the_checks(base_cfg: dict[str, Any]) -> None:
         assert code == 503
         assert doc["failing"] == ["broker_reachable", "assignment_received"]
         assert doc["checks"]["model_loaded"] is True
-        assert metrics.registry.get_sample_value("stream_scorer_ready") == 0
+        assert metrics.prometheus.get_sample_value("stream_scorer_ready") == 0
 
         source.reachable = source.joined = True
         source.parts = {("in", 0)}
         code, body = _get(port, "/readyz")
         assert (code, json.loads(body)["failing"]) == (200, [])
-        assert metrics.registry.get_sample_value("stream_scorer_ready") == 1
+        assert metrics.prometheus.get_sample_value("stream_scorer_ready") == 1
 
         # a partition with lag whose committed offset does not move: stalled
         source.lag.update_from_stats(
@@ -329,7 +329,7 @@ def test_endpoints_follow_the_checks(base_cfg: dict[str, Any]) -> None:
             ["in/0"],
         )
         assert (
-            metrics.registry.get_sample_value(
+            metrics.prometheus.get_sample_value(
                 "stream_scorer_partition_stalled", {"topic": "in", "partition": "0"}
             )
             == 1
@@ -415,7 +415,7 @@ def test_refresh_publishes_exactly_the_partitions_owned_now(base_cfg: dict[str, 
     monitor = Monitor(_cfg(base_cfg, metrics={"port": 0}), metrics, "m")
     monitor.watch(source)
     monitor.refresh()
-    get = metrics.registry.get_sample_value
+    get = metrics.prometheus.get_sample_value
     assert get("stream_scorer_consumer_lag_records", {"topic": "in", "partition": "0"}) == 0
     # a revoke that raced with an earlier refresh left partition 0's series behind
     source.lag.forget([("in", 0)])

@@ -41,7 +41,7 @@ def _too_large(value: bytes, hdrs: list[tuple[str, bytes | None]] | None = None)
 
 def _stripped(metrics: Metrics) -> float | None:
     labels = {"stage": "decode", "reason": "too_large"}
-    return metrics.registry.get_sample_value("stream_scorer_dead_letters_stripped_total", labels)
+    return metrics.prometheus.get_sample_value("stream_scorer_dead_letters_stripped_total", labels)
 
 
 @pytest.mark.parametrize("mode", ["keep", "encrypt"])

@@ -69,7 +69,7 @@ def test_every_configuration_key_is_on_its_page() -> None:
 
 def test_every_metric_is_on_its_page_with_its_labels() -> None:
     page = manual.render("metrics.md")
-    families = list(Metrics().registry.collect())
+    families = list(Metrics().prometheus.collect())
     assert len(families) > 20
     for family in families:
         suffix = "_total" if family.type == "counter" else ""

@@ -158,7 +158,7 @@ def test_the_refresher_swaps_refuses_and_rolls_back(tmp_path: Path) -> None:
     refresher.check_now()
     refresher.check_now()  # refused once: not tried again, one error
     assert refresher.take() is None
-    assert metrics.registry.get_sample_value("stream_scorer_model_refused_total") == 1
+    assert metrics.prometheus.get_sample_value("stream_scorer_model_refused_total") == 1
 
     rollback(store)  # back to v2: the version in use, nothing to do
     refresher.check_now()
@@ -203,7 +203,7 @@ def test_a_version_whose_download_fails_in_an_outage_is_fetched_again(tmp_path: 
     promote(store, "v2")
     refresher.check_now()
     assert refresher.take() is None
-    assert metrics.registry.get_sample_value("stream_scorer_model_refused_total") == 0
+    assert metrics.prometheus.get_sample_value("stream_scorer_model_refused_total") == 0
     refresher.check_now()  # the registry answers again: v2 is loaded, not refused
     second = refresher.take()
     assert second is not None and second.model_version == "v2"
@@ -320,7 +320,7 @@ def test_metrics_and_readiness_follow_a_swap() -> None:
     metrics = Metrics()
     metrics.model_swapped(None, "v1")
     metrics.model_swapped("v1", "v2")
-    sample = metrics.registry.get_sample_value
+    sample = metrics.prometheus.get_sample_value
     assert sample("stream_scorer_model_info", {"model_version": "v1"}) is None
     assert sample("stream_scorer_model_info", {"model_version": "v2"}) == 1
     assert sample("stream_scorer_model_swaps_total") == 1

@@ -76,7 +76,7 @@ def test_batch_with_bad_records_scores_the_rest_exactly_like_xgboost(model_dir: 
         payment_matrix(good)
     )
     schema = load_schema(PREDICTION_SCHEMA)
-    decoded = [read_record(schema, v) for v in result.scored.values]
+    decoded = [read_record(schema, v) for v in result.scored.encoded]
     np.testing.assert_allclose([d["prediction"] for d in decoded], expected, rtol=1e-6)
     assert [d["label"] for d in decoded] == [int(p >= 0.4) for p in expected]
     assert [d["input_id"] for d in decoded] == [r["txn_id"] for r in good]
@@ -150,7 +150,7 @@ def test_dead_letter_keeps_bytes_and_carries_context_headers() -> None:
     assert h[hdr.WORKER_ID] == b"w1"
     assert tracker.take_committable() == [("in", 2, 18)]  # acked on delivery
     assert (
-        metrics.registry.get_sample_value(
+        metrics.prometheus.get_sample_value(
             "stream_scorer_dead_letters_total", {"stage": "decode", "reason": "truncated"}
         )
         == 1

@@ -73,6 +73,6 @@ def test_the_first_unseen_value_of_each_feature_is_logged_once_then_counted(
     assert lines[0].startswith("feature 'channel' met a value none of its categories")
     assert "(2 in this batch, model v1)" in lines[0]
     assert lines[1].startswith("feature 'country' met") and "(1 in this batch" in lines[1]
-    count = metrics.registry.get_sample_value
+    count = metrics.prometheus.get_sample_value
     assert count("stream_scorer_unseen_categories_total", {"feature": "channel"}) == 8
     assert count("stream_scorer_unseen_categories_total", {"feature": "country"}) == 5

@@ -166,7 +166,7 @@ def test_refusals_name_what_is_missing_and_what_to_grant() -> None:
 def test_the_producers_refusal_lines_name_the_topic_and_are_warnings() -> None:
     import logging
 
-    from stream_scorer.worker.delivery import Reconnection
+    from stream_scorer.worker.delivery import ProducerEvents
 
     class Collect(logging.Handler):
         def __init__(self) -> None:
@@ -176,7 +176,7 @@ def test_the_producers_refusal_lines_name_the_topic_and_are_warnings() -> None:
         def emit(self, record: logging.LogRecord) -> None:
             self.levels.append(record.levelno)
 
-    rec, collect = Reconnection(), Collect()
+    rec, collect = ProducerEvents(), Collect()
     assert rec.callbacks()["logger"] is rec
     logger = logging.getLogger("librdkafka.producer")
     logger.addHandler(collect)

@@ -19,7 +19,7 @@ from stream_scorer.worker import delivery
 from stream_scorer.worker.delivery import (
     RECONNECTED_GRACE_S,
     RECONNECTED_WATCH_S,
-    Reconnection,
+    ProducerEvents,
 )
 
 #: The call that blocks (librdkafka#5456).
@@ -62,13 +62,13 @@ def test_a_call_that_returns_after_the_reconnection_is_not_left_behind() -> None
         run.release()
     assert len(run.producers) == 1 and run.count("recreated") == 0
     # the first commit does not put the outage behind: the calls after it stay watched
-    assert net.reconnection.watching
+    assert net.producer_events.watching
 
 
 def _committed_after_a_reconnection(net: Net) -> Run:
     """A run whose producer lost the brokers, which answer again; then a transaction commits."""
     run = Run(net)
-    net.reconnection.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))  # the error callback
+    net.producer_events.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))  # the error callback
     net.now = net.back_at + 1
     assert run.deliver() is True
     return run
@@ -102,7 +102,7 @@ def test_a_commit_once_the_brokers_answered_long_enough_puts_the_reconnection_be
     run = _committed_after_a_reconnection(net)
     net.now += RECONNECTED_WATCH_S
     assert run.deliver() is True
-    assert not net.reconnection.watching
+    assert not net.producer_events.watching
     run.producer.blocking = STUCK
     started = net.now
     try:
@@ -139,7 +139,7 @@ def test_without_a_lost_connection_a_slow_call_gets_the_timeout_bound() -> None:
 
 def test_reconnection_counts_only_the_wait_with_the_brokers_back() -> None:
     now = [0.0]
-    rec = Reconnection(lambda: now[0])
+    rec = ProducerEvents(lambda: now[0])
     assert rec.waited_back(0.0) == 0.0  # nothing lost
     rec.answered()
     assert rec.back_since is None  # answers mean nothing without a loss
