@@ -241,7 +241,7 @@ def add_commands(sub: Commands) -> None:
         sub,
         "local-mlflow",
         "local-mlflow start --port 5000",
-        help="a local MLflow tracking server (the models:/ source's registry)",
+        help="a local MLflow tracking server (the models:/ source's model registry)",
     )
     lm.add_argument("action", choices=["start", "stop", "status", "fetch"])
     lm.add_argument("--port", type=int, default=5000, help="HTTP port (default 5000)")
