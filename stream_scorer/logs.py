@@ -38,11 +38,12 @@ _KNOWN_SECRET = (
 )
 # `name': 'value'`, `"name": "value"`, `name=value` with a secret-looking name; prose `name: value`
 # (unquoted name and a colon) only with a known secret name: "--private-key: dead letter ..." is
-# a sentence, not a secret; nor is a configuration error's `config: <key>: <problem>` (``ConfigError``
-# lists its problems after "config: " and "; ", and never quotes a secret value)
+# a sentence, not a secret; nor is a configuration error's `config: <key>: <problem>`
+# (``ConfigError`` lists its problems after "config: " and "; ", and never quotes a secret value)
 _SECRET_IN_TEXT = re.compile(
     rf"""(?P<name>['"]{_SECRET}['"]\s*[:=]\s*|(?<![\w.\-]){_SECRET}\s*=\s*"""
-    rf"""|(?<![\w.\-])(?<!config: )(?<!; )(?:{_KNOWN_SECRET})\s*:\s*)(?P<q>['"]?)(?P<value>[^'",\s}}]*)(?P=q)""",
+    rf"""|(?<![\w.\-])(?<!config: )(?<!; )(?:{_KNOWN_SECRET})\s*:\s*)"""
+    rf"""(?P<q>['"]?)(?P<value>[^'",\s}}]*)(?P=q)""",
     re.IGNORECASE,
 )
 _SECRET_NAME = re.compile(_SECRET, re.IGNORECASE)
