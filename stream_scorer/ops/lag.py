@@ -22,9 +22,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError
+from stream_scorer.kafka.topics import TP, coordinator_busy
 from stream_scorer.logs import client_logger
-from stream_scorer.ops.topics import coordinator_busy
-from stream_scorer.worker.lag import TP
 
 log = logging.getLogger(__name__)
 _RDKAFKA_LOG = client_logger("lag")

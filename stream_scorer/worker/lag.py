@@ -27,10 +27,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID
 
+from stream_scorer.kafka.topics import TP
 from stream_scorer.stages.records import Message
-
-#: A partition: (topic, partition).
-TP = tuple[str, int]
 
 
 @dataclass

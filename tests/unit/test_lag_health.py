@@ -465,7 +465,7 @@ def _refused_address() -> str:
 
 def test_waiting_for_a_broker_at_start_up_counts_as_alive_then_fails_naming_the_address() -> None:
     from stream_scorer.errors import BrokerError
-    from stream_scorer.ops.topics import require_topics
+    from stream_scorer.kafka.topics import require_topics
 
     bootstrap, beats = _refused_address(), []
     with pytest.raises(BrokerError) as info:
@@ -482,7 +482,7 @@ def test_waiting_for_a_broker_at_start_up_counts_as_alive_then_fails_naming_the_
 
 
 def test_a_stop_request_ends_the_wait_for_a_broker_quietly() -> None:
-    from stream_scorer.ops.topics import require_topics
+    from stream_scorer.kafka.topics import require_topics
 
     asked: list[int] = []
 
