@@ -39,10 +39,12 @@ setup: $(STAMP) tools
 demo: setup
 	$(BIN)/stream-scorer demo $(DEMO_ARGS)
 
+# lint-imports: the package's layers ([tool.importlinter] in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check stream_scorer tests
 	$(BIN)/ruff format --check stream_scorer tests
 	$(BIN)/mypy stream_scorer tests
+	$(BIN)/lint-imports
 
 # the manual (docs/mkdocs.yml): its reference pages regenerated from the code, then the site built
 # with --strict (a broken link or anchor fails) into build/manual/; nothing is fetched
@@ -71,4 +73,4 @@ faults: setup
 	$(BIN)/pytest -m faults
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache models build/manual
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache models build/manual

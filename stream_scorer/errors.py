@@ -172,7 +172,7 @@ class FencedError(BrokerError):
 class AccessDeniedError(BrokerError):
     """The broker refused this client: authentication, TLS, or a missing ACL.
 
-    The message names what is missing and what to grant (``stream_scorer.ops.acl``); it never
+    The message names what is missing and what to grant (``stream_scorer.kafka.access``); it never
     holds a secret. A runtime failure (exit 1): fixing the credentials or ACLs needs no new
     deployment, and the orchestrator's restart then succeeds.
     """

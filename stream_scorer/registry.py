@@ -13,11 +13,10 @@ import base64
 import json
 import logging
 import ssl
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from tenacity import (
@@ -30,17 +29,23 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from stream_scorer.errors import ConfigError, RegistryError, http_refusal, refused
-from stream_scorer.stages.framing import FramedColumns, SchemaKey, SchemaSource, describe_key
-from stream_scorer.stages.pipeline import ColumnBuilder
 from stream_scorer.urls import split_userinfo
 
 log = logging.getLogger(__name__)
+
+#: A writer schema's key: ``("id", 42)`` or ``("guid", "5f1c...-...")``.
+SchemaKey = tuple[str, int | str]
 
 _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 
 class NotFound(Exception):
     """The registry answered 404: no such schema, subject or version."""
+
+
+def describe_key(key: SchemaKey) -> str:
+    """``schema id 42`` or ``schema GUID ...``, for messages."""
+    return f"schema id {key[1]}" if key[0] == "id" else f"schema GUID {key[1]}"
 
 
 def _message(detail: str) -> str:
@@ -220,85 +225,3 @@ def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
-
-
-#: Writer schemas kept for pipelines built later (``WriterSchemas.follow``), oldest dropped first.
-MAX_FOUND = 4096
-
-
-class WriterSchemas:
-    """Fetches the writer schemas a batch needs (the I/O half of ``FramedColumns``)."""
-
-    def __init__(
-        self,
-        columns: FramedColumns,
-        client: SchemaSource,
-        *,
-        unavailable_timeout_s: float,
-        keepalive: Callable[[], None] = lambda: None,
-        stopping: Callable[[], bool] = lambda: False,
-    ) -> None:
-        """Serve ``columns`` from ``client``, retrying for ``unavailable_timeout_s``.
-
-        ``stopping``: a stop was asked for; the wait for the registry ends (``RegistryError``,
-        the batch stays unprocessed and uncommitted).
-        """
-        self._columns = columns
-        self._client = client
-        # schemas found, by key: an id's schema never changes, so a pipeline built later (a new
-        # model version, ``follow``) learns them without asking the registry again
-        self._found: dict[SchemaKey, str] = {}
-        self._bound = unavailable_timeout_s
-        self.keepalive = keepalive
-        self.stopping = stopping
-
-    def prepare(self, messages: Iterable[Any]) -> None:
-        """Fetch every writer schema ``messages`` need that is not known yet.
-
-        Blocks while the registry is down (retried with backoff; ``keepalive`` between tries),
-        so the batch waits, unprocessed and uncommitted, instead of being dead-lettered.
-
-        Raises:
-            RegistryError: the registry did not answer for ``unavailable_timeout_s``.
-        """
-        keys = self._columns.schema_keys(list(messages))
-        for key in sorted(keys, key=str):
-            started = time.monotonic()
-            try:
-                text = self._found.get(key) or self.fetch(key)
-            except RegistryError as exc:
-                waited = time.monotonic() - started
-                why = "a stop was asked for" if self.stopping() else "the bound was reached"
-                raise RegistryError(
-                    f"the schema registry did not answer for {waited:.0f} s "
-                    f"(registry.unavailable_timeout_s = {self._bound:g}; {why}) while fetching "
-                    f"{describe_key(key)}; the batch stays unprocessed and uncommitted: {exc}",
-                    status=exc.status,
-                ) from exc
-            self._columns.learn(key, text)
-            if text is not None:
-                if key in self._found:
-                    continue  # known before a model swap: nothing new to say
-                if len(self._found) >= MAX_FOUND:
-                    del self._found[next(iter(self._found))]  # the oldest
-                self._found[key] = text
-            log.info(
-                "writer schema %s: %s", describe_key(key),
-                "fetched" if text is not None else "unknown to the registry (dead letters)",
-            )  # fmt: skip
-
-    def follow(self, columns: ColumnBuilder) -> None:
-        """Serve ``columns`` from now on (the pipeline of a model swapped in between batches).
-
-        The writer schemas fetched so far are taught to it from memory as its batches need them.
-        """
-        if not isinstance(columns, FramedColumns):
-            raise TypeError(f"a framed decoder is needed, not {type(columns).__name__}")
-        self._columns = columns
-
-    def fetch(self, key: SchemaKey) -> str | None:
-        """One writer schema, retried while the registry is unavailable."""
-        for attempt in retrying(self._bound, describe_key(key), self.keepalive, self.stopping):
-            with attempt:
-                return self._client.writer_schema(key)
-        raise AssertionError("unreachable")  # pragma: no cover

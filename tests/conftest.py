@@ -197,7 +197,7 @@ def unique() -> Callable[[str], str]:
 @pytest.fixture
 def make_topics(kafka_bootstrap: str) -> Callable[[dict[str, int]], None]:
     """Return a function creating topics (name to partition count) on the test broker."""
-    from stream_scorer.ops.topics import ensure_topics
+    from stream_scorer.kafka.topics import ensure_topics
 
     def make(topics: dict[str, int]) -> None:
         ensure_topics(kafka_bootstrap, topics)

@@ -49,7 +49,7 @@ from stream_scorer.example.produce import (
     confluent_frame,
 )
 from stream_scorer.example.rides import generate_rides
-from stream_scorer.ops.topics import ensure_topics, group_lag
+from stream_scorer.kafka.topics import ensure_topics, group_lag
 from stream_scorer.stages.records import Reason
 from stream_scorer.worker.supervisor import run_command
 
@@ -206,7 +206,7 @@ def settled(
 _DESCRIBE = """
 import json, sys
 from confluent_kafka.admin import AdminClient
-from stream_scorer.ops.topics import describe_group
+from stream_scorer.kafka.topics import describe_group
 group = describe_group(AdminClient({"bootstrap.servers": sys.argv[1]}), sys.argv[2])
 print(json.dumps(None if group is None else {
     "state": group.state.name,

@@ -22,9 +22,9 @@ import pytest
 import xgboost as xgb
 
 from stream_scorer.clients import read_to_end, topic_end_offsets
+from stream_scorer.contracts.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.devtools.localkafka import default_cache_dir
-from stream_scorer.model.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
-from stream_scorer.ops import topics
+from stream_scorer.kafka import topics
 from stream_scorer.stages.records import Message, PlainMessage
 from stream_scorer.worker.metrics import Metrics
 
@@ -219,7 +219,7 @@ def read_topic(
     return out
 
 
-#: The tests' names for the group's committed offsets and lag (``ops.topics``).
+#: The tests' names for the group's committed offsets and lag (``kafka.topics``).
 committed_offsets = topics.committed_offsets
 committed_lag = topics.group_lag
 
@@ -227,7 +227,7 @@ committed_lag = topics.group_lag
 def high_watermarks(bootstrap: str, topic: str, timeout: float = 60.0) -> dict[int, int]:
     """The high watermark (the offset the next record will get) per partition of ``topic``.
 
-    Retried while the broker is not ready (``ops.topics.coordinator_busy``, or no connection):
+    Retried while the broker is not ready (``kafka.topics.coordinator_busy``, or no connection):
     just after a broker restart a partition can have no leader yet (NOT_LEADER_FOR_PARTITION).
     """
     from confluent_kafka import KafkaError, KafkaException

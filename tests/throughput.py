@@ -40,7 +40,7 @@ from support import (
     write_schema,
 )
 
-from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.kafka.topics import ensure_topics
 from stream_scorer.worker.supervisor import run_command
 
 ROOT = Path(__file__).parents[1]

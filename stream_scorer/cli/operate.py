@@ -21,7 +21,8 @@ ROWS = [
 
 
 def _cmd_lag(args: argparse.Namespace) -> int:
-    from stream_scorer.ops.lag import describe_group, to_json, to_table
+    from stream_scorer.kafka.groups import describe_group
+    from stream_scorer.ops.lag import to_json, to_table
 
     settings: dict[str, str] = {}
     group, topic = args.group, args.topic
@@ -74,7 +75,7 @@ def _cmd_rewind(args: argparse.Namespace) -> int:
 
 def _cmd_topics_create(args: argparse.Namespace) -> int:
     from stream_scorer.config import kafka_client, load_config
-    from stream_scorer.ops.topics import ensure_topics
+    from stream_scorer.kafka.topics import ensure_topics
 
     cfg = load_config(args.config)
     for name, value in (
@@ -108,7 +109,8 @@ def _cmd_acl_grant(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from stream_scorer.config import KafkaConfig, client_settings, load_config, read_file
-    from stream_scorer.ops.acl import grant, role_grants
+    from stream_scorer.kafka.access import role_grants
+    from stream_scorer.ops.grant import grant
 
     cfg = load_config(args.config)
     grants = role_grants(cfg, args.role)

@@ -73,10 +73,10 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
     A cached model whose manifest lists other features (names, fields, bounds or value
     policies) than today's example, e.g. one trained by an older version, is trained again.
     """
+    from stream_scorer.contracts.manifest import read_manifest
     from stream_scorer.errors import ModelError
     from stream_scorer.example.rides import FEATURES
     from stream_scorer.example.train import train
-    from stream_scorer.model.manifest import read_manifest
 
     try:
         current = tuple(read_manifest(model_dir).features) == tuple(FEATURES)
@@ -145,8 +145,8 @@ def profile_fast_path(
     ``kernel``: gathering the bytes and the compiled decode into the matrix; ``columns``: the
     rest of ``FastColumns.run`` (feature policies, dead letters, id and event-time columns).
     """
+    from stream_scorer.contracts.manifest import read_manifest
     from stream_scorer.fast.path import FastColumns
-    from stream_scorer.model.manifest import read_manifest
     from stream_scorer.stages.decode import load_schema
 
     fast = FastColumns(
@@ -201,13 +201,14 @@ def profile_framed(
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
+    from stream_scorer.contracts.manifest import read_manifest
     from stream_scorer.example.rides import RIDE_SCHEMA_PATH, evolved_ride_schemas
+    from stream_scorer.fast.framed import build_framed_columns
     from stream_scorer.fast.path import FastColumns
-    from stream_scorer.model.manifest import read_manifest
     from stream_scorer.registry import RegistryClient
     from stream_scorer.stages.decode import load_schema
     from stream_scorer.stages.features import FeatureBuilder
-    from stream_scorer.stages.framing import build_framed_columns, frame_key
+    from stream_scorer.stages.framing import frame_key
 
     features = read_manifest(cfg.model.directory).features
     reader_v1 = load_schema(cfg.input.schema)
@@ -309,7 +310,7 @@ class _Run:
     count: int = 0
 
     def topics(self, what: str) -> tuple[str, str, str]:
-        from stream_scorer.ops.topics import ensure_topics
+        from stream_scorer.kafka.topics import ensure_topics
 
         self.count += 1
         slug = "".join(c if c.isalnum() else "-" for c in what).strip("-")

@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Producer
 
 from stream_scorer.clients import produce_retrying, read_to_end
 from stream_scorer.example.files import cached_example
-from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.kafka.topics import ensure_topics
 from stream_scorer.stages.features import field_getter
 from stream_scorer.worker.supervisor import run_command
 
@@ -166,7 +166,7 @@ def _naive_step(args: dict[str, Any], stages: dict[str, float]) -> Callable[[Any
     import xgboost as xgb
 
     from stream_scorer.config import load_config
-    from stream_scorer.model.manifest import read_manifest
+    from stream_scorer.contracts.manifest import read_manifest
     from stream_scorer.stages.decode import load_schema
     from stream_scorer.stages.encode import PredictionEncoder
     from stream_scorer.stages.features import FeatureBuilder

@@ -237,7 +237,7 @@ def soak(
 ) -> tuple[list[Sample], dict[str, Any]]:
     """Run the soak on ``bootstrap`` with ``model``; return the samples and the summary."""
     from stream_scorer.devtools import benchkafka as bk
-    from stream_scorer.ops.topics import ensure_topics
+    from stream_scorer.kafka.topics import ensure_topics
 
     pool, bad = _pool(_POOL, cfg.malformed)
     base = f"soak-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -27,19 +27,19 @@ import numpy as np
 
 from stream_scorer import headers as hdr
 from stream_scorer.clients import read_to_end, topic_end_offsets
+from stream_scorer.contracts.manifest import MANIFEST_FILE, read_manifest
 from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
 from stream_scorer.example.files import MODEL_SUBDIR, cached_example
 from stream_scorer.example.produce import ProduceReport, confluent_frame, produce_events
-from stream_scorer.model.manifest import MANIFEST_FILE, read_manifest
-from stream_scorer.model.store import ModelStore, promote
-from stream_scorer.ops.topics import (
+from stream_scorer.kafka.topics import (
     describe_group,
     ensure_topics,
     group_lag,
     members_holding_partitions,
 )
+from stream_scorer.model.store import ModelStore, promote
 from stream_scorer.worker.supervisor import run_command
 
 INPUT_PARTITIONS = 4

@@ -17,7 +17,7 @@ import fastavro
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.contracts.manifest import FeatureSpec
 from stream_scorer.resources import packaged_file
 
 #: The example input schema, shipped in the package (``schemas/ride_request.v1.avsc`` is its copy).

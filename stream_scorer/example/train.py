@@ -15,13 +15,18 @@ import numpy as np
 import numpy.typing as npt
 import xgboost as xgb
 
+from stream_scorer.contracts.manifest import (
+    BINARY_OBJECTIVES,
+    Manifest,
+    sha256_file,
+    write_manifest,
+)
 from stream_scorer.example.rides import (
     FEATURES,
     generate_columns,
     to_records,
     trip_duration_minutes,
 )
-from stream_scorer.model.manifest import BINARY_OBJECTIVES, Manifest, sha256_file, write_manifest
 from stream_scorer.model.pack import training_matrix
 
 LONG_TRIP_MINUTES = 20.0

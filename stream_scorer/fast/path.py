@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from stream_scorer.contracts.manifest import DEAD_LETTER, PASS, FeatureSpec, ValuePolicy
 from stream_scorer.fast import plan as fp
 from stream_scorer.fast.plan import Program, Unsupported, compile_program
-from stream_scorer.model.manifest import DEAD_LETTER, PASS, FeatureSpec, ValuePolicy
 from stream_scorer.stages.features import (
     non_finite_message,
     out_of_range_message,

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.contracts.manifest import FeatureSpec
 
 # --- operations (column 0 of the program); columns 1-3 are their arguments -----------------
 OP_END = 0

@@ -26,8 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError, UnavailableError, http_refusal, refused
-from stream_scorer.model.manifest import read_manifest
 from stream_scorer.urls import split_userinfo
 
 API: Final = "/api/2.0/mlflow"

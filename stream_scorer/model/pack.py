@@ -33,8 +33,7 @@ import numpy.typing as npt
 import xgboost as xgb
 import yaml
 
-from stream_scorer.errors import ModelError, SchemaError
-from stream_scorer.model.manifest import (
+from stream_scorer.contracts.manifest import (
     OBJECTIVES,
     FeatureSpec,
     Manifest,
@@ -43,6 +42,7 @@ from stream_scorer.model.manifest import (
     sha256_file,
     write_manifest,
 )
+from stream_scorer.errors import ModelError, SchemaError
 from stream_scorer.stages.features import FeatureBuilder, RejectedRow, check_schema
 from stream_scorer.stages.fields import base_type, resolve
 from stream_scorer.stages.score import compare_features
@@ -376,8 +376,7 @@ def check(model_dir: Path, schema: Mapping[str, Any]) -> Manifest:
         ModelError: manifest, sha256, booster features or the warm-up batch (naming the feature).
         SchemaError: a feature's field is not in the schema or has the wrong type.
     """
-    from stream_scorer.stages.score import Scorer
-    from stream_scorer.worker.refresh import warm_up  # the worker's own warm-up
+    from stream_scorer.stages.score import Scorer, warm_up  # the worker's own warm-up
 
     scorer = Scorer(model_dir)
     check_schema(scorer.manifest.features, schema)

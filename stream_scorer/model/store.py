@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
+from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError
-from stream_scorer.model.manifest import read_manifest
 
 #: The prefix of a model store source; ``models:/`` names a model in an MLflow model registry.
 STORE_SCHEME: Final = "store:"

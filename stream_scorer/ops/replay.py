@@ -55,12 +55,10 @@ from stream_scorer.envelope import (
     open_sealed,
 )
 from stream_scorer.errors import BrokerError, ConfigError
+from stream_scorer.kafka.access import REPLAY_PREFIX
 from stream_scorer.letters import SignatureError, Signer, record_size
 
 log = logging.getLogger(__name__)
-
-#: The replay's consumer groups and transactional ids start with this (``default_group``).
-GROUP_PREFIX = "stream-scorer-replay-"
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ def replay_headers(
 def default_group(dead_letter_topic: str, target: str, flt: ReplayFilter) -> str:
     """The replay's consumer group: one per (dead-letter topic, target, filter)."""
     key = f"{dead_letter_topic}|{target}|{sorted(flt.reasons)}|{flt.since_ms}|{flt.until_ms}"
-    return f"{GROUP_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return f"{REPLAY_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def replay(
@@ -252,7 +250,7 @@ def _assign_from_committed(
 
 def _topic_max_message_bytes(common: Mapping[str, Any], topic: str, timeout_s: float) -> int | None:
     """The topic's ``max.message.bytes`` on the broker, or None when it cannot be read."""
-    from stream_scorer.ops.topics import topic_max_message_bytes
+    from stream_scorer.kafka.topics import topic_max_message_bytes
 
     try:
         return topic_max_message_bytes(dict(common), topic, timeout_s)

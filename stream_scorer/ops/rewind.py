@@ -27,15 +27,15 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError, ConfigError, GroupActiveError
-from stream_scorer.logs import client_logger
-from stream_scorer.ops.lag import (
+from stream_scorer.kafka.groups import (
     _ask_coordinator,
     _committed_offsets,
     _group_partitions,
     group_members,
     naming_brokers,
 )
-from stream_scorer.worker.lag import TP
+from stream_scorer.kafka.topics import TP
+from stream_scorer.logs import client_logger
 
 _RDKAFKA_LOG = client_logger("rewind")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from stream_scorer.contracts.manifest import DEAD_LETTER, FeatureSpec, ValuePolicy
 from stream_scorer.errors import SchemaError
-from stream_scorer.model.manifest import DEAD_LETTER, FeatureSpec, ValuePolicy
 from stream_scorer.stages.fields import base_type, resolve, type_name
 from stream_scorer.stages.records import FEATURE_REASONS as FEATURE_REASONS
 from stream_scorer.stages.records import Reason

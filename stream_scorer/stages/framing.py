@@ -10,12 +10,12 @@
 
 ``FramedColumns`` is a ``ColumnBuilder`` and stays a pure batch function: ``schema_keys``
 parses the frames and names the writer schemas a batch needs that are not known yet; the
-worker fetches those (I/O, ``registry.WriterSchemas``) and hands them over with ``learn``; then
-``run`` decodes. Per writer schema it keeps one *plan*, built on first sight and resolved once
-against the reader schema (``stages.resolution``): the compiled fast path reading the writer's
-bytes straight into the reader's features, the guarded fastavro path resolving each record, or
-``schema_mismatch`` dead letters when no record of that writer can be read. Plans are kept for
-the ``max_schemas`` writer schemas seen last.
+worker fetches those (I/O, ``worker.schemas.WriterSchemas``) and hands them over with
+``learn``; then ``run`` decodes. Per writer schema it keeps one *plan*, built on first sight and
+resolved once against the reader schema (``stages.resolution``): the compiled fast path reading
+the writer's bytes straight into the reader's features (``fast.framed`` builds the factory), the
+guarded fastavro path resolving each record, or ``schema_mismatch`` dead letters when no record
+of that writer can be read. Plans are kept for the ``max_schemas`` writer schemas seen last.
 
 Reason codes of the framing itself (``records.Reason``): ``bad_magic_byte``, ``short_frame``,
 ``unknown_schema_id``, ``schema_mismatch``; ``null_value``, ``empty`` and ``too_large`` as in
@@ -34,13 +34,8 @@ from typing import Any, Protocol
 import fastavro
 import numpy as np
 
-from stream_scorer.fast.path import FastColumns
-from stream_scorer.fast.plan import Unsupported
 from stream_scorer.headers import VALUE_SCHEMA_ID
-from stream_scorer.model.manifest import FeatureSpec
-from stream_scorer.stages.columns import AvroColumns
-from stream_scorer.stages.decode import Decoder
-from stream_scorer.stages.features import FeatureBuilder
+from stream_scorer.registry import SchemaKey, describe_key
 from stream_scorer.stages.records import Columns, DeadLetter, Message, Reason, Stage
 from stream_scorer.stages.resolution import Kind, resolve_pair
 
@@ -54,8 +49,6 @@ _GUID_BYTES = 17
 _GUARD = "stream_scorer"
 log = logging.getLogger(__name__)
 
-#: A writer schema's key: ``("id", 42)`` or ``("guid", "5f1c...-...")``.
-SchemaKey = tuple[str, int | str]
 #: A frame: the writer schema's key and the bytes of frame before the Avro body in the value.
 Frame = tuple[SchemaKey, int]
 
@@ -123,11 +116,6 @@ _EXPLAIN = {
     ),
     Reason.SHORT_FRAME: "the value (or the schema id header) is shorter than its frame",
 }
-
-
-def describe_key(key: SchemaKey) -> str:
-    """``schema id 42`` or ``schema GUID ...``, for messages."""
-    return f"schema id {key[1]}" if key[0] == "id" else f"schema GUID {key[1]}"
 
 
 class ColumnsFactory(Protocol):
@@ -332,62 +320,3 @@ class FramedColumns:
                 unseen[name] = unseen.get(name, 0) + n
         done = max((c.decode_done for c in parts), default=time.perf_counter())
         return Columns(kept, ids, event_ms, matrix, dead, done, unseen)
-
-
-def build_framed_columns(
-    reader: dict[str, Any],
-    features: Sequence[FeatureSpec],
-    *,
-    id_field: str,
-    event_time_field: str,
-    max_message_bytes: int,
-    fast_path: bool = True,
-    max_schemas: int = 1000,
-) -> FramedColumns:
-    """``FramedColumns`` whose writer schemas get the fast path when they can, else fastavro.
-
-    Args:
-        reader: the parsed reader schema (``input.schema``).
-        features: the model's features, in column order.
-        id_field: the input field copied into ``input_id``.
-        event_time_field: the input field with the event time; empty: none.
-        max_message_bytes: larger values are dead-lettered (``too_large``) unread.
-        fast_path: false: every writer schema is read by the guarded fastavro path.
-        max_schemas: writer schemas (and plans) kept.
-    """
-    paths = [f.field for f in features] + [id_field]
-    if event_time_field:
-        paths.append(event_time_field)
-
-    def factory(
-        writer: dict[str, Any], kind: Kind, skip: int
-    ) -> tuple[Callable[[Sequence[Message]], Columns], str]:
-        if kind is Kind.FAST and fast_path:
-            try:
-                fast = FastColumns(
-                    writer,
-                    features,
-                    id_field=id_field,
-                    event_time_field=event_time_field,
-                    max_message_bytes=max_message_bytes,
-                )
-            except Unsupported as exc:
-                log.info("writer schema %s: fastavro path (%s)", writer.get("name"), exc)
-            else:
-                return (lambda messages: fast.run(messages, skip, hints=False)), "fast"
-        slow = AvroColumns(
-            Decoder(writer, max_message_bytes, reader=reader, skip=skip, hints=False),
-            FeatureBuilder(features),
-            id_field=id_field,
-            event_time_field=event_time_field,
-        )
-        return slow.run, "fastavro"
-
-    return FramedColumns(
-        reader,
-        paths,
-        factory,
-        len(features),
-        max_message_bytes=max_message_bytes,
-        max_schemas=max_schemas,
-    )

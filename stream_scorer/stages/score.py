@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import xgboost as xgb
 
+from stream_scorer.contracts.manifest import Manifest, read_manifest, sha256_file
 from stream_scorer.errors import ModelError, ScoringError
-from stream_scorer.model.manifest import Manifest, read_manifest, sha256_file
 
 
 @dataclass(frozen=True)
@@ -119,4 +120,27 @@ def compare_features(booster: xgb.Booster, names: Sequence[str]) -> None:
         raise ModelError(
             f"the booster expects {booster.num_features()} features, the manifest lists "
             f"{len(names)}"
+        )
+
+
+#: Rows of the warm-up batch a new version must score before it is swapped in.
+WARM_UP_ROWS: Final = 64
+
+
+def warm_up(scorer: Scorer, rows: int = WARM_UP_ROWS) -> None:
+    """Score a reference batch (rows of zeros and of missing values) once.
+
+    Raises:
+        ModelError: the model fails on it or returns other than one finite value per row.
+    """
+    width = len(scorer.manifest.features)
+    matrix = np.zeros((rows, width), dtype=np.float32)
+    matrix[rows // 2 :] = np.nan
+    try:
+        values = scorer.predict(matrix).values
+    except Exception as exc:
+        raise ModelError(f"the warm-up batch failed: {exc}") from exc
+    if values.shape != (rows,) or not np.isfinite(values).all():
+        raise ModelError(
+            f"the warm-up batch of {rows} rows gave {values.shape[0]} values or some not finite"
         )

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stream_scorer.errors import AccessDeniedError, BrokerError, FencedError, broker_unreachable
+from stream_scorer.kafka.access import AUTHORIZATION_CODES, Grant, denied
 from stream_scorer.logs import client_logger
-from stream_scorer.ops.acl import AUTHORIZATION_CODES, Grant, denied
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Partitions, Position, Ticket
@@ -416,7 +416,7 @@ class ExactlyOnce:
                 the broker refuses it.
             transactional_id: the producer's, named when the broker refuses it.
             principal: ``User:<name>`` the producer authenticates as, named when refused.
-            grants: what the worker role is granted (``ops.acl.role_grants``), for the hint.
+            grants: what the worker role is granted (``kafka.access.role_grants``), for the hint.
         """
         self._make_producer = make_producer
         self._ctx = ctx

@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream_scorer.config import Config
 from stream_scorer.errors import ConfigError
-from stream_scorer.worker.lag import TP, LagTracker
+from stream_scorer.kafka.topics import TP
+from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
 
 log = logging.getLogger(__name__)

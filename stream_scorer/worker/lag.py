@@ -13,7 +13,7 @@ commits land (they move a batch at a time), so while the record at the committed
 flight its value is exact. When everything consumed is committed and the partition still has
 lag, the next record has not been fetched yet; the worker then reports the time since it first
 saw that lag (a lower bound, which keeps growing while the partition waits). The exact value,
-with or without a worker, is the ``lag`` command's (``stream_scorer.ops.lag``).
+with or without a worker, is ``stream_scorer.kafka.groups`` (the ``lag`` command).
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID
 
+from stream_scorer.kafka.topics import TP
 from stream_scorer.stages.records import Message
-
-#: A partition: (topic, partition).
-TP = tuple[str, int]
 
 
 @dataclass

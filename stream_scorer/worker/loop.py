@@ -41,20 +41,21 @@ from stream_scorer.errors import (
     SchemaError,
     StreamScorerError,
 )
+from stream_scorer.fast.framed import build_framed_columns
 from stream_scorer.fast.path import build_fast_path
+from stream_scorer.kafka.access import check_access, principal_of, role_grants
+from stream_scorer.kafka.groups import OrphanedLag, orphaned_lag
+from stream_scorer.kafka.topics import require_topics, topic_max_message_bytes
 from stream_scorer.letters import Signer
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.model.store import DirectorySource, ModelSource, open_source
-from stream_scorer.ops.acl import check_access, principal_of, role_grants
-from stream_scorer.ops.lag import OrphanedLag, orphaned_lag
-from stream_scorer.ops.topics import require_topics, topic_max_message_bytes
-from stream_scorer.registry import NotFound, RegistryClient, WriterSchemas, retrying
+from stream_scorer.registry import NotFound, RegistryClient, retrying
 from stream_scorer.stages.columns import EVENT_TIME_TYPES, AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve, type_name
-from stream_scorer.stages.framing import MAGIC_ID, FramedColumns, build_framed_columns
+from stream_scorer.stages.framing import MAGIC_ID, FramedColumns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, ProducerEvents
@@ -71,6 +72,7 @@ from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
 from stream_scorer.worker.progress import Progress
 from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, load_model
+from stream_scorer.worker.schemas import WriterSchemas
 from stream_scorer.worker.sink import Sink, SinkContext
 from stream_scorer.worker.source import Source
 

@@ -23,20 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
 
-import numpy as np
-
-from stream_scorer.errors import ModelError, RefusedError, UnavailableError
+from stream_scorer.errors import RefusedError, UnavailableError
 from stream_scorer.model.store import ModelSource
 from stream_scorer.stages.pipeline import Pipeline
-from stream_scorer.stages.score import Scorer
+from stream_scorer.stages.score import Scorer, warm_up
 from stream_scorer.worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-#: Rows of the warm-up batch a new version must score before it is swapped in.
-WARM_UP_ROWS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -75,25 +69,6 @@ def load_model(source: ModelSource, version: str, load: Loader) -> LoadedModel:
     pipeline, scorer = load(directory)
     warm_up(scorer)
     return LoadedModel(version, pipeline, scorer, directory)
-
-
-def warm_up(scorer: Scorer, rows: int = WARM_UP_ROWS) -> None:
-    """Score a reference batch (rows of zeros and of missing values) once.
-
-    Raises:
-        ModelError: the model fails on it or returns other than one finite value per row.
-    """
-    width = len(scorer.manifest.features)
-    matrix = np.zeros((rows, width), dtype=np.float32)
-    matrix[rows // 2 :] = np.nan
-    try:
-        values = scorer.predict(matrix).values
-    except Exception as exc:
-        raise ModelError(f"the warm-up batch failed: {exc}") from exc
-    if values.shape != (rows,) or not np.isfinite(values).all():
-        raise ModelError(
-            f"the warm-up batch of {rows} rows gave {values.shape[0]} values or some not finite"
-        )
 
 
 class ModelRefresher:

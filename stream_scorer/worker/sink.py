@@ -26,8 +26,8 @@ from confluent_kafka import KafkaError, KafkaException
 from stream_scorer import headers as hdr
 from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
+from stream_scorer.kafka.access import Grant, denied
 from stream_scorer.letters import Signer, fits, strip
-from stream_scorer.ops.acl import Grant, denied
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket

@@ -25,14 +25,14 @@ from confluent_kafka import (
 )
 
 from stream_scorer.errors import BrokerError, broker_unreachable
-from stream_scorer.logs import client_logger
-from stream_scorer.ops.acl import (
+from stream_scorer.kafka.access import (
     AUTHORIZATION_CODES,
     Grant,
     denied,
     principal_of,
     refused_connection,
 )
+from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import Message
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics

@@ -35,7 +35,7 @@ from test_worker_stream import PARTITIONS, Env, _worker
 
 from stream_scorer.config import load_config
 from stream_scorer.errors import EXIT_ORPHANED_LAG
-from stream_scorer.ops.topics import describe_group, members_holding_partitions
+from stream_scorer.kafka.topics import describe_group, members_holding_partitions
 from stream_scorer.worker.loop import run_worker
 
 pytestmark = pytest.mark.integration

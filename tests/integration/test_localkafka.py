@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 
 from stream_scorer.devtools.localkafka import LocalKafka, fetch_jars
 from stream_scorer.errors import BrokerError, LocalKafkaError
-from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -213,7 +213,7 @@ def test_the_start_up_acl_check_on_a_fresh_plaintext_broker_warns_nothing(
     broker: LocalKafka, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The first group request of a fresh broker gets NOT_COORDINATOR: it is retried."""
-    from stream_scorer.ops.acl import Grant, check_access
+    from stream_scorer.kafka.access import Grant, check_access
 
     bootstrap = broker.start()
     ensure_topics(bootstrap, {"in": 1, "out": 1})  # what `topics create` does before a run

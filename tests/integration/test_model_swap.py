@@ -36,9 +36,9 @@ from mlflow_server import mlflow_server
 from support import parse_record_schema, read_record, read_topic, wait_for
 
 from stream_scorer import headers as hdr
+from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import LocalMlflowError
 from stream_scorer.example.train import train
-from stream_scorer.model.manifest import read_manifest
 from stream_scorer.model.mlflow import MlflowRegistry
 from stream_scorer.model.store import ModelStore
 

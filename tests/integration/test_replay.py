@@ -158,7 +158,7 @@ def test_a_too_large_dead_letter_replays_byte_identical_where_the_topic_accepts_
     """The worker's own ``too_large`` dead letter (over 1 MB) goes through ``dlq replay``."""
     from confluent_kafka import Producer
 
-    from stream_scorer.ops.topics import ensure_topics
+    from stream_scorer.kafka.topics import ensure_topics
 
     big_topics = {"max.message.bytes": "2000000"}
     topic, out, dlq, target = unique("big"), unique("out"), unique("dlq"), unique("big-target")
@@ -257,7 +257,7 @@ def test_a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_stripped_
     """A 3 MB value on an input topic that takes it, a dead-letter topic that takes 1 MB."""
     from confluent_kafka import Producer
 
-    from stream_scorer.ops.topics import ensure_topics
+    from stream_scorer.kafka.topics import ensure_topics
 
     topic, out, dlq, target = unique("big"), unique("out"), unique("dlq"), unique("target")
     ensure_topics(kafka_bootstrap, {topic: 1}, config={"max.message.bytes": "4000000"})

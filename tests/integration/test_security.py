@@ -37,8 +37,9 @@ from stream_scorer.config import load_config
 from stream_scorer.devtools.localkafka import LocalKafka
 from stream_scorer.errors import AccessDeniedError
 from stream_scorer.headers import REASON
-from stream_scorer.ops.acl import Grant, grant, role_grants
-from stream_scorer.ops.topics import ensure_topics
+from stream_scorer.kafka.access import Grant, role_grants
+from stream_scorer.kafka.topics import ensure_topics
+from stream_scorer.ops.grant import grant
 from stream_scorer.registry import RegistryClient
 from stream_scorer.stages.records import Reason
 from stream_scorer.worker.loop import run_worker

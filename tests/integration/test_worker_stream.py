@@ -385,7 +385,7 @@ def test_a_refused_dead_letter_stops_the_worker_and_its_offset_stays_uncommitted
     env: Env, unique: Callable[[str], str], mode: str
 ) -> None:
     from stream_scorer.errors import BrokerError
-    from stream_scorer.ops.topics import ensure_topics
+    from stream_scorer.kafka.topics import ensure_topics
 
     # a dead-letter topic that refuses anything but tiny records: the dead letter cannot land
     tiny_dlq = unique("tiny-dlq")

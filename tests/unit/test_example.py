@@ -12,6 +12,7 @@ import pytest
 import xgboost as xgb
 from support import Msg
 
+from stream_scorer.contracts.manifest import read_manifest, sha256_file
 from stream_scorer.errors import BrokerError
 from stream_scorer.example import produce
 from stream_scorer.example.produce import (
@@ -34,7 +35,6 @@ from stream_scorer.example.rides import (
     trip_duration_minutes,
 )
 from stream_scorer.example.train import train
-from stream_scorer.model.manifest import read_manifest, sha256_file
 from stream_scorer.stages.decode import Decoder
 from stream_scorer.stages.features import FeatureBuilder
 from stream_scorer.stages.records import DeadLetter, Stage

@@ -57,9 +57,9 @@ def test_table_ratios_are_against_the_naive_loop_and_the_ceiling() -> None:
 def test_a_cached_model_with_stale_features_is_trained_again(tmp_path: Path) -> None:
     import dataclasses
 
+    from stream_scorer.contracts.manifest import read_manifest, write_manifest
     from stream_scorer.devtools.bench import ensure_example_model
     from stream_scorer.example.rides import FEATURES
-    from stream_scorer.model.manifest import read_manifest, write_manifest
 
     model = ensure_example_model(tmp_path / "m", trees=3, depth=2)
     stamp = (model / "manifest.json").stat().st_mtime_ns

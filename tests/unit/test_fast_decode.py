@@ -13,12 +13,12 @@ import pytest
 import xgboost as xgb
 from support import Msg, avro, offset_of, parse_record_schema
 
+from stream_scorer.contracts.manifest import FeatureSpec
 from stream_scorer.example.produce import MALFORMED_KINDS, RideEncoder
 from stream_scorer.example.rides import FEATURES, RIDE_SCHEMA_PATH, generate_rides
 from stream_scorer.example.train import train
 from stream_scorer.fast.path import FastColumns, build_fast_path
 from stream_scorer.fast.plan import Unsupported
-from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.features import FeatureBuilder
 from stream_scorer.stages.score import Scorer

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Msg, parse_record_schema
 
+from stream_scorer.contracts.manifest import FeatureSpec
 from stream_scorer.fast.path import FastColumns
 from stream_scorer.fast.plan import Unsupported
-from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.decode import Decoder
 from stream_scorer.stages.features import FeatureBuilder, field_getter, unseen_message
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from support import parse_record_schema
 
+from stream_scorer.contracts.manifest import FeatureSpec
 from stream_scorer.errors import SchemaError
-from stream_scorer.model.manifest import FeatureSpec
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 
 NAN = math.nan

@@ -8,8 +8,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from stream_scorer.errors import ModelError
-from stream_scorer.model.manifest import (
+from stream_scorer.contracts.manifest import (
     FeatureSpec,
     Manifest,
     ValuePolicy,
@@ -18,6 +17,7 @@ from stream_scorer.model.manifest import (
     read_manifest,
     write_manifest,
 )
+from stream_scorer.errors import ModelError
 from stream_scorer.stages.features import FEATURE_REASONS, FeatureBuilder
 
 NAN, INF = math.nan, math.inf

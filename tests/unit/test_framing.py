@@ -15,18 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Msg, parse_record_schema
 
+from stream_scorer.contracts.manifest import FeatureSpec
 from stream_scorer.example.produce import malformed_payload
 from stream_scorer.example.rides import FEATURES, evolved_ride_schemas, generate_rides, ride_as
+from stream_scorer.fast.framed import build_framed_columns
 from stream_scorer.headers import VALUE_SCHEMA_ID
-from stream_scorer.model.manifest import FeatureSpec
+from stream_scorer.registry import SchemaKey
 from stream_scorer.stages.columns import event_millis
 from stream_scorer.stages.features import FeatureBuilder
-from stream_scorer.stages.framing import (
-    FramedColumns,
-    SchemaKey,
-    build_framed_columns,
-    frame_key,
-)
+from stream_scorer.stages.framing import FramedColumns, frame_key
 from stream_scorer.stages.records import Columns, Reason
 from stream_scorer.stages.resolution import Kind, resolve_pair
 
@@ -452,7 +449,7 @@ def test_an_unknown_id_is_asked_again_after_a_while(monkeypatch: pytest.MonkeyPa
 
 def test_a_swapped_in_pipeline_learns_the_fetched_writer_schemas_without_the_registry() -> None:
     """After a model swap the new pipeline's decoder is taught from memory, not the registry."""
-    from stream_scorer.registry import WriterSchemas
+    from stream_scorer.worker.schemas import WriterSchemas
 
     asked: list[SchemaKey] = []
 

@@ -16,7 +16,8 @@ import pytest
 from support import Msg, train_payment_classifier, wait_for, write_schema
 
 from stream_scorer.config import Config, load_config
-from stream_scorer.ops.lag import PartitionLag, to_json, to_table, totals
+from stream_scorer.kafka.groups import PartitionLag
+from stream_scorer.ops.lag import to_json, to_table, totals
 from stream_scorer.worker.health import Monitor, Watchdog
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
@@ -465,7 +466,7 @@ def _refused_address() -> str:
 
 def test_waiting_for_a_broker_at_start_up_counts_as_alive_then_fails_naming_the_address() -> None:
     from stream_scorer.errors import BrokerError
-    from stream_scorer.ops.topics import require_topics
+    from stream_scorer.kafka.topics import require_topics
 
     bootstrap, beats = _refused_address(), []
     with pytest.raises(BrokerError) as info:
@@ -482,7 +483,7 @@ def test_waiting_for_a_broker_at_start_up_counts_as_alive_then_fails_naming_the_
 
 
 def test_a_stop_request_ends_the_wait_for_a_broker_quietly() -> None:
-    from stream_scorer.ops.topics import require_topics
+    from stream_scorer.kafka.topics import require_topics
 
     asked: list[int] = []
 

@@ -13,6 +13,7 @@ import pytest
 import xgboost as xgb
 
 from stream_scorer.cli import main
+from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError, SchemaError
 from stream_scorer.example.rides import (
     FEATURES,
@@ -20,7 +21,6 @@ from stream_scorer.example.rides import (
     generate_rides,
     load_ride_schema,
 )
-from stream_scorer.model.manifest import read_manifest
 from stream_scorer.model.pack import check, pack, parse_feature_flag, training_matrix
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder

@@ -13,6 +13,7 @@ from support import Msg, http_server, train_payment_classifier
 from test_pipeline_sink import FakeProducer
 
 from stream_scorer import headers as hdr
+from stream_scorer.contracts.manifest import read_manifest, write_manifest
 from stream_scorer.errors import (
     EXIT_DEPLOYMENT,
     EXIT_FAILURE,
@@ -21,7 +22,6 @@ from stream_scorer.errors import (
     UnavailableError,
     exit_code,
 )
-from stream_scorer.model.manifest import read_manifest, write_manifest
 from stream_scorer.model.store import (
     DirectorySource,
     ModelStore,

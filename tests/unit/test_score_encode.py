@@ -15,8 +15,8 @@ from support import (
     train_payment_classifier,
 )
 
+from stream_scorer.contracts.manifest import FeatureSpec, read_manifest
 from stream_scorer.errors import ModelError, SchemaError
-from stream_scorer.model.manifest import FeatureSpec, read_manifest
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.score import Scorer

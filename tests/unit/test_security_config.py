@@ -18,7 +18,7 @@ from stream_scorer.config import (
     redacted,
 )
 from stream_scorer.errors import AccessDeniedError, ConfigError
-from stream_scorer.ops.acl import Grant, denied, refused_connection, role_grants
+from stream_scorer.kafka.access import Grant, denied, refused_connection, role_grants
 
 ROOT = Path(__file__).parents[2]
 SCHEMA = str(ROOT / "schemas" / "prediction.v1.avsc")

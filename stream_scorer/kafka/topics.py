@@ -1,4 +1,4 @@
-"""Topic administration shared by the demo, the tests and operators' scripts."""
+"""Admin calls shared by the worker, the operator commands, the demo and the tests."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from stream_scorer.errors import BrokerError, ConfigError, broker_unreachable
 from stream_scorer.logs import client_logger
 
 log = logging.getLogger(__name__)
+
+#: A partition: (topic, partition).
+TP = tuple[str, int]
 _RDKAFKA_LOG = client_logger("admin")
 #: Each metadata request of ``require_topics`` waits this long before the stop flag is checked.
 _PROBE_S = 1.0
@@ -108,7 +111,7 @@ def topic_max_message_bytes(settings: Mapping[str, str], topic: str, timeout_s: 
     """
     from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
 
-    from stream_scorer.ops.acl import Grant, denied, principal_of
+    from stream_scorer.kafka.access import Grant, denied, principal_of
 
     resource = ConfigResource("topic", topic)
     admin = AdminClient({**settings, "log_level": "3"})
@@ -136,7 +139,7 @@ def _raise_refused(
     With ``probe_tls`` (the first failed attempt) the brokers are asked what they speak: TLS to
     a client without it, or SASL (``SaslHandshake``) to a client without it.
     """
-    from stream_scorer.ops.acl import refused_connection
+    from stream_scorer.kafka.access import refused_connection
 
     for err in errors:
         refused = refused_connection(err, settings)

@@ -1,4 +1,4 @@
-"""Least-privilege ACLs: what each role needs, ``stream-scorer acl grant``, refusals' words.
+"""Least-privilege ACLs: what each role needs, the start-up access check, refusals' words.
 
 The one home of the rights stream-scorer's clients need (docs/manual/security.md):
 
@@ -30,9 +30,8 @@ from typing import Any, Final, Literal
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_scorer.config import EXACTLY_ONCE, Config, transactional_id
-from stream_scorer.errors import AccessDeniedError, BrokerError, ConfigError
-from stream_scorer.ops.replay import GROUP_PREFIX as REPLAY_PREFIX
-from stream_scorer.ops.topics import coordinator_busy
+from stream_scorer.errors import AccessDeniedError, ConfigError
+from stream_scorer.kafka.topics import coordinator_busy
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,8 @@ _OPERATIONS: Final[dict[tuple[Resource, Use], tuple[str, ...]]] = {
     ("transactional_id", "write"): ("WRITE", "DESCRIBE"),
 }
 ROLES: Final = ("worker", "lag", "replay")
+#: The prefix of the groups and transactional ids of ``stream-scorer replay`` (``ops.replay``).
+REPLAY_PREFIX: Final = "stream-scorer-replay-"
 _WORDS: Final[dict[Resource, str]] = {
     "topic": "topic",
     "group": "group",
@@ -123,66 +124,6 @@ def role_grants(cfg: Config, role: str) -> list[Grant]:
             Grant("topic", topic, "write"),
         ]
     raise ConfigError("--role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-
-
-def acl_bindings(grants: list[Grant], principal: str, host: str = "*") -> list[Any]:
-    """The ``AclBinding`` (ALLOW) of every operation of ``grants`` for ``principal``."""
-    from confluent_kafka.admin import (  # type: ignore[attr-defined]
-        AclBinding,
-        AclOperation,
-        AclPermissionType,
-        ResourcePatternType,
-        ResourceType,
-    )
-
-    kinds = {
-        "topic": ResourceType.TOPIC,
-        "group": ResourceType.GROUP,
-        "transactional_id": ResourceType.TRANSACTIONAL_ID,
-    }
-    return [
-        AclBinding(
-            kinds[g.resource],
-            g.name,
-            ResourcePatternType.PREFIXED if g.prefixed else ResourcePatternType.LITERAL,
-            principal,
-            host,
-            AclOperation[op],
-            AclPermissionType.ALLOW,
-        )
-        for g in grants
-        for op in g.operations
-    ]
-
-
-def grant(
-    settings: Mapping[str, str], grants: list[Grant], principal: str, timeout_s: float = 30.0
-) -> None:
-    """Create the ACLs of ``grants`` for ``principal`` (idempotent: existing ones stay).
-
-    Args:
-        settings: librdkafka settings of a client allowed to alter ACLs (the admin).
-        grants: ``role_grants``.
-        principal: ``User:<name>``.
-        timeout_s: per request.
-
-    Raises:
-        BrokerError: the broker refused or did not answer.
-    """
-    from confluent_kafka.admin import AdminClient
-
-    if not principal.startswith("User:") or len(principal) == len("User:"):
-        raise ConfigError("--principal", f"must look like User:<name>, got {principal!r}")
-    admin = AdminClient({**settings, "log_level": "3"})
-    try:
-        futures = admin.create_acls(acl_bindings(grants, principal), request_timeout=timeout_s)
-        for binding, future in futures.items():
-            try:
-                future.result(timeout=timeout_s)
-            except KafkaException as exc:
-                raise BrokerError(f"cannot create ACL {binding}: {exc.args[0]}") from exc
-    except KafkaException as exc:
-        raise BrokerError(f"cannot create ACLs: {exc}") from exc
 
 
 # --- the words for a refusal ---------------------------------------------------------------------
