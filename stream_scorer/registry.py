@@ -20,16 +20,8 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
-from tenacity.stop import stop_base
-
 from stream_scorer.errors import ConfigError, RegistryError, http_refusal, refused
+from stream_scorer.retry import DEFAULT_POLICY, RetryPolicy, retrying
 from stream_scorer.stages.framing import FramedColumns, SchemaKey, SchemaSource, describe_key
 from stream_scorer.stages.pipeline import ColumnBuilder
 from stream_scorer.urls import split_userinfo
@@ -183,45 +175,6 @@ class RegistryClient:
         self._call("PUT", f"/config/{quoted}", {"compatibility": level})
 
 
-class _StopWhen(stop_base):
-    """Stop retrying when ``asked()`` says so (a stop signal)."""
-
-    def __init__(self, asked: Callable[[], bool]) -> None:
-        self._asked = asked
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self._asked()
-
-
-def retrying(
-    bound_s: float,
-    what: str,
-    keepalive: Callable[[], None] = lambda: None,
-    stopping: Callable[[], bool] = lambda: False,
-) -> Retrying:
-    """Retry ``RegistryError`` with exponential backoff (0.2 s to 5 s) for up to ``bound_s``.
-
-    ``keepalive`` runs before every wait (the worker serves its producer and health there);
-    ``stopping`` ends the retries early (a stop signal). Then the last ``RegistryError`` is
-    raised.
-    """
-
-    def before_sleep(state: RetryCallState) -> None:
-        keepalive()
-        if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning("%s: registry not answering, retrying (attempt %d): %s", what,
-                        state.attempt_number, exc)  # fmt: skip
-
-    return Retrying(
-        retry=retry_if_exception_type(RegistryError),
-        wait=wait_exponential(multiplier=0.2, min=0.2, max=5.0),
-        stop=stop_after_delay(bound_s) | _StopWhen(stopping),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-
-
 #: Writer schemas kept for pipelines built later (``WriterSchemas.follow``), oldest dropped first.
 MAX_FOUND = 4096
 
@@ -237,8 +190,11 @@ class WriterSchemas:
         unavailable_timeout_s: float,
         keepalive: Callable[[], None] = lambda: None,
         stopping: Callable[[], bool] = lambda: False,
+        policy: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         """Serve ``columns`` from ``client``, retrying for ``unavailable_timeout_s``.
+
+        ``policy``: the backoff between tries (``retry``).
 
         ``stopping``: a stop was asked for; the wait for the registry ends (``RegistryError``,
         the batch stays unprocessed and uncommitted).
@@ -249,6 +205,7 @@ class WriterSchemas:
         # model version, ``follow``) learns them without asking the registry again
         self._found: dict[SchemaKey, str] = {}
         self._bound = unavailable_timeout_s
+        self._policy = policy
         self.keepalive = keepalive
         self.stopping = stopping
 
@@ -298,7 +255,14 @@ class WriterSchemas:
 
     def fetch(self, key: SchemaKey) -> str | None:
         """One writer schema, retried while the registry is unavailable."""
-        for attempt in retrying(self._bound, describe_key(key), self.keepalive, self.stopping):
+        for attempt in retrying(
+            self._bound,
+            describe_key(key),
+            server="registry",
+            policy=self._policy,
+            keepalive=self.keepalive,
+            stopping=self.stopping,
+        ):
             with attempt:
                 return self._client.writer_schema(key)
         raise AssertionError("unreachable")  # pragma: no cover
