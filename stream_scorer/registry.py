@@ -1,4 +1,4 @@
-"""A small client of the Confluent-compatible Schema Registry REST API, and the retry around it.
+"""A small client of the Confluent-compatible Schema Registry REST API, and the writer schemas.
 
 Standard library only (``urllib``): the worker needs five calls (schema by id and by GUID, a
 subject's version, register, look up), a clear line between *not found* (a bad record: dead
