@@ -1,7 +1,7 @@
-"""Small Kafka client helpers shared by the tools, the demo, the benchmark and the tests.
+"""Small Kafka client helpers shared by the worker, the tools, the demo, the benchmark and tests.
 
-Produce with the queue-full retry, a topic's end offsets, and "read a topic to its end" — each
-written once here.
+Produce with the bounded queue-full retry, a topic's end offsets, and "read a topic to its
+end" — each written once here.
 """
 
 from __future__ import annotations
@@ -15,16 +15,42 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from stream_scorer.errors import BrokerError
 
+#: How long a producer's local queue may stay full before producing gives up (the worker uses
+#: ``kafka.unreachable_timeout_s``: a queue that does not drain is a broker that does not take).
+QUEUE_FULL_TIMEOUT_S = 120.0
+
 
 def produce_retrying(
-    producer: Any, topic: str, value: bytes | None, *, wait_s: float = 0.05, **kwargs: Any
+    producer: Any,
+    topic: str,
+    value: bytes | None,
+    *,
+    timeout_s: float = QUEUE_FULL_TIMEOUT_S,
+    wait_s: float = 0.05,
+    clock: Callable[[], float] = time.monotonic,
+    **kwargs: Any,
 ) -> None:
-    """``producer.produce(topic, value, **kwargs)``, serving the queue while it is full."""
+    """``producer.produce(topic, value, **kwargs)``, serving the queue while it is full.
+
+    Every producer's one queue-full loop: while ``produce`` raises ``BufferError`` (the local
+    queue is full) the producer is polled (its delivery reports make room) for ``wait_s`` and
+    asked again, for at most ``timeout_s`` from the first refusal. Other errors pass through.
+
+    Raises:
+        BrokerError: the queue stayed full for ``timeout_s``.
+    """
+    deadline: float | None = None
     while True:
         try:
             producer.produce(topic, value=value, **kwargs)
             return
         except BufferError:
+            now = clock()
+            deadline = now + timeout_s if deadline is None else deadline
+            if now > deadline:
+                raise BrokerError(
+                    f"producer queue stayed full for {timeout_s:.0f} s", topic=topic
+                ) from None
             producer.poll(wait_s)
 
 

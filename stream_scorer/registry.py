@@ -1,4 +1,4 @@
-"""A small client of the Confluent-compatible Schema Registry REST API, and the retry around it.
+"""A small client of the Confluent-compatible Schema Registry REST API, and the writer schemas.
 
 Standard library only (``urllib``): the worker needs five calls (schema by id and by GUID, a
 subject's version, register, look up), a clear line between *not found* (a bad record: dead
@@ -16,17 +16,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from typing import Any
-
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
-from tenacity.stop import stop_base
 
 from stream_scorer.errors import ConfigError, RegistryError, http_refusal, refused
 from stream_scorer.urls import split_userinfo
@@ -186,42 +176,3 @@ class RegistryClient:
         """Set a subject's compatibility level (``BACKWARD``, ``NONE``, ...)."""
         quoted = urllib.parse.quote(subject, safe="")
         self._call("PUT", f"/config/{quoted}", {"compatibility": level})
-
-
-class _StopWhen(stop_base):
-    """Stop retrying when ``asked()`` says so (a stop signal)."""
-
-    def __init__(self, asked: Callable[[], bool]) -> None:
-        self._asked = asked
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self._asked()
-
-
-def retrying(
-    bound_s: float,
-    what: str,
-    keepalive: Callable[[], None] = lambda: None,
-    stopping: Callable[[], bool] = lambda: False,
-) -> Retrying:
-    """Retry ``RegistryError`` with exponential backoff (0.2 s to 5 s) for up to ``bound_s``.
-
-    ``keepalive`` runs before every wait (the worker serves its producer and health there);
-    ``stopping`` ends the retries early (a stop signal). Then the last ``RegistryError`` is
-    raised.
-    """
-
-    def before_sleep(state: RetryCallState) -> None:
-        keepalive()
-        if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning("%s: registry not answering, retrying (attempt %d): %s", what,
-                        state.attempt_number, exc)  # fmt: skip
-
-    return Retrying(
-        retry=retry_if_exception_type(RegistryError),
-        wait=wait_exponential(multiplier=0.2, min=0.2, max=5.0),
-        stop=stop_after_delay(bound_s) | _StopWhen(stopping),
-        before_sleep=before_sleep,
-        reraise=True,
-    )

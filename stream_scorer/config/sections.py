@@ -31,6 +31,7 @@ from stream_scorer.config.values import (
 )
 from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.errors import ConfigError
+from stream_scorer.retry import RetryPolicy
 from stream_scorer.urls import split_userinfo
 
 
@@ -312,6 +313,29 @@ class RegistryConfig(Section):
         }
 
 
+class RetryConfig(Section):
+    """The one retry policy of every outage path (``stream_scorer.retry``).
+
+    A server that does not answer is asked again after ``initial_backoff_s``, doubling up to
+    ``max_backoff_s`` (plus jitter), until the path's deadline: ``registry.unavailable_timeout_s``
+    for the schema registry, ``kafka.unreachable_timeout_s`` for the brokers,
+    ``model_registry_timeout_s`` for MLflow. A refusal (a credential, a forbidden request) is a
+    configuration error and never asked again.
+    """
+
+    initial_backoff_s: Number = Field(default=0.2, gt=0)
+    """The first wait after a try the server did not answer."""
+    max_backoff_s: Number = Field(default=5.0, gt=0)
+    """The longest wait between two tries."""
+    model_registry_timeout_s: Number = Field(default=0.0, ge=0)
+    """How long a read of the MLflow model registry is asked again while the server does not
+    answer (0: asked once; a running worker asks again at its next model refresh)."""
+
+    def policy(self) -> RetryPolicy:
+        """The backoff of these settings."""
+        return RetryPolicy(initial_s=self.initial_backoff_s, max_s=self.max_backoff_s)
+
+
 class HealthConfig(Section):
     """Liveness, readiness and the per-partition progress watchdog.
 
@@ -365,6 +389,8 @@ class Config(Section):
     """Log output."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     """The Schema Registry (``format: confluent``)."""
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    """The backoff of every outage path."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -433,6 +459,8 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
     if len(topics) != 3:
         yield "output.topic", "input, output and dead-letter topics must differ"
+    if cfg.retry.max_backoff_s < cfg.retry.initial_backoff_s:
+        yield "retry.max_backoff_s", "must be at least retry.initial_backoff_s"
     if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
         missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
         yield missing, "is required with the other of tls_cert and tls_key"

@@ -356,7 +356,7 @@ def paced(
     producer.list_topics(topic=topic, timeout=30)
     ensure_topics(bootstrap, {WARMUP_TOPIC: 1})
     for _ in range(10):
-        producer.produce(WARMUP_TOPIC, value=b"warm-up")
+        produce_retrying(producer, WARMUP_TOPIC, b"warm-up")
     producer.flush(30)
     tick = threading.Event()  # never set: its wait() paces production
     step = max(1, int(rate) // 500)

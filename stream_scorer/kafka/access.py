@@ -31,7 +31,8 @@ from confluent_kafka import KafkaError, KafkaException
 
 from stream_scorer.config import EXACTLY_ONCE, Config, transactional_id
 from stream_scorer.errors import AccessDeniedError, ConfigError
-from stream_scorer.kafka.topics import coordinator_busy
+from stream_scorer.kafka.topics import kafka_busy
+from stream_scorer.retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +222,16 @@ def _describe_groups(
     Retried while the group coordinator is busy until ``deadline``: on a fresh broker the first
     asks get NOT_COORDINATOR while the offsets topic is being created.
     """
-    while True:
+
+    def ask() -> dict[tuple[Resource, str], Any]:
         timeout_s = max(1.0, deadline - time.monotonic())
         futures = admin.describe_consumer_groups(
             names, request_timeout=timeout_s, include_authorized_operations=True
         )
-        try:
-            return {("group", n): f.result(timeout=timeout_s) for n, f in futures.items()}
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-            if err is None or not coordinator_busy(err) or time.monotonic() > deadline:
-                raise
-        time.sleep(0.25)
+        return {("group", n): f.result(timeout=timeout_s) for n, f in futures.items()}
+
+    left = max(0.0, deadline - time.monotonic())
+    return retrying(left, "describe groups", server="group coordinator", outage=kafka_busy)(ask)
 
 
 def check_access(

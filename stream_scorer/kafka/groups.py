@@ -10,7 +10,6 @@ offset read by a separate ``assign()``-ed consumer that never joins the group. S
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -23,8 +22,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_scorer.errors import BrokerError
-from stream_scorer.kafka.topics import TP, coordinator_busy
+from stream_scorer.kafka.topics import TP, kafka_busy
 from stream_scorer.logs import client_logger
+from stream_scorer.retry import retrying
 
 log = logging.getLogger(__name__)
 _RDKAFKA_LOG = client_logger("lag")
@@ -77,17 +77,18 @@ def _ask_coordinator(ask: Callable[[], Future[Any]], group: str, what: str, time
     Raises:
         BrokerError: no answer within ``timeout``, or a refusal.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def once() -> Any:
         try:
             return ask().result(timeout=timeout)
         except TimeoutError as exc:
             raise BrokerError(f"no answer about group {group!r} within {timeout:g} s") from exc
-        except KafkaException as exc:
-            err = exc.args[0]
-            if time.monotonic() > deadline or not coordinator_busy(err):
-                raise BrokerError(f"cannot read the {what} of group {group!r}: {err}") from exc
-            threading.Event().wait(0.25)  # coordinator still loading: retry
+
+    try:  # retried while the coordinator is loading (an outage), up to ``timeout``
+        return retrying(timeout, f"the {what} of group {group!r}", outage=kafka_busy)(once)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        raise BrokerError(f"cannot read the {what} of group {group!r}: {err}") from exc
 
 
 def _committed_offsets(

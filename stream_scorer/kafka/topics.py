@@ -10,10 +10,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
 from stream_scorer.errors import BrokerError, ConfigError, broker_unreachable
 from stream_scorer.logs import client_logger
+from stream_scorer.retry import retried
 
 log = logging.getLogger(__name__)
 
@@ -374,16 +374,13 @@ def coordinator_busy(err: KafkaError) -> bool:
     return bool(err.retriable()) or err.code() in _COORDINATOR_CODES
 
 
-def _retriable(exc: BaseException) -> bool:
-    return isinstance(exc, KafkaException) and coordinator_busy(exc.args[0])
+def kafka_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``KafkaException`` of a ``coordinator_busy`` error: an outage."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(err, KafkaError) and coordinator_busy(err)
 
 
-_COORDINATOR_RETRY = retry(
-    retry=retry_if_exception(_retriable),
-    wait=wait_exponential(multiplier=0.1, max=2.0),
-    stop=stop_after_delay(30),
-    reraise=True,
-)
+_COORDINATOR_RETRY = retried(30.0, server="group coordinator", outage=kafka_busy)
 
 
 @_COORDINATOR_RETRY

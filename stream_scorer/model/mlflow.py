@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError, UnavailableError, http_refusal, refused
+from stream_scorer.retry import DEFAULT_POLICY, RetryPolicy, retrying
 from stream_scorer.urls import split_userinfo
 
 API: Final = "/api/2.0/mlflow"
@@ -41,12 +42,21 @@ class MlflowRegistry:
     """A tracking server's model registry and artifact proxy."""
 
     def __init__(
-        self, uri: str, *, username: str = "", password: str = "", timeout_s: float = TIMEOUT_S
+        self,
+        uri: str,
+        *,
+        username: str = "",
+        password: str = "",
+        timeout_s: float = TIMEOUT_S,
+        retry_deadline_s: float = 0.0,
+        policy: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         """Talk to the server at ``uri`` (``http(s)://host:port``).
 
         Credentials in ``uri`` (``http://user:password@host``) are used when ``username`` and
-        ``password`` are not given, and never kept in ``uri``.
+        ``password`` are not given, and never kept in ``uri``. A read (``GET``) the server does
+        not answer is asked again by ``policy`` for ``retry_deadline_s``
+        (``retry.model_registry_timeout_s``; 0: once); a write is sent once.
         """
         uri, url_user, url_password = split_userinfo(uri)
         username, password = username or url_user, password or url_password
@@ -58,6 +68,8 @@ class MlflowRegistry:
         self.uri = uri.rstrip("/")
         self.principal = username
         self.timeout_s = timeout_s
+        self.retry_deadline_s = retry_deadline_s
+        self.policy = policy
         self._auth = ""
         if username or password:
             token = base64.b64encode(f"{username}:{password}".encode()).decode()
@@ -65,9 +77,17 @@ class MlflowRegistry:
 
     @classmethod
     def from_environment(
-        cls, uri: str = "", environ: Mapping[str, str] | None = None
+        cls,
+        uri: str = "",
+        environ: Mapping[str, str] | None = None,
+        *,
+        retry_deadline_s: float = 0.0,
+        policy: RetryPolicy = DEFAULT_POLICY,
     ) -> MlflowRegistry:
-        """The server at ``uri`` or ``$MLFLOW_TRACKING_URI``, with basic auth from the env."""
+        """The server at ``uri`` or ``$MLFLOW_TRACKING_URI``, with basic auth from the env.
+
+        ``retry_deadline_s`` and ``policy``: see ``__init__``.
+        """
         env = os.environ if environ is None else environ
         uri = uri or env.get("MLFLOW_TRACKING_URI", "")
         if not uri:
@@ -78,6 +98,8 @@ class MlflowRegistry:
             uri,
             username=env.get("MLFLOW_TRACKING_USERNAME", ""),
             password=env.get("MLFLOW_TRACKING_PASSWORD", ""),
+            retry_deadline_s=retry_deadline_s,
+            policy=policy,
         )
 
     def model(self, name: str) -> MlflowModel:
@@ -96,6 +118,8 @@ class MlflowRegistry:
     ) -> bytes:
         """One request; returns the response body.
 
+        A ``GET`` is asked again while the server does not answer (``retry_deadline_s``).
+
         Raises:
             RefusedError: the server refused the credentials (401) or forbade the request (403):
                 a configuration error (exit 2).
@@ -104,6 +128,19 @@ class MlflowRegistry:
             UnavailableError: the server is unreachable or answered 408, 429 or 5xx (exit 1 at
                 start-up: a restart may help; a running worker asks again later).
         """
+        deadline = self.retry_deadline_s if method == "GET" else 0.0
+        what = f"{method} {path}"
+        attempts = retrying(deadline, what, server="MLflow server", policy=self.policy)
+        return attempts(self._request_once, method, path, query, body, data)
+
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: Any,
+        data: bytes | None,
+    ) -> bytes:
         url = self.uri + path + ("?" + urllib.parse.urlencode(query) if query else "")
         headers = {"Authorization": self._auth} if self._auth else {}
         if body is not None:
@@ -328,10 +365,23 @@ class MlflowSource:
     """``models:/<name>@<alias>`` (or a version) as the worker's model source."""
 
     def __init__(
-        self, name: str, alias: str | None, version: str | None, *, tracking_uri: str = ""
+        self,
+        name: str,
+        alias: str | None,
+        version: str | None,
+        *,
+        tracking_uri: str = "",
+        retry_deadline_s: float = 0.0,
+        policy: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
-        """Follow ``alias`` (or stay on ``version``) of the registered model ``name``."""
-        self.model = MlflowRegistry.from_environment(tracking_uri).model(name)
+        """Follow ``alias`` (or stay on ``version``) of the registered model ``name``.
+
+        ``retry_deadline_s`` and ``policy``: the reads' retry (``MlflowRegistry``).
+        """
+        registry = MlflowRegistry.from_environment(
+            tracking_uri, retry_deadline_s=retry_deadline_s, policy=policy
+        )
+        self.model = registry.model(name)
         self.alias = alias
         self.version = version
         self._cache = Path(tempfile.mkdtemp(prefix="stream-scorer-mlflow-"))

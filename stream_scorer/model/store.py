@@ -34,6 +34,7 @@ from typing import Final, Protocol
 
 from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError
+from stream_scorer.retry import DEFAULT_POLICY, RetryPolicy
 
 #: The prefix of a model store source; ``models:/`` names a model in an MLflow model registry.
 STORE_SCHEME: Final = "store:"
@@ -415,13 +416,23 @@ def open_store(spec: str, *, tracking_uri: str = "") -> AliasStore:
     raise ModelError(f"{spec!r}: give store:<root>/<name> or models:/<name>")
 
 
-def open_source(spec: str, *, base: Path | None = None, tracking_uri: str = "") -> ModelSource:
+def open_source(
+    spec: str,
+    *,
+    base: Path | None = None,
+    tracking_uri: str = "",
+    retry_deadline_s: float = 0.0,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> ModelSource:
     """The model source ``model.source`` names (see the module doc).
 
     Args:
         spec: the source text.
         base: what a relative directory or store root is relative to (the config's folder).
         tracking_uri: the MLflow tracking server (else ``$MLFLOW_TRACKING_URI``).
+        retry_deadline_s: how long an MLflow read is asked again while the server does not
+            answer (``retry.model_registry_timeout_s``; a store on disk has no outage).
+        policy: the backoff between those tries.
 
     Raises:
         ModelError: the text names no usable source.
@@ -431,7 +442,14 @@ def open_source(spec: str, *, base: Path | None = None, tracking_uri: str = "") 
         from stream_scorer.model.mlflow import MlflowSource
 
         ref = parse_ref(spec)
-        return MlflowSource(ref.name, ref.alias, ref.version, tracking_uri=tracking_uri)
+        return MlflowSource(
+            ref.name,
+            ref.alias,
+            ref.version,
+            tracking_uri=tracking_uri,
+            retry_deadline_s=retry_deadline_s,
+            policy=policy,
+        )
     if spec.startswith(STORE_SCHEME):
         ref = parse_ref(spec)
         root = Path(ref.location).expanduser()

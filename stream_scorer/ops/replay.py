@@ -45,6 +45,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from stream_scorer import headers as hdr
+from stream_scorer.clients import produce_retrying
 from stream_scorer.config import CLIENT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD_BYTES
 from stream_scorer.envelope import (
     DROPPED,
@@ -347,9 +348,11 @@ class _Publisher:
         try:
             for key, value, headers, source, size in records:
                 try:
-                    producer.produce(
+                    produce_retrying(
+                        producer,
                         self._target,
-                        value=value,
+                        value,
+                        timeout_s=self._timeout,
                         key=key,
                         headers=headers,
                         on_delivery=partial(self._delivered, source, size),

@@ -70,8 +70,30 @@ _WATCH_EVERY_S = 0.5
 #: The producer's errors that mean a broker connection was lost.
 _LOST_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 _PRODUCER_LOG = client_logger("producer")
-#: librdkafka's line when the transaction coordinator refuses a partition (names its topic).
-_ADD_PARTITION_REFUSED = re.compile(r'Failed to add partition "([^"]+)" \[\d+\] to transaction')
+#: librdkafka's line when the transaction coordinator refuses a partition: its topic, then the
+#: client's own text of the error code (``KafkaError(code).str()``).
+_ADD_PARTITION_REFUSED = re.compile(r'Failed to add partition "([^"]+)" \[\d+\] to transaction: ')
+#: The codes of a refused request: an authorization code (the worker's own error names what to
+#: grant) and "operation not attempted" (the request's other partitions, skipped because of it).
+_REFUSAL_CODES = (*AUTHORIZATION_CODES, KafkaError.OPERATION_NOT_ATTEMPTED)
+#: A code's text, as librdkafka writes it into its log lines, back to the code.
+_REFUSAL_TEXTS = {KafkaError(code).str(): code for code in _REFUSAL_CODES}
+
+
+def logged_refusal(text: str) -> tuple[int, str | None] | None:
+    """The refusal a librdkafka log line reports: its code and, if the line names it, the topic.
+
+    Only the log says it: ``AddPartitionsToTxn`` refused for one topic surfaces from the
+    transactional call as a bare ``TOPIC_AUTHORIZATION_FAILED`` (no topic), and the other
+    partitions' ``OPERATION_NOT_ATTEMPTED`` not at all. The line's error is matched against
+    the client's own text of each code (``KafkaError(code).str()``), not free words.
+    """
+    code = next((c for t, c in _REFUSAL_TEXTS.items() if t in text), None)
+    if code is None:
+        return None
+    match = _ADD_PARTITION_REFUSED.search(text)
+    topic = match.group(1) if match and AUTHORIZATION_CODES.get(code) == "topic" else None
+    return code, topic
 
 
 class TransactionalProducer(Producer, Protocol):
@@ -179,15 +201,12 @@ class ProducerEvents:
         the "operation not attempted" of the other partitions of the refused request: the
         worker's own error line says what is missing and what to grant.
         """
-        try:
-            text = fmt % args
-            if "authorization failed" in text.lower():
+        try:  # the one condition read from the log: the refused topic (``logged_refusal``)
+            refusal = logged_refusal(fmt % args)
+            if refusal is not None:
                 level = min(level, logging.WARNING)
-                match = _ADD_PARTITION_REFUSED.search(text)
-                if match is not None:
-                    self.refused_topic = match.group(1)
-            elif "Operation not attempted" in text:  # the others of a refused request
-                level = min(level, logging.WARNING)
+                if refusal[1] is not None:
+                    self.refused_topic = refusal[1]
         except Exception:  # a log callback never raises
             pass
         _PRODUCER_LOG.log(level, fmt, *args)

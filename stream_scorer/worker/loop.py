@@ -49,7 +49,8 @@ from stream_scorer.kafka.topics import require_topics, topic_max_message_bytes
 from stream_scorer.letters import Signer
 from stream_scorer.logs import set_context as set_log_context
 from stream_scorer.model.store import DirectorySource, ModelSource, open_source
-from stream_scorer.registry import NotFound, RegistryClient, retrying
+from stream_scorer.registry import NotFound, RegistryClient
+from stream_scorer.retry import retrying
 from stream_scorer.stages.columns import EVENT_TIME_TYPES, AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.encode import PredictionEncoder
@@ -99,7 +100,12 @@ def model_source(cfg: Config) -> ModelSource:
     """The configured model source (``model.source``, or the directory ``model.path``)."""
     if cfg.model.path is not None:
         return DirectorySource(cfg.model.path)
-    return open_source(cfg.model.source, tracking_uri=cfg.model.mlflow_tracking_uri)
+    return open_source(
+        cfg.model.source,
+        tracking_uri=cfg.model.mlflow_tracking_uri,
+        retry_deadline_s=cfg.retry.model_registry_timeout_s,
+        policy=cfg.retry.policy(),
+    )
 
 
 def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
@@ -119,7 +125,12 @@ def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
     client = client or RegistryClient.from_config(cfg.registry)
     subject = f"{cfg.output.topic}-value"
     text = json.dumps(json.loads(cfg.output.schema.read_text(encoding="utf-8")))
-    for attempt in retrying(cfg.registry.unavailable_timeout_s, f"subject {subject}"):
+    for attempt in retrying(
+        cfg.registry.unavailable_timeout_s,
+        f"subject {subject}",
+        server="registry",
+        policy=cfg.retry.policy(),
+    ):
         with attempt:
             try:
                 schema_id = (
@@ -159,7 +170,12 @@ def reader_schema(cfg: Config, client: RegistryClient | None = None) -> dict[str
     if not subject:
         return None
     client = client or RegistryClient.from_config(cfg.registry)
-    for attempt in retrying(cfg.registry.unavailable_timeout_s, f"subject {subject}"):
+    for attempt in retrying(
+        cfg.registry.unavailable_timeout_s,
+        f"subject {subject}",
+        server="registry",
+        policy=cfg.retry.policy(),
+    ):
         with attempt:
             try:
                 schema_id, text = client.subject_version(subject, version)
@@ -269,6 +285,7 @@ def _writer_schemas(cfg: Config, pipeline: Pipeline, metrics: Metrics) -> Writer
         RegistryClient.from_config(cfg.registry),
         unavailable_timeout_s=cfg.registry.unavailable_timeout_s,
         keepalive=lambda: metrics.last_progress.set(time.time()),
+        policy=cfg.retry.policy(),
     )
 
 

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from stream_scorer.errors import RegistryError
-from stream_scorer.registry import SchemaKey, describe_key, retrying
+from stream_scorer.registry import SchemaKey, describe_key
+from stream_scorer.retry import DEFAULT_POLICY, RetryPolicy, retrying
 from stream_scorer.stages.framing import FramedColumns, SchemaSource
 from stream_scorer.stages.pipeline import ColumnBuilder
 
@@ -35,8 +36,11 @@ class WriterSchemas:
         unavailable_timeout_s: float,
         keepalive: Callable[[], None] = lambda: None,
         stopping: Callable[[], bool] = lambda: False,
+        policy: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         """Serve ``columns`` from ``client``, retrying for ``unavailable_timeout_s``.
+
+        ``policy``: the backoff between tries (``retry``).
 
         ``stopping``: a stop was asked for; the wait for the registry ends (``RegistryError``,
         the batch stays unprocessed and uncommitted).
@@ -47,6 +51,7 @@ class WriterSchemas:
         # model version, ``follow``) learns them without asking the registry again
         self._found: dict[SchemaKey, str] = {}
         self._bound = unavailable_timeout_s
+        self._policy = policy
         self.keepalive = keepalive
         self.stopping = stopping
 
@@ -96,7 +101,14 @@ class WriterSchemas:
 
     def fetch(self, key: SchemaKey) -> str | None:
         """One writer schema, retried while the registry is unavailable."""
-        for attempt in retrying(self._bound, describe_key(key), self.keepalive, self.stopping):
+        for attempt in retrying(
+            self._bound,
+            describe_key(key),
+            server="registry",
+            policy=self._policy,
+            keepalive=self.keepalive,
+            stopping=self.stopping,
+        ):
             with attempt:
                 return self._client.writer_schema(key)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -14,7 +14,6 @@ record can stop a partition.
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Literal, Protocol
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_scorer import headers as hdr
+from stream_scorer.clients import QUEUE_FULL_TIMEOUT_S, produce_retrying
 from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
 from stream_scorer.kafka.access import Grant, denied
@@ -60,7 +60,7 @@ class SinkContext:
     group_id: str
     worker_id: str
     model_version: str
-    queue_full_timeout_s: float = 120.0
+    queue_full_timeout_s: float = QUEUE_FULL_TIMEOUT_S
     #: Input headers copied onto each prediction (``output.copy_headers``).
     copy_headers: frozenset[str] = frozenset()
     #: ``User:<name>`` the producer authenticates as (empty: none), named when refused.
@@ -275,25 +275,21 @@ class Sink:
 
         ``key``: the record's key; ``False`` (the default): ``msg``'s.
         """
-        deadline: float | None = None
         record_key = msg.key() if key is False else key
-        while True:
-            try:
-                self._producer.produce(
-                    topic, value=value, key=record_key, headers=headers, on_delivery=callback
-                )
-                return
-            except BufferError:
-                now = time.monotonic()
-                deadline = deadline or now + self._ctx.queue_full_timeout_s
-                if now > deadline:
-                    raise BrokerError(
-                        f"producer queue stayed full for {self._ctx.queue_full_timeout_s:.0f} s",
-                        topic=topic,
-                    ) from None
-                self._producer.poll(0.05)
-            except Exception as exc:
-                raise _refused(msg, topic, exc, self._ctx.principal) from exc
+        try:
+            produce_retrying(
+                self._producer,
+                topic,
+                value,
+                timeout_s=self._ctx.queue_full_timeout_s,
+                key=record_key,
+                headers=headers,
+                on_delivery=callback,
+            )
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise _refused(msg, topic, exc, self._ctx.principal) from exc
 
     def _headers_of(self, tp: tuple[str, int]) -> list[tuple[str, bytes | None]]:
         common = self._source_headers.get(tp)

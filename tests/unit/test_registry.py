@@ -25,7 +25,8 @@ from stream_scorer.errors import (
     RegistryError,
     exit_code,
 )
-from stream_scorer.registry import RegistryClient, retrying
+from stream_scorer.registry import RegistryClient
+from stream_scorer.retry import retrying
 from stream_scorer.worker.loop import output_prefix, reader_schema
 
 ROOT = Path(__file__).parents[2]
