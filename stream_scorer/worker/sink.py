@@ -27,7 +27,7 @@ from stream_scorer.clients import QUEUE_FULL_TIMEOUT_S, produce_retrying
 from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
 from stream_scorer.kafka.access import Grant, denied
-from stream_scorer.letters import Signer, fits, strip
+from stream_scorer.letters import Signer, fits, framed_size, strip
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
@@ -144,6 +144,18 @@ def dead_letter(
         )
     if ctx.signer is not None:
         headers = ctx.signer.sign(key, value, headers)
+    if not fits(key, value, headers, ctx.dead_letter_max_bytes):
+        # even stripped, the coordinates and context do not fit: a topic whose limit is too
+        # small for any dead letter; stop before producing (nothing is committed past it)
+        raise BrokerError(
+            f"cannot produce to {ctx.dead_letter_topic!r}: MSG_SIZE_TOO_LARGE: even without its "
+            f"key and value, the dead letter ({framed_size(key, value, headers)} bytes) exceeds "
+            f"the {ctx.dead_letter_max_bytes} bytes the dead-letter topic takes; raise its "
+            "max.message.bytes",
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+        )
     return key, value, headers, stripped
 
 

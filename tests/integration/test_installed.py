@@ -110,10 +110,12 @@ def test_every_documented_command_runs_from_the_installed_package(
     installed.run("example", "init", "example")
     installed.run("train", "--out", "example/models/rides", "--rows", "3000", "--trees", "20")
     config = installed.cwd / "example" / "rides.yaml"
-    # deploy/Dockerfile compiles the fast path's kernel with this very line (its config mapped)
+    # deploy/Dockerfile compiles the fast path's kernel with this very line (its config and its
+    # virtualenv, /opt/venv, mapped to this one's): the kernel is the installed one, cached
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     (snippet,) = re.findall(r'RUN python -c "(.*build_pipeline.*)"', dockerfile)
-    installed.run("python", "-c", snippet.replace("/app/deploy/config/rides.yaml", str(config)))
+    snippet = snippet.replace("/app/deploy/config/rides.yaml", str(config))
+    installed.run("python", "-c", snippet.replace("'/opt/venv/'", repr(f"{installed.bin.parent}/")))
 
     topic, out, dlq, group = unique("rides"), unique("preds"), unique("dlq"), unique("grp")
     make_topics({topic: 2, out: 2, dlq: 1, f"{topic}-again": 1})
