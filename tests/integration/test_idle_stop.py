@@ -149,7 +149,7 @@ def _cleanup(*procs: subprocess.Popen[str]) -> Iterator[None]:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate(timeout=30)
+            proc.communicate(timeout=30)  # closes its pipes, also when it had ended by itself
 
 
 def _items(n: int, seed: int) -> list[tuple[bytes | None, bytes | None]]:
@@ -337,7 +337,9 @@ def test_an_idle_stop_names_the_records_a_dead_member_left_and_exits_3(env: Env)
         wait_for(lambda: describe_group(admin, env.group) is not None, 120, "victim joined")
         producing.start()  # records keep coming: neither worker is idle meanwhile
         try:
-            survivor = _worker(env, "--worker-id", "survivor", "--idle-timeout", "3")
+            # idle timeout well above a rebalance's few seconds (a survivor idle before it is
+            # given partitions would stop early) and far below the victim's session
+            survivor = _worker(env, "--worker-id", "survivor", "--idle-timeout", "8")
             with _cleanup(survivor):
                 wait_for(lambda: len(holders()) == 2, 120, "both workers hold partitions")
                 left = holders()["stream-scorer-victim"]
