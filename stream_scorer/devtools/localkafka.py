@@ -41,7 +41,7 @@ from stream_scorer.devtools.process import ServerProcess, tail
 from stream_scorer.errors import LocalKafkaError
 from stream_scorer.resources import packaged_file
 
-KAFKA_VERSION = "4.1.1"
+KAFKA_VERSION = "4.3.2"
 
 _JAVA_HINT = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless"
 # Kafka logs through SLF4J 1.7, and kafka_2.13's runtime dependencies bring no binding for it:
@@ -245,6 +245,8 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
 log.retention.hours=24
 """
 
