@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import test_scaling
 import yaml
 from confluent_kafka import AcknowledgeType, ShareConsumer
 from support import PAYMENT_SCHEMA, avro, payments, produce_raw, read_topic, wait_for, write_schema
-import test_scaling
 from test_scaling import ROOT, Env, Flow, Worker, _prediction_ids
 
 from stream_scorer import headers
