@@ -457,6 +457,9 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
 
             schemas.keepalive = keepalive
             schemas.stopping = lambda: bool(stop)
+        model.pipeline.process([])  # warm-up: the first real batch can be scored at once
+        metrics.could_score()
+        monitor.scorable()
         rolled_back = _loop(
             cfg,
             source,
@@ -644,6 +647,8 @@ def _loop(
             if delivered:
                 report.consumed += len(batch)
                 report.batches += 1
+                if report.batches == 1:
+                    metrics.first_batch()
                 metrics.observe_latency(result.scored.event_ms)
                 if progress is None:
                     metrics.count_unseen(result.unseen)

@@ -96,9 +96,13 @@ def test_four_share_workers_on_one_partition_all_receive_and_kill_9_loses_nothin
             "not every one of the 4 share workers on 1 partition received records",
         )
         assert flow.running, "production ended before the four had records"
+        for w in workers:  # start-up → could score → first delivered batch
+            startup = w.metric("stream_scorer_startup_seconds")
+            assert 0 < startup <= w.metric("stream_scorer_first_batch_seconds")
         for w in workers[:2]:  # kill -9 two of them mid-stream, holding a batch or not
             w.proc.send_signal(signal.SIGKILL)
-            w.proc.wait(timeout=30)
+            assert w.stop(timeout=30) == []  # killed: no report
+            assert w.proc.returncode == -signal.SIGKILL
         wait_for(lambda: flow.sent >= 6000, 120, "production stalled")
     assert flow.errors == []
     sent = {r["txn_id"] for r in flow.records[: flow.sent]}
