@@ -123,6 +123,12 @@ def test_four_share_workers_on_one_partition_all_receive_and_kill_9_loses_nothin
     for w in workers[2:]:
         assert w.stop() and w.proc.returncode == 0, w.stderr()
         assert "Preview" in w.stderr()  # the client's preview status is said at run time
+    # the lag command reads the share group through the broker's ShareGroupCommand
+    from stream_scorer.ops.sharelag import describe_share_group
+
+    (row,) = describe_share_group({"bootstrap.servers": env.bootstrap}, env.group, env.topic)
+    assert (row.partition, row.lag_records) == (0, 0)
+    assert row.start_offset is not None  # the group has consumed here
 
 
 def test_a_record_delivered_delivery_limit_times_is_dead_lettered(

@@ -100,3 +100,23 @@ def test_split_dead_letters_records_at_the_delivery_limit() -> None:
     assert [d.message.offset() for d in spent] == [1, 3]
     assert {d.reason for d in spent} == {Reason.DELIVERY_LIMIT}
     assert Reason.DELIVERY_LIMIT.stage is Stage.CONSUME
+
+
+def test_share_group_command_output_parses_into_rows_and_errors_raise() -> None:
+    from stream_scorer.errors import BrokerError
+    from stream_scorer.ops.sharelag import ShareLag, parse_describe, to_table
+
+    text = (
+        "\nGROUP           TOPIC           PARTITION  START-OFFSET  LAG\n"
+        "g               t               0          396           4\n"
+        "g               t               1          -             -\n"
+    )
+    rows = parse_describe(text, "g")
+    assert rows == [ShareLag("t", 0, 396, 4), ShareLag("t", 1, None, None)]
+    assert to_table("g", rows).splitlines()[-1] == "total lag: 4 records"
+    with pytest.raises(BrokerError, match="GroupIdNotFoundException"):
+        parse_describe(
+            "Error: Executing share group command failed due to org.apache.kafka.common."
+            "errors.GroupIdNotFoundException: Group nope not found.\n",
+            "nope",
+        )
