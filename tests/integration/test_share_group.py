@@ -88,17 +88,18 @@ def test_four_share_workers_on_one_partition_all_receive_and_kill_9_loses_nothin
     monkeypatch.setattr(test_scaling, "PARTITIONS", 1)  # Flow produces to one partition
     env = _env(tmp_path, kafka_bootstrap, unique, make_topics, model_dir)
     consumed = "stream_scorer_records_consumed_total"
+    first = "stream_scorer_first_batch_seconds"
     workers += [Worker(env, f"w{i}") for i in range(4)]
     with Flow(env.bootstrap, env.topic, per_second=400) as flow:
-        wait_for(
-            lambda: all(w.metric(consumed) > 0 for w in workers),
+        wait_for(  # each delivered a batch (stream_scorer_first_batch_seconds set)
+            lambda: all(w.metric(consumed) > 0 and w.metric(first) > 0 for w in workers),
             120,
             "not every one of the 4 share workers on 1 partition received records",
         )
         assert flow.running, "production ended before the four had records"
         for w in workers:  # start-up → could score → first delivered batch
             startup = w.metric("stream_scorer_startup_seconds")
-            assert 0 < startup <= w.metric("stream_scorer_first_batch_seconds")
+            assert 0 < startup <= w.metric(first)
         for w in workers[:2]:  # kill -9 two of them mid-stream, holding a batch or not
             w.proc.send_signal(signal.SIGKILL)
             assert w.stop(timeout=30) == []  # killed: no report
