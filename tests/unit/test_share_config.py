@@ -120,3 +120,42 @@ def test_share_group_command_output_parses_into_rows_and_errors_raise() -> None:
             "errors.GroupIdNotFoundException: Group nope not found.\n",
             "nope",
         )
+
+
+class _FakeShareConsumer:
+    """What ShareSource calls on librdkafka's share consumer, recorded."""
+
+    def __init__(self, polls: list[list[Any]]) -> None:
+        self.polls = polls
+        self.acks: list[tuple[int, int]] = []
+        self.sent = 0
+
+    def poll(self, _timeout: float) -> list[Any]:
+        return self.polls.pop(0) if self.polls else []
+
+    def acknowledge(self, msg: Any, kind: Any) -> None:
+        self.acks.append((msg.offset(), int(kind)))
+
+    def commit_async(self) -> None:
+        self.sent += 1
+
+
+class _Polled(_Msg):
+    def error(self) -> None:
+        return None
+
+
+def test_records_are_accepted_after_delivery_and_released_on_a_stop() -> None:
+    from confluent_kafka import AcknowledgeType
+
+    fake = _FakeShareConsumer([[_Polled(0, 1), _Polled(1, 1)], [_Polled(2, 2)]])
+    source = ShareSource({}, "in", unreachable_timeout_s=1, delivery_limit=3)
+    source._consumer = fake
+    assert [m.offset() for m in source.poll_batch(10, 0.0)] == [0, 1]
+    assert source.poll_batch(10, 0.0) == []  # no poll while the batch is unacknowledged
+    source.store([("in", 0, 2)])  # the batch's outputs were delivered
+    assert fake.acks == [(0, AcknowledgeType.ACCEPT), (1, AcknowledgeType.ACCEPT)]
+    assert [m.offset() for m in source.poll_batch(10, 0.0)] == [2]
+    source.release_all()  # stopping before its output was delivered
+    assert fake.acks[-1] == (2, AcknowledgeType.RELEASE)
+    assert (source.accepted, source.released, fake.sent) == (2, 1, 2)
