@@ -23,7 +23,7 @@ from support import wait_for
 from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
 
-KAFKA_IMAGE = "apache/kafka:4.1.1"
+KAFKA_IMAGE = "apache/kafka:4.3.2"
 
 
 def _docker_answers() -> bool:

@@ -25,7 +25,7 @@ def _cmd_lag(args: argparse.Namespace) -> int:
     from stream_scorer.ops.lag import to_json, to_table
 
     settings: dict[str, str] = {}
-    group, topic = args.group, args.topic
+    group, topic, share = args.group, args.topic, args.share
     if args.config is not None:
         from stream_scorer.config import client_settings, load_config
 
@@ -33,12 +33,23 @@ def _cmd_lag(args: argparse.Namespace) -> int:
         settings = client_settings(cfg)
         group = group or cfg.input.group_id
         topic = topic or cfg.input.topic
+        share = share or cfg.input.group_type == "share"
     if args.bootstrap_servers:
         settings["bootstrap.servers"] = args.bootstrap_servers
     if not settings.get("bootstrap.servers"):
         raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
     if not group:
         raise ConfigError("input.group_id", "give --group or --config")
+    if share:
+        from stream_scorer.devtools.localkafka import fetch_jars, find_java
+        from stream_scorer.ops import sharelag
+
+        # the broker's own tool, from the jars local-kafka fetches (the Python admin client has
+        # no share-group calls yet)
+        jars = fetch_jars(log=lambda _: None)
+        found = sharelag.describe_share_group(settings, group, topic, java=find_java(), libs=jars)
+        print(sharelag.to_json(group, found) if args.json else sharelag.to_table(group, found))
+        return 0
     rows = describe_group(settings, group, topic, timeout=args.timeout)
     print(to_json(group, rows) if args.json else to_table(group, rows), flush=True)
     return 0
@@ -254,6 +265,12 @@ def add_commands(sub: Commands) -> None:
     lag.add_argument("--group", help="consumer group (default with --config: input.group_id)")
     lag.add_argument("--topic", help="only this topic (default with --config: input.topic)")
     lag.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lag.add_argument(
+        "--share",
+        action="store_true",
+        help="a share group (default with --config: input.group_type); runs the broker's "
+        "ShareGroupCommand with the local Java",
+    )
     lag.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
     lag.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
     lag.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")

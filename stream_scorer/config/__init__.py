@@ -25,6 +25,7 @@ from stream_scorer.config.kafka import (
     consumer_settings,
     kafka_client,
     producer_settings,
+    share_consumer_settings,
     transactional_id,
     worker_identity,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "producer_settings",
     "read_file",
     "redacted",
+    "share_consumer_settings",
     "transactional_id",
     "with_worker",
     "worker_identity",

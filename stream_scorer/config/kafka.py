@@ -83,7 +83,7 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
         "isolation.level": "read_committed",
         "auto.commit.interval.ms": "1000",
         "enable.auto.offset.store": "false",
-        "auto.offset.reset": "earliest",
+        "auto.offset.reset": cfg.input.auto_offset_reset,
         "partition.assignment.strategy": "cooperative-sticky",
         "statistics.interval.ms": str(cfg.kafka.statistics_interval_ms),
         "fetch.max.bytes": str(max(52_428_800, cfg.input.max_message_bytes * 2)),
@@ -94,6 +94,47 @@ def consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
     settings.update(cfg.kafka.consumer)
     if settings.get("group.protocol") == "consumer":  # KIP-848: the broker assigns
         settings.pop("partition.assignment.strategy", None)
+    return settings
+
+
+#: Consumer-group settings librdkafka's share consumer refuses ("not applicable").
+_NOT_FOR_SHARE: Final = frozenset(
+    {
+        "enable.auto.commit",
+        "auto.commit.interval.ms",
+        "enable.auto.offset.store",
+        "auto.offset.reset",
+        "isolation.level",
+        "partition.assignment.strategy",
+        "group.instance.id",
+        "group.protocol",
+        "group.remote.assignor",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "enable.partition.eof",
+    }
+)
+
+
+def share_consumer_settings(cfg: Config, worker_id: str) -> dict[str, str]:
+    """Return the librdkafka settings for the worker's share consumer (``group_type: share``).
+
+    Explicit acknowledgement: each record is acknowledged after its output is delivered. The
+    start position, lock duration and delivery limit are the group's settings, not the
+    client's (``stream_scorer.worker.share``). ``max.poll.records`` follows
+    ``batch.max_records`` (a soft bound: one member can take a whole backlog).
+    """
+    settings = {
+        "bootstrap.servers": cfg.kafka.bootstrap_servers,
+        "group.id": cfg.input.group_id,
+        "client.id": f"stream-scorer-{worker_id}",
+        "share.acknowledgement.mode": "explicit",
+        "max.poll.records": str(cfg.batch.max_records),
+        "statistics.interval.ms": str(cfg.kafka.statistics_interval_ms),
+        "fetch.max.bytes": str(max(52_428_800, cfg.input.max_message_bytes * 2)),
+    }
+    settings.update(kafka_client(cfg.kafka))
+    settings.update({k: v for k, v in cfg.kafka.consumer.items() if k not in _NOT_FOR_SHARE})
     return settings
 
 

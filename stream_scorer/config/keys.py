@@ -39,6 +39,8 @@ LOGGABLE_KEYS: Final = frozenset(
         "client.id",
         "auto.commit.interval.ms",
         "auto.offset.reset",
+        "share.acknowledgement.mode",
+        "max.poll.records",
         "partition.assignment.strategy",
         "fetch.max.bytes",
         "enable.idempotence",

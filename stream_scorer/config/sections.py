@@ -74,6 +74,19 @@ class InputConfig(Section):
     read with its own writer schema, whatever its topic."""
     group_id: NonEmpty
     """Consumer group; workers of one deployment share it."""
+    group_type: Literal["consumer", "share"] = "consumer"
+    """``consumer``: a consumer group, each partition read by one worker, in order;
+    ``share``: a share group (Kafka 4.2+, client preview, opt-in), every worker takes records
+    of any partition, so workers can outnumber partitions; at-least-once only, no order within
+    a key (docs/manual/scaling.md, "Share groups")."""
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where a group with nothing committed starts reading. ``share``: set at start-up as the
+    group's ``share.auto.offset.reset`` (the broker's default for a new share group is
+    ``latest``)."""
+    delivery_limit: Int = Field(default=4, ge=1, le=9)
+    """``share``: a record the broker delivers this many times is dead-lettered (reason
+    ``delivery_limit``) instead of scored again; the group's ``share.delivery.count.limit`` is
+    set one above it at start-up, so the broker never archives it unseen."""
     schema_file: ExistingFile = Field(alias="schema")
     """Path of the Avro schema (``.avsc``) the events are written with."""
     id_field: NonEmpty
@@ -454,6 +467,13 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         ):
             if name == out or (name.startswith("^") and _matches(name, out)):
                 yield "input.topics", f"{name!r} would consume {key} {out!r}"
+    if cfg.input.group_type == "share" and cfg.delivery.mode == EXACTLY_ONCE:
+        yield (
+            "input.group_type",
+            "share groups are at-least-once only (their acknowledgements are not part of Kafka "
+            "transactions): use delivery.mode: at-least-once, or a consumer group for "
+            "exactly-once",
+        )
     if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
         yield "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
     topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}

@@ -41,7 +41,7 @@ from stream_scorer.devtools.process import ServerProcess, tail
 from stream_scorer.errors import LocalKafkaError
 from stream_scorer.resources import packaged_file
 
-KAFKA_VERSION = "4.1.1"
+KAFKA_VERSION = "4.3.2"
 
 _JAVA_HINT = "Debian/Ubuntu: apt-get install openjdk-17-jre-headless"
 # Kafka logs through SLF4J 1.7, and kafka_2.13's runtime dependencies bring no binding for it:
@@ -66,7 +66,7 @@ def find_pom() -> Path:
     return packaged_file(__package__ or "stream_scorer.devtools", "local-kafka-pom.xml")
 
 
-def _find_java() -> str:
+def find_java() -> str:
     """Return the path of a ``java`` that is version 17 or newer."""
     java = shutil.which("java")
     if java is None:
@@ -140,7 +140,7 @@ def fetch_jars(cache_dir: Path | None = None, *, log: Callable[[str], None] = pr
         LocalKafkaError: Java 17+ or Maven is missing, or Maven cannot download the jars.
     """
     libs = (cache_dir or default_cache_dir()) / f"kafka-{KAFKA_VERSION}" / "libs"
-    _find_java()
+    find_java()
     if _complete(libs):
         return libs
     mvn = shutil.which("mvn")
@@ -245,6 +245,8 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
 log.retention.hours=24
 """
 
@@ -500,7 +502,7 @@ class LocalKafka:
                     f"process: stop that process (see `ss -ltnp 'sport = :{port}'`) or choose "
                     "another port with --port"
                 )
-        java = _find_java()
+        java = find_java()
         libs = fetch_jars(self.cache_dir, log=self._log)
         data = self.state_dir / "data"
         data.mkdir(parents=True, exist_ok=True)

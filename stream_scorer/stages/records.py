@@ -81,6 +81,7 @@ class Stage(StrEnum):
     FEATURES = "features"
     SCORE = "score"
     ENCODE = "encode"
+    CONSUME = "consume"
 
 
 class Reason(StrEnum):
@@ -161,6 +162,9 @@ class Reason(StrEnum):
     NON_FINITE_PREDICTION = "non_finite_prediction", Stage.SCORE
     #: encode: the prediction record could not be encoded.
     ENCODE_FAILED = "encode_failed", Stage.ENCODE
+    #: consume (share groups): the broker delivered the record ``input.delivery_limit`` times
+    #: without it being acknowledged (its workers died or failed on it); not scored again.
+    DELIVERY_LIMIT = "delivery_limit", Stage.CONSUME
 
 
 def reasons_of(stage: Stage) -> tuple[Reason, ...]:

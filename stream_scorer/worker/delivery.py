@@ -333,13 +333,19 @@ class AtLeastOnce:
         *,
         max_in_flight: int,
         flush_timeout_s: float,
+        wait: bool = False,
     ) -> None:
-        """Deliver through ``sink`` and store offsets on ``source``."""
+        """Deliver through ``sink`` and store offsets on ``source``.
+
+        ``wait``: each ``deliver`` waits for the batch's acknowledgements and stores them (a
+        share group's records must all be acknowledged before the next poll).
+        """
         self.sink = sink
         self._source = source
         self._tracker = tracker
         self._max_in_flight = max_in_flight
         self._flush_timeout = flush_timeout_s
+        self._wait = wait
         self.paused = False
         self._drained = False
 
@@ -349,6 +355,9 @@ class AtLeastOnce:
         Never rolled back: an output the broker refuses stops the worker (``service``).
         """
         self.sink.publish(result.scored, result.dead, ticket, result.model_version)
+        if self._wait:
+            self.sink.flush(self._flush_timeout)
+            self.service()
         return True
 
     def service(self) -> None:

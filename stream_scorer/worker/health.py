@@ -119,6 +119,7 @@ class Monitor:
         self._interval = interval_s
         self._source: SourceView | None = None
         self._started = time.time()
+        self._scorable = False
         self._stalled: dict[TP, bool] = {}
         self._published: set[TP] = set()
         self.watchdog = Watchdog(cfg.health.stall_timeout_s)
@@ -130,6 +131,10 @@ class Monitor:
     def set_model_version(self, version: str) -> None:
         """The model version a swap brought in (``/readyz`` shows it)."""
         self._model_version = version
+
+    def scorable(self) -> None:
+        """The pipeline scored a warm-up batch: the first real batch can be scored now."""
+        self._scorable = True
 
     def watch(self, source: SourceView) -> None:
         """Start following ``source`` (its assignment, broker state and lag)."""
@@ -157,6 +162,7 @@ class Monitor:
         stalled = sorted(f"{t}/{p}" for (t, p), s in self._stalled.items() if s)
         checks = {
             "model_loaded": bool(self._model_version),
+            "pipeline_warm": self._scorable,
             "broker_reachable": src is not None and src.broker_reachable,
             "assignment_received": src is not None and src.joined,
             "no_stalled_partitions": not stalled,

@@ -30,6 +30,7 @@ from stream_scorer.config import (
     consumer_settings,
     producer_settings,
     redacted,
+    share_consumer_settings,
     transactional_id,
     worker_identity,
 )
@@ -59,7 +60,7 @@ from stream_scorer.stages.fields import resolve, type_name
 from stream_scorer.stages.framing import MAGIC_ID, FramedColumns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
-from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, ProducerEvents
+from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Input, ProducerEvents
 from stream_scorer.worker.flow import (
     IDLE_GAP_SLACK_S,
     REQUESTED_STOPS,
@@ -74,6 +75,7 @@ from stream_scorer.worker.offsets import OffsetTracker
 from stream_scorer.worker.progress import Progress
 from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, load_model
 from stream_scorer.worker.schemas import WriterSchemas
+from stream_scorer.worker.share import ShareSource, configure_group, share_group_configs
 from stream_scorer.worker.sink import Sink, SinkContext
 from stream_scorer.worker.source import Source
 
@@ -308,7 +310,7 @@ def _delivery(
     cfg: Config,
     worker_id: str,
     ctx: SinkContext,
-    source: Source,
+    source: Input,
     tracker: OffsetTracker,
     metrics: Metrics,
 ) -> Delivery:
@@ -348,6 +350,35 @@ def _delivery(
         tracker,
         max_in_flight=cfg.batch.max_in_flight,
         flush_timeout_s=cfg.worker.shutdown_timeout_s,
+        wait=cfg.input.group_type == "share",
+    )
+
+
+def _source(
+    cfg: Config, settings: dict[str, str], metrics: Metrics, delivery: Callable[[], Delivery]
+) -> Source | ShareSource:
+    """The input: a consumer group's ``Source`` or a share group's ``ShareSource``.
+
+    A share group's configs (start position, delivery limit) are set first.
+    """
+    if cfg.input.group_type == "share":
+        configs = share_group_configs(cfg.input.auto_offset_reset, cfg.input.delivery_limit)
+        configure_group(client_settings(cfg), cfg.input.group_id, configs)
+        return ShareSource(
+            settings,
+            cfg.input.topic,
+            unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
+            delivery_limit=cfg.input.delivery_limit,
+            extra_topics=cfg.input.topics,
+        )
+    return Source(
+        settings,
+        cfg.input.topic,
+        metrics,
+        unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
+        on_revoke=lambda parts: delivery().on_revoke(parts),
+        on_lost=lambda parts: delivery().on_lost(parts),
+        extra_topics=cfg.input.topics,
     )
 
 
@@ -397,7 +428,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             _protector(cfg),
             signer=_signer(cfg),
         )
-        csettings = consumer_settings(cfg, worker_id)
+        share = cfg.input.group_type == "share"
+        csettings = (share_consumer_settings if share else consumer_settings)(cfg, worker_id)
         log.info("consumer settings: %s", redacted(csettings))
         require_topics(  # before consuming anything: a missing topic is a deployment error
             client_settings(cfg),
@@ -424,17 +456,8 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                 client_settings(cfg), cfg.dead_letter.topic, cfg.kafka.unreachable_timeout_s
             ),
         )
-        source = stack.enter_context(
-            Source(
-                csettings,
-                cfg.input.topic,
-                metrics,
-                unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
-                on_revoke=lambda parts: delivery.on_revoke(parts),
-                on_lost=lambda parts: delivery.on_lost(parts),
-                extra_topics=cfg.input.topics,
-            )
-        )
+        source = _source(cfg, csettings, metrics, lambda: delivery)
+        stack.enter_context(source)
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
         monitor.watch(source)
         stack.enter_context(refresher)
@@ -453,6 +476,9 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
 
             schemas.keepalive = keepalive
             schemas.stopping = lambda: bool(stop)
+        model.pipeline.process([])  # warm-up: the first real batch can be scored at once
+        metrics.could_score()
+        monitor.scorable()
         rolled_back = _loop(
             cfg,
             source,
@@ -476,7 +502,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             shutdown_timeout_s=cfg.worker.shutdown_timeout_s,
         )
         own = source.assignment
-    if report.stopped_by == "idle_timeout":  # out of the group: what it leaves behind
+    if report.stopped_by == "idle_timeout" and not share:  # what it leaves behind
         report.orphaned_lag = check_orphaned_lag(cfg, own)
     report.dead_letters = {
         f"{s.labels['stage']}/{s.labels['reason']}": int(s.value)
@@ -586,7 +612,7 @@ def _swap(
 
 def _loop(
     cfg: Config,
-    source: Source,
+    source: Source | ShareSource,
     model: LoadedModel,
     delivery: Delivery,
     tracker: OffsetTracker,
@@ -627,7 +653,9 @@ def _loop(
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
-            result = model.pipeline.process(batch)
+            fresh, spent = source.split(batch)  # share groups: past the delivery limit
+            result = model.pipeline.process(fresh)
+            result.dead.extend(spent)
             if poison.enabled:
                 dead = {id(d.message) for d in result.dead}
                 poison.observe([id(m) in dead for m in batch])
@@ -638,6 +666,8 @@ def _loop(
             if delivered:
                 report.consumed += len(batch)
                 report.batches += 1
+                if report.batches == 1:
+                    metrics.first_batch()
                 metrics.observe_latency(result.scored.event_ms)
                 if progress is None:
                     metrics.count_unseen(result.unseen)

@@ -160,6 +160,18 @@ class Metrics:
             "previous one kept scoring.",
             registry=r,
         )
+        self.startup_seconds = Gauge(
+            "stream_scorer_startup_seconds",
+            "Seconds from the worker's start to when it could score (model loaded, pipeline "
+            "warmed up: compiled or loaded from the numba cache); 0 before.",
+            registry=r,
+        )
+        self.first_batch_seconds = Gauge(
+            "stream_scorer_first_batch_seconds",
+            "Seconds from the worker's start to its first delivered batch; 0 before.",
+            registry=r,
+        )
+        self._born = time.monotonic()
         self.model_loaded_at = Gauge(
             "stream_scorer_model_loaded_timestamp_seconds",
             "Unix time the model now scoring was swapped in (or loaded at start-up).",
@@ -193,6 +205,14 @@ class Metrics:
             self.model_swaps.inc()
         self.model_info.labels(new).set(1)
         self.model_loaded_at.set(time.time())
+
+    def could_score(self) -> None:
+        """Record that the worker could score a batch now (``stream_scorer_startup_seconds``)."""
+        self.startup_seconds.set(time.monotonic() - self._born)
+
+    def first_batch(self) -> None:
+        """Record the first delivered batch (``stream_scorer_first_batch_seconds``)."""
+        self.first_batch_seconds.set(time.monotonic() - self._born)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one batch's time in ``stage``."""

@@ -33,7 +33,7 @@ from stream_scorer.kafka.access import (
     refused_connection,
 )
 from stream_scorer.logs import client_logger
-from stream_scorer.stages.records import Message
+from stream_scorer.stages.records import DeadLetter, Message
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import Partitions
@@ -211,6 +211,10 @@ class Source:
             self._down_since = None
             self.lag.consumed(batch)
         return batch
+
+    def split(self, batch: list[Message]) -> tuple[list[Message], list[DeadLetter]]:
+        """The records to score and those not to (none: ``ShareSource.split`` has some)."""
+        return batch, []
 
     def _denied(self, err: KafkaError) -> BrokerError:
         """The error for an authorization refusal of the consumer (its topic or group)."""

@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from stream_scorer.devtools.localkafka import LocalKafka, fetch_jars
+from stream_scorer.devtools.localkafka import KAFKA_VERSION, LocalKafka, fetch_jars
 from stream_scorer.errors import BrokerError, LocalKafkaError
 from stream_scorer.kafka.topics import ensure_topics
 
@@ -205,7 +205,7 @@ def test_missing_and_failing_maven_are_explained(
         fetch_jars(tmp_path / "cache", log=lambda _: None)
     message = str(info.value)
     assert "Unknown host" in message and "~/.m2/settings.xml" in message
-    libs = tmp_path / "cache" / "kafka-4.1.1"
+    libs = tmp_path / "cache" / f"kafka-{KAFKA_VERSION}"
     assert [p.name for p in libs.iterdir()] == []  # no half download left to look complete
 
 

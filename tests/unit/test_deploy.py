@@ -533,6 +533,28 @@ def test_keda_scaled_object(tmp_path: Path) -> None:
     assert {"sasl", "username", "password"} <= params <= KEDA_KAFKA_AUTH
 
 
+def test_share_mode_scaled_object_scales_on_cpu_past_the_partition_count() -> None:
+    """deploy/k8s/share: the ScaledObject for input.group_type: share (KEDA's kafka scaler
+    reads consumer-group offsets, which a share group has none of)."""
+    (so,) = _docs(K8S / "share" / "scaledobject.yaml")
+    consumer = _k8s("ScaledObject")
+    assert so["kind"] == "ScaledObject" and so["apiVersion"] == consumer["apiVersion"]
+    assert so["metadata"]["name"] == consumer["metadata"]["name"]  # replaces it
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == consumer["spec"]["scaleTargetRef"]
+    input_partitions = max(_topic_partitions().values())
+    assert spec["minReplicaCount"] >= 1 and spec["maxReplicaCount"] > input_partitions
+    (trigger,) = spec["triggers"]
+    assert (trigger["type"], trigger["metricType"]) == ("cpu", "Utilization")
+    assert set(trigger["metadata"]) == {"value"}
+    assert (
+        isinstance(trigger["metadata"]["value"], str)
+        and 0 < int(trigger["metadata"]["value"]) < 100
+    )
+    # KEDA's cpu trigger computes utilisation against the container's CPU request
+    assert _container()["resources"]["requests"]["cpu"]
+
+
 def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
     kustomization = _yaml(K8S / "kustomization.yaml")
     resources = set(kustomization["resources"])

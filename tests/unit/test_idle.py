@@ -169,6 +169,9 @@ class _Source:
     def fetched_to_end(self) -> bool:
         return True
 
+    def split(self, batch: list[Msg]) -> tuple[list[Msg], list[Any]]:
+        return batch, []
+
     def raise_errors(self) -> None:
         pass
 

@@ -306,9 +306,12 @@ def test_endpoints_follow_the_checks(base_cfg: dict[str, Any]) -> None:
         code, body = _get(port, "/readyz")
         doc = json.loads(body)
         assert code == 503
-        assert doc["failing"] == ["broker_reachable", "assignment_received"]
+        assert doc["failing"] == ["pipeline_warm", "broker_reachable", "assignment_received"]
         assert doc["checks"]["model_loaded"] is True
         assert metrics.prometheus.get_sample_value("stream_scorer_ready") == 0
+        monitor.scorable()  # the warm-up batch was scored
+        doc = json.loads(_get(port, "/readyz")[1])
+        assert doc["failing"] == ["broker_reachable", "assignment_received"]
 
         source.reachable = source.joined = True
         source.parts = {("in", 0)}

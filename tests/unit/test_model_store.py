@@ -367,6 +367,9 @@ def test_the_loop_swaps_the_model_between_batches_only(tmp_path: Path) -> None:
         def fetched_to_end(self) -> bool:
             return True
 
+        def split(self, batch: list[Msg]) -> tuple[list[Msg], list[Any]]:
+            return batch, []
+
         def raise_errors(self) -> None:
             pass
 
