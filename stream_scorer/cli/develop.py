@@ -117,6 +117,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(status: tuple[int, str, bool] | None) -> int:
+    """Print a local server's status (pid, address, answering); 0 only when it answers."""
+    if status is None:
+        print("not running")
+        return 1
+    pid, address, answering = status
+    print(f"pid {pid} at {address}: {'answering' if answering else 'not answering'}")
+    return 0 if answering else 1
+
+
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
     from stream_scorer.devtools.localkafka import (
         SECURE_USERS,
@@ -147,12 +157,7 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
         print("stopped" if broker.stop() else "not running")
     else:
         status = broker.status()
-        if status is None:
-            print("not running")
-            return 1
-        state = "answering" if status.answering else "not answering"
-        print(f"pid {status.pid} at {status.bootstrap}: {state}")
-        return 0 if status.answering else 1
+        return _report(None if status is None else (status.pid, status.bootstrap, status.answering))
     return 0
 
 
@@ -172,12 +177,7 @@ def _cmd_local_registry(args: argparse.Namespace) -> int:
         print("stopped" if registry.stop() else "not running")
     else:
         status = registry.status()
-        if status is None:
-            print("not running")
-            return 1
-        state = "answering" if status.answering else "not answering"
-        print(f"pid {status.pid} at {status.url}: {state}")
-        return 0 if status.answering else 1
+        return _report(None if status is None else (status.pid, status.url, status.answering))
     return 0
 
 
@@ -198,12 +198,7 @@ def _cmd_local_mlflow(args: argparse.Namespace) -> int:
         print("stopped" if server.stop() else "not running")
     else:
         status = server.status()
-        if status is None:
-            print("not running")
-            return 1
-        state = "answering" if status.answering else "not answering"
-        print(f"pid {status.pid} at {status.uri}: {state}")
-        return 0 if status.answering else 1
+        return _report(None if status is None else (status.pid, status.uri, status.answering))
     return 0
 
 
