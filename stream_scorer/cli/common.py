@@ -21,3 +21,12 @@ def command(sub: Commands, name: str, example: str, **kwargs: Any) -> argparse.A
     ``kwargs`` go to ``add_parser`` (``help``, ``description``).
     """
     return sub.add_parser(name, epilog=f"{EXAMPLE}stream-scorer {example}", **kwargs)
+
+
+def command_group(sub: Commands, name: str, example: str, **kwargs: Any) -> Commands:
+    """Add command ``name`` (as ``command``) that has commands of its own; return their ``sub``.
+
+    The chosen one lands in ``args.<name>_command``.
+    """
+    parser = command(sub, name, example, **kwargs)
+    return parser.add_subparsers(dest=f"{name}_command", required=True)

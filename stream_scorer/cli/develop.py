@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
@@ -299,8 +299,9 @@ def add_commands(sub: Commands) -> None:
         "--registry-port", type=int, default=39081, help="local registry port (--format confluent)"
     )
     demo.set_defaults(func=_cmd_demo)
-    example = command(sub, "example", "example init rides", help="the shipped example's files")
-    example_sub = example.add_subparsers(dest="example_command", required=True)
+    example_sub = command_group(
+        sub, "example", "example init rides", help="the shipped example's files"
+    )
     init = command(
         example_sub,
         "init",

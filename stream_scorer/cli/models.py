@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError
 from stream_scorer.model.store import (
     DEFAULT_ALIAS,
@@ -123,13 +123,12 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Commands) -> None:
     """Add ``model publish|promote|rollback|pack|check`` to the command line."""
-    model = command(
+    model_sub = command_group(
         sub,
         "model",
         "model promote store:/srv/models/rides 7",
         help="model versions: publish, promote, rollback, pack, check",
     )
-    model_sub = model.add_subparsers(dest="model_command", required=True)
 
     publish = command(
         model_sub,

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError
 from stream_scorer.stages.records import Reason
 
@@ -196,13 +196,12 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Commands) -> None:
     """Add ``topics create``, ``acl grant``, ``lag``, ``rewind`` and ``dlq replay``."""
-    topics = command(
+    topics_sub = command_group(
         sub,
         "topics",
         "topics create --config rides.yaml --partitions 12",
         help="the deployment's topics",
     )
-    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
     create = command(
         topics_sub,
         "create",
@@ -219,13 +218,12 @@ def add_commands(sub: Commands) -> None:
     create.add_argument("--dead-letter-partitions", type=int, default=1, help="default 1")
     create.add_argument("--replication-factor", type=int, default=1, help="default 1")
     create.set_defaults(func=_cmd_topics_create)
-    acl = command(
+    acl_sub = command_group(
         sub,
         "acl",
         "acl grant --config rides.yaml --principal User:worker --role worker",
         help="least-privilege ACLs for the worker and the tools",
     )
-    acl_sub = acl.add_subparsers(dest="acl_command", required=True)
     ag = command(
         acl_sub,
         "grant",
@@ -284,13 +282,12 @@ def add_commands(sub: Commands) -> None:
     rw.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
     rw.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
     rw.set_defaults(func=_cmd_rewind)
-    dlq = command(
+    dlq_sub = command_group(
         sub,
         "dlq",
         "dlq replay --config rides.yaml --reason schema_mismatch",
         help="dead-letter tools",
     )
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     rp = command(
         dlq_sub,
         "replay",
