@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 #: The ``add_subparsers()`` object a command group adds its commands to.
@@ -30,3 +31,11 @@ def command_group(sub: Commands, name: str, example: str, **kwargs: Any) -> Comm
     """
     parser = command(sub, name, example, **kwargs)
     return parser.add_subparsers(dest=f"{name}_command", required=True)
+
+
+def group_tool_options(parser: argparse.ArgumentParser) -> None:
+    """Add what ``lag`` and ``rewind`` share: ``--json``, the connection and ``--timeout``."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
+    parser.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
+    parser.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command, command_group
+from stream_scorer.cli.common import Commands, command, command_group, group_tool_options
 from stream_scorer.errors import ConfigError
 from stream_scorer.stages.records import Reason
 
@@ -251,10 +251,7 @@ def add_commands(sub: Commands) -> None:
     )
     lag.add_argument("--group", help="consumer group (default with --config: input.group_id)")
     lag.add_argument("--topic", help="only this topic (default with --config: input.topic)")
-    lag.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    lag.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
-    lag.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
-    lag.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
+    group_tool_options(lag)
     lag.set_defaults(func=_cmd_lag)
 
     rw = command(
@@ -277,10 +274,7 @@ def add_commands(sub: Commands) -> None:
         "topic the group committed offsets for)",
     )
     rw.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    rw.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rw.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
-    rw.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
-    rw.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
+    group_tool_options(rw)
     rw.set_defaults(func=_cmd_rewind)
     dlq_sub = command_group(
         sub,
