@@ -379,3 +379,25 @@ def http_server(answer: Answer) -> Iterator[tuple[str, list[tuple[str, str, str 
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def rsa_pair(folder: Path) -> tuple[Path, Path]:
+    """A 2048-bit RSA key pair as PEM files in ``folder``: (public, private)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_file, private_file = folder / "dlq.pub.pem", folder / "dlq.key.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    private_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return public_file, private_file

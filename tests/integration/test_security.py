@@ -27,6 +27,7 @@ from support import (
     avro,
     payments,
     produce_raw,
+    rsa_pair,
     train_payment_classifier,
     wait_for,
     write_schema,
@@ -544,33 +545,12 @@ def test_missing_transactional_id_acl_stops_exactly_once_before_any_transaction(
 # --- private data: encrypted dead letters, replayed only with the private key ----------------
 
 
-def _rsa_pair(folder: Path) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_file, private_file = folder / "dlq.pub.pem", folder / "dlq.key.pem"
-    public_file.write_bytes(
-        private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    private_file.write_bytes(
-        private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return public_file, private_file
-
-
 def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_with_the_key(
     broker: LocalKafka, tmp_path: Path, model_dir: Path
 ) -> None:
     import math
 
-    public_file, private_file = _rsa_pair(tmp_path)
+    public_file, private_file = rsa_pair(tmp_path)
     dep = _deployment(broker, tmp_path, model_dir, "at-least-once", _worker_client(broker))
     raw = yaml.safe_load(dep.config.read_text())
     raw["dead_letter"].update(payload="encrypt", public_key=str(public_file))
