@@ -20,8 +20,10 @@ import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
+import yaml
 
 from stream_scorer.clients import read_to_end, topic_end_offsets
+from stream_scorer.config import load_config
 from stream_scorer.contracts.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.devtools.localkafka import default_cache_dir
 from stream_scorer.kafka import topics
@@ -401,3 +403,34 @@ def rsa_pair(folder: Path) -> tuple[Path, Path]:
         )
     )
     return public_file, private_file
+
+
+#: The repository's root (its ``schemas/`` folder).
+REPO = Path(__file__).parents[1]
+
+
+def ride_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A minimal valid worker configuration for the ride schemas; ``sections`` merge into it."""
+    (tmp_path / "model").mkdir(exist_ok=True)
+    raw: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": "h:1"},
+        "input": {
+            "topic": "in",
+            "group_id": "g",
+            "schema": str(REPO / "schemas" / "ride_request.v1.avsc"),
+            "id_field": "ride_id",
+        },
+        "output": {"topic": "out", "schema": str(REPO / "schemas" / "prediction.v1.avsc")},
+        "dead_letter": {"topic": "dlq"},
+        "model": {"path": str(tmp_path / "model")},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def load_raw(tmp_path: Path, raw: dict[str, Any]) -> Any:
+    """``load_config`` of ``raw`` written to ``tmp_path/c.yaml`` (no environment)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path, environ={})
