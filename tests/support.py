@@ -434,3 +434,19 @@ def load_raw(tmp_path: Path, raw: dict[str, Any]) -> Any:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return load_config(path, environ={})
+
+
+#: ``set_dotted``'s value that removes the key.
+DELETE = object()
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested ``raw`` (creating tables), or remove it when ``value`` is DELETE."""
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
