@@ -413,9 +413,8 @@ def test_missing_write_on_the_dead_letter_topic_stops_start_up(deployment: Deplo
     assert _committed(dep) == {0: -1001, 1: -1001}
 
 
-def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_committing_it(
-    deployment: Deployment,
-) -> None:
+def _revoke_dead_letter_acls(dep: Deployment, *operations: str) -> None:
+    """Delete User:worker's ALLOW ACL of each operation on the dead-letter topic (one each)."""
     from confluent_kafka.admin import (  # type: ignore[attr-defined]
         AclBindingFilter,
         AclOperation,
@@ -425,6 +424,19 @@ def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_commi
         ResourceType,
     )
 
+    admin = AdminClient(dict[str, Any](dep.admin))
+    for op in operations:
+        revoke = AclBindingFilter(
+            ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
+            AclOperation[op], AclPermissionType.ALLOW,
+        )  # fmt: skip
+        for future in admin.delete_acls([revoke]).values():
+            assert len(future.result(timeout=30)) == 1
+
+
+def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_committing_it(
+    deployment: Deployment,
+) -> None:
     dep = deployment
     _grant(dep)
     _produce(dep, 100)
@@ -432,13 +444,7 @@ def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_commi
     try:
         wait_for(lambda: len(_read(dep, dep.out)) == 100 or proc.poll() is not None, 120, "100")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        revoke = AclBindingFilter(
-            ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
-            AclOperation.WRITE, AclPermissionType.ALLOW,
-        )  # fmt: skip
-        admin = AdminClient(dict[str, Any](dep.admin))
-        for future in admin.delete_acls([revoke]).values():
-            assert len(future.result(timeout=30)) == 1
+        _revoke_dead_letter_acls(dep, "WRITE")
         _produce(dep, 100, poison_at=50)  # offsets 100..200 of partition 0, the poison at 150
     except BaseException:
         proc.kill()
@@ -457,15 +463,6 @@ def test_dead_letter_topic_acls_revoked_while_running_refuse_the_produce_itself_
 ) -> None:
     """WRITE and DESCRIBE revoked: the producer's next metadata refresh learns it, and the next
     dead letter is refused by ``produce()`` itself (not by a delivery report)."""
-    from confluent_kafka.admin import (  # type: ignore[attr-defined]
-        AclBindingFilter,
-        AclOperation,
-        AclPermissionType,
-        AdminClient,
-        ResourcePatternType,
-        ResourceType,
-    )
-
     dep = deployment
     raw = yaml.safe_load(dep.config.read_text())
     raw["kafka"]["producer"] = {"topic.metadata.refresh.interval.ms": "200"}
@@ -483,14 +480,7 @@ def test_dead_letter_topic_acls_revoked_while_running_refuse_the_produce_itself_
             "the first dead letter and 100 predictions",
         )
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        admin = AdminClient(dict[str, Any](dep.admin))
-        for op in (AclOperation.WRITE, AclOperation.DESCRIBE):
-            revoke = AclBindingFilter(
-                ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
-                op, AclPermissionType.ALLOW,
-            )  # fmt: skip
-            for future in admin.delete_acls([revoke]).values():
-                assert len(future.result(timeout=30)) == 1
+        _revoke_dead_letter_acls(dep, "WRITE", "DESCRIBE")
         _produce(dep, 100)  # scored while the producer's metadata refreshes (every 200 ms)
         wait_for(lambda: len(_read(dep, dep.out)) == 200 or proc.poll() is not None, 120, "200")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
