@@ -6,10 +6,14 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream_scorer.cli.common import Commands, command, command_group, group_tool_options
 from stream_scorer.errors import ConfigError
 from stream_scorer.stages.records import Reason
+
+if TYPE_CHECKING:
+    from stream_scorer.config import Config
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Operate"
@@ -20,25 +24,37 @@ ROWS = [
 ]
 
 
-def _cmd_lag(args: argparse.Namespace) -> int:
-    from stream_scorer.kafka.groups import describe_group
-    from stream_scorer.ops.lag import to_json, to_table
+def _group_target(args: argparse.Namespace) -> tuple[dict[str, str], str, Config | None]:
+    """``lag``'s and ``rewind``'s connection, group and configuration (``--config``, or None).
 
+    ``--bootstrap-servers`` and ``--group`` win over the configuration's.
+
+    Raises:
+        ConfigError: no brokers or no group from either.
+    """
     settings: dict[str, str] = {}
-    group, topic = args.group, args.topic
+    group, cfg = args.group, None
     if args.config is not None:
         from stream_scorer.config import client_settings, load_config
 
         cfg = load_config(args.config)
         settings = client_settings(cfg)
         group = group or cfg.input.group_id
-        topic = topic or cfg.input.topic
     if args.bootstrap_servers:
         settings["bootstrap.servers"] = args.bootstrap_servers
     if not settings.get("bootstrap.servers"):
         raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
     if not group:
         raise ConfigError("input.group_id", "give --group or --config")
+    return settings, group, cfg
+
+
+def _cmd_lag(args: argparse.Namespace) -> int:
+    from stream_scorer.kafka.groups import describe_group
+    from stream_scorer.ops.lag import to_json, to_table
+
+    settings, group, cfg = _group_target(args)
+    topic = args.topic or (cfg.input.topic if cfg is not None else None)
     rows = describe_group(settings, group, topic, timeout=args.timeout)
     print(to_json(group, rows) if args.json else to_table(group, rows), flush=True)
     return 0
@@ -49,21 +65,10 @@ def _cmd_rewind(args: argparse.Namespace) -> int:
 
     from stream_scorer.ops.rewind import parse_duration, rewind, to_json, to_table
 
-    settings: dict[str, str] = {}
-    group, topics = args.group, list(args.topic or ())
-    if args.config is not None:
-        from stream_scorer.config import client_settings, load_config
-
-        cfg = load_config(args.config)
-        settings = client_settings(cfg)
-        group = group or cfg.input.group_id
+    settings, group, cfg = _group_target(args)
+    topics = list(args.topic or ())
+    if cfg is not None:
         topics = topics or [cfg.input.topic]
-    if args.bootstrap_servers:
-        settings["bootstrap.servers"] = args.bootstrap_servers
-    if not settings.get("bootstrap.servers"):
-        raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
-    if not group:
-        raise ConfigError("input.group_id", "give --group or --config")
     if args.by is not None:
         to_ms = int((time.time() - parse_duration(args.by)) * 1000)
     else:
