@@ -202,13 +202,19 @@ def _cmd_local_mlflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_server(
+    sub: Commands, name: str, port: int, port_kind: str, summary: str
+) -> argparse.ArgumentParser:
+    """Add a local server's command: ``name {start,stop,status,fetch} --port PORT``."""
+    parser = command(sub, name, f"{name} start --port {port}", help=summary)
+    parser.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    parser.add_argument("--port", type=int, default=port, help=f"{port_kind} port (default {port})")
+    return parser
+
+
 def add_commands(sub: Commands) -> None:
     """Add the local servers, ``bench``, ``demo`` and the example's commands."""
-    lk = command(
-        sub, "local-kafka", "local-kafka start --port 9092", help="a local single-node Kafka broker"
-    )
-    lk.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lk.add_argument("--port", type=int, default=9092, help="client port (default 9092)")
+    lk = _local_server(sub, "local-kafka", 9092, "client", "a local single-node Kafka broker")
     lk.add_argument(
         "--controller-port", type=int, help="KRaft controller port (default: --port + 1)"
     )
@@ -220,26 +226,24 @@ def add_commands(sub: Commands) -> None:
     )
     lk.set_defaults(func=_cmd_local_kafka)
 
-    lr = command(
+    lr = _local_server(
         sub,
         "local-registry",
-        "local-registry start --port 8081",
-        help="a local Schema Registry (Apicurio, Confluent-compatible API)",
+        8081,
+        "HTTP",
+        "a local Schema Registry (Apicurio, Confluent-compatible API)",
     )
-    lr.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lr.add_argument("--port", type=int, default=8081, help="HTTP port (default 8081)")
     lr.add_argument("--management-port", type=int, help="management port (default: --port + 1)")
     lr.add_argument("--dir", type=Path, help="state directory")
     lr.set_defaults(func=_cmd_local_registry)
 
-    lm = command(
+    lm = _local_server(
         sub,
         "local-mlflow",
-        "local-mlflow start --port 5000",
-        help="a local MLflow tracking server (the models:/ source's model registry)",
+        5000,
+        "HTTP",
+        "a local MLflow tracking server (the models:/ source's model registry)",
     )
-    lm.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lm.add_argument("--port", type=int, default=5000, help="HTTP port (default 5000)")
     lm.add_argument("--dir", type=Path, help="state directory (database, artifacts)")
     lm.set_defaults(func=_cmd_local_mlflow)
     bench = command(
