@@ -20,8 +20,10 @@ import fastavro
 import numpy as np
 import pytest
 import xgboost as xgb
+import yaml
 
 from stream_scorer.clients import read_to_end, topic_end_offsets
+from stream_scorer.config import load_config
 from stream_scorer.contracts.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.devtools.localkafka import default_cache_dir
 from stream_scorer.kafka import topics
@@ -379,3 +381,72 @@ def http_server(answer: Answer) -> Iterator[tuple[str, list[tuple[str, str, str 
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def rsa_pair(folder: Path) -> tuple[Path, Path]:
+    """A 2048-bit RSA key pair as PEM files in ``folder``: (public, private)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_file, private_file = folder / "dlq.pub.pem", folder / "dlq.key.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    private_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return public_file, private_file
+
+
+#: The repository's root (its ``schemas/`` folder).
+REPO = Path(__file__).parents[1]
+
+
+def ride_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A minimal valid worker configuration for the ride schemas; ``sections`` merge into it."""
+    (tmp_path / "model").mkdir(exist_ok=True)
+    raw: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": "h:1"},
+        "input": {
+            "topic": "in",
+            "group_id": "g",
+            "schema": str(REPO / "schemas" / "ride_request.v1.avsc"),
+            "id_field": "ride_id",
+        },
+        "output": {"topic": "out", "schema": str(REPO / "schemas" / "prediction.v1.avsc")},
+        "dead_letter": {"topic": "dlq"},
+        "model": {"path": str(tmp_path / "model")},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+def load_raw(tmp_path: Path, raw: dict[str, Any]) -> Any:
+    """``load_config`` of ``raw`` written to ``tmp_path/c.yaml`` (no environment)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path, environ={})
+
+
+#: ``set_dotted``'s value that removes the key.
+DELETE = object()
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested ``raw`` (creating tables), or remove it when ``value`` is DELETE."""
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value

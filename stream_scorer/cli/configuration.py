@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError, StreamScorerError
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
@@ -56,10 +56,9 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Commands) -> None:
     """Add ``config check`` and ``config schema``."""
-    config = command(
+    config_sub = command_group(
         sub, "config", "config check rides.yaml", help="check a configuration file; its JSON Schema"
     )
-    config_sub = config.add_subparsers(dest="config_command", required=True)
     check = command(
         config_sub,
         "check",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
@@ -117,6 +117,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(status: tuple[int, str, bool] | None) -> int:
+    """Print a local server's status (pid, address, answering); 0 only when it answers."""
+    if status is None:
+        print("not running")
+        return 1
+    pid, address, answering = status
+    print(f"pid {pid} at {address}: {'answering' if answering else 'not answering'}")
+    return 0 if answering else 1
+
+
 def _cmd_local_kafka(args: argparse.Namespace) -> int:
     from stream_scorer.devtools.localkafka import (
         SECURE_USERS,
@@ -147,12 +157,7 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
         print("stopped" if broker.stop() else "not running")
     else:
         status = broker.status()
-        if status is None:
-            print("not running")
-            return 1
-        state = "answering" if status.answering else "not answering"
-        print(f"pid {status.pid} at {status.bootstrap}: {state}")
-        return 0 if status.answering else 1
+        return _report(None if status is None else (status.pid, status.bootstrap, status.answering))
     return 0
 
 
@@ -172,12 +177,7 @@ def _cmd_local_registry(args: argparse.Namespace) -> int:
         print("stopped" if registry.stop() else "not running")
     else:
         status = registry.status()
-        if status is None:
-            print("not running")
-            return 1
-        state = "answering" if status.answering else "not answering"
-        print(f"pid {status.pid} at {status.url}: {state}")
-        return 0 if status.answering else 1
+        return _report(None if status is None else (status.pid, status.url, status.answering))
     return 0
 
 
@@ -198,22 +198,23 @@ def _cmd_local_mlflow(args: argparse.Namespace) -> int:
         print("stopped" if server.stop() else "not running")
     else:
         status = server.status()
-        if status is None:
-            print("not running")
-            return 1
-        state = "answering" if status.answering else "not answering"
-        print(f"pid {status.pid} at {status.uri}: {state}")
-        return 0 if status.answering else 1
+        return _report(None if status is None else (status.pid, status.uri, status.answering))
     return 0
+
+
+def _local_server(
+    sub: Commands, name: str, port: int, port_kind: str, summary: str
+) -> argparse.ArgumentParser:
+    """Add a local server's command: ``name {start,stop,status,fetch} --port PORT``."""
+    parser = command(sub, name, f"{name} start --port {port}", help=summary)
+    parser.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    parser.add_argument("--port", type=int, default=port, help=f"{port_kind} port (default {port})")
+    return parser
 
 
 def add_commands(sub: Commands) -> None:
     """Add the local servers, ``bench``, ``demo`` and the example's commands."""
-    lk = command(
-        sub, "local-kafka", "local-kafka start --port 9092", help="a local single-node Kafka broker"
-    )
-    lk.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lk.add_argument("--port", type=int, default=9092, help="client port (default 9092)")
+    lk = _local_server(sub, "local-kafka", 9092, "client", "a local single-node Kafka broker")
     lk.add_argument(
         "--controller-port", type=int, help="KRaft controller port (default: --port + 1)"
     )
@@ -225,26 +226,24 @@ def add_commands(sub: Commands) -> None:
     )
     lk.set_defaults(func=_cmd_local_kafka)
 
-    lr = command(
+    lr = _local_server(
         sub,
         "local-registry",
-        "local-registry start --port 8081",
-        help="a local Schema Registry (Apicurio, Confluent-compatible API)",
+        8081,
+        "HTTP",
+        "a local Schema Registry (Apicurio, Confluent-compatible API)",
     )
-    lr.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lr.add_argument("--port", type=int, default=8081, help="HTTP port (default 8081)")
     lr.add_argument("--management-port", type=int, help="management port (default: --port + 1)")
     lr.add_argument("--dir", type=Path, help="state directory")
     lr.set_defaults(func=_cmd_local_registry)
 
-    lm = command(
+    lm = _local_server(
         sub,
         "local-mlflow",
-        "local-mlflow start --port 5000",
-        help="a local MLflow tracking server (the models:/ source's model registry)",
+        5000,
+        "HTTP",
+        "a local MLflow tracking server (the models:/ source's model registry)",
     )
-    lm.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    lm.add_argument("--port", type=int, default=5000, help="HTTP port (default 5000)")
     lm.add_argument("--dir", type=Path, help="state directory (database, artifacts)")
     lm.set_defaults(func=_cmd_local_mlflow)
     bench = command(
@@ -304,8 +303,9 @@ def add_commands(sub: Commands) -> None:
         "--registry-port", type=int, default=39081, help="local registry port (--format confluent)"
     )
     demo.set_defaults(func=_cmd_demo)
-    example = command(sub, "example", "example init rides", help="the shipped example's files")
-    example_sub = example.add_subparsers(dest="example_command", required=True)
+    example_sub = command_group(
+        sub, "example", "example init rides", help="the shipped example's files"
+    )
     init = command(
         example_sub,
         "init",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError
 from stream_scorer.model.store import (
     DEFAULT_ALIAS,
@@ -18,6 +18,7 @@ from stream_scorer.model.store import (
     STORE_SCHEME,
     AliasStore,
     ModelStore,
+    Move,
     open_store,
     promote,
     rollback,
@@ -39,17 +40,19 @@ def _store(args: argparse.Namespace) -> AliasStore:
     return open_store(spec, tracking_uri=args.tracking_uri)
 
 
+def _print_move(store: AliasStore, move: Move) -> None:
+    print(f"{store.describe()}@{move.alias}: {move.before or '(unset)'} -> {move.after}")
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     store = _store(args)
-    move = promote(store, args.version, args.alias)
-    print(f"{store.describe()}@{move.alias}: {move.before or '(unset)'} -> {move.after}")
+    _print_move(store, promote(store, args.version, args.alias))
     return 0
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     store = _store(args)
-    move = rollback(store, args.alias)
-    print(f"{store.describe()}@{move.alias}: {move.before or '(unset)'} -> {move.after}")
+    _print_move(store, rollback(store, args.alias))
     return 0
 
 
@@ -64,8 +67,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         version = store.publish(args.dir)
     print(f"{store.describe()}: published {args.dir} as version {version}")
     if args.promote:
-        move = promote(store, version, args.alias)
-        print(f"{store.describe()}@{move.alias}: {move.before or '(unset)'} -> {move.after}")
+        _print_move(store, promote(store, version, args.alias))
     return 0
 
 
@@ -123,13 +125,12 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: Commands) -> None:
     """Add ``model publish|promote|rollback|pack|check`` to the command line."""
-    model = command(
+    model_sub = command_group(
         sub,
         "model",
         "model promote store:/srv/models/rides 7",
         help="model versions: publish, promote, rollback, pack, check",
     )
-    model_sub = model.add_subparsers(dest="model_command", required=True)
 
     publish = command(
         model_sub,

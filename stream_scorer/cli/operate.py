@@ -6,10 +6,14 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group, group_tool_options
 from stream_scorer.errors import ConfigError
 from stream_scorer.stages.records import Reason
+
+if TYPE_CHECKING:
+    from stream_scorer.config import Config
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Operate"
@@ -20,27 +24,38 @@ ROWS = [
 ]
 
 
-def _cmd_lag(args: argparse.Namespace) -> int:
-    from stream_scorer.kafka.groups import describe_group
-    from stream_scorer.ops.lag import to_json, to_table
+def _group_target(args: argparse.Namespace) -> tuple[dict[str, str], str, Config | None]:
+    """``lag``'s and ``rewind``'s connection, group and configuration (``--config``, or None).
 
+    ``--bootstrap-servers`` and ``--group`` win over the configuration's.
+
+    Raises:
+        ConfigError: no brokers or no group from either.
+    """
     settings: dict[str, str] = {}
-    group, topic, share = args.group, args.topic, args.share
+    group, cfg = args.group, None
     if args.config is not None:
         from stream_scorer.config import client_settings, load_config
 
         cfg = load_config(args.config)
         settings = client_settings(cfg)
         group = group or cfg.input.group_id
-        topic = topic or cfg.input.topic
-        share = share or cfg.input.group_type == "share"
     if args.bootstrap_servers:
         settings["bootstrap.servers"] = args.bootstrap_servers
     if not settings.get("bootstrap.servers"):
         raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
     if not group:
         raise ConfigError("input.group_id", "give --group or --config")
-    if share:
+    return settings, group, cfg
+
+
+def _cmd_lag(args: argparse.Namespace) -> int:
+    from stream_scorer.kafka.groups import describe_group
+    from stream_scorer.ops.lag import to_json, to_table
+
+    settings, group, cfg = _group_target(args)
+    topic = args.topic or (cfg.input.topic if cfg is not None else None)
+    if args.share or (cfg is not None and cfg.input.group_type == "share"):
         from stream_scorer.devtools.localkafka import fetch_jars, find_java
         from stream_scorer.ops import sharelag
 
@@ -60,21 +75,10 @@ def _cmd_rewind(args: argparse.Namespace) -> int:
 
     from stream_scorer.ops.rewind import parse_duration, rewind, to_json, to_table
 
-    settings: dict[str, str] = {}
-    group, topics = args.group, list(args.topic or ())
-    if args.config is not None:
-        from stream_scorer.config import client_settings, load_config
-
-        cfg = load_config(args.config)
-        settings = client_settings(cfg)
-        group = group or cfg.input.group_id
+    settings, group, cfg = _group_target(args)
+    topics = list(args.topic or ())
+    if cfg is not None:
         topics = topics or [cfg.input.topic]
-    if args.bootstrap_servers:
-        settings["bootstrap.servers"] = args.bootstrap_servers
-    if not settings.get("bootstrap.servers"):
-        raise ConfigError("kafka.bootstrap_servers", "give --bootstrap-servers or --config")
-    if not group:
-        raise ConfigError("input.group_id", "give --group or --config")
     if args.by is not None:
         to_ms = int((time.time() - parse_duration(args.by)) * 1000)
     else:
@@ -207,13 +211,12 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Commands) -> None:
     """Add ``topics create``, ``acl grant``, ``lag``, ``rewind`` and ``dlq replay``."""
-    topics = command(
+    topics_sub = command_group(
         sub,
         "topics",
         "topics create --config rides.yaml --partitions 12",
         help="the deployment's topics",
     )
-    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
     create = command(
         topics_sub,
         "create",
@@ -230,13 +233,12 @@ def add_commands(sub: Commands) -> None:
     create.add_argument("--dead-letter-partitions", type=int, default=1, help="default 1")
     create.add_argument("--replication-factor", type=int, default=1, help="default 1")
     create.set_defaults(func=_cmd_topics_create)
-    acl = command(
+    acl_sub = command_group(
         sub,
         "acl",
         "acl grant --config rides.yaml --principal User:worker --role worker",
         help="least-privilege ACLs for the worker and the tools",
     )
-    acl_sub = acl.add_subparsers(dest="acl_command", required=True)
     ag = command(
         acl_sub,
         "grant",
@@ -264,16 +266,13 @@ def add_commands(sub: Commands) -> None:
     )
     lag.add_argument("--group", help="consumer group (default with --config: input.group_id)")
     lag.add_argument("--topic", help="only this topic (default with --config: input.topic)")
-    lag.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lag.add_argument(
         "--share",
         action="store_true",
         help="a share group (default with --config: input.group_type); runs the broker's "
         "ShareGroupCommand with the local Java",
     )
-    lag.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
-    lag.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
-    lag.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
+    group_tool_options(lag)
     lag.set_defaults(func=_cmd_lag)
 
     rw = command(
@@ -296,18 +295,14 @@ def add_commands(sub: Commands) -> None:
         "topic the group committed offsets for)",
     )
     rw.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    rw.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rw.add_argument("--bootstrap-servers", help="brokers (or take them from --config)")
-    rw.add_argument("--config", type=Path, help="a worker configuration (brokers, security)")
-    rw.add_argument("--timeout", type=float, default=15.0, help="seconds per broker request")
+    group_tool_options(rw)
     rw.set_defaults(func=_cmd_rewind)
-    dlq = command(
+    dlq_sub = command_group(
         sub,
         "dlq",
         "dlq replay --config rides.yaml --reason schema_mismatch",
         help="dead-letter tools",
     )
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     rp = command(
         dlq_sub,
         "replay",

@@ -15,16 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from stream_scorer.devtools.localkafka import _port_free, default_cache_dir
-from stream_scorer.devtools.process import ServerProcess, tail
+from stream_scorer.devtools.process import LocalServer, ServerProcess, http_ok
 from stream_scorer.errors import LocalMlflowError
 
 MLFLOW_VERSION = "3.17.2"
@@ -82,11 +78,7 @@ def fetch_mlflow(cache_dir: Path | None = None, *, log: Callable[[str], None] = 
 
 def _answers(uri: str, timeout: float = 2.0) -> bool:
     """Whether the server at ``uri`` answers ``GET /health`` (no credentials needed)."""
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as resp:
-            return int(resp.status) == 200
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
+    return http_ok(f"{uri}/health", timeout)
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ class MlflowStatus:
     answering: bool
 
 
-class LocalMlflow:
+class LocalMlflow(LocalServer):
     """One local MLflow server, identified by its state directory (a context manager too)."""
 
     def __init__(
@@ -169,13 +161,9 @@ class LocalMlflow:
         """
         status = self.status()
         if status is not None and status.running:
-            if self._wait(status.uri, time.monotonic() + timeout, lambda: True):
-                self._log(f"already running at {status.uri} (pid {status.pid})")
-                return status.uri
-            raise LocalMlflowError(
-                f"the MLflow server recorded in {self.state_dir} (pid {status.pid}) runs but "
-                f"does not answer at {status.uri}: stop it and start again\n{self._logs()}"
-            )
+            uri = status.uri
+            self._server.adopt(status.pid, uri, lambda: _answers(uri), timeout, self._out)
+            return uri
         self._server.forget()
         if not _port_free(self.port, wait_s=30.0 if status is not None else 0.0):
             raise LocalMlflowError(
@@ -211,43 +199,10 @@ class LocalMlflow:
             "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": "stream-scorer-local",
         }
-        proc = self._server.spawn(cmd, self.state_dir / "mlflow.out", {"uri": self.uri}, env)
-        if self._wait(self.uri, time.monotonic() + timeout, lambda: proc.poll() is None):
-            return self.uri
-        if proc.poll() is not None:
-            self.stop()  # its children too
-            raise LocalMlflowError(
-                f"the MLflow server exited with code {proc.returncode} while starting\n"
-                f"{self._logs()}"
-            )
-        self.stop()
-        raise LocalMlflowError(
-            f"the MLflow server did not answer at {self.uri} within {timeout:.0f} s\n{self._logs()}"
-        )
+        proc = self._server.spawn(cmd, self._out, {"uri": self.uri}, env)
+        self._server.await_start(proc, self.uri, lambda: _answers(self.uri), timeout, self._out)
+        return self.uri
 
-    @staticmethod
-    def _wait(uri: str, deadline: float, alive: Callable[[], bool]) -> bool:
-        while True:
-            if _answers(uri):
-                return True
-            if not alive() or time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-
-    def _logs(self) -> str:
-        return tail(self.state_dir / "mlflow.out") or f"(no output in {self.state_dir})"
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the recorded server and its workers; return whether one was running."""
-        return self._server.stop(timeout)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def _out(self) -> Path:
+        return self.state_dir / "mlflow.out"

@@ -20,16 +20,12 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from stream_scorer.devtools.localkafka import _port_free, default_cache_dir
-from stream_scorer.devtools.process import ServerProcess, tail
+from stream_scorer.devtools.process import LocalServer, ServerProcess, http_ok
 from stream_scorer.errors import LocalRegistryError
 
 APICURIO_VERSION = "3.3.3"
@@ -163,11 +159,7 @@ def fetch_registry(cache_dir: Path | None = None, *, log: Callable[[str], None] 
 
 def _answers(url: str, timeout: float = 2.0) -> bool:
     """Whether the Confluent-compatible API at ``url`` answers ``GET /subjects``."""
-    try:
-        with urllib.request.urlopen(f"{url}/subjects", timeout=timeout) as resp:
-            return int(resp.status) == 200
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
+    return http_ok(f"{url}/subjects", timeout)
 
 
 @dataclass(frozen=True)
@@ -187,7 +179,7 @@ class RegistryStatus:
     answering: bool
 
 
-class LocalRegistry:
+class LocalRegistry(LocalServer):
     """One local registry, identified by its state directory (a context manager too)."""
 
     def __init__(
@@ -257,13 +249,8 @@ class LocalRegistry:
         if recorded is not None:
             pid, url = recorded
             if self._server.is_ours(pid):
-                if self._wait(url, time.monotonic() + timeout, lambda: self._server.is_ours(pid)):
-                    self._log(f"already running at {url} (pid {pid})")
-                    return url
-                raise LocalRegistryError(
-                    f"the registry recorded in {self.state_dir} (pid {pid}) runs but does not "
-                    f"answer at {url}: stop it and start again\n{self._logs()}"
-                )
+                self._server.adopt(pid, url, lambda: _answers(url), timeout, self._out)
+                return url
             self._state_file.unlink(missing_ok=True)
             stale = True
         for port, what in ((self.port, "HTTP"), (self.management_port, "management")):
@@ -289,44 +276,12 @@ class LocalRegistry:
         ]  # fmt: skip
         proc = self._server.spawn(
             cmd,
-            self.state_dir / "registry.out",
+            self._out,
             {"port": self.port, "management_port": self.management_port, "url": self.url},
         )
-        if self._wait(self.url, time.monotonic() + timeout, lambda: proc.poll() is None):
-            return self.url
-        if proc.poll() is not None:
-            self._server.forget()
-            raise LocalRegistryError(
-                f"the registry exited with code {proc.returncode} while starting\n{self._logs()}"
-            )
-        self.stop()
-        raise LocalRegistryError(
-            f"the registry did not answer at {self.url} within {timeout:.0f} s\n{self._logs()}"
-        )
+        self._server.await_start(proc, self.url, lambda: _answers(self.url), timeout, self._out)
+        return self.url
 
-    @staticmethod
-    def _wait(url: str, deadline: float, alive: Callable[[], bool]) -> bool:
-        while True:
-            if _answers(url):
-                return True
-            if not alive() or time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-
-    def _logs(self) -> str:
-        return tail(self.state_dir / "registry.out") or f"(no output in {self.state_dir})"
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the recorded registry (SIGTERM, then SIGKILL); return whether one was running."""
-        return self._server.stop(timeout)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def _out(self) -> Path:
+        return self.state_dir / "registry.out"

@@ -16,9 +16,12 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from stream_scorer.errors import StreamScorerError
@@ -49,6 +52,25 @@ def tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return f"--- last lines of {path} ---\n" + "\n".join(text[-lines:]) if text else ""
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether ``GET url`` answers 200 within ``timeout`` (no credentials sent)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status) == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def wait_answering(answers: Callable[[], bool], deadline: float, alive: Callable[[], bool]) -> bool:
+    """Poll ``answers`` until it is true (True), or ``alive`` is false or ``deadline`` passed."""
+    while True:
+        if answers():
+            return True
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 class ServerProcess:
@@ -140,6 +162,55 @@ class ServerProcess:
         partial.replace(self.state_file)  # atomic: a reader never sees half a record
         return proc
 
+    def logs(self, out: Path) -> str:
+        """The last lines of the server's output file ``out``, or a line saying there are none."""
+        return tail(out) or f"(no output in {self.state_file.parent})"
+
+    def adopt(
+        self, pid: int, where: str, answers: Callable[[], bool], timeout: float, out: Path
+    ) -> None:
+        """Wait (up to ``timeout``) for the recorded running ``pid`` to answer at ``where``.
+
+        Raises:
+            StreamScorerError: (the ``error`` type) it runs but does not answer (or dies).
+        """
+        if wait_answering(answers, time.monotonic() + timeout, lambda: self.is_ours(pid)):
+            self._log(f"already running at {where} (pid {pid})")
+            return
+        raise self._error(
+            f"{self._what} recorded in {self.state_file.parent} (pid {pid}) runs but does not "
+            f"answer at {where}: stop it and start again\n{self.logs(out)}"
+        )
+
+    def await_start(
+        self,
+        proc: subprocess.Popen[bytes],
+        where: str,
+        answers: Callable[[], bool],
+        timeout: float,
+        out: Path,
+    ) -> None:
+        """Wait (up to ``timeout``) for the just spawned ``proc`` to answer at ``where``.
+
+        Raises:
+            StreamScorerError: (the ``error`` type) it exited while starting, or did not
+                answer in time (then it is stopped); the message ends with its last output.
+        """
+        if wait_answering(answers, time.monotonic() + timeout, lambda: proc.poll() is None):
+            return
+        if proc.poll() is not None:
+            if self._group:
+                self.stop()  # its children too
+            else:
+                self.forget()
+            raise self._error(
+                f"{self._what} exited with code {proc.returncode} while starting\n{self.logs(out)}"
+            )
+        self.stop()
+        raise self._error(
+            f"{self._what} did not answer at {where} within {timeout:.0f} s\n{self.logs(out)}"
+        )
+
     def forget(self) -> None:
         """Drop the record of a process that exited by itself."""
         self.state_file.unlink(missing_ok=True)
@@ -202,3 +273,28 @@ class ServerProcess:
                 return False
             time.sleep(0.1)
         return True
+
+
+class LocalServer:
+    """What the local servers share: ``stop`` through their ``ServerProcess``, and ``with``."""
+
+    _server: ServerProcess
+
+    def start(self) -> str:
+        """Start the server, or report the one running; return its address."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the recorded server (SIGTERM, then SIGKILL); return whether one was running."""
+        return self._server.stop(timeout)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -20,6 +20,7 @@ from support import (
     payments,
     produce_raw,
     read_topic,
+    rsa_pair,
     train_payment_classifier,
     write_schema,
 )
@@ -212,23 +213,7 @@ def test_a_too_large_dead_letter_replays_byte_identical_where_the_topic_accepts_
 
 def _keys(folder: Path) -> tuple[Path, Path, Path]:
     """An RSA key pair for ``payload: encrypt`` and a signing key file: (public, private, sign)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_file, private_file = folder / "dlq.pub.pem", folder / "dlq.key.pem"
-    public_file.write_bytes(
-        private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    private_file.write_bytes(
-        private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    public_file, private_file = rsa_pair(folder)
     sign = folder / "dlq.sign.key"
     sign.write_bytes(os.urandom(32).hex().encode() + b"\n")
     return public_file, private_file, sign

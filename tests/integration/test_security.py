@@ -27,6 +27,7 @@ from support import (
     avro,
     payments,
     produce_raw,
+    rsa_pair,
     train_payment_classifier,
     wait_for,
     write_schema,
@@ -412,9 +413,8 @@ def test_missing_write_on_the_dead_letter_topic_stops_start_up(deployment: Deplo
     assert _committed(dep) == {0: -1001, 1: -1001}
 
 
-def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_committing_it(
-    deployment: Deployment,
-) -> None:
+def _revoke_dead_letter_acls(dep: Deployment, *operations: str) -> None:
+    """Delete User:worker's ALLOW ACL of each operation on the dead-letter topic (one each)."""
     from confluent_kafka.admin import (  # type: ignore[attr-defined]
         AclBindingFilter,
         AclOperation,
@@ -424,6 +424,19 @@ def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_commi
         ResourceType,
     )
 
+    admin = AdminClient(dict[str, Any](dep.admin))
+    for op in operations:
+        revoke = AclBindingFilter(
+            ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
+            AclOperation[op], AclPermissionType.ALLOW,
+        )  # fmt: skip
+        for future in admin.delete_acls([revoke]).values():
+            assert len(future.result(timeout=30)) == 1
+
+
+def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_committing_it(
+    deployment: Deployment,
+) -> None:
     dep = deployment
     _grant(dep)
     _produce(dep, 100)
@@ -431,13 +444,7 @@ def test_write_on_the_dead_letter_topic_revoked_while_running_stops_before_commi
     try:
         wait_for(lambda: len(_read(dep, dep.out)) == 100 or proc.poll() is not None, 120, "100")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        revoke = AclBindingFilter(
-            ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
-            AclOperation.WRITE, AclPermissionType.ALLOW,
-        )  # fmt: skip
-        admin = AdminClient(dict[str, Any](dep.admin))
-        for future in admin.delete_acls([revoke]).values():
-            assert len(future.result(timeout=30)) == 1
+        _revoke_dead_letter_acls(dep, "WRITE")
         _produce(dep, 100, poison_at=50)  # offsets 100..200 of partition 0, the poison at 150
     except BaseException:
         proc.kill()
@@ -456,15 +463,6 @@ def test_dead_letter_topic_acls_revoked_while_running_refuse_the_produce_itself_
 ) -> None:
     """WRITE and DESCRIBE revoked: the producer's next metadata refresh learns it, and the next
     dead letter is refused by ``produce()`` itself (not by a delivery report)."""
-    from confluent_kafka.admin import (  # type: ignore[attr-defined]
-        AclBindingFilter,
-        AclOperation,
-        AclPermissionType,
-        AdminClient,
-        ResourcePatternType,
-        ResourceType,
-    )
-
     dep = deployment
     raw = yaml.safe_load(dep.config.read_text())
     raw["kafka"]["producer"] = {"topic.metadata.refresh.interval.ms": "200"}
@@ -482,14 +480,7 @@ def test_dead_letter_topic_acls_revoked_while_running_refuse_the_produce_itself_
             "the first dead letter and 100 predictions",
         )
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        admin = AdminClient(dict[str, Any](dep.admin))
-        for op in (AclOperation.WRITE, AclOperation.DESCRIBE):
-            revoke = AclBindingFilter(
-                ResourceType.TOPIC, dep.dlq, ResourcePatternType.LITERAL, "User:worker", "*",
-                op, AclPermissionType.ALLOW,
-            )  # fmt: skip
-            for future in admin.delete_acls([revoke]).values():
-                assert len(future.result(timeout=30)) == 1
+        _revoke_dead_letter_acls(dep, "WRITE", "DESCRIBE")
         _produce(dep, 100)  # scored while the producer's metadata refreshes (every 200 ms)
         wait_for(lambda: len(_read(dep, dep.out)) == 200 or proc.poll() is not None, 120, "200")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -544,33 +535,12 @@ def test_missing_transactional_id_acl_stops_exactly_once_before_any_transaction(
 # --- private data: encrypted dead letters, replayed only with the private key ----------------
 
 
-def _rsa_pair(folder: Path) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_file, private_file = folder / "dlq.pub.pem", folder / "dlq.key.pem"
-    public_file.write_bytes(
-        private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    private_file.write_bytes(
-        private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return public_file, private_file
-
-
 def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_with_the_key(
     broker: LocalKafka, tmp_path: Path, model_dir: Path
 ) -> None:
     import math
 
-    public_file, private_file = _rsa_pair(tmp_path)
+    public_file, private_file = rsa_pair(tmp_path)
     dep = _deployment(broker, tmp_path, model_dir, "at-least-once", _worker_client(broker))
     raw = yaml.safe_load(dep.config.read_text())
     raw["dead_letter"].update(payload="encrypt", public_key=str(public_file))

@@ -7,6 +7,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from support import DELETE, set_dotted
 
 from stream_scorer.config import (
     AT_LEAST_ONCE,
@@ -52,20 +53,6 @@ def _write(tmp_path: Path, raw: dict[str, Any], name: str = "c.yaml") -> Path:
     return path
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-
-
-_DELETE = object()
-
-
 @pytest.mark.parametrize(
     ("key", "value", "field", "message"),
     [
@@ -74,7 +61,7 @@ _DELETE = object()
         ("batch.max_wait_ms", -5, "batch.max_wait_ms", "greater than 0"),
         ("batch.speed", 3, "batch.speed", "unknown key"),
         ("surprise", {}, "surprise", "unknown key"),
-        ("input.topic", _DELETE, "input.topic", "required"),
+        ("input.topic", DELETE, "input.topic", "required"),
         ("input.topic", "", "input.topic", "empty"),
         ("output.topic", "in", "output.topic", "must differ"),
         ("model.path", "/nonexistent/model", "model.path", "no such directory"),
@@ -108,7 +95,7 @@ _DELETE = object()
 def test_bad_config_names_the_field(
     tmp_path: Path, base: dict[str, Any], key: str, value: Any, field: str, message: str
 ) -> None:
-    _set(base, key, value)
+    set_dotted(base, key, value)
     with pytest.raises(ConfigError, match=message) as info:
         load_config(_write(tmp_path, base), environ={})
     assert info.value.field == field
@@ -312,7 +299,7 @@ def test_json_schema_accepts_the_shipped_configs_and_refuses_bad_ones(
         ("metrics.port", 70000),
     ]:
         bad = copy.deepcopy(base)
-        _set(bad, key, value)
+        set_dotted(bad, key, value)
         assert list(validator.iter_errors(bad)), key
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support import DELETE, set_dotted
 
 from stream_scorer.config import config_schema, load_config
 from stream_scorer.errors import ConfigError
@@ -92,17 +93,6 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, str], str]] = {
 }
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    if value is None:
-        del node[last]
-    else:
-        node[last] = value
-
-
 def _write(path: Path, raw: dict[str, Any]) -> None:
     if path.suffix == ".toml":
         lines = []
@@ -119,7 +109,7 @@ def _message(tmp_path: Path, name: str) -> str:
     (tmp_path / "model").mkdir()
     raw = _base(tmp_path / "model")
     for key, value in changes.items():
-        _set(raw, key, value)
+        set_dotted(raw, key, DELETE if value is None else value)
     path = tmp_path / f"c{suffix}"
     _write(path, raw)
     with pytest.raises(ConfigError) as info:

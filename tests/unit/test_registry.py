@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import yaml
-from support import http_server
+from support import http_server, load_raw, ride_config
 
-from stream_scorer.config import load_config
 from stream_scorer.devtools import localregistry
 from stream_scorer.errors import (
     EXIT_DEPLOYMENT,
@@ -29,52 +27,28 @@ from stream_scorer.registry import RegistryClient
 from stream_scorer.retry import retrying
 from stream_scorer.worker.loop import output_prefix, reader_schema
 
-ROOT = Path(__file__).parents[2]
 SCHEMA = json.dumps({"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]})
-
-
-def _raw(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    (tmp_path / "model").mkdir(exist_ok=True)
-    raw: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": "h:1"},
-        "input": {
-            "topic": "in",
-            "group_id": "g",
-            "schema": str(ROOT / "schemas" / "ride_request.v1.avsc"),
-            "id_field": "ride_id",
-        },
-        "output": {"topic": "out", "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
-        "dead_letter": {"topic": "dlq"},
-        "model": {"path": str(tmp_path / "model")},
-    }
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    return raw
-
-
-def _load(tmp_path: Path, raw: dict[str, Any]) -> Any:
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path, environ={})
 
 
 @pytest.mark.parametrize("section", ["input", "output"])
 def test_the_confluent_format_needs_a_registry_url(tmp_path: Path, section: str) -> None:
     with pytest.raises(ConfigError, match=rf"registry.url: is required by {section}.format"):
-        _load(tmp_path, _raw(tmp_path, **{section: {"format": "confluent"}}))
+        load_raw(tmp_path, ride_config(tmp_path, **{section: {"format": "confluent"}}))
 
 
 def test_the_registry_password_never_shows(tmp_path: Path) -> None:
     secret = "hunter2-registry"
-    cfg = _load(
+    cfg = load_raw(
         tmp_path,
-        _raw(tmp_path, input={"format": "confluent"},
+        ride_config(tmp_path, input={"format": "confluent"},
              registry={"url": "http://r:8081", "username": "u", "password": secret}),
     )  # fmt: skip
     assert cfg.registry.password == secret
     assert secret not in repr(cfg) and secret not in str(cfg)
     with pytest.raises(ConfigError) as err:
-        _load(tmp_path, _raw(tmp_path, registry={"url": "x", "password": secret, "bogus": 1}))
+        load_raw(
+            tmp_path, ride_config(tmp_path, registry={"url": "x", "password": secret, "bogus": 1})
+        )
     assert secret not in str(err.value)
 
 
@@ -82,10 +56,10 @@ def test_the_outage_bound_stays_below_the_poll_interval(tmp_path: Path) -> None:
     framed = {"format": "confluent"}
     registry = {"url": "http://r:1", "unavailable_timeout_s": 300}
     with pytest.raises(ConfigError, match=r"registry\.unavailable_timeout_s"):
-        _load(tmp_path, _raw(tmp_path, input=framed, registry=registry))
+        load_raw(tmp_path, ride_config(tmp_path, input=framed, registry=registry))
     # without framed input no batch waits for the registry: a short poll interval is fine
     short = {"consumer": {"max.poll.interval.ms": 8000}}
-    cfg = _load(tmp_path, _raw(tmp_path, kafka=short, batch={"max_processing_s": 2}))
+    cfg = load_raw(tmp_path, ride_config(tmp_path, kafka=short, batch={"max_processing_s": 2}))
     assert cfg.input.format == "schemaless"
 
 
@@ -98,8 +72,10 @@ def test_input_topics_never_consume_our_outputs(
     tmp_path: Path, topics: list[str], why: str
 ) -> None:
     with pytest.raises(ConfigError, match=why):
-        _load(tmp_path, _raw(tmp_path, input={"topics": topics}))
-    assert _load(tmp_path, _raw(tmp_path, input={"topics": ["^in-.*", "more"]})).input.topics
+        load_raw(tmp_path, ride_config(tmp_path, input={"topics": topics}))
+    assert load_raw(
+        tmp_path, ride_config(tmp_path, input={"topics": ["^in-.*", "more"]})
+    ).input.topics
 
 
 class _Registry(BaseHTTPRequestHandler):
@@ -177,12 +153,12 @@ def test_tls_files_that_do_not_load_are_a_configuration_error(tmp_path: Path) ->
 def test_output_framing_registers_or_refuses_a_missing_subject(
     tmp_path: Path, fake_registry: str
 ) -> None:
-    raw = _raw(tmp_path, output={"format": "confluent"}, registry={"url": fake_registry})
-    assert output_prefix(_load(tmp_path, raw)) == b"\x00\x00\x00\x00\x2a"
+    raw = ride_config(tmp_path, output={"format": "confluent"}, registry={"url": fake_registry})
+    assert output_prefix(load_raw(tmp_path, raw)) == b"\x00\x00\x00\x00\x2a"
     raw["output"]["auto_register"] = False
     with pytest.raises(ConfigError, match="subject 'out-value'"):
-        output_prefix(_load(tmp_path, raw))
-    assert output_prefix(_load(tmp_path, _raw(tmp_path))) == b""
+        output_prefix(load_raw(tmp_path, raw))
+    assert output_prefix(load_raw(tmp_path, ride_config(tmp_path))) == b""
 
 
 def test_a_missing_java_21_says_what_to_install(
@@ -208,17 +184,17 @@ def test_a_missing_java_21_says_what_to_install(
 
 def test_the_reader_schema_can_come_from_a_subject(tmp_path: Path, fake_registry: str) -> None:
     with pytest.raises(ConfigError, match=r"needs input\.format: confluent"):
-        _load(tmp_path, _raw(tmp_path, input={"reader_subject": "rides-value"}))
+        load_raw(tmp_path, ride_config(tmp_path, input={"reader_subject": "rides-value"}))
     with pytest.raises(ConfigError, match=r"input\.reader_version"):
-        _load(tmp_path, _raw(tmp_path, input={"reader_version": "newest"}))
-    raw = _raw(
+        load_raw(tmp_path, ride_config(tmp_path, input={"reader_version": "newest"}))
+    raw = ride_config(
         tmp_path,
         input={"format": "confluent", "reader_subject": "rides-value", "reader_version": "3"},
         registry={"url": fake_registry},
     )
     with pytest.raises(ConfigError, match="subject 'rides-value' has no version '3'"):
-        reader_schema(_load(tmp_path, raw))
-    assert reader_schema(_load(tmp_path, _raw(tmp_path))) is None
+        reader_schema(load_raw(tmp_path, raw))
+    assert reader_schema(load_raw(tmp_path, ride_config(tmp_path))) is None
 
 
 def test_a_stop_ends_the_wait_for_the_registry() -> None:
@@ -285,10 +261,10 @@ def test_a_refused_registration_quotes_the_registry(
     tmp_path: Path, topic: str, status: int, message: str
 ) -> None:
     with http_server(_registry_answer) as (url, seen):
-        raw = _raw(tmp_path, output={"format": "confluent", "topic": topic},
+        raw = ride_config(tmp_path, output={"format": "confluent", "topic": topic},
                    registry={"url": url})  # fmt: skip
         with pytest.raises(RefusedError) as err:
-            output_prefix(_load(tmp_path, raw))
+            output_prefix(load_raw(tmp_path, raw))
     assert len(seen) == 1
     assert err.value.field == "output.schema" and err.value.status == status
     assert message in str(err.value) and "subject" in str(err.value)
@@ -296,14 +272,14 @@ def test_a_refused_registration_quotes_the_registry(
 
 
 def test_credentials_in_the_url_are_used_and_never_kept(tmp_path: Path) -> None:
-    cfg = _load(tmp_path, _raw(tmp_path, input={"format": "confluent"},
+    cfg = load_raw(tmp_path, ride_config(tmp_path, input={"format": "confluent"},
                                registry={"url": "https://bob:s%40cret@sr:8081/apis"}))  # fmt: skip
     assert cfg.registry.url == "https://sr:8081/apis"
     assert (cfg.registry.username, cfg.registry.password) == ("bob", "s@cret")
     assert "s@cret" not in repr(cfg) and "s%40cret" not in repr(cfg)
-    same = _raw(tmp_path, registry={"url": "http://bob:pw@sr/", "username": "bob"})
-    assert _load(tmp_path, same).registry.password == "pw"
-    other = _raw(tmp_path, registry={"url": "http://bob:pw@sr/", "password": "other"})
+    same = ride_config(tmp_path, registry={"url": "http://bob:pw@sr/", "username": "bob"})
+    assert load_raw(tmp_path, same).registry.password == "pw"
+    other = ride_config(tmp_path, registry={"url": "http://bob:pw@sr/", "password": "other"})
     with pytest.raises(ConfigError, match=r"registry\.url: holds a password other") as err:
-        _load(tmp_path, other)
+        load_raw(tmp_path, other)
     assert "pw" not in str(err.value).replace("password", "")

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from confluent_kafka import KafkaError, KafkaException
-from support import http_server
+from support import http_server, load_raw, ride_config
 
 from stream_scorer.clients import produce_retrying
-from stream_scorer.config import load_config
 from stream_scorer.errors import (
     BrokerError,
     ConfigError,
@@ -27,7 +25,6 @@ from stream_scorer.registry import RegistryClient
 from stream_scorer.retry import RetryPolicy, classify, retried, retrying
 from stream_scorer.worker.delivery import ProducerEvents, logged_refusal
 
-ROOT = Path(__file__).parents[2]
 SCHEMA = json.dumps({"type": "record", "name": "R", "fields": []})
 
 
@@ -236,23 +233,7 @@ def test_mlflow_reads_ride_out_a_503_and_writes_are_sent_once() -> None:
 
 # --- config -------------------------------------------------------------------------------
 def _config(tmp_path: Path, retry: dict[str, Any]) -> Any:
-    (tmp_path / "model").mkdir(exist_ok=True)
-    raw = {
-        "kafka": {"bootstrap_servers": "h:1"},
-        "input": {
-            "topic": "in",
-            "group_id": "g",
-            "schema": str(ROOT / "schemas" / "ride_request.v1.avsc"),
-            "id_field": "ride_id",
-        },
-        "output": {"topic": "out", "schema": str(ROOT / "schemas" / "prediction.v1.avsc")},
-        "dead_letter": {"topic": "dlq"},
-        "model": {"path": str(tmp_path / "model")},
-        "retry": retry,
-    }
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return load_config(path, environ={})
+    return load_raw(tmp_path, ride_config(tmp_path, retry=retry))
 
 
 def test_the_retry_limits_are_configuration(tmp_path: Path) -> None:
