@@ -36,7 +36,7 @@ from faults import (
     when_committed,
     worker_recovery_s,
 )
-from support import high_watermarks, wait_for
+from support import free_ports, high_watermarks, wait_for
 
 from stream_scorer.devtools.localkafka import LocalKafka
 from stream_scorer.example.train import train
@@ -51,9 +51,7 @@ MakeRun = Callable[..., FaultRun]
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """A broker these tests may kill and restart."""
-    from conftest import _free_ports
-
-    port, controller = _free_ports(2)
+    port, controller = free_ports(2)
     kafka = LocalKafka(tmp_path_factory.mktemp("fault-kafka"), port, controller, log=lambda _: None)
     try:
         kafka.start(timeout=120)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import committed_lag, read_topic, wait_for
+from support import committed_lag, free_ports, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import expected_reasons, produce_events
@@ -76,12 +75,6 @@ def image(capsys: pytest.CaptureFixture[str]) -> Iterator[str]:
     yield name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -100,7 +93,7 @@ def test_the_image_scores_a_stream_read_only_without_compiling(
     topic, preds, dlq, group = unique("rides"), unique("preds"), unique("dlq"), unique("grp")
     make_topics({topic: 2, preds: 2, dlq: 1})
     report = produce_events(kafka_bootstrap, topic, 2000, malformed_fraction=0.02, seed=5)
-    port = _free_port()
+    port = free_ports(1)[0]
     name = f"stream-scorer-test-{uuid.uuid4().hex[:8]}"
     argv = [
         "podman", "run", "--rm", "--name", name, "--network", "host",

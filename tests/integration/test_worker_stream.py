@@ -23,6 +23,7 @@ from support import (
     avro,
     committed_lag,
     committed_offsets,
+    free_ports,
     payment_matrix,
     payments,
     produce_raw,
@@ -227,14 +228,6 @@ def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: 
     assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(port: int) -> dict[str, float]:
     import urllib.request
 
@@ -256,7 +249,7 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
         r["country"] = "XX"  # none of the model's categories: scored as missing, and counted
     items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs] + [(b"bad", b"")]
     produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
-    port = _free_port()
+    port = free_ports(1)[0]
     progress = {"STREAM_SCORER_LOGGING__PROGRESS_INTERVAL_S": "0.2"}
     worker = _worker(env, "--metrics-port", str(port), extra_env=progress)
     try:
@@ -303,7 +296,7 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
 
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_unreachable_broker_fails_loudly_instead_of_idling(env: Env, mode: str) -> None:
-    port = _free_port()  # nothing listens there: every connection is refused
+    port = free_ports(1)[0]  # nothing listens there: every connection is refused
     worker = _worker(
         env,
         "--bootstrap-servers",
