@@ -52,10 +52,17 @@ docs: $(STAMP)
 	$(BIN)/python -m stream_scorer.devtools.manual docs/manual/reference
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml
 
-# everything: lint, every tier (unit, integration, faults, boundscheck), then the manual (after
-# the tests: `docs` rewrites the generated pages, whose freshness a unit test checks as committed)
+# everything: lint; every tier but the faults on TEST_WORKERS processes (pytest-xdist; a module's
+# tests stay on one worker, each worker starts its own broker and registry); then the fault
+# suite alone (it measures recovery times: no other test may share the CPUs); then the manual
+# (after the tests: `docs` rewrites the generated pages, whose freshness a unit test checks as
+# committed). A failing (or empty: pytest's exit 5) step fails `make test`.
+TEST_WORKERS ?= 2
+PARALLEL_TESTS := -m "not faults"
+SERIAL_TESTS := -m faults
 test: setup mlflow-tools lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(PARALLEL_TESTS) -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest $(SERIAL_TESTS)
 	$(MAKE) --no-print-directory docs
 
 # the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),

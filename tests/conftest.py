@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import uuid
 import warnings
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import wait_for
+from support import free_ports, wait_for
 
 from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
@@ -32,20 +31,6 @@ def _docker_answers() -> bool:
     except (OSError, subprocess.TimeoutExpired):  # no client, or an engine that hangs
         return False
     return done.returncode == 0
-
-
-def _free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct ports free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _wait_answering(bootstrap: str, timeout: float) -> None:
@@ -74,7 +59,7 @@ def _container_broker() -> Iterator[str]:
         from testcontainers.core.container import DockerContainer
     except ImportError as exc:
         pytest.fail(f"a Docker engine answers but testcontainers is not installed: {exc}")
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     container = (
         DockerContainer(KAFKA_IMAGE)
         .with_bind_ports(port, port)
@@ -138,7 +123,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from stream_scorer.devtools.localkafka import LocalKafka
 
-    port, controller_port = _free_ports(2)
+    port, controller_port = free_ports(2)
     broker = LocalKafka(
         tmp_path_factory.mktemp("kafka"), port=port, controller_port=controller_port
     )
@@ -159,7 +144,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def start_local_registry(state_dir: Path, port: int = 0) -> tuple[LocalRegistry, str]:
     """Start a local Apicurio registry on loopback (free ports unless ``port``); fail, never
     skip, if it cannot start."""
-    free, management = _free_ports(2)
+    free, management = free_ports(2)
     registry = LocalRegistry(state_dir, port=port or free, management_port=management)
     try:
         url = registry.start(timeout=120)

@@ -39,7 +39,14 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     MemberDescription,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support import committed_offsets, high_watermarks, produce_raw, read_topic, wait_for
+from support import (
+    committed_offsets,
+    free_ports,
+    high_watermarks,
+    produce_raw,
+    read_topic,
+    wait_for,
+)
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import (
@@ -388,9 +395,7 @@ class FaultRun:
         extra: list[str] = []
         if self._metrics:
             if wid not in self.metrics_ports:
-                from conftest import _free_ports
-
-                (self.metrics_ports[wid],) = _free_ports(1)
+                (self.metrics_ports[wid],) = free_ports(1)
             extra = ["--metrics-port", str(self.metrics_ports[wid])]
         with log.open("wb") as out:
             proc = subprocess.Popen(

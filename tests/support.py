@@ -450,3 +450,53 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         del node[last]
     else:
         node[last] = value
+
+
+def _port_ledger() -> Path:
+    """The file naming every port handed out in this test run, shared by pytest-xdist's workers
+    (one file per run: ``$PYTEST_XDIST_TESTRUNUID``, or this process without xdist)."""
+    import tempfile
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    return Path(tempfile.gettempdir()) / f"stream-scorer-test-ports-{run}"
+
+
+def free_ports(count: int, *, consecutive: bool = False) -> list[int]:
+    """Return ``count`` distinct ports free on 127.0.0.1 now and handed out to no other test.
+
+    The ports found are recorded in a ledger shared by every pytest-xdist worker of the run, so
+    two workers starting servers at once never pick the same port. With ``consecutive`` the ports
+    are ``p, p + 1, ...`` (a server that takes a range).
+    """
+    import fcntl
+    import socket
+
+    with _port_ledger().open("a+") as ledger:
+        fcntl.flock(ledger, fcntl.LOCK_EX)  # released when the file closes
+        ledger.seek(0)
+        taken = {int(line) for line in ledger.read().split()}
+        ports: list[int] = []
+        for _ in range(200):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                base = int(sock.getsockname()[1])
+            want = [base + i for i in range(count)] if consecutive else [base]
+            if any(p in taken or p in ports for p in want) or not all(map(_bindable, want)):
+                continue
+            ports.extend(want)
+            if len(ports) >= count:
+                break
+        assert len(ports) >= count, f"no {count} free ports on 127.0.0.1"
+        ledger.write("".join(f"{p}\n" for p in ports[:count]))
+        return ports[:count]
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -25,6 +25,7 @@ import yaml
 from support import (
     PAYMENT_SCHEMA,
     avro,
+    free_ports,
     payments,
     produce_raw,
     train_payment_classifier,
@@ -37,14 +38,6 @@ from stream_scorer.worker.supervisor import run_command
 pytestmark = pytest.mark.integration
 SECRET = "s3cret-Zq9-never-logged"
 ROOT = Path(__file__).parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(port: int, path: str) -> tuple[int, Any]:
@@ -109,7 +102,7 @@ def test_a_stalled_partition_is_reported_by_metric_readyz_and_one_log_line(
     topic, out, dlq, group = unique("hin"), unique("hout"), unique("hdlq"), unique("hgrp")
     make_topics({topic: 2, out: 2, dlq: 1})
     train_payment_classifier(tmp_path / "model")
-    port = _free_port()
+    port = free_ports(1)[0]
     raw = {
         "kafka": {
             "bootstrap_servers": kafka_bootstrap,

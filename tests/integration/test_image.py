@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,9 +21,11 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import committed_lag, read_topic, wait_for
+import yaml
+from support import committed_lag, free_ports, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import expected_reasons, produce_events
@@ -76,18 +77,40 @@ def image(capsys: pytest.CaptureFixture[str]) -> Iterator[str]:
     yield name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+def _in_container(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["podman", "exec", name, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_podman_env(),
+        check=False,
+    )
+
+
+def _healthcheck_command() -> list[str]:
+    """The exec form of deploy/Dockerfile's HEALTHCHECK CMD (podman's OCI images drop it)."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("HEALTHCHECK")]
+    command = json.loads(line.split(" CMD ", 1)[1])
+    assert isinstance(command, list)
+    return [str(part) for part in command]
+
+
+def _pod_security_context() -> dict[str, Any]:
+    docs = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    (deployment,) = [d for d in docs if d and d.get("kind") == "Deployment"]
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert isinstance(context, dict)
+    return context
 
 
 def test_the_image_scores_a_stream_read_only_without_compiling(
@@ -100,7 +123,7 @@ def test_the_image_scores_a_stream_read_only_without_compiling(
     topic, preds, dlq, group = unique("rides"), unique("preds"), unique("dlq"), unique("grp")
     make_topics({topic: 2, preds: 2, dlq: 1})
     report = produce_events(kafka_bootstrap, topic, 2000, malformed_fraction=0.02, seed=5)
-    port = _free_port()
+    port = free_ports(1)[0]
     name = f"stream-scorer-test-{uuid.uuid4().hex[:8]}"
     argv = [
         "podman", "run", "--rm", "--name", name, "--network", "host",
@@ -133,6 +156,14 @@ def test_the_image_scores_a_stream_read_only_without_compiling(
             "the container's worker committing every event",
         )
         scored_s = time.monotonic() - started
+        # the Dockerfile's HEALTHCHECK command answers inside the running container, and the
+        # worker runs as deploy/k8s's pod runs it: not root, the pod's user and group
+        health = _in_container(name, *_healthcheck_command())
+        assert health.returncode == 0, health.stderr[-2000:]
+        ids = _in_container(name, "python", "-c", "import os; print(os.getuid(), os.getgid())")
+        pod = _pod_security_context()
+        assert ids.stdout.split() == [str(pod["runAsUser"]), str(pod["runAsGroup"])], ids
+        assert pod["runAsUser"] != 0
     finally:
         subprocess.run(
             ["podman", "stop", "--time", "60", name],

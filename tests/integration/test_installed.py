@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import read_topic
+from support import free_ports, read_topic
 
 import stream_scorer
 from stream_scorer import headers as hdr
@@ -163,13 +163,11 @@ def test_every_documented_command_runs_from_the_installed_package(
 
 
 def test_local_kafka_fetch_and_a_small_demo_from_an_empty_cache(installed: Installed) -> None:
-    from conftest import _free_ports
-
     fetched = installed.run("local-kafka", "fetch", timeout=600)
     assert Path(fetched.stdout.strip().splitlines()[-1]).is_relative_to(
         installed.env["STREAM_SCORER_CACHE"]
     )
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     demo = installed.run(
         "demo", "--events", "2000", "--workers", "1", "--port", str(port), timeout=600
     )
@@ -189,8 +187,6 @@ def _walkthrough_blocks() -> list[str]:
 def test_readmes_own_model_walkthrough_runs_from_the_installed_wheel(
     installed: Installed, tmp_path: Path
 ) -> None:
-    from conftest import _free_ports
-
     from stream_scorer.devtools.localkafka import KAFKA_VERSION, default_cache_dir
 
     # the extra of the install line brings the Confluent serializers
@@ -205,7 +201,7 @@ def test_readmes_own_model_walkthrough_runs_from_the_installed_wheel(
     jars = default_cache_dir() / f"kafka-{KAFKA_VERSION}"
     if jars.is_dir():
         (cache / jars.name).symlink_to(jars)
-    port, controller = _free_ports(2)
+    port, controller = free_ports(2)
     env = {
         **installed.env,
         "STREAM_SCORER_CACHE": str(cache),

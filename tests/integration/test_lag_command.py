@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from support import wait_for
+from support import free_ports, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -239,9 +239,7 @@ def test_transaction_markers_after_the_committed_offset_are_no_waiting_record(
 
 @pytest.mark.parametrize("command", ["lag", "rewind"])
 def test_a_wrong_broker_address_is_named_in_the_message(command: str) -> None:
-    from conftest import _free_ports
-
-    (port,) = _free_ports(1)  # nothing listens there: a wrong address
+    (port,) = free_ports(1)  # nothing listens there: a wrong address
     where = f"127.0.0.1:{port}"
     args = ["--group", "g", "--bootstrap-servers", where, "--timeout", "2"]
     args += ["--by", "1h", "--dry-run"] if command == "rewind" else []

@@ -18,23 +18,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from support import free_ports
 
 from stream_scorer.devtools.localkafka import KAFKA_VERSION, LocalKafka, fetch_jars
 from stream_scorer.errors import BrokerError, LocalKafkaError
 from stream_scorer.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def brokers_of(state_dir: Path) -> list[int]:
@@ -89,9 +79,7 @@ def broker(tmp_path: Path) -> Iterator[LocalKafka]:
 def test_start_status_second_start_message_stop_restart(
     broker: LocalKafka, unique: Callable[[str], str]
 ) -> None:
-    started = time.monotonic()
     bootstrap = broker.start()
-    startup_s = time.monotonic() - started
     assert bootstrap == f"127.0.0.1:{broker.port}"
 
     status = broker.status()
@@ -132,7 +120,6 @@ def test_start_status_second_start_message_stop_restart(
     assert consume_one(bootstrap, topic, unique("grp")) == b"world"
     assert broker.stop() is True
     assert gone(restarted.pid)
-    assert startup_s < 60
 
 
 @pytest.mark.parametrize("which", ["client", "controller"])

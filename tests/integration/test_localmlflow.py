@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import free_ports
 
 from stream_scorer.devtools.process import alive
 from stream_scorer.model.mlflow import MlflowRegistry
@@ -39,9 +40,7 @@ def _group_members(pgid: int) -> list[int]:
 
 
 def test_start_status_registry_answers_stop_leaves_no_process(tmp_path: Path) -> None:
-    from conftest import _free_ports
-
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     args = ("--port", str(port), "--dir", str(tmp_path / "mlflow"))
     try:
         started = _mlflow("start", *args)

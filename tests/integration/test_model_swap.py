@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from faults import PARTITIONS, FaultRun, tail, when_committed
 from mlflow_server import mlflow_server
-from support import parse_record_schema, read_record, read_topic, wait_for
+from support import free_ports, parse_record_schema, read_record, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.contracts.manifest import read_manifest
@@ -191,10 +191,8 @@ def _in_mlflow(uri: str, dirs: dict[str, Path]) -> Models:
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (``make mlflow-tools``); fails under CI when absent."""
-    from conftest import _free_ports
-
     try:
-        with mlflow_server(tmp_path_factory.mktemp("mlflow"), _free_ports(1)[0]) as uri:
+        with mlflow_server(tmp_path_factory.mktemp("mlflow"), free_ports(1)[0]) as uri:
             yield uri
     except LocalMlflowError as exc:
         if os.environ.get("CI") == "true":
@@ -350,11 +348,9 @@ def test_mlflow_registry_rollout_with_kill_9_rollback_and_a_refused_version(
 @pytest.fixture(scope="module")
 def mlflow_auth_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow server with its basic-auth app (user ``admin``, ``ADMIN_PASSWORD``)."""
-    from conftest import _free_ports
-
     workdir = tmp_path_factory.mktemp("mlflow-auth")
     try:
-        with mlflow_server(workdir, _free_ports(1)[0], admin_password=ADMIN_PASSWORD) as uri:
+        with mlflow_server(workdir, free_ports(1)[0], admin_password=ADMIN_PASSWORD) as uri:
             yield uri
     except LocalMlflowError as exc:
         if os.environ.get("CI") == "true":

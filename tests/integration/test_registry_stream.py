@@ -22,6 +22,7 @@ from confluent_kafka import Producer
 from conftest import start_local_registry
 from support import (
     committed_lag,
+    free_ports,
     http_server,
     produce_raw,
     read_record,
@@ -370,9 +371,7 @@ def test_the_framed_bench_profile_sets_the_stock_deserializer_beside_the_fast_pa
 
 
 def test_the_demo_balances_its_books_with_framed_events() -> None:
-    from conftest import _free_ports
-
-    port, _controller, registry_port, _management = _free_ports(4)
+    port, _controller, registry_port, _management = free_ports(4)
     demo = subprocess.run(
         [sys.executable, "-m", "stream_scorer", "demo", "--events", "2000", "--port", str(port),
          "--registry-port", str(registry_port), "--paced-rate", "400", "--paced-seconds", "1",
@@ -386,9 +385,7 @@ def test_the_demo_balances_its_books_with_framed_events() -> None:
 
 
 def test_local_registry_command_starts_reports_and_stops(tmp_path: Path) -> None:
-    from conftest import _free_ports
-
-    port, management = _free_ports(2)
+    port, management = free_ports(2)
     base = [sys.executable, "-m", "stream_scorer", "local-registry"]
     where = ["--port", str(port), "--management-port", str(management), "--dir", str(tmp_path)]
 

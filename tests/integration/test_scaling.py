@@ -23,6 +23,7 @@ from support import (
     PAYMENT_SCHEMA,
     avro,
     committed_lag,
+    free_ports,
     payments,
     produce_raw,
     read_record,
@@ -86,24 +87,6 @@ def env(
     return Env(kafka_bootstrap, config, topic, out, group, tmp_path)
 
 
-def _free_port(count: int = 1) -> int:
-    """A port ``p`` with ``p .. p + count - 1`` free right now."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        try:
-            for i in range(1, count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-    raise AssertionError("no free port range")
-
-
 def _get(port: int, path: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
@@ -131,7 +114,7 @@ class Worker:
     """A ``stream-scorer run`` subprocess with its own metrics port; output goes to files."""
 
     def __init__(self, env: Env, name: str, *extra: str, port: int | None = None) -> None:
-        self.name, self.port = name, port if port is not None else _free_port()
+        self.name, self.port = name, port if port is not None else free_ports(1)[0]
         self.out_path, self.err_path = env.tmp / f"{name}.out", env.tmp / f"{name}.err"
         self._out: IO[str] = self.out_path.open("w")
         self._err: IO[str] = self.err_path.open("w")
@@ -277,7 +260,7 @@ def test_one_to_three_to_one_workers_while_producing_loses_nothing(
 def test_workers_flag_runs_n_group_members_with_their_own_ports_and_ids(
     env: Env, workers: list[Worker]
 ) -> None:
-    port = _free_port(2)
+    port = free_ports(2, consecutive=True)[0]
     parent = Worker(env, "sup", "--workers", "2", port=port)
     workers.append(parent)
 

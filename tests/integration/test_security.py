@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import traceback
 import urllib.request
@@ -25,6 +24,7 @@ import yaml
 from support import (
     PAYMENT_SCHEMA,
     avro,
+    free_ports,
     payments,
     produce_raw,
     rsa_pair,
@@ -53,21 +53,10 @@ UNREACHABLE_S = 600
 EXIT_TIMEOUT_S = 90
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """``stream-scorer local-kafka start --secure``, as a user runs it."""
-    port, cport = _free_ports(2)
+    port, cport = free_ports(2)
     state = tmp_path_factory.mktemp("secure-kafka")
     kafka = LocalKafka(state, port, cport, secure=True)
     command = [*run_command(state)[:3], "local-kafka", "start", "--secure"]
@@ -252,7 +241,7 @@ def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Depl
     expected = 6 if dep.mode == "exactly-once" else 5
     assert granted.stdout.count("ALLOW User:worker ") == expected, granted.stdout
     total = _produce(dep, 400, poison_at=123)
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     proc = _run(dep, "--idle-timeout", "3", port=port)
     scraped: list[str] = []
 

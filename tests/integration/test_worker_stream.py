@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from support import (
     avro,
     committed_lag,
     committed_offsets,
+    free_ports,
     payment_matrix,
     payments,
     produce_raw,
@@ -189,6 +190,18 @@ def _worker(
     )
 
 
+def _read_lines(stream: IO[str] | None, into: list[str]) -> None:
+    """Append each line of ``stream`` to ``into`` until it closes."""
+    assert stream is not None
+    for line in stream:
+        into.append(line)  # one by one: the test reads the list while the worker runs
+
+
+def _messages(lines: list[str]) -> list[str]:
+    """The messages of the JSON log lines among ``lines``."""
+    return [json.loads(line)["msg"] for line in list(lines) if line.startswith("{")]
+
+
 def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: Env) -> None:
     recs = payments(20_000, seed=5)
     items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs]
@@ -227,14 +240,6 @@ def test_worker_stopped_mid_stream_hands_over_to_another_with_nothing_lost(env: 
     assert committed_lag(env.bootstrap, env.group, env.topic) == dict.fromkeys(range(PARTITIONS), 0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(port: int) -> dict[str, float]:
     import urllib.request
 
@@ -256,9 +261,20 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
         r["country"] = "XX"  # none of the model's categories: scored as missing, and counted
     items = [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in recs] + [(b"bad", b"")]
     produce_raw(env.bootstrap, env.topic, items, PARTITIONS)
-    port = _free_port()
+    port = free_ports(1)[0]
     progress = {"STREAM_SCORER_LOGGING__PROGRESS_INTERVAL_S": "0.2"}
     worker = _worker(env, "--metrics-port", str(port), extra_env=progress)
+    stderr: list[str] = []  # the worker's log lines as they come (read meanwhile)
+    readers = [
+        threading.Thread(target=_read_lines, args=(worker.stderr, stderr), daemon=True),
+        threading.Thread(target=_read_lines, args=(worker.stdout, []), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+
+    def progress_lines() -> list[str]:
+        return [s for s in _messages(stderr) if s.startswith("progress: ")]
+
     try:
 
         def settled() -> bool:
@@ -275,18 +291,26 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
 
         wait_for(settled, 60, "metrics never showed 1000 predictions and zero lag")
         m = _scrape(port)
+        # the lag is 0 from now on, so the progress lines (one per 0.2 s) must come to say so
+        before = len(progress_lines())
+
+        def says_lag_0() -> bool:
+            return any(", lag 0 records," in s for s in progress_lines()[before:])
+
+        wait_for(says_lag_0, 30, "no progress line said lag 0 after the metrics did")
     finally:
         worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=60)
+        worker.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=30)
+        worker.__exit__(None, None, None)  # closes its pipes
     assert m["stream_scorer_records_consumed_total"] == 1001
-    # the progress lines (one per 0.2 s) add up to what was consumed: the lag reached 0 in the
-    # statistics (1 s apart) after the last batch, so a line came after it
-    said = [json.loads(line)["msg"] for line in stderr.splitlines() if line.startswith("{")]
-    lines = [s for s in said if s.startswith("progress: ")]
+    # the progress lines add up to what was consumed (and one said lag 0: waited for above)
+    said = _messages(stderr)
+    lines = progress_lines()
     assert sum(int(s.split()[1]) for s in lines) == 1001, lines
     assert sum(int(s.split("dead letters ")[1].split()[0].rstrip(",")) for s in lines) == 1
     assert all(s.endswith(", model test-model-1") for s in lines)
-    assert any(", lag 0 records," in s for s in lines)
     unseen = [s for s in said if "none of its categories" in s]
     assert len(unseen) == 1 and unseen[0].startswith("feature 'country' met"), unseen
     assert m["stream_scorer_dead_letters_total{reason=empty,stage=decode}"] == 1
@@ -303,7 +327,7 @@ def test_metrics_endpoint_reports_counts_stages_and_lag(env: Env) -> None:
 
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_unreachable_broker_fails_loudly_instead_of_idling(env: Env, mode: str) -> None:
-    port = _free_port()  # nothing listens there: every connection is refused
+    port = free_ports(1)[0]  # nothing listens there: every connection is refused
     worker = _worker(
         env,
         "--bootstrap-servers",

@@ -8,12 +8,18 @@ pass by checking nothing. ``.ci/run`` stays the local entry point.
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from _pytest.mark.expression import Expression
 from support import tool
 
 ROOT = Path(__file__).parents[2]
@@ -107,7 +113,125 @@ def test_actionlint_rejects_what_the_schema_cannot_see(
     assert proc.returncode != 0 and says in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_ci_runs_every_tier_of_make_test_on_python_3_11() -> None:
+#: Collects the whole suite and prints, as JSON, each test's file and markers (after the
+#: conftest's own marking).
+_COLLECT = """
+import json, sys
+import pytest
+
+class Record:
+    tests = {}
+
+    def pytest_collection_finish(self, session):
+        for item in session.items:
+            self.tests[item.nodeid] = [
+                str(item.path.relative_to(session.config.rootpath)),
+                sorted({m.name for m in item.iter_markers()}),
+            ]
+
+record = Record()
+code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[record])
+print(json.dumps(record.tests)) if code == 0 else sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def suite() -> dict[str, tuple[str, set[str]]]:
+    """Every test of the suite: node id to (file, markers)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLECT], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    return {node: (path, set(marks)) for node, (path, marks) in raw.items()}
+
+
+def _pytest_runs(lines: list[str]) -> list[list[str]]:
+    """The pytest command lines (from the pytest program on) that shell ``lines`` run, the
+    ``make`` targets among them expanded with ``make -n``."""
+    runs: list[list[str]] = []
+    for line in lines:
+        words = shlex.split(line)
+        if words and words[0] == "make":
+            targets = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+            done = _run("make", "-n", "-C", ROOT, *targets)
+            assert done.returncode == 0, done.stderr
+            runs += _pytest_runs([ln for ln in done.stdout.splitlines() if "pytest" in ln])
+            continue
+        at = [i for i, w in enumerate(words) if w == "pytest" or w.endswith("/pytest")]
+        if at:
+            runs.append(words[at[0] :])
+    return runs
+
+
+def _marked(marks: set[str]) -> Callable[..., bool]:
+    def matches(name: str, /, **_: str | int | bool | None) -> bool:
+        return name in marks
+
+    return matches
+
+
+def _selects(run: list[str], suite: dict[str, tuple[str, set[str]]]) -> set[str]:
+    """The tests a pytest command line selects: its paths, --ignore and -m (no other option)."""
+    paths: list[str] = []
+    ignored: list[str] = []
+    expression = ""
+    words = iter(run[1:])
+    for word in words:
+        if word == "-m":
+            expression = next(words)
+        elif word == "--ignore":
+            ignored.append(next(words))
+        elif word in ("-n", "--dist"):
+            next(words)
+        else:
+            assert word.startswith("-") or (ROOT / word).exists(), f"{word} in {run}"
+            if not word.startswith("-"):
+                paths.append(word.rstrip("/"))
+    selects = Expression.compile(expression) if expression else None
+    return {
+        node
+        for node, (path, marks) in suite.items()
+        if (not paths or any(path == p or path.startswith(p + "/") for p in paths))
+        and not any(path == p or path.startswith(p + "/") for p in ignored)
+        and (selects is None or selects.evaluate(_marked(marks)))
+    }
+
+
+def _make_test_runs() -> list[list[str]]:
+    return _pytest_runs(["make test"])
+
+
+def test_make_test_runs_every_test_once_the_faults_alone_and_no_run_is_empty(
+    suite: dict[str, tuple[str, set[str]]],
+) -> None:
+    runs = _make_test_runs()
+    selected = [_selects(run, suite) for run in runs]
+    # an empty run would end pytest with exit 5 (no tests), which fails make test
+    assert all(selected), runs
+    assert sum(map(len, selected)) == len(set().union(*selected)) == len(suite)
+    # the fault tests measure recovery times: a run of their own, on one process
+    faults = {node for node, (_, marks) in suite.items() if "faults" in marks}
+    assert faults
+    (alone,) = [run for run, tests in zip(runs, selected, strict=True) if tests & faults]
+    assert _selects(alone, suite) == faults and "-n" not in alone, alone
+
+
+def test_the_workflow_runs_every_test_of_make_test(
+    suite: dict[str, tuple[str, set[str]]],
+) -> None:
+    lines = [
+        line
+        for step in (s for job in _workflow()["jobs"] for s in _steps(job))
+        for line in str(step.get("run", "")).replace("\\\n", " ").splitlines()
+    ]
+    in_ci = set().union(*(_selects(run, suite) for run in _pytest_runs(lines)))
+    in_make_test = set().union(*(_selects(run, suite) for run in _make_test_runs()))
+    assert in_make_test == set(suite)
+    assert sorted(in_make_test - in_ci) == []
+
+
+def test_ci_runs_on_python_3_11() -> None:
     wf = _workflow()
     triggers = wf[True] if True in wf else wf["on"]  # YAML 1.1 reads the key `on` as True
     assert "v*" in triggers["push"]["tags"] and "pull_request" in triggers
@@ -115,12 +239,6 @@ def test_ci_runs_every_tier_of_make_test_on_python_3_11() -> None:
     for job in wf["jobs"]:
         python = _uses(job).get("actions/setup-python")
         assert python is None or python["python-version"] == "${{ env.PYTHON_VERSION }}", job
-    assert "make lint" in _runs("lint") and "make docs" in _runs("lint")
-    assert "make tools" in _runs("unit") and "make unit" in _runs("unit")
-    assert "make boundscheck" in _runs("unit")
-    integration = _runs("integration")
-    assert '-m "integration and not faults"' in integration and "make faults" in integration
-    assert "tests/integration/test_installed.py" in _runs("installed")
 
 
 def test_integration_jobs_have_java_maven_and_the_cache_outside_the_checkout() -> None:
@@ -162,6 +280,20 @@ def test_build_makes_the_wheel_and_the_versioned_image_and_publishes_only_on_a_t
     assert wf["permissions"] == {"contents": "read"}
 
 
-def test_ci_run_stays_the_local_entry_point() -> None:
-    lines = (ROOT / ".ci" / "run").read_text().split("\n")
-    assert [ln for ln in lines if ln and not ln.startswith("#")][-1] == "make test"
+def test_ci_run_runs_make_test_from_the_checkout(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "make"  # records where and with what .ci/run calls make
+    fake.write_text(f'#!/bin/sh\necho "$(pwd) $*" > {tmp_path / "called"}\n')
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run")],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "called").read_text().split() == [str(ROOT), "test"]

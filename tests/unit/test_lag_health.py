@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import Msg, train_payment_classifier, wait_for, write_schema
+from support import Msg, free_ports, train_payment_classifier, wait_for, write_schema
 
 from stream_scorer.config import Config, load_config
 from stream_scorer.kafka.groups import PartitionLag
@@ -282,16 +282,8 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_endpoints_follow_the_checks(base_cfg: dict[str, Any]) -> None:
-    port = _free_port()
+    port = free_ports(1)[0]
     cfg = _cfg(
         base_cfg,
         metrics={"port": port, "host": "127.0.0.1"},

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_ports
 
 from stream_scorer.config import Config, load_config
 from stream_scorer.devtools.tls import make_tls
@@ -33,17 +34,11 @@ def _cfg(tmp_path: Path, metrics: dict[str, Any]) -> Config:
     return load_config(None, environ={}, overrides=raw)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_endpoint_serves_https_on_the_chosen_address_and_no_plain_http(
     tmp_path: Path,
 ) -> None:
     files = make_tls(tmp_path / "tls")
-    port = _free_port()
+    port = free_ports(1)[0]
     cfg = _cfg(
         tmp_path,
         {
@@ -78,7 +73,7 @@ def test_cert_and_key_come_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"metrics\.tls_key: is required"):
         _cfg(tmp_path, {"tls_cert": str(files.server_cert)})
     cfg = _cfg(
-        tmp_path, {"port": _free_port(), "tls_cert": str(files.ca), "tls_key": str(files.ca)}
+        tmp_path, {"port": free_ports(1)[0], "tls_cert": str(files.ca), "tls_key": str(files.ca)}
     )
     with pytest.raises(ConfigError, match=r"metrics\.tls_cert: cannot load"):
         Monitor(cfg, Metrics(), "m").__enter__()
