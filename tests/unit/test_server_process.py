@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 from stream_scorer.devtools.process import STATE_FILE, ServerProcess, alive, tail
 from stream_scorer.errors import LocalKafkaError
@@ -19,16 +20,23 @@ def test_spawn_record_status_and_stop(tmp_path: Path) -> None:
     marker = f"--marker={tmp_path}"
     server = ServerProcess(tmp_path, "the sleeper", (marker.encode(),), LocalKafkaError, log=print)
     proc = server.spawn([sys.executable, "-c", SLEEPER, marker], tmp_path / "out", {"port": 1})
-    recorded = server.recorded()
-    assert recorded is not None and recorded["pid"] == proc.pid and recorded["port"] == 1
-    assert json.loads((tmp_path / STATE_FILE).read_text())["started_at"]
-    assert server.is_ours(proc.pid) and alive(proc.pid)
-    # the same pid with other markers (a recycled pid) is not this server
-    other = ServerProcess(tmp_path, "another", (b"--not-there",), LocalKafkaError)
-    assert not other.is_ours(proc.pid)
-    assert server.stop(timeout=10) is True
-    assert not alive(proc.pid) and server.recorded() is None
-    assert server.stop() is False  # nothing recorded: nothing to do
+    try:
+        recorded = server.recorded()
+        assert recorded is not None and recorded["pid"] == proc.pid and recorded["port"] == 1
+        assert json.loads((tmp_path / STATE_FILE).read_text())["started_at"]
+        # its command line is read from /proc: polled, as a loaded machine may show it late
+        wait_for(lambda: server.is_ours(proc.pid), 30, "the sleeper seen as this server")
+        assert alive(proc.pid)
+        # the same pid with other markers (a recycled pid) is not this server
+        other = ServerProcess(tmp_path, "another", (b"--not-there",), LocalKafkaError)
+        assert not other.is_ours(proc.pid)
+        assert server.stop(timeout=10) is True
+        assert not alive(proc.pid) and server.recorded() is None
+        assert server.stop() is False  # nothing recorded: nothing to do
+    finally:  # a failed assert leaves no sleeper behind (it would fail a later test's GC)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 def test_a_stale_record_is_not_running_and_is_removed_by_stop(tmp_path: Path) -> None:
