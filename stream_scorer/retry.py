@@ -175,9 +175,12 @@ def retrying(
     def before_sleep(state: RetryCallState) -> None:
         keepalive()
         if state.attempt_number in (1, 5) or state.attempt_number % 20 == 0:
+            # the first retry is news, not yet a problem (a fresh broker's coordinator loads for
+            # a second or two): a warning once it has lasted five tries (~3 s), then every 20th
+            level = logging.INFO if state.attempt_number == 1 else logging.WARNING
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("%s: %s not answering, retrying (attempt %d): %s", what, server,
-                        state.attempt_number, exc)  # fmt: skip
+            log.log(level, "%s: %s not answering, retrying (attempt %d): %s", what, server,
+                    state.attempt_number, exc)  # fmt: skip
 
     return Retrying(
         retry=retry_if_exception(retried),

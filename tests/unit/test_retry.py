@@ -103,11 +103,13 @@ def test_an_outage_is_retried_up_to_the_deadline_then_raised_loudly(
         clock=fake.clock,
         policy=RetryPolicy(initial_s=1.0, max_s=4.0, jitter=0.0),
     )
-    with caplog.at_level(logging.WARNING), pytest.raises(UnavailableError, match="down at 10"):
+    with caplog.at_level(logging.INFO), pytest.raises(UnavailableError, match="down at 10"):
         attempts(down)
     assert fake.waits == [1.0, 2.0, 4.0, 3.0]  # the last wait stops at the deadline
     assert tries == [0.0, 1.0, 3.0, 7.0, 10.0] and len(kept) == 4
     assert "GET /x: test server not answering" in caplog.text
+    # the first retry is news (INFO), a warning only once it has lasted five tries
+    assert [r.levelname for r in caplog.records if "not answering" in r.getMessage()] == ["INFO"]
     assert "giving up after 5 tries" in caplog.text
 
 
