@@ -51,7 +51,7 @@ def _no_leftovers() -> Iterator[None]:
         parent = _STARTED.pop()
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)  # its own session: the workers go too
-            parent.wait()
+        parent.communicate()  # reaps it and closes its pipes (a leak fails a later test)
 
 
 def _start(tmp_path: Path, modes: list[str], grace: float = 30.0) -> subprocess.Popen[str]:
