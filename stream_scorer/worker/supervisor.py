@@ -82,6 +82,9 @@ class Supervisor:
         self._stop_reason = ""
         self._stop_at: float | None = None
         self._tick = threading.Event()
+        #: Stop signals received and not yet acted on: the handler only records them (taking the
+        #: event's lock, logging or polling the workers there could deadlock with the loop)
+        self._signalled: list[str] = []
 
     @property
     def pids(self) -> list[int]:
@@ -102,7 +105,7 @@ class Supervisor:
     @contextmanager
     def _signals(self) -> Iterator[None]:
         def handler(signum: int, _frame: FrameType | None) -> None:
-            self.stop(signal.Signals(signum).name)
+            self._signalled.append(signal.Signals(signum).name)  # acted on by the loop
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -124,6 +127,8 @@ class Supervisor:
                 log.info("worker %d started", i, extra={"pid": self._procs[-1].pid})
             codes: dict[int, int] = {}
             while len(codes) < len(self._procs):
+                while self._signalled:
+                    self.stop(self._signalled.pop(0))
                 for i, proc in enumerate(self._procs):
                     code = proc.poll()
                     if code is None or i in codes:
