@@ -31,14 +31,14 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 
 from stream_scorer.errors import BrokerError, broker_unreachable
-from stream_scorer.kafka.access import refused_connection
 from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import DeadLetter, Message, Reason
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.offsets import Position
+from stream_scorer.worker.source import ConsumerErrors
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def configure_group(settings: dict[str, str], group: str, configs: GroupConfigs)
     log.info("share group %s: %s", group, configs)
 
 
-class ShareSource:
+class ShareSource(ConsumerErrors):
     """A subscribed share consumer that hands out batches (the ``Source`` of share groups)."""
 
     def __init__(
@@ -166,19 +166,6 @@ class ShareSource:
         self._consumer = None
 
     # --- callbacks: never raise ------------------------------------------------------------
-    def _on_error(self, err: KafkaError) -> None:
-        refused = refused_connection(err, self._settings)
-        if refused is not None:
-            if not self._errors:
-                self._errors.append(refused)
-            return
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._down_since = self._down_since or time.monotonic()
-        if err.fatal():
-            self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
-        else:
-            self._client_log.warning("kafka: %s", err)
-
     # --- the main loop's calls -------------------------------------------------------------
     def poll_batch(self, max_records: int, max_wait_s: float) -> list[Message]:
         """Return the records of one poll (about ``batch.max_records``: a soft bound).

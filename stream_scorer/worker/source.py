@@ -44,7 +44,34 @@ log = logging.getLogger(__name__)
 RevokeHook = Callable[[Partitions], None]
 
 
-class Source:
+class ConsumerErrors:
+    """The consumer's ``error_cb``, shared by the group and the share-group sources.
+
+    Records, never raises: a refused connection or a fatal error is kept in ``_errors`` for the
+    loop to raise; all brokers down starts ``_down_since``; anything else is logged.
+    """
+
+    _settings: dict[str, str]
+    _topic: str
+    _errors: list[BrokerError]
+    _down_since: float | None
+    _client_log: logging.Logger
+
+    def _on_error(self, err: KafkaError) -> None:
+        refused = refused_connection(err, self._settings)
+        if refused is not None:  # the same on every attempt: stop instead of retrying
+            if not self._errors:
+                self._errors.append(refused)
+            return
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._down_since = self._down_since or time.monotonic()
+        if err.fatal():
+            self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
+        else:
+            self._client_log.warning("kafka: %s", err)
+
+
+class Source(ConsumerErrors):
     """A subscribed consumer that hands out batches."""
 
     def __init__(
@@ -115,19 +142,6 @@ class Source:
             self._consumer = None
 
     # --- callbacks: never raise ------------------------------------------------------------
-    def _on_error(self, err: KafkaError) -> None:
-        refused = refused_connection(err, self._settings)
-        if refused is not None:  # the same on every attempt: stop instead of retrying
-            if not self._errors:
-                self._errors.append(refused)
-            return
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._down_since = self._down_since or time.monotonic()
-        if err.fatal():
-            self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
-        else:
-            self._client_log.warning("kafka: %s", err)
-
     def _on_stats(self, stats_json: str) -> None:
         try:
             stats = json.loads(stats_json)
