@@ -61,8 +61,8 @@ TEST_WORKERS ?= 2
 PARALLEL_TESTS := -m "not faults"
 SERIAL_TESTS := -m faults
 test: setup mlflow-tools lint
-	$(BIN)/pytest $(PARALLEL_TESTS) -n $(TEST_WORKERS) --dist loadfile
-	$(BIN)/pytest $(SERIAL_TESTS)
+	$(BIN)/pytest $(PARALLEL_TESTS) -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/pytest $(SERIAL_TESTS) --durations=12
 	$(MAKE) --no-print-directory docs
 
 # the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),
