@@ -71,7 +71,8 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
     """Train the example model into ``model_dir`` unless an up-to-date one is there.
 
     A cached model whose manifest lists other features (names, fields, bounds or value
-    policies) than today's example, e.g. one trained by an older version, is trained again.
+    policies) than today's example, or has no reference bins (drift), e.g. one trained by an
+    older version, is trained again.
     """
     from stream_scorer.contracts.manifest import read_manifest
     from stream_scorer.errors import ModelError
@@ -79,7 +80,8 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
     from stream_scorer.example.train import train
 
     try:
-        current = tuple(read_manifest(model_dir).features) == tuple(FEATURES)
+        manifest = read_manifest(model_dir)
+        current = tuple(manifest.features) == tuple(FEATURES) and bool(manifest.reference)
     except ModelError:  # none yet, or unreadable
         current = False
     if not current:
