@@ -21,10 +21,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support import free_ports, produce_raw, wait_for
 
+from stream_scorer.cli import main
 from stream_scorer.config import load_config
+from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.example.produce import RideEncoder
 from stream_scorer.example.rides import FEATURES, generate_columns, to_records
 from stream_scorer.example.train import train
+from stream_scorer.stages.drift import bins_of
 from stream_scorer.worker.flow import StopFlag
 from stream_scorer.worker.loop import run_worker
 
@@ -143,3 +146,40 @@ def test_a_shifted_feature_drifts_past_0_2_and_the_others_stay_under_0_1(
     if failures:
         raise failures[0]
     assert report.consumed == 6000
+
+
+def test_model_pack_draws_reference_bins_from_a_topic(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    trained = train(tmp_path / "trained", rows=3000, n_estimators=5, max_depth=3)
+    topic = unique("sample")
+    make_topics({topic: 3})
+    produce_raw(kafka_bootstrap, topic, _rides(2000, seed=21), 3)
+    mapping = {
+        "features": [
+            {"name": f.name, "field": f.field, "transform": f.transform}
+            | ({"categories": list(f.categories)} if f.categories else {})
+            for f in FEATURES
+        ]
+    }
+    (tmp_path / "features.yaml").write_text(yaml.safe_dump(mapping))
+    out = tmp_path / "packed"
+    args = ["model", "pack", str(tmp_path / "trained" / "model.ubj"), "--out", str(out)]
+    args += ["--schema", str(ROOT / "schemas" / "ride_request.v1.avsc")]
+    args += ["--features", str(tmp_path / "features.yaml"), "--reference-topic", topic]
+    args += ["--reference-count", "1500", "--bootstrap-servers", kafka_bootstrap]
+    assert main(args) == 0
+    reference = read_manifest(out).reference
+    assert reference["rows"] == 1500
+    assert set(reference["features"]) == {f.name for f in FEATURES}
+    # the same bins as the training rows' up to sampling noise: the topic's rides are alike
+    bins = bins_of(reference, read_manifest(out).features)
+    ref = bins_of(trained.reference, trained.features)
+    assert bins is not None and ref is not None
+    assert bins.names == ref.names
+    assert list(reference["features"]["vehicle_type"]["shares"]) == pytest.approx(
+        list(trained.reference["features"]["vehicle_type"]["shares"]), abs=0.05
+    )
