@@ -252,6 +252,18 @@ def test_the_monitor_exports_only_every_interval_and_follows_versions(
     assert caplog.text.count("has no reference bins") == 1 and watch.monitor is None
 
 
+def test_ignored_features_have_no_series(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    settings = DriftConfig(min_events=1, ignore=("color", "nope"))
+    monitor = DriftMonitor("m", "v", _bins(), settings, metrics)
+    monitor.observe(np.full((5, 2), 9, np.float32), np.zeros(5))  # x and color far off
+    monitor.export()
+    features = {s.labels["feature"] for m in metrics.drift_psi.collect() for s in m.samples}
+    assert features == {"x"}
+    assert "drift.ignore names nope" in caplog.text
+    assert "feature color" not in caplog.text and "feature x PSI" in caplog.text
+
+
 def test_drift_off_builds_no_monitor() -> None:
     watch = DriftWatch("m", DriftConfig(enabled=False), Metrics())
     watch.observe(_manifest("v1", REFERENCE), np.zeros((3, 2), np.float32), np.zeros(3))
@@ -297,3 +309,19 @@ def test_model_check_says_whether_the_model_has_reference_bins(
     with pytest.raises(ModelError, match="rows"):  # a malformed reference: the worker refuses it
         build_pipeline(load_raw(tmp_path, ride_config(tmp_path, model={"path": str(model)})),
                        Metrics())  # fmt: skip
+
+
+def test_a_float32_matrix_is_binned_as_the_reference_was_in_float64() -> None:
+    edge = 0.7  # float32(0.7) is just below 0.7: compared in float32, it would reach the edge
+    reference = {
+        "rows": 10,
+        "features": {"x": {"edges": [edge], "shares": [0.5, 0.5], "missing": 0.0}},
+        "prediction": {"edges": [], "shares": [1.0], "missing": 0.0},
+    }
+    bins = bins_of(reference, (FeatureSpec("x", "x"),))
+    assert bins is not None
+    values = np.array([[np.float32(edge)], [np.nextafter(np.float32(edge), np.float32(1))]])
+    as_packed = bin_index(values[:, 0].astype(np.float64), [edge]).tolist()
+    assert as_packed == [0, 1]
+    assert bins.count(values.astype(np.float32))[0].tolist() == [1, 1, 0]
+    assert bins.count(values.astype(np.float64))[0].tolist() == [1, 1, 0]
