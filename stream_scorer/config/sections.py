@@ -275,6 +275,10 @@ class DriftConfig(Section):
     threshold: Number = Field(default=0.2, gt=0)
     """A feature or the predictions above this PSI is logged once (a warning) until it falls
     back below; the alert rules carry their own thresholds."""
+    ignore: tuple[NonEmpty, ...] = ()
+    """Features not watched (no series): those that follow the clock, such as an hour of day,
+    whose values in any window shorter than their cycle differ from a training sample spread
+    over it; a name no model version has is logged once."""
 
 
 AT_LEAST_ONCE: Final = "at-least-once"

@@ -176,6 +176,15 @@ class DriftMonitor:
         self._next = clock() + settings.export_interval_s
         self._above: set[str] = set()
         self.last: DriftReading | None = None
+        self.watched = tuple(n for n in bins.names if n not in settings.ignore)
+        unknown = sorted(set(settings.ignore) - set(bins.names))
+        if unknown:
+            log.warning(
+                "drift.ignore names %s, which model %s version %s does not have",
+                ", ".join(unknown),
+                model,
+                version,
+            )
         window = (
             f"the last {settings.window_s:g} s"
             if settings.window_s
@@ -188,7 +197,7 @@ class DriftMonitor:
             "all PSI is about %.4f at %d events (%d bins: (bins - 1) * (1/%d + 1/%d))",
             model,
             version,
-            len(bins.names),
+            len(bins.names) - len(set(settings.ignore) & set(bins.names)),
             f"{bins.rows:,}",
             window,
             settings.min_events,
@@ -225,14 +234,15 @@ class DriftMonitor:
         self._next = now + self._settings.export_interval_s
         reading = read_window(self.bins, self.window, self._settings.min_events, now)
         m, labels = self._metrics, (self.model, self.version)
-        for name in self.bins.names:
+        for name in self.watched:
             m.drift_psi.labels(*labels, name).set(reading.psi[name])
             m.drift_missing_share.labels(*labels, name).set(reading.missing[name])
         m.drift_prediction_psi.labels(*labels).set(reading.prediction_psi)
         m.drift_expected_psi.labels(*labels).set(reading.expected)
         m.drift_window_events.labels(*labels).set(reading.events)
         m.drift_window_fill.labels(*labels).set(reading.fill)
-        self._warn({**reading.psi, PREDICTION: reading.prediction_psi}, reading.events)
+        watched = {n: reading.psi[n] for n in self.watched}
+        self._warn({**watched, PREDICTION: reading.prediction_psi}, reading.events)
         self.last = reading
         return reading
 
