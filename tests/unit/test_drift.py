@@ -325,3 +325,13 @@ def test_a_float32_matrix_is_binned_as_the_reference_was_in_float64() -> None:
     assert as_packed == [0, 1]
     assert bins.count(values.astype(np.float32))[0].tolist() == [1, 1, 0]
     assert bins.count(values.astype(np.float64))[0].tolist() == [1, 1, 0]
+
+
+def test_the_compiled_counts_are_the_numpy_counts() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.choice([0.5, 1.0, 1.5, 2.0, 3.0, np.nan, np.inf, -np.inf], size=2000)
+    color = rng.choice([0.0, 1.0, 2.0, 7.0, -1.0, np.nan], size=2000)
+    matrix = np.column_stack([x, color]).astype(np.float32)
+    monitor = DriftMonitor("m", "v", _bins(), DriftConfig(), Metrics())
+    assert monitor._count(matrix).tolist() == _bins().count(matrix).tolist()
+    assert monitor._count(matrix[::3]).tolist() == _bins().count(matrix[::3]).tolist()  # strided
