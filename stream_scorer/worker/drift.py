@@ -151,6 +151,21 @@ def read_window(bins: Bins, window: DriftWindow, min_events: int, now: float) ->
     )
 
 
+def count_batch(bins: Bins, matrix: npt.NDArray[np.floating[Any]]) -> Counts:
+    """``Bins.count``, compiled for the worker's float32 matrix (one pass, no temporaries)."""
+    if matrix.dtype != np.float32:
+        return bins.count(matrix)
+    out = np.zeros((len(bins.names), bins.stride), dtype=np.int64)
+    n_edges = np.count_nonzero(np.isfinite(bins.edges32), axis=1).astype(np.int64)
+    drift_counts(matrix, bins.edges32, n_edges, bins.categorical, bins.sizes, out)
+    return out
+
+
+def warm_up_drift(bins: Bins) -> None:
+    """Compile the drift counts' kernel for ``bins`` now (or load it from numba's cache)."""
+    count_batch(bins, np.zeros((1, len(bins.names)), dtype=np.float32))
+
+
 class DriftMonitor:
     """Drift of one model version (see the module doc)."""
 
@@ -174,8 +189,6 @@ class DriftMonitor:
             events=settings.window_events,
             seconds=settings.window_s,
         )
-        self._n_edges = np.isfinite(bins.edges32).sum(axis=1).astype(np.int64)
-        self._count(np.zeros((1, len(bins.names)), dtype=np.float32))  # compiled (or cached) now
         self._next = clock() + settings.export_interval_s
         self._above: set[str] = set()
         self.last: DriftReading | None = None
@@ -213,15 +226,6 @@ class DriftMonitor:
             sized,
         )
 
-    def _count(self, matrix: npt.NDArray[np.floating[Any]]) -> Counts:
-        """``Bins.count``, compiled for the worker's float32 matrix (one pass, no temporaries)."""
-        if matrix.dtype != np.float32:
-            return self.bins.count(matrix)
-        bins = self.bins
-        out = np.zeros((len(bins.names), bins.stride), dtype=np.int64)
-        drift_counts(matrix, bins.edges32, self._n_edges, bins.categorical, bins.sizes, out)
-        return out
-
     def observe(
         self, matrix: npt.NDArray[np.floating[Any]], predictions: npt.NDArray[np.floating[Any]]
     ) -> None:
@@ -229,7 +233,10 @@ class DriftMonitor:
         now = self._clock()
         if len(matrix):
             self.window.add(
-                self._count(matrix), self.bins.count_predictions(predictions), len(matrix), now
+                count_batch(self.bins, matrix),
+                self.bins.count_predictions(predictions),
+                len(matrix),
+                now,
             )
         if now >= self._next:
             self.export(now)

@@ -69,7 +69,7 @@ from stream_scorer.stages.framing import MAGIC_ID, FramedColumns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Input, ProducerEvents
-from stream_scorer.worker.drift import DriftWatch
+from stream_scorer.worker.drift import DriftWatch, warm_up_drift
 from stream_scorer.worker.flow import (
     IDLE_GAP_SLACK_S,
     REQUESTED_STOPS,
@@ -241,7 +241,11 @@ def build_pipeline(
     scorer = Scorer(model_dir, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
     input_schema = reader if reader is not None else load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
-    bins_of(scorer.manifest.reference, scorer.manifest.features)  # malformed: refused here
+    # a malformed reference is refused here; the drift counts' kernel compiled (or loaded from
+    # numba's cache) at start-up, not at the first batch
+    bins = bins_of(scorer.manifest.reference, scorer.manifest.features)
+    if bins is not None and cfg.drift.enabled:
+        warm_up_drift(bins)
     # every category feature's series exists from the start, at 0
     metrics.count_unseen({f.name: 0 for f in scorer.manifest.features if f.transform == "category"})
     for key, name in (

@@ -19,7 +19,13 @@ from stream_scorer.errors import ConfigError, ModelError
 from stream_scorer.example.rides import RIDE_SCHEMA_PATH
 from stream_scorer.example.train import train
 from stream_scorer.stages.drift import FLOOR, Bins, bin_index, bins_of, expected_psi, psi
-from stream_scorer.worker.drift import DriftMonitor, DriftWatch, DriftWindow, read_window
+from stream_scorer.worker.drift import (
+    DriftMonitor,
+    DriftWatch,
+    DriftWindow,
+    count_batch,
+    read_window,
+)
 from stream_scorer.worker.loop import build_pipeline
 from stream_scorer.worker.metrics import Metrics
 
@@ -332,6 +338,6 @@ def test_the_compiled_counts_are_the_numpy_counts() -> None:
     x = rng.choice([0.5, 1.0, 1.5, 2.0, 3.0, np.nan, np.inf, -np.inf], size=2000)
     color = rng.choice([0.0, 1.0, 2.0, 7.0, -1.0, np.nan], size=2000)
     matrix = np.column_stack([x, color]).astype(np.float32)
-    monitor = DriftMonitor("m", "v", _bins(), DriftConfig(), Metrics())
-    assert monitor._count(matrix).tolist() == _bins().count(matrix).tolist()
-    assert monitor._count(matrix[::3]).tolist() == _bins().count(matrix[::3]).tolist()  # strided
+    bins = _bins()
+    assert count_batch(bins, matrix).tolist() == bins.count(matrix).tolist()
+    assert count_batch(bins, matrix[::3]).tolist() == bins.count(matrix[::3]).tolist()  # strided
