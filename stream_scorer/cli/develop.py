@@ -113,6 +113,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         naive_events=args.naive_events,
         latency_seconds=args.latency_seconds,
         out_dir=args.out or default_cache_dir() / "bench-results",
+        drift_pairs=args.drift_pairs,
+        only_drift=args.only_drift,
     )
     return 0
 
@@ -271,6 +273,15 @@ def add_commands(sub: Commands) -> None:
         "AvroDeserializer per record, µs per event (needs --registry-url)",
     )
     bench.add_argument("--registry-url", help="the registry's Confluent-compatible API URL")
+    bench.add_argument(
+        "--drift-pairs",
+        type=int,
+        default=2,
+        help="one process with drift off then on, this many times (the drift cost)",
+    )
+    bench.add_argument(
+        "--only-drift", action="store_true", help="the ceiling and the drift pairs only"
+    )
     bench.add_argument("--soak", action="store_true", help="run the soak instead (RSS over time)")
     bench.add_argument("--soak-seconds", type=float, default=600.0, help="length of the soak")
     bench.add_argument("--soak-rate", type=float, default=10_000.0, help="events per second")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import ConfigError
@@ -80,22 +81,51 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     mapping = read_mapping(args.features) if args.features else None
     if args.feature:
         mapping = {"features": [parse_feature_flag(f) for f in args.feature]}
+    if args.sample and args.reference_topic:
+        raise ConfigError("--reference-topic", "give --sample FILE or --reference-topic, not both")
+    if args.reference_topic and not args.bootstrap_servers:
+        raise ConfigError("--bootstrap-servers", "is needed by --reference-topic")
+    schema = load_schema(args.schema)
+    records = _topic_sample(args, schema) if args.reference_topic else None
     manifest = pack(
         args.booster,
-        load_schema(args.schema),
+        schema,
         args.out,
         mapping=mapping,
         version=args.version,
         sample=args.sample,
         threshold=args.threshold,
+        records=records,
     )
+    source = args.sample or (args.reference_topic and f"topic {args.reference_topic}")
+    rows = manifest.reference.get("rows", 0)
     print(
         f"model {manifest.model_version} ({manifest.objective}, {len(manifest.features)} "
-        f"features{', reference bins from ' + str(args.sample) if args.sample else ''}) "
+        f"features{f', reference bins of {rows} rows from {source}' if source else ''}) "
         f"written to {args.out}",
         flush=True,
     )
     return 0
+
+
+def _topic_sample(args: argparse.Namespace, schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The last ``--reference-count`` records of ``--reference-topic``, decoded.
+
+    Decoded as the worker decodes schemaless input (records it would dead-letter left out).
+    """
+    from stream_scorer.kafka.topics import latest_values
+    from stream_scorer.stages.decode import Decoder
+    from stream_scorer.stages.records import Decoded, PlainMessage
+
+    values = latest_values(args.bootstrap_servers, args.reference_topic, args.reference_count)
+    decoder = Decoder(schema, max(len(v or b"") for v in values) + 1 if values else 1)
+    decoded = [decoder.decode(PlainMessage(v, k=b"", o=i, ts=0)) for i, v in enumerate(values)]
+    records = [d.record for d in decoded if isinstance(d, Decoded)]
+    if not records:
+        raise ConfigError(
+            "--reference-topic", f"no record of {args.reference_topic!r} decodes with the schema"
+        )
+    return records
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -103,9 +133,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from stream_scorer.stages.decode import load_schema
 
     manifest = check(args.dir, load_schema(args.schema))
+    rows = manifest.reference.get("rows") if manifest.reference else None
+    drift = (
+        f"reference bins of {rows} rows for {len(manifest.features)} features and the "
+        "predictions (drift on)"
+        if rows
+        else "no reference bins (scored without drift; pack with --sample or --reference-topic)"
+    )
     print(
         f"OK {args.dir}: model {manifest.model_version} ({manifest.objective}, "
-        f"{len(manifest.features)} features) fits {args.schema}",
+        f"{len(manifest.features)} features) fits {args.schema}; {drift}",
         flush=True,
     )
     return 0
@@ -188,6 +225,19 @@ def add_commands(sub: Commands) -> None:
     pk.add_argument("--threshold", type=float, help="binary classifiers' label threshold")
     pk.add_argument(
         "--sample", type=Path, help="training sample (.avro, .csv, .parquet) for reference bins"
+    )
+    pk.add_argument(
+        "--reference-topic",
+        metavar="TOPIC",
+        help="draw the reference sample from a topic instead: its last --reference-count "
+        "records (schemaless Avro of --schema), decoded and turned into features as the "
+        "worker does",
+    )
+    pk.add_argument(
+        "--reference-count", type=int, default=10_000, help="records of --reference-topic"
+    )
+    pk.add_argument(
+        "--bootstrap-servers", default="", help="the Kafka brokers of --reference-topic"
     )
     pk.set_defaults(func=_cmd_pack)
 

@@ -27,7 +27,7 @@ import json
 import platform
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,7 +71,8 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
     """Train the example model into ``model_dir`` unless an up-to-date one is there.
 
     A cached model whose manifest lists other features (names, fields, bounds or value
-    policies) than today's example, e.g. one trained by an older version, is trained again.
+    policies) than today's example, or has no reference bins (drift), e.g. one trained by an
+    older version, is trained again.
     """
     from stream_scorer.contracts.manifest import read_manifest
     from stream_scorer.errors import ModelError
@@ -79,7 +80,8 @@ def ensure_example_model(model_dir: Path, *, trees: int = 100, depth: int = 6) -
     from stream_scorer.example.train import train
 
     try:
-        current = tuple(read_manifest(model_dir).features) == tuple(FEATURES)
+        manifest = read_manifest(model_dir)
+        current = tuple(manifest.features) == tuple(FEATURES) and bool(manifest.reference)
     except ModelError:  # none yet, or unreadable
         current = False
     if not current:
@@ -357,9 +359,11 @@ class _Run:
         bk.client_result(proc)
         self._percentiles(res, inp, out, reached)
 
-    def workers(self, res: ModeResult, model: Path, latency: bool) -> None:
+    def workers(
+        self, res: ModeResult, model: Path, latency: bool, env: Mapping[str, str] | None = None
+    ) -> None:
         topics = self.topics(f"scorer{res.processes}")
-        workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread)
+        workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread, env)
         try:
             workers.wait_assigned()
             feeder = self.feed(topics[0], self.payloads)
@@ -372,7 +376,7 @@ class _Run:
         if not latency:
             return
         topics = self.topics(f"scorer{res.processes}-lat")
-        workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread)
+        workers = bk.Workers(self.bootstrap, topics, model, res.processes, res.nthread, env)
         try:
             workers.wait_assigned()
             n, reached = self.paced(topics[0], res.events_per_s / 2)
@@ -402,8 +406,15 @@ def run_bench(
     latency_seconds: float = 10.0,
     out_dir: Path = Path("bench-results"),
     say: Callable[[str], None] = print,
+    drift_pairs: int = 2,
+    only_drift: bool = False,
 ) -> list[ModeResult]:
-    """Run every mode on a local broker; write JSON and markdown into ``out_dir``."""
+    """Run every mode on a local broker; write JSON and markdown into ``out_dir``.
+
+    Then ``drift_pairs`` times one process of the example model with drift off, then on
+    (``drift.enabled``; the model carries reference bins), side by side on the same broker;
+    ``only_drift``: those pairs and the ceiling only.
+    """
     from stream_scorer.devtools.localkafka import LocalKafka, default_cache_dir
 
     cache = default_cache_dir()
@@ -429,12 +440,17 @@ def run_bench(
         ceiling = ModeResult("ceiling (passthrough)", "-")
         say("bench: ceiling")
         run.client(ceiling, example, payloads)
-        run.client_latency(ceiling, example)
         naive = ModeResult("naive (per message)", names[0])
-        say("bench: naive")
-        run.client(naive, example, payloads[:naive_events])
-        run.client_latency(naive, example)
-        results += [ceiling, naive]
+        if not only_drift:
+            run.client_latency(ceiling, example)
+            say("bench: naive")
+            run.client(naive, example, payloads[:naive_events])
+            run.client_latency(naive, example)
+        if only_drift:
+            results.append(ceiling)
+            models = {}
+        else:
+            results += [ceiling, naive]
         for name, model in models.items():
             for processes, nthread in ((1, 1), (2, 1), (1, 2)):
                 res = ModeResult("stream-scorer", name, processes, nthread)
@@ -443,6 +459,13 @@ def run_bench(
                 run.workers(res, model, with_latency)
                 results.append(res)
         del large
+        for pair in range(drift_pairs):
+            for on in (False, True):
+                res = ModeResult(f"stream-scorer, drift {'on' if on else 'off'}", names[0])
+                say(f"bench: drift {'on' if on else 'off'} ({pair + 1}/{drift_pairs})")
+                env = {"STREAM_SCORER_DRIFT__ENABLED": "true" if on else "false"}
+                run.workers(res, example, False, env)
+                results.append(res)
         _write(results, out_dir, events=events, partitions=partitions, say=say)
         return results
     finally:
@@ -479,11 +502,11 @@ def markdown(results: Sequence[ModeResult]) -> str:
     head = (
         "| mode | model | processes | xgb threads | events | events/s | x naive | % of ceiling "
         "| p50 ms | p99 ms | p99 incl. warm-up | at events/s | peak RSS MiB | decode | features "
-        "| predict | encode | produce |\n|" + "---|" * 18
+        "| predict | encode | produce | drift |\n|" + "---|" * 19
     )
     rows = [head]
     for r in results:
-        stages = " | ".join(f"{r.stages_us.get(s, 0):.2f}" for s in STAGES)
+        stages = " | ".join(f"{r.stages_us.get(s, 0):.2f}" for s in (*STAGES, "drift"))
         rows.append(
             f"| {r.mode} | {r.model} | {r.processes} | {r.nthread} | {r.events:,} "
             f"| {r.events_per_s:,} | {r.events_per_s / naive if naive else 0:.1f} "

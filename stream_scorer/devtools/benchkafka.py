@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +240,12 @@ class Workers:
         model: Path,
         n: int,
         nthread: int,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        """Start the workers (``stream-scorer run`` on the example configuration)."""
+        """Start the workers (``stream-scorer run`` on the example configuration).
+
+        ``extra_env``: more ``STREAM_SCORER_*`` settings (e.g. drift off).
+        """
         inp, out, dlq = topics
         self.ports = [free_port() for _ in range(n)]
         env = {
@@ -253,6 +257,7 @@ class Workers:
             "STREAM_SCORER_DEAD_LETTER__TOPIC": dlq,
             "STREAM_SCORER_MODEL__PATH": str(model),
             "STREAM_SCORER_MODEL__NTHREAD": str(nthread),
+            **(extra_env or {}),
         }
         self.procs = [
             subprocess.Popen(
@@ -307,6 +312,10 @@ class Workers:
                 s.get(("stream_scorer_stage_duration_seconds_sum", stage), 0.0) for s in samples
             )
             stages[stage] = round(total / expected * 1e6, 3)
+        drift = sum(
+            s.get(("stream_scorer_stage_duration_seconds_sum", "drift"), 0.0) for s in samples
+        )
+        stages["drift"] = round(drift / expected * 1e6, 3)
         return time.perf_counter() - start, int(expected - base), stages
 
     def peak_rss(self) -> list[float]:

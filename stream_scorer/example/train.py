@@ -27,7 +27,7 @@ from stream_scorer.example.rides import (
     to_records,
     trip_duration_minutes,
 )
-from stream_scorer.model.pack import training_matrix
+from stream_scorer.model.pack import reference_of_matrix, training_matrix
 
 LONG_TRIP_MINUTES = 20.0
 MODEL_FILE = "model.ubj"
@@ -120,6 +120,7 @@ def train(
         threshold=threshold,
         metrics=metrics,
         created_at=now.isoformat(timespec="seconds"),
+        reference=reference_of_matrix(booster, FEATURES, x),  # drift: the training rows' bins
     )
     write_manifest(out_dir, manifest)
     return manifest

@@ -591,6 +591,37 @@ def encode_v1(
     return pos
 
 
+@_njit(nogil=True)
+def drift_counts(
+    matrix: Any,
+    edges: Any,
+    n_edges: Any,
+    categorical: Any,
+    sizes: Any,
+    out: Any,
+) -> None:  # pragma: no cover - compiled
+    """Add a batch's bin counts into ``out`` (features, slots): ``stages.drift.Bins.count``.
+
+    One pass over the float32 matrix: a numeric value's bin is the number of its feature's
+    ``edges`` (float32, each the least float32 at or above the reference's edge) at or below
+    it; a category's is its index (clipped); a NaN or infinite value goes to slot ``sizes[f]``.
+    """
+    rows, width = matrix.shape
+    for i in range(rows):
+        for f in range(width):
+            v = matrix[i, f]
+            if not np.isfinite(v):
+                out[f, sizes[f]] += 1
+            elif categorical[f]:
+                c = int(v)
+                out[f, min(max(c, 0), sizes[f] - 1)] += 1
+            else:
+                k = 0
+                while k < n_edges[f] and v >= edges[f, k]:
+                    k += 1
+                out[f, k] += 1
+
+
 def _constants_fingerprint() -> int:
     """A checksum of every constant the compiled functions can read from the modules' globals."""
     constants = sorted(

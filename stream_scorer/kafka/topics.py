@@ -443,3 +443,62 @@ def members_holding_partitions(description: Any | None, partitions: int) -> int:
         return 0
     held = [len(m.assignment.topic_partitions) for m in description.members]
     return len([h for h in held if h]) if sum(held) == partitions else 0
+
+
+def latest_values(
+    bootstrap: str,
+    topic: str,
+    count: int,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
+) -> list[bytes | None]:
+    """The values of the last ``count`` records of ``topic``, about as many from each partition.
+
+    Fewer when the topic holds fewer. Read with a consumer of its own (no group offsets).
+
+    Raises:
+        BrokerError: the topic does not exist, a consume error, or the records were not read
+            within ``timeout_s``.
+    """
+    import uuid
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"sample-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": "false",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": "true",
+            **(settings or {}),
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise BrokerError(f"topic {topic!r} does not exist", topic=topic)
+        parts = sorted(meta.partitions)
+        share = -(-count // len(parts))
+        starts, ends = {}, {}
+        for p in parts:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            starts[p], ends[p] = max(low, high - share), high
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in parts if ends[p] > starts[p]])
+        out: list[bytes | None] = []
+        last = {p: starts[p] - 1 for p in parts}
+        deadline = time.monotonic() + timeout_s
+        while any(last[p] < ends[p] - 1 for p in parts):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"read {len(out)} records of {topic} in {timeout_s} s, not all")
+            for msg in consumer.consume(1000, 0.5):
+                err, partition, offset = msg.error(), msg.partition() or 0, msg.offset() or 0
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:  # the rest: markers
+                        last[partition] = ends[partition]
+                        continue
+                    raise BrokerError(f"reading {topic}: {err}", topic=topic)
+                last[partition] = offset
+                out.append(msg.value())
+        return out[-count:] if len(out) > count else out
+    finally:
+        consumer.close()

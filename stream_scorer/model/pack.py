@@ -43,6 +43,7 @@ from stream_scorer.contracts.manifest import (
     write_manifest,
 )
 from stream_scorer.errors import ModelError, SchemaError
+from stream_scorer.stages.drift import bin_index
 from stream_scorer.stages.features import FeatureBuilder, RejectedRow, check_schema
 from stream_scorer.stages.fields import base_type, resolve
 from stream_scorer.stages.score import compare_features
@@ -265,7 +266,7 @@ def reference_bins(values: npt.NDArray[Any], categorical: int = 0) -> dict[str, 
         return {"edges": [], "shares": [0.0], "missing": missing}
     qs = np.quantile(finite, np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1])
     edges = sorted({round(float(q), 6) for q in qs})
-    counts = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=len(edges) + 1)
+    counts = np.bincount(bin_index(finite, edges), minlength=len(edges) + 1)
     return {
         "edges": edges,
         "shares": [round(c / n, 6) for c in counts.tolist()],
@@ -278,7 +279,16 @@ def reference_of(
 ) -> dict[str, Any]:
     """Reference bins per feature and for the predictions, from a training sample."""
     built = training_matrix(records, features)
-    matrix = built.matrix[built.kept]
+    return reference_of_matrix(booster, features, built.matrix[built.kept])
+
+
+def reference_of_matrix(
+    booster: xgb.Booster, features: Sequence[FeatureSpec], matrix: npt.NDArray[np.float32]
+) -> dict[str, Any]:
+    """Reference bins per feature and for the predictions, from a feature matrix.
+
+    The matrix the worker would score (``training_matrix``'s kept rows).
+    """
     if len(matrix) == 0:
         raise ModelError("the sample has no record the worker would score")
     out: dict[str, Any] = {"rows": len(matrix), "features": {}}
@@ -302,6 +312,7 @@ def pack(
     version: str = "",
     sample: Path | None = None,
     threshold: float | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
 ) -> Manifest:
     """Write a model directory from a booster, the input schema and a feature mapping.
 
@@ -313,6 +324,8 @@ def pack(
             ``threshold``; None: ``default_mapping``.
         version: the model version (default ``<out_dir name>-<date>-<sha256[:8]>``).
         sample: a training sample for the reference bins.
+        records: decoded records for the reference bins instead of ``sample`` (a sample drawn
+            from a topic).
         threshold: binary classifiers' label threshold (default: the mapping's, else 0.5).
 
     Raises:
@@ -352,6 +365,7 @@ def pack(
     reference: dict[str, Any] = {}
     if sample is not None:
         records = read_sample(sample, schema, [f.field for f in features])
+    if records is not None:
         reference = reference_of(booster, features, records)
     manifest = Manifest(
         model_version=version or f"{out_dir.name}-{now:%Y%m%d}-{digest[:8]}",

@@ -47,12 +47,16 @@ class BatchResult:
             adds them to ``stream_scorer_unseen_categories_total``).
         model_version: the version of the model that scored the whole batch (every prediction
             and dead letter carries it; empty: the sink's default).
+        features: the feature matrix of the rows the model scored (drift; None: not kept).
+        values: their predictions, row for row with ``features``.
     """
 
     scored: Scored
     dead: list[DeadLetter]
     unseen: Mapping[str, int] = field(default_factory=dict)
     model_version: str = ""
+    features: Matrix | None = None
+    values: npt.NDArray[np.float64] | None = None
 
 
 class ColumnBuilder(Protocol):
@@ -120,6 +124,7 @@ class Pipeline:
         rows, values, labels = self._predict(kept, np.arange(len(kept)), matrix, dead)
         t3 = time.perf_counter()
         if len(rows) != len(kept):
+            matrix = matrix[rows]
             picked = rows.tolist()
             kept = [kept[i] for i in picked]
             ids = [ids[i] for i in picked]
@@ -137,7 +142,7 @@ class Pipeline:
             ("encode", t4 - t3),
         ):
             self._timer(stage, seconds)
-        return BatchResult(scored, dead, cols.unseen, self._scorer.model_version)
+        return BatchResult(scored, dead, cols.unseen, self._scorer.model_version, matrix, values)
 
     def _encode(
         self,

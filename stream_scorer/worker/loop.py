@@ -49,11 +49,19 @@ from stream_scorer.kafka.groups import OrphanedLag, orphaned_lag
 from stream_scorer.kafka.topics import require_topics, topic_max_message_bytes
 from stream_scorer.letters import Signer
 from stream_scorer.logs import set_context as set_log_context
-from stream_scorer.model.store import DirectorySource, ModelSource, open_source
+from stream_scorer.model.store import (
+    MLFLOW_SCHEME,
+    STORE_SCHEME,
+    DirectorySource,
+    ModelSource,
+    open_source,
+    parse_ref,
+)
 from stream_scorer.registry import NotFound, RegistryClient
 from stream_scorer.retry import retrying
 from stream_scorer.stages.columns import EVENT_TIME_TYPES, AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
+from stream_scorer.stages.drift import bins_of
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve, type_name
@@ -61,6 +69,7 @@ from stream_scorer.stages.framing import MAGIC_ID, FramedColumns
 from stream_scorer.stages.pipeline import Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Input, ProducerEvents
+from stream_scorer.worker.drift import DriftWatch, warm_up_drift
 from stream_scorer.worker.flow import (
     IDLE_GAP_SLACK_S,
     REQUESTED_STOPS,
@@ -108,6 +117,18 @@ def model_source(cfg: Config) -> ModelSource:
         retry_deadline_s=cfg.retry.model_registry_timeout_s,
         policy=cfg.retry.policy(),
     )
+
+
+def model_name(cfg: Config) -> str:
+    """The ``model`` label of the worker's model (drift gauges).
+
+    The store's or MLflow's model name, else the model directory's name.
+    """
+    spec = cfg.model.source
+    if spec.startswith((STORE_SCHEME, MLFLOW_SCHEME)):
+        return parse_ref(spec).name
+    path = cfg.model.path if cfg.model.path is not None else Path(spec)
+    return path.resolve().name or "model"
 
 
 def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
@@ -220,6 +241,11 @@ def build_pipeline(
     scorer = Scorer(model_dir, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
     input_schema = reader if reader is not None else load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
+    # a malformed reference is refused here; the drift counts' kernel compiled (or loaded from
+    # numba's cache) at start-up, not at the first batch
+    bins = bins_of(scorer.manifest.reference, scorer.manifest.features)
+    if bins is not None and cfg.drift.enabled:
+        warm_up_drift(bins)
     # every category feature's series exists from the start, at 0
     metrics.count_unseen({f.name: 0 for f in scorer.manifest.features if f.transform == "category"})
     for key, name in (
@@ -491,6 +517,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
             partial(_swap, refresher, metrics, monitor),
             schemas=schemas,
             progress=Progress(metrics, cfg.logging.progress_interval_s),
+            drift=DriftWatch(model_name(cfg), cfg.drift, metrics),
         )
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
@@ -623,6 +650,7 @@ def _loop(
     *,
     schemas: WriterSchemas | None = None,
     progress: Progress | None = None,
+    drift: DriftWatch | None = None,
 ) -> int:
     """The main loop: poll → score → deliver (→ offsets) → swap the model → health.
 
@@ -673,6 +701,8 @@ def _loop(
                     metrics.count_unseen(result.unseen)
                 else:
                     progress.unseen(result.unseen, result.model_version)
+                if drift is not None:
+                    drift.observe(model.scorer.manifest, result.features, result.values)
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         swapped = swap(model)
         if swapped is not model and schemas is not None:
@@ -680,6 +710,8 @@ def _loop(
         model = swapped
         if progress is not None:
             progress.tick(model.model_version)
+        if drift is not None:
+            drift.tick()
         delivery.service()
         source.raise_errors()
         metrics.in_flight.set(tracker.pending)

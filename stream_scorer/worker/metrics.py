@@ -101,7 +101,8 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "stream_scorer_stage_duration_seconds",
-            "Time per batch spent in each stage (decode, features, predict, encode, produce).",
+            "Time per batch spent in each stage (decode, features, predict, encode, produce, "
+            "drift).",
             ["stage"],
             buckets=_STAGE_BUCKETS,
             registry=r,
@@ -194,6 +195,49 @@ class Metrics:
         self.batch_limit = Gauge(
             "stream_scorer_batch_limit_records",
             "The current batch size limit (shrinks when batches take too long).",
+            registry=r,
+        )
+
+        # drift (worker.drift): per model version, per feature of its manifest (bounded by the
+        # manifest's features); the predictions' PSI is a gauge of its own
+        self.drift_psi = Gauge(
+            "stream_scorer_drift_psi",
+            "PSI of the drift window's values of a feature against the model's reference bins "
+            "(NaN until the window holds drift.min_events).",
+            ["model", "version", "feature"],
+            registry=r,
+        )
+        self.drift_missing_share = Gauge(
+            "stream_scorer_drift_missing_share",
+            "Share of the drift window's events whose feature was missing (NaN, or an unseen "
+            "category scored as missing).",
+            ["model", "version", "feature"],
+            registry=r,
+        )
+        self.drift_prediction_psi = Gauge(
+            "stream_scorer_drift_prediction_psi",
+            "PSI of the drift window's predictions against the model's reference bins.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_expected_psi = Gauge(
+            "stream_scorer_drift_expected_psi",
+            "The mean PSI of the drift window with no drift at all, (bins - 1) * (1/reference "
+            "rows + 1/window events), for the feature with the most bins: the noise floor.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_window_events = Gauge(
+            "stream_scorer_drift_window_events",
+            "Scored events in the drift window.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.drift_window_fill = Gauge(
+            "stream_scorer_drift_window_fill",
+            "How full the drift window is, 0 to 1 (events over drift.window_events, or seconds "
+            "covered over drift.window_s).",
+            ["model", "version"],
             registry=r,
         )
 

@@ -71,3 +71,15 @@ def test_a_cached_model_with_stale_features_is_trained_again(tmp_path: Path) -> 
     assert tuple(read_manifest(model).features) != FEATURES
     ensure_example_model(model, trees=3, depth=2)
     assert tuple(read_manifest(model).features) == FEATURES
+    # a model cached before drift had no reference bins: trained again, with them
+    write_manifest(model, dataclasses.replace(read_manifest(model), reference={}))
+    ensure_example_model(model, trees=3, depth=2)
+    assert read_manifest(model).reference["rows"] > 0
+
+
+def test_the_table_has_the_drift_stage_column() -> None:
+    rows = [
+        ModeResult("stream-scorer, drift on", "m", events_per_s=9, stages_us={"drift": 0.25}),
+    ]
+    head, _rule, row = markdown(rows).splitlines()
+    assert head.endswith("| produce | drift |") and row.endswith("| 0.00 | 0.25 |")
