@@ -52,6 +52,7 @@ from stream_scorer.config.sections import (
     ModelConfig,
     OutputConfig,
     RegistryConfig,
+    StoreConfig,
     WorkerConfig,
     config_schema,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "RegistryConfig",
+    "StoreConfig",
     "WorkerConfig",
     "check_clients",
     "client_settings",
