@@ -19,10 +19,7 @@ if TYPE_CHECKING:
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Run"
-ROWS = [
-    (("run",), "score: one worker, or --workers N of them"),
-    (("sink",), "store the predictions: sink postgres, exactly once"),
-]
+ROWS = [(("run", "sink"), "score (--workers N); store them (sink postgres)")]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -337,10 +337,10 @@ class StoreConfig(Section):
     See docs/manual/storing.md.
     """
 
-    dsn: NonEmpty = Field(repr=False)
-    """libpq connection string (``host=db port=5432 dbname=scores user=sink``) or URI
-    (``postgresql://sink@db:5432/scores``). A password in it is never logged; prefer
-    ``password_file``."""
+    dsn: str = Field(default="", repr=False)
+    """Required by ``sink postgres``: the libpq connection string (``host=db port=5432
+    dbname=scores user=sink``) or URI (``postgresql://sink@db:5432/scores``). A password in it
+    is never logged; prefer ``password_file``."""
     password_file: Annotated[ExistingFile | None, BeforeValidator(none_words)] = None
     """File holding the database password (a Kubernetes Secret mounted as a file), read at
     start-up, a trailing newline dropped; never logged."""
@@ -350,12 +350,14 @@ class StoreConfig(Section):
     offsets_table: TableName = "stream_scorer_offsets"
     """Table of the consumed offsets (group, topic, partition), written in the same
     transaction as the rows: what a member resumes from."""
-    group_id: NonEmpty
-    """The sink's consumer group; its members share the prediction topics' partitions."""
+    group_id: str = ""
+    """Required by ``sink postgres``: its consumer group; the members share the prediction
+    topics' partitions."""
     topics: tuple[NonEmpty, ...] = ()
     """The prediction topics stored; empty: ``output.topic``."""
-    dead_letter_topic: NonEmpty
-    """Topic of the records that cannot be read as predictions (original bytes and reason)."""
+    dead_letter_topic: str = ""
+    """Required by ``sink postgres``: the topic of the records that cannot be read as
+    predictions (original bytes and reason)."""
     max_records: Int = Field(default=10_000, gt=0)
     """Rows written in one transaction at most."""
     max_wait_s: Number = Field(default=1.0, gt=0)
@@ -444,12 +446,12 @@ class Config(Section):
     """The Schema Registry (``format: confluent``)."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
     """The backoff of every outage path."""
-    store: StoreConfig | None = None
-    """``sink postgres``: where and how the predictions are stored (absent: not used)."""
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    """``sink postgres``: where and how the predictions are stored."""
 
     def stored_topics(self) -> tuple[str, ...]:
         """The topics ``sink postgres`` stores: ``store.topics``, else ``output.topic``."""
-        return (self.store.topics if self.store else ()) or (self.output.topic,)
+        return self.store.topics or (self.output.topic,)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -527,7 +529,7 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "output.topic", "input, output and dead-letter topics must differ"
     if cfg.retry.max_backoff_s < cfg.retry.initial_backoff_s:
         yield "retry.max_backoff_s", "must be at least retry.initial_backoff_s"
-    if cfg.store is not None:
+    if cfg.store.dsn:
         yield from _store_problems(cfg, cfg.store, poll_ms)
     if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
         missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
@@ -539,6 +541,9 @@ def _store_problems(
 ) -> Iterator[tuple[str, str]]:
     """The checks of the ``store`` section against the others."""
     taken = {cfg.input.topic, cfg.dead_letter.topic, *cfg.stored_topics()}
+    for key in ("group_id", "dead_letter_topic"):
+        if not getattr(store, key):
+            yield f"store.{key}", "is required with store.dsn"
     if store.dead_letter_topic in taken:
         yield (
             "store.dead_letter_topic",

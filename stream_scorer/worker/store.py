@@ -115,13 +115,14 @@ class _Batch:
 
 
 def store_config(cfg: Config) -> StoreConfig:
-    """``cfg.store``, which ``sink postgres`` needs.
+    """``cfg.store``, which ``sink postgres`` needs (its ``dsn`` at least).
 
     Raises:
-        ConfigError: the configuration has no ``store`` section.
+        ConfigError: the configuration has no ``store.dsn`` (the other required keys are
+            checked with it, when the configuration is loaded).
     """
-    if cfg.store is None:
-        raise ConfigError("store", "is required by sink postgres (docs/manual/storing.md)")
+    if not cfg.store.dsn:
+        raise ConfigError("store.dsn", "is required by sink postgres (docs/manual/storing.md)")
     return cfg.store
 
 

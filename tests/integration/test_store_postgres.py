@@ -60,7 +60,11 @@ def predictions(n: int, version: str = "v1", start: int = 0) -> list[tuple[bytes
 
 
 def write_config(
-    tmp_path: Path, bootstrap: str, server: LocalPostgres, unique: Callable[[str], str], **store: Any
+    tmp_path: Path,
+    bootstrap: str,
+    server: LocalPostgres,
+    unique: Callable[[str], str],
+    **store: Any,
 ) -> tuple[Path, dict[str, Any]]:
     raw = ride_config(
         tmp_path,
@@ -113,9 +117,16 @@ def test_rows_equal_the_predictions_with_dead_letters_and_duplicates_kept_once(
     topic, store = raw["output"]["topic"], raw["store"]
     make_topics({topic: 3, store["dead_letter_topic"]: 1})
     good = predictions(300)
-    bad = [(b"k1", b"\xff\xff\xff"), (b"k2", b""), (b"k3", None)]
-    again = [(good[5][0], good[5][1])]  # an at-least-once producer's duplicate
-    produce_raw(kafka_bootstrap, topic, [(k, v) for k, v, _ in good] + bad + again, 3)
+    bad: list[tuple[bytes | None, bytes | None]] = [
+        (b"k1", b"\xff\xff\xff"),
+        (b"k2", b""),
+        (b"k3", None),
+    ]
+    again: list[tuple[bytes | None, bytes | None]] = [
+        (good[5][0], good[5][1])
+    ]  # an at-least-once producer's duplicate
+    items: list[tuple[bytes | None, bytes | None]] = [(k, v) for k, v, _ in good]
+    produce_raw(kafka_bootstrap, topic, items + bad + again, 3)
     cfg = load_config(path, environ={})
     stop = StopFlag()
     sink = PredictionStore(cfg, stop, member_id="m1")
@@ -139,7 +150,7 @@ def test_rows_equal_the_predictions_with_dead_letters_and_duplicates_kept_once(
     reasons = sorted(dict(m.headers())[hdr.REASON].decode() for m in letters)
     assert reasons == ["empty", "null_value", "truncated"]
     with psycopg.connect(postgres_server.dsn()) as conn:
-        offsets = dict(
+        offsets: dict[int, int] = dict(
             conn.execute(
                 "SELECT partition, next_offset FROM stream_scorer_offsets WHERE group_id = %s",
                 (store["group_id"],),
