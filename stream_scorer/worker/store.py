@@ -461,6 +461,16 @@ class PredictionStore:
             log.info("%d predictions already stored (same event id and model version)", duplicates)
         self._signal_lag(ends)
 
+    def store_now(self, messages: Sequence[Message]) -> None:
+        """Store ``messages`` (prediction records) at once, as one batch of the loop would be.
+
+        For tools and the benchmark, without a consumer: the offsets table is advanced from
+        where this member last stored each partition.
+        """
+        for msg in messages:
+            self._batch.add(msg)
+        self.flush()
+
     def _reseek(self, tp: TP) -> None:
         if self._consumer is None or tp not in self._expected:
             return
