@@ -51,7 +51,7 @@ def _messages(rows: int, partitions: int) -> list[PlainMessage]:
     return out
 
 
-def _row(record: dict[str, Any], msg: PlainMessage, names: list[str]) -> tuple[Any, ...]:
+def _row(record: Any, msg: PlainMessage, names: list[str]) -> tuple[Any, ...]:
     return (*(record.get(n) for n in names), msg.t, msg.p, msg.o)
 
 

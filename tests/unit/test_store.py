@@ -83,6 +83,9 @@ def test_the_store_section_is_validated_and_its_password_never_shown(tmp_path: P
     with pytest.raises(ConfigError, match=r"store\.tabel") as caught:
         load_raw(tmp_path, ride_config(tmp_path, store=_store(tabel="x")))
     assert "hunter22" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, ride_config(tmp_path, store=_store(dsn=["hunter22"])))
+    assert caught.value.field == "store.dsn" and "hunter22" not in str(caught.value)
     with pytest.raises(ConfigError, match=r"store\.table"):
         load_raw(tmp_path, ride_config(tmp_path, store=_store(table="drop table; --")))
 
