@@ -16,13 +16,16 @@ What ``sink postgres`` (``worker.store``) needs of the database, without Kafka:
   is assigned and written in the transaction of the rows, guarded (a member writes a
   partition's offsets only from where it last read them: a member that lost the partition
   cannot write behind the new owner's back).
+- ``read_query`` and ``TableWriter``: a query read as Arrow batches (memory bounded by the batch
+  size), and Arrow batches written as a whole table in one transaction (a staging table swapped
+  in), for scoring stored data; pyarrow is imported only by them.
 
 Depends only on the error tree and psycopg.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -367,3 +370,155 @@ class OffsetsTable:
             (self.group, tp[0], tp[1], next_offset, expected),
         )
         return cur.fetchone() is not None
+
+
+# --- Arrow batches in and out (for batch scoring: a query read, a table written whole) --------
+
+#: PostgreSQL type OIDs to Arrow type names (``read_query``); any other type is read as text.
+_ARROW_OF_OID: Final = {
+    16: "bool_",
+    17: "binary",
+    20: "int64",
+    21: "int16",
+    23: "int32",
+    25: "string",
+    700: "float32",
+    701: "float64",
+    1042: "string",
+    1043: "string",
+    1082: "date32",
+    1114: "timestamp_us",
+    1184: "timestamp_us_utc",
+}
+
+
+def _arrow_type(name: str) -> Any:
+    import pyarrow as pa
+
+    if name == "timestamp_us":
+        return pa.timestamp("us")
+    if name == "timestamp_us_utc":
+        return pa.timestamp("us", tz="UTC")
+    return getattr(pa, name)()
+
+
+def read_query(
+    conn: psycopg.Connection, query: str, params: Sequence[Any] | None = None,
+    *, batch_rows: int = 65_536,
+) -> Iterator[Any]:  # fmt: skip
+    """The rows of ``query`` as ``pyarrow.RecordBatch``es of at most ``batch_rows`` rows.
+
+    Read through a server-side cursor, so memory is bounded by ``batch_rows``, not by the
+    result. Column types follow the result's (integers, floats, booleans, text, bytea, dates,
+    timestamps; NUMERIC and any other type as text). Runs in the connection's transaction.
+    """
+    import pyarrow as pa
+
+    with conn.cursor(name="stream_scorer_read") as cur:
+        cur.itersize = batch_rows
+        cur.execute(query, params)
+        assert cur.description is not None
+        names = [d.name for d in cur.description]
+        kinds = [_ARROW_OF_OID.get(d.type_code, "string") for d in cur.description]
+        schema = pa.schema([pa.field(n, _arrow_type(k)) for n, k in zip(names, kinds, strict=True)])
+        while True:
+            rows = cur.fetchmany(batch_rows)
+            if not rows:
+                return
+            columns = list(zip(*rows, strict=True))
+            arrays = [
+                pa.array([None if v is None else str(v) for v in col], pa.string())
+                if kind == "string"
+                else pa.array(col, _arrow_type(kind))
+                for col, kind in zip(columns, kinds, strict=True)
+            ]
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+#: Arrow type ids (``str(type)``) to PostgreSQL column types and binary COPY names.
+_SQL_OF_ARROW: Final = {
+    "bool": ("boolean", "bool"),
+    "int8": ("smallint", "int2"),
+    "int16": ("smallint", "int2"),
+    "int32": ("integer", "int4"),
+    "int64": ("bigint", "int8"),
+    "float": ("real", "float4"),
+    "double": ("double precision", "float8"),
+    "string": ("text", "text"),
+    "large_string": ("text", "text"),
+    "binary": ("bytea", "bytea"),
+    "date32[day]": ("date", "date"),
+}
+
+
+def _sql_of_arrow(field: Any) -> tuple[str, str]:
+    kind = str(field.type)
+    if kind.startswith("timestamp["):
+        tz = getattr(field.type, "tz", None)
+        return ("timestamp with time zone", "timestamptz") if tz else ("timestamp", "timestamp")
+    if kind not in _SQL_OF_ARROW:
+        raise SchemaError(f"column {field.name!r}: Arrow type {kind} has no PostgreSQL type")
+    return _SQL_OF_ARROW[kind]
+
+
+class TableWriter:
+    """Writes Arrow batches as a whole table: the old contents or the new, never half.
+
+    The batches go by binary COPY into a staging table created in the writer's transaction;
+    ``commit`` drops the target (when it exists) and renames the staging table to it in the same
+    transaction. A crash or an exception before ``commit`` rolls everything back: readers keep
+    seeing the old table. Use as ``with TableWriter(conn, "scores", schema) as w: w.write(b)``
+    (committed when the block ends without an exception).
+    """
+
+    def __init__(self, conn: psycopg.Connection, table: str, schema: Any) -> None:
+        """Prepare to write ``table`` with the columns of the ``pyarrow.Schema`` ``schema``.
+
+        Raises:
+            SchemaError: a column's Arrow type has no PostgreSQL type.
+        """
+        self.conn = conn
+        self.table = table
+        self._types = [_sql_of_arrow(f) for f in schema]
+        self._names = [f.name for f in schema]
+        schema_name, name = _split(table)
+        self._stage = f"{name[:40]}__staging"
+        self._stage_table = f"{schema_name}.{self._stage}" if schema_name else self._stage
+        self.rows = 0
+        defs = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
+            for n, (t, _) in zip(self._names, self._types, strict=True)
+        )
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_name(self._stage_table)))
+        conn.execute(sql.SQL("CREATE TABLE {} ({})").format(_name(self._stage_table), defs))
+
+    def write(self, batch: Any) -> None:
+        """Add the rows of one ``pyarrow.RecordBatch`` (the schema's columns, in order)."""
+        columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            _name(self._stage_table), sql.SQL(", ").join(sql.Identifier(n) for n in self._names)
+        )
+        with self.conn.cursor() as cur, cur.copy(statement) as copy:
+            copy.set_types([b for _, b in self._types])
+            for row in zip(*columns, strict=True):
+                copy.write_row(row)
+        self.rows += batch.num_rows
+
+    def commit(self) -> None:
+        """Swap the staging table in as ``table`` and commit (one transaction)."""
+        self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_name(self.table)))
+        self.conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                _name(self._stage_table), sql.Identifier(_split(self.table)[1])
+            )
+        )
+        self.conn.commit()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.conn.rollback()

@@ -262,3 +262,38 @@ def test_local_postgres_runs_as_the_postgres_user_when_root(postgres_server: Loc
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
     uid = os.stat(f"/proc/{pid}").st_uid
     assert uid != 0 or os.geteuid() != 0  # PostgreSQL never runs as root
+
+
+def test_a_query_reads_as_arrow_batches_and_a_table_is_written_whole(
+    postgres_server: LocalPostgres, unique: Callable[[str], str]
+) -> None:
+    import pyarrow as pa
+
+    table = unique("scored").replace("-", "_")
+    schema = pa.schema(
+        [("id", pa.int64()), ("score", pa.float64()), ("model", pa.string()),
+         ("at", pa.timestamp("us", tz="UTC")), ("flag", pa.bool_())]
+    )  # fmt: skip
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    rows = [{"id": i, "score": i / 3, "model": f"m{i % 2}", "at": at, "flag": i % 2 == 0}
+            for i in range(2500)]  # fmt: skip
+    first = pa.RecordBatch.from_pylist(rows[:1000], schema=schema)
+    second = pa.RecordBatch.from_pylist(rows[1000:], schema=schema)
+    with psycopg.connect(postgres_server.dsn()) as conn:
+        with pg.TableWriter(conn, table, schema) as writer:
+            writer.write(first)
+            writer.write(second)
+        assert writer.rows == 2500
+        batches = list(pg.read_query(conn, f"SELECT * FROM {table} ORDER BY id", batch_rows=1000))
+        assert [b.num_rows for b in batches] == [1000, 1000, 500]
+        assert batches[0].schema == schema
+        assert pa.Table.from_batches(batches).to_pylist() == rows
+        # a failed rewrite leaves the old table whole
+        with pytest.raises(RuntimeError), pg.TableWriter(conn, table, schema) as writer:
+            writer.write(first)
+            raise RuntimeError("crash mid-write")
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (2500,)
+        # a complete rewrite replaces it
+        with pg.TableWriter(conn, table, schema) as writer:
+            writer.write(first)
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1000,)
