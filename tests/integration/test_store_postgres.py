@@ -180,20 +180,27 @@ def test_two_members_a_kill_9_and_a_postgres_restart_lose_and_double_nothing(
     make_topics({topic: 4, raw["store"]["dead_letter_topic"]: 1})
     expected = predictions(6000)
     items = [(k, v) for k, v, _ in expected]
+    produce_raw(kafka_bootstrap, topic, items[:300], 4)
+    # the rest paced (~10 s), started once the members store: the restart and the kill land
+    # while predictions still arrive
     producer = threading.Thread(
-        target=produce_raw, args=(kafka_bootstrap, topic, items, 4), kwargs={"per_second": 1500}
-    )
-    producer.start()
+        target=produce_raw, args=(kafka_bootstrap, topic, items[300:], 4),
+        kwargs={"per_second": 600},
+    )  # fmt: skip
     log = tmp_path / "members.log"
     members = [_member(path, "a", log), _member(path, "b", log)]
     try:
-        wait_for(lambda: count(postgres_server, table) >= 600, 60, "the first rows stored")
+        wait_for(lambda: count(postgres_server, table) >= 300, 60, "the first rows stored")
+        producer.start()
+        wait_for(lambda: count(postgres_server, table) >= 600, 60, "rows while producing")
+        postgres_server.stop()  # while both members write
+        postgres_server.start()
+        during = count(postgres_server, table)
+        wait_for(lambda: count(postgres_server, table) >= during + 600, 60, "rows after restart")
         members[0].send_signal(signal.SIGKILL)  # mid-batch: its transaction is rolled back
         members[0].wait(10)
         members.append(_member(path, "c", log))
-        wait_for(lambda: count(postgres_server, table) >= 2000, 60, "more rows stored")
-        postgres_server.stop()  # while two members write
-        postgres_server.start()
+        killed = count(postgres_server, table)
         producer.join(60)
         wait_for(lambda: count(postgres_server, table) == 6000, 90, "every row stored")
     finally:
@@ -215,6 +222,7 @@ def test_two_members_a_kill_9_and_a_postgres_restart_lose_and_double_nothing(
     assert table_rows(postgres_server, table) == sorted(r for _, _, r in expected)
     assert members[1].returncode == 0, log.read_text()[-3000:]
     assert "PostgreSQL not answering, retrying" in log.read_text()  # the restart was seen
+    assert during < killed < 6000  # both happened while predictions were still arriving
 
 
 def test_a_refused_credential_is_a_configuration_error(
