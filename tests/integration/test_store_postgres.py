@@ -305,3 +305,30 @@ def test_a_query_reads_as_arrow_batches_and_a_table_is_written_whole(
         with pg.TableWriter(conn, table, schema) as writer:
             writer.write(first)
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1000,)
+
+
+def test_local_postgres_command_starts_reports_stops_and_destroys(tmp_path: Path) -> None:
+    from support import free_ports
+
+    (port,) = free_ports(1)
+
+    def cli(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stream_scorer", "local-postgres", action, "--port", str(port),
+             "--dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    try:
+        started = cli("start")
+        assert started.returncode == 0, started.stderr
+        with psycopg.connect(started.stdout.strip().splitlines()[-1]) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        status = cli("status")
+        assert status.returncode == 0 and "answering" in status.stdout
+        assert cli("stop").stdout.strip() == "stopped"
+        assert cli("status").returncode == 1  # not running
+        assert cli("start").returncode == 0  # the same cluster again
+    finally:
+        cli("destroy")
+    assert LocalPostgres(tmp_path, port).cluster is None

@@ -187,3 +187,23 @@ def test_the_connect_schema_catches_a_wrong_connector() -> None:
     raw["config"]["connection.password"] = "hunter22"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(raw, CONNECT_SCHEMA)
+
+
+def test_the_newest_installed_postgresql_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_scorer.devtools import localpostgres
+    from stream_scorer.errors import LocalPostgresError
+
+    monkeypatch.delenv("STREAM_SCORER_PG_BIN", raising=False)
+    monkeypatch.setattr(localpostgres, "DEBIAN_ROOT", tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(LocalPostgresError, match="apt-get install postgresql"):
+        localpostgres.find_bin()
+    for version in ("9.6", "15", "17"):
+        (tmp_path / version / "bin").mkdir(parents=True)
+        (tmp_path / version / "bin" / "initdb").touch()
+    (tmp_path / "18" / "bin").mkdir(parents=True)  # no initdb: client packages only
+    assert localpostgres.find_bin() == tmp_path / "17" / "bin"
+    monkeypatch.setenv("STREAM_SCORER_PG_BIN", str(tmp_path / "15" / "bin"))
+    assert localpostgres.find_bin() == tmp_path / "15" / "bin"
