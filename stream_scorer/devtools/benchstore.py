@@ -66,47 +66,12 @@ def run(rows: int, batch: int, rounds: int, port: int) -> dict[str, Any]:
         for m in messages
     ]
     model = ensure_example_model(default_cache_dir() / "bench-models" / "100x6")
-    results: dict[str, list[float]] = {"copy": [], "fastavro + copy": [], "sink": []}
-    with tempfile.TemporaryDirectory() as state, LocalPostgres(Path(state), port) as dsn:
-        conn = psycopg.connect(dsn)
-        for n in range(rounds):
-            for path in results:
-                table = f"bench_{path.replace(' + ', '_')}_{n}"
-                pg.migrate(conn, table, columns)
-                started = time.perf_counter()
-                if path == "sink":
-                    cfg = example_config(
-                        model,
-                        store={"dsn": dsn, "table": table, "group_id": f"bench-{n}",
-                               "dead_letter_topic": "bench-dlq", "max_records": batch,
-                               "offsets_table": f"bench_offsets_{n}"},
-                    )  # fmt: skip
-                    sink = PredictionStore(cfg, StopFlag(), member_id="bench")
-                    sink.prepare()
-                    started = time.perf_counter()
-                    for i in range(0, rows, batch):
-                        sink.store_now(messages[i : i + batch])
-                    assert sink.report.stored == rows
-                else:
-                    for i in range(0, rows, batch):
-                        with conn.cursor() as cur:
-                            if path == "copy":
-                                chunk = decoded[i : i + batch]
-                            else:
-                                chunk = [
-                                    _row(fastavro.schemaless_reader(
-                                        io.BytesIO(m.val or b""), schema, None), m, names)
-                                    for m in messages[i : i + batch]
-                                ]  # fmt: skip
-                            pg.copy_rows(cur, table, columns, chunk)
-                        conn.commit()
-                seconds = time.perf_counter() - started
-                results[path].append(rows / seconds)
-                print(json.dumps({"round": n, "path": path, "rows_per_s": round(rows / seconds)}))
-                conn.execute(f"DROP TABLE {table}")
-                conn.commit()
-        conn.close()
-    medians = {k: round(statistics.median(v)) for k, v in results.items()}
+    with tempfile.TemporaryDirectory() as state:
+        server = LocalPostgres(Path(state), port)
+        try:
+            medians = _rounds(server.start(), rows, batch, rounds, messages, decoded, model)
+        finally:
+            server.destroy()  # the cluster too: it is in a temporary folder of its own
     return {
         "rows": rows,
         "batch": batch,
@@ -115,6 +80,56 @@ def run(rows: int, batch: int, rounds: int, port: int) -> dict[str, Any]:
         "sink_vs_copy": round(medians["sink"] / medians["copy"], 3),
         "sink_vs_fastavro_copy": round(medians["sink"] / medians["fastavro + copy"], 3),
     }
+
+
+def _rounds(
+    dsn: str, rows: int, batch: int, rounds: int, messages: list[PlainMessage],
+    decoded: list[tuple[Any, ...]], model: Path,
+) -> dict[str, int]:  # fmt: skip
+    """The three paths alternated over ``rounds``; the median rows/s of each."""
+    schema = load_schema(PREDICTION_SCHEMA_V1)
+    columns = pg.table_columns(schema)
+    names = [c.name for c in columns[: -len(pg.COORDINATES)]]
+    results: dict[str, list[float]] = {"copy": [], "fastavro + copy": [], "sink": []}
+    conn = psycopg.connect(dsn)
+    for n in range(rounds):
+        for path in results:
+            table = f"bench_{path.replace(' + ', '_')}_{n}"
+            pg.migrate(conn, table, columns)
+            started = time.perf_counter()
+            if path == "sink":
+                cfg = example_config(
+                    model,
+                    store={"dsn": dsn, "table": table, "group_id": f"bench-{n}",
+                           "dead_letter_topic": "bench-dlq", "max_records": batch,
+                           "offsets_table": f"bench_offsets_{n}"},
+                )  # fmt: skip
+                sink = PredictionStore(cfg, StopFlag(), member_id="bench")
+                sink.prepare()
+                started = time.perf_counter()
+                for i in range(0, rows, batch):
+                    sink.store_now(messages[i : i + batch])
+                assert sink.report.stored == rows
+            else:
+                for i in range(0, rows, batch):
+                    with conn.cursor() as cur:
+                        if path == "copy":
+                            chunk = decoded[i : i + batch]
+                        else:
+                            chunk = [
+                                _row(fastavro.schemaless_reader(
+                                    io.BytesIO(m.val or b""), schema, None), m, names)
+                                for m in messages[i : i + batch]
+                            ]  # fmt: skip
+                        pg.copy_rows(cur, table, columns, chunk)
+                    conn.commit()
+            seconds = time.perf_counter() - started
+            results[path].append(rows / seconds)
+            print(json.dumps({"round": n, "path": path, "rows_per_s": round(rows / seconds)}))
+            conn.execute(f"DROP TABLE {table}")
+            conn.commit()
+    conn.close()
+    return {k: round(statistics.median(v)) for k, v in results.items()}
 
 
 def main() -> None:
