@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 # actionlint for the tests of .github/workflows: built with `go install` into the cache's bin/
 # podman, runc and mmdebstrap for the image test (tests/integration/test_image.py builds
 # deploy/Dockerfile with deploy/tools/build-image.sh and runs it): Debian's packages when missing
+# the PostgreSQL server for `local-postgres` and the tests of `sink postgres`: Debian's package
+# when no initdb is installed (its own cluster never started)
 tools:
+	@sh deploy/tools/install-postgres.sh
 	@sh deploy/tools/install-promtool.sh
 	@sh deploy/tools/install-actionlint.sh
 	@sh deploy/tools/install-podman.sh

@@ -18,11 +18,13 @@ Every error the service raises on purpose derives from one root, so callers can 
     │   └── AccessDeniedError  the broker refused the credentials, the TLS setup or an ACL
     ├── ScoringError         the model failed on a batch
     ├── UnavailableError     a server the worker reads from did not answer (asked again later)
-    │   └── RegistryError    the schema registry, past registry.unavailable_timeout_s (exit 1)
+    │   ├── RegistryError    the schema registry, past registry.unavailable_timeout_s (exit 1)
+    │   └── DatabaseError    the database of ``sink postgres``, past store.unavailable_timeout_s
     ├── PoisonLimitError     dead letters above the configured tolerance (ratio or run)
     ├── GroupActiveError     an operator command refused: the consumer group has members
     ├── LocalKafkaError      the local development broker could not be fetched, started or stopped
-    └── LocalRegistryError   the local development registry could not be fetched or started
+    ├── LocalRegistryError   the local development registry could not be fetched or started
+    └── LocalPostgresError   the local development PostgreSQL server could not be started
 
 Exit codes of the command line (docs/manual/commands.md, "Exit codes"): 0 a clean stop; 2 the
 deployment must be fixed before a restart can help (``DEPLOYMENT_ERRORS``: configuration, model,
@@ -232,6 +234,17 @@ class LocalRegistryError(StreamScorerError):
 
 class LocalMlflowError(StreamScorerError):
     """The local MLflow server could not be installed, started or stopped."""
+
+
+class DatabaseError(UnavailableError):
+    """The database of ``sink postgres`` did not answer, past ``store.unavailable_timeout_s``.
+
+    A refused credential is a ``RefusedError`` instead (a configuration error, exit 2).
+    """
+
+
+class LocalPostgresError(StreamScorerError):
+    """The local development PostgreSQL server could not be found, started or stopped."""
 
 
 #: Errors no restart can fix: the deployment (configuration, model, schemas) must change.

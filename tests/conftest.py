@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from support import free_ports, wait_for
 
+from stream_scorer.devtools.localpostgres import LocalPostgres
 from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
 
@@ -171,6 +172,29 @@ def schema_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         registry.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """A real PostgreSQL server (the system's binaries, ``local-postgres``) on a free port.
+
+    Its cluster is removed at the end of the session. When it cannot start, the tests that
+    need it fail; they never skip.
+    """
+    (port,) = free_ports(1)
+    server = LocalPostgres(tmp_path_factory.mktemp("postgres"), port=port)
+    try:
+        server.start()
+    except StreamScorerError as exc:
+        server.destroy()
+        pytest.fail(
+            "no PostgreSQL for the integration tests: the local server (stream-scorer "
+            f"local-postgres, `make setup` installs the packages) could not start: {exc}"
+        )
+    try:
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from stream_scorer.errors import ConfigError
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Develop"
 ROWS = [
-    (("local-kafka", "local-registry", "local-mlflow"), "local servers"),
+    (("local-kafka", "local-registry", "local-mlflow", "local-postgres"), "local servers"),
     (("demo", "bench"), "end to end on a local broker; benchmark, soak"),
     (("example", "train", "produce"), "the example's files, model, events"),
 ]
@@ -204,6 +204,24 @@ def _cmd_local_mlflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_local_postgres(args: argparse.Namespace) -> int:
+    from stream_scorer.devtools.localkafka import default_cache_dir
+    from stream_scorer.devtools.localpostgres import LocalPostgres
+
+    server = LocalPostgres(args.dir or default_cache_dir() / f"postgres-{args.port}", args.port)
+    if args.action == "start":
+        print(server.start())
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    elif args.action == "destroy":
+        server.destroy()
+        print("stopped, cluster removed")
+    else:
+        status = server.status()
+        return _report(None if status is None else (status.pid, status.dsn, status.answering))
+    return 0
+
+
 def _local_server(
     sub: Commands, name: str, port: int, port_kind: str, summary: str
 ) -> argparse.ArgumentParser:
@@ -248,6 +266,20 @@ def add_commands(sub: Commands) -> None:
     )
     lm.add_argument("--dir", type=Path, help="state directory (database, artifacts)")
     lm.set_defaults(func=_cmd_local_mlflow)
+    lp = command(
+        sub,
+        "local-postgres",
+        "local-postgres start --port 5433",
+        help="a local PostgreSQL server (the system's binaries; sink postgres)",
+    )
+    lp.add_argument(
+        "action",
+        choices=["start", "stop", "status", "destroy"],
+        help="destroy: stop and remove the cluster (stop keeps it)",
+    )
+    lp.add_argument("--port", type=int, default=5433, help="TCP port on 127.0.0.1 (default 5433)")
+    lp.add_argument("--dir", type=Path, help="state directory (the cluster is in a temporary one)")
+    lp.set_defaults(func=_cmd_local_postgres)
     bench = command(
         sub,
         "bench",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stream_scorer import logs
-from stream_scorer.cli.common import Commands, command
+from stream_scorer.cli.common import Commands, command, command_group
 from stream_scorer.errors import EXIT_OK, EXIT_ORPHANED_LAG, ConfigError
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Run"
-ROWS = [(("run",), "score: one worker, or --workers N of them")]
+ROWS = [(("run", "sink"), "score (--workers N); store them (sink postgres)")]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -79,8 +79,30 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
     return Supervisor(commands, grace_s=cfg.worker.shutdown_timeout_s + 60).run()
 
 
+def _cmd_sink_postgres(args: argparse.Namespace) -> int:
+    from stream_scorer.worker.flow import StopFlag
+
+    stop = StopFlag()
+    with stop.on_signals():
+        from stream_scorer.config import load_config
+        from stream_scorer.worker.store import PredictionStore
+
+        overrides: dict[str, Any] = {}
+        if args.bootstrap_servers is not None:
+            overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
+        cfg = load_config(args.config, overrides=overrides)
+        logs.setup(cfg.logging.format, args.log_level or cfg.logging.level)
+        store = PredictionStore(
+            cfg, stop, member_id=args.member_id or "", idle_timeout_s=args.idle_timeout
+        )
+        report = store.run()
+    sys.stdout.write(json.dumps(asdict(report)) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def add_commands(sub: Commands) -> None:
-    """Add ``run``."""
+    """Add ``run`` and ``sink postgres``."""
     run = command(sub, "run", "run --config rides.yaml --workers 2", help="run a scoring worker")
     run.add_argument("--config", type=Path, required=True, help="YAML or TOML configuration")
     run.add_argument("--max-messages", type=int, help="stop after this many records")
@@ -95,3 +117,22 @@ def add_commands(sub: Commands) -> None:
         help="worker processes, one group member each (worker i: id <id>-<i>, port+i)",
     )
     run.set_defaults(func=_cmd_run)
+    sinks = command_group(
+        sub,
+        "sink",
+        "sink postgres --config rides.yaml",
+        help="store the prediction topics in a database (docs/manual/storing.md)",
+    )
+    postgres = command(
+        sinks,
+        "postgres",
+        "sink postgres --config rides.yaml",
+        help="store the predictions in a PostgreSQL table, exactly once (the store section)",
+    )
+    postgres.add_argument(
+        "--config", type=Path, required=True, help="YAML or TOML configuration (its store section)"
+    )
+    postgres.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds")
+    postgres.add_argument("--member-id", help="member id (default: host-pid)")
+    postgres.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
+    postgres.set_defaults(func=_cmd_sink_postgres)

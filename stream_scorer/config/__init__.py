@@ -53,6 +53,7 @@ from stream_scorer.config.sections import (
     ModelConfig,
     OutputConfig,
     RegistryConfig,
+    StoreConfig,
     WorkerConfig,
     config_schema,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "RegistryConfig",
+    "StoreConfig",
     "WorkerConfig",
     "check_clients",
     "client_settings",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-#: Words that make a key secret (its value never shown in a message).
-SECRET_MARKERS: Final = ("password", "secret", "token", "key")
+#: Words that make a key secret (its value never shown in a message); ``dsn``: a database
+#: connection string can hold a password.
+SECRET_MARKERS: Final = ("password", "secret", "token", "key", "dsn")
 #: The librdkafka pass-through tables (``kafka.<name>``): any key, values passed as strings.
 PASSTHROUGH: Final = ("client", "consumer", "producer")
 

@@ -355,6 +355,48 @@ class RegistryConfig(Section):
         }
 
 
+#: A table name: an identifier, optionally qualified by its schema (each at most 63 characters).
+_TABLE = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
+TableName = Annotated[str, Field(pattern=_TABLE)]
+
+
+class StoreConfig(Section):
+    """``stream-scorer sink postgres``: the predictions stored in a PostgreSQL table.
+
+    See docs/manual/storing.md.
+    """
+
+    dsn: str = Field(default="", repr=False)
+    """Required by ``sink postgres``: the libpq connection string (``host=db port=5432
+    dbname=scores user=sink``) or URI (``postgresql://sink@db:5432/scores``). A password in it
+    is never logged; prefer ``password_file``."""
+    password_file: Annotated[ExistingFile | None, BeforeValidator(none_words)] = None
+    """File holding the database password (a Kubernetes Secret mounted as a file), read at
+    start-up, a trailing newline dropped; never logged."""
+    table: TableName = "predictions"
+    """Table the predictions land in (``schema.table`` allowed): created at start-up from the
+    prediction schema, or given the columns of fields the schema gained."""
+    offsets_table: TableName = "stream_scorer_offsets"
+    """Table of the consumed offsets (group, topic, partition), written in the same
+    transaction as the rows: what a member resumes from."""
+    group_id: str = ""
+    """Required by ``sink postgres``: its consumer group; the members share the prediction
+    topics' partitions."""
+    topics: tuple[NonEmpty, ...] = ()
+    """The prediction topics stored; empty: ``output.topic``."""
+    dead_letter_topic: str = ""
+    """Required by ``sink postgres``: the topic of the records that cannot be read as
+    predictions (original bytes and reason)."""
+    max_records: Int = Field(default=10_000, gt=0)
+    """Rows written in one transaction at most."""
+    max_wait_s: Number = Field(default=1.0, gt=0)
+    """A batch is written at most this long after its first record arrived."""
+    unavailable_timeout_s: Number = Field(default=120.0, gt=0)
+    """While the database does not answer, the batch is written again with the retry policy's
+    backoff; after this long the sink exits 1 (nothing lost: the offsets were not stored).
+    Must stay below ``max.poll.interval.ms``."""
+
+
 class RetryConfig(Section):
     """The one retry policy of every outage path (``stream_scorer.retry``).
 
@@ -435,6 +477,12 @@ class Config(Section):
     """The backoff of every outage path."""
     drift: DriftConfig = Field(default_factory=DriftConfig)
     """Drift of the inputs and predictions against the model's reference bins."""
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    """``sink postgres``: where and how the predictions are stored."""
+
+    def stored_topics(self) -> tuple[str, ...]:
+        """The topics ``sink postgres`` stores: ``store.topics``, else ``output.topic``."""
+        return self.store.topics or (self.output.topic,)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -514,9 +562,35 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "retry.max_backoff_s", "must be at least retry.initial_backoff_s"
     if not cfg.drift.window_s and cfg.drift.min_events > cfg.drift.window_events:
         yield "drift.min_events", "must be at most drift.window_events"
+    if cfg.store.dsn:
+        yield from _store_problems(cfg, cfg.store, poll_ms)
     if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
         missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
         yield missing, "is required with the other of tls_cert and tls_key"
+
+
+def _store_problems(
+    cfg: Config, store: StoreConfig, poll_ms: int | None
+) -> Iterator[tuple[str, str]]:
+    """The checks of the ``store`` section against the others."""
+    taken = {cfg.input.topic, cfg.dead_letter.topic, *cfg.stored_topics()}
+    for key in ("group_id", "dead_letter_topic"):
+        if not getattr(store, key):
+            yield f"store.{key}", "is required with store.dsn"
+    if store.dead_letter_topic in taken:
+        yield (
+            "store.dead_letter_topic",
+            "must differ from the input, prediction and worker's dead-letter topics",
+        )
+    if store.group_id == cfg.input.group_id:
+        yield "store.group_id", "must differ from input.group_id (the scoring workers' group)"
+    if store.offsets_table == store.table:
+        yield "store.offsets_table", "must differ from store.table"
+    if poll_ms is not None and 1000 * store.unavailable_timeout_s >= poll_ms:
+        yield (
+            "store.unavailable_timeout_s",
+            f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
+        )
 
 
 def _matches(pattern: str, topic: str) -> bool:

@@ -211,6 +211,15 @@ class ServerProcess:
             f"{self._what} did not answer at {where} within {timeout:.0f} s\n{self.logs(out)}"
         )
 
+    def reap(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the process this object started to exit, and reap it.
+
+        For a server stopped by its own tool (``pg_ctl stop``) rather than by ``stop``.
+        """
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout)
+
     def forget(self) -> None:
         """Drop the record of a process that exited by itself."""
         self.state_file.unlink(missing_ok=True)
