@@ -157,7 +157,7 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
         print("stopped" if broker.stop() else "not running")
     else:
         status = broker.status()
-        return _report(None if status is None else (status.pid, status.bootstrap, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 
@@ -177,7 +177,7 @@ def _cmd_local_registry(args: argparse.Namespace) -> int:
         print("stopped" if registry.stop() else "not running")
     else:
         status = registry.status()
-        return _report(None if status is None else (status.pid, status.url, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 
@@ -198,7 +198,7 @@ def _cmd_local_mlflow(args: argparse.Namespace) -> int:
         print("stopped" if server.stop() else "not running")
     else:
         status = server.status()
-        return _report(None if status is None else (status.pid, status.uri, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from stream_scorer.errors import BrokerError, broker_unreachable
+from stream_scorer.errors import BrokerError
 from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import DeadLetter, Message, Reason
 from stream_scorer.worker.lag import LagTracker
@@ -289,16 +289,6 @@ class ShareSource(ConsumerErrors):
 
     def rewind(self, timeout_s: float = 30.0) -> None:
         """Nothing to do: records not acknowledged come back by themselves."""
-
-    def raise_errors(self) -> None:
-        """Raise a recorded fatal error, or one when no broker answered for too long."""
-        if self._errors:
-            raise self._errors[0]
-        if self._down_since is not None:
-            down = time.monotonic() - self._down_since
-            if down > self._unreachable_timeout:
-                bootstrap = self._settings.get("bootstrap.servers", "")
-                raise broker_unreachable(bootstrap, down, self._unreachable_timeout)
 
     def fetched_to_end(self, timeout_s: float = 10.0) -> bool:
         """True: an empty poll is all a share consumer can tell (the idle clock does the rest)."""
