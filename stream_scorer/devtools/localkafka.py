@@ -218,6 +218,9 @@ transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
+# a share group may set a record lock as short as 1 s (default lock 30 s, its floor 15 s): the
+# tests of lock expiry need not wait 15 s
+group.share.min.record.lock.duration.ms=1000
 log.retention.hours=24
 """
 

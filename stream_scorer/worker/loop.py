@@ -373,6 +373,7 @@ def _source(
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
             delivery_limit=cfg.input.delivery_limit,
             extra_topics=cfg.input.topics,
+            admin_settings=client_settings(cfg),
         )
     return Source(
         settings,

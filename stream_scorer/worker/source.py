@@ -121,6 +121,7 @@ class Source(ConsumerErrors):
         self._starts: dict[tuple[str, int], int] = {}  # where unread partitions start
         #: Per-partition lag in records and seconds (``stream_scorer.worker.lag``).
         self.lag = LagTracker()
+        self.backlog = None  # a share group's (``worker.share.ShareBacklog``); the lag says it
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Source:
