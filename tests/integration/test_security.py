@@ -231,15 +231,21 @@ def _assert_refused(
 # --- the worker with least privilege --------------------------------------------------------
 
 
-def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Deployment) -> None:
-    dep = deployment
-    granted = subprocess.run(  # as an operator does it
+def _acl_grant_worker(dep: Deployment) -> subprocess.CompletedProcess[str]:
+    """``stream-scorer acl grant --role worker`` for User:worker, as an operator runs it."""
+    granted = subprocess.run(
         [*run_command(dep.config)[:3], "acl", "grant", "--config", str(dep.config),
          "--admin-config", str(dep.broker.client_file("admin")),
          "--principal", "User:worker", "--role", "worker"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert granted.returncode == 0, granted.stderr[-2000:]
+    return granted
+
+
+def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Deployment) -> None:
+    dep = deployment
+    granted = _acl_grant_worker(dep)
     expected = 6 if dep.mode == "exactly-once" else 5
     assert granted.stdout.count("ALLOW User:worker ") == expected, granted.stdout
     total = _produce(dep, 400, poison_at=123)
@@ -615,13 +621,7 @@ def test_share_group_worker_with_the_granted_acls_scores_and_lag_share_reads_it(
     position and delivery limit); ``lag --share`` reaches the secured broker as the tools user
     through a properties file that is gone afterwards."""
     dep = _share_deployment(broker, tmp_path, model_dir)
-    granted = subprocess.run(  # as an operator does it
-        [*run_command(dep.config)[:3], "acl", "grant", "--config", str(dep.config),
-         "--admin-config", str(dep.broker.client_file("admin")),
-         "--principal", "User:worker", "--role", "worker"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert granted.returncode == 0, granted.stderr[-2000:]
+    granted = _acl_grant_worker(dep)
     assert granted.stdout.count("ALLOW User:worker ") == 6, granted.stdout
     assert f"ALTER_CONFIGS on group '{dep.group}'" in granted.stdout, granted.stdout
     total = _produce(dep, 60, poison_at=17)

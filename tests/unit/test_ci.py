@@ -387,9 +387,7 @@ def test_the_release_step_publishes_the_wheel_with_the_changelog_section(tmp_pat
         "--title", f"stream-scorer {version}", "--notes-file", "notes.md", "--verify-tag",
     ]  # fmt: skip
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
-    assert (tmp_path / "seen").read_text().strip() == notes.section(
-        changelog, version
-    ).strip()
+    assert (tmp_path / "seen").read_text().strip() == notes.section(changelog, version).strip()
     # a tag that is not the package's version publishes nothing
     (tmp_path / "called").unlink()
     wrong = subprocess.run(
