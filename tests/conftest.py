@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from support import free_ports, wait_for
 
+from stream_scorer.devtools.localkafka import broker_answers
 from stream_scorer.devtools.localpostgres import LocalPostgres
 from stream_scorer.devtools.localregistry import LocalRegistry
 from stream_scorer.errors import StreamScorerError
@@ -35,17 +36,7 @@ def _docker_answers() -> bool:
 
 
 def _wait_answering(bootstrap: str, timeout: float) -> None:
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-
-    def answers() -> bool:
-        try:
-            return bool(admin.list_topics(timeout=1.0).brokers)
-        except Exception:  # refused, or still starting
-            return False
-
-    wait_for(answers, timeout, f"{bootstrap} answering")
+    wait_for(broker_answers({"bootstrap.servers": bootstrap}), timeout, f"{bootstrap} answering")
 
 
 def _container_broker() -> Iterator[str]:

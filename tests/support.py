@@ -500,3 +500,15 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def release_notes() -> Any:
+    """``.ci/release_notes.py`` (not a package: loaded from its file), as a module."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / ".ci" / "release_notes.py"
+    spec = importlib.util.spec_from_file_location("release_notes", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

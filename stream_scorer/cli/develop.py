@@ -159,7 +159,7 @@ def _cmd_local_kafka(args: argparse.Namespace) -> int:
         print("stopped" if broker.stop() else "not running")
     else:
         status = broker.status()
-        return _report(None if status is None else (status.pid, status.bootstrap, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 
@@ -179,7 +179,7 @@ def _cmd_local_registry(args: argparse.Namespace) -> int:
         print("stopped" if registry.stop() else "not running")
     else:
         status = registry.status()
-        return _report(None if status is None else (status.pid, status.url, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 
@@ -200,7 +200,7 @@ def _cmd_local_mlflow(args: argparse.Namespace) -> int:
         print("stopped" if server.stop() else "not running")
     else:
         status = server.status()
-        return _report(None if status is None else (status.pid, status.uri, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 
@@ -218,7 +218,7 @@ def _cmd_local_postgres(args: argparse.Namespace) -> int:
         print("stopped, cluster removed")
     else:
         status = server.status()
-        return _report(None if status is None else (status.pid, status.dsn, status.answering))
+        return _report(None if status is None else (status.pid, status.address, status.answering))
     return 0
 
 

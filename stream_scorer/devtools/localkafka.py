@@ -27,17 +27,13 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from stream_scorer.devtools.process import ServerProcess, tail
+from stream_scorer.devtools.process import LocalServer, ServerProcess, ServerStatus, port_free
 from stream_scorer.errors import LocalKafkaError
 from stream_scorer.resources import packaged_file
 
@@ -183,47 +179,22 @@ def fetch_jars(cache_dir: Path | None = None, *, log: Callable[[str], None] = pr
     return libs
 
 
-@dataclass(frozen=True)
-class BrokerStatus:
-    """What a state directory records about a broker, checked against reality.
+def broker_answers(client: dict[str, str], timeout: float = 1.0) -> Callable[[], bool]:
+    """A probe: does the broker at ``client``'s ``bootstrap.servers`` answer metadata?
 
-    Attributes:
-        pid: the recorded java process id.
-        bootstrap: the recorded bootstrap address, ``127.0.0.1:PORT``.
-        running: that process is alive and is this state directory's broker.
-        answering: it answers a metadata request.
+    Each call asks once, up to ``timeout`` (TCP alone is not enough), with one admin client.
     """
-
-    pid: int
-    bootstrap: str
-    running: bool
-    answering: bool
-
-
-def _answers(bootstrap: str, timeout: float = 3.0, client: dict[str, str] | None = None) -> bool:
-    """Whether a broker at ``bootstrap`` answers a metadata request (TCP alone is not enough)."""
     from confluent_kafka.admin import AdminClient
 
-    try:
-        admin = AdminClient({**(client or {}), "bootstrap.servers": bootstrap, "log_level": 0})
-        return bool(admin.list_topics(timeout=timeout).brokers)
-    except Exception:
-        return False
+    admin = AdminClient({**client, "log_level": 0, "reconnect.backoff.max.ms": 500})
 
+    def answers() -> bool:
+        try:
+            return bool(admin.list_topics(timeout=timeout).brokers)
+        except Exception:  # not listening yet, or not serving metadata yet
+            return False
 
-def _port_free(port: int, wait_s: float = 0.0) -> bool:
-    """Whether ``port`` can be bound on loopback, polling up to ``wait_s`` seconds."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does
-            try:
-                sock.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                if time.monotonic() >= deadline:
-                    return False
-        time.sleep(0.2)
+    return answers
 
 
 def _cluster_id() -> str:
@@ -247,6 +218,9 @@ transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
+# a share group may set a record lock as short as 1 s (default lock 30 s, its floor 15 s): the
+# tests of lock expiry need not wait 15 s
+group.share.min.record.lock.duration.ms=1000
 log.retention.hours=24
 """
 
@@ -304,7 +278,7 @@ rootLogger.appenderRef.file.ref = file
 """
 
 
-class LocalKafka:
+class LocalKafka(LocalServer):
     """One local broker, identified by its state directory.
 
     Usable as a context manager: ``with LocalKafka(path, port=p) as bootstrap: ...`` starts
@@ -346,6 +320,8 @@ class LocalKafka:
             (b"kafka.Kafka", os.fsencode(self._props)),
             LocalKafkaError,
             log,
+            logs=(self.state_dir / "server.log",),
+            stop_command="stream-scorer local-kafka stop",
         )
 
     @property
@@ -411,13 +387,6 @@ class LocalKafka:
             self.client_file(user).write_text(json.dumps(table, indent=2) + "\n")  # YAML too
         return passwords
 
-    def _recorded(self) -> tuple[int, str] | None:
-        """The pid and bootstrap address in ``state.json``, or None (absent or unreadable)."""
-        raw = self._server.recorded()
-        return (
-            None if raw is None or "bootstrap" not in raw else (raw["pid"], str(raw["bootstrap"]))
-        )
-
     def _recorded_secure(self) -> bool:
         """Whether ``state.json`` records a secured broker (``status`` without ``--secure``)."""
         try:
@@ -425,42 +394,17 @@ class LocalKafka:
         except (OSError, ValueError, AttributeError):
             return False
 
-    def _logs(self) -> str:
-        parts = (tail(self.state_dir / "server.log"), tail(self.state_dir / "broker.out"))
-        return "\n".join(p for p in parts if p) or f"(no broker output in {self.state_dir})"
-
-    def status(self) -> BrokerStatus | None:
-        """Return the recorded broker's status, or None when none is recorded.
+    def status(self) -> ServerStatus | None:
+        """The recorded broker's status (``address``: its bootstrap), or None if none is recorded.
 
         A ``state.json`` left by a broker that died (or whose pid now belongs to another
         process) gives ``running=False``.
         """
-        recorded = self._recorded()
-        if recorded is None:
-            return None
-        pid, bootstrap = recorded
-        running = self._server.is_ours(pid)
-        client = self.client_settings() if self.secure or self._recorded_secure() else None
-        return BrokerStatus(pid, bootstrap, running, running and _answers(bootstrap, client=client))
+        return self._server.status("bootstrap", lambda address: self._answering(address, 3.0)())
 
-    def _wait_answering(self, bootstrap: str, deadline: float, alive: Callable[[], bool]) -> bool:
-        """Poll until the broker answers (True), or it dies or the deadline passes (False)."""
-        from confluent_kafka.admin import AdminClient
-
-        client = self.client_settings()  # the recorded broker's, secured or not
-        admin = AdminClient(
-            {**client, "bootstrap.servers": bootstrap, "log_level": 0,
-             "reconnect.backoff.max.ms": 500}
-        )  # fmt: skip
-        while True:
-            try:
-                if admin.list_topics(timeout=1.0).brokers:
-                    return True
-            except Exception:  # not listening yet, or not serving metadata yet
-                pass
-            if not alive() or time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
+    def _answering(self, bootstrap: str, timeout: float = 1.0) -> Callable[[], bool]:
+        """A probe of ``bootstrap`` with the recorded broker's client settings (secured or not)."""
+        return broker_answers({**self.client_settings(), "bootstrap.servers": bootstrap}, timeout)
 
     def start(self, timeout: float = 60.0) -> str:
         """Start the broker, or report the one already running; return its bootstrap address.
@@ -476,27 +420,16 @@ class LocalKafka:
             LocalKafkaError: a port is taken, Java or the jars are missing, or the broker
                 exits or does not answer within ``timeout`` (with the end of its logs).
         """
-        recorded = self._recorded()
-        if recorded is not None:
-            pid, bootstrap = recorded
-            if self._server.is_ours(pid):
-                deadline = time.monotonic() + timeout
-                if self._wait_answering(bootstrap, deadline, lambda: self._server.is_ours(pid)):
-                    self._log(f"already running at {bootstrap} (pid {pid})")
-                    return bootstrap
-                if self._server.is_ours(pid):
-                    raise LocalKafkaError(
-                        f"the broker recorded in {self.state_dir} (pid {pid}) runs but does not "
-                        f"answer at {bootstrap}: stop it (`stream-scorer local-kafka stop`) and "
-                        f"start again\n{self._logs()}"
-                    )
-            self._state_file.unlink(missing_ok=True)  # stale: that broker is gone
-            stale = True
-        else:
-            stale = False
+        status = self.status()
+        if status is not None and status.running:
+            address = status.address
+            self._server.adopt(status.pid, address, self._answering(address), timeout, self._out)
+            return address
+        self._server.forget()  # stale (that broker is gone), or nothing recorded
+        stale = status is not None
         for port, what in ((self.port, "client"), (self.controller_port, "controller")):
             # right after a crash the dead broker's connections may hold its ports a moment
-            if not _port_free(port, wait_s=30.0 if stale else 0.0):
+            if not port_free(port, wait_s=30.0 if stale else 0.0):
                 raise LocalKafkaError(
                     f"port {port} on 127.0.0.1 (the broker's {what} port) is taken by another "
                     f"process: stop that process (see `ss -ltnp 'sport = :{port}'`) or choose "
@@ -543,7 +476,7 @@ class LocalKafka:
             self._format([java, "-Xmx256m", *jvm], data, scram)
         proc = self._server.spawn(
             [java, *_HEAP, *jvm, "kafka.Kafka", str(self._props)],
-            self.state_dir / "broker.out",
+            self._out,
             {
                 "port": self.port,
                 "controller_port": self.controller_port,
@@ -551,18 +484,13 @@ class LocalKafka:
                 "secure": self.secure,
             },
         )
-        if self._wait_answering(self.bootstrap, time.monotonic() + timeout,
-                                lambda: proc.poll() is None):  # fmt: skip
-            return self.bootstrap
-        if proc.poll() is not None:
-            self._server.forget()
-            raise LocalKafkaError(
-                f"the broker exited with code {proc.returncode} while starting\n{self._logs()}"
-            )
-        self.stop()
-        raise LocalKafkaError(
-            f"the broker did not answer at {self.bootstrap} within {timeout:.0f} s\n{self._logs()}"
-        )
+        answers = self._answering(self.bootstrap)
+        self._server.await_start(proc, self.bootstrap, answers, timeout, self._out)
+        return self.bootstrap
+
+    @property
+    def _out(self) -> Path:
+        return self.state_dir / "broker.out"
 
     def _format(self, java: list[str], data: Path, scram: list[str]) -> None:
         """Format ``data`` for KRaft (once per data directory) with the ``java`` command line.
@@ -579,30 +507,3 @@ class LocalKafka:
             out = f"{result.stdout}{result.stderr}".rstrip()
             out = re.sub(r"password=[^\]]*", "password=***", out)  # never show one
             raise LocalKafkaError(f"formatting {data} failed (exit {result.returncode}):\n{out}")
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the recorded broker: SIGTERM, then SIGKILL if it outlasts ``timeout``.
-
-        Safe when nothing runs; a stale ``state.json`` is removed.
-
-        Args:
-            timeout: seconds to wait for a clean shutdown before SIGKILL.
-
-        Returns:
-            Whether a broker was running.
-
-        Raises:
-            LocalKafkaError: the process survives SIGKILL.
-        """
-        return self._server.stop(timeout)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -16,11 +16,16 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from stream_scorer.devtools.localkafka import _port_free, default_cache_dir
-from stream_scorer.devtools.process import LocalServer, ServerProcess, http_ok
+from stream_scorer.devtools.localkafka import default_cache_dir
+from stream_scorer.devtools.process import (
+    LocalServer,
+    ServerProcess,
+    ServerStatus,
+    http_ok,
+    port_free,
+)
 from stream_scorer.errors import LocalMlflowError
 
 MLFLOW_VERSION = "3.17.2"
@@ -81,23 +86,6 @@ def _answers(uri: str, timeout: float = 2.0) -> bool:
     return http_ok(f"{uri}/health", timeout)
 
 
-@dataclass(frozen=True)
-class MlflowStatus:
-    """What a state directory records about a server, checked against reality.
-
-    Attributes:
-        pid: the recorded process id.
-        uri: the tracking URI (``model.mlflow_tracking_uri``).
-        running: that process is alive and is this state directory's server.
-        answering: it answers ``GET /health``.
-    """
-
-    pid: int
-    uri: str
-    running: bool
-    answering: bool
-
-
 class LocalMlflow(LocalServer):
     """One local MLflow server, identified by its state directory (a context manager too)."""
 
@@ -138,14 +126,9 @@ class LocalMlflow(LocalServer):
     def _store_uri(self) -> str:
         return f"sqlite:///{self.state_dir / 'mlflow.db'}"
 
-    def status(self) -> MlflowStatus | None:
-        """The recorded server's status, or None when none is recorded."""
-        raw = self._server.recorded()
-        if raw is None or "uri" not in raw:
-            return None
-        pid, uri = raw["pid"], str(raw["uri"])
-        running = self._server.is_ours(pid)
-        return MlflowStatus(pid, uri, running, running and _answers(uri))
+    def status(self) -> ServerStatus | None:
+        """The recorded server's status (``address``: its tracking URI), or None."""
+        return self._server.status("uri", _answers)
 
     def start(self, timeout: float = 120.0, *, fetch: bool = True) -> str:
         """Start the server, or report the one running; return its tracking URI.
@@ -161,11 +144,11 @@ class LocalMlflow(LocalServer):
         """
         status = self.status()
         if status is not None and status.running:
-            uri = status.uri
+            uri = status.address
             self._server.adopt(status.pid, uri, lambda: _answers(uri), timeout, self._out)
             return uri
         self._server.forget()
-        if not _port_free(self.port, wait_s=30.0 if status is not None else 0.0):
+        if not port_free(self.port, wait_s=30.0 if status is not None else 0.0):
             raise LocalMlflowError(
                 f"port {self.port} on 127.0.0.1 is taken by another process: stop it (see "
                 f"`ss -ltnp 'sport = :{self.port}'`) or choose another port"

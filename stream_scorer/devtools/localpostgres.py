@@ -29,11 +29,9 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from stream_scorer.devtools.localkafka import _port_free
-from stream_scorer.devtools.process import LocalServer, ServerProcess
+from stream_scorer.devtools.process import LocalServer, ServerProcess, ServerStatus, port_free
 from stream_scorer.errors import LocalPostgresError
 
 #: Where Debian and Ubuntu install each PostgreSQL major version's binaries.
@@ -88,23 +86,6 @@ def _as_server_user(cmd: list[str]) -> list[str]:
         return cmd
     runuser = shutil.which("runuser") or "/usr/sbin/runuser"
     return [runuser, "-u", SERVER_USER, "--", *cmd]
-
-
-@dataclass(frozen=True)
-class PostgresStatus:
-    """What a state directory records about a server, checked against reality.
-
-    Attributes:
-        pid: the recorded process id.
-        dsn: the libpq connection string of the superuser's ``postgres`` database.
-        running: that process is alive and is this state directory's server.
-        answering: it accepts connections (``pg_isready``).
-    """
-
-    pid: int
-    dsn: str
-    running: bool
-    answering: bool
 
 
 class LocalPostgres(LocalServer):
@@ -172,14 +153,14 @@ class LocalPostgres(LocalServer):
             return False
         return done.returncode == 0
 
-    def status(self) -> PostgresStatus | None:
+    def status(self) -> ServerStatus | None:
         """The recorded server's status, or None when none is recorded."""
         recorded = self._server.recorded()
         if recorded is None:
             return None
         pid = recorded["pid"]
         running = self._server.is_ours(pid)
-        return PostgresStatus(pid, self.dsn(), running, running and self._answers())
+        return ServerStatus(pid, self.dsn(), running, running and self._answers())
 
     def _make_cluster(self, bin_dir: Path) -> Path:
         """Make the cluster's folder and run ``initdb`` in it (once per state directory)."""
@@ -230,7 +211,7 @@ class LocalPostgres(LocalServer):
             self._server.adopt(recorded["pid"], self.dsn(), self._answers, timeout, self._out())
             return self.dsn()
         self._server.forget()
-        if not _port_free(self.port, wait_s=5.0):
+        if not port_free(self.port, wait_s=5.0):
             raise LocalPostgresError(
                 f"port {self.port} on 127.0.0.1 is taken by another process: choose another "
                 "with --port"

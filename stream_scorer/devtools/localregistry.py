@@ -21,11 +21,16 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from stream_scorer.devtools.localkafka import _port_free, default_cache_dir
-from stream_scorer.devtools.process import LocalServer, ServerProcess, http_ok
+from stream_scorer.devtools.localkafka import default_cache_dir
+from stream_scorer.devtools.process import (
+    LocalServer,
+    ServerProcess,
+    ServerStatus,
+    http_ok,
+    port_free,
+)
 from stream_scorer.errors import LocalRegistryError
 
 APICURIO_VERSION = "3.3.3"
@@ -162,23 +167,6 @@ def _answers(url: str, timeout: float = 2.0) -> bool:
     return http_ok(f"{url}/subjects", timeout)
 
 
-@dataclass(frozen=True)
-class RegistryStatus:
-    """What a state directory records about a registry, checked against reality.
-
-    Attributes:
-        pid: the recorded java process id.
-        url: the Confluent-compatible API's URL.
-        running: that process is alive and is this state directory's registry.
-        answering: it answers ``GET /subjects``.
-    """
-
-    pid: int
-    url: str
-    running: bool
-    answering: bool
-
-
 class LocalRegistry(LocalServer):
     """One local registry, identified by its state directory (a context manager too)."""
 
@@ -217,25 +205,12 @@ class LocalRegistry(LocalServer):
             log,
         )
 
-    @property
-    def _state_file(self) -> Path:
-        return self._server.state_file
-
     def _marker_arg(self) -> str:
         return f"-Dstream.scorer.registry.dir={self.state_dir}"
 
-    def _recorded(self) -> tuple[int, str] | None:
-        raw = self._server.recorded()
-        return None if raw is None or "url" not in raw else (raw["pid"], str(raw["url"]))
-
-    def status(self) -> RegistryStatus | None:
-        """The recorded registry's status, or None when none is recorded."""
-        recorded = self._recorded()
-        if recorded is None:
-            return None
-        pid, url = recorded
-        running = self._server.is_ours(pid)
-        return RegistryStatus(pid, url, running, running and _answers(url))
+    def status(self) -> ServerStatus | None:
+        """The recorded registry's status (``address``: the ccompat API's URL), or None."""
+        return self._server.status("url", _answers)
 
     def start(self, timeout: float = 90.0) -> str:
         """Start the registry, or report the one running; return the ccompat API's URL.
@@ -244,17 +219,15 @@ class LocalRegistry(LocalServer):
             LocalRegistryError: a port is taken, Java 21+ or the application is missing, or
                 the registry exits or does not answer within ``timeout``.
         """
-        recorded = self._recorded()
-        stale = False
-        if recorded is not None:
-            pid, url = recorded
-            if self._server.is_ours(pid):
-                self._server.adopt(pid, url, lambda: _answers(url), timeout, self._out)
-                return url
-            self._state_file.unlink(missing_ok=True)
-            stale = True
+        status = self.status()
+        if status is not None and status.running:
+            url = status.address
+            self._server.adopt(status.pid, url, lambda: _answers(url), timeout, self._out)
+            return url
+        self._server.forget()  # stale (that registry is gone), or nothing recorded
+        stale = status is not None
         for port, what in ((self.port, "HTTP"), (self.management_port, "management")):
-            if not _port_free(port, wait_s=30.0 if stale else 0.0):
+            if not port_free(port, wait_s=30.0 if stale else 0.0):
                 raise LocalRegistryError(
                     f"port {port} on 127.0.0.1 (the registry's {what} port) is taken by another "
                     f"process: stop it (see `ss -ltnp 'sport = :{port}'`) or choose another port"

@@ -14,11 +14,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +75,38 @@ def wait_answering(answers: Callable[[], bool], deadline: float, alive: Callable
         time.sleep(0.2)
 
 
+def port_free(port: int, wait_s: float = 0.0) -> bool:
+    """Whether ``port`` can be bound on loopback, polling up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return False
+        time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What a state directory records about a server, checked against reality.
+
+    Attributes:
+        pid: the recorded process id.
+        address: where it answers (a broker's ``127.0.0.1:PORT``, a registry's or MLflow's URL).
+        running: that process is alive and is this state directory's server.
+        answering: it answers its server's probe (a broker: metadata; HTTP: its health path).
+    """
+
+    pid: int
+    address: str
+    running: bool
+    answering: bool
+
+
 class ServerProcess:
     """The process of one server, recorded in ``<state_dir>/state.json``."""
 
@@ -85,6 +119,8 @@ class ServerProcess:
         log: Callable[[str], None] = print,
         *,
         group: bool = False,
+        logs: Sequence[Path] = (),
+        stop_command: str = "",
     ) -> None:
         """Describe the server's process.
 
@@ -97,6 +133,10 @@ class ServerProcess:
             log: receives one-line progress messages.
             group: signal the server's whole process group (it was started in a session of
                 its own): for a server whose workers are child processes (``mlflow server``).
+            logs: log files it writes besides its output, shown (their last lines) before the
+                output's when it fails to start.
+            stop_command: the command that stops it, named when a recorded one runs but does
+                not answer.
         """
         self.state_file = state_dir / STATE_FILE
         self._what = what
@@ -104,6 +144,8 @@ class ServerProcess:
         self._error = error
         self._log = log
         self._group = group
+        self._logs = tuple(logs)
+        self._stop_hint = f" (`{stop_command}`)" if stop_command else ""
         self._proc: subprocess.Popen[bytes] | None = None  # kept so it can be reaped
 
     def recorded(self) -> dict[str, Any] | None:
@@ -114,6 +156,19 @@ class ServerProcess:
         except (OSError, ValueError, TypeError, KeyError):
             return None
         return raw if isinstance(raw, dict) else None
+
+    def status(self, key: str, answers: Callable[[str], bool]) -> ServerStatus | None:
+        """The recorded server's status (its address under ``key``), or None if none is recorded.
+
+        ``answers(address)`` probes a running one; a record left by a process that died (or
+        whose pid now belongs to another process) gives ``running=False``.
+        """
+        raw = self.recorded()
+        if raw is None or key not in raw:
+            return None
+        pid, address = raw["pid"], str(raw[key])
+        running = self.is_ours(pid)
+        return ServerStatus(pid, address, running, running and answers(address))
 
     def is_ours(self, pid: int) -> bool:
         """Whether ``pid`` is alive and is this server (its command line holds the markers)."""
@@ -163,8 +218,9 @@ class ServerProcess:
         return proc
 
     def logs(self, out: Path) -> str:
-        """The last lines of the server's output file ``out``, or a line saying there are none."""
-        return tail(out) or f"(no output in {self.state_file.parent})"
+        """The last lines of its log files and of ``out``, or a line saying there are none."""
+        parts = [tail(path) for path in (*self._logs, out)]
+        return "\n".join(p for p in parts if p) or f"(no output in {self.state_file.parent})"
 
     def adopt(
         self, pid: int, where: str, answers: Callable[[], bool], timeout: float, out: Path
@@ -179,7 +235,7 @@ class ServerProcess:
             return
         raise self._error(
             f"{self._what} recorded in {self.state_file.parent} (pid {pid}) runs but does not "
-            f"answer at {where}: stop it and start again\n{self.logs(out)}"
+            f"answer at {where}: stop it{self._stop_hint} and start again\n{self.logs(out)}"
         )
 
     def await_start(

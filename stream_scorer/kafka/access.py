@@ -6,7 +6,10 @@ The one home of the rights stream-scorer's clients need (docs/manual/security.md
   output and dead-letter topics, DESCRIBE_CONFIGS on the dead-letter topic (its
   ``max.message.bytes``, which every dead letter is sized to); exactly-once adds WRITE +
   DESCRIBE on its transactional ids (prefixed ``stream-scorer-<group>-``, or
-  ``delivery.transactional_id`` itself).
+  ``delivery.transactional_id`` itself). A share group (``input.group_type: share``) adds
+  ALTER_CONFIGS on the group: the worker sets its start position and delivery limit
+  (``worker.share.configure_group``); READ on the group covers joining, fetching and
+  acknowledging.
   IDEMPOTENT_WRITE on the cluster is implied by WRITE on a topic (Kafka 3.0+, KIP-679) and
   not granted.
 - ``lag``: DESCRIBE on the group, READ + DESCRIBE on the input topic (the record at the
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 Resource = Literal["topic", "group", "transactional_id"]
 #: What a client does with a resource, and the ACL operations that allows.
-Use = Literal["read", "write", "member", "describe", "configs"]
+Use = Literal["read", "write", "member", "describe", "configs", "configure"]
 _OPERATIONS: Final[dict[tuple[Resource, Use], tuple[str, ...]]] = {
     ("topic", "read"): ("READ", "DESCRIBE"),
     ("topic", "write"): ("WRITE", "DESCRIBE"),
@@ -46,6 +49,7 @@ _OPERATIONS: Final[dict[tuple[Resource, Use], tuple[str, ...]]] = {
     ("topic", "configs"): ("DESCRIBE_CONFIGS",),
     ("group", "member"): ("READ",),
     ("group", "describe"): ("DESCRIBE",),
+    ("group", "configure"): ("ALTER_CONFIGS",),
     ("transactional_id", "write"): ("WRITE", "DESCRIBE"),
 }
 ROLES: Final = ("worker", "lag", "replay")
@@ -111,6 +115,8 @@ def role_grants(cfg: Config, role: str) -> list[Grant]:
             Grant("topic", cfg.dead_letter.topic, "write"),
             Grant("topic", cfg.dead_letter.topic, "configs"),
         ]
+        if cfg.input.group_type == "share":  # the start position and delivery limit it sets
+            grants.append(Grant("group", group, "configure"))
         if cfg.delivery.mode == EXACTLY_ONCE:
             name, prefixed = transactional_prefix(cfg)
             grants.append(Grant("transactional_id", name, "write", prefixed))
@@ -142,6 +148,7 @@ _VERBS: Final[dict[Use, str]] = {
     "member": "join",
     "describe": "describe",
     "configs": "read the configuration of",
+    "configure": "change the configuration of",
 }
 
 

@@ -137,6 +137,21 @@ def _assigned_topics(admin: AdminClient, group: str, timeout: float) -> set[str]
     }
 
 
+def topic_partitions(admin: AdminClient, topic: str, timeout: float) -> list[TopicPartition]:
+    """Every partition of ``topic``, in order.
+
+    Raises:
+        BrokerError: the metadata cannot be read, or the topic does not exist.
+    """
+    try:
+        meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+    except KafkaException as exc:
+        raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
+    if meta is None or meta.error is not None:
+        raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
+    return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+
+
 def _group_partitions(admin: AdminClient, group: str, timeout: float) -> dict[TP, int | None]:
     """Every partition of every topic ``group`` consumes, with its committed offset or None.
 
@@ -198,13 +213,7 @@ def describe_group(
         if topic is None:
             committed = _group_partitions(admin, group, timeout)
         else:
-            try:
-                meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
-            except KafkaException as exc:
-                raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
-            if meta is None or meta.error is not None:
-                raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
-            tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+            tps = topic_partitions(admin, topic, timeout)
             committed = _committed_offsets(admin, group, tps, timeout)
         probe = Consumer(
             {

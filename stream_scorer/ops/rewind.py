@@ -33,6 +33,7 @@ from stream_scorer.kafka.groups import (
     _group_partitions,
     group_members,
     naming_brokers,
+    topic_partitions,
 )
 from stream_scorer.kafka.topics import TP
 from stream_scorer.logs import client_logger
@@ -119,15 +120,7 @@ def _partitions(
     """Every partition of ``topics`` (default: the group's) with its committed offset or None."""
     if not topics:
         return _group_partitions(admin, group, timeout)
-    tps = []
-    for topic in topics:
-        try:
-            meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot read the topic's metadata: {exc}", topic=topic) from exc
-        if meta is None or meta.error is not None:
-            raise BrokerError(f"no such topic: {meta.error if meta else ''}", topic=topic)
-        tps += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+    tps = [tp for topic in topics for tp in topic_partitions(admin, topic, timeout)]
     return _committed_offsets(admin, group, tps, timeout)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fastavro
@@ -59,73 +59,51 @@ def _string(text: str) -> bytes:
     return _long(len(raw)) + raw
 
 
-#: Bytes a v1 record takes besides its id and model version: the id's length (at most 5),
-#: the double (8), the label (at most 6), two longs (at most 10 each), plus slack.
-_V1_FIXED_BYTES = 43
-
-
-def _encode_v1_batch(
-    ids: Sequence[str],
-    predictions: npt.NDArray[np.float64],
-    labels: npt.NDArray[np.int64] | None,
-    version: bytes,
-    event_ms: Sequence[int],
-    scored_at_ms: int,
-) -> list[bytes]:
-    """Write a batch of v1 predictions with the compiled writer (``fast.kernel.encode_v1``).
-
-    Raises:
-        OverflowError: an event time or the scoring time does not fit in 64 bits.
-        UnicodeEncodeError: an id holds a lone surrogate.
-    """
-    from stream_scorer.fast.kernel import encode_v1  # numba: imported on first use
-
-    n = len(ids)
-    raw = "".join(ids).encode()
-    lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-    if len(raw) != int(lens.sum()):  # some ids are not ASCII: count their UTF-8 bytes
-        lens = np.fromiter((len(i.encode()) for i in ids), dtype=np.int64, count=n)
-    times = np.array(event_ms, dtype=np.int64).reshape(n)
-    if not -(2**63) <= scored_at_ms < 2**63:
-        raise OverflowError(f"scored_at {scored_at_ms} does not fit in 64 bits")
-    out = np.empty(len(raw) + n * (_V1_FIXED_BYTES + len(version)), dtype=np.uint8)
-    ends = np.empty(n, dtype=np.int64)
-    used = encode_v1(
-        np.frombuffer(raw or b"\x00", dtype=np.uint8),
-        np.cumsum(lens),
-        np.ascontiguousarray(predictions, dtype="<f8").reshape(n).view(np.uint8),
-        np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64),
-        labels is not None,
-        np.frombuffer(version, dtype=np.uint8),
-        times,
-        scored_at_ms,
-        out,
-        ends,
-    )
-    data = out[:used].tobytes()
-    stops = ends.tolist()
-    return [data[a:b] for a, b in zip([0, *stops[:-1]], stops, strict=True)]
+#: The compiled batch writer of the v1 layout (``fast.encode.write_v1_batch``), given by the
+#: layer that owns both the stages and the fast path: ``(ids, predictions, labels or None,
+#: model version as an Avro string, event times in ms, scoring time in ms)`` -> one record per row.
+BatchWriter = Callable[
+    [
+        Sequence[str],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.int64] | None,
+        bytes,
+        Sequence[int],
+        int,
+    ],
+    list[bytes],
+]
 
 
 class PredictionEncoder:
     """Writes prediction records with one parsed schema.
 
     For the v1 layout (``schemas/prediction.v1.avsc``) a writer specialised to it builds the
-    bytes directly, byte for byte what fastavro writes (tested against fastavro):
-    ``encode_batch`` writes a whole batch in one compiled loop, ``encode`` one record;
+    bytes directly, byte for byte what fastavro writes (tested against fastavro): ``encode``
+    one record; ``encode_batch`` a whole batch in one call of ``batch_writer`` when one was
+    given (the worker gives the compiled ``fast.encode.write_v1_batch``), else record by record;
     any other compatible schema is written by fastavro, one record at a time.
     """
 
-    def __init__(self, schema: dict[str, Any], *, prefix: bytes = b"") -> None:
+    def __init__(
+        self,
+        schema: dict[str, Any],
+        *,
+        prefix: bytes = b"",
+        batch_writer: BatchWriter | None = None,
+    ) -> None:
         """Create an encoder and prove the schema can be written.
 
         Args:
             schema: the parsed prediction schema.
             prefix: bytes written before every record (``output.format: confluent``: the
                 magic byte 0 and the schema id, see ``stages.framing``).
+            batch_writer: writes a batch of the v1 layout in one call (``BatchWriter``);
+                proved against ``encode`` here, so a broken build stops start-up.
 
         Raises:
-            SchemaError: the schema lacks a required field or rejects a sample prediction.
+            SchemaError: the schema lacks a required field or rejects a sample prediction,
+                or ``batch_writer`` writes other bytes than the reference writer.
         """
         names = {f["name"] for f in schema.get("fields", ())}
         missing = [f for f in REQUIRED_FIELDS if f not in names]
@@ -136,15 +114,16 @@ class PredictionEncoder:
         self._buf = io.BytesIO()
         layout = tuple((f["name"], _type_key(f["type"])) for f in schema.get("fields", ()))
         self.specialised = layout == _V1_LAYOUT
+        self._batch_writer = batch_writer
         self._version: tuple[str, bytes] = ("", b"\x00")
         try:
             probe = self.encode("probe", 0.5, 1, "v", 0, 0)
         except (ValueError, TypeError, KeyError) as exc:
             raise SchemaError(f"prediction schema cannot hold a prediction: {exc}") from exc
-        if self.specialised:  # load (or compile) the batch writer now, not on the first batch
+        if self.specialised and batch_writer is not None:  # load (or compile) it now
             batch = self.encode_batch(["probe"], np.array([0.5]), np.array([1]), "v", [0], 0)
-            if batch != [probe]:  # pragma: no cover - a broken build of the compiled writer
-                raise SchemaError("the compiled prediction writer disagrees with the reference")
+            if batch != [probe]:
+                raise SchemaError("the batch prediction writer disagrees with the reference")
 
     def encode(
         self,
@@ -201,10 +180,10 @@ class PredictionEncoder:
         Raises:
             Exception: a row cannot be written (``encode`` on each row tells which).
         """
-        if self.specialised and ids:
+        if self.specialised and self._batch_writer is not None and ids:
             if model_version != self._version[0]:
                 self._version = (model_version, _string(model_version))
-            out = _encode_v1_batch(
+            out = self._batch_writer(
                 ids, predictions, labels, self._version[1], event_ms, scored_at_ms
             )
             if self._prefix:

@@ -94,11 +94,20 @@ class Watchdog:
         return out
 
 
+class BacklogView(Protocol):
+    """A share group's backlog as one worker sees it (``worker.share.ShareBacklog``)."""
+
+    def records(self, timeout_s: float = 5.0) -> dict[TP, int]: ...  # noqa: D102
+
+
 class SourceView(Protocol):
     """What the monitor reads from the consumer (``stream_scorer.worker.source.Source``)."""
 
     lag: LagTracker
     joined: bool
+
+    @property
+    def backlog(self) -> BacklogView | None: ...  # noqa: D102
 
     @property
     def broker_reachable(self) -> bool: ...  # noqa: D102
@@ -142,7 +151,7 @@ class Monitor:
 
     # --- checks ------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Update the lag gauges, run the watchdog and update ``stream_scorer_ready``."""
+        """Update the lag gauges (and a share group's backlog), the watchdog and the readiness."""
         with self._lock:
             if self._source is not None:
                 snapshot = self._source.lag.snapshot()
@@ -153,6 +162,8 @@ class Monitor:
                 gone = self._published - snapshot.keys()
                 self._metrics.forget_partitions(sorted(gone))
                 self._published = set(snapshot)
+                if self._source.backlog is not None:
+                    self._metrics.update_share_backlog(self._source.backlog.records())
             ready, _body = self.readiness()
             self._metrics.ready.set(1 if ready else 0)
 

@@ -42,6 +42,7 @@ from stream_scorer.errors import (
     SchemaError,
     StreamScorerError,
 )
+from stream_scorer.fast.encode import write_v1_batch
 from stream_scorer.fast.framed import build_framed_columns
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.kafka.access import check_access, principal_of, role_grants
@@ -269,7 +270,9 @@ def build_pipeline(
                     "Kafka record's timestamp",
                 )
     try:
-        encoder = PredictionEncoder(load_schema(cfg.output.schema), prefix=prefix)
+        encoder = PredictionEncoder(
+            load_schema(cfg.output.schema), prefix=prefix, batch_writer=write_v1_batch
+        )
     except SchemaError as exc:
         raise ConfigError("output.schema", str(exc)) from exc
     if cfg.input.format == "confluent":
@@ -396,6 +399,7 @@ def _source(
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
             delivery_limit=cfg.input.delivery_limit,
             extra_topics=cfg.input.topics,
+            admin_settings=client_settings(cfg),
         )
     return Source(
         settings,

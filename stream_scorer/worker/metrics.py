@@ -126,6 +126,14 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.share_backlog = Gauge(
+            "stream_scorer_share_backlog_records",
+            "Share groups: the partition's end offset minus the offset after the newest record "
+            "delivered to this worker (the group's records not yet given to any worker: min "
+            "over its workers).",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.partition_stalled = Gauge(
             "stream_scorer_partition_stalled",
             "1 when the partition has lag and its committed offset has not moved for "
@@ -285,6 +293,11 @@ class Metrics:
             self.consumer_lag.labels(*labels).set(records)
             self.consumer_lag_seconds.labels(*labels).set(seconds)
             self.partition_stalled.labels(*labels).set(1 if stalled.get((topic, partition)) else 0)
+
+    def update_share_backlog(self, backlog: Mapping[tuple[str, int], int]) -> None:
+        """Set ``stream_scorer_share_backlog_records`` per partition (``ShareBacklog.records``)."""
+        for (topic, partition), records in backlog.items():
+            self.share_backlog.labels(topic, str(partition)).set(records)
 
     def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
         """Drop the per-partition series of partitions this worker no longer owns."""

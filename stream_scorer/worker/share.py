@@ -26,14 +26,16 @@ the worker logs it once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from confluent_kafka import KafkaException
 
-from stream_scorer.errors import BrokerError, broker_unreachable
+from stream_scorer.errors import BrokerError
+from stream_scorer.kafka.topics import TP
 from stream_scorer.logs import client_logger
 from stream_scorer.stages.records import DeadLetter, Message, Reason
 from stream_scorer.worker.lag import LagTracker
@@ -94,6 +96,76 @@ def configure_group(settings: dict[str, str], group: str, configs: GroupConfigs)
     log.info("share group %s: %s", group, configs)
 
 
+class ShareBacklog:
+    """What a share-group worker can see of its group's backlog, per partition (thread-safe).
+
+    The client has no share-group admin calls (the group's start offset is the broker's tool's
+    to read, ``ops.sharelag``), so the worker compares what it can read itself: the partition's
+    end offset (the admin client's ``list_offsets``, asked at most every ``interval_s``) with
+    the offset after the newest record it has been delivered. A share partition hands its
+    records out in offset order, so over the group's workers the smallest of these is the
+    records no worker has been given yet (``stream_scorer_share_backlog_records``; ``min``
+    across workers in PromQL). Records delivered but not yet acknowledged are not counted.
+    """
+
+    def __init__(self, admin_settings: Mapping[str, str], interval_s: float = 5.0) -> None:
+        """Prepare; the admin client is created on the first ``records``.
+
+        Args:
+            admin_settings: librdkafka settings for an admin client (brokers, security).
+            interval_s: the least time between two asks for the end offsets.
+        """
+        self._settings: dict[str, Any] = {**admin_settings, "log_level": "3"}
+        self._interval = interval_s
+        self._next: dict[TP, int] = {}  # the offset after the newest record delivered
+        self._cached: dict[TP, int] = {}
+        self._asked = -float("inf")
+        self._admin: Any = None
+        self._lock = threading.Lock()
+
+    def delivered(self, topic: str, partition: int, offset: int) -> None:
+        """A record was delivered to this worker."""
+        with self._lock:
+            tp = (topic, partition)
+            self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def records(self, timeout_s: float = 5.0) -> dict[TP, int]:
+        """The end offset minus the offset after the newest delivered record, per partition.
+
+        Partitions this worker has received nothing from are left out. The end offsets are
+        asked again once ``interval_s`` has passed; a failed ask keeps the last values (an
+        outage is the loop's to report).
+        """
+        with self._lock:
+            frontier = dict(self._next)
+        if frontier and time.monotonic() - self._asked >= self._interval:
+            self._asked = time.monotonic()
+            ends = self._end_offsets(list(frontier), timeout_s)
+            with self._lock:
+                self._cached.update(ends)
+        return {
+            tp: max(0, self._cached[tp] - offset)
+            for tp, offset in frontier.items()
+            if tp in self._cached
+        }
+
+    def _end_offsets(self, tps: list[TP], timeout_s: float) -> dict[TP, int]:
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+
+        if self._admin is None:
+            self._admin = AdminClient(self._settings)
+        ends: dict[TP, int] = {}
+        try:
+            latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+            asks = {TopicPartition(t, p): latest for t, p in tps}
+            for tp, future in self._admin.list_offsets(asks, request_timeout=timeout_s).items():
+                ends[(tp.topic, tp.partition)] = int(future.result(timeout=timeout_s).offset)
+        except Exception as exc:  # never raises: the gauge keeps its last value
+            log.debug("share backlog: cannot read the end offsets: %s", exc)
+        return ends
+
+
 class ShareSource(ConsumerErrors):
     """A subscribed share consumer that hands out batches (the ``Source`` of share groups)."""
 
@@ -105,10 +177,13 @@ class ShareSource(ConsumerErrors):
         unreachable_timeout_s: float,
         delivery_limit: int,
         extra_topics: Sequence[str] = (),
+        admin_settings: Mapping[str, str] | None = None,
     ) -> None:
         """Prepare a share consumer; it is created and subscribed on ``__enter__``.
 
         ``extra_topics``: more topic names (share consumers take exact names only).
+        ``admin_settings``: an admin client's settings, for the backlog's end offsets
+        (``ShareBacklog``; default: the brokers of ``settings``).
         """
         self._settings = settings
         self._topic = topic
@@ -126,6 +201,10 @@ class ShareSource(ConsumerErrors):
         self.joined = False  # a poll returned (membership is the broker's business)
         self.rebalances = 0  # share groups have no rebalances the worker takes part in
         self.lag = LagTracker()  # per-partition lag: the ``lag`` command (ShareGroupCommand)
+        #: the backlog this worker can see (``stream_scorer_share_backlog_records``)
+        self.backlog: ShareBacklog | None = ShareBacklog(
+            admin_settings or {"bootstrap.servers": settings.get("bootstrap.servers", "")}
+        )
         #: acknowledgements sent: accepted and released records
         self.accepted = 0
         self.released = 0
@@ -191,6 +270,8 @@ class ShareSource(ConsumerErrors):
                 batch.append(msg)
                 key = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
                 self._unacked[key] = msg
+                if self.backlog is not None:
+                    self.backlog.delivered(*key)
                 self._seen.add(key[:2])
             elif err.retriable() or (not err.fatal() and err.code() < 0):
                 log.warning("share consume: %s", err)
@@ -289,16 +370,6 @@ class ShareSource(ConsumerErrors):
 
     def rewind(self, timeout_s: float = 30.0) -> None:
         """Nothing to do: records not acknowledged come back by themselves."""
-
-    def raise_errors(self) -> None:
-        """Raise a recorded fatal error, or one when no broker answered for too long."""
-        if self._errors:
-            raise self._errors[0]
-        if self._down_since is not None:
-            down = time.monotonic() - self._down_since
-            if down > self._unreachable_timeout:
-                bootstrap = self._settings.get("bootstrap.servers", "")
-                raise broker_unreachable(bootstrap, down, self._unreachable_timeout)
 
     def fetched_to_end(self, timeout_s: float = 10.0) -> bool:
         """True: an empty poll is all a share consumer can tell (the idle clock does the rest)."""

@@ -48,13 +48,15 @@ class ConsumerErrors:
     """The consumer's ``error_cb``, shared by the group and the share-group sources.
 
     Records, never raises: a refused connection or a fatal error is kept in ``_errors`` for the
-    loop to raise; all brokers down starts ``_down_since``; anything else is logged.
+    loop to raise (``raise_errors``); all brokers down starts ``_down_since``; anything else is
+    logged.
     """
 
     _settings: dict[str, str]
     _topic: str
     _errors: list[BrokerError]
     _down_since: float | None
+    _unreachable_timeout: float
     _client_log: logging.Logger
 
     def _on_error(self, err: KafkaError) -> None:
@@ -69,6 +71,16 @@ class ConsumerErrors:
             self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
         else:
             self._client_log.warning("kafka: %s", err)
+
+    def raise_errors(self) -> None:
+        """Raise a recorded fatal error, or one when no broker answered for too long."""
+        if self._errors:
+            raise self._errors[0]
+        if self._down_since is not None:
+            down = time.monotonic() - self._down_since
+            if down > self._unreachable_timeout:
+                bootstrap = self._settings.get("bootstrap.servers", "")
+                raise broker_unreachable(bootstrap, down, self._unreachable_timeout)
 
 
 class Source(ConsumerErrors):
@@ -109,6 +121,7 @@ class Source(ConsumerErrors):
         self._starts: dict[tuple[str, int], int] = {}  # where unread partitions start
         #: Per-partition lag in records and seconds (``stream_scorer.worker.lag``).
         self.lag = LagTracker()
+        self.backlog = None  # a share group's (``worker.share.ShareBacklog``); the lag says it
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Source:
@@ -258,16 +271,6 @@ class Source(ConsumerErrors):
         for topic, partition, offset in offsets:
             if (topic, partition) in self._assigned:
                 self.lag.committed(topic, partition, offset)
-
-    def raise_errors(self) -> None:
-        """Raise a recorded fatal error, or one when no broker answered for too long."""
-        if self._errors:
-            raise self._errors[0]
-        if self._down_since is not None:
-            down = time.monotonic() - self._down_since
-            if down > self._unreachable_timeout:
-                bootstrap = self._settings.get("bootstrap.servers", "")
-                raise broker_unreachable(bootstrap, down, self._unreachable_timeout)
 
     def commit(self, offsets: list[tuple[str, int, int]] | None = None) -> None:
         """Commit ``(topic, partition, next_offset)`` now, or every stored offset when ``None``.

@@ -84,7 +84,7 @@ def test_start_status_second_start_message_stop_restart(
 
     status = broker.status()
     assert status is not None
-    assert (status.bootstrap, status.running, status.answering) == (bootstrap, True, True)
+    assert (status.address, status.running, status.answering) == (bootstrap, True, True)
     assert brokers_of(broker.state_dir) == [status.pid]
     state = json.loads((broker.state_dir / "state.json").read_text())
     assert state["pid"] == status.pid and state["controller_port"] == broker.controller_port

@@ -27,6 +27,7 @@ from support import (
     free_ports,
     payments,
     produce_raw,
+    read_record,
     rsa_pair,
     train_payment_classifier,
     wait_for,
@@ -42,6 +43,7 @@ from stream_scorer.kafka.access import Grant, role_grants
 from stream_scorer.kafka.topics import ensure_topics
 from stream_scorer.ops.grant import grant
 from stream_scorer.registry import RegistryClient
+from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.records import Reason
 from stream_scorer.worker.loop import run_worker
 from stream_scorer.worker.supervisor import run_command
@@ -229,15 +231,21 @@ def _assert_refused(
 # --- the worker with least privilege --------------------------------------------------------
 
 
-def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Deployment) -> None:
-    dep = deployment
-    granted = subprocess.run(  # as an operator does it
+def _acl_grant_worker(dep: Deployment) -> subprocess.CompletedProcess[str]:
+    """``stream-scorer acl grant --role worker`` for User:worker, as an operator runs it."""
+    granted = subprocess.run(
         [*run_command(dep.config)[:3], "acl", "grant", "--config", str(dep.config),
          "--admin-config", str(dep.broker.client_file("admin")),
          "--principal", "User:worker", "--role", "worker"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert granted.returncode == 0, granted.stderr[-2000:]
+    return granted
+
+
+def test_worker_with_least_privilege_scores_a_stream_end_to_end(deployment: Deployment) -> None:
+    dep = deployment
+    granted = _acl_grant_worker(dep)
     expected = 6 if dep.mode == "exactly-once" else 5
     assert granted.stdout.count("ALLOW User:worker ") == expected, granted.stdout
     total = _produce(dep, 400, poison_at=123)
@@ -592,3 +600,66 @@ def test_encrypted_dead_letters_are_unreadable_to_the_worker_and_replay_exactly_
     # the 3 replayed records (partitioned by key; transaction markers count) wait for the worker
     assert sum(r["lag_records"] for r in rows) >= 3, rows
     assert all(r["lag_seconds"] is not None for r in rows if r["lag_records"]), lag.stderr
+
+
+# --- share groups ----------------------------------------------------------------------------
+
+
+def _share_deployment(broker: LocalKafka, folder: Path, model_dir: Path) -> Deployment:
+    """A worker of a share group (reading the backlog from the start), as the worker user."""
+    dep = _deployment(broker, folder, model_dir, "at-least-once", _worker_client(broker))
+    raw = yaml.safe_load(dep.config.read_text())
+    raw["input"].update({"group_type": "share", "auto_offset_reset": "earliest"})
+    dep.config.write_text(yaml.safe_dump(raw))
+    return dep
+
+
+def test_share_group_worker_with_the_granted_acls_scores_and_lag_share_reads_it(
+    broker: LocalKafka, tmp_path: Path, model_dir: Path
+) -> None:
+    """``acl grant --role worker`` covers a share group (ALTER_CONFIGS on it for its start
+    position and delivery limit); ``lag --share`` reaches the secured broker as the tools user
+    through a properties file that is gone afterwards."""
+    dep = _share_deployment(broker, tmp_path, model_dir)
+    granted = _acl_grant_worker(dep)
+    assert granted.stdout.count("ALLOW User:worker ") == 6, granted.stdout
+    assert f"ALTER_CONFIGS on group '{dep.group}'" in granted.stdout, granted.stdout
+    total = _produce(dep, 60, poison_at=17)
+    # stops once it has consumed them all (a share group's first fetch comes seconds after
+    # joining: an idle timeout could stop it before)
+    code, out, err = _finish(_run(dep, "--max-messages", str(total)))
+    assert code == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["consumed"] >= total and report["predictions"] >= 60
+    schema = load_schema(ROOT / "schemas" / "prediction.v1.avsc")
+    scored = {read_record(schema, m.value())["input_id"] for m in _read(dep, dep.out)}
+    # at-least-once: every good record scored (a redelivered one may be scored twice)
+    assert scored == {r["txn_id"] for r in payments(60, seed=3)}
+    dead = _read(dep, dep.dlq)
+    assert [m.value() for m in dead] == [b"\x00\x01"]
+    assert dep.password not in out + err
+
+    # lag --share as the tools user, with the lag role's ACLs
+    tools = yaml.safe_load(dep.config.read_text())
+    tools["kafka"] = {
+        "unreachable_timeout_s": UNREACHABLE_S,
+        **yaml.safe_load(broker.client_file("tools").read_text())["kafka"],
+    }
+    tools_config = tmp_path / "tools.yaml"
+    tools_config.write_text(yaml.safe_dump(tools))
+    grant(dep.admin, role_grants(load_config(tools_config, environ={}), "lag"), "User:tools")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    lag = subprocess.run(
+        [*run_command(dep.config)[:3], "lag", "--config", str(tools_config), "--json"],
+        capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )  # fmt: skip
+    assert lag.returncode == 0, lag.stderr[-3000:]
+    doc = json.loads(lag.stdout)
+    assert doc["type"] == "share" and doc["total_lag_records"] == 0, doc
+    rows = {(p["topic"], p["partition"]): p["lag_records"] for p in doc["partitions"]}
+    assert rows.keys() == {(dep.topic, 0), (dep.topic, 1)} and rows[(dep.topic, 0)] == 0, doc
+    assert list(scratch.iterdir()) == []  # the properties file with the password is gone
+    tools_password = broker.password_file("tools").read_text().strip()
+    assert tools_password not in lag.stdout + lag.stderr

@@ -9,6 +9,7 @@ dead-letter topic with reason ``delivery_limit``.
 from __future__ import annotations
 
 import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from support import PAYMENT_SCHEMA, avro, payments, produce_raw, read_topic, wai
 from test_scaling import ROOT, Env, Flow, Worker, _prediction_ids
 
 from stream_scorer import headers
-from stream_scorer.worker.share import configure_group, share_group_configs
+from stream_scorer.worker.share import ShareBacklog, configure_group, share_group_configs
 
 pytestmark = pytest.mark.integration
 MAX_RECORDS = 100
@@ -187,3 +188,104 @@ def test_a_record_delivered_delivery_limit_times_is_dead_lettered(
     assert letter.value() == avro(PAYMENT_SCHEMA, record)  # the original bytes
     assert read_topic(env.bootstrap, env.out) == []  # not scored
     assert w.stop() is not None and w.proc.returncode == 0, w.stderr()
+
+
+def _backlog_samples(port: int, topic: str) -> dict[int, float]:
+    """``stream_scorer_share_backlog_records`` of a worker, per partition of ``topic``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    return {
+        int(s.labels["partition"]): float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "stream_scorer_share_backlog_records" and s.labels.get("topic") == topic
+    }
+
+
+def test_the_share_backlog_reads_the_end_offsets_against_the_newest_delivered_record(
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    topic = unique("sh-backlog")
+    make_topics({topic: 2})
+    produce_raw(kafka_bootstrap, topic, [(b"k", b"v")] * 10, 1)
+    backlog = ShareBacklog({"bootstrap.servers": kafka_bootstrap}, interval_s=0.0)
+    assert backlog.records() == {}  # nothing delivered: nothing it can say
+    backlog.delivered(topic, 0, 3)
+    assert backlog.records() == {(topic, 0): 6}  # offsets 4..9 not delivered here
+    produce_raw(kafka_bootstrap, topic, [(b"k", b"v")] * 5, 1)
+    backlog.delivered(topic, 0, 1)  # an older record (redelivered): the newest stays 3
+    assert backlog.records() == {(topic, 0): 11}
+    backlog.delivered(topic, 0, 14)
+    assert backlog.records() == {(topic, 0): 0}
+    cached = ShareBacklog({"bootstrap.servers": kafka_bootstrap}, interval_s=3600.0)
+    cached.delivered(topic, 0, 0)
+    assert cached.records() == {(topic, 0): 14}
+    produce_raw(kafka_bootstrap, topic, [(b"k", b"v")], 1)
+    assert cached.records() == {(topic, 0): 14}  # not asked again within interval_s
+
+
+def test_a_record_whose_lock_expires_is_redelivered_to_another_worker_and_scored(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    model_dir: Path,
+    workers: list[Worker],
+) -> None:
+    """A member that takes records and never acknowledges them (hung, not dead): when their
+    locks expire (2 s here, the group's ``share.record.lock.duration.ms``) the broker delivers
+    them again, to a worker, which scores them; they are the only redeliveries, counted."""
+    env = _env(tmp_path, kafka_bootstrap, unique, make_topics, model_dir)
+    configs = {**share_group_configs("earliest", 5), "share.record.lock.duration.ms": "2000"}
+    configure_group({"bootstrap.servers": env.bootstrap}, env.group, configs)
+    records = payments(20, seed=11)
+    sent = {r["txn_id"] for r in records}
+    produce_raw(
+        env.bootstrap,
+        env.topic,
+        [(r["txn_id"].encode(), avro(PAYMENT_SCHEMA, r)) for r in records],
+        1,
+    )
+    hung = ShareConsumer(
+        {
+            "bootstrap.servers": env.bootstrap,
+            "group.id": env.group,
+            "share.acknowledgement.mode": "explicit",
+        }
+    )
+    hung.subscribe([env.topic])
+    held: dict[int, int] = {}  # offset -> delivery count, as the hung member saw them
+
+    def took_some() -> bool:
+        for msg in hung.poll(0.5):
+            if msg.error() is None:
+                held[int(msg.offset() or 0)] = int(msg.delivery_count() or 0)
+        return bool(held)
+
+    try:
+        wait_for(took_some, 60, "the hung member never received a record")
+        assert set(held.values()) == {1}
+        # it never acknowledges nor polls again: its locks expire, the worker gets the records
+        w = Worker(env, "w")
+        workers.append(w)
+        wait_for(lambda: _prediction_ids(env).keys() == sent, 90, "all 20 records scored")
+        scored = _prediction_ids(env)
+        # every record scored exactly once: the hung member's only by the worker, after expiry
+        assert set(scored.values()) == {1}, scored
+        redelivered = len(held)
+        print(f"lock expiry: hung member held {redelivered} records, all redelivered")
+        assert redelivered >= 1
+        # the worker's backlog gauge: nothing left that no worker was given
+        wait_for(lambda: _backlog_samples(w.port, env.topic) == {0: 0.0}, 30, "backlog 0")
+        reports = w.stop()
+        assert w.proc.returncode == 0, w.stderr()
+        assert reports and reports[-1]["predictions"] == 20
+    finally:
+        hung.close()

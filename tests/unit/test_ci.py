@@ -8,6 +8,7 @@ pass by checking nothing. ``.ci/run`` stays the local entry point.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shlex
@@ -20,7 +21,9 @@ from typing import Any
 import pytest
 import yaml
 from _pytest.mark.expression import Expression
-from support import tool
+from support import release_notes, tool
+
+from stream_scorer.devtools.localkafka import find_pom
 
 ROOT = Path(__file__).parents[2]
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
@@ -241,7 +244,21 @@ def test_ci_runs_on_python_3_11() -> None:
         assert python is None or python["python-version"] == "${{ env.PYTHON_VERSION }}", job
 
 
-def test_integration_jobs_have_java_maven_and_the_cache_outside_the_checkout() -> None:
+def _make_targets_of(step: dict[str, Any]) -> set[str]:
+    """The ``make`` targets a step runs (each command line parsed, not searched)."""
+    targets: set[str] = set()
+    for line in str(step.get("run", "")).replace("\\\n", " ").splitlines():
+        words = shlex.split(line)
+        if words[:1] == ["make"]:
+            targets |= {w for w in words[1:] if not w.startswith("-") and "=" not in w}
+    return targets
+
+
+def _make_targets(job: str) -> set[str]:
+    return set().union(*(_make_targets_of(s) for s in _steps(job)))
+
+
+def test_integration_jobs_have_java_maven_and_make_setup() -> None:
     for job in ("integration", "installed"):
         uses = _uses(job)
         java = uses["actions/setup-java"]
@@ -249,25 +266,83 @@ def test_integration_jobs_have_java_maven_and_the_cache_outside_the_checkout() -
         # Kafka's Java (17, the last: JAVA_HOME) and Apicurio Registry's (21+), the one the
         # registry runs with named to it
         assert versions[-1] >= 17 and max(versions) >= 21 and java["cache"] == "maven", job
-        steps = _workflow()["jobs"][job]["steps"]
-        setup = next(s for s in steps if "make setup" in s.get("run", ""))
+        setup = next(s for s in _steps(job) if "setup" in _make_targets_of(s))
         assert setup["env"]["STREAM_SCORER_REGISTRY_JAVA"].startswith("${{ env.JAVA_HOME_21"), job
-        assert java["cache-dependency-path"] == "stream_scorer/devtools/local-kafka-pom.xml"
-        assert uses["actions/cache"]["path"] == "~/.cache/stream-scorer", job
+        assert (ROOT / java["cache-dependency-path"]).resolve() == find_pom().resolve(), job
         assert "actions/setup-go" in uses, job  # make setup builds actionlint
-        assert "make setup" in _runs(job)
+        assert "setup" in _make_targets(job), job
     # the MLflow server of the model-registry tests (CI=true: they fail without it)
-    assert "mlflow-tools" in _runs("integration")
+    assert "mlflow-tools" in _make_targets("integration")
+    for target in ("setup", "mlflow-tools"):  # targets the Makefile has
+        assert _run("make", "-n", "-C", ROOT, target).returncode == 0, target
+
+
+def _hashed(key: str) -> set[Path]:
+    """The files a cache key's ``hashFiles(...)`` patterns match in the checkout."""
+    import re
+
+    files: set[Path] = set()
+    for call in re.findall(r"hashFiles\(([^)]*)\)", key):
+        for pattern in re.findall(r"'([^']+)'", call):
+            matched = set(ROOT.glob(pattern))
+            assert matched, f"{pattern} in {key} matches no file"  # a renamed pin hashes nothing
+            files |= matched
+    return files
+
+
+def test_the_cache_of_the_tools_is_keyed_on_every_pin_of_what_it_holds() -> None:
+    """~/.cache/stream-scorer holds the broker jars (the pom), Apicurio Registry (its pinned
+    release in localregistry.py), the MLflow server (pinned in localmlflow.py) and actionlint
+    (deploy/tools): a change to any pin must change the key, or CI restores stale tools."""
+    from stream_scorer.devtools.localkafka import find_pom
+    from stream_scorer.devtools.localmlflow import fetch_mlflow
+    from stream_scorer.devtools.localregistry import fetch_registry
+
+    pins = {
+        "~/.cache/stream-scorer": {
+            find_pom(),
+            Path(inspect.getfile(fetch_registry)),
+            Path(inspect.getfile(fetch_mlflow)),
+            ROOT / "deploy" / "tools" / "install-actionlint.sh",
+        },
+        "~/.cache/stream-scorer/bin": {ROOT / "deploy" / "tools" / "install-actionlint.sh"},
+    }
+    seen = 0
+    for job in _workflow()["jobs"]:
+        cache = _uses(job).get("actions/cache")
+        if cache is None:
+            continue
+        seen += 1
+        hashed = {p.resolve() for p in _hashed(str(cache["key"]))}
+        missing = {p.resolve() for p in pins[cache["path"]]} - hashed
+        assert not missing, f"{job}: the key of {cache['path']} misses {sorted(missing)}"
+    assert seen >= 2
+
+
+def test_the_image_job_runs_the_image_tests(suite: dict[str, tuple[str, set[str]]]) -> None:
+    lines = [
+        ln for s in _steps("image") for ln in str(s.get("run", "")).splitlines() if "pytest" in ln
+    ]
+    selected = set().union(*(_selects(run, suite) for run in _pytest_runs(lines)))
+    image = {node for node, (path, _) in suite.items() if path.endswith("test_image.py")}
+    assert image and selected == image
 
 
 def test_build_makes_the_wheel_and_the_versioned_image_and_publishes_only_on_a_tag() -> None:
     wf = _workflow()
     build = wf["jobs"]["build"]
     assert set(build["needs"]) == {"lint", "unit", "integration", "installed", "image"}
-    assert "tests/integration/test_image.py" in _runs("image")
-    assert "pip wheel --no-deps --wheel-dir dist ." in _runs("build")
+    # the wheel lands where the artifact is uploaded from
+    (wheel,) = [
+        shlex.split(str(s["run"]))
+        for s in _steps("build")
+        if "wheel" in shlex.split(str(s.get("run", "")))
+    ]
+    wheel_dir = wheel[wheel.index("--wheel-dir") + 1]
+    upload = _uses("build")["actions/upload-artifact"]
+    assert Path(upload["path"]).parent == Path(wheel_dir) and upload["if-no-files-found"] == "error"
     image = _uses("build")["docker/build-push-action"]
-    assert image["file"] == "deploy/Dockerfile"
+    assert (ROOT / image["file"]).is_file()
     assert image["build-args"] == "VERSION=${{ steps.version.outputs.version }}"
     assert image["push"] == "${{ startsWith(github.ref, 'refs/tags/v') }}"
     assert "ghcr.io/${{ github.repository }}:${{ steps.version.outputs.version }}" in image["tags"]
@@ -275,9 +350,52 @@ def test_build_makes_the_wheel_and_the_versioned_image_and_publishes_only_on_a_t
     release = wf["jobs"]["release"]
     assert release["if"] == "startsWith(github.ref, 'refs/tags/v')"
     assert release["permissions"] == {"contents": "write"}
-    assert "gh release create" in _runs("release") and "stream_scorer-*.whl" in _runs("release")
-    assert ".ci/release_notes.py" in _runs("release")
     assert wf["permissions"] == {"contents": "read"}
+
+
+def test_the_release_step_publishes_the_wheel_with_the_changelog_section(tmp_path: Path) -> None:
+    """The release job's script, run with a stand-in ``gh``: the tag's release, the wheel and
+    the CHANGELOG.md section as its notes."""
+    notes = release_notes()
+    version = notes.package_version()
+    (step,) = [s for s in _steps("release") if "run" in s]
+    (tmp_path / ".ci").symlink_to(ROOT / ".ci")
+    (tmp_path / "dist").mkdir()
+    wheel = f"stream_scorer-{version}-py3-none-any.whl"
+    (tmp_path / "dist" / wheel).write_bytes(b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "gh"  # records its arguments, one a line, and the notes it was given
+    fake.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "called"}\ncp notes.md {tmp_path / "seen"}\n'
+    )
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "GITHUB_REF_NAME": f"v{version}",
+        "VERSION": version,
+        "GH_TOKEN": "unused",
+    }
+    done = subprocess.run(
+        ["bash", "-e", "-c", str(step["run"])],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "called").read_text().splitlines() == [
+        "release", "create", f"v{version}", f"dist/{wheel}",
+        "--title", f"stream-scorer {version}", "--notes-file", "notes.md", "--verify-tag",
+    ]  # fmt: skip
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert (tmp_path / "seen").read_text().strip() == notes.section(changelog, version).strip()
+    # a tag that is not the package's version publishes nothing
+    (tmp_path / "called").unlink()
+    wrong = subprocess.run(
+        ["bash", "-e", "-c", str(step["run"])],
+        cwd=tmp_path, env={**env, "GITHUB_REF_NAME": "v9.9.9"}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert wrong.returncode != 0 and not (tmp_path / "called").exists()
 
 
 def test_ci_run_runs_make_test_from_the_checkout(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream_scorer.errors import SchemaError
+from stream_scorer.fast.encode import write_v1_batch
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 
@@ -18,7 +20,8 @@ LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
 def _pair() -> tuple[PredictionEncoder, PredictionEncoder]:
-    fast, generic = PredictionEncoder(SCHEMA), PredictionEncoder(SCHEMA)
+    fast = PredictionEncoder(SCHEMA, batch_writer=write_v1_batch)
+    generic = PredictionEncoder(SCHEMA)
     generic.specialised = False  # fastavro's writer
     return fast, generic
 
@@ -120,3 +123,20 @@ def test_batch_writer_refuses_a_scoring_time_beyond_64_bits() -> None:
     fast, _ = _pair()
     with pytest.raises(OverflowError):
         fast.encode_batch(["a"], np.array([0.5]), None, "v", [1], 2**64)
+
+
+def test_without_a_batch_writer_a_batch_is_written_record_by_record() -> None:
+    fast, _ = _pair()
+    plain = PredictionEncoder(SCHEMA)  # the stage alone: no compiled writer handed in
+    assert plain.specialised
+    ids, values, labels, times = ["a", "é"], np.array([0.25, 1.0]), np.array([0, 1]), [1, 2]
+    want = fast.encode_batch(ids, values, labels, "v", times, 9)
+    assert plain.encode_batch(ids, values, labels, "v", times, 9) == want
+
+
+def test_a_batch_writer_that_disagrees_with_the_reference_stops_start_up() -> None:
+    def wrong(*args: object) -> list[bytes]:
+        return [b"\x00"]
+
+    with pytest.raises(SchemaError, match="batch prediction writer disagrees"):
+        PredictionEncoder(SCHEMA, batch_writer=wrong)

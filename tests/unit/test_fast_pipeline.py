@@ -18,6 +18,7 @@ from support import (
     train_payment_classifier,
 )
 
+from stream_scorer.fast.encode import write_v1_batch
 from stream_scorer.fast.path import build_fast_path
 from stream_scorer.stages.columns import AvroColumns
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -57,7 +58,7 @@ def _pipeline(model_dir: Path, *, fast: bool, timings: list[str]) -> Pipeline:
             event_time_field="at",
         ),
         scorer,
-        PredictionEncoder(load_schema(PREDICTION_SCHEMA)),
+        PredictionEncoder(load_schema(PREDICTION_SCHEMA), batch_writer=write_v1_batch),
         clock=lambda: 1_800_000_000.0,
         timer=lambda stage, _seconds: timings.append(stage),
     )

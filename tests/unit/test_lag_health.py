@@ -18,7 +18,7 @@ from support import Msg, free_ports, train_payment_classifier, wait_for, write_s
 from stream_scorer.config import Config, load_config
 from stream_scorer.kafka.groups import PartitionLag
 from stream_scorer.ops.lag import to_json, to_table, totals
-from stream_scorer.worker.health import Monitor, Watchdog
+from stream_scorer.worker.health import BacklogView, Monitor, Watchdog
 from stream_scorer.worker.lag import LagTracker
 from stream_scorer.worker.metrics import Metrics
 
@@ -240,6 +240,7 @@ class FakeSource:
     joined: bool = False
     reachable: bool = False
     parts: set[tuple[str, int]] = field(default_factory=set)
+    backlog: BacklogView | None = None
 
     @property
     def broker_reachable(self) -> bool:
@@ -493,3 +494,32 @@ def test_a_stop_request_ends_the_wait_for_a_broker_quietly() -> None:
         stop=stop,
     )
     assert len(asked) == 2
+
+
+class _Backlog:
+    def __init__(self, records: dict[tuple[str, int], int]) -> None:
+        self.values = records
+
+    def records(self, timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+        return dict(self.values)
+
+
+def test_a_share_sources_backlog_is_published_per_partition(base_cfg: dict[str, Any]) -> None:
+    metrics = Metrics()
+    backlog = _Backlog({("in", 0): 12, ("in", 3): 0})
+    monitor = Monitor(_cfg(base_cfg), metrics, "m")
+    monitor.watch(FakeSource(backlog=backlog))
+    monitor.refresh()
+    value = metrics.prometheus.get_sample_value
+    name = "stream_scorer_share_backlog_records"
+    assert value(name, {"topic": "in", "partition": "0"}) == 12
+    assert value(name, {"topic": "in", "partition": "3"}) == 0
+    backlog.values[("in", 0)] = 5
+    monitor.refresh()
+    assert value(name, {"topic": "in", "partition": "0"}) == 5
+    # a consumer group's source has none: no series
+    plain = Metrics()
+    other = Monitor(_cfg(base_cfg), plain, "m")
+    other.watch(FakeSource())
+    other.refresh()
+    assert plain.prometheus.get_sample_value(name, {"topic": "in", "partition": "0"}) is None

@@ -48,6 +48,13 @@ def test_the_package_keeps_its_layers() -> None:
             "from stream_scorer.worker import lag as _lag",
             "stream_scorer.stages is not allowed to import stream_scorer.worker",
         ),
+        # stages below fast: the v1 prediction writer is handed to the encoder, never imported
+        # (an ignored stages.encode -> fast.kernel import let exactly this line pass)
+        (
+            "stages/encode.py",
+            "from stream_scorer.fast import kernel as _kernel",
+            "stream_scorer.stages is not allowed to import stream_scorer.fast",
+        ),
         # kafka below the operator commands (what worker/* did through ops.acl and ops.topics)
         (
             "kafka/access.py",

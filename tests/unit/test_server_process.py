@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support import wait_for
 
-from stream_scorer.devtools.process import STATE_FILE, ServerProcess, alive, tail
+from stream_scorer.devtools.process import STATE_FILE, ServerProcess, ServerStatus, alive, tail
 from stream_scorer.errors import LocalKafkaError
 
 # a server stand-in: waits for a signal (SIGTERM ends it), nothing else
@@ -59,3 +59,43 @@ def test_tail_names_the_file_and_keeps_the_last_lines(tmp_path: Path) -> None:
     log.write_text("\n".join(f"line {i}" for i in range(50)))
     text = tail(log, lines=3)
     assert text.splitlines() == [f"--- last lines of {log} ---", "line 47", "line 48", "line 49"]
+
+
+def test_status_reads_the_record_and_probes_only_a_running_server(tmp_path: Path) -> None:
+    """One status for every local server: the recorded address, alive, and answering."""
+    marker = f"--marker={tmp_path}"
+    server = ServerProcess(tmp_path, "the sleeper", (marker.encode(),), LocalKafkaError)
+    assert server.status("url", lambda _: True) is None  # nothing recorded
+    probed: list[str] = []
+
+    def answers(address: str) -> bool:
+        probed.append(address)
+        return True
+
+    proc = server.spawn([sys.executable, "-c", SLEEPER, marker], tmp_path / "out", {"url": "u:1"})
+    try:
+        assert server.status("bootstrap", answers) is None  # recorded, but not under that key
+        wait_for(lambda: server.is_ours(proc.pid), 30, "the sleeper seen as this server")
+        assert server.status("url", answers) == ServerStatus(proc.pid, "u:1", True, True)
+        assert probed == ["u:1"]
+        proc.kill()
+        proc.wait(10)
+        # a record left by a dead process: not running, and not probed
+        assert server.status("url", answers) == ServerStatus(proc.pid, "u:1", False, False)
+        assert probed == ["u:1"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_the_logs_of_a_failed_start_hold_the_servers_log_files_then_its_output(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "server.log").write_text("ERROR the log line\n")
+    (tmp_path / "out").write_text("the output line\n")
+    server = ServerProcess(
+        tmp_path, "the sleeper", (b"x",), LocalKafkaError, logs=(tmp_path / "server.log",)
+    )
+    text = server.logs(tmp_path / "out")
+    assert text.index("ERROR the log line") < text.index("the output line")

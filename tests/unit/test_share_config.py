@@ -122,6 +122,73 @@ def test_share_group_command_output_parses_into_rows_and_errors_raise() -> None:
         )
 
 
+# a stand-in for `java`: records the --command-config file's mode and text, prints a table
+_FAKE_JAVA = """#!{python}
+import os, sys
+args = sys.argv[1:]
+record = os.environ["FAKE_JAVA_RECORD"]
+if "--command-config" in args:
+    path = args[args.index("--command-config") + 1]
+    with open(record, "w") as fh:
+        fh.write(path + "\\n" + oct(os.stat(path).st_mode & 0o777) + "\\n" + open(path).read())
+print("GROUP TOPIC PARTITION START-OFFSET LAG")
+print("g t 0 7 3")
+"""
+
+
+def test_lag_share_on_a_secured_broker_passes_the_credentials_in_a_private_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from stream_scorer.ops.sharelag import ShareLag, describe_share_group
+
+    java = tmp_path / "java"
+    java.write_text(_FAKE_JAVA.format(python=sys.executable))
+    java.chmod(0o700)
+    record = tmp_path / "record"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("FAKE_JAVA_RECORD", str(record))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    settings = {
+        "bootstrap.servers": "h:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "tools",
+        "sasl.password": 'pa"ss\\word',
+        "ssl.ca.location": "/certs/ca.pem",
+    }
+    rows = describe_share_group(settings, "g", java=str(java), libs=tmp_path)
+    assert rows == [ShareLag("t", 0, 7, 3)]
+    path, mode, *props = record.read_text().splitlines()
+    assert mode == "0o600"
+    assert not Path(path).exists() and list(scratch.iterdir()) == []  # removed after
+    assert props == [
+        "security.protocol=SASL_SSL",
+        "sasl.mechanism=SCRAM-SHA-512",
+        "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+        'username="tools" password="pa\\\\"ss\\\\\\\\word";',  # escaped for JAAS, then .properties
+        "ssl.truststore.type=PEM",
+        "ssl.truststore.location=/certs/ca.pem",
+    ]
+    # plaintext: no file at all
+    record.unlink()
+    describe_share_group({"bootstrap.servers": "h:9092"}, "g", java=str(java), libs=tmp_path)
+    assert not record.exists()
+
+
+def test_lag_share_refuses_a_security_setting_it_cannot_pass_naming_it(tmp_path: Path) -> None:
+    from stream_scorer.ops.sharelag import java_client_properties
+
+    settings = {"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER"}
+    with pytest.raises(ConfigError, match=r"kafka\.client\.sasl\.mechanism"):
+        java_client_properties(settings, tmp_path)
+    settings = {"security.protocol": "SSL", "ssl.keystore.location": "/k.p12"}
+    with pytest.raises(ConfigError, match=r"kafka\.client\.ssl\.keystore\.location"):
+        java_client_properties(settings, tmp_path)
+
+
 class _FakeShareConsumer:
     """What ShareSource calls on librdkafka's share consumer, recorded."""
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
 import confluent_kafka
 import pytest
 import xgboost
 import yaml
+from support import release_notes
 
 import stream_scorer
 from stream_scorer.cli import main
@@ -21,16 +20,6 @@ from stream_scorer.devtools.localkafka import KAFKA_VERSION
 
 ROOT = Path(__file__).parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-
-
-def _release_notes() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "release_notes", ROOT / ".ci" / "release_notes.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_package_version_is_pyprojects() -> None:
@@ -64,7 +53,7 @@ def test_version_flag_works_as_a_command() -> None:
 
 def test_the_changelog_has_a_section_for_the_current_version() -> None:
     text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
-    notes = _release_notes()
+    notes = release_notes()
     assert notes.section(text, VERSION).strip()
     headings = re.findall(r"^## \[([^\]]+)\]", text, flags=re.MULTILINE)
     assert headings[0] == "Unreleased" and VERSION in headings
@@ -74,7 +63,7 @@ def test_the_changelog_has_a_section_for_the_current_version() -> None:
 def test_release_notes_refuse_a_tag_that_is_not_the_version(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    notes = _release_notes()
+    notes = release_notes()
     assert notes.main(["v999.0.0"]) == 1
     assert f"is not v{VERSION}" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"no section '## \[9.9.9\]"):
