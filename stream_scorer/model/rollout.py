@@ -65,18 +65,15 @@ class Split:
         return (*(v for v, _ in self.challengers), self.champion)
 
     def weights(self) -> dict[str, float]:
-        """Percent of keys per version (the champion: what the challengers leave)."""
-        out: dict[str, float] = {}
+        """Percent of keys per version: the champion first (what the challengers leave)."""
+        out = {self.champion: round(100 - sum(p for _, p in self.challengers), 4)}
         for version, percent in self.challengers:
             out[version] = out.get(version, 0.0) + percent
-        out[self.champion] = round(100 - sum(p for _, p in self.challengers), 4)
         return out
 
     def describe(self) -> str:
         """``3 90%, 4 10%`` (champion first)."""
-        weights = self.weights()
-        order = [self.champion, *(v for v in weights if v != self.champion)]
-        return ", ".join(f"{v} {weights[v]:g}%" for v in order)
+        return ", ".join(f"{v} {w:g}%" for v, w in self.weights().items())
 
 
 @dataclass(frozen=True)
