@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Models"
-ROWS = [(("model",), "publish, promote, roll out, roll back, pack, check versions")]
+ROWS = [(("model",), "publish, promote, roll out/back, pack, check")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:

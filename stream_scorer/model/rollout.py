@@ -38,13 +38,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from stream_scorer.errors import RolloutError
-from stream_scorer.stages.route import BUCKETS
 
 FORMAT: Final = "stream-scorer.rollout"
 SCHEMA_VERSION: Final = 1
 MODES: Final = ("canary", "ab", "blue-green")
-#: The smallest weight step (one bucket of ``stages.route``), in percent.
-STEP: Final = 100 / BUCKETS
+#: The smallest weight step, in percent: one of ``stages.route.BUCKETS`` (not imported here: the
+#: command line reads records without loading the scoring stages).
+STEP: Final = 0.01
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from test_pipeline_sink import PREDICTION_SCHEMA, FakeProducer, _pipeline
 from stream_scorer import headers as hdr
 from stream_scorer.contracts.manifest import write_manifest
 from stream_scorer.errors import ModelError, RolloutError
-from stream_scorer.model.rollout import Split, make, parse, parse_weights
+from stream_scorer.model.rollout import STEP, Split, make, parse, parse_weights
 from stream_scorer.model.store import (
     ModelStore,
     StoreSource,
@@ -99,6 +99,10 @@ def test_growing_a_canary_keeps_the_keys_it_had() -> None:
 def test_zero_and_hundred_percent() -> None:
     assert set(split_keys(KEYS[:500], [0])) == {1}
     assert set(split_keys(KEYS[:500], [100])) == {0}
+
+
+def test_the_record_step_is_one_bucket() -> None:
+    assert STEP == 100 / BUCKETS
 
 
 def test_bounds_refuse_more_than_a_hundred_percent() -> None:
