@@ -232,6 +232,8 @@ class ModelRefresher:
         wanted = self._wanted()
         if wanted is None:
             return
+        # 1 while the split asked for is one refused (a rollback to the split in force clears it)
+        self._metrics.rollout_refused.set(int(wanted in self._refused and bool(wanted.challengers)))
         with self._lock:
             if wanted == self._target or wanted in self._refused:
                 return

@@ -294,6 +294,16 @@ def test_the_refresher_follows_a_rollout(tmp_path: Path, trained: dict[str, Path
     assert back is first
     assert metrics.prometheus.get_sample_value("stream_scorer_rollout_refused") == 0
 
+    # refused while the champion alone scores; a rollback (nothing to swap) clears the gauge
+    start_rollout(store, make("canary", "v1", [("v3", 5)], "test"))
+    refresher.check_now()
+    assert refresher.take() is None
+    assert metrics.prometheus.get_sample_value("stream_scorer_rollout_refused") == 1
+    rollback(store)
+    refresher.check_now()
+    assert refresher.take() is None
+    assert metrics.prometheus.get_sample_value("stream_scorer_rollout_refused") == 0
+
 
 def test_a_worker_starts_with_its_rollout(tmp_path: Path, trained: dict[str, Path]) -> None:
     store = _store(tmp_path, trained)
