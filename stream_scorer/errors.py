@@ -11,6 +11,7 @@ Every error the service raises on purpose derives from one root, so callers can 
     │   └── RefusedError     a server (registry, MLflow) refused the credentials (401), forbade
     │                        the request (403) or rejected it for good (409, 422, other 4xx)
     ├── ModelError           model file or manifest missing, corrupt or inconsistent
+    │   └── RolloutError     a rollout record (canary, A/B, blue-green split) is malformed
     ├── SchemaError          an Avro schema that cannot be parsed or does not fit
     ├── BrokerError          Kafka unreachable or a request refused (topic/partition/offset)
     │   ├── DeliveryError    the broker did not acknowledge a prediction or dead letter
@@ -126,6 +127,10 @@ def refused(
 
 class ModelError(StreamScorerError):
     """The model or its manifest cannot be loaded or is inconsistent."""
+
+
+class RolloutError(ModelError):
+    """A rollout record cannot be read: not JSON, another format, bad weights."""
 
 
 class SchemaError(StreamScorerError):

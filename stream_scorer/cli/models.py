@@ -8,6 +8,7 @@ Model Registry at ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``); a bare ``<nam
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,24 @@ from stream_scorer.model.store import (
     Move,
     open_store,
     promote,
+    read_rollout,
     rollback,
+    start_rollout,
 )
+
+log = logging.getLogger(__name__)
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Models"
-ROWS = [(("model",), "publish, promote, roll back, pack, check versions")]
+ROWS = [(("model",), "publish, promote, roll out/back, pack, check")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:
     spec: str = args.store_name
+    if "@" in spec.rpartition("/")[2]:  # STORE@alias: the alias, unless --alias names one
+        spec, _, alias = spec.rpartition("@")
+        if getattr(args, "alias", DEFAULT_ALIAS) == DEFAULT_ALIAS:
+            args.alias = alias
     if not spec.startswith((STORE_SCHEME, MLFLOW_SCHEME)):
         if args.store is None:
             raise ConfigError(
@@ -43,6 +52,22 @@ def _store(args: argparse.Namespace) -> AliasStore:
 
 def _print_move(store: AliasStore, move: Move) -> None:
     print(f"{store.describe()}@{move.alias}: {move.before or '(unset)'} -> {move.after}")
+    _print_in_force(store, move.alias)
+
+
+def _print_in_force(store: AliasStore, alias: str) -> None:
+    """What scores now: the champion alone, or the rollout's split (and who set it)."""
+    champion = store.get_alias(alias)
+    record = read_rollout(store, alias)
+    where = f"{store.describe()}@{alias}"
+    if record is None or record.champion != champion:
+        print(f"in force: {where}: {champion or '(unset)'} 100% (no rollout)", flush=True)
+        return
+    print(
+        f"in force: {where}: {record.mode} {record.split().describe()} "
+        f"(changed {record.changed_at} by {record.changed_by})",
+        flush=True,
+    )
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -53,7 +78,49 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     store = _store(args)
-    _print_move(store, rollback(store, args.alias))
+    move = rollback(store, args.alias)
+    if move.before == move.after:
+        log.info("rollout of %s@%s ended: %s scores every key", store.describe(), move.alias,
+                 move.after)  # fmt: skip
+        print(f"{store.describe()}@{move.alias}: rollout ended, {move.after} scores every key")
+        _print_in_force(store, move.alias)
+    else:
+        _print_move(store, move)
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from stream_scorer.model.rollout import make, parse_weights, who
+
+    store = _store(args)
+    alias = args.alias
+    given = [args.canary is not None, args.weights is not None, args.blue_green is not None]
+    if sum(given) > 1:
+        raise ConfigError("--canary", "give one of --canary, --weights, --blue-green")
+    if args.percent is not None and args.canary is None:
+        raise ConfigError("--percent", "goes with --canary VERSION")
+    if not any(given):  # show what is in force
+        _print_in_force(store, alias)
+        return 0
+    champion = store.get_alias(alias)
+    if champion is None:
+        raise ConfigError("STORE", f"{store.describe()}: alias {alias!r} is not set: promote first")
+    by = f"{who()} (stream-scorer model rollout)"
+    if args.canary is not None:
+        if args.percent is None:
+            raise ConfigError("--percent", "--canary VERSION needs --percent P")
+        record = make("canary", champion, [(args.canary, args.percent)], by)
+    elif args.blue_green is not None:
+        record = make("blue-green", champion, [(args.blue_green, 100.0)], by)
+    else:
+        weights = parse_weights(args.weights)
+        total = sum(p for _, p in weights)
+        if abs(total - 100) > 1e-9 or len(weights) < 2:
+            raise ConfigError("--weights", f"{args.weights!r}: two or more versions summing to 100")
+        record = make("ab", champion, [(v, p) for v, p in weights if v != champion], by)
+    start_rollout(store, record, alias)
+    log.info("rollout of %s@%s set: %s", store.describe(), alias, record.to_json())
+    _print_in_force(store, alias)
     return 0
 
 
@@ -166,7 +233,7 @@ def add_commands(sub: Commands) -> None:
         sub,
         "model",
         "model promote store:/srv/models/rides 7",
-        help="model versions: publish, promote, rollback, pack, check",
+        help="model versions: publish, promote, rollout, rollback, pack, check",
     )
 
     publish = command(
@@ -196,11 +263,35 @@ def add_commands(sub: Commands) -> None:
         model_sub,
         "rollback",
         "model rollback store:/srv/models/rides",
-        help="point an alias back at the version it pointed at before",
+        help="end a rollout (100%% champion at once), else point an alias back at the version "
+        "it pointed at before",
     )
     _store_arguments(back)
     back.add_argument("--alias", default=DEFAULT_ALIAS)
     back.set_defaults(func=_cmd_rollback)
+
+    out = command(
+        model_sub,
+        "rollout",
+        "model rollout store:/srv/models/rides@champion --canary 8 --percent 10",
+        help="route a share of the keys to other versions, every worker at a batch boundary: "
+        "a canary, A/B weights or blue-green (no option: show what is in force)",
+    )
+    _store_arguments(out)
+    out.add_argument("--alias", default=DEFAULT_ALIAS, help="the champion alias (or STORE@alias)")
+    out.add_argument("--canary", metavar="VERSION", help="one challenger, at --percent")
+    out.add_argument(
+        "--percent", type=float, help="the canary's percent of keys (0-100, steps of 0.01)"
+    )
+    out.add_argument(
+        "--weights", metavar="V1=P1,V2=P2", help="A/B: percents over two or more versions (sum 100)"
+    )
+    out.add_argument(
+        "--blue-green",
+        metavar="VERSION",
+        help="every key to VERSION, the champion kept loaded beside it (rollback switches back)",
+    )
+    out.set_defaults(func=_cmd_rollout)
 
     pk = command(
         model_sub,

@@ -28,12 +28,15 @@ from typing import Any, Final
 
 from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError, UnavailableError, http_refusal, refused
+from stream_scorer.model.rollout import Rollout, parse
 from stream_scorer.retry import DEFAULT_POLICY, RetryPolicy, retrying
 from stream_scorer.urls import split_userinfo
 
 API: Final = "/api/2.0/mlflow"
 ARTIFACTS_API: Final = "/api/2.0/mlflow-artifacts/artifacts"
 HISTORY_TAG: Final = "stream_scorer.alias_history."
+#: The registered-model tag holding an alias's rollout record (``model/rollout.py``).
+ROLLOUT_TAG: Final = "stream_scorer.rollout."
 #: Seconds one HTTP request may take.
 TIMEOUT_S: Final = 30.0
 
@@ -289,11 +292,33 @@ class MlflowModel:
             body={"name": self.name, "alias": alias, "version": version},
         )
 
+    def _tags(self) -> dict[str, str]:
+        got = self.model_registry.call("GET", "registered-models/get", query={"name": self.name})
+        return {t["key"]: t["value"] for t in got["registered_model"].get("tags", [])}
+
+    def get_rollout(self, alias: str) -> str | None:
+        """The registered-model tag ``stream_scorer.rollout.<alias>``, or None."""
+        return self._tags().get(ROLLOUT_TAG + alias) or None
+
+    def set_rollout(self, alias: str, text: str | None) -> None:
+        """Set (or delete) the rollout tag of ``alias``."""
+        if text is None:
+            with contextlib.suppress(MlflowError):  # not set: nothing to delete
+                self.model_registry.call(
+                    "DELETE",
+                    "registered-models/delete-tag",
+                    body={"name": self.name, "key": ROLLOUT_TAG + alias},
+                )
+            return
+        self.model_registry.call(
+            "POST",
+            "registered-models/set-tag",
+            body={"name": self.name, "key": ROLLOUT_TAG + alias, "value": text},
+        )
+
     def get_history(self, alias: str) -> list[str]:
         """The versions ``alias`` pointed at before (a registered model tag), oldest first."""
-        got = self.model_registry.call("GET", "registered-models/get", query={"name": self.name})
-        tags = {t["key"]: t["value"] for t in got["registered_model"].get("tags", [])}
-        raw = tags.get(HISTORY_TAG + alias)
+        raw = self._tags().get(HISTORY_TAG + alias)
         try:
             versions = json.loads(raw) if raw else []
         except json.JSONDecodeError:
@@ -405,6 +430,13 @@ class MlflowSource:
         if version is None:
             raise ModelError(f"{self.describe()}: alias {self.alias!r} is not set")
         return version
+
+    def rollout(self) -> Rollout | None:
+        """The alias's rollout record (a registered-model tag), or None."""
+        if self.alias is None:
+            return None
+        text = self.model.get_rollout(self.alias)
+        return None if text is None else parse(text, f"of {self.describe()}")
 
     def fetch(self, version: str) -> Path:
         """Download ``version``'s files (once) and return their directory."""

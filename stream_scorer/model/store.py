@@ -34,6 +34,7 @@ from typing import Final, Protocol
 
 from stream_scorer.contracts.manifest import read_manifest
 from stream_scorer.errors import ModelError
+from stream_scorer.model.rollout import Rollout, parse
 from stream_scorer.retry import DEFAULT_POLICY, RetryPolicy
 
 #: The prefix of a model store source; ``models:/`` names a model in an MLflow model registry.
@@ -75,6 +76,15 @@ class ModelSource(Protocol):
         """
         ...
 
+    def rollout(self) -> Rollout | None:
+        """The rollout record of the alias followed (None: none, or no alias).
+
+        Raises:
+            RolloutError: the record is malformed.
+            ModelError: the store cannot be read.
+        """
+        ...
+
     def close(self) -> None:
         """Release what ``fetch`` downloaded."""
         ...
@@ -107,6 +117,14 @@ class AliasStore(Protocol):
         """Replace ``alias``'s history."""
         ...
 
+    def get_rollout(self, alias: str) -> str | None:
+        """The stored rollout record of ``alias`` (its text), or None."""
+        ...
+
+    def set_rollout(self, alias: str, text: str | None) -> None:
+        """Store ``alias``'s rollout record (None: remove it; the champion alone scores)."""
+        ...
+
     def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold off other promotions of this model while an alias moves."""
         ...
@@ -124,6 +142,8 @@ class Move:
 def promote(store: AliasStore, version: str, alias: str = DEFAULT_ALIAS) -> Move:
     """Point ``alias`` at ``version``; the version it pointed at goes into its history.
 
+    A rollout of the alias ends: the new champion scores every key.
+
     Raises:
         ModelError: the version does not exist in the store.
     """
@@ -134,18 +154,57 @@ def promote(store: AliasStore, version: str, alias: str = DEFAULT_ALIAS) -> Move
             history = [*store.get_history(alias), before][-HISTORY_LENGTH:]
             store.set_history(alias, history)
         store.set_alias(alias, version)
+        if store.get_rollout(alias) is not None:
+            store.set_rollout(alias, None)
     return Move(alias, before, version)
 
 
-def rollback(store: AliasStore, alias: str = DEFAULT_ALIAS) -> Move:
-    """Point ``alias`` back at the version it pointed at before the last promotion.
+def read_rollout(store: AliasStore, alias: str = DEFAULT_ALIAS) -> Rollout | None:
+    """The rollout record of ``alias`` (None: the champion alone scores).
 
-    Each rollback steps one further back through the history.
+    Raises:
+        RolloutError: the record is malformed.
+    """
+    text = store.get_rollout(alias)
+    return None if text is None else parse(text, f"of {store.describe()}@{alias}")
+
+
+def start_rollout(store: AliasStore, rollout: Rollout, alias: str = DEFAULT_ALIAS) -> Rollout:
+    """Put ``rollout`` in force for ``alias`` (replacing any); returns it.
+
+    Raises:
+        ModelError: a version does not exist, or the alias does not point at the record's
+            champion (it moved: make the record again).
+    """
+    for version in rollout.split().versions:
+        store.check_version(version)
+    with store.locked():
+        champion = store.get_alias(alias)
+        if champion != rollout.champion:
+            raise ModelError(
+                f"{store.describe()}@{alias} points at {champion}, not {rollout.champion}"
+            )
+        store.set_rollout(alias, rollout.to_json())
+    return rollout
+
+
+def rollback(store: AliasStore, alias: str = DEFAULT_ALIAS) -> Move:
+    """End a rollout of ``alias`` (100% champion at once), else point it back one version.
+
+    With a rollout in force (even a malformed one), only the rollout ends: the alias stays,
+    ``Move.before == Move.after``. Otherwise each rollback steps one further back through the
+    alias's history.
 
     Raises:
         ModelError: the alias has no earlier version (or that version is gone).
     """
     with store.locked():
+        if store.get_rollout(alias) is not None:
+            store.set_rollout(alias, None)
+            champion = store.get_alias(alias)
+            if champion is None:
+                raise ModelError(f"{store.describe()}: alias {alias!r} is not set")
+            return Move(alias, champion, champion)
         history = store.get_history(alias)
         before = store.get_alias(alias)
         if not history:
@@ -180,6 +239,10 @@ class DirectorySource:
     def fetch(self, version: str) -> Path:
         """The directory itself."""
         return self.path
+
+    def rollout(self) -> Rollout | None:
+        """None: a directory has no rollout."""
+        return None
 
     def close(self) -> None:
         """Nothing to release."""
@@ -307,6 +370,28 @@ class ModelStore:
         self.aliases.mkdir(parents=True, exist_ok=True)
         write_atomically(self.aliases / f"{alias}.history", json.dumps(versions) + "\n")
 
+    def get_rollout(self, alias: str) -> str | None:
+        """``aliases/<alias>.rollout.json``'s text, or None."""
+        path = self.aliases / f"{_check_name('alias', alias)}.rollout.json"
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ModelError(f"{self.describe()}: cannot read {path}: {exc}") from exc
+
+    def set_rollout(self, alias: str, text: str | None) -> None:
+        """Write (or remove) ``aliases/<alias>.rollout.json``; log it in ``.rollout.log``."""
+        self.aliases.mkdir(parents=True, exist_ok=True)
+        path = self.aliases / f"{_check_name('alias', alias)}.rollout.json"
+        if text is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        else:
+            write_atomically(path, text + "\n")
+        with (self.aliases / f"{alias}.rollout.log").open("a", encoding="utf-8") as fh:
+            fh.write((text or json.dumps({"ended": True})) + "\n")
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """An exclusive lock on the model's aliases (``flock`` on ``aliases/.lock``)."""
@@ -395,6 +480,10 @@ class StoreSource:
         if not path.is_dir():
             raise ModelError(f"{self.describe()}: no version {version!r} at {path}")
         return path
+
+    def rollout(self) -> Rollout | None:
+        """The alias's rollout record (``aliases/<alias>.rollout.json``), or None."""
+        return None if self.alias is None else read_rollout(self.store, self.alias)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -215,6 +215,7 @@ class DeadLetter:
         reason: why (``Reason``), e.g. ``truncated`` or ``non_finite``; a metrics label.
         error_type: the exception class (or ``stream_scorer`` for our own guards).
         error_message: a human-readable explanation.
+        model_version: the version the record was routed to (a rollout); empty: the batch's.
     """
 
     message: Message
@@ -222,6 +223,7 @@ class DeadLetter:
     reason: Reason
     error_type: str
     error_message: str
+    model_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,11 +242,14 @@ class Scored:
         messages: the records scored, in input order.
         encoded: the encoded prediction record of each (the output message's value).
         event_ms: the event time written into each prediction (0: unknown).
+        versions: the model version that made each prediction, when a rollout routed the batch
+            over several (``stages.route``); None: one version made them all (the batch's).
     """
 
     messages: list[Message]
     encoded: list[bytes]
     event_ms: list[int]
+    versions: list[str] | None = None
 
     def __len__(self) -> int:
         """How many predictions."""

@@ -67,7 +67,7 @@ from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve, type_name
 from stream_scorer.stages.framing import MAGIC_ID, FramedColumns
-from stream_scorer.stages.pipeline import Pipeline
+from stream_scorer.stages.pipeline import ColumnBuilder, Pipeline
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Input, ProducerEvents
 from stream_scorer.worker.drift import DriftWatch, warm_up_drift
@@ -83,7 +83,7 @@ from stream_scorer.worker.health import Monitor
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
 from stream_scorer.worker.progress import Progress
-from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, load_model
+from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, columns_of, load_initial
 from stream_scorer.worker.schemas import WriterSchemas
 from stream_scorer.worker.share import ShareSource, configure_group, share_group_configs
 from stream_scorer.worker.sink import Sink, SinkContext
@@ -306,9 +306,8 @@ def build_pipeline(
     return pipeline, scorer
 
 
-def _writer_schemas(cfg: Config, pipeline: Pipeline, metrics: Metrics) -> WriterSchemas | None:
+def _writer_schemas(cfg: Config, columns: ColumnBuilder, metrics: Metrics) -> WriterSchemas | None:
     """``input.format: confluent``: the registry fetches behind the framed decoder."""
-    columns = pipeline.columns
     if not isinstance(columns, FramedColumns):
         return None
     return WriterSchemas(
@@ -439,12 +438,17 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
 
         models = model_source(cfg)
         stack.callback(models.close)
-        model = load_model(models, models.wanted(), load)
+        model = load_initial(models, load, metrics)
         scorer = model.scorer
         log.info("model %s from %s", scorer.model_version, models.describe())
+        if model.split is not None:
+            log.info("%s from %s", model.describe(), models.describe())
         metrics.model_swapped(None, scorer.model_version)
+        metrics.routing(model.weights())
         refresher = ModelRefresher(models, model, load, metrics, cfg.model.refresh_s)
-        schemas = _writer_schemas(cfg, model.pipeline, metrics)
+        schemas = _writer_schemas(cfg, model.pipeline.columns, metrics)
+        if schemas is not None and model.split is not None:
+            schemas.follow(*columns_of(model))
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         ctx = SinkContext(
             cfg.output.topic,
@@ -631,13 +635,21 @@ def _swap(
     if new is None:
         return model
     metrics.model_swapped(model.model_version, new.model_version)
+    metrics.routing(new.weights())
     monitor.set_model_version(new.model_version)
-    log.info(
-        "model swapped: %s -> %s (version %s); every batch from now on is scored by it",
-        model.model_version,
-        new.model_version,
-        new.source_version,
-    )
+    if model.split is None and new.split is None:
+        log.info(
+            "model swapped: %s -> %s (version %s); every batch from now on is scored by it",
+            model.model_version,
+            new.model_version,
+            new.source_version,
+        )
+    else:
+        log.info(
+            "routing swapped: %s -> %s; every batch from now on is routed by it",
+            model.describe(),
+            new.describe(),
+        )
     return new
 
 
@@ -701,6 +713,7 @@ def _loop(
                 if report.batches == 1:
                     metrics.first_batch()
                 metrics.observe_latency(result.scored.event_ms)
+                metrics.count_versions(result.scored, result.model_version)
                 if progress is None:
                     metrics.count_unseen(result.unseen)
                 else:
@@ -710,7 +723,7 @@ def _loop(
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
         swapped = swap(model)
         if swapped is not model and schemas is not None:
-            schemas.follow(swapped.pipeline.columns)  # the writer schemas fetched so far
+            schemas.follow(*columns_of(swapped))  # the writer schemas fetched so far
         model = swapped
         if progress is not None:
             progress.tick(model.model_version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter as Counter_
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
 
@@ -18,6 +19,8 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from stream_scorer.stages.records import Scored
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _STAGE_BUCKETS = (
@@ -169,6 +172,31 @@ class Metrics:
             "previous one kept scoring.",
             registry=r,
         )
+        self.rollout_weight = Gauge(
+            "stream_scorer_rollout_weight_percent",
+            "Percent of keys each model version scores now (a canary, A/B or blue-green "
+            "rollout: model rollout; one version: 100).",
+            ["model_version"],
+            registry=r,
+        )
+        self.predictions_by_version = Counter(
+            "stream_scorer_version_predictions",
+            "Predictions of delivered batches, by the model version that made them.",
+            ["model_version"],
+            registry=r,
+        )
+        self.rollout_unreadable = Gauge(
+            "stream_scorer_rollout_unreadable",
+            "1 while the alias's rollout record cannot be read (malformed); the split in force "
+            "keeps scoring.",
+            registry=r,
+        )
+        self.rollout_refused = Gauge(
+            "stream_scorer_rollout_refused",
+            "1 while the rollout asked for is refused (a version failed to load or a check); "
+            "the split in force keeps scoring.",
+            registry=r,
+        )
         self.startup_seconds = Gauge(
             "stream_scorer_startup_seconds",
             "Seconds from the worker's start to when it could score (model loaded, pipeline "
@@ -257,6 +285,25 @@ class Metrics:
             self.model_swaps.inc()
         self.model_info.labels(new).set(1)
         self.model_loaded_at.set(time.time())
+
+    def routing(self, weights: Mapping[str, float]) -> None:
+        """Show the percent of keys per version now scoring (``stream_scorer_rollout_weight``)."""
+        for metric in self.rollout_weight.collect():
+            for sample in metric.samples:
+                if sample.labels["model_version"] not in weights:
+                    with suppress(KeyError):
+                        self.rollout_weight.remove(sample.labels["model_version"])
+        for version, percent in weights.items():
+            self.rollout_weight.labels(version).set(percent)
+
+    def count_versions(self, scored: Scored, model_version: str) -> None:
+        """Add a delivered batch's predictions to ``stream_scorer_version_predictions``."""
+        if scored.versions is None:
+            if scored.messages:
+                self.predictions_by_version.labels(model_version).inc(len(scored.messages))
+            return
+        for version, n in Counter_(scored.versions).items():
+            self.predictions_by_version.labels(version).inc(n)
 
     def could_score(self) -> None:
         """Record that the worker could score a batch now (``stream_scorer_startup_seconds``)."""

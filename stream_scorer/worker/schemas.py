@@ -46,6 +46,7 @@ class WriterSchemas:
         the batch stays unprocessed and uncommitted).
         """
         self._columns = columns
+        self._others: tuple[FramedColumns, ...] = ()  # a rollout's other versions' decoders
         self._client = client
         # schemas found, by key: an id's schema never changes, so a pipeline built later (a new
         # model version, ``follow``) learns them without asking the registry again
@@ -79,6 +80,8 @@ class WriterSchemas:
                     status=exc.status,
                 ) from exc
             self._columns.learn(key, text)
+            for other in self._others:
+                other.learn(key, text)
             if text is not None:
                 if key in self._found:
                     continue  # known before a model swap: nothing new to say
@@ -90,14 +93,17 @@ class WriterSchemas:
                 "fetched" if text is not None else "unknown to the registry (dead letters)",
             )  # fmt: skip
 
-    def follow(self, columns: ColumnBuilder) -> None:
+    def follow(self, columns: ColumnBuilder, *others: ColumnBuilder) -> None:
         """Serve ``columns`` from now on (the pipeline of a model swapped in between batches).
 
-        The writer schemas fetched so far are taught to it from memory as its batches need them.
+        ``others``: the decoders of a rollout's other versions, taught every schema too.
+        The writer schemas fetched so far are taught to them from memory as batches need them.
         """
-        if not isinstance(columns, FramedColumns):
-            raise TypeError(f"a framed decoder is needed, not {type(columns).__name__}")
-        self._columns = columns
+        for each in (columns, *others):
+            if not isinstance(each, FramedColumns):
+                raise TypeError(f"a framed decoder is needed, not {type(each).__name__}")
+        self._columns = columns  # type: ignore[assignment]
+        self._others = others  # type: ignore[assignment]
 
     def fetch(self, key: SchemaKey) -> str | None:
         """One writer schema, retried while the registry is unavailable."""

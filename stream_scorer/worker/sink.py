@@ -313,6 +313,12 @@ class Sink:
             ]
         return common
 
+    def _versioned(
+        self, common: list[tuple[str, bytes | None]], version: str
+    ) -> list[tuple[str, bytes | None]]:
+        """``common`` with the model-version header of ``version`` (a routed batch's row)."""
+        return [(hdr.MODEL_VERSION, version.encode()), *common[1:]]
+
     def publish(
         self,
         scored: Scored,
@@ -346,13 +352,20 @@ class Sink:
         produce, topic, copied = self._producer.produce, ctx.output_topic, ctx.copy_headers
         offset_header = hdr.SOURCE_OFFSET  # a local: looked up once per batch, not per record
         last: tuple[str, int] | None = None
-        for msg, value in zip(scored.messages, scored.encoded, strict=True):
+        versions = scored.versions  # a routed batch (a rollout): the version of each row
+        for i, (msg, value) in enumerate(zip(scored.messages, scored.encoded, strict=True)):
             tp = (msg.topic() or "", msg.partition() or 0)
             if tp != last:  # consumed records come in runs per partition
                 last = tp
                 common, outputs = group(msg)
                 done = outputs.prediction
-            headers = [*common, (offset_header, b"%d" % (msg.offset() or 0))]
+            if versions is None:
+                headers = [*common, (offset_header, b"%d" % (msg.offset() or 0))]
+            else:
+                headers = [
+                    *self._versioned(common, versions[i]),
+                    (offset_header, b"%d" % (msg.offset() or 0)),
+                ]
             if copied:
                 headers.extend((k, v) for k, v in msg.headers() or () if k in copied)
             try:
@@ -362,7 +375,9 @@ class Sink:
             except Exception as exc:
                 raise _refused(msg, topic, exc, ctx.principal) from exc
         for dl in dead:
-            dl_key, dl_value, dl_headers, stripped = dead_letter(dl, ctx, version)
+            dl_key, dl_value, dl_headers, stripped = dead_letter(
+                dl, ctx, dl.model_version or version
+            )
             if stripped:
                 m = dl.message
                 log.warning(

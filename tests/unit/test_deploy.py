@@ -490,6 +490,19 @@ def test_k8s_pod_disruption_budget_selects_the_workers() -> None:
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
 
 
+def test_k8s_new_worker_versions_roll_one_pod_at_a_time() -> None:
+    """The choice in docs/manual/deployment.md: the rolling update (not a second group) moves
+    partitions pod by pod, a new pod that never gets ready halting it with the old ones scoring."""
+    deployment = _k8s("Deployment")["spec"]
+    strategy = deployment["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert _k8s("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert "readinessProbe" in _container()
+    manual = (ROOT / "docs" / "manual" / "deployment.md").read_text()
+    assert "### New worker versions: rolling update, not a second group" in manual
+
+
 def test_keda_scaled_object(tmp_path: Path) -> None:
     so = _k8s("ScaledObject")
     assert so["apiVersion"] == "keda.sh/v1alpha1"

@@ -13,7 +13,12 @@ from stream_scorer.worker.metrics import Metrics
 
 
 def test_scored_holds_the_encoded_prediction_records() -> None:
-    assert [f.name for f in dataclasses.fields(Scored)] == ["messages", "encoded", "event_ms"]
+    assert [f.name for f in dataclasses.fields(Scored)] == [
+        "messages",
+        "encoded",
+        "event_ms",
+        "versions",  # a rollout's per-record versions (None: the batch's one version)
+    ]
 
 
 def test_the_fast_path_is_a_column_builder() -> None:
