@@ -89,8 +89,9 @@ class BatchWriter(Protocol):
 
 
 def expand_inputs(specs: Sequence[str]) -> list[Path]:
-    """The files named by ``specs``: files, directories (their Parquet and Avro files, sorted,
-    recursively) and globs, in order, each once.
+    """The files named by ``specs``, in order, each once.
+
+    A spec is a file, a directory (its Parquet and Avro files, recursively, sorted) or a glob.
 
     Raises:
         ConfigError: a spec matches no file, or a file is neither Parquet nor Avro (``--input``).
@@ -308,8 +309,10 @@ def avro_schema_of(schema: pa.Schema, name: str) -> dict[str, Any]:
 
 
 class AvroWriter(_AtomicFile):
-    """Batches to an Avro container file (deflate), with ``schema`` or one derived from the
-    first batch's columns (``avro_schema_of``)."""
+    """Batches to an Avro container file (deflate).
+
+    Written with ``schema``, or one derived from the first batch's columns (``avro_schema_of``).
+    """
 
     def __init__(self, path: Path, schema: Mapping[str, Any] | None = None) -> None:
         """Write to ``path`` (atomically)."""

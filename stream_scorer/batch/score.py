@@ -146,9 +146,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def dead_letter_batch(
-    dead: Sequence[DeadLetter], item: InputBatch
-) -> pa.RecordBatch:
+def dead_letter_batch(dead: Sequence[DeadLetter], item: InputBatch) -> pa.RecordBatch:
     """``item``'s dead letters as an Arrow batch of ``DEAD_LETTER_SCHEMA``."""
     values: list[bytes | None] = []
     records: list[str | None] = []
@@ -294,8 +292,9 @@ def _input_schema(cfg: Config) -> dict[str, Any]:
 
 
 def load_batch_scorer(cfg: Config, model: str | None = None) -> BatchScorer:
-    """The configuration's pipeline and model (or the model ``model`` names, any source
-    ``model.source`` takes), built and checked as ``run`` does.
+    """The configuration's pipeline and model, built and checked as ``run`` does.
+
+    ``model``: another model than the configuration's (a directory, or any ``model.source``).
 
     Raises:
         StreamScorerError: the configuration, schema or model do not fit (exit 2), or the model
@@ -303,7 +302,8 @@ def load_batch_scorer(cfg: Config, model: str | None = None) -> BatchScorer:
     """
     schema = _input_schema(cfg)
     # stored records are bare Avro (or columns): never the Confluent frame of a topic
-    files_cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"format": "schemaless"})})
+    bare = cfg.input.model_copy(update={"format": "schemaless"})
+    files_cfg = cfg.model_copy(update={"input": bare})
     if model is not None:
         files_cfg = files_cfg.model_copy(
             update={"model": files_cfg.model.model_copy(update={"path": None, "source": model})}
@@ -430,7 +430,8 @@ def run_score(
     writer = open_writer(
         output, PREDICTION_SCHEMA, avro_schema=load_schema(cfg.output.schema), fmt=fmt
     )
-    dead_writer = open_writer(dead_path, DEAD_LETTER_SCHEMA, fmt=fmt if dead_letters is None else "")
+    dead_fmt = fmt if dead_letters is None else ""
+    dead_writer = open_writer(dead_path, DEAD_LETTER_SCHEMA, fmt=dead_fmt)
     totals = [r.total_rows() for r in readers]
     known = None if any(t is None for t in totals) else sum(t or 0 for t in totals)
     report = score_all(

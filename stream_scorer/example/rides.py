@@ -289,8 +289,10 @@ def ride_as(version: str, ride: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def arrow_schema() -> Any:
-    """The ride request as Arrow columns (``score``'s Parquet input): enums as strings, the
-    request time a UTC millisecond timestamp, the nullable doubles nullable."""
+    """The ride request as Arrow columns (``score``'s Parquet input).
+
+    Enums as strings, the request time a UTC millisecond timestamp, the nullable ones nullable.
+    """
     import pyarrow as pa
 
     return pa.schema(
@@ -313,8 +315,10 @@ def arrow_schema() -> Any:
 
 
 def to_table(cols: Columns) -> Any:
-    """Generated columns (``generate_columns``) as an Arrow table of ``arrow_schema``, built
-    column by column (no Python object per row: the benchmark's 10 million rows)."""
+    """Generated columns (``generate_columns``) as an Arrow table of ``arrow_schema``.
+
+    Built column by column (no Python object per row: the benchmark's 10 million rows).
+    """
     import pyarrow as pa
 
     schema = arrow_schema()

@@ -346,9 +346,7 @@ class ArrowColumns:
         state[unseen] = fp.UNSEEN
         state[nulls] = fp.MISSING
 
-    def _time(
-        self, column: pa.Array, j: int, cells: Matrix, state: npt.NDArray[np.uint8]
-    ) -> None:
+    def _time(self, column: pa.Array, j: int, cells: Matrix, state: npt.NDArray[np.uint8]) -> None:
         ms, nulls = self._millis(column, self.features[j].field)
         if self.features[j].transform == "hour_of_day":
             values = (ms // _HOUR_MS) % 24
@@ -368,9 +366,7 @@ class ArrowColumns:
             return column.cast(pa.string()).fill_null("")
         if pa.types.is_dictionary(t) and _is_text(t):
             return column.cast(pa.string()).fill_null("")
-        texts = [
-            v if type(v) is str else ("" if v is None else str(v)) for v in column.to_pylist()
-        ]
+        texts = [v if type(v) is str else ("" if v is None else str(v)) for v in column.to_pylist()]
         return pa.array(texts, pa.string())
 
     def _raw(self, column: pa.Array, i: int, code: int, cell: float) -> Any:
