@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,3 +371,97 @@ def open_writer(
     raise ConfigError(
         "--output", f"{path}: say the format with --format, or end the name in .parquet or .avro"
     )
+
+
+class BackgroundWriter:
+    """A ``BatchWriter`` whose writes happen on a thread, while the next batch is scored.
+
+    At most ``depth`` batches wait (memory stays bounded); a failure of the writer is raised
+    by the next ``write`` or by ``commit``. Parquet's encoding and compression release the GIL,
+    so on two cores writing overlaps XGBoost's prediction.
+    """
+
+    _DONE = object()
+
+    def __init__(self, writer: BatchWriter, depth: int = 2) -> None:
+        """Write through ``writer``."""
+        self._writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="batch-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if self._error is None:
+                try:
+                    self._writer.write(item)
+                except BaseException as exc:  # raised by the caller's next write or commit
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Queue ``batch`` (waits while ``depth`` batches are queued)."""
+        self._raise()
+        self._queue.put(batch)
+
+    def _finish(self) -> None:
+        self._queue.put(self._DONE)
+        self._thread.join()
+
+    def commit(self) -> None:
+        """Wait for the queued batches, then commit (or raise the writer's failure)."""
+        self._finish()
+        self._raise()
+        self._writer.commit()
+
+    def abort(self) -> None:
+        """Wait for the thread, then abort."""
+        with contextlib.suppress(BaseException):
+            self._finish()
+        self._writer.abort()
+
+
+def prefetched(batches: Iterator[InputBatch], depth: int = 2) -> Iterator[InputBatch]:
+    """``batches``, read ahead on a thread (at most ``depth`` waiting); errors re-raised here."""
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        box.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(done)
+        except BaseException as exc:  # handed to the reader of the batches
+            box.put(exc)
+
+    thread = threading.Thread(target=run, name="batch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = box.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                box.get_nowait()
+        thread.join()

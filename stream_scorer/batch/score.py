@@ -34,12 +34,14 @@ import pyarrow as pa
 
 from stream_scorer.batch.files import (
     AVRO_VALUE,
+    BackgroundWriter,
     BatchReader,
     BatchWriter,
     InputBatch,
     expand_inputs,
     open_reader,
     open_writer,
+    prefetched,
 )
 from stream_scorer.config import Config
 from stream_scorer.errors import InputError
@@ -376,7 +378,7 @@ def score_all(
     started = time.monotonic()
     try:
         for reader in readers:
-            batches = reader.batches(batch_size)
+            batches = prefetched(reader.batches(batch_size))
             while True:
                 try:
                     item = next(batches)
@@ -437,7 +439,7 @@ def run_score(
     report = score_all(
         scorer,
         readers,
-        writer,
+        BackgroundWriter(writer),
         dead_writer,
         batch_size=batch_size or DEFAULT_BATCH_ROWS,
         progress=ProgressLine(known),

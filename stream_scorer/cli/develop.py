@@ -99,6 +99,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(profile), flush=True)
         return 0
+    if args.files:
+        from stream_scorer.devtools.benchfiles import run_file_bench
+
+        run_file_bench(
+            rows=args.rows,
+            pandas_rows=args.pandas_rows,
+            cache_dir=default_cache_dir(),
+            out_dir=args.out or default_cache_dir() / "bench-results",
+        )
+        return 0
     if args.soak:
         from stream_scorer.devtools.soak import SoakSettings, run_soak
 
@@ -272,6 +282,15 @@ def add_commands(sub: Commands) -> None:
     )
     bench.add_argument("--registry-url", help="the registry's Confluent-compatible API URL")
     bench.add_argument("--soak", action="store_true", help="run the soak instead (RSS over time)")
+    bench.add_argument(
+        "--files",
+        action="store_true",
+        help="score on a Parquet file vs a plain pyarrow + xgboost script and a pandas loop",
+    )
+    bench.add_argument("--rows", type=int, default=10_000_000, help="--files: rows of the file")
+    bench.add_argument(
+        "--pandas-rows", type=int, default=20_000, help="--files: rows the pandas loop runs"
+    )
     bench.add_argument("--soak-seconds", type=float, default=600.0, help="length of the soak")
     bench.add_argument("--soak-rate", type=float, default=10_000.0, help="events per second")
     bench.add_argument("--soak-malformed", type=float, default=0.01, help="malformed share")
