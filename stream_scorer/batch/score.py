@@ -102,11 +102,15 @@ class ScoreReport:
 
 @dataclass
 class Scored:
-    """A batch's outcome: predictions as an Arrow batch, the dead letters, unseen counts."""
+    """A batch's outcome: predictions as an Arrow batch, the dead letters, unseen counts.
+
+    ``rows``: each prediction's row in the input batch.
+    """
 
     predictions: pa.RecordBatch
     dead: list[DeadLetter]
     unseen: dict[str, int]
+    rows: npt.NDArray[np.int64]
 
 
 class _FileRecord(PlainMessage):
@@ -234,7 +238,7 @@ class BatchScorer:
             ids = ids.take(pa.array(rows, pa.int64()))
             event_ms = event_ms[rows]
         batch = prediction_batch(ids, values, labels, self.model_version, event_ms, now_ms)
-        return Scored(batch, dead, built.unseen)
+        return Scored(batch, dead, built.unseen, built.keep[rows])
 
     def _score_avro(self, item: InputBatch, now_ms: int) -> Scored:
         values = item.batch.column(AVRO_VALUE).to_pylist()
@@ -250,7 +254,8 @@ class BatchScorer:
         batch = prediction_batch(
             pa.array(texts, pa.string()), predicted, labels, self.model_version, times, now_ms
         )
-        return Scored(batch, cols.dead, cols.unseen)
+        positions = [int(cols.messages[i].offset() or 0) - item.first_row for i in picked]
+        return Scored(batch, cols.dead, cols.unseen, np.array(positions, dtype=np.int64))
 
 
 class ProgressLine:
