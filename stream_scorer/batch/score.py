@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections import Counter
@@ -197,6 +198,7 @@ class BatchScorer:
         id_field: str,
         event_time_field: str,
         clock: Callable[[], float] = time.time,
+        model_dir: Path | None = None,
     ) -> None:
         """Score with ``pipeline`` (built by ``build_pipeline`` for ``scorer``).
 
@@ -207,6 +209,7 @@ class BatchScorer:
             id_field: ``input.id_field``.
             event_time_field: ``input.event_time_field``.
             clock: the wall clock (``scored_at``).
+            model_dir: where the model's files are (``spark.ship`` copies them).
         """
         self.pipeline = pipeline
         self.scorer = scorer
@@ -218,6 +221,7 @@ class BatchScorer:
             event_time_field=event_time_field,
         )
         self._clock = clock
+        self.model_dir = model_dir
 
     @property
     def model_version(self) -> str:
@@ -298,10 +302,13 @@ def _input_schema(cfg: Config) -> dict[str, Any]:
     return found if found is not None else load_schema(cfg.input.schema)
 
 
-def load_batch_scorer(cfg: Config, model: str | None = None) -> BatchScorer:
+def load_batch_scorer(
+    cfg: Config, model: str | None = None, *, copy_model_to: Path | None = None
+) -> BatchScorer:
     """The configuration's pipeline and model, built and checked as ``run`` does.
 
-    ``model``: another model than the configuration's (a directory, or any ``model.source``).
+    ``model``: another model than the configuration's (a directory, or any ``model.source``);
+    ``copy_model_to``: a folder to copy the model's files into (before its source is closed).
 
     Raises:
         StreamScorerError: the configuration, schema or model do not fit (exit 2), or the model
@@ -327,6 +334,8 @@ def load_batch_scorer(cfg: Config, model: str | None = None) -> BatchScorer:
             source.wanted(),
             lambda d: build_pipeline(files_cfg, metrics, d, reader=schema),
         )
+        if copy_model_to is not None:
+            shutil.copytree(loaded.directory, copy_model_to)
     finally:
         source.close()
     log.info("model %s from %s", loaded.model_version, source.describe())
@@ -336,6 +345,7 @@ def load_batch_scorer(cfg: Config, model: str | None = None) -> BatchScorer:
         schema,
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
+        model_dir=copy_model_to or loaded.directory,
     )
 
 

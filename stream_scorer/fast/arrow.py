@@ -358,8 +358,8 @@ class ArrowColumns:
         state[nulls] = fp.MISSING
         cells[nulls] = np.nan
 
-    def _ids(self, batch: pa.RecordBatch, keep: npt.NDArray[np.int64]) -> pa.Array:
-        """``input_id`` of the kept rows: the id's text, "" when null (as the stream)."""
+    def ids(self, batch: pa.RecordBatch, keep: npt.NDArray[np.int64]) -> pa.Array:
+        """``input_id`` of rows ``keep``: the id's text, "" when null (as the stream)."""
         column = self._column(batch, self._id_field).take(pa.array(keep, pa.int64()))
         t = column.type
         if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t):
@@ -428,5 +428,5 @@ class ArrowColumns:
         else:
             event_ms = np.zeros(keep.size, dtype=np.int64)
         return ArrowBatch(
-            keep, matrix, self._ids(batch, keep), event_ms, dead, unseen, source, first_row
+            keep, matrix, self.ids(batch, keep), event_ms, dead, unseen, source, first_row
         )
