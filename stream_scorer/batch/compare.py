@@ -160,7 +160,8 @@ def compare(
                 for k, (ref, values) in enumerate(zip(refs, (va, vb), strict=True)):
                     if ref:
                         c = reference_counts(ref, values)
-                        counts[k] = c if counts[k] is None else counts[k] + c
+                        before = counts[k]
+                        counts[k] = c if before is None else before + c
                 common, ia, ib = np.intersect1d(rows_a, rows_b, return_indices=True)
                 report.compared += common.size
                 delta = vb[ib] - va[ia]
@@ -191,8 +192,8 @@ def compare(
     if binary and report.compared:
         report.agreement = same_labels / report.compared
     report.delta = deltas.summary()
-    for name, ref, c in zip(("a", "b"), refs, counts, strict=True):
-        report.drift[name] = None if not ref or c is None else population_stability(ref, c)
+    for name, ref, found in zip(("a", "b"), refs, counts, strict=True):
+        report.drift[name] = None if not ref or found is None else population_stability(ref, found)
     if out is not None:
         writer = ParquetWriter(out, DISAGREE_SCHEMA)
         try:

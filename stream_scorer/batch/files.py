@@ -155,7 +155,7 @@ class ParquetReader:
             row += batch.num_rows
 
 
-def _canonical(schema: Mapping[str, Any]) -> str:
+def _canonical(schema: Any) -> str:
     return str(fastavro.schema.to_parsing_canonical_form(schema))
 
 
@@ -182,8 +182,8 @@ class AvroReader:
             raise ConfigError("--input", f"{path}: not a readable Avro file: {exc}") from exc
         if _canonical(writer) != _canonical(schema):
             raise SchemaError(
-                f"{path} was written with schema {writer.get('name')!r}, which is not the "
-                "input schema (input.schema) in its canonical form: write the file with it"
+                f"{path} was written with another schema than the input schema "
+                f"(input.schema) in its canonical form: {_canonical(writer)[:200]}"
             )
 
     def describe(self) -> str:
@@ -200,7 +200,7 @@ class AvroReader:
         pending: list[bytes] = []
         with self.path.open("rb") as fo:
             for block in fastavro.block_reader(fo):
-                data = block.bytes_.getvalue()
+                data = block.bytes_.getvalue()  # type: ignore[attr-defined]
                 ends, violation = self._guard.split(data, block.num_records)
                 start = 0
                 for end in ends:

@@ -412,21 +412,22 @@ class FastColumns:
             for i in np.flatnonzero(verdict).tolist():
                 code = int(verdict[i])
                 j = int(column[i])
+                sent: Any
                 if code == fp.INF:
-                    raw: Any = float(cols["raw_float"][i, j])
+                    sent = float(cols["raw_float"][i, j])
                 elif code == fp.OUT_OF_RANGE:
-                    raw = self._raw(cols, state, i, j)
+                    sent = self._raw(cols, state, i, j)
                 elif code == fp.UNSEEN:
-                    raw = self._unseen_value(cols, i, j)
+                    sent = self._unseen_value(cols, i, j)
                 else:
-                    raw = float(matrix[i, j])
+                    sent = float(matrix[i, j])
                 dead.append(
                     DeadLetter(
                         messages[i],
                         Stage.FEATURES,
                         STATE_REASONS[code],
                         "FeatureError",
-                        self.policies.describe(code, j, raw),
+                        self.policies.describe(code, j, sent),
                     )
                 )
         keep = np.flatnonzero(decoded_ok & (verdict == 0))

@@ -88,6 +88,11 @@ def _avro_file(rides: list[dict[str, Any]], path: Path) -> None:
         fastavro.writer(fo, load_ride_schema(), rides, codec="deflate", sync_interval=4000)
 
 
+def _records(reader: Any) -> list[dict[str, Any]]:
+    """An Avro container file's records (each a record: a dict)."""
+    return [dict(r) for r in reader]
+
+
 def _bits(value: float) -> bytes:
     return np.float64(value).tobytes()
 
@@ -159,7 +164,7 @@ def test_stream_and_files_give_the_same_predictions_and_dead_letters(
         p["input_id"]: _as_tuple(p) for p in pq.read_table(tmp_path / "p.parquet").to_pylist()
     }
     with (tmp_path / "a.avro").open("rb") as fo:
-        avro_preds = {p["input_id"]: _as_tuple(p) for p in fastavro.reader(fo)}
+        avro_preds = {p["input_id"]: _as_tuple(p) for p in _records(fastavro.reader(fo))}
     assert parquet_preds == stream
     assert avro_preds == stream
 
@@ -170,7 +175,7 @@ def test_stream_and_files_give_the_same_predictions_and_dead_letters(
     }
     assert parquet_dead == {k: reason for k, (reason, _) in stream_dead.items()}
     with (tmp_path / "a.dead-letters.avro").open("rb") as fo:
-        letters = list(fastavro.reader(fo))  # the records' bytes, byte for byte, and why
+        letters = _records(fastavro.reader(fo))  # the records' bytes, byte for byte, and why
     assert sorted((d["value"], d["reason"]) for d in letters) == sorted(
         (value, reason) for reason, value in stream_dead.values()
     )

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,13 +32,14 @@ CONFIG = ROOT / "deploy" / "config" / "rides.yaml"
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, kwargs in {
+    settings: dict[str, dict[str, Any]] = {
         "a": {"n_estimators": 5, "seed": 1},
         "b": {"n_estimators": 12, "seed": 2},
         "ca": {"n_estimators": 5, "seed": 1, "objective": "binary:logistic"},
         "cb": {"n_estimators": 12, "seed": 2, "objective": "binary:logistic", "threshold": 0.3},
-    }.items():
-        train(root / name, rows=2000, **kwargs)  # type: ignore[arg-type]
+    }
+    for name, kwargs in settings.items():
+        train(root / name, rows=2000, **kwargs)
         out[name] = root / name
     return out
 
@@ -47,7 +49,7 @@ def _rides_file(folder: Path, scale: float = 1.0) -> tuple[Path, list[dict[str, 
 
     rides = generate_rides(700, seed=4)
     for r in rides:
-        r["distance_km"] = float(r["distance_km"]) * scale  # type: ignore[arg-type]
+        r["distance_km"] = float(r["distance_km"]) * scale
     rides[5]["distance_km"] = float("nan")  # dead-lettered by both
     path = folder / f"rides-{scale}.parquet"
     pq.write_table(pa.Table.from_pylist(rides, schema=arrow_schema()), path, row_group_size=256)
@@ -55,7 +57,7 @@ def _rides_file(folder: Path, scale: float = 1.0) -> tuple[Path, list[dict[str, 
 
 
 def _by_hand(model: Path, rides: list[dict[str, object]]) -> np.ndarray:
-    matrix, rejected = FeatureBuilder(FEATURES).build(rides)  # type: ignore[arg-type]
+    matrix, rejected = FeatureBuilder(FEATURES).build(rides)
     keep = [i for i in range(len(rides)) if i not in {r.index for r in rejected}]
     booster = xgb.Booster(model_file=str(model / "model.ubj"))
     return np.asarray(booster.inplace_predict(matrix[keep]), dtype=np.float64)
