@@ -90,15 +90,17 @@ class BatchWriter(Protocol):
         ...
 
 
-def expand_inputs(specs: Sequence[str]) -> list[Path]:
-    """The files named by ``specs``, in order, each once.
+def expand_inputs(specs: Sequence[str], exclude: Sequence[Path] = ()) -> list[Path]:
+    """The files named by ``specs``, in order, each once, but for ``exclude`` (the outputs).
 
-    A spec is a file, a directory (its Parquet and Avro files, recursively, sorted) or a glob.
+    A spec is a file, a directory (its Parquet and Avro files, recursively, sorted) or a glob;
+    an output in an input folder is not read (a re-run would score its own last result).
 
     Raises:
         ConfigError: a spec matches no file, or a file is neither Parquet nor Avro (``--input``).
     """
     out: list[Path] = []
+    skip = {p.resolve() for p in exclude}
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
@@ -111,6 +113,7 @@ def expand_inputs(specs: Sequence[str]) -> list[Path]:
             found = [path]
         else:
             found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        found = [p for p in found if p.resolve() not in skip]
         if not found:
             raise ConfigError("--input", f"{spec!r} names no file")
         for p in found:

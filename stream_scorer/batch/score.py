@@ -349,7 +349,9 @@ def load_batch_scorer(
     )
 
 
-def open_readers(scorer: BatchScorer, specs: Sequence[str]) -> list[BatchReader]:
+def open_readers(
+    scorer: BatchScorer, specs: Sequence[str], exclude: Sequence[Path] = ()
+) -> list[BatchReader]:
     """A reader per input file (``expand_inputs``), each checked against the features.
 
     Raises:
@@ -357,7 +359,7 @@ def open_readers(scorer: BatchScorer, specs: Sequence[str]) -> list[BatchReader]
         SchemaError: an input's schema or columns cannot feed the model (exit 2).
     """
     guard = AvroGuard(scorer.schema)
-    readers = [open_reader(p, scorer.schema, guard) for p in expand_inputs(specs)]
+    readers = [open_reader(p, scorer.schema, guard) for p in expand_inputs(specs, exclude)]
     for reader in readers:
         arrow_schema = getattr(reader, "schema", None)
         if isinstance(arrow_schema, pa.Schema):
@@ -442,8 +444,8 @@ def run_score(
         StreamScorerError: exit 2 for configuration, schema and model errors, 1 otherwise.
     """
     scorer = load_batch_scorer(cfg)
-    readers = open_readers(scorer, inputs)
     dead_path = dead_letters or dead_letter_path(output)
+    readers = open_readers(scorer, inputs, exclude=(output, dead_path))
     writer = open_writer(
         output, PREDICTION_SCHEMA, avro_schema=load_schema(cfg.output.schema), fmt=fmt
     )

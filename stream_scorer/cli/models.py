@@ -26,7 +26,7 @@ from stream_scorer.model.store import (
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Models"
-ROWS = [(("model",), "publish, promote, roll back, pack, check, compare versions")]
+ROWS = [(("model",), "publish, promote, roll back, pack, check, compare")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:

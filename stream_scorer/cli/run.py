@@ -19,10 +19,7 @@ if TYPE_CHECKING:
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Run"
-ROWS = [
-    (("run",), "score: one worker, or --workers N of them"),
-    (("score",), "score stored records: Parquet or Avro files in, predictions out"),
-]
+ROWS = [(("run", "score"), "score a stream (--workers N), or stored files")]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
