@@ -22,6 +22,7 @@ from stream_scorer.contracts.manifest import read_manifest, write_manifest
 from stream_scorer.example.rides import FEATURES, generate_rides
 from stream_scorer.example.train import train
 from stream_scorer.model.pack import population_stability, reference_counts, reference_of
+from stream_scorer.model.store import ModelStore, promote
 from stream_scorer.stages.features import FeatureBuilder
 
 ROOT = Path(__file__).parents[2]
@@ -134,15 +135,19 @@ def test_population_stability_by_hand() -> None:
 def test_the_command_prints_the_report(tmp_path: Path, models: dict[str, Path]) -> None:
     path, _ = _rides_file(tmp_path)
     env = {**os.environ, "STREAM_SCORER_MODEL__PATH": str(models["a"])}
+    # model B through a store alias, as a rollout names it
+    store = ModelStore(tmp_path / "store", "rides")
+    promote(store, store.publish(models["b"]), "live")
     done = subprocess.run(
         [sys.executable, "-m", "stream_scorer", "model", "compare", str(models["a"]),
-         str(models["b"]), "--config", str(CONFIG), "--input", str(path),
+         f"store:{tmp_path / 'store'}/rides@live", "--config", str(CONFIG), "--input", str(path),
          "--out", str(tmp_path / "w.parquet"), "--top", "3"],
         capture_output=True, text=True, timeout=180, check=False, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["compared"] == 699
+    assert report["delta"]["mean_abs"] > 0  # B is the store's version of model b, not a
     assert pq.read_table(tmp_path / "w.parquet").num_rows == 3
     missing = subprocess.run(
         [sys.executable, "-m", "stream_scorer", "model", "compare", str(models["a"]),
