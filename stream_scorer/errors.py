@@ -210,6 +210,10 @@ class ScoringError(StreamScorerError):
     """The model failed to score a batch."""
 
 
+class InputError(StreamScorerError):
+    """A stored input (a file ``score`` reads) cannot be read past some point (exit 1)."""
+
+
 class UnavailableError(StreamScorerError):
     """A server the worker reads from (a registry) did not answer: not a bad input.
 

@@ -12,7 +12,7 @@ from stream_scorer.errors import ConfigError
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Develop"
 ROWS = [
-    (("local-kafka", "local-registry", "local-mlflow", "local-postgres"), "local servers"),
+    (("local-kafka", "local-registry", "local-mlflow", "local-postgres"), "servers"),
     (("demo", "bench"), "end to end on a local broker; benchmark, soak"),
     (("example", "train", "produce"), "the example's files, model, events"),
 ]
@@ -98,6 +98,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             example_config(model), example_payloads(args.events), args.registry_url
         )
         print(json.dumps(profile), flush=True)
+        return 0
+    if args.files:
+        from stream_scorer.devtools.benchfiles import run_file_bench
+
+        run_file_bench(
+            rows=args.rows,
+            pandas_rows=args.pandas_rows,
+            cache_dir=default_cache_dir(),
+            out_dir=args.out or default_cache_dir() / "bench-results",
+        )
         return 0
     if args.soak:
         from stream_scorer.devtools.soak import SoakSettings, run_soak
@@ -315,6 +325,15 @@ def add_commands(sub: Commands) -> None:
         "--only-drift", action="store_true", help="the ceiling and the drift pairs only"
     )
     bench.add_argument("--soak", action="store_true", help="run the soak instead (RSS over time)")
+    bench.add_argument(
+        "--files",
+        action="store_true",
+        help="score on a Parquet file vs a plain pyarrow + xgboost script and a pandas loop",
+    )
+    bench.add_argument("--rows", type=int, default=10_000_000, help="--files: rows of the file")
+    bench.add_argument(
+        "--pandas-rows", type=int, default=20_000, help="--files: rows the pandas loop runs"
+    )
     bench.add_argument("--soak-seconds", type=float, default=600.0, help="length of the soak")
     bench.add_argument("--soak-rate", type=float, default=10_000.0, help="events per second")
     bench.add_argument("--soak-malformed", type=float, default=0.01, help="malformed share")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Models"
-ROWS = [(("model",), "publish, promote, roll out/back, pack, check")]
+ROWS = [(("model",), "publish, promote, roll out/back, pack, check, compare")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:
@@ -195,6 +195,21 @@ def _topic_sample(args: argparse.Namespace, schema: dict[str, Any]) -> list[dict
     return records
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from stream_scorer.batch.compare import run_compare
+    from stream_scorer.batch.score import load_batch_scorer
+    from stream_scorer.config import load_config
+
+    cfg = load_config(args.config)
+    scorers = (load_batch_scorer(cfg, args.a), load_batch_scorer(cfg, args.b))
+    report = run_compare(scorers, args.input, names=(args.a, args.b), out=args.out, top=args.top)
+    print(json.dumps(asdict(report)), flush=True)
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from stream_scorer.model.pack import check
     from stream_scorer.stages.decode import load_schema
@@ -228,12 +243,12 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: Commands) -> None:
-    """Add ``model publish|promote|rollback|pack|check`` to the command line."""
+    """Add ``model publish|promote|rollback|pack|check|compare`` to the command line."""
     model_sub = command_group(
         sub,
         "model",
         "model promote store:/srv/models/rides 7",
-        help="model versions: publish, promote, rollout, rollback, pack, check",
+        help="model versions: publish, promote, rollout, rollback, pack, check, compare",
     )
 
     publish = command(
@@ -342,3 +357,21 @@ def add_commands(sub: Commands) -> None:
     ck.add_argument("dir", type=Path, help="model directory")
     ck.add_argument("--schema", type=Path, required=True, help="the input Avro schema (.avsc)")
     ck.set_defaults(func=_cmd_check)
+
+    cmp = command(
+        model_sub,
+        "compare",
+        "model compare models/rides-v1 store:/srv/models/rides@live --config rides.yaml "
+        "--input 'rides/*.parquet' --out disagree.parquet",
+        help="two model versions on the same stored records: agreement, deltas, drift, and "
+        "the records where they disagree most",
+    )
+    cmp.add_argument("a", help="model A: a directory, or any model.source (store:, models:/)")
+    cmp.add_argument("b", help="model B: the same forms")
+    cmp.add_argument("--config", type=Path, required=True, help="the configuration of run")
+    cmp.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs"
+    )
+    cmp.add_argument("--out", type=Path, help="write the records they disagree most on (Parquet)")
+    cmp.add_argument("--top", type=int, default=1000, help="how many of those (default 1000)")
+    cmp.set_defaults(func=_cmd_compare)

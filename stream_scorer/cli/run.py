@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Run"
-ROWS = [(("run", "sink"), "score (--workers N); store them (sink postgres)")]
+ROWS = [(("run", "score", "sink"), "score a stream (--workers N) or files; store results")]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -101,8 +101,33 @@ def _cmd_sink_postgres(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from stream_scorer.batch.score import run_score
+    from stream_scorer.config import load_config
+    from stream_scorer.worker.flow import StopFlag
+
+    stop = StopFlag()
+    with stop.on_signals():  # a SIGTERM stops at the next batch; nothing is written
+        cfg = load_config(args.config)
+        logs.setup(cfg.logging.format, args.log_level or cfg.logging.level)
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ConfigError("--batch-size", f"must be at least 1, got {args.batch_size}")
+        report = run_score(
+            cfg,
+            args.input,
+            args.output,
+            dead_letters=args.dead_letters,
+            fmt=args.format or "",
+            batch_size=args.batch_size,
+            stopped=lambda: bool(stop),
+        )
+    sys.stdout.write(json.dumps(asdict(report)) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def add_commands(sub: Commands) -> None:
-    """Add ``run`` and ``sink postgres``."""
+    """Add ``run``, ``score`` and ``sink postgres``."""
     run = command(sub, "run", "run --config rides.yaml --workers 2", help="run a scoring worker")
     run.add_argument("--config", type=Path, required=True, help="YAML or TOML configuration")
     run.add_argument("--max-messages", type=int, help="stop after this many records")
@@ -136,3 +161,34 @@ def add_commands(sub: Commands) -> None:
     postgres.add_argument("--member-id", help="member id (default: host-pid)")
     postgres.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     postgres.set_defaults(func=_cmd_sink_postgres)
+    score = command(
+        sub,
+        "score",
+        "score --config rides.yaml --input 'rides/*.parquet' --output predictions.parquet",
+        help="score stored records with the pipeline of run: files in, predictions out",
+        description="Score Parquet or Avro container files (files, directories, globs) with "
+        "the configuration's schemas, features, policies and model, as run scores the stream; "
+        "write the predictions and the dead letters to files, each renamed into place only "
+        "when complete. Prints the counts as JSON; exit 2 for a configuration, schema or "
+        "model error, 1 for any other failure.",
+    )
+    score.add_argument("--config", type=Path, required=True, help="the configuration of run")
+    score.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs"
+    )
+    score.add_argument(
+        "--output", type=Path, required=True, help="the predictions file (.parquet or .avro)"
+    )
+    score.add_argument(
+        "--dead-letters",
+        type=Path,
+        metavar="PATH",
+        help="the dead-letter file (default: OUTPUT's name + .dead-letters)",
+    )
+    score.add_argument(
+        "--format", choices=("parquet", "avro"), help="output format (default: by extension)"
+    )
+    score.add_argument(
+        "--batch-size", type=int, help="records per batch: memory per input (default 65536)"
+    )
+    score.set_defaults(func=_cmd_score)

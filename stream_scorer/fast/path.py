@@ -97,51 +97,22 @@ def _kernel() -> Any:
     return fastkernel
 
 
-class FastColumns:
-    """Builds a batch's ``Columns`` straight from its bytes; see the module docstring."""
+class Policies:
+    """The features' value policies applied to cell states, vectorised (``fast.plan`` states).
 
-    def __init__(
-        self,
-        schema: Mapping[str, Any],
-        features: Sequence[FeatureSpec],
-        *,
-        id_field: str,
-        event_time_field: str = "",
-        max_message_bytes: int,
-    ) -> None:
-        """Specialise to ``schema`` and ``features`` and load (or compile) the kernel.
+    One home for both vectorised column builders: the compiled Avro path (``FastColumns``) and
+    the Arrow path (``fast.arrow.ArrowColumns``) write each cell's state and leave the verdicts,
+    and which feature names a row's dead letter, to this.
+    """
 
-        Args:
-            schema: the parsed writer schema (``decode.load_schema``).
-            features: the model's features, in column order.
-            id_field: the input field copied into ``input_id``.
-            event_time_field: the input field with the event time; empty: none.
-            max_message_bytes: larger values are dead-lettered (``too_large``) unread.
-
-        Raises:
-            Unsupported: the schema cannot be specialised (the message says why).
-        """
+    def __init__(self, features: Sequence[FeatureSpec]) -> None:
+        """Tables for ``features``, in column order."""
         self.features = tuple(features)
-        self._name = str(schema.get("name", "?"))
-        self.program: Program = compile_program(
-            schema, self.features, id_field=id_field, event_time_field=event_time_field
-        )
-        self._max = max_message_bytes
         policies = [f.effective_policy for f in self.features]
         self._reasons = self._reason_table(policies)
-        self._bounds = self._bound_arrays(self.features)
+        #: per column: (lowest, highest) double, (lowest, highest) integer (``_bound_arrays``)
+        self.bounds = self._bound_arrays(self.features)
         self._inf_to_nan = np.array([p.infinite == PASS for p in policies], dtype=bool)
-        self._category_columns = np.array(
-            [j for j, f in enumerate(self.features) if f.transform == "category"], dtype=np.int64
-        )
-        self._k = _kernel()
-        started = time.perf_counter()
-        self.run([])  # compile, or load from numba's cache, before the first real batch
-        # and the id gatherer of ``_id_values``, with the argument types of its call there
-        self._k.gather(np.frombuffer(b"\x00", dtype=np.uint8), np.zeros((0, 6), np.int64)[:, 2:4])
-        self.warmup_s = time.perf_counter() - started
-        #: where the kernel's machine code came from (``fast.cache.origin``), for the log
-        self.kernel_origin: str = self._k.origin()
 
     @staticmethod
     def _reason_table(policies: Sequence[ValuePolicy]) -> npt.NDArray[np.int64]:
@@ -184,6 +155,83 @@ class FastColumns:
             else:
                 lo_int[j], hi_int[j] = max(first, _INT64_MIN), min(last, _INT64_MAX)
         return lo_float, hi_float, lo_int, hi_int
+
+    def verdicts(
+        self, matrix: npt.NDArray[np.float32], state: npt.NDArray[np.uint8]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Apply the policies: per row, the failing state (0: none) and its feature column."""
+        n, k = state.shape
+        if n == 0 or k == 0:
+            return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        infinite = state == fp.INF
+        if self._inf_to_nan.any() and infinite.any():  # passed infinities reach XGBoost as NaN
+            matrix[infinite & self._inf_to_nan[None, :]] = np.nan
+        codes = self._reasons[np.arange(k)[None, :], state]
+        first = np.argmax(codes != 0, axis=1)
+        return codes[np.arange(n), first], first
+
+    def describe(self, code: int, column: int, raw: Any) -> str:
+        """The dead-letter text of a cell whose state ``code`` dead-lettered its row.
+
+        ``raw``: the value as sent for ``INF`` (a float), ``OUT_OF_RANGE`` (a float, an int or
+        a bool) and ``UNSEEN`` (the string or symbol; None for a value of another type); the
+        matrix cell otherwise.
+        """
+        spec = self.features[column]
+        if code == fp.INF:  # the value as sent, in the fastavro path's words
+            text = non_finite_message(raw)
+        elif code == fp.OUT_OF_RANGE:
+            text = out_of_range_message(raw, spec.min, spec.max)
+        elif code == fp.UNSEEN:
+            text = unseen_message(raw)
+        else:
+            text = f"{_EXPLAIN[code]} (field {spec.field!r}, value {raw!r})"
+        return f"{spec.name}: {text}"
+
+
+class FastColumns:
+    """Builds a batch's ``Columns`` straight from its bytes; see the module docstring."""
+
+    def __init__(
+        self,
+        schema: Mapping[str, Any],
+        features: Sequence[FeatureSpec],
+        *,
+        id_field: str,
+        event_time_field: str = "",
+        max_message_bytes: int,
+    ) -> None:
+        """Specialise to ``schema`` and ``features`` and load (or compile) the kernel.
+
+        Args:
+            schema: the parsed writer schema (``decode.load_schema``).
+            features: the model's features, in column order.
+            id_field: the input field copied into ``input_id``.
+            event_time_field: the input field with the event time; empty: none.
+            max_message_bytes: larger values are dead-lettered (``too_large``) unread.
+
+        Raises:
+            Unsupported: the schema cannot be specialised (the message says why).
+        """
+        self.features = tuple(features)
+        self._name = str(schema.get("name", "?"))
+        self.program: Program = compile_program(
+            schema, self.features, id_field=id_field, event_time_field=event_time_field
+        )
+        self._max = max_message_bytes
+        self.policies = Policies(self.features)
+        self._bounds = self.policies.bounds
+        self._category_columns = np.array(
+            [j for j, f in enumerate(self.features) if f.transform == "category"], dtype=np.int64
+        )
+        self._k = _kernel()
+        started = time.perf_counter()
+        self.run([])  # compile, or load from numba's cache, before the first real batch
+        # and the id gatherer of ``_id_values``, with the argument types of its call there
+        self._k.gather(np.frombuffer(b"\x00", dtype=np.uint8), np.zeros((0, 6), np.int64)[:, 2:4])
+        self.warmup_s = time.perf_counter() - started
+        #: where the kernel's machine code came from (``fast.cache.origin``), for the log
+        self.kernel_origin: str = self._k.origin()
 
     def decode(
         self, messages: Sequence[Message], skip: int = 0
@@ -262,15 +310,7 @@ class FastColumns:
         self, matrix: npt.NDArray[np.float32], state: npt.NDArray[np.uint8]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Apply the policies: per row, the failing state (0: none) and its feature column."""
-        n, k = state.shape
-        if n == 0 or k == 0:
-            return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        infinite = state == fp.INF
-        if self._inf_to_nan.any() and infinite.any():  # passed infinities reach XGBoost as NaN
-            matrix[infinite & self._inf_to_nan[None, :]] = np.nan
-        codes = self._reasons[np.arange(k)[None, :], state]
-        first = np.argmax(codes != 0, axis=1)
-        return codes[np.arange(n), first], first
+        return self.policies.verdicts(matrix, state)
 
     def _id_values(self, cols: Mapping[str, Any], rows: npt.NDArray[np.int64]) -> list[Any]:
         """The id of each of ``rows`` as fastavro would have returned it."""
@@ -372,23 +412,22 @@ class FastColumns:
             for i in np.flatnonzero(verdict).tolist():
                 code = int(verdict[i])
                 j = int(column[i])
-                spec = self.features[j]
-                if code == fp.INF:  # the value as sent, in the fastavro path's words
-                    text = non_finite_message(float(cols["raw_float"][i, j]))
+                sent: Any
+                if code == fp.INF:
+                    sent = float(cols["raw_float"][i, j])
                 elif code == fp.OUT_OF_RANGE:
-                    text = out_of_range_message(self._raw(cols, state, i, j), spec.min, spec.max)
+                    sent = self._raw(cols, state, i, j)
                 elif code == fp.UNSEEN:
-                    text = unseen_message(self._unseen_value(cols, i, j))
+                    sent = self._unseen_value(cols, i, j)
                 else:
-                    value = float(matrix[i, j])
-                    text = f"{_EXPLAIN[code]} (field {spec.field!r}, value {value!r})"
+                    sent = float(matrix[i, j])
                 dead.append(
                     DeadLetter(
                         messages[i],
                         Stage.FEATURES,
                         STATE_REASONS[code],
                         "FeatureError",
-                        f"{spec.name}: {text}",
+                        self.policies.describe(code, j, sent),
                     )
                 )
         keep = np.flatnonzero(decoded_ok & (verdict == 0))

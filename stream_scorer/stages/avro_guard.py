@@ -471,3 +471,26 @@ class AvroGuard:
         if end != len(payload):
             return Violation(Reason.TRAILING_BYTES, f"record ends at byte {end} of {len(payload)}")
         return None
+
+    def split(self, block: bytes, count: int) -> tuple[list[int], Violation | None]:
+        """Walk ``count`` records laid end to end (an Avro container file's block).
+
+        Returns the end offset of each record walked, and the first violation (None when all
+        ``count`` records were walked and they fill ``block`` exactly). The records before a
+        violation are each safe to decode on their own (``check`` accepts them).
+        """
+        ends: list[int] = []
+        pos = 0
+        for _ in range(count):
+            try:
+                pos = self._walk(block, pos, _State(self._max_zero, self._max_depth))
+            except _Invalid as exc:
+                return ends, Violation(exc.reason, str(exc))
+            except RecursionError:
+                return ends, Violation(Reason.MALFORMED_AVRO, "payload nests too deeply")
+            ends.append(pos)
+        if pos != len(block):
+            return ends, Violation(
+                Reason.TRAILING_BYTES, f"block ends at byte {pos} of {len(block)}"
+            )
+        return ends, None

@@ -230,3 +230,37 @@ def bins_of(reference: Mapping[str, Any], features: Sequence[FeatureSpec]) -> Bi
         prediction_reference=np.asarray(pred_shares, dtype=np.float64),
         rows=rows,
     )
+
+
+def reference_counts(reference: Mapping[str, Any], values: npt.ArrayLike) -> Counts:
+    """How many of ``values`` fall in each bin of one reference (``model.pack.reference_bins``).
+
+    The last count is of the missing (NaN) values; counts add up batch by batch, for
+    ``population_stability``.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    finite = values[np.isfinite(values)]
+    size = len(reference.get("shares", []))
+    if "edges" in reference:
+        slots = bin_index(finite, reference["edges"])
+    else:  # categorical: the category's index
+        slots = finite.astype(np.int64)
+        slots = slots[(slots >= 0) & (slots < size)]
+    counts = np.bincount(slots, minlength=size)[:size]
+    return np.append(counts, len(values) - len(finite)).astype(np.int64)
+
+
+def population_stability(reference: Mapping[str, Any], counts: npt.ArrayLike) -> float:
+    """PSI of ``counts`` (``reference_counts``) against one reference's shares and missing share.
+
+    ``psi`` with the one ``FLOOR``; 0.0 when there is nothing to compare (no count, or counts
+    of another reference).
+    """
+    ref = np.append(
+        np.asarray(reference.get("shares", []), dtype=np.float64),
+        float(reference.get("missing", 0.0)),
+    )
+    c = np.asarray(counts, dtype=np.float64)
+    if c.sum() == 0 or len(ref) != len(c):
+        return 0.0
+    return float(psi(ref, c))

@@ -121,7 +121,7 @@ class Pipeline:
             cols.decode_done,
         )
         t2 = time.perf_counter()
-        rows, values, labels = self._predict(kept, np.arange(len(kept)), matrix, dead)
+        rows, values, labels = self.predict(kept, matrix, dead)
         t3 = time.perf_counter()
         if len(rows) != len(kept):
             matrix = matrix[rows]
@@ -180,9 +180,20 @@ class Pipeline:
             out.event_ms.append(event)
         return out
 
+    def predict(
+        self, kept: Sequence[Message], matrix: Matrix, dead: list[DeadLetter]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64] | None]:
+        """Score ``matrix`` (one row per record of ``kept``): the rows scored, values, labels.
+
+        The rows the model fails on, or gets no finite value for, are appended to ``dead``
+        (``model_failed``, ``non_finite_prediction``); the batch commands (``stream_scorer.batch``)
+        score their columns with it too.
+        """
+        return self._predict(kept, np.arange(len(kept)), matrix, dead)
+
     def _predict(
         self,
-        kept: list[Message],
+        kept: Sequence[Message],
         rows: npt.NDArray[np.int64],
         matrix: Matrix,
         dead: list[DeadLetter],

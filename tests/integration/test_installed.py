@@ -140,6 +140,18 @@ def test_every_documented_command_runs_from_the_installed_package(
     assert report["consumed"] == events and dead == events * malformed
     assert len(read_topic(kafka_bootstrap, out)) + dead == events
 
+    # the same model on stored records: a Parquet file in, predictions out (docs/manual/batch.md)
+    installed.run(
+        "python", "-c",
+        "import pyarrow.parquet as pq; from stream_scorer.example.rides import generate_columns,"
+        " to_table; pq.write_table(to_table(generate_columns(300, 5)), 'rides.parquet')",
+    )  # fmt: skip
+    scored = installed.run(
+        "score", "--config", str(config), "--input", "rides.parquet", "--output", "p.parquet"
+    )
+    assert json.loads(scored.stdout.splitlines()[-1])["predictions"] == 300
+    assert (installed.cwd / "p.parquet").is_file()
+
     lag_args = ("lag", "--group", group, "--topic", topic, "--bootstrap-servers", kafka_bootstrap)
     lag = json.loads(installed.run(*lag_args, "--json").stdout)
     assert lag["total"]["lag_records"] == 0
