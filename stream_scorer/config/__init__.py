@@ -16,6 +16,7 @@ librdkafka's dotted keys) and ``check`` (librdkafka's own checks at start-up).
 """
 
 from stream_scorer.config.check import check_clients
+from stream_scorer.config.evaluate import DecideConfig, EvaluateConfig, OutcomesConfig
 from stream_scorer.config.kafka import (
     CLIENT_BATCH_SIZE,
     CLIENT_MESSAGE_MAX_BYTES,
@@ -77,6 +78,9 @@ __all__ = [
     "BatchConfig",
     "Config",
     "DeadLetterConfig",
+    "DecideConfig",
+    "EvaluateConfig",
+    "OutcomesConfig",
     "DeliveryConfig",
     "HealthConfig",
     "InputConfig",

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from stream_scorer import headers
+from stream_scorer.config.evaluate import EvaluateConfig
 from stream_scorer.config.keys import PASSTHROUGH, redacted
 from stream_scorer.config.values import (
     ExistingDir,
@@ -404,6 +405,8 @@ class Config(Section):
     """The Schema Registry (``format: confluent``)."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
     """The backoff of every outage path."""
+    evaluate: Annotated[EvaluateConfig | None, BeforeValidator(none_words)] = None
+    """``stream-scorer evaluate``: live outcomes joined with the predictions (none: unused)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -481,9 +484,22 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "output.topic", "input, output and dead-letter topics must differ"
     if cfg.retry.max_backoff_s < cfg.retry.initial_backoff_s:
         yield "retry.max_backoff_s", "must be at least retry.initial_backoff_s"
+    if cfg.evaluate is not None:
+        yield from _evaluate_problems(cfg, cfg.evaluate)
     if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
         missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
         yield missing, "is required with the other of tls_cert and tls_key"
+
+
+def _evaluate_problems(cfg: Config, ev: EvaluateConfig) -> Iterator[tuple[str, str]]:
+    """The ``evaluate`` section's checks against the rest."""
+    if ev.outcomes.format == "confluent" and not cfg.registry.url:
+        yield "registry.url", "is required by evaluate.outcomes.format: confluent"
+    read = {*(ev.prediction_topics or (cfg.output.topic,)), ev.outcomes.topic}
+    if ev.topic in read:
+        yield "evaluate.topic", f"{ev.topic!r} is also read by the evaluator"
+    if ev.outcomes.topic in (ev.prediction_topics or (cfg.output.topic,)):
+        yield "evaluate.outcomes.topic", "must differ from the prediction topics"
 
 
 def _matches(pattern: str, topic: str) -> bool:
