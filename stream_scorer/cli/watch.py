@@ -85,9 +85,7 @@ def _evaluate(args: argparse.Namespace, stop: Any) -> int:
     port = cfg.evaluate.metrics_port if args.metrics_port is None else args.metrics_port
     serve_metrics(evaluator.metrics, cfg.metrics.host, port)
     report = evaluator.run(lambda: bool(stop))
-    sys.stdout.write(
-        json.dumps({"windows": report.windows, "pairs": report.pairs}) + "\n"
-    )
+    sys.stdout.write(json.dumps({"windows": report.windows, "pairs": report.pairs}) + "\n")
     sys.stdout.flush()
     return EXIT_OK
 

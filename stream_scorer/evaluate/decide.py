@@ -71,8 +71,7 @@ def decide(rule: Rule, champion: Evidence, challenger: Evidence) -> Decision:
         return made(
             KEEP,
             None,
-            f"version {short[0].version} has {short[0].n} outcomes, fewer than "
-            f"{rule.min_outcomes}",
+            f"version {short[0].version} has {short[0].n} outcomes, fewer than {rule.min_outcomes}",
         )
     if champion.value is None or challenger.value is None:
         which = champion if champion.value is None else challenger
@@ -84,9 +83,7 @@ def decide(rule: Rule, champion: Evidence, challenger: Evidence) -> Decision:
     if gap > rule.rollback_margin:
         return made(ROLLBACK, gap, f"worse by {gap:.6g} > rollback margin {rule.rollback_margin}")
     if gap <= rule.promote_margin:
-        return made(
-            PROMOTE, gap, f"worse by {gap:.6g} <= promote margin {rule.promote_margin}"
-        )
+        return made(PROMOTE, gap, f"worse by {gap:.6g} <= promote margin {rule.promote_margin}")
     return made(KEEP, gap, f"worse by {gap:.6g}: between the margins, waiting")
 
 

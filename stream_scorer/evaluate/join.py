@@ -3,8 +3,10 @@
 A prediction waits for its outcome, and an outcome that arrives first waits for its prediction,
 each at most ``horizon_ms`` of stream time (the largest record time seen). An outcome joins its
 prediction when it came at most ``horizon_ms`` after the prediction's event time; later it is
-*late*: not joined, counted. A prediction still waiting when the stream time passes its time plus
-the horizon is *unlabelled*; an outcome still waiting then is *unmatched* (no prediction).
+*late*: not joined, counted (when its prediction was expired already, the outcome waits and is
+counted *unmatched* at its own expiry). A prediction still waiting when the stream time passes
+its time plus the horizon is *unlabelled*; an outcome still waiting then is *unmatched* (no
+prediction).
 
 Bounded: each side keeps at most ``max_pending`` ids; beyond that the oldest (in arrival order)
 is dropped and counted. A second prediction or outcome of one id replaces the first (the join is
@@ -95,8 +97,8 @@ class JoinState:
 
     def add_prediction(self, event_id: str, p: Prediction) -> Pair | None:
         """Add a prediction; the pair when its outcome was waiting."""
-        self._tick(p.time_ms)
         waiting = self.outcomes.pop(event_id, None)
+        self._tick(p.time_ms)
         if waiting is not None:
             return self._pair(p, waiting)
         self.predictions.pop(event_id, None)
@@ -108,8 +110,8 @@ class JoinState:
 
     def add_outcome(self, event_id: str, o: Outcome) -> Pair | None:
         """Add an outcome; the pair when its prediction was waiting."""
+        waiting = self.predictions.pop(event_id, None)  # before the expiry its time may cause
         self._tick(o.time_ms)
-        waiting = self.predictions.pop(event_id, None)
         if waiting is not None:
             return self._pair(waiting, o)
         self.outcomes.pop(event_id, None)

@@ -6,6 +6,7 @@ time; when another version comes, the least recently seen one's series are remov
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -84,9 +85,7 @@ class EvaluationMetrics:
             ("kind",),
             registry=reg,
         )
-        self.windows = Counter(
-            f"{_PREFIX}windows", "Windows closed and written", registry=reg
-        )
+        self.windows = Counter(f"{_PREFIX}windows", "Windows closed and written", registry=reg)
         self.decisions = Counter(
             f"{_PREFIX}decisions",
             "Canary decisions taken (evaluate --decide), by action",
@@ -110,10 +109,8 @@ class EvaluationMetrics:
                 self.joined,
                 self.unlabelled,
             ):
-                try:
+                with contextlib.suppress(KeyError):  # never set for this version
                     metric.remove(self.model, old)
-                except KeyError:
-                    pass
 
     def versions(self) -> list[str]:
         """The versions exported now, least recently seen first."""

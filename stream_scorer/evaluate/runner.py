@@ -25,10 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import fastavro
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
 
 from stream_scorer.config import Config, EvaluateConfig, client_settings, kafka_client
 from stream_scorer.contracts import EVALUATION_SCHEMA_V1
@@ -39,7 +39,7 @@ from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats, Stats
 from stream_scorer.registry import RegistryClient, SchemaKey
 from stream_scorer.stages.framing import frame_of
-from stream_scorer.stages.records import Reason
+from stream_scorer.stages.records import Message, Reason
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +58,20 @@ def plain_schema(schema: Any) -> Any:
 
 def evaluation_schema() -> dict[str, Any]:
     """The parsed evaluation record schema shipped in the package."""
-    parsed: dict[str, Any] = fastavro.parse_schema(
-        json.loads(EVALUATION_SCHEMA_V1.read_text(encoding="utf-8"))
-    )
-    return parsed
+    parsed = fastavro.parse_schema(json.loads(EVALUATION_SCHEMA_V1.read_text(encoding="utf-8")))
+    return cast(dict[str, Any], parsed)
 
 
 def read_evaluation(value: bytes) -> dict[str, Any]:
     """One evaluation record from its bytes (schemaless Avro of ``evaluation.v1.avsc``)."""
     schema = plain_schema(json.loads(EVALUATION_SCHEMA_V1.read_text(encoding="utf-8")))
-    record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(value), schema, None)  # type: ignore[call-arg,assignment]
-    return record
+    return cast(dict[str, Any], fastavro.schemaless_reader(io.BytesIO(value), schema, None))
 
 
 class AvroReader:
     """Reads records of one reader schema, bare or in the Confluent wire format."""
 
-    def __init__(
-        self, schema_text: str, framed: bool, registry: RegistryClient | None
-    ) -> None:
+    def __init__(self, schema_text: str, framed: bool, registry: RegistryClient | None) -> None:
         """Parse the reader schema (logical types dropped: times stay longs)."""
         self._reader = fastavro.parse_schema(plain_schema(json.loads(schema_text)))
         self._framed = framed
@@ -107,7 +102,7 @@ class AvroReader:
                 self._writers[key] = fastavro.parse_schema(plain_schema(json.loads(text)))
             writer = self._writers[key]
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(value[start:]), writer, self._reader)  # type: ignore[call-arg]
+            record = fastavro.schemaless_reader(io.BytesIO(value[start:]), writer, self._reader)
         except Exception as exc:  # fastavro raises many types on bad bytes
             raise ValueError(f"not readable: {exc}") from exc
         if not isinstance(record, dict):
@@ -200,7 +195,9 @@ class Evaluator:
         self.metrics = metrics or EvaluationMetrics(ev.model_name, ev.max_versions)
         registry = RegistryClient.from_config(cfg.registry) if cfg.registry.url else None
         self._predictions = AvroReader(
-            cfg.output.schema.read_text(encoding="utf-8"), cfg.output.format == "confluent", registry
+            cfg.output.schema.read_text(encoding="utf-8"),
+            cfg.output.format == "confluent",
+            registry,
         )
         out = ev.outcomes
         self._outcomes = (
@@ -308,14 +305,16 @@ class Evaluator:
         except BaseException as exc:
             self._failure = exc
 
-    def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
+    def _delivered(self, err: KafkaError | None, _msg: object) -> None:
         if err is not None:
             self._delivery_errors.append(str(err))
 
     # --- records -------------------------------------------------------------------------
 
     def _seen(self, msg: Message) -> bool:
-        return (msg.offset() or 0) < self._committed.get((msg.topic() or "", msg.partition() or 0), -1)
+        return (msg.offset() or 0) < self._committed.get(
+            (msg.topic() or "", msg.partition() or 0), -1
+        )
 
     def _time(self, msg: Message) -> int:
         kind, ts = msg.timestamp()
@@ -470,7 +469,10 @@ class Evaluator:
         if pair is None or pair[0] == pair[1]:
             return {}
         rule = Rule(
-            rule_cfg.metric, rule_cfg.min_outcomes, rule_cfg.promote_margin, rule_cfg.rollback_margin
+            rule_cfg.metric,
+            rule_cfg.min_outcomes,
+            rule_cfg.promote_margin,
+            rule_cfg.rollback_margin,
         )
 
         def evidence(version: str) -> Evidence:
@@ -485,10 +487,14 @@ class Evaluator:
         decision = decide(rule, evidence(champion), evidence(challenger))
         applied = False
         if decision.action != "keep" and self.apply and challenger not in self._acted:
-            moved = self.rollout.promote() if decision.action == "promote" else self.rollout.rollback()
+            moved = (
+                self.rollout.promote() if decision.action == "promote" else self.rollout.rollback()
+            )
             self._acted.add(challenger)
             applied = True
-            log.warning("evaluate: %s %s: %s (%s)", decision.action, challenger, moved, decision.reason)
+            log.warning(
+                "evaluate: %s %s: %s (%s)", decision.action, challenger, moved, decision.reason
+            )
         else:
             log.info("evaluate: %s %s: %s", decision.action, challenger, decision.reason)
         self.metrics.decisions.labels(decision.action).inc()
@@ -546,7 +552,7 @@ class Evaluator:
                             raise BrokerError(f"evaluate: consumer failed: {err}")
                         log.warning("evaluate: consumer: %s", err)
                         continue
-                    self.handle(msg)
+                    self.handle(cast(Message, msg))
                 if self._failure is not None:
                     raise self._failure
                 self._take_counts()
@@ -582,7 +588,9 @@ def serve_metrics(metrics: EvaluationMetrics, host: str, port: int) -> Mapping[s
     try:
         server, thread = start_http_server(port, host, registry=metrics.prometheus)
     except OSError as exc:
-        raise ConfigError("evaluate.metrics_port", f"cannot listen on {host}:{port}: {exc}") from exc
+        raise ConfigError(
+            "evaluate.metrics_port", f"cannot listen on {host}:{port}: {exc}"
+        ) from exc
     return {"server": server, "thread": thread}
 
 
