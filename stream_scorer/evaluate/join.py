@@ -3,10 +3,10 @@
 A prediction waits for its outcome, and an outcome that arrives first waits for its prediction,
 each at most ``horizon_ms`` of stream time (the largest record time seen). An outcome joins its
 prediction when it came at most ``horizon_ms`` after the prediction's event time; later it is
-*late*: not joined, counted (when its prediction was expired already, the outcome waits and is
-counted *unmatched* at its own expiry). A prediction still waiting when the stream time passes
-its time plus the horizon is *unlabelled*; an outcome still waiting then is *unmatched* (no
-prediction).
+*late*: not joined, counted, whether its prediction was still waiting or had expired already
+(the ids of the last ``max_pending`` expired predictions are kept for that). A prediction still
+waiting when the stream time passes its time plus the horizon is *unlabelled* (once); an outcome
+still waiting then is *unmatched* (no prediction).
 
 Bounded: each side keeps at most ``max_pending`` ids; beyond that the oldest (in arrival order)
 is dropped and counted. A second prediction or outcome of one id replaces the first (the join is
@@ -83,6 +83,8 @@ class JoinState:
         self.max_pending = max_pending
         self.predictions: OrderedDict[str, Prediction] = OrderedDict()
         self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        #: Ids of expired predictions (whether each was seen), so a late outcome is known late.
+        self.expired: OrderedDict[str, bool] = OrderedDict()
         self.now_ms = 0
         self.counts = JoinCounts()
 
@@ -114,6 +116,10 @@ class JoinState:
         self._tick(o.time_ms)
         if waiting is not None:
             return self._pair(waiting, o)
+        if event_id in self.expired:
+            seen = self.expired.pop(event_id)
+            self.counts.late += not (seen and o.seen)
+            return None
         self.outcomes.pop(event_id, None)
         self.outcomes[event_id] = o
         if len(self.outcomes) > self.max_pending:
@@ -123,7 +129,7 @@ class JoinState:
 
     def _pair(self, p: Prediction, o: Outcome) -> Pair | None:
         if o.time_ms - p.time_ms > self.horizon_ms:
-            self.counts.late += not o.seen
+            self.counts.late += not (p.seen and o.seen)
             self._unlabelled(p)
             return None
         return Pair(p, o)
@@ -135,11 +141,14 @@ class JoinState:
         """
         limit = self.now_ms - self.horizon_ms
         while self.predictions:
-            first = next(iter(self.predictions.values()))
+            event_id, first = next(iter(self.predictions.items()))
             if first.time_ms >= limit:
                 break
             self.predictions.popitem(last=False)
             self._unlabelled(first)
+            self.expired[event_id] = first.seen
+            if len(self.expired) > self.max_pending:
+                self.expired.popitem(last=False)
         while self.outcomes:
             first_o = next(iter(self.outcomes.values()))
             if first_o.time_ms >= limit:

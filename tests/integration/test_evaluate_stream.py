@@ -1,0 +1,380 @@
+"""``stream-scorer evaluate`` on the real broker: predictions joined with later outcomes.
+
+Predictions are written with the project's ``PredictionEncoder``, outcomes with a small Avro
+schema, both keyed by the event id on the same partition (co-partitioned). Every metric in the
+evaluation topic is compared with reference formulas computed here with numpy on the same
+pairs. The evaluator runs in a thread of the test (``Evaluator.run`` with a stop event).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+from support import REPO, load_raw, read_topic, ride_config, wait_for
+
+from stream_scorer.config import Config
+from stream_scorer.errors import ConfigError
+from stream_scorer.evaluate.runner import Evaluator, read_evaluation
+from stream_scorer.evaluate.rollout import FixedPair
+from stream_scorer.stages.encode import PredictionEncoder
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+OUTCOME_SCHEMA = {
+    "type": "record",
+    "name": "Outcome",
+    "fields": [{"name": "input_id", "type": "string"}, {"name": "outcome", "type": "double"}],
+}
+#: Item: (event id, value bytes, Kafka timestamp ms).
+Item = tuple[str, bytes, int]
+
+
+def partition_of(event_id: str) -> int:
+    """The test's partitioner, the same for both topics: co-partitioned by construction."""
+    return zlib.crc32(event_id.encode()) % PARTITIONS
+
+
+def produce(bootstrap: str, topic: str, items: Sequence[Item]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": "true"})
+    errors: list[Any] = []
+    for event_id, value, ts in items:
+        producer.produce(
+            topic,
+            value,
+            event_id.encode(),
+            partition=partition_of(event_id),
+            timestamp=ts,
+            on_delivery=lambda err, _m: errors.append(err) if err else None,
+        )
+    assert producer.flush(30) == 0 and errors == []
+
+
+ENCODER = PredictionEncoder(
+    json.loads((REPO / "schemas" / "prediction.v1.avsc").read_text(encoding="utf-8"))
+)
+PARSED_OUTCOME = fastavro.parse_schema(OUTCOME_SCHEMA)
+
+
+def prediction(event_id: str, p: float, label: int | None, version: str, t: int) -> Item:
+    return event_id, ENCODER.encode(event_id, p, label, version, t, t), t
+
+
+def outcome(event_id: str, y: float, t: int) -> Item:
+    import io
+
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, PARSED_OUTCOME, {"input_id": event_id, "outcome": y})
+    return event_id, buf.getvalue(), t
+
+
+class Setup:
+    """Topics and a configuration for one test."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        bootstrap: str,
+        unique: Callable[[str], str],
+        make_topics: Callable[[dict[str, int]], None],
+        **evaluate: Any,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.predictions, self.outcomes, self.evaluations = (
+            unique("predictions"),
+            unique("outcomes"),
+            unique("evaluations"),
+        )
+        make_topics({self.predictions: PARTITIONS, self.outcomes: PARTITIONS, self.evaluations: 1})
+        schema = tmp_path / "outcome.avsc"
+        schema.write_text(json.dumps(OUTCOME_SCHEMA))
+        self.raw = ride_config(
+            tmp_path,
+            kafka={"bootstrap_servers": bootstrap},
+            output={"topic": self.predictions},
+            evaluate={
+                "group_id": unique("evaluate"),
+                "topic": self.evaluations,
+                "outcomes": {"topic": self.outcomes, "schema": str(schema)},
+                "horizon_s": 120,
+                "window_s": 3600,
+                "metrics_port": 0,
+                **evaluate,
+            },
+        )
+        self.cfg: Config = load_raw(tmp_path, self.raw)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [read_evaluation(m.value()) for m in read_topic(self.bootstrap, self.evaluations)]
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[Evaluator], threading.Event]]:
+    """Start an evaluator in a thread; every one is stopped (and its error raised) at the end."""
+    started: list[tuple[threading.Thread, threading.Event, list[BaseException]]] = []
+
+    def start(evaluator: Evaluator) -> threading.Event:
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                evaluator.run(stop)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        started.append((thread, stop, errors))
+        return stop
+
+    yield start
+    for thread, stop, errors in started:
+        stop.set()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert errors == []
+
+
+def stopped(evaluator: Evaluator, stop: threading.Event) -> None:
+    stop.set()
+    wait_for(lambda: evaluator._consumer is None, 60, "the evaluator to stop")
+
+
+def reference(p: np.ndarray, y: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    q = np.clip(p, 1e-15, 1 - 1e-15)
+    pos, neg = p[y == 1], p[y == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    tp = float(((labels == 1) & (y == 1)).sum())
+    return {
+        "log_loss": float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))),
+        "brier": float(np.mean((p - y) ** 2)),
+        "auc": float(wins / (len(pos) * len(neg))),
+        "precision": tp / float((labels == 1).sum()),
+        "recall": tp / float((y == 1).sum()),
+    }
+
+
+def check_window(record: dict[str, Any], p: np.ndarray, y: np.ndarray, lab: np.ndarray) -> None:
+    want = reference(p, y, lab)
+    assert record["outcomes"] == len(p) and record["positives"] == int(y.sum())
+    for name in ("log_loss", "brier", "precision", "recall"):
+        assert record[name] == pytest.approx(want[name], rel=1e-9), name
+    assert abs(record["auc"] - want["auc"]) <= record["auc_error_bound"] + 1e-12
+
+
+def outcomes_of(n: int, seed: int) -> np.ndarray:
+    """Outcomes, 30% of them 1."""
+    return (np.random.default_rng(seed).random(n) < 0.3).astype(np.float64)
+
+
+def scores(y: np.ndarray, seed: int, quality: float) -> np.ndarray:
+    """Probabilities for outcomes ``y``; ``quality`` 0 = noise, 1 = separates well."""
+    rng = np.random.default_rng(seed)
+    signal = 0.2 + 0.6 * y + 0.1 * rng.normal(size=len(y))
+    return np.clip((1 - quality) * rng.random(len(y)) + quality * signal, 0.001, 0.999)
+
+
+def test_live_metrics_per_version_and_restart_rebuilds_the_join(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    running: Callable[[Evaluator], threading.Event],
+) -> None:
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics, window_events=200)
+    n = 400
+    y = outcomes_of(n, seed=1)
+    p = scores(y, seed=11, quality=0.6)
+    labels = (p >= 0.5).astype(np.float64)
+    versions = np.array(["v2" if i % 4 == 0 else "v1" for i in range(n)])
+    t0 = int(time.time() * 1000) - 30_000
+    ids = [f"e{i}" for i in range(n)]
+    produce(
+        kafka_bootstrap,
+        s.predictions,
+        [prediction(ids[i], p[i], int(labels[i]), versions[i], t0 + i) for i in range(n)],
+    )
+    # the first half's outcomes arrive a second after their predictions
+    produce(kafka_bootstrap, s.outcomes, [outcome(ids[i], y[i], t0 + i + 1000) for i in range(200)])
+    first = Evaluator(s.cfg)
+    stop = running(first)
+    wait_for(lambda: len(s.records()) == 2, 60, "the first window's two records")
+    stopped(first, stop)
+    # while it is stopped, the second half's outcomes arrive; a new evaluator must find their
+    # predictions again (read back over the horizon) and count only the new pairs
+    produce(
+        kafka_bootstrap, s.outcomes, [outcome(ids[i], y[i], t0 + i + 2000) for i in range(200, n)]
+    )
+    second = Evaluator(s.cfg)
+    running(second)
+    wait_for(lambda: len(s.records()) == 4, 60, "the second window's two records")
+    records = s.records()
+    for window, rows in ((0, slice(0, 200)), (1, slice(200, n))):
+        for version in ("v1", "v2"):
+            (record,) = [
+                r for r in records[2 * window : 2 * window + 2] if r["model_version"] == version
+            ]
+            mask = np.zeros(n, dtype=bool)
+            mask[rows] = True
+            mask &= versions == version
+            check_window(record, p[mask], y[mask], labels[mask])
+            assert record["task"] == "classification" and record["unlabelled"] == 0
+    # the Prometheus gauges hold the last window's values
+    last_v1 = next(r for r in records[2:] if r["model_version"] == "v1")
+    got = second.metrics.prometheus.get_sample_value(
+        "stream_scorer_evaluation_brier", {"model": "model", "version": "v1"}
+    )
+    assert got == pytest.approx(last_v1["brier"])
+
+
+def test_outcomes_within_and_beyond_the_horizon_are_counted(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    running: Callable[[Evaluator], threading.Event],
+) -> None:
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics, window_events=40)
+    rng = np.random.default_rng(5)
+    truth = rng.normal(20, 4, 50)
+    guess = truth + rng.normal(0.7, 2.0, 50)
+    t0 = int(time.time() * 1000) - 60_000
+    ids = [f"r{i}" for i in range(50)]
+    evaluator = Evaluator(s.cfg)
+    running(evaluator)
+    produce(
+        kafka_bootstrap,
+        s.predictions,
+        [prediction(ids[i], guess[i], None, "reg-1", t0 + i) for i in range(50)],
+    )
+    wait_for(lambda: len(evaluator.state.predictions) == 50, 60, "the predictions read")
+    on_time = [outcome(ids[i], truth[i], t0 + i + 5_000) for i in range(40)]
+    ghosts = [outcome(f"ghost{i}", 1.0, t0 - 1000) for i in range(3)]  # no prediction
+    produce(kafka_bootstrap, s.outcomes, on_time + ghosts)
+    wait_for(lambda: len(s.records()) == 1, 60, "the window of the 40 joined outcomes")
+    (record,) = s.records()
+    e = guess[:40] - truth[:40]
+    assert record["task"] == "regression" and record["outcomes"] == 40
+    assert record["mae"] == pytest.approx(float(np.mean(np.abs(e))), rel=1e-9)
+    assert record["rmse"] == pytest.approx(float(np.sqrt(np.mean(e**2))), rel=1e-9)
+    assert record["bias"] == pytest.approx(float(np.mean(e)), rel=1e-9)
+    # ids 40..44: outcomes 1 ms past the horizon; 45..49: none
+    late = [outcome(ids[i], truth[i], t0 + i + 120_001) for i in range(40, 45)]
+    produce(kafka_bootstrap, s.outcomes, late)
+    sample = evaluator.metrics.prometheus.get_sample_value
+    labels = {"model": "model", "version": "reg-1"}
+
+    def counted(late: int, unlabelled: int, unmatched: int) -> Callable[[], bool]:
+        return lambda: (
+            sample("stream_scorer_evaluation_late_outcomes_total") == late
+            and sample("stream_scorer_evaluation_unlabelled_total", labels) == unlabelled
+            and sample("stream_scorer_evaluation_unmatched_outcomes_total") == unmatched
+        )
+
+    # the late outcomes move the stream time past the ghosts' horizon (unmatched), not yet
+    # past that of ids 45..49
+    wait_for(counted(5, 5, 3), 60, "5 late outcomes (their predictions unlabelled), 3 unmatched")
+    # a far later outcome moves the stream time past every horizon: ids 45..49 had none
+    produce(kafka_bootstrap, s.outcomes, [outcome("tick", 0.0, t0 + 200_000)])
+    wait_for(counted(5, 10, 3), 60, "10 unlabelled predictions")
+    assert sample("stream_scorer_evaluation_joined_total", labels) == 40
+    assert sample("stream_scorer_evaluation_pending", {"kind": "prediction"}) == 0
+
+
+def test_canary_decisions_in_dry_run(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    running: Callable[[Evaluator], threading.Event],
+) -> None:
+    rule = {
+        "metric": "log_loss",
+        "min_outcomes": 100,
+        "promote_margin": 0.0,
+        "rollback_margin": 0.05,
+    }
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics, window_events=1000, decide=rule)
+    n = 1000
+    y = outcomes_of(n, seed=2)
+    good, bad, better = scores(y, 3, 0.7), scores(y, 4, 0.1), scores(y, 5, 0.9)
+    t0 = int(time.time() * 1000) - 30_000
+    # 80% champion v1; 20% canary: v2 (worse) or v3 (better), alternating
+    version, value = [], []
+    for i in range(n):
+        if i % 5:
+            version.append("v1"), value.append(good[i])
+        elif i % 10:
+            version.append("v2"), value.append(bad[i])
+        else:
+            version.append("v3"), value.append(better[i])
+    produce(
+        kafka_bootstrap,
+        s.predictions,
+        [prediction(f"c{i}", value[i], int(value[i] >= 0.5), version[i], t0 + i) for i in range(n)],
+    )
+    produce(kafka_bootstrap, s.outcomes, [outcome(f"c{i}", y[i], t0 + i + 1000) for i in range(n)])
+    decided: dict[str, dict[str, Any]] = {}
+    for challenger in ("v2", "v3"):
+        cfg = load_raw(
+            tmp_path, {**s.raw, "evaluate": {**s.raw["evaluate"], "group_id": unique("decide")}}
+        )
+        ev = Evaluator(cfg, rollout=FixedPair("v1", challenger), apply=False)
+        running(ev)
+        wait_for(lambda ev=ev: ev.report.decisions, 60, f"a decision on {challenger}")
+        decided[challenger] = ev.report.decisions[0]
+    assert decided["v2"]["action"] == "rollback" and decided["v3"]["action"] == "promote"
+    assert not decided["v2"]["applied"] and not decided["v3"]["applied"]
+    # each decision and its evidence is in the evaluation topic, on the challenger's record
+    records = s.records()
+    for challenger, action in (("v2", "rollback"), ("v3", "promote")):
+        rec = next(
+            r for r in records if r["model_version"] == challenger and r["decision"] is not None
+        )
+        d = rec["decision"]
+        champion = next(
+            r
+            for r in records
+            if r["model_version"] == "v1" and r["window_end"] == rec["window_end"]
+        )
+        assert d["action"] == action and d["metric"] == "log_loss"
+        assert d["challenger_outcomes"] == rec["outcomes"] == 100
+        assert d["champion_outcomes"] == champion["outcomes"] == 800
+        assert d["challenger_value"] == pytest.approx(rec["log_loss"])
+        assert d["champion_value"] == pytest.approx(champion["log_loss"])
+        assert d["gap"] == pytest.approx(rec["log_loss"] - champion["log_loss"])
+
+
+def test_topics_not_co_partitioned_stop_the_start(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics)
+    other = unique("outcomes")
+    make_topics({other: PARTITIONS + 1})
+    raw = {
+        **s.raw,
+        "evaluate": {
+            **s.raw["evaluate"],
+            "outcomes": {**s.raw["evaluate"]["outcomes"], "topic": other},
+        },
+    }
+    ev = Evaluator(load_raw(tmp_path, raw))
+    with pytest.raises(ConfigError) as info:
+        ev.run(threading.Event())
+    assert info.value.field == "evaluate.outcomes.topic" and "partition counts differ" in str(
+        info.value
+    )
