@@ -24,8 +24,8 @@ from support import REPO, load_raw, read_topic, ride_config, wait_for
 
 from stream_scorer.config import Config
 from stream_scorer.errors import ConfigError
-from stream_scorer.evaluate.runner import Evaluator, read_evaluation
 from stream_scorer.evaluate.rollout import FixedPair
+from stream_scorer.evaluate.runner import Evaluator, read_evaluation
 from stream_scorer.stages.encode import PredictionEncoder
 
 pytestmark = pytest.mark.integration
