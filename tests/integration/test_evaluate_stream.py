@@ -311,14 +311,12 @@ def test_canary_decisions_in_dry_run(
     good, bad, better = scores(y, 3, 0.7), scores(y, 4, 0.1), scores(y, 5, 0.9)
     t0 = int(time.time() * 1000) - 30_000
     # 80% champion v1; 20% canary: v2 (worse) or v3 (better), alternating
-    version, value = [], []
+    version: list[str] = []
+    value: list[float] = []
     for i in range(n):
-        if i % 5:
-            version.append("v1"), value.append(good[i])
-        elif i % 10:
-            version.append("v2"), value.append(bad[i])
-        else:
-            version.append("v3"), value.append(better[i])
+        name, values = ("v1", good) if i % 5 else ("v2", bad) if i % 10 else ("v3", better)
+        version.append(name)
+        value.append(float(values[i]))
     produce(
         kafka_bootstrap,
         s.predictions,
