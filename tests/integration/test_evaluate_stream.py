@@ -8,7 +8,9 @@ pairs. The evaluator runs in a thread of the test (``Evaluator.run`` with a stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import threading
 import time
 import zlib
@@ -20,12 +22,14 @@ import fastavro
 import numpy as np
 import pytest
 from confluent_kafka import Producer
-from support import REPO, load_raw, read_topic, ride_config, wait_for
+from support import REPO, load_raw, read_topic, ride_config, train_payment_classifier, wait_for
 
 from stream_scorer.config import Config
+from stream_scorer.contracts.manifest import write_manifest
 from stream_scorer.errors import ConfigError
-from stream_scorer.evaluate.rollout import FixedPair
+from stream_scorer.evaluate.rollout import AliasPair, FixedPair
 from stream_scorer.evaluate.runner import Evaluator, read_evaluation
+from stream_scorer.model.store import ModelStore, promote
 from stream_scorer.stages.encode import PredictionEncoder
 
 pytestmark = pytest.mark.integration
@@ -352,6 +356,37 @@ def test_canary_decisions_in_dry_run(
         assert d["challenger_value"] == pytest.approx(rec["log_loss"])
         assert d["champion_value"] == pytest.approx(champion["log_loss"])
         assert d["gap"] == pytest.approx(rec["log_loss"] - champion["log_loss"])
+    # not a dry run: the worse challenger is rolled back through the model store's aliases
+    store = alias_store(tmp_path)
+    cfg = load_raw(
+        tmp_path, {**s.raw, "evaluate": {**s.raw["evaluate"], "group_id": unique("act")}}
+    )
+    ev = Evaluator(cfg, rollout=AliasPair(store, "champion", "challenger"), apply=True)
+    running(ev)
+    wait_for(lambda: ev.report.decisions, 60, "the decision carried out")
+    assert ev.report.decisions[0]["action"] == "rollback" and ev.report.decisions[0]["applied"]
+    assert store.get_alias("challenger") == "v1" and store.get_alias("champion") == "v1"
+    wait_for(
+        lambda: any(r["decision"] and r["decision"]["applied"] for r in s.records()),
+        60,
+        "the applied decision in the evaluation topic",
+    )
+
+
+def alias_store(folder: Path) -> ModelStore:
+    """A model store with versions v1 and v2: champion v1, challenger v2."""
+    store = ModelStore(folder / "store", "fraud")
+    manifest = train_payment_classifier(folder / "src" / "v1")
+    for version in ("v1", "v2"):
+        if version != "v1":
+            shutil.copytree(folder / "src" / "v1", folder / "src" / version)
+        write_manifest(
+            folder / "src" / version, dataclasses.replace(manifest, model_version=version)
+        )
+        store.publish(folder / "src" / version)
+    promote(store, "v1", "champion")
+    promote(store, "v2", "challenger")
+    return store
 
 
 def test_topics_not_co_partitioned_stop_the_start(

@@ -5,20 +5,25 @@ Every metric is checked against a reference formula written here with numpy on t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
-from support import REPO, load_raw, ride_config
+from support import REPO, load_raw, ride_config, train_payment_classifier
 
+from stream_scorer.contracts.manifest import write_manifest
 from stream_scorer.errors import ConfigError
 from stream_scorer.evaluate.decide import Evidence, Rule, decide
 from stream_scorer.evaluate.join import JoinState, Outcome, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
+from stream_scorer.evaluate.rollout import AliasPair, FixedPair
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats
+from stream_scorer.model.store import ModelStore, promote
 
 F = npt.NDArray[np.float64]
 
@@ -245,3 +250,27 @@ def test_evaluate_section_is_validated(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_raw(tmp_path, ride_config(tmp_path, evaluate=section))
         assert info.value.field == field or field in str(info.value), (field, str(info.value))
+
+
+def test_alias_pair_moves_the_aliases_through_the_store(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store", "fraud")
+    source = tmp_path / "src"
+    manifest = train_payment_classifier(source / "v1")
+    write_manifest(source / "v1", manifest)
+    for version in ("v1", "v2"):
+        if version != "v1":
+            shutil.copytree(source / "v1", source / version)
+        write_manifest(source / version, dataclasses.replace(manifest, model_version=version))
+        store.publish(source / version)
+    pair = AliasPair(store, "champion", "challenger")
+    assert pair.versions() is None  # no aliases yet: nothing to judge
+    promote(store, "v1", "champion")
+    promote(store, "v2", "challenger")
+    assert pair.versions() == ("v1", "v2")
+    assert "challenger: v2 -> v1" in pair.rollback()  # the canary's traffic back to v1
+    assert store.get_alias("challenger") == "v1" and store.get_alias("champion") == "v1"
+    promote(store, "v2", "challenger")
+    assert "champion: v1 -> v2" in pair.promote()
+    assert store.get_alias("champion") == "v2" and store.get_history("champion") == ["v1"]
+    with pytest.raises(ConfigError):
+        FixedPair("v1", "v2").rollback()
