@@ -7,7 +7,8 @@ and importing what a command runs only when it runs:
   ``config schema``, a configuration validated offline and its JSON Schema);
 - Models (``models``: ``model publish|promote|rollback|pack|check``);
 - Operate (``operate``: ``topics create``, ``acl grant``, ``lag``, ``rewind``, ``dlq replay``);
-- Watch (``watch``: ``evaluate``, predictions joined with their outcomes, canary decisions);
+- Models, too (``watch``: ``evaluate``, predictions joined with their outcomes: live metrics per
+  model version, canary decisions);
 - Develop (``develop``: ``local-kafka``, ``local-registry``, ``local-mlflow``, ``bench``
   and its ``--soak``, ``demo``, and the shipped example's ``example init``, ``train`` and
   ``produce``).
@@ -29,7 +30,7 @@ from stream_scorer.errors import EXIT_INTERRUPTED, ConfigError, StreamScorerErro
 log = logging.getLogger("stream_scorer")
 
 #: The command modules, in the order ``--help`` lists them (each has TITLE, ROWS, add_commands).
-GROUPS = (run, configuration, models, operate, watch, develop)
+GROUPS = (run, configuration, models, watch, operate, develop)
 
 _DESCRIPTION = "Score Avro events from Kafka with an XGBoost model, one prediction per event."
 _USAGE = "%(prog)s [-h] [--log-level LEVEL] [--version] COMMAND ..."

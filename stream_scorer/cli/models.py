@@ -26,7 +26,7 @@ from stream_scorer.model.store import (
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Models"
-ROWS = [(("model",), "publish, promote, roll back, pack, check versions")]
+ROWS = [(("model", "evaluate"), "versions: publish, promote, roll back; live metrics")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from stream_scorer.config import Config
     from stream_scorer.evaluate.decide import Decision, Rollout
 
-#: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
-TITLE = "Watch"
-ROWS = [(("evaluate",), "join predictions with outcomes: live metrics, canary decisions")]
+#: ``evaluate`` is listed under Models in ``stream-scorer --help``, in ``models``' row (the
+#: top help fits one 24-line screen).
+TITLE = "Models"
+ROWS: list[tuple[tuple[str, ...], str]] = []
 
 
 def rollout_of(args: argparse.Namespace, cfg: Config) -> Rollout | None:
