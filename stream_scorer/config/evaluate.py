@@ -100,7 +100,7 @@ class EvaluateConfig(Section):
     """A window closes after this many seconds (0: no limit)."""
     bins: Int = Field(default=100, ge=10, le=10_000)
     """Bins of the histogram AUC (its error is at most ``auc_error_bound``, in the record)."""
-    max_pending: Int = Field(default=1_000_000, ge=1)
+    max_pending: Int = Field(default=250_000, ge=1)
     """Predictions (and, apart, outcomes) waiting in the join; beyond it the oldest is dropped
     (``stream_scorer_evaluation_dropped_total``)."""
     max_versions: Int = Field(default=8, ge=1)
