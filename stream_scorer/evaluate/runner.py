@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import fastavro
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from stream_scorer.config import Config, EvaluateConfig, client_settings, kafka_client
 from stream_scorer.contracts import EVALUATION_SCHEMA_V1
@@ -252,7 +259,10 @@ class Evaluator:
             *(("evaluate.prediction_topics", t) for t in self.prediction_topics),
             ("evaluate.outcomes.topic", self.ev.outcomes.topic),
         ]:
-            meta = consumer.list_topics(topic, timeout=self.cfg.kafka.unreachable_timeout_s)
+            try:
+                meta = consumer.list_topics(topic, timeout=self.cfg.kafka.unreachable_timeout_s)
+            except KafkaException as exc:
+                raise BrokerError(f"evaluate: no broker answered: {exc}") from exc
             found = meta.topics.get(topic)
             if found is None or found.error is not None or not found.partitions:
                 raise ConfigError(key, f"topic {topic!r} does not exist")
@@ -454,7 +464,13 @@ class Evaluator:
         assigned = consumer.assignment()
         if not assigned:
             return
-        positions = [p for p in consumer.position(assigned) if p.offset >= 0]
+        # never backwards: while a restart reads back over the horizon, a position is below the
+        # committed offset, and committing it would count those pairs again after a crash
+        positions = [
+            TopicPartition(p.topic, p.partition, max(p.offset, self._committed.get(key, -1)))
+            for p in consumer.position(assigned)
+            if p.offset >= 0 and (key := (p.topic, p.partition))
+        ]
         if positions:
             consumer.commit(offsets=positions, asynchronous=False)
             for p in positions:

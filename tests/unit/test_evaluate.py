@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from confluent_kafka import TopicPartition
 from support import REPO, load_raw, ride_config, train_payment_classifier
 
 from stream_scorer.contracts.manifest import write_manifest
@@ -22,6 +23,7 @@ from stream_scorer.evaluate.decide import Evidence, Rule, decide
 from stream_scorer.evaluate.join import JoinState, Outcome, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.evaluate.rollout import AliasPair, FixedPair
+from stream_scorer.evaluate.runner import Evaluator
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats
 from stream_scorer.model.store import ModelStore, promote
 
@@ -274,3 +276,32 @@ def test_alias_pair_moves_the_aliases_through_the_store(tmp_path: Path) -> None:
     assert store.get_alias("champion") == "v2" and store.get_history("champion") == ["v1"]
     with pytest.raises(ConfigError):
         FixedPair("v1", "v2").rollback()
+
+
+class StubConsumer:
+    """The three consumer calls ``Evaluator._commit`` makes, recorded (no Kafka)."""
+
+    def __init__(self, positions: dict[int, int]) -> None:
+        self.positions = positions
+        self.commits: list[list[tuple[str, int, int]]] = []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("t", p) for p in self.positions]
+
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self.positions[p.partition]) for p in parts]
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append([(p.topic, p.partition, p.offset) for p in offsets])
+
+
+def test_a_window_never_commits_an_offset_backwards(tmp_path: Path) -> None:
+    """While a restart reads back over the horizon, positions are below the committed offsets."""
+    cfg = load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section()))
+    ev = Evaluator(cfg)
+    ev._committed = {("t", 0): 100, ("t", 1): 5}
+    stub = StubConsumer({0: 40, 1: 9, 2: -1001})  # partition 2: no position yet
+    ev._consumer = stub  # type: ignore[assignment]
+    ev._commit()
+    assert stub.commits == [[("t", 0, 100), ("t", 1, 9)]]
+    assert ev._committed == {("t", 0): 100, ("t", 1): 9}
