@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -21,6 +24,7 @@ from typing import Any
 import fastavro
 import numpy as np
 import pytest
+import yaml
 from confluent_kafka import Producer
 from support import REPO, load_raw, read_topic, ride_config, train_payment_classifier, wait_for
 
@@ -411,3 +415,55 @@ def test_topics_not_co_partitioned_stop_the_start(
     assert info.value.field == "evaluate.outcomes.topic" and "partition counts differ" in str(
         info.value
     )
+
+
+def test_the_command_prints_its_dry_run_decisions(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+) -> None:
+    """``stream-scorer evaluate --decide --dry-run``, its own process: a JSON line per decision."""
+    rule = {"metric": "brier", "min_outcomes": 20, "rollback_margin": 0.05}
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics, window_events=200, decide=rule)
+    path = tmp_path / "evaluate.yaml"
+    path.write_text(yaml.safe_dump(s.raw))
+    n = 200
+    y = outcomes_of(n, seed=8)
+    good, bad = scores(y, 9, 0.8), scores(y, 10, 0.0)
+    t0 = int(time.time() * 1000) - 30_000
+    p = [float(bad[i] if i % 2 else good[i]) for i in range(n)]
+    produce(
+        kafka_bootstrap,
+        s.predictions,
+        [prediction(f"d{i}", p[i], int(p[i] >= 0.5), f"v{1 + i % 2}", t0 + i) for i in range(n)],
+    )
+    produce(kafka_bootstrap, s.outcomes, [outcome(f"d{i}", y[i], t0 + i + 10) for i in range(n)])
+    command = [sys.executable, "-m", "stream_scorer", "evaluate", "--config", str(path)]
+    command += ["--decide", "--dry-run", "--champion", "v1", "--challenger", "v2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        lines.extend(line.strip() for line in proc.stdout)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any('"action"' in line for line in lines), 60, "a decision printed")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        reader.join(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0
+    decision = json.loads(next(line for line in lines if '"action"' in line))
+    assert decision["action"] == "rollback" and decision["applied"] is False
+    assert decision["challenger"] == {
+        "version": "v2",
+        "n": 100,
+        "value": pytest.approx(float(np.mean((np.array(p[1::2]) - y[1::2]) ** 2))),
+    }
+    assert json.loads(lines[-1]) == {"windows": 1, "pairs": 200}
