@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import yaml
 from confluent_kafka import TopicPartition
 from support import REPO, load_raw, ride_config, train_payment_classifier
 
+from stream_scorer.cli import main
 from stream_scorer.contracts.manifest import write_manifest
 from stream_scorer.errors import ConfigError
 from stream_scorer.evaluate.decide import Evidence, Rule, decide
@@ -305,3 +307,30 @@ def test_a_window_never_commits_an_offset_backwards(tmp_path: Path) -> None:
     ev._commit()
     assert stub.commits == [[("t", 0, 100), ("t", 1, 9)]]
     assert ev._committed == {("t", 0): 100, ("t", 1): 9}
+
+
+@pytest.mark.parametrize(
+    ("section", "flags", "field"),
+    [
+        (None, [], "evaluate"),  # no evaluate: section at all
+        (evaluate_section(), ["--decide"], "evaluate.decide"),  # --decide without a rule
+        (
+            evaluate_section(decide={"metric": "auc"}),
+            ["--decide", "--champion", "v1", "--challenger", "v2"],  # fixed pair, not dry run
+            "--champion",
+        ),
+        (evaluate_section(decide={"metric": "auc"}), ["--decide"], "evaluate.decide.store"),
+    ],
+)
+def test_the_command_refuses_a_bad_configuration_with_exit_2(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    section: dict[str, Any] | None,
+    flags: list[str],
+    field: str,
+) -> None:
+    raw = ride_config(tmp_path) if section is None else ride_config(tmp_path, evaluate=section)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["evaluate", "--config", str(path), *flags]) == 2
+    assert f"{field}:" in caplog.text
