@@ -45,7 +45,7 @@ from stream_scorer.evaluate.join import JoinState, Outcome, Pair, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats, Stats
 from stream_scorer.registry import RegistryClient, SchemaKey
-from stream_scorer.stages.framing import frame_of
+from stream_scorer.stages.framing import SchemaSource, frame_of
 from stream_scorer.stages.records import Message, Reason
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def read_evaluation(value: bytes) -> dict[str, Any]:
 class AvroReader:
     """Reads records of one reader schema, bare or in the Confluent wire format."""
 
-    def __init__(self, schema_text: str, framed: bool, registry: RegistryClient | None) -> None:
+    def __init__(self, schema_text: str, framed: bool, registry: SchemaSource | None) -> None:
         """Parse the reader schema (logical types dropped: times stay longs)."""
         self._reader = fastavro.parse_schema(plain_schema(json.loads(schema_text)))
         self._framed = framed

@@ -6,6 +6,7 @@ Every metric is checked against a reference formula written here with numpy on t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -16,18 +17,21 @@ import numpy.typing as npt
 import pytest
 import yaml
 from confluent_kafka import TopicPartition
-from support import REPO, load_raw, ride_config, train_payment_classifier
+from support import REPO, avro, load_raw, ride_config, train_payment_classifier
 
 from stream_scorer.cli import main
+from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.contracts.manifest import write_manifest
 from stream_scorer.errors import ConfigError
 from stream_scorer.evaluate.decide import Evidence, Rule, decide
 from stream_scorer.evaluate.join import JoinState, Outcome, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.evaluate.rollout import AliasPair, FixedPair
-from stream_scorer.evaluate.runner import Evaluator
+from stream_scorer.evaluate.runner import AvroReader, Evaluator
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats
 from stream_scorer.model.store import ModelStore, promote
+from stream_scorer.stages.encode import PredictionEncoder
+from stream_scorer.stages.records import PlainMessage
 
 F = npt.NDArray[np.float64]
 
@@ -334,3 +338,43 @@ def test_the_command_refuses_a_bad_configuration_with_exit_2(
     path.write_text(yaml.safe_dump(raw))
     assert main(["evaluate", "--config", str(path), *flags]) == 2
     assert f"{field}:" in caplog.text
+
+
+class StubSchemas:
+    """Writer schemas by key, as the registry would answer (``framing.SchemaSource``)."""
+
+    def __init__(self, known: dict[Any, str]) -> None:
+        self.known = known
+
+    def writer_schema(self, key: Any) -> str | None:
+        return self.known.get(key)
+
+
+def test_outcomes_are_read_as_json_or_confluent_framed_avro(tmp_path: Path) -> None:
+    cfg = load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section()))
+    ev = Evaluator(cfg)  # outcomes: json
+    enc = PredictionEncoder(json.loads(PREDICTION_SCHEMA_V1.read_text(encoding="utf-8")))
+    ev.handle(PlainMessage(enc.encode("a", 0.8, 1, "v1", 1000, 1000), t="out"))
+    ev.handle(PlainMessage(b'{"input_id": "a", "outcome": true}', t="outcomes", ts=2000))
+    ev.handle(PlainMessage(b"not json", t="outcomes"))
+    ev.handle(PlainMessage(b'{"input_id": "x", "outcome": "yes"}', t="outcomes"))
+    stats = ev.window.stats["v1"]
+    assert isinstance(stats, ClassifierStats) and stats.n == 1 and stats.positives == 1
+    invalid = ev.metrics.prometheus.get_sample_value
+    assert invalid("stream_scorer_evaluation_invalid_total", {"kind": "outcome"}) == 2
+    schema = {
+        "type": "record",
+        "name": "O",
+        "fields": [{"name": "input_id", "type": "string"}, {"name": "outcome", "type": "int"}],
+    }
+    ev._outcomes = AvroReader(
+        json.dumps(schema), True, StubSchemas({("id", 7): json.dumps(schema)})
+    )
+    body = avro(schema, {"input_id": "b", "outcome": 0})
+    ev.handle(PlainMessage(enc.encode("b", 0.3, 0, "v1", 1000, 1000), t="out"))
+    ev.handle(PlainMessage(b"\x00" + (7).to_bytes(4, "big") + body, t="outcomes", ts=2000))
+    assert stats.n == 2 and stats.positives == 1
+    ev.handle(PlainMessage(b"\x00" + (8).to_bytes(4, "big") + body, t="outcomes"))  # unknown id
+    ev.handle(PlainMessage(body, t="outcomes"))  # no frame
+    assert invalid("stream_scorer_evaluation_invalid_total", {"kind": "outcome"}) == 4
+    assert invalid("stream_scorer_evaluation_invalid_total", {"kind": "prediction"}) == 0
