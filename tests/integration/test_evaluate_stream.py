@@ -9,6 +9,7 @@ pairs. The evaluator runs in a thread of the test (``Evaluator.run`` with a stop
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 import signal
@@ -34,6 +35,7 @@ from stream_scorer.errors import ConfigError
 from stream_scorer.evaluate.rollout import AliasPair, FixedPair
 from stream_scorer.evaluate.runner import Evaluator, read_evaluation
 from stream_scorer.model.store import ModelStore, promote
+from stream_scorer.registry import RegistryClient
 from stream_scorer.stages.encode import PredictionEncoder
 
 pytestmark = pytest.mark.integration
@@ -79,8 +81,6 @@ def prediction(event_id: str, p: float, label: int | None, version: str, t: int)
 
 
 def outcome(event_id: str, y: float, t: int) -> Item:
-    import io
-
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, PARSED_OUTCOME, {"input_id": event_id, "outcome": y})
     return event_id, buf.getvalue(), t
@@ -467,3 +467,50 @@ def test_the_command_prints_its_dry_run_decisions(
         "value": pytest.approx(float(np.mean((np.array(p[1::2]) - y[1::2]) ** 2))),
     }
     assert json.loads(lines[-1]) == {"windows": 1, "pairs": 200}
+
+
+def test_confluent_framed_outcomes_are_read_with_their_registered_schema(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    schema_registry: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    running: Callable[[Evaluator], threading.Event],
+) -> None:
+    """Outcomes written by a Schema Registry serializer: frame parsed, writer schema fetched."""
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics, window_events=30)
+    # the writer has one more field than the reader (outcome.avsc): resolved, not refused
+    writer = {
+        **OUTCOME_SCHEMA,
+        "fields": [*OUTCOME_SCHEMA["fields"], {"name": "source", "type": "string"}],
+    }
+    schema_id = RegistryClient(schema_registry).register(f"{s.outcomes}-value", json.dumps(writer))
+    raw = {**s.raw, "registry": {"url": schema_registry}}
+    raw["evaluate"] = {
+        **raw["evaluate"],
+        "outcomes": {**raw["evaluate"]["outcomes"], "format": "confluent"},
+    }
+    cfg = load_raw(tmp_path, raw)
+    y = outcomes_of(30, seed=12)
+    p = scores(y, 13, 0.5)
+    t0 = int(time.time() * 1000) - 30_000
+    produce(
+        kafka_bootstrap,
+        s.predictions,
+        [prediction(f"f{i}", p[i], int(p[i] >= 0.5), "v1", t0 + i) for i in range(30)],
+    )
+    parsed = fastavro.parse_schema(writer)
+    framed = []
+    for i in range(30):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(
+            buf, parsed, {"input_id": f"f{i}", "outcome": y[i], "source": "crm"}
+        )
+        framed.append(
+            (f"f{i}", b"\x00" + schema_id.to_bytes(4, "big") + buf.getvalue(), t0 + i + 10)
+        )
+    produce(kafka_bootstrap, s.outcomes, framed)
+    running(Evaluator(cfg))
+    wait_for(lambda: len(s.records()) == 1, 60, "the window of 30 framed outcomes")
+    (record,) = s.records()
+    check_window(record, p, y, (p >= 0.5).astype(np.float64))
