@@ -240,11 +240,15 @@ class Evaluator:
             **self.cfg.kafka.consumer,
         }
         # partition i of every topic to one member: the join needs co-partitioned topics read
-        # together (cooperative-sticky does not promise that)
-        if settings.get("group.protocol") == "consumer":
-            settings["group.remote.assignor"] = "range"
-        else:
-            settings["partition.assignment.strategy"] = "range"
+        # together (cooperative-sticky does not promise that); eager, so that every rebalance
+        # revokes everything and the state is rebuilt whole
+        if settings.get("group.protocol", "classic") != "classic":
+            raise ConfigError(
+                "kafka.consumer.group.protocol",
+                "evaluate needs the classic protocol (its eager range assignment rebuilds the "
+                "join state whole at each rebalance)",
+            )
+        settings["partition.assignment.strategy"] = "range"
         return settings
 
     def check_partitions(self, consumer: Consumer) -> dict[str, int]:

@@ -378,3 +378,17 @@ def test_outcomes_are_read_as_json_or_confluent_framed_avro(tmp_path: Path) -> N
     ev.handle(PlainMessage(body, t="outcomes"))  # no frame
     assert invalid("stream_scorer_evaluation_invalid_total", {"kind": "outcome"}) == 4
     assert invalid("stream_scorer_evaluation_invalid_total", {"kind": "prediction"}) == 0
+
+
+def test_the_evaluator_refuses_the_incremental_group_protocol(tmp_path: Path) -> None:
+    raw = ride_config(
+        tmp_path,
+        evaluate=evaluate_section(),
+        kafka={"bootstrap_servers": "h:1", "consumer": {"group.protocol": "consumer"}},
+    )
+    ev = Evaluator(load_raw(tmp_path, raw))
+    with pytest.raises(ConfigError) as info:
+        ev._consumer_settings()
+    assert info.value.field == "kafka.consumer.group.protocol"
+    plain = Evaluator(load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section())))
+    assert plain._consumer_settings()["partition.assignment.strategy"] == "range"
