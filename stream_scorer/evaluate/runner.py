@@ -29,7 +29,6 @@ from typing import Any, cast
 
 import fastavro
 from confluent_kafka import (
-    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -300,8 +299,14 @@ class Evaluator:
         for c, t in zip(committed, by_time, strict=True):
             done = c.offset if c.offset >= 0 else -1
             self._committed[(c.topic, c.partition)] = done
-            start = t.offset if t.offset >= 0 else OFFSET_END
-            if done >= 0 and (start == OFFSET_END or done < start):
+            if t.offset >= 0:
+                start = t.offset
+            else:  # every record is older than the horizon: from the end as it is now (not
+                # OFFSET_END, resolved later, which would skip what is written meanwhile)
+                _, start = consumer.get_watermark_offsets(
+                    TopicPartition(c.topic, c.partition), timeout=timeout
+                )
+            if 0 <= done < start:
                 start = done
             starts.append(TopicPartition(c.topic, c.partition, start))
         log.info(
