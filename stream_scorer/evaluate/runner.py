@@ -43,7 +43,9 @@ from stream_scorer.evaluate.decide import Decision, Evidence, Rollout, Rule, dec
 from stream_scorer.evaluate.join import JoinState, Outcome, Pair, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats, Stats
+from stream_scorer.kafka.topics import kafka_busy
 from stream_scorer.registry import RegistryClient, SchemaKey
+from stream_scorer.retry import retrying
 from stream_scorer.stages.framing import SchemaSource, frame_of
 from stream_scorer.stages.records import Message, Reason
 
@@ -267,7 +269,12 @@ class Evaluator:
             except KafkaException as exc:
                 raise BrokerError(f"evaluate: no broker answered: {exc}") from exc
             found = meta.topics.get(topic)
-            if found is None or found.error is not None or not found.partitions:
+            unknown = (
+                found is not None
+                and found.error is not None
+                and (found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART)
+            )
+            if found is None or unknown or not found.partitions:
                 raise ConfigError(key, f"topic {topic!r} does not exist")
             counts[topic] = len(found.partitions)
         if len(set(counts.values())) > 1:
@@ -283,7 +290,15 @@ class Evaluator:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            self._rebuild(consumer, partitions)
+            # a partition without its leader yet (a new topic, a broker restart), a busy
+            # coordinator: retried with the retry policy up to kafka.unreachable_timeout_s
+            retrying(
+                self.cfg.kafka.unreachable_timeout_s,
+                "evaluate: read back over the horizon",
+                server="broker",
+                policy=self.cfg.retry.policy(),
+                outage=kafka_busy,
+            )(self._rebuild, consumer, partitions)
         except BaseException as exc:  # callbacks never raise: the loop does
             self._failure = exc
 

@@ -266,7 +266,13 @@ def test_outcomes_within_and_beyond_the_horizon_are_counted(
         s.predictions,
         [prediction(ids[i], guess[i], None, "reg-1", t0 + i) for i in range(50)],
     )
-    wait_for(lambda: len(evaluator.state.predictions) == 50, 60, "the predictions read")
+    try:
+        wait_for(lambda: len(evaluator.state.predictions) == 50, 60, "the predictions read")
+    except TimeoutError as exc:
+        raise AssertionError(
+            f"{exc}: {len(evaluator.state.predictions)} read, failure {evaluator._failure!r}, "
+            f"committed {evaluator._committed}"
+        ) from exc
     on_time = [outcome(ids[i], truth[i], t0 + i + 5_000) for i in range(40)]
     ghosts = [outcome(f"ghost{i}", 1.0, t0 - 1000) for i in range(3)]  # no prediction
     produce(kafka_bootstrap, s.outcomes, on_time + ghosts)
