@@ -306,21 +306,21 @@ class Evaluator:
         """Start each partition at min(committed, now - horizon): the state is read again."""
         timeout = self.cfg.kafka.unreachable_timeout_s
         committed = consumer.committed(partitions, timeout=timeout)
+        # the ends first: when no record is inside the horizon, reading starts at the end as it
+        # was before the time lookup, so a record written in between is never skipped
+        ends = [
+            consumer.get_watermark_offsets(TopicPartition(p.topic, p.partition), timeout=timeout)[1]
+            for p in partitions
+        ]
         since = int(time.time() * 1000 - self.ev.horizon_s * 1000)
         by_time = consumer.offsets_for_times(
             [TopicPartition(p.topic, p.partition, since) for p in partitions], timeout=timeout
         )
         starts = []
-        for c, t in zip(committed, by_time, strict=True):
+        for c, t, end in zip(committed, by_time, ends, strict=True):
             done = c.offset if c.offset >= 0 else -1
             self._committed[(c.topic, c.partition)] = done
-            if t.offset >= 0:
-                start = t.offset
-            else:  # every record is older than the horizon: from the end as it is now (not
-                # OFFSET_END, resolved later, which would skip what is written meanwhile)
-                _, start = consumer.get_watermark_offsets(
-                    TopicPartition(c.topic, c.partition), timeout=timeout
-                )
+            start = t.offset if t.offset >= 0 else end
             if 0 <= done < start:
                 start = done
             starts.append(TopicPartition(c.topic, c.partition, start))
