@@ -7,6 +7,8 @@ and importing what a command runs only when it runs:
   ``config schema``, a configuration validated offline and its JSON Schema);
 - Models (``models``: ``model publish|promote|rollback|pack|check``);
 - Operate (``operate``: ``topics create``, ``acl grant``, ``lag``, ``rewind``, ``dlq replay``);
+- Models, too (``watch``: ``evaluate``, predictions joined with their outcomes: live metrics per
+  model version, canary decisions);
 - Develop (``develop``: ``local-kafka``, ``local-registry``, ``local-mlflow``, ``bench``
   and its ``--soak``, ``demo``, and the shipped example's ``example init``, ``train`` and
   ``produce``).
@@ -22,13 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from stream_scorer import logs
-from stream_scorer.cli import configuration, develop, models, operate, run
+from stream_scorer.cli import configuration, develop, models, operate, run, watch
 from stream_scorer.errors import EXIT_INTERRUPTED, ConfigError, StreamScorerError, exit_code
 
 log = logging.getLogger("stream_scorer")
 
 #: The command modules, in the order ``--help`` lists them (each has TITLE, ROWS, add_commands).
-GROUPS = (run, configuration, models, operate, develop)
+GROUPS = (run, configuration, models, watch, operate, develop)
 
 _DESCRIPTION = "Score Avro events from Kafka with an XGBoost model, one prediction per event."
 _USAGE = "%(prog)s [-h] [--log-level LEVEL] [--version] COMMAND ..."

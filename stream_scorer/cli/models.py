@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: The heading of these commands in ``stream-scorer --help``, and its rows (commands, summary).
 TITLE = "Models"
-ROWS = [(("model",), "publish, promote, roll out/back, pack, compare")]
+ROWS = [(("model", "evaluate"), "publish, promote, roll out/back, compare; outcomes")]
 
 
 def _store(args: argparse.Namespace) -> AliasStore:

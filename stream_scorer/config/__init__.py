@@ -16,6 +16,7 @@ librdkafka's dotted keys) and ``check`` (librdkafka's own checks at start-up).
 """
 
 from stream_scorer.config.check import check_clients
+from stream_scorer.config.evaluate import DecideConfig, EvaluateConfig, OutcomesConfig
 from stream_scorer.config.kafka import (
     CLIENT_BATCH_SIZE,
     CLIENT_MESSAGE_MAX_BYTES,
@@ -79,14 +80,17 @@ __all__ = [
     "BatchConfig",
     "Config",
     "DeadLetterConfig",
+    "DecideConfig",
     "DeliveryConfig",
     "DriftConfig",
+    "EvaluateConfig",
     "HealthConfig",
     "InputConfig",
     "KafkaConfig",
     "LoggingConfig",
     "MetricsConfig",
     "ModelConfig",
+    "OutcomesConfig",
     "OutputConfig",
     "RegistryConfig",
     "StoreConfig",

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from stream_scorer import headers
+from stream_scorer.config.evaluate import EvaluateConfig
 from stream_scorer.config.keys import PASSTHROUGH, redacted
 from stream_scorer.config.values import (
     ExistingDir,
@@ -484,6 +485,9 @@ class Config(Section):
         """The topics ``sink postgres`` stores: ``store.topics``, else ``output.topic``."""
         return self.store.topics or (self.output.topic,)
 
+    evaluate: Annotated[EvaluateConfig | None, BeforeValidator(none_words)] = None
+    """``stream-scorer evaluate``: live outcomes joined with the predictions (none: unused)."""
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         _check(self)
@@ -564,6 +568,8 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "drift.min_events", "must be at most drift.window_events"
     if cfg.store.dsn:
         yield from _store_problems(cfg, cfg.store, poll_ms)
+    if cfg.evaluate is not None:
+        yield from _evaluate_problems(cfg, cfg.evaluate)
     if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
         missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
         yield missing, "is required with the other of tls_cert and tls_key"
@@ -591,6 +597,17 @@ def _store_problems(
             "store.unavailable_timeout_s",
             f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
+
+
+def _evaluate_problems(cfg: Config, ev: EvaluateConfig) -> Iterator[tuple[str, str]]:
+    """The ``evaluate`` section's checks against the rest."""
+    if ev.outcomes.format == "confluent" and not cfg.registry.url:
+        yield "registry.url", "is required by evaluate.outcomes.format: confluent"
+    read = {*(ev.prediction_topics or (cfg.output.topic,)), ev.outcomes.topic}
+    if ev.topic in read:
+        yield "evaluate.topic", f"{ev.topic!r} is also read by the evaluator"
+    if ev.outcomes.topic in (ev.prediction_topics or (cfg.output.topic,)):
+        yield "evaluate.outcomes.topic", "must differ from the prediction topics"
 
 
 def _matches(pattern: str, topic: str) -> bool:

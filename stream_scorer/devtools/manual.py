@@ -24,6 +24,7 @@ import inspect
 import json
 import re
 import sys
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,68 @@ def _fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
     return {info.alias or name: info for name, info in model.model_fields.items()}
 
 
+def _ref(prop: Mapping[str, Any]) -> str | None:
+    """The ``$defs`` name a property refers to (itself, or the one non-null member of anyOf)."""
+    if "$ref" in prop:
+        return str(prop["$ref"]).rsplit("/", 1)[1]
+    refs = [p["$ref"] for p in prop.get("anyOf", ()) if "$ref" in p]
+    return str(refs[0]).rsplit("/", 1)[1] if len(refs) == 1 else None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (itself, or in ``X | None``/``Annotated``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _section(
+    out: list[str],
+    defs: Mapping[str, Any],
+    section: str,
+    ref: Mapping[str, Any],
+    annotation: Any,
+    optional: bool,
+) -> None:
+    """Append the table of one section (and, after it, of each section nested in it)."""
+    from stream_scorer import config
+
+    model = defs[_ref(ref) or ""]
+    required = set(model.get("required", []))
+    declared = _model_of(annotation)
+    fields = _fields(declared) if declared is not None else {}
+    env = f"{config.ENV_PREFIX}{section.upper().replace('.', '__')}__"
+    out.append(f"## `{section}`\n")
+    out.append(f"{_cell(model.get('description', ref.get('description', '')))}\n")
+    out.append(f"Environment: `{env}<KEY>`{' (optional section)' if optional else ''}.\n")
+    rows = []
+    nested = []
+    for name, prop in model["properties"].items():
+        key = f"{section}.{name}"
+        if _ref(prop) is not None and "properties" in defs[_ref(prop) or ""]:
+            info = fields.get(name)
+            nested.append((key, prop, info.annotation if info else None, name not in required))
+            rows.append((_code(key), "table", "", "", _cell(f"the `{key}` section below")))
+            continue
+        secret = name in config._PASSTHROUGH or config._is_secret(name)
+        rows.append(
+            (
+                _code(key) + (" **secret**" if secret else ""),
+                _cell(_schema_type(prop)),
+                _default(prop, name in required, fields.get(name)),
+                _cell(_allowed(prop)),
+                _cell(prop.get("description", "")),
+            )
+        )
+    out.append(_table(("key", "type", "default", "allowed", "meaning"), rows) + "\n")
+    for key, prop, inner, inner_optional in nested:
+        _section(out, defs, key, prop, inner, inner_optional)
+
+
 def configuration_page() -> str:
     """The configuration reference: every key of every section of the configuration file."""
     from stream_scorer import config
@@ -150,29 +213,8 @@ def configuration_page() -> str:
     ]
     sections = _fields(config.Config)
     for section, ref in schema["properties"].items():
-        model = defs[ref["$ref"].rsplit("/", 1)[1]]
-        required = set(model.get("required", []))
-        annotation = sections[section].annotation
-        fields = _fields(annotation) if isinstance(annotation, type) else {}
-        env = f"{config.ENV_PREFIX}{section.upper()}__"
-        out.append(f"## `{section}`\n")
-        out.append(f"{_cell(model.get('description', ref.get('description', '')))}\n")
-        optional = "" if section in schema.get("required", []) else " (optional section)"
-        out.append(f"Environment: `{env}<KEY>`{optional}.\n")
-        rows = []
-        for name, prop in model["properties"].items():
-            key = f"{section}.{name}"
-            secret = name in config._PASSTHROUGH or config._is_secret(name)
-            rows.append(
-                (
-                    _code(key) + (" **secret**" if secret else ""),
-                    _cell(_schema_type(prop)),
-                    _default(prop, name in required, fields.get(name)),
-                    _cell(_allowed(prop)),
-                    _cell(prop.get("description", "")),
-                )
-            )
-        out.append(_table(("key", "type", "default", "allowed", "meaning"), rows) + "\n")
+        optional = section not in schema.get("required", [])
+        _section(out, defs, section, ref, sections[section].annotation, optional)
     return "\n".join(out)
 
 
@@ -185,7 +227,9 @@ _HISTOGRAM_NOTE = " (series `_bucket{le}`, `_sum`, `_count`)"
 def _labels(metrics: object) -> dict[str, tuple[str, ...]]:
     """Label names per metric name, from the metric objects among ``metrics``' attributes."""
     out: dict[str, tuple[str, ...]] = {}
-    for value in vars(metrics).values():
+    found = list(vars(metrics).values())
+    found += [v for d in found if isinstance(d, dict) for v in d.values()]  # a table of metrics
+    for value in found:
         if isinstance(value, MetricWrapperBase):
             # prometheus_client keeps a metric's label names only in this attribute
             labels = tuple(value._labelnames)
@@ -193,11 +237,8 @@ def _labels(metrics: object) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def metrics_page() -> str:
-    """The metrics reference: every metric a worker process serves on ``/metrics``."""
-    from stream_scorer.worker.metrics import Metrics
-
-    metrics = Metrics()
+def _metric_rows(metrics: Any) -> list[tuple[str, str, str, str]]:
+    """One row per metric family of ``metrics.prometheus``: name, type, labels, help."""
     labels = _labels(metrics)
     rows = []
     for family in metrics.prometheus.collect():
@@ -205,13 +246,27 @@ def metrics_page() -> str:
         note = _HISTOGRAM_NOTE if family.type == "histogram" else ""
         label_names = ", ".join(_code(n) for n in labels.get(family.name, ()))
         rows.append((_code(name), family.type + note, label_names, _cell(family.documentation)))
+    return rows
+
+
+def metrics_page() -> str:
+    """The metrics reference: every metric a worker (and the evaluator) serves on ``/metrics``."""
+    from stream_scorer.evaluate.metrics import EvaluationMetrics
+    from stream_scorer.worker.metrics import Metrics
+
+    head = ("metric", "type", "labels", "meaning")
     return "\n".join(
         [
             "# Metrics\n",
             "Each worker process serves these on `metrics.port` (`/metrics`); with "
             "`run --workers N`, worker `i` serves its own metrics on `metrics.port + i`, so "
             "scrape every port (or replica) and `sum` in PromQL. Units are in the names.\n",
-            _table(("metric", "type", "labels", "meaning"), rows) + "\n",
+            _table(head, _metric_rows(Metrics())) + "\n",
+            "## The evaluator\n",
+            "`stream-scorer evaluate` serves these on `evaluate.metrics_port` (`/metrics`); "
+            "the `version` label holds at most `evaluate.max_versions` values at a time "
+            "(docs/manual/watching.md).\n",
+            _table(head, _metric_rows(EvaluationMetrics("model"))) + "\n",
         ]
     )
 

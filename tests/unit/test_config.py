@@ -1,12 +1,14 @@
 import copy
 import re
 import traceback
+import typing
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
+from pydantic import BaseModel
 from support import DELETE, set_dotted
 
 from stream_scorer.config import (
@@ -306,10 +308,30 @@ def test_json_schema_accepts_the_shipped_configs_and_refuses_bad_ones(
 def test_the_configuration_reference_documents_every_key() -> None:
     page = (ROOT / "docs" / "manual" / "reference" / "configuration.md").read_text()
     rows = {m[1] for m in re.finditer(r"^\| `([a-z_]+\.[a-z_.]+)`", page, re.MULTILINE)}
+
+    def model_of(annotation: Any) -> Any:
+        """The section model of a field (itself, or inside ``X | None``), else None."""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        found = [model_of(a) for a in typing.get_args(annotation)]
+        return next((f for f in found if f is not None), None)
+
+    def keys_of(prefix: str, model: Any) -> set[str]:
+        """Every key of a section; a nested section has its row and its own keys."""
+        out = set()
+        for n, i in model.model_fields.items():
+            key = f"{prefix}.{i.alias or n}"
+            out.add(key)
+            inner = model_of(i.annotation)
+            if inner is not None:
+                out |= keys_of(key, inner)
+        return out
+
     keys = set()
     for section, field in Config.model_fields.items():
-        assert field.annotation is not None
-        keys |= {f"{section}.{i.alias or n}" for n, i in field.annotation.model_fields.items()}
+        model = model_of(field.annotation)
+        assert model is not None, section
+        keys |= keys_of(section, model)
     assert len(keys) > 50
     assert rows == keys
 

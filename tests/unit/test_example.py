@@ -327,15 +327,14 @@ def test_produce_events_paces_to_the_rate(fake_producer: type[FakeProducer]) -> 
 
 
 def test_the_shipped_schemas_are_the_contracts_in_schemas() -> None:
-    from stream_scorer.contracts import PREDICTION_SCHEMA_V1
+    from stream_scorer.contracts import EVALUATION_SCHEMA_V1, PREDICTION_SCHEMA_V1
     from stream_scorer.example.rides import RIDE_SCHEMA_PATH
 
     top = Path(__file__).parents[2] / "schemas"
-    for shipped in (PREDICTION_SCHEMA_V1, RIDE_SCHEMA_PATH):
+    shipped_files = (PREDICTION_SCHEMA_V1, EVALUATION_SCHEMA_V1, RIDE_SCHEMA_PATH)
+    for shipped in shipped_files:
         assert shipped.read_bytes() == (top / shipped.name).read_bytes(), shipped.name
-    assert sorted(p.name for p in top.iterdir()) == sorted(
-        [PREDICTION_SCHEMA_V1.name, RIDE_SCHEMA_PATH.name]
-    )
+    assert sorted(p.name for p in top.iterdir()) == sorted(p.name for p in shipped_files)
 
 
 def test_example_init_writes_a_config_that_loads(tmp_path: Path) -> None:
