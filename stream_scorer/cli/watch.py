@@ -34,7 +34,7 @@ def rollout_of(args: argparse.Namespace, cfg: Config) -> Rollout | None:
     ev = cfg.evaluate
     if ev is None or ev.decide is None:
         raise ConfigError("evaluate.decide", "--decide needs an evaluate.decide section")
-    from stream_scorer.evaluate.rollout import AliasPair, FixedPair
+    from stream_scorer.evaluate.rollout import AliasPair, FixedPair, RolloutCanary
 
     if (args.champion is None) != (args.challenger is None):
         raise ConfigError("--champion", "give both --champion and --challenger, or neither")
@@ -48,6 +48,8 @@ def rollout_of(args: argparse.Namespace, cfg: Config) -> Rollout | None:
     if not spec:
         raise ConfigError("evaluate.decide.store", "name the store (or use model.source)")
     store = open_store(spec, tracking_uri=cfg.model.mlflow_tracking_uri)
+    if ev.decide.pair == "rollout":
+        return RolloutCanary(store, ev.decide.champion_alias)
     return AliasPair(store, ev.decide.champion_alias, ev.decide.challenger_alias)
 
 

@@ -62,10 +62,17 @@ class DecideConfig(Section):
     store: str = ""
     """The alias store holding the pair (``store:<root>/<name>`` or ``models:/<name>``);
     empty: ``model.source``'s store."""
+    pair: Literal["rollout", "aliases"] = "rollout"
+    """What the rule judges and acts on: ``rollout``, the rollout record of
+    ``champion_alias`` (``model rollout --canary``: promote moves the alias to the challenger
+    and ends the rollout, rollback ends it); ``aliases``, a champion and a challenger alias
+    (promote points the champion alias at the challenger's version, rollback the challenger
+    alias at the champion's)."""
     champion_alias: NonEmpty = "champion"
-    """The alias of the champion."""
+    """The alias of the champion (``pair: rollout``: the alias the workers follow)."""
     challenger_alias: NonEmpty = "challenger"
-    """The alias of the challenger (a rollback points it back at the champion's version)."""
+    """``pair: aliases``: the alias of the challenger (a rollback points it back at the
+    champion's version)."""
 
     @model_validator(mode="after")
     def _margins(self) -> DecideConfig:

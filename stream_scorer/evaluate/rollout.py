@@ -1,7 +1,11 @@
 """Where ``evaluate --decide`` takes the versions it judges and carries its decisions out.
 
-``decide.Rollout`` is the seam. Two implementations here:
+``decide.Rollout`` is the seam. Three implementations here:
 
+- ``RolloutCanary``: the rollout record of one alias (``model rollout --canary``,
+  docs/manual/rollouts.md), the default: it judges the record's one challenger against its
+  champion; promote is ``model promote`` of the challenger (the alias moves, the rollout ends),
+  roll back is ``model rollback`` (the rollout ends: 100% champion at once).
 - ``AliasPair``: a champion and a challenger alias of one model store or MLflow model
   (``model promote``/``model rollback``'s ``AliasStore``). Promote points the champion alias at
   the challenger's version (``store.promote``, history kept, so ``model rollback`` undoes it);
@@ -10,14 +14,54 @@
 - ``FixedPair``: two versions given on the command line (``--champion``, ``--challenger``):
   decisions only (``--dry-run``); acting needs a store.
 
-A rollout record with its own rule and traffic split (the rollouts issue) plugs in as another
-``Rollout``.
 """
 
 from __future__ import annotations
 
 from stream_scorer.errors import ConfigError
-from stream_scorer.model.store import AliasStore, promote
+from stream_scorer.model.store import AliasStore, promote, read_rollout, rollback
+
+
+class RolloutCanary:
+    """The canary of one alias's rollout record: its one challenger against its champion."""
+
+    def __init__(self, store: AliasStore, alias: str) -> None:
+        """Judge the rollout record of ``alias`` in ``store``."""
+        self.store = store
+        self.alias = alias
+
+    def versions(self) -> tuple[str, str] | None:
+        """(champion, challenger) of the record in force; None: no rollout of one challenger.
+
+        An A/B split over several challengers is not judged (a rule compares two versions).
+
+        Raises:
+            RolloutError: the record is malformed.
+        """
+        rollout = read_rollout(self.store, self.alias)
+        if rollout is None or len(rollout.challengers) != 1:
+            return None
+        return rollout.champion, rollout.challengers[0][0]
+
+    def _pair(self) -> tuple[str, str]:
+        pair = self.versions()
+        if pair is None:
+            raise ConfigError(
+                "evaluate.decide.champion_alias",
+                f"{self.store.describe()}@{self.alias} has no rollout of one challenger in force",
+            )
+        return pair
+
+    def promote(self) -> str:
+        """``model promote`` the challenger: the alias moves to it and the rollout ends."""
+        move = promote(self.store, self._pair()[1], self.alias)
+        return f"{self.store.describe()}@{move.alias}: {move.before or '(unset)'} -> {move.after}"
+
+    def rollback(self) -> str:
+        """``model rollback``: the rollout ends, every key back on the champion at once."""
+        self._pair()
+        move = rollback(self.store, self.alias)
+        return f"{self.store.describe()}@{move.alias}: rollout ended, {move.after} scores every key"
 
 
 class AliasPair:

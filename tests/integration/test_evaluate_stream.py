@@ -32,9 +32,10 @@ from support import REPO, load_raw, read_topic, ride_config, train_payment_class
 from stream_scorer.config import Config
 from stream_scorer.contracts.manifest import write_manifest
 from stream_scorer.errors import ConfigError
-from stream_scorer.evaluate.rollout import AliasPair, FixedPair
+from stream_scorer.evaluate.rollout import AliasPair, FixedPair, RolloutCanary
 from stream_scorer.evaluate.runner import Evaluator, read_evaluation
-from stream_scorer.model.store import ModelStore, promote
+from stream_scorer.model.rollout import Rollout
+from stream_scorer.model.store import ModelStore, promote, read_rollout, start_rollout
 from stream_scorer.registry import RegistryClient
 from stream_scorer.stages.encode import PredictionEncoder
 
@@ -381,6 +382,18 @@ def test_canary_decisions_in_dry_run(
         60,
         "the applied decision in the evaluation topic",
     )
+    # the canary as a rollout record (model rollout --canary v2 --percent 20): the worse
+    # challenger's rollout is ended, every key back on the champion
+    store = alias_store(tmp_path / "canary")
+    start_rollout(store, Rollout("canary", "v1", (("v2", 20.0),)), "champion")
+    cfg = load_raw(
+        tmp_path, {**s.raw, "evaluate": {**s.raw["evaluate"], "group_id": unique("canary")}}
+    )
+    ev = Evaluator(cfg, rollout=RolloutCanary(store, "champion"), apply=True)
+    running(ev)
+    wait_for(lambda: ev.report.decisions, 60, "the rollout's decision carried out")
+    assert ev.report.decisions[0]["action"] == "rollback" and ev.report.decisions[0]["applied"]
+    assert read_rollout(store, "champion") is None and store.get_alias("champion") == "v1"
 
 
 def alias_store(folder: Path) -> ModelStore:

@@ -26,10 +26,11 @@ from stream_scorer.errors import ConfigError
 from stream_scorer.evaluate.decide import Evidence, Rule, decide
 from stream_scorer.evaluate.join import JoinState, Outcome, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
-from stream_scorer.evaluate.rollout import AliasPair, FixedPair
+from stream_scorer.evaluate.rollout import AliasPair, FixedPair, RolloutCanary
 from stream_scorer.evaluate.runner import AvroReader, Evaluator
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats
-from stream_scorer.model.store import ModelStore, promote
+from stream_scorer.model.rollout import Rollout
+from stream_scorer.model.store import ModelStore, promote, read_rollout, start_rollout
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.records import PlainMessage
 
@@ -392,3 +393,30 @@ def test_the_evaluator_refuses_the_incremental_group_protocol(tmp_path: Path) ->
     assert info.value.field == "kafka.consumer.group.protocol"
     plain = Evaluator(load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section())))
     assert plain._consumer_settings()["partition.assignment.strategy"] == "range"
+
+
+def test_the_rollout_canary_judges_one_challenger_and_acts_through_the_record(
+    tmp_path: Path,
+) -> None:
+    store = ModelStore(tmp_path / "store", "fraud")
+    source = tmp_path / "src"
+    manifest = train_payment_classifier(source / "v1")
+    for version in ("v1", "v2", "v3"):
+        if version != "v1":
+            shutil.copytree(source / "v1", source / version)
+        write_manifest(source / version, dataclasses.replace(manifest, model_version=version))
+        store.publish(source / version)
+    promote(store, "v1", "champion")
+    canary = RolloutCanary(store, "champion")
+    assert canary.versions() is None  # no rollout in force: nothing judged
+    with pytest.raises(ConfigError):
+        canary.rollback()
+    start_rollout(store, Rollout("ab", "v1", (("v2", 30.0), ("v3", 30.0))), "champion")
+    assert canary.versions() is None  # an A/B split over two challengers is not a canary
+    start_rollout(store, Rollout("canary", "v1", (("v2", 10.0),)), "champion")
+    assert canary.versions() == ("v1", "v2")
+    assert "rollout ended" in canary.rollback()
+    assert read_rollout(store, "champion") is None and store.get_alias("champion") == "v1"
+    start_rollout(store, Rollout("canary", "v1", (("v3", 10.0),)), "champion")
+    assert "champion: v1 -> v3" in canary.promote()
+    assert read_rollout(store, "champion") is None and store.get_alias("champion") == "v3"
