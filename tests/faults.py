@@ -27,9 +27,10 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from confluent_kafka import ConsumerGroupState, Node, TopicPartition
@@ -59,6 +60,8 @@ from stream_scorer.example.rides import generate_rides
 from stream_scorer.kafka.topics import ensure_topics, group_lag
 from stream_scorer.stages.records import Reason
 from stream_scorer.worker.supervisor import run_command
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).parents[1]
 PARTITIONS = 4
@@ -432,6 +435,34 @@ class FaultRun:
             self.start(wid)
             self.settle(window, gone)
         self._alive_committed = self._last_committed
+
+    def until(
+        self,
+        value: Callable[[], T | None],
+        what: str,
+        timeout_s: float = 120,
+        explain: Callable[[], object] | None = None,
+    ) -> T:
+        """Supervise the run until ``value()`` is not None; return it.
+
+        ``explain``: what to add to the ``TimeoutError`` (e.g. the workers' log lines).
+        """
+        got: list[T] = []
+
+        def ready() -> bool:
+            self.supervise()
+            found = value()
+            if found is not None:
+                got.append(found)
+            return bool(got)
+
+        try:
+            wait_for(ready, timeout_s, what)
+        except TimeoutError:
+            if explain is None:
+                raise
+            raise TimeoutError(f"{what}: {explain()}") from None
+        return got[0]
 
     def open_window(self, what: str) -> FaultWindow:
         """Read the committed offsets for a fault about to be injected: call right before it."""

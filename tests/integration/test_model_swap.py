@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from faults import PARTITIONS, FaultRun, tail, when_committed
 from mlflow_server import mlflow_server
-from support import free_ports, parse_record_schema, read_record, read_topic, wait_for
+from support import free_ports, parse_record_schema, read_record, read_topic
 
 from stream_scorer import headers as hdr
 from stream_scorer.contracts.manifest import read_manifest
@@ -91,21 +91,6 @@ def _all_run(run: FaultRun, version: str) -> int | None:
             return None
         latest = max(latest, runs[-1][0])
     return latest
-
-
-def _when(run: FaultRun, value: Callable[[], int | None], what: str) -> int:
-    """Supervise ``run`` until ``value()`` is not None; return it."""
-    got: list[int] = []
-
-    def ready() -> bool:
-        run.supervise()
-        found = value()
-        if found is not None:
-            got.append(found)
-        return bool(got)
-
-    wait_for(ready, 120, what)
-    return got[0]
 
 
 def _all_refused(run: FaultRun, since_ms: int) -> int | None:
@@ -238,32 +223,37 @@ def _check_stamps(
 def _rollout(run: FaultRun, models: Models, schema: dict[str, Any]) -> None:
     """The whole scenario (module doc) on ``run``; asserts as it goes.
 
-    Events stream without a pause through the promotion, the kill and the rollback (so the
-    kill hits a worker that is scoring); the last quarter is produced once every worker has
-    refused v3, so that v1 is seen scoring after the refusals.
+    Events stream without a pause through the promotion and the kill (so the kill hits a worker
+    that is scoring) and again through the rollback; the second quarter is produced once every
+    worker runs v2 (a loaded machine can take longer to restart the killed worker than the
+    first quarter takes to stream: v2 would find nothing left to score), and the last quarter
+    once every worker has refused v3, so that v1 is seen scoring after the refusals.
     """
-    last = len(run.items) * (PHASES - 1) // PHASES // PARTITIONS * PARTITIONS
+    quarter = len(run.items) // PHASES // PARTITIONS * PARTITIONS
+    last = quarter * (PHASES - 1)
     t: dict[str, int] = {}
     models.promote("v1")
     run.start_all()
-    run.produce_in_background(0, last)
+    run.produce_in_background(0, quarter)
     when_committed(run, 0.5 / PHASES)
     # 1. promote v2, kill -9 a worker at once (while the others load v2), restart it
     t["promote"] = models.promote("v2")
     run.kill9("w0")
     t["killed"] = _now_ms()  # w0 scored nothing after this, with any version
     t["all_v2"] = max(
-        _when(run, lambda: _all_run(run, models.stamps["v2"]), "every worker runs v2"),
+        run.until(lambda: _all_run(run, models.stamps["v2"]), "every worker runs v2"),
         t["killed"],
     )
+    run.wait_produced()
+    run.produce_in_background(quarter, last)  # scored by v2 until the rollback
     when_committed(run, 1.5 / PHASES)
     # 2. roll back: every worker back on v1
     t["rollback"] = models.rollback()
-    t["all_v1"] = _when(run, lambda: _all_run(run, models.stamps["v1"]), "all back on v1")
+    t["all_v1"] = run.until(lambda: _all_run(run, models.stamps["v1"]), "all back on v1")
     when_committed(run, 2.2 / PHASES)
     # 3. a broken v3: refused by every worker, v1 keeps scoring
     t["promote_v3"] = models.promote("v3")
-    t["refused"] = _when(run, lambda: _all_refused(run, t["promote_v3"]), "all refused v3")
+    t["refused"] = run.until(lambda: _all_refused(run, t["promote_v3"]), "all refused v3")
     run.wait_produced()
     run.produce_in_background(last)
     run.wait_produced()

@@ -25,14 +25,14 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from faults import PARTITIONS, FaultRun, tail
 from mlflow_server import mlflow_server
-from support import free_ports, parse_record_schema, read_record, read_topic, wait_for
+from support import free_ports, parse_record_schema, read_record, read_topic
 
 from stream_scorer import headers as hdr
 from stream_scorer.errors import LocalMlflowError
@@ -94,22 +94,9 @@ def _all_on(run: FaultRun, what: str) -> int | None:
     return latest
 
 
-def _when(run: FaultRun, value: Callable[[], int | None], what: str) -> int:
-    got: list[int] = []
-
-    def ready() -> bool:
-        run.supervise()
-        found = value()
-        if found is not None:
-            got.append(found)
-        return bool(got)
-
-    try:
-        wait_for(ready, 120, what)
-    except TimeoutError:
-        logs = {w: (_routing(x.log), tail(x.log, 4)) for w, x in run.workers.items()}
-        raise TimeoutError(f"{what}: {logs}") from None
-    return got[0]
+def _logs(run: FaultRun) -> dict[str, object]:
+    """Each worker's routing lines and last log lines (for a timeout's message)."""
+    return {w: (_routing(x.log), tail(x.log, 4)) for w, x in run.workers.items()}
 
 
 def _within_binomial(hits: int, n: int, p: float) -> bool:
@@ -173,7 +160,11 @@ def test_canary_10_then_50_then_rollback_on_two_workers_with_kill_9(
     for wid in ("w0", "w1"):
         run.start(wid)
     at10, at50 = f"rollout {v1} 90%, {v2} 10%", f"rollout {v1} 50%, {v2} 50%"
-    _when(run, lambda: _all_on(run, at10), "both workers start with the 10% canary")
+    run.until(
+        lambda: _all_on(run, at10),
+        "both workers start with the 10% canary",
+        explain=lambda: _logs(run),
+    )
     run.produce_in_background(0, a)
     run.wait_produced()
     run.wait_committed(timeout=180)
@@ -184,7 +175,9 @@ def test_canary_10_then_50_then_rollback_on_two_workers_with_kill_9(
     shown = _cli("model", "rollout", f"{spec}@champion", "--canary", v2, "--percent", "50")
     assert f"canary {v1} 50%, {v2} 50%" in shown, shown
     run.kill9("w1")
-    t["all50"] = _when(run, lambda: _all_on(run, at50), "both workers on 50%")
+    t["all50"] = run.until(
+        lambda: _all_on(run, at50), "both workers on 50%", explain=lambda: _logs(run)
+    )
     run.wait_produced()
     run.produce_in_background(half, b)  # scored once both run 50%
     run.wait_produced()
@@ -194,7 +187,9 @@ def test_canary_10_then_50_then_rollback_on_two_workers_with_kill_9(
     shown = _cli("model", "rollback", spec)
     assert f"{v1} 100% (no rollout)" in shown, shown
     assert read_rollout(store) is None
-    t["all_v1"] = _when(run, lambda: _all_on(run, f"model {v1}"), "both workers back on v1")
+    t["all_v1"] = run.until(
+        lambda: _all_on(run, f"model {v1}"), "both workers back on v1", explain=lambda: _logs(run)
+    )
     run.produce_in_background(b)
     run.wait_produced()
     run.wait_committed(timeout=180)
