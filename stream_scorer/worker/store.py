@@ -28,6 +28,7 @@ a configuration error (exit 2).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -38,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import psycopg
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -52,6 +54,7 @@ from stream_scorer import postgres as pg
 from stream_scorer.config import Config, consumer_settings, producer_settings
 from stream_scorer.config.sections import StoreConfig
 from stream_scorer.errors import BrokerError, ConfigError, DatabaseError, DeliveryError
+from stream_scorer.fast.read import PredictionReader, build_prediction_reader
 from stream_scorer.registry import RegistryClient, SchemaKey
 from stream_scorer.retry import retrying
 from stream_scorer.stages.decode import Decoder, load_schema
@@ -114,6 +117,50 @@ class _Batch:
             self.records.pop(tp, None)
 
 
+@dataclass
+class _Tuples:
+    """One partition's rows as binary COPY tuples (the compiled reader's), in offset order."""
+
+    data: bytes
+    ends: list[int]
+    offsets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def since(self, first: int) -> _Tuples:
+        """The rows at offset ``first`` and after."""
+        k = bisect.bisect_left(self.offsets, first)
+        if k == 0:
+            return self
+        cut = self.ends[k - 1]
+        return _Tuples(self.data[cut:], [e - cut for e in self.ends[k:]], self.offsets[k:])
+
+
+#: One partition's rows: tuples of values (the generic decoder's), or COPY tuples.
+PartRows = list[tuple[Any, ...]] | _Tuples
+
+
+def _since(rows: PartRows, first: int) -> PartRows:
+    """The rows of ``rows`` at offset ``first`` and after (a value row's offset is its last)."""
+    if isinstance(rows, _Tuples):
+        return rows.since(first)
+    return [r for r in rows if r[-1] >= first]
+
+
+def _joined(parts: Sequence[PartRows]) -> pg.Rows:
+    """Partitions' rows as one ``COPY``'s."""
+    tuples = [p for p in parts if isinstance(p, _Tuples)]
+    if tuples:
+        assert len(tuples) == len(parts), "one decoder per sink: never both kinds of rows"
+        return pg.BinaryTuples(b"".join(p.data for p in tuples), sum(map(len, tuples)))
+    return [row for p in parts for row in p]  # type: ignore[union-attr]
+
+
+def _count(rows: pg.Rows) -> int:
+    return rows.count if isinstance(rows, pg.BinaryTuples) else len(rows)  # type: ignore[arg-type]
+
+
 def store_config(cfg: Config) -> StoreConfig:
     """``cfg.store``, which ``sink postgres`` needs (its ``dsn`` at least).
 
@@ -141,16 +188,82 @@ def read_password(store: StoreConfig) -> str | None:
 
 
 class PredictionDecoder:
-    """Predictions from record values: plain Avro, or Confluent frames (the decode stage's)."""
+    """Predictions from record values: plain Avro, or Confluent frames (the decode stage's).
+
+    Plain records of the v1 prediction schema are read a batch at a time by the compiled
+    reader (``fast.read``, proved against the decode stage at start-up) straight into binary
+    COPY tuples; any other schema, and framed records, by the decode stage, record by record.
+    """
 
     def __init__(self, cfg: Config) -> None:
-        """Decode with ``output.schema``, framed when ``output.format`` is ``confluent``."""
+        """Decode with ``output.schema``, framed when ``output.format`` is ``confluent``.
+
+        Raises:
+            SchemaError: the compiled reader disagrees with the decode stage on a probe.
+        """
         self.schema = load_schema(cfg.output.schema)
         self._max = cfg.input.max_message_bytes
         self._framed = cfg.output.format == "confluent"
         self._plain = Decoder(self.schema, self._max)
         self._registry = RegistryClient.from_config(cfg.registry) if self._framed else None
         self._by_key: dict[tuple[SchemaKey, int], Decoder | None] = {}
+        self._fields = [c.name for c in pg.table_columns(self.schema)[: -len(pg.COORDINATES)]]
+        #: the compiled reader, when the records are plain v1 predictions
+        self.fast: PredictionReader | None = (
+            None if self._framed else build_prediction_reader(self.schema, self._max)
+        )
+
+    def rows(self, records: dict[TP, list[Message]]) -> tuple[dict[TP, PartRows], list[DeadLetter]]:
+        """Each partition's rows, and the dead letters of the records that are not predictions.
+
+        A row is the record's fields, then its coordinates; the dead letters are in order.
+        """
+        if self.fast is not None:
+            return self._fast_rows(self.fast, records)
+        rows_of: dict[TP, PartRows] = {}
+        dead: list[DeadLetter] = []
+        for tp, msgs in records.items():
+            rows: list[tuple[Any, ...]] = []
+            for msg in msgs:
+                out = self.decode(msg)
+                if isinstance(out, Decoded):
+                    record = out.record
+                    rows.append((*(record.get(n) for n in self._fields), *tp, msg.offset()))
+                else:
+                    dead.append(out)
+            rows_of[tp] = rows
+        return rows_of, dead
+
+    @staticmethod
+    def _fast_rows(
+        reader: PredictionReader, records: dict[TP, list[Message]]
+    ) -> tuple[dict[TP, PartRows], list[DeadLetter]]:
+        messages = [m for msgs in records.values() for m in msgs]
+        cols = reader.read(messages)
+        topics = sorted({t for t, _ in records})
+        index = {t: i for i, t in enumerate(topics)}
+        coordinates = np.empty((len(messages), 3), dtype=np.int64)
+        bounds = [0]
+        for (topic, partition), msgs in records.items():
+            a, b = bounds[-1], bounds[-1] + len(msgs)
+            coordinates[a:b, 0] = index[topic]
+            coordinates[a:b, 1] = partition
+            coordinates[a:b, 2] = [m.offset() or 0 for m in msgs]
+            bounds.append(b)
+        good = cols.good
+        data, ends = reader.copy_tuples(cols, topics, coordinates, good)
+        cuts = np.searchsorted(good, bounds).tolist()  # each partition's first good row
+        all_ends = [0, *ends.tolist()]
+        offsets = coordinates[good, 2].tolist()
+        rows_of: dict[TP, PartRows] = {}
+        for k, tp in enumerate(records):
+            a, b = cuts[k], cuts[k + 1]
+            start = all_ends[a]
+            rows_of[tp] = _Tuples(
+                data[start : all_ends[b]], [e - start for e in all_ends[a + 1 : b + 1]],
+                offsets[a:b],
+            )  # fmt: skip
+        return rows_of, reader.dead_letters(cols)
 
     def _framed_decoder(self, key: SchemaKey, skip: int) -> Decoder | None:
         if (key, skip) not in self._by_key:
@@ -212,7 +325,6 @@ class PredictionStore:
         self.idle_timeout_s = idle_timeout_s
         self.decoder = PredictionDecoder(cfg)
         self.columns = pg.table_columns(self.decoder.schema)
-        self._fields = [c.name for c in self.columns[: -len(pg.COORDINATES)]]
         self.offsets = pg.OffsetsTable(self.store.offsets_table, self.store.group_id)
         password = read_password(self.store)
         self._connect = connect or (lambda: pg.connect(self.store.dsn, password))
@@ -344,11 +456,6 @@ class PredictionStore:
 
     # -- a batch ---------------------------------------------------------------------------
 
-    def _row(self, good: Decoded) -> tuple[Any, ...]:
-        msg, record = good.message, good.record
-        values = [record.get(name) for name in self._fields]
-        return (*values, msg.topic(), msg.partition(), msg.offset())
-
     def _dead_letters(self, dead: list[DeadLetter]) -> None:
         """Produce ``dead`` and wait for the broker's acknowledgements (before the commit)."""
         if not dead:
@@ -373,7 +480,7 @@ class PredictionStore:
             )
         self.report.dead_letters += len(dead)
 
-    def _write(self, conn: psycopg.Connection, rows_of: dict[TP, list[tuple[Any, ...]]],
+    def _write(self, conn: psycopg.Connection, rows_of: dict[TP, PartRows],
                ends: dict[TP, int]) -> tuple[int, int, list[TP]]:  # fmt: skip
         """One transaction: the offsets advanced, then the rows; (stored, duplicates, fenced)."""
         fenced: list[TP] = []
@@ -384,14 +491,14 @@ class PredictionStore:
             if fenced:
                 conn.rollback()
                 return 0, 0, fenced
-            rows = [row for tp in ends for row in rows_of.get(tp, [])]
+            rows = _joined([rows_of[tp] for tp in ends if tp in rows_of])
             try:
                 with conn.transaction():  # a savepoint: a repeated key retries below
                     pg.copy_rows(cur, self.store.table, self.columns, rows)
-                stored, duplicates = len(rows), 0
+                stored, duplicates = _count(rows), 0
             except psycopg.errors.UniqueViolation:
                 stored = pg.insert_new_rows(cur, self.store.table, self.columns, rows)
-                duplicates = len(rows) - stored
+                duplicates = _count(rows) - stored
         conn.commit()
         return stored, duplicates, []
 
@@ -408,18 +515,8 @@ class PredictionStore:
         """Store the batch held: dead letters first, then one transaction; Kafka told after."""
         if not len(self._batch):
             return
-        rows_of: dict[TP, list[tuple[Any, ...]]] = {}
-        dead: list[DeadLetter] = []
-        ends: dict[TP, int] = {}
-        for tp, msgs in self._batch.records.items():
-            rows = rows_of.setdefault(tp, [])
-            for msg in msgs:
-                out = self.decoder.decode(msg)
-                if isinstance(out, Decoded):
-                    rows.append(self._row(out))
-                else:
-                    dead.append(out)
-            ends[tp] = (msgs[-1].offset() or 0) + 1
+        rows_of, dead = self.decoder.rows(self._batch.records)
+        ends = {tp: (msgs[-1].offset() or 0) + 1 for tp, msgs in self._batch.records.items()}
         self._dead_letters(dead)
         tries = 0
 
@@ -435,7 +532,7 @@ class PredictionStore:
                         rows_of.pop(tp, None)
                     else:
                         first = held[tp][0].offset() or 0
-                        rows_of[tp] = [r for r in rows_of.get(tp, []) if r[-1] >= first]
+                        rows_of[tp] = _since(rows_of.get(tp, []), first)
                 if not ends:
                     return 0, 0, []
             return self._write(conn, rows_of, ends)
