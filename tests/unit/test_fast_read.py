@@ -150,7 +150,7 @@ def _dumped(row: tuple[Any, ...]) -> bytes:
     columns = pg.table_columns(SCHEMA)
     tx = adapt.Transformer()
     tx.set_dumper_types([_oid(c.binary_type) for c in columns], pq.Format.BINARY)
-    fields = tx.dump_sequence(row, [pq.Format.BINARY] * len(row))
+    fields = tx.dump_sequence(row, [adapt.PyFormat.BINARY] * len(row))
     out = struct.pack(">h", len(row))
     for f in fields:
         out += b"\xff\xff\xff\xff" if f is None else struct.pack(">i", len(f)) + bytes(f)
