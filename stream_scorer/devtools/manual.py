@@ -24,7 +24,7 @@ import inspect
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,25 +193,37 @@ def _labels(metrics: object) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def metrics_page() -> str:
-    """The metrics reference: every metric a worker process serves on ``/metrics``."""
-    from stream_scorer.worker.metrics import Metrics
-
-    metrics = Metrics()
+def _metric_rows(metrics: Any, skip: Collection[str] = ()) -> list[tuple[str, str, str, str]]:
+    """One table row per metric family of ``metrics``' registry (those named in ``skip`` left)."""
     labels = _labels(metrics)
     rows = []
     for family in metrics.prometheus.collect():
+        if family.name in skip:
+            continue
         name = family.name + _SERIES.get(family.type, "")
         note = _HISTOGRAM_NOTE if family.type == "histogram" else ""
         label_names = ", ".join(_code(n) for n in labels.get(family.name, ()))
         rows.append((_code(name), family.type + note, label_names, _cell(family.documentation)))
+    return rows
+
+
+def metrics_page() -> str:
+    """The metrics reference: every metric a worker process, or a sink, serves on ``/metrics``."""
+    from stream_scorer.worker.metrics import ConsumerMetrics, Metrics, StoreMetrics
+
+    shared = {family.name for family in ConsumerMetrics().prometheus.collect()}
+    header = ("metric", "type", "labels", "meaning")
     return "\n".join(
         [
             "# Metrics\n",
             "Each worker process serves these on `metrics.port` (`/metrics`); with "
             "`run --workers N`, worker `i` serves its own metrics on `metrics.port + i`, so "
             "scrape every port (or replica) and `sum` in PromQL. Units are in the names.\n",
-            _table(("metric", "type", "labels", "meaning"), rows) + "\n",
+            _table(header, _metric_rows(Metrics())) + "\n",
+            "## sink postgres\n",
+            "`sink postgres` serves on `metrics.port` the lag, stall, progress and readiness "
+            "metrics above (" + ", ".join(_code(n) for n in sorted(shared)) + ") and these:\n",
+            _table(header, _metric_rows(StoreMetrics(), shared)) + "\n",
         ]
     )
 

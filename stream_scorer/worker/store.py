@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -55,13 +56,18 @@ from stream_scorer.config import Config, consumer_settings, producer_settings
 from stream_scorer.config.sections import StoreConfig
 from stream_scorer.errors import BrokerError, ConfigError, DatabaseError, DeliveryError
 from stream_scorer.fast.read import PredictionReader, build_prediction_reader
+from stream_scorer.logs import client_logger
 from stream_scorer.registry import RegistryClient, SchemaKey
 from stream_scorer.retry import retrying
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.framing import frame_of
 from stream_scorer.stages.records import DeadLetter, Decoded, Message, Reason, Stage
 from stream_scorer.worker.flow import StopFlag
+from stream_scorer.worker.health import Monitor
+from stream_scorer.worker.lag import LagTracker
+from stream_scorer.worker.metrics import StoreMetrics
 from stream_scorer.worker.sink import SinkContext, dead_letter
+from stream_scorer.worker.source import ConsumerErrors
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +273,6 @@ class PredictionDecoder:
 
     def _framed_decoder(self, key: SchemaKey, skip: int) -> Decoder | None:
         if (key, skip) not in self._by_key:
-            import json
-
             import fastavro
 
             assert self._registry is not None
@@ -297,8 +301,14 @@ class PredictionDecoder:
         return decoder.decode(msg)
 
 
-class PredictionStore:
-    """One member of the sink's consumer group (see the module docstring)."""
+class PredictionStore(ConsumerErrors):
+    """One member of the sink's consumer group (see the module docstring).
+
+    Observed as a worker is (``worker.health.Monitor`` on ``metrics.port``): ``/metrics``
+    (``StoreMetrics`` and the consumer lag), ``/healthz`` and ``/readyz`` (the broker, the
+    assignment, no stalled partition, and the database). No broker answering for
+    ``kafka.unreachable_timeout_s`` stops it (``BrokerError``, exit 1), as it stops a worker.
+    """
 
     def __init__(
         self,
@@ -341,6 +351,19 @@ class PredictionStore:
             "cooperative-sticky",
         )
         self._consumer_settings = settings
+        # what ConsumerErrors (the error callback) and the Monitor (SourceView) read
+        self._settings = settings
+        self._topic = ", ".join(cfg.stored_topics())
+        self._errors: list[BrokerError] = []
+        self._down_since: float | None = None
+        self._broker_seen = False
+        self._unreachable_timeout = cfg.kafka.unreachable_timeout_s
+        self._client_log = client_logger("consumer")
+        self.lag = LagTracker()
+        self.joined = False
+        self.backlog = None
+        self.metrics = StoreMetrics()
+        self._monitor: Monitor | None = None
         self._ctx = SinkContext(
             output_topic=self.store.dead_letter_topic,
             dead_letter_topic=self.store.dead_letter_topic,
@@ -363,7 +386,35 @@ class PredictionStore:
             server="PostgreSQL",
             policy=self._policy,
             outage=pg.is_outage,  # a stop signal waits: it never drops a held batch
+            keepalive=self._retried,
         )
+
+    def _retried(self) -> None:
+        """Before asking the database again: count it, and say it is not ready meanwhile."""
+        self.metrics.database_retries.inc()
+        self.metrics.last_progress.set(time.time())  # retrying is progress: alive, not ready
+        if self._monitor is not None:
+            self._monitor.check("database_reachable", False)
+
+    # -- what the monitor reads (worker.health.SourceView) ---------------------------------
+
+    @property
+    def broker_reachable(self) -> bool:
+        """A broker has answered since start and not every broker is down now."""
+        return self._broker_seen and self._down_since is None
+
+    @property
+    def assignment(self) -> set[TP]:
+        """The partitions assigned."""
+        return set(self._expected)
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+            self.lag.update_from_stats(stats, self.assignment)
+            self._saw_brokers(stats)
+        except Exception as exc:  # statistics are advisory; a callback never raises
+            log.warning("cannot parse librdkafka statistics: %s", exc)
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -391,12 +442,15 @@ class PredictionStore:
                 raise
 
         try:
-            return self._retrying(what)(attempt)
+            out = self._retrying(what)(attempt)
         except DatabaseError as exc:
             raise DatabaseError(
                 f"{what}: PostgreSQL did not answer for store.unavailable_timeout_s "
                 f"({self.store.unavailable_timeout_s:g} s): {exc}"
             ) from exc
+        if self._monitor is not None:
+            self._monitor.check("database_reachable", True)
+        return out
 
     def prepare(self) -> list[str]:
         """Create or migrate the prediction table and the offsets table; return added columns."""
@@ -420,6 +474,7 @@ class PredictionStore:
             start = (
                 OFFSET_BEGINNING if self.cfg.input.auto_offset_reset == "earliest" else OFFSET_END
             )
+            self.joined = self._broker_seen = True
             for p in partitions:
                 offset = stored.get((p.topic, p.partition))
                 self._expected[(p.topic, p.partition)] = offset
@@ -444,9 +499,12 @@ class PredictionStore:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            for p in partitions:  # what is held of them is the next owner's to store
-                self._batch.drop((p.topic, p.partition))
-                self._expected.pop((p.topic, p.partition), None)
+            tps = [(p.topic, p.partition) for p in partitions]
+            for tp in tps:  # what is held of them is the next owner's to store
+                self._batch.drop(tp)
+                self._expected.pop(tp, None)
+            self.lag.forget(tps)
+            self.metrics.forget_partitions(tps)
         except BaseException as exc:
             self._callback_error = exc
         if self._incremental:
@@ -479,6 +537,8 @@ class PredictionStore:
                 f"{failures[:1] or [f'{left} left after flush']}"
             )
         self.report.dead_letters += len(dead)
+        for dl in dead:
+            self.metrics.dead_letters.labels(dl.stage, dl.reason).inc()
 
     def _write(self, conn: psycopg.Connection, rows_of: dict[TP, PartRows],
                ends: dict[TP, int]) -> tuple[int, int, list[TP]]:  # fmt: skip
@@ -540,6 +600,7 @@ class PredictionStore:
         stored, duplicates, fenced = self._call("store a batch", attempt)
         for tp in fenced:  # another member moved them: drop, re-read from the stored offset
             self.report.fenced += 1
+            self.metrics.fenced.inc()
             log.warning("%s[%d]: its stored offset moved (another member): batch dropped", *tp)
             self._batch.drop(tp)
             ends.pop(tp, None)
@@ -552,8 +613,11 @@ class PredictionStore:
         self._batch = _Batch()
         if ends:
             self.report.batches += 1
+            self.metrics.batches.inc()
         self.report.stored += stored
         self.report.duplicates += duplicates
+        self.metrics.rows_stored.inc(stored)
+        self.metrics.duplicates.inc(duplicates)
         if duplicates:
             log.info("%d predictions already stored (same event id and model version)", duplicates)
         self._signal_lag(ends)
@@ -578,6 +642,8 @@ class PredictionStore:
 
     def _signal_lag(self, ends: dict[TP, int]) -> None:
         """Commit the stored offsets to Kafka too: only a lag signal, never read back."""
+        for (topic, partition), end in ends.items():
+            self.lag.committed(topic, partition, end)
         if not ends or self._consumer is None:
             return
         try:
@@ -595,12 +661,32 @@ class PredictionStore:
         Raises:
             ConfigError: the database refused the credentials (exit 2).
             DatabaseError: the database did not answer for ``store.unavailable_timeout_s``.
-            BrokerError: Kafka failed (a dead letter unacknowledged, a fatal consumer error).
+            BrokerError: Kafka failed (a dead letter unacknowledged, a fatal consumer error, no
+                broker reachable for ``kafka.unreachable_timeout_s``).
         """
+        with Monitor(self.cfg, self.metrics, None) as monitor:
+            self._monitor = monitor
+            monitor.watch(self)
+            monitor.check("database_reachable", False)
+            try:
+                return self._run()
+            finally:
+                self._monitor = None
+
+    @property
+    def port(self) -> int | None:
+        """The port of the metrics and health endpoints while running (None: none or stopped)."""
+        return None if self._monitor is None else self._monitor.port
+
+    def _run(self) -> StoreReport:
         self.prepare()
         topics = list(self.cfg.stored_topics())
         self._producer = Producer(self._producer_settings)
-        consumer = Consumer(self._consumer_settings)
+        settings: dict[str, Any] = dict(self._consumer_settings)
+        settings.update(
+            error_cb=self._on_error, stats_cb=self._on_stats, logger=self._client_log
+        )  # they record; the loop raises (raise_errors)
+        consumer = Consumer(settings)
         self._consumer = consumer
         consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
@@ -613,6 +699,8 @@ class PredictionStore:
                 msgs: list[Any] = consumer.consume(self.store.max_records, timeout=0.2)
                 if self._callback_error is not None:
                     raise self._callback_error
+                self.raise_errors()  # a fatal or refused connection, or no broker for too long
+                self.metrics.last_progress.set(time.time())
                 for msg in msgs:
                     err = msg.error()
                     if err is None:
@@ -621,6 +709,8 @@ class PredictionStore:
                         raise BrokerError(f"consumer: {err}")
                 if msgs:
                     idle_since = time.monotonic()
+                    self.lag.consumed(msgs)
+                    self._broker_seen, self._down_since = True, None
                 held = len(self._batch)
                 if held >= self.store.max_records or (
                     held and time.monotonic() - self._batch.started >= self.store.max_wait_s
@@ -628,6 +718,7 @@ class PredictionStore:
                     self.flush()
                 elif (
                     not held
+                    and self.broker_reachable  # idle, not cut off: that is raise_errors' to say
                     and self.idle_timeout_s is not None
                     and time.monotonic() - idle_since >= self.idle_timeout_s
                 ):
