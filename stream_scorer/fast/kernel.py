@@ -770,7 +770,7 @@ def copy_v1(
     scoring time (timestamptz), topic (text), partition (int4), offset (int8).
     ``coordinates`` is ``(n, 3)``: per record, its topic's index in ``topic_spans`` (start and
     length in ``topics``), partition and offset. ``ends[i]`` receives where tuple ``i`` ends;
-    ``out`` must hold ``82 * len(rows)`` bytes plus the ids', versions' and topics' bytes.
+    ``out`` must hold ``78 * len(rows)`` bytes plus the ids', versions' and topics' bytes.
 
     Returns:
         The bytes used.

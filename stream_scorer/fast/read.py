@@ -35,8 +35,10 @@ from stream_scorer.stages.records import DeadLetter, Decoded, Message, PlainMess
 log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: Bytes a COPY tuple takes besides the id, the model version and the topic.
-COPY_FIXED_BYTES = 82
+#: Bytes a COPY tuple takes besides the id, the model version and the topic: the field count
+#: (2), nine field lengths (36), the double (8), the label (4), two timestamps (16), the
+#: partition (4) and the offset (8).
+COPY_FIXED_BYTES = 78
 
 
 def _kernel() -> Any:
@@ -135,8 +137,14 @@ class PredictionReader:
         """Decode a batch into columns (a status per record; never raises for bad bytes)."""
         values = [m.value() for m in messages]
         n = len(values)
-        lens = np.array([-1 if v is None else len(v) for v in values], dtype=np.int64)
-        parts = [b"" if v is None or len(v) > self._max else v for v in values]
+        try:
+            lens = np.fromiter(map(len, values), dtype=np.int64, count=n)  # type: ignore[arg-type]
+        except TypeError:  # a null value (tombstone)
+            lens = np.array([-1 if v is None else len(v) for v in values], dtype=np.int64)
+        lens = lens.reshape(n)
+        parts: list[bytes] = values  # type: ignore[assignment]
+        if n and (int(lens.min()) < 0 or int(lens.max()) > self._max):
+            parts = [b"" if v is None or len(v) > self._max else v for v in values]
         joined = b"".join(parts)
         sizes = np.where((lens < 0) | (lens > self._max), 0, lens)
         starts = np.zeros(n, dtype=np.int64)

@@ -106,10 +106,13 @@ class _Batch:
     def __len__(self) -> int:
         return sum(len(v) for v in self.records.values())
 
-    def add(self, msg: Message) -> None:
-        if not self.records:
+    def extend(self, msgs: Sequence[Message]) -> None:
+        """Add consumed records, in consume order."""
+        records = self.records
+        if msgs and not records:
             self.started = time.monotonic()
-        self.records[(msg.topic() or "", msg.partition() or 0)].append(msg)
+        for msg in msgs:
+            records[(msg.topic() or "", msg.partition() or 0)].append(msg)
 
     def drop(self, tp: TP, below: int | None = None) -> None:
         """Forget ``tp``'s records (only those below offset ``below`` when given)."""
@@ -628,8 +631,7 @@ class PredictionStore(ConsumerErrors):
         For tools and the benchmark, without a consumer: the offsets table is advanced from
         where this member last stored each partition.
         """
-        for msg in messages:
-            self._batch.add(msg)
+        self._batch.extend(messages)
         self.flush()
 
     def _reseek(self, tp: TP) -> None:
@@ -681,7 +683,7 @@ class PredictionStore(ConsumerErrors):
     def _run(self) -> StoreReport:
         self.prepare()
         topics = list(self.cfg.stored_topics())
-        self._producer = Producer(self._producer_settings)
+        self._producer = Producer({**self._producer_settings, "logger": client_logger("producer")})
         settings: dict[str, Any] = dict(self._consumer_settings)
         settings.update(
             error_cb=self._on_error, stats_cb=self._on_stats, logger=self._client_log
@@ -701,15 +703,16 @@ class PredictionStore(ConsumerErrors):
                     raise self._callback_error
                 self.raise_errors()  # a fatal or refused connection, or no broker for too long
                 self.metrics.last_progress.set(time.time())
-                for msg in msgs:
-                    err = msg.error()
-                    if err is None:
-                        self._batch.add(msg)
-                    elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
-                        raise BrokerError(f"consumer: {err}")
-                if msgs:
+                good = [m for m in msgs if m.error() is None]
+                if len(good) != len(msgs):
+                    for msg in msgs:
+                        err = msg.error()
+                        if err and err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                            raise BrokerError(f"consumer: {err}")
+                self._batch.extend(good)
+                if good:
                     idle_since = time.monotonic()
-                    self.lag.consumed(msgs)
+                    self.lag.consumed(good)
                     self._broker_seen, self._down_since = True, None
                 held = len(self._batch)
                 if held >= self.store.max_records or (
