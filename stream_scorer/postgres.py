@@ -268,21 +268,46 @@ def migrate(conn: psycopg.Connection, table: str, columns: Sequence[Column]) -> 
     return added
 
 
-def copy_rows(
-    cur: psycopg.Cursor[Any], table: str, columns: Sequence[Column], rows: Iterable[Sequence[Any]]
-) -> None:
-    """Binary ``COPY`` of ``rows`` (one value per column, in order) into ``table``."""
+@dataclass(frozen=True)
+class BinaryTuples:
+    """Rows already written in binary COPY's tuple format (no header, no trailer).
+
+    Attributes:
+        data: the tuples, back to back (``fast.read.PredictionReader.copy_tuples`` writes them).
+        count: how many.
+    """
+
+    data: bytes
+    count: int
+
+
+#: What ``copy_rows`` stores: rows of values, or tuples already in binary COPY's format.
+Rows = Iterable[Sequence[Any]] | BinaryTuples
+
+#: Binary COPY's header (signature, flags, no extension) and trailer.
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER: Final = b"\xff\xff"
+
+
+def copy_rows(cur: psycopg.Cursor[Any], table: str, columns: Sequence[Column], rows: Rows) -> None:
+    """Binary ``COPY`` of ``rows`` (one value per column, in order) into ``table``.
+
+    ``BinaryTuples`` are sent as they are, in one block.
+    """
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         _name(table), sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
     )
     with cur.copy(statement) as copy:
+        if isinstance(rows, BinaryTuples):
+            copy.write(_COPY_HEADER + rows.data + _COPY_TRAILER)
+            return
         copy.set_types([c.binary_type for c in columns])
         for row in rows:
             copy.write_row(row)
 
 
 def insert_new_rows(
-    cur: psycopg.Cursor[Any], table: str, columns: Sequence[Column], rows: Iterable[Sequence[Any]]
+    cur: psycopg.Cursor[Any], table: str, columns: Sequence[Column], rows: Rows
 ) -> int:
     """Store ``rows`` whose key is not stored yet (the first of equal keys); return how many.
 

@@ -512,3 +512,29 @@ def release_notes() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def http_get(port: int, path: str) -> tuple[int, Any]:
+    """GET ``path`` on 127.0.0.1:``port``: the status, and the body (``/metrics``: text, else
+    JSON)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read()
+    return status, body.decode() if path == "/metrics" else json.loads(body)
+
+
+def metric_sample(port: int, name: str, labels: dict[str, str]) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels`` on ``/metrics``, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _code, text = http_get(port, "/metrics")
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return None

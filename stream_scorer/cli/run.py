@@ -90,6 +90,8 @@ def _cmd_sink_postgres(args: argparse.Namespace) -> int:
         overrides: dict[str, Any] = {}
         if args.bootstrap_servers is not None:
             overrides["kafka"] = {"bootstrap_servers": args.bootstrap_servers}
+        if args.metrics_port is not None:
+            overrides["metrics"] = {"port": args.metrics_port}
         cfg = load_config(args.config, overrides=overrides)
         logs.setup(cfg.logging.format, args.log_level or cfg.logging.level)
         store = PredictionStore(
@@ -159,6 +161,9 @@ def add_commands(sub: Commands) -> None:
     )
     postgres.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds")
     postgres.add_argument("--member-id", help="member id (default: host-pid)")
+    postgres.add_argument(
+        "--metrics-port", type=int, help="metrics and health port (0 disables; one per member)"
+    )
     postgres.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     postgres.set_defaults(func=_cmd_sink_postgres)
     score = command(

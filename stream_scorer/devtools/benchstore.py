@@ -5,10 +5,15 @@ batch path (``PredictionStore.store_now``: decode with the decode stage, the off
 transaction per batch, binary COPY), next to two floors on the same local PostgreSQL
 (``local-postgres``), each into a fresh table of its own, alternated over ``rounds``:
 
-- ``copy``: the rows already decoded, binary COPY only (the database's own floor);
+- ``copy``: the rows already decoded, binary COPY only, psycopg writing each row
+  (``write_row``): the floor of any path that hands psycopg Python values;
+- ``copy, prebuilt tuples``: the rows already in binary COPY's tuple format, sent as one block
+  (the database's own floor, and how the sink's compiled path sends them);
 - ``fastavro + copy``: a hand-written loop decoding each record with fastavro (no guards),
   then binary COPY (the floor of any tool that reads the topic's Avro);
-- ``sink``: the sink's batch path.
+- ``sink``: the sink's batch path (v1 records: the compiled reader, ``fast.read``);
+- ``sink, generic decoder``: the same with the decode stage's generic ``Decoder`` (what any
+  other prediction schema gets).
 
 ``python -m stream_scorer.devtools.benchstore --rows 200000`` prints one JSON line per round and
 the medians (docs/manual/benchmarks.md, "Storing predictions").
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import numpy as np
 import psycopg
 
 from stream_scorer import postgres as pg
@@ -33,6 +39,7 @@ from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.devtools.bench import ensure_example_model, example_config
 from stream_scorer.devtools.localkafka import default_cache_dir
 from stream_scorer.devtools.localpostgres import LocalPostgres
+from stream_scorer.fast.read import PredictionReader
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.records import PlainMessage
@@ -79,6 +86,8 @@ def run(rows: int, batch: int, rounds: int, port: int) -> dict[str, Any]:
         "rows_per_s": medians,
         "sink_vs_copy": round(medians["sink"] / medians["copy"], 3),
         "sink_vs_fastavro_copy": round(medians["sink"] / medians["fastavro + copy"], 3),
+        "sink_vs_prebuilt_tuples": round(medians["sink"] / medians["copy, prebuilt tuples"], 3),
+        "generic_sink_vs_copy": round(medians["sink, generic decoder"] / medians["copy"], 3),
     }
 
 
@@ -90,21 +99,33 @@ def _rounds(
     schema = load_schema(PREDICTION_SCHEMA_V1)
     columns = pg.table_columns(schema)
     names = [c.name for c in columns[: -len(pg.COORDINATES)]]
-    results: dict[str, list[float]] = {"copy": [], "fastavro + copy": [], "sink": []}
+    results: dict[str, list[float]] = {
+        "copy": [], "copy, prebuilt tuples": [], "fastavro + copy": [], "sink": [],
+        "sink, generic decoder": [],
+    }  # fmt: skip
+    reader = PredictionReader("Prediction", 1 << 20)
+    coordinates = np.array([[0, m.p, m.o] for m in messages], dtype=np.int64)
+    tuples = []
+    for i in range(0, rows, batch):
+        cols = reader.read(messages[i : i + batch])
+        data, ends = reader.copy_tuples(cols, ["predictions"], coordinates[i : i + batch])
+        tuples.append(pg.BinaryTuples(data, len(ends)))
     conn = psycopg.connect(dsn)
     for n in range(rounds):
         for path in results:
-            table = f"bench_{path.replace(' + ', '_')}_{n}"
+            table = f"bench_{path.replace(' + ', '_').replace(', ', '_').replace(' ', '_')}_{n}"
             pg.migrate(conn, table, columns)
             started = time.perf_counter()
-            if path == "sink":
+            if path.startswith("sink"):
                 cfg = example_config(
                     model,
                     store={"dsn": dsn, "table": table, "group_id": f"bench-{n}",
                            "dead_letter_topic": "bench-dlq", "max_records": batch,
-                           "offsets_table": f"bench_offsets_{n}"},
+                           "offsets_table": f"{table}_offsets"},
                 )  # fmt: skip
                 sink = PredictionStore(cfg, StopFlag(), member_id="bench")
+                if path != "sink":
+                    sink.decoder.fast = None  # the generic decoder
                 sink.prepare()
                 started = time.perf_counter()
                 for i in range(0, rows, batch):
@@ -113,8 +134,11 @@ def _rounds(
             else:
                 for i in range(0, rows, batch):
                     with conn.cursor() as cur:
+                        chunk: pg.Rows
                         if path == "copy":
                             chunk = decoded[i : i + batch]
+                        elif path == "copy, prebuilt tuples":
+                            chunk = tuples[i // batch]
                         else:
                             chunk = [
                                 _row(fastavro.schemaless_reader(

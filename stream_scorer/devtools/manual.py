@@ -25,7 +25,7 @@ import json
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +237,13 @@ def _labels(metrics: object) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _metric_rows(metrics: Any) -> list[tuple[str, str, str, str]]:
-    """One row per metric family of ``metrics.prometheus``: name, type, labels, help."""
+def _metric_rows(metrics: Any, skip: Collection[str] = ()) -> list[tuple[str, str, str, str]]:
+    """One table row per metric family of ``metrics``' registry (those named in ``skip`` left)."""
     labels = _labels(metrics)
     rows = []
     for family in metrics.prometheus.collect():
+        if family.name in skip:
+            continue
         name = family.name + _SERIES.get(family.type, "")
         note = _HISTOGRAM_NOTE if family.type == "histogram" else ""
         label_names = ", ".join(_code(n) for n in labels.get(family.name, ()))
@@ -250,23 +252,28 @@ def _metric_rows(metrics: Any) -> list[tuple[str, str, str, str]]:
 
 
 def metrics_page() -> str:
-    """The metrics reference: every metric a worker (and the evaluator) serves on ``/metrics``."""
+    """The metrics reference: every metric a worker, the sink and the evaluator serve."""
     from stream_scorer.evaluate.metrics import EvaluationMetrics
-    from stream_scorer.worker.metrics import Metrics
+    from stream_scorer.worker.metrics import ConsumerMetrics, Metrics, StoreMetrics
 
-    head = ("metric", "type", "labels", "meaning")
+    shared = {family.name for family in ConsumerMetrics().prometheus.collect()}
+    header = ("metric", "type", "labels", "meaning")
     return "\n".join(
         [
             "# Metrics\n",
             "Each worker process serves these on `metrics.port` (`/metrics`); with "
             "`run --workers N`, worker `i` serves its own metrics on `metrics.port + i`, so "
             "scrape every port (or replica) and `sum` in PromQL. Units are in the names.\n",
-            _table(head, _metric_rows(Metrics())) + "\n",
+            _table(header, _metric_rows(Metrics())) + "\n",
+            "## sink postgres\n",
+            "`sink postgres` serves on `metrics.port` the lag, stall, progress and readiness "
+            "metrics above (" + ", ".join(_code(n) for n in sorted(shared)) + ") and these:\n",
+            _table(header, _metric_rows(StoreMetrics(), shared)) + "\n",
             "## The evaluator\n",
             "`stream-scorer evaluate` serves these on `evaluate.metrics_port` (`/metrics`); "
             "the `version` label holds at most `evaluate.max_versions` values at a time "
             "(docs/manual/watching.md).\n",
-            _table(head, _metric_rows(EvaluationMetrics("model"))) + "\n",
+            _table(header, _metric_rows(EvaluationMetrics("model"))) + "\n",
         ]
     )
 

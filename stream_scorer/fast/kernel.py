@@ -591,6 +591,219 @@ def encode_v1(
     return pos
 
 
+#: ``decode_v1``'s ``spans`` columns: where the id and the model version are in ``buf``.
+V1_ID_START, V1_ID_LEN, V1_VERSION_START, V1_VERSION_LEN = 0, 1, 2, 3
+#: ``decode_v1``'s ``longs`` columns: the label (when ``has_label``), the two times in ms.
+V1_LABEL, V1_EVENT, V1_SCORED = 0, 1, 2
+
+
+@_njit(inline="always")
+def _v1_string(buf: npt.NDArray[np.uint8], pos: int, end: int) -> tuple[int, int, int]:
+    """Read an Avro string: (its start, the position after it, status)."""
+    length, pos, err = _varint(buf, pos, end)
+    if err != OK:
+        return 0, pos, err
+    if length < 0:
+        return 0, pos, NEG_LEN
+    if length > end - pos:
+        return 0, pos, TRUNCATED
+    valid, _chars = _utf8(buf, pos, pos + length)
+    if not valid:
+        return 0, pos, UTF8
+    return pos, pos + length, OK
+
+
+@_njit()
+def decode_v1(
+    buf: npt.NDArray[np.uint8],
+    starts: Int64s,
+    lens: Int64s,
+    max_bytes: int,
+    status: Int64s,
+    err_at: Int64s,
+    spans: Int64s,
+    values: npt.NDArray[np.float64],
+    has_label: npt.NDArray[np.bool_],
+    longs: Int64s,
+) -> int:
+    """Read a batch of v1 prediction records (``encode_v1``'s layout) into columns.
+
+    The twin of ``encode_v1``, with the decode stage's guards (the statuses of ``run_batch``,
+    in the order the generic decoder finds them: the bytes first, to the record's end and its
+    trailing bytes, then the timestamps fastavro could not convert, ``malformed_avro``).
+
+    Args:
+        buf: the records' bytes, concatenated.
+        starts: where each record starts in ``buf``.
+        lens: each record's length; -1 for a null value.
+        max_bytes: longer records are ``too_large``.
+        status: out: each record's status (index into ``REASONS``).
+        err_at: out: the byte offset in the record where decoding failed.
+        spans: out: ``(n, 4)``: the id's and the model version's start and length in ``buf``.
+        values: out: the prediction.
+        has_label: out: whether the label is not null.
+        longs: out: ``(n, 3)``: the label, the event time, the scoring time (ms).
+
+    Returns:
+        How many records decoded.
+    """
+    f8 = np.zeros(1, dtype=np.float64)
+    u8 = f8.view(np.uint64)
+    good = 0
+    for r in range(starts.shape[0]):
+        err_at[r] = 0
+        size = lens[r]
+        if size < 0:
+            status[r] = NULL
+            continue
+        if size == 0:
+            status[r] = EMPTY
+            continue
+        if size > max_bytes:
+            status[r] = TOO_LARGE
+            continue
+        begin = starts[r]
+        end = begin + size
+        pos = begin
+        err = OK
+        while True:  # one pass, left by break: the fields in order
+            at, pos, err = _v1_string(buf, pos, end)
+            if err != OK:
+                break
+            spans[r, V1_ID_START] = at
+            spans[r, V1_ID_LEN] = pos - at
+            if end - pos < 8:
+                err = TRUNCATED
+                break
+            bits = np.uint64(0)
+            for k in range(8):
+                bits |= np.uint64(buf[pos + k]) << np.uint64(8 * k)
+            u8[0] = bits
+            values[r] = f8[0]
+            pos += 8
+            branch, pos, err = _varint(buf, pos, end)
+            if err != OK:
+                break
+            if branch < 0 or branch >= 2:
+                err = BAD_UNION
+                break
+            has_label[r] = branch == 1
+            longs[r, V1_LABEL] = 0
+            if branch == 1:
+                label, pos, err = _varint(buf, pos, end)
+                if err != OK:
+                    break
+                if label < -2_147_483_648 or label > 2_147_483_647:
+                    err = INT_RANGE
+                    break
+                longs[r, V1_LABEL] = label
+            at, pos, err = _v1_string(buf, pos, end)
+            if err != OK:
+                break
+            spans[r, V1_VERSION_START] = at
+            spans[r, V1_VERSION_LEN] = pos - at
+            event, pos, err = _varint(buf, pos, end)
+            if err != OK:
+                break
+            scored, pos, err = _varint(buf, pos, end)
+            if err != OK:
+                break
+            longs[r, V1_EVENT] = event
+            longs[r, V1_SCORED] = scored
+            if pos != end:
+                err = TRAILING
+                break
+            if not (_check(event, fp.CHECK_TS_MILLIS) and _check(scored, fp.CHECK_TS_MILLIS)):
+                err = MALFORMED  # fastavro cannot make a datetime of it
+            break
+        status[r] = err
+        if err != OK:
+            err_at[r] = pos - begin
+        else:
+            good += 1
+    return good
+
+
+#: Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
+_PG_EPOCH_US = 946_684_800_000_000
+
+
+@_njit(inline="always")
+def _put_be(out: npt.NDArray[np.uint8], pos: int, value: int, size: int) -> int:
+    """Write ``value``'s low ``size`` bytes big-endian at ``pos``; return the position after."""
+    v = np.uint64(value)
+    for k in range(size):
+        out[pos + size - 1 - k] = np.uint8(v & np.uint64(0xFF))
+        v >>= np.uint64(8)
+    return pos + size
+
+
+@_njit(inline="always")
+def _put_text(
+    out: npt.NDArray[np.uint8], pos: int, src: npt.NDArray[np.uint8], start: int, length: int
+) -> int:
+    """Write a binary COPY text field (its length, then its bytes)."""
+    pos = _put_be(out, pos, length, 4)
+    for k in range(length):
+        out[pos + k] = src[start + k]
+    return pos + length
+
+
+@_njit()
+def copy_v1(
+    buf: npt.NDArray[np.uint8],
+    rows: Int64s,
+    spans: Int64s,
+    values: npt.NDArray[np.float64],
+    has_label: npt.NDArray[np.bool_],
+    longs: Int64s,
+    topics: npt.NDArray[np.uint8],
+    topic_spans: Int64s,
+    coordinates: Int64s,
+    out: npt.NDArray[np.uint8],
+    ends: Int64s,
+) -> int:
+    """Write the ``rows`` of ``decode_v1``'s columns as PostgreSQL binary COPY tuples.
+
+    The columns of ``postgres.table_columns`` for the v1 schema, in order: id (text),
+    prediction (float8), label (int4, NULL when absent), model version (text), event time and
+    scoring time (timestamptz), topic (text), partition (int4), offset (int8).
+    ``coordinates`` is ``(n, 3)``: per record, its topic's index in ``topic_spans`` (start and
+    length in ``topics``), partition and offset. ``ends[i]`` receives where tuple ``i`` ends;
+    ``out`` must hold ``78 * len(rows)`` bytes plus the ids', versions' and topics' bytes.
+
+    Returns:
+        The bytes used.
+    """
+    f8 = np.zeros(1, dtype=np.float64)
+    u8 = f8.view(np.uint64)
+    pos = 0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        pos = _put_be(out, pos, 9, 2)
+        pos = _put_text(out, pos, buf, spans[r, V1_ID_START], spans[r, V1_ID_LEN])
+        pos = _put_be(out, pos, 8, 4)
+        f8[0] = values[r]
+        pos = _put_be(out, pos, u8[0], 8)
+        if has_label[r]:
+            pos = _put_be(out, pos, 4, 4)
+            pos = _put_be(out, pos, longs[r, V1_LABEL], 4)
+        else:
+            pos = _put_be(out, pos, -1, 4)
+        pos = _put_text(out, pos, buf, spans[r, V1_VERSION_START], spans[r, V1_VERSION_LEN])
+        for c in (V1_EVENT, V1_SCORED):
+            pos = _put_be(out, pos, 8, 4)
+            pos = _put_be(out, pos, longs[r, c] * 1000 - _PG_EPOCH_US, 8)
+        t = coordinates[r, 0]
+        pos = _put_text(out, pos, topics, topic_spans[t, 0], topic_spans[t, 1])
+        pos = _put_be(out, pos, 4, 4)
+        pos = _put_be(out, pos, coordinates[r, 1], 4)
+        pos = _put_be(out, pos, 8, 4)
+        pos = _put_be(out, pos, coordinates[r, 2], 8)
+        ends[i] = pos
+    return pos
+
+
 @_njit(nogil=True)
 def drift_counts(
     matrix: Any,

@@ -91,6 +91,33 @@ DECODE_EXPLAIN = {
 }
 
 
+def decode_dead_letter(
+    msg: Message,
+    reason: Reason,
+    err_at: int,
+    length: int,
+    *,
+    max_bytes: int,
+    schema_name: str | None,
+) -> DeadLetter:
+    """The dead letter of a record a compiled reader refused with a decode ``reason``.
+
+    Args:
+        msg: the record.
+        reason: the kernel's status as a reason (``fast.kernel.REASONS``).
+        err_at: where in the Avro body decoding stopped.
+        length: the body's length (-1: a null value).
+        max_bytes: the size limit (``too_large``'s message).
+        schema_name: the schema's name, for the hint of schemaless input that looks like JSON
+            or a frame (``records.not_avro_hint``); None: framed input, no hint.
+    """
+    where = "" if length <= 0 else f" (at byte {err_at} of {length})"
+    if reason is Reason.TOO_LARGE:
+        where = f" ({length} bytes, limit {max_bytes})"
+    hint = "" if schema_name is None else not_avro_hint(msg.value(), schema_name, reason)
+    return DeadLetter(msg, Stage.DECODE, reason, _GUARD, DECODE_EXPLAIN[reason] + where + hint)
+
+
 def _kernel() -> Any:
     from stream_scorer.fast import kernel as fastkernel
 
@@ -391,19 +418,14 @@ class FastColumns:
         if not bool(np.all(decoded_ok)):
             lens = cols["lens"]
             for i in np.flatnonzero(~decoded_ok).tolist():
-                reason = reasons[int(status[i])]
-                where = "" if lens[i] <= 0 else f" (at byte {cols['err_at'][i]} of {lens[i]})"
-                if reason is Reason.TOO_LARGE:
-                    where = f" ({lens[i]} bytes, limit {self._max})"
-                raw = messages[i].value()
-                hint = not_avro_hint(raw, self._name, reason) if hints else ""
                 dead.append(
-                    DeadLetter(
+                    decode_dead_letter(
                         messages[i],
-                        Stage.DECODE,
-                        reason,
-                        _GUARD,
-                        DECODE_EXPLAIN[reason] + where + hint,
+                        reasons[int(status[i])],
+                        int(cols["err_at"][i]),
+                        int(lens[i]),
+                        max_bytes=self._max,
+                        schema_name=self._name if hints else None,
                     )
                 )
         verdict, column = self.feature_verdicts(matrix, state)

@@ -26,7 +26,7 @@ from stream_scorer.config import Config
 from stream_scorer.errors import ConfigError
 from stream_scorer.kafka.topics import TP
 from stream_scorer.worker.lag import LagTracker
-from stream_scorer.worker.metrics import Metrics
+from stream_scorer.worker.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,18 @@ class SourceView(Protocol):
 
 
 class Monitor:
-    """Readiness, liveness, lag gauges and the watchdog of one worker; serves them over HTTP."""
+    """Readiness, liveness, lag gauges and the watchdog of one worker; serves them over HTTP.
+
+    The scoring worker's (``model_version`` given: the model checks are part of readiness) and
+    ``sink postgres``'s (``model_version`` None; its own checks set with ``check``).
+    """
 
     def __init__(
-        self, cfg: Config, metrics: Metrics, model_version: str, interval_s: float = 1.0
+        self,
+        cfg: Config,
+        metrics: ConsumerMetrics,
+        model_version: str | None,
+        interval_s: float = 1.0,
     ) -> None:
         """Prepare the monitor; ``__enter__`` starts the server and the refresh thread."""
         self._cfg = cfg
@@ -136,6 +144,11 @@ class Monitor:
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
+        self._checks: dict[str, bool] = {}
+
+    def check(self, name: str, ok: bool) -> None:
+        """Set a readiness check of the process's own (``sink postgres``: the database)."""
+        self._checks[name] = ok
 
     def set_model_version(self, version: str) -> None:
         """The model version a swap brought in (``/readyz`` shows it)."""
@@ -171,13 +184,16 @@ class Monitor:
         """Return whether the worker is ready, and the JSON body saying which check fails."""
         src = self._source
         stalled = sorted(f"{t}/{p}" for (t, p), s in self._stalled.items() if s)
-        checks = {
-            "model_loaded": bool(self._model_version),
-            "pipeline_warm": self._scorable,
-            "broker_reachable": src is not None and src.broker_reachable,
-            "assignment_received": src is not None and src.joined,
-            "no_stalled_partitions": not stalled,
-        }
+        checks: dict[str, bool] = {}
+        if self._model_version is not None:  # a scoring worker
+            checks["model_loaded"] = bool(self._model_version)
+            checks["pipeline_warm"] = self._scorable
+        checks.update(self._checks)
+        checks.update(
+            broker_reachable=src is not None and src.broker_reachable,
+            assignment_received=src is not None and src.joined,
+            no_stalled_partitions=not stalled,
+        )
         failing = [name for name, ok in checks.items() if not ok]
         body: dict[str, Any] = {
             "ready": not failing,

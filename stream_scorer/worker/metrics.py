@@ -44,12 +44,87 @@ _STAGE_BUCKETS = (
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
-class Metrics:
-    """The worker's metrics, registered in their own Prometheus registry (``prometheus``)."""
+class ConsumerMetrics:
+    """What every consuming process serves: lag, stalls, progress and readiness (``Monitor``).
+
+    The scoring worker's ``Metrics`` and the sink's ``StoreMetrics`` extend it, each in its own
+    Prometheus registry (``prometheus``).
+    """
+
+    def __init__(self, prometheus: CollectorRegistry | None = None) -> None:
+        """Create and register the shared metrics (in ``prometheus``, default a new registry)."""
+        self.prometheus = prometheus if prometheus is not None else CollectorRegistry()
+        r = self.prometheus
+        self.consumer_lag = Gauge(
+            "stream_scorer_consumer_lag_records",
+            "End offset minus committed offset per assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "stream_scorer_consumer_lag_seconds",
+            "Now minus the timestamp of the oldest uncommitted record per assigned partition "
+            "(0 without lag).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.share_backlog = Gauge(
+            "stream_scorer_share_backlog_records",
+            "Share groups: the partition's end offset minus the offset after the newest record "
+            "delivered to this worker (the group's records not yet given to any worker: min "
+            "over its workers).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.partition_stalled = Gauge(
+            "stream_scorer_partition_stalled",
+            "1 when the partition has lag and its committed offset has not moved for "
+            "health.stall_timeout_s, else 0.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.last_progress = Gauge(
+            "stream_scorer_last_progress_timestamp_seconds",
+            "Unix time of the main loop's last completed iteration.",
+            registry=r,
+        )
+        self.ready = Gauge("stream_scorer_ready", "1 when /readyz answers 200, else 0.", registry=r)
+
+    def update_partitions(
+        self,
+        lags: Mapping[tuple[str, int], tuple[int, int, float]],
+        stalled: Mapping[tuple[str, int], bool],
+    ) -> None:
+        """Set the per-partition gauges from ``(committed, lag records, lag seconds)``."""
+        for (topic, partition), (_committed, records, seconds) in lags.items():
+            labels = (topic, str(partition))
+            self.consumer_lag.labels(*labels).set(records)
+            self.consumer_lag_seconds.labels(*labels).set(seconds)
+            self.partition_stalled.labels(*labels).set(1 if stalled.get((topic, partition)) else 0)
+
+    def update_share_backlog(self, backlog: Mapping[tuple[str, int], int]) -> None:
+        """Set ``stream_scorer_share_backlog_records`` per partition (``ShareBacklog.records``)."""
+        for (topic, partition), records in backlog.items():
+            self.share_backlog.labels(topic, str(partition)).set(records)
+
+    def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
+        """Drop the per-partition series of partitions this worker no longer owns."""
+        for topic, partition in partitions:
+            for gauge in (self.consumer_lag, self.consumer_lag_seconds, self.partition_stalled):
+                with suppress(KeyError):
+                    gauge.remove(topic, str(partition))
+
+    def render(self) -> bytes:
+        """The Prometheus registry in Prometheus' text exposition format."""
+        return generate_latest(self.prometheus)
+
+
+class Metrics(ConsumerMetrics):
+    """The scoring worker's metrics (``run``)."""
 
     def __init__(self, prometheus: CollectorRegistry | None = None) -> None:
         """Create and register every metric (in ``prometheus``, default a new registry)."""
-        self.prometheus = prometheus if prometheus is not None else CollectorRegistry()
+        super().__init__(prometheus)
         r = self.prometheus
         self.records_consumed = Counter(
             "stream_scorer_records_consumed", "Records consumed from the input topic.", registry=r
@@ -116,34 +191,6 @@ class Metrics:
             _LATENCY_BUCKETS,
         )
         r.register(self.end_to_end_latency)
-        self.consumer_lag = Gauge(
-            "stream_scorer_consumer_lag_records",
-            "End offset minus committed offset per assigned partition.",
-            ["topic", "partition"],
-            registry=r,
-        )
-        self.consumer_lag_seconds = Gauge(
-            "stream_scorer_consumer_lag_seconds",
-            "Now minus the timestamp of the oldest uncommitted record per assigned partition "
-            "(0 without lag).",
-            ["topic", "partition"],
-            registry=r,
-        )
-        self.share_backlog = Gauge(
-            "stream_scorer_share_backlog_records",
-            "Share groups: the partition's end offset minus the offset after the newest record "
-            "delivered to this worker (the group's records not yet given to any worker: min "
-            "over its workers).",
-            ["topic", "partition"],
-            registry=r,
-        )
-        self.partition_stalled = Gauge(
-            "stream_scorer_partition_stalled",
-            "1 when the partition has lag and its committed offset has not moved for "
-            "health.stall_timeout_s, else 0.",
-            ["topic", "partition"],
-            registry=r,
-        )
         self.assigned_partitions = Gauge(
             "stream_scorer_assigned_partitions", "Partitions assigned to this worker.", registry=r
         )
@@ -152,12 +199,6 @@ class Metrics:
             "Records consumed whose output the broker has not acknowledged yet.",
             registry=r,
         )
-        self.last_progress = Gauge(
-            "stream_scorer_last_progress_timestamp_seconds",
-            "Unix time of the main loop's last completed iteration.",
-            registry=r,
-        )
-        self.ready = Gauge("stream_scorer_ready", "1 when /readyz answers 200, else 0.", registry=r)
         self.model_info = Gauge(
             "stream_scorer_model_info", "The loaded model (value 1).", ["model_version"], registry=r
         )
@@ -329,33 +370,44 @@ class Metrics:
         times = times[times != 0]
         self.end_to_end_latency.observe_many(np.maximum(0.0, now - times / 1000.0))
 
-    def update_partitions(
-        self,
-        lags: Mapping[tuple[str, int], tuple[int, int, float]],
-        stalled: Mapping[tuple[str, int], bool],
-    ) -> None:
-        """Set the per-partition gauges from ``(committed, lag records, lag seconds)``."""
-        for (topic, partition), (_committed, records, seconds) in lags.items():
-            labels = (topic, str(partition))
-            self.consumer_lag.labels(*labels).set(records)
-            self.consumer_lag_seconds.labels(*labels).set(seconds)
-            self.partition_stalled.labels(*labels).set(1 if stalled.get((topic, partition)) else 0)
 
-    def update_share_backlog(self, backlog: Mapping[tuple[str, int], int]) -> None:
-        """Set ``stream_scorer_share_backlog_records`` per partition (``ShareBacklog.records``)."""
-        for (topic, partition), records in backlog.items():
-            self.share_backlog.labels(topic, str(partition)).set(records)
+class StoreMetrics(ConsumerMetrics):
+    """The metrics of ``sink postgres`` (``worker.store``), besides the lag and readiness."""
 
-    def forget_partitions(self, partitions: list[tuple[str, int]]) -> None:
-        """Drop the per-partition series of partitions this worker no longer owns."""
-        for topic, partition in partitions:
-            for gauge in (self.consumer_lag, self.consumer_lag_seconds, self.partition_stalled):
-                with suppress(KeyError):
-                    gauge.remove(topic, str(partition))
-
-    def render(self) -> bytes:
-        """The Prometheus registry in Prometheus' text exposition format."""
-        return generate_latest(self.prometheus)
+    def __init__(self, prometheus: CollectorRegistry | None = None) -> None:
+        """Create and register every metric (in ``prometheus``, default a new registry)."""
+        super().__init__(prometheus)
+        r = self.prometheus
+        self.rows_stored = Counter(
+            "stream_scorer_sink_rows_stored",
+            "Prediction rows the sink stored (transactions committed).",
+            registry=r,
+        )
+        self.batches = Counter(
+            "stream_scorer_sink_batches", "Transactions the sink committed.", registry=r
+        )
+        self.duplicates = Counter(
+            "stream_scorer_sink_duplicates",
+            "Predictions whose (input_id, model_version) was already stored (kept once).",
+            registry=r,
+        )
+        self.fenced = Counter(
+            "stream_scorer_sink_fenced",
+            "Partitions' batches dropped because another member had moved their stored offset.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "stream_scorer_sink_dead_letters",
+            "Records that are not predictions, acknowledged on store.dead_letter_topic, by "
+            "stage and reason.",
+            ["stage", "reason"],
+            registry=r,
+        )
+        self.database_retries = Counter(
+            "stream_scorer_sink_database_retries",
+            "Database calls that failed with an outage and were asked again.",
+            registry=r,
+        )
 
 
 class BatchHistogram(Collector):

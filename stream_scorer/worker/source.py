@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -56,6 +56,7 @@ class ConsumerErrors:
     _topic: str
     _errors: list[BrokerError]
     _down_since: float | None
+    _broker_seen: bool
     _unreachable_timeout: float
     _client_log: logging.Logger
 
@@ -71,6 +72,13 @@ class ConsumerErrors:
             self._errors.append(BrokerError(f"fatal consumer error: {err}", topic=self._topic))
         else:
             self._client_log.warning("kafka: %s", err)
+
+    def _saw_brokers(self, stats: Mapping[str, Any]) -> None:
+        """From librdkafka's statistics: a broker is up, so they are not all down."""
+        brokers = stats.get("brokers", {}).values()
+        if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
+            self._down_since = None
+            self._broker_seen = True
 
     def raise_errors(self) -> None:
         """Raise a recorded fatal error, or one when no broker answered for too long."""
@@ -164,10 +172,7 @@ class Source(ConsumerErrors):
                 self._group_steady = (
                     group.get("state") == "up" and group.get("join_state") == "steady"
                 )
-            brokers = stats.get("brokers", {}).values()
-            if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
-                self._down_since = None
-                self._broker_seen = True
+            self._saw_brokers(stats)
         except Exception as exc:  # statistics are advisory; never let them break the loop
             log.warning("cannot parse librdkafka statistics: %s", exc)
 

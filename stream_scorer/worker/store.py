@@ -28,7 +28,9 @@ a configuration error (exit 2).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -38,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import psycopg
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -52,13 +55,19 @@ from stream_scorer import postgres as pg
 from stream_scorer.config import Config, consumer_settings, producer_settings
 from stream_scorer.config.sections import StoreConfig
 from stream_scorer.errors import BrokerError, ConfigError, DatabaseError, DeliveryError
+from stream_scorer.fast.read import PredictionReader, build_prediction_reader
+from stream_scorer.logs import client_logger
 from stream_scorer.registry import RegistryClient, SchemaKey
 from stream_scorer.retry import retrying
 from stream_scorer.stages.decode import Decoder, load_schema
 from stream_scorer.stages.framing import frame_of
 from stream_scorer.stages.records import DeadLetter, Decoded, Message, Reason, Stage
 from stream_scorer.worker.flow import StopFlag
+from stream_scorer.worker.health import Monitor
+from stream_scorer.worker.lag import LagTracker
+from stream_scorer.worker.metrics import StoreMetrics
 from stream_scorer.worker.sink import SinkContext, dead_letter
+from stream_scorer.worker.source import ConsumerErrors
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +106,13 @@ class _Batch:
     def __len__(self) -> int:
         return sum(len(v) for v in self.records.values())
 
-    def add(self, msg: Message) -> None:
-        if not self.records:
+    def extend(self, msgs: Sequence[Message]) -> None:
+        """Add consumed records, in consume order."""
+        records = self.records
+        if msgs and not records:
             self.started = time.monotonic()
-        self.records[(msg.topic() or "", msg.partition() or 0)].append(msg)
+        for msg in msgs:
+            records[(msg.topic() or "", msg.partition() or 0)].append(msg)
 
     def drop(self, tp: TP, below: int | None = None) -> None:
         """Forget ``tp``'s records (only those below offset ``below`` when given)."""
@@ -112,6 +124,50 @@ class _Batch:
             self.records[tp] = kept
         else:
             self.records.pop(tp, None)
+
+
+@dataclass
+class _Tuples:
+    """One partition's rows as binary COPY tuples (the compiled reader's), in offset order."""
+
+    data: bytes
+    ends: list[int]
+    offsets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def since(self, first: int) -> _Tuples:
+        """The rows at offset ``first`` and after."""
+        k = bisect.bisect_left(self.offsets, first)
+        if k == 0:
+            return self
+        cut = self.ends[k - 1]
+        return _Tuples(self.data[cut:], [e - cut for e in self.ends[k:]], self.offsets[k:])
+
+
+#: One partition's rows: tuples of values (the generic decoder's), or COPY tuples.
+PartRows = list[tuple[Any, ...]] | _Tuples
+
+
+def _since(rows: PartRows, first: int) -> PartRows:
+    """The rows of ``rows`` at offset ``first`` and after (a value row's offset is its last)."""
+    if isinstance(rows, _Tuples):
+        return rows.since(first)
+    return [r for r in rows if r[-1] >= first]
+
+
+def _joined(parts: Sequence[PartRows]) -> pg.Rows:
+    """Partitions' rows as one ``COPY``'s."""
+    tuples = [p for p in parts if isinstance(p, _Tuples)]
+    if tuples:
+        assert len(tuples) == len(parts), "one decoder per sink: never both kinds of rows"
+        return pg.BinaryTuples(b"".join(p.data for p in tuples), sum(map(len, tuples)))
+    return [row for p in parts for row in p]  # type: ignore[union-attr]
+
+
+def _count(rows: pg.Rows) -> int:
+    return rows.count if isinstance(rows, pg.BinaryTuples) else len(rows)  # type: ignore[arg-type]
 
 
 def store_config(cfg: Config) -> StoreConfig:
@@ -141,21 +197,85 @@ def read_password(store: StoreConfig) -> str | None:
 
 
 class PredictionDecoder:
-    """Predictions from record values: plain Avro, or Confluent frames (the decode stage's)."""
+    """Predictions from record values: plain Avro, or Confluent frames (the decode stage's).
+
+    Plain records of the v1 prediction schema are read a batch at a time by the compiled
+    reader (``fast.read``, proved against the decode stage at start-up) straight into binary
+    COPY tuples; any other schema, and framed records, by the decode stage, record by record.
+    """
 
     def __init__(self, cfg: Config) -> None:
-        """Decode with ``output.schema``, framed when ``output.format`` is ``confluent``."""
+        """Decode with ``output.schema``, framed when ``output.format`` is ``confluent``.
+
+        Raises:
+            SchemaError: the compiled reader disagrees with the decode stage on a probe.
+        """
         self.schema = load_schema(cfg.output.schema)
         self._max = cfg.input.max_message_bytes
         self._framed = cfg.output.format == "confluent"
         self._plain = Decoder(self.schema, self._max)
         self._registry = RegistryClient.from_config(cfg.registry) if self._framed else None
         self._by_key: dict[tuple[SchemaKey, int], Decoder | None] = {}
+        self._fields = [c.name for c in pg.table_columns(self.schema)[: -len(pg.COORDINATES)]]
+        #: the compiled reader, when the records are plain v1 predictions
+        self.fast: PredictionReader | None = (
+            None if self._framed else build_prediction_reader(self.schema, self._max)
+        )
+
+    def rows(self, records: dict[TP, list[Message]]) -> tuple[dict[TP, PartRows], list[DeadLetter]]:
+        """Each partition's rows, and the dead letters of the records that are not predictions.
+
+        A row is the record's fields, then its coordinates; the dead letters are in order.
+        """
+        if self.fast is not None:
+            return self._fast_rows(self.fast, records)
+        rows_of: dict[TP, PartRows] = {}
+        dead: list[DeadLetter] = []
+        for tp, msgs in records.items():
+            rows: list[tuple[Any, ...]] = []
+            for msg in msgs:
+                out = self.decode(msg)
+                if isinstance(out, Decoded):
+                    record = out.record
+                    rows.append((*(record.get(n) for n in self._fields), *tp, msg.offset()))
+                else:
+                    dead.append(out)
+            rows_of[tp] = rows
+        return rows_of, dead
+
+    @staticmethod
+    def _fast_rows(
+        reader: PredictionReader, records: dict[TP, list[Message]]
+    ) -> tuple[dict[TP, PartRows], list[DeadLetter]]:
+        messages = [m for msgs in records.values() for m in msgs]
+        cols = reader.read(messages)
+        topics = sorted({t for t, _ in records})
+        index = {t: i for i, t in enumerate(topics)}
+        coordinates = np.empty((len(messages), 3), dtype=np.int64)
+        bounds = [0]
+        for (topic, partition), msgs in records.items():
+            a, b = bounds[-1], bounds[-1] + len(msgs)
+            coordinates[a:b, 0] = index[topic]
+            coordinates[a:b, 1] = partition
+            coordinates[a:b, 2] = [m.offset() or 0 for m in msgs]
+            bounds.append(b)
+        good = cols.good
+        data, ends = reader.copy_tuples(cols, topics, coordinates, good)
+        cuts = np.searchsorted(good, bounds).tolist()  # each partition's first good row
+        all_ends = [0, *ends.tolist()]
+        offsets = coordinates[good, 2].tolist()
+        rows_of: dict[TP, PartRows] = {}
+        for k, tp in enumerate(records):
+            a, b = cuts[k], cuts[k + 1]
+            start = all_ends[a]
+            rows_of[tp] = _Tuples(
+                data[start : all_ends[b]], [e - start for e in all_ends[a + 1 : b + 1]],
+                offsets[a:b],
+            )  # fmt: skip
+        return rows_of, reader.dead_letters(cols)
 
     def _framed_decoder(self, key: SchemaKey, skip: int) -> Decoder | None:
         if (key, skip) not in self._by_key:
-            import json
-
             import fastavro
 
             assert self._registry is not None
@@ -184,8 +304,14 @@ class PredictionDecoder:
         return decoder.decode(msg)
 
 
-class PredictionStore:
-    """One member of the sink's consumer group (see the module docstring)."""
+class PredictionStore(ConsumerErrors):
+    """One member of the sink's consumer group (see the module docstring).
+
+    Observed as a worker is (``worker.health.Monitor`` on ``metrics.port``): ``/metrics``
+    (``StoreMetrics`` and the consumer lag), ``/healthz`` and ``/readyz`` (the broker, the
+    assignment, no stalled partition, and the database). No broker answering for
+    ``kafka.unreachable_timeout_s`` stops it (``BrokerError``, exit 1), as it stops a worker.
+    """
 
     def __init__(
         self,
@@ -212,7 +338,6 @@ class PredictionStore:
         self.idle_timeout_s = idle_timeout_s
         self.decoder = PredictionDecoder(cfg)
         self.columns = pg.table_columns(self.decoder.schema)
-        self._fields = [c.name for c in self.columns[: -len(pg.COORDINATES)]]
         self.offsets = pg.OffsetsTable(self.store.offsets_table, self.store.group_id)
         password = read_password(self.store)
         self._connect = connect or (lambda: pg.connect(self.store.dsn, password))
@@ -229,6 +354,19 @@ class PredictionStore:
             "cooperative-sticky",
         )
         self._consumer_settings = settings
+        # what ConsumerErrors (the error callback) and the Monitor (SourceView) read
+        self._settings = settings
+        self._topic = ", ".join(cfg.stored_topics())
+        self._errors: list[BrokerError] = []
+        self._down_since: float | None = None
+        self._broker_seen = False
+        self._unreachable_timeout = cfg.kafka.unreachable_timeout_s
+        self._client_log = client_logger("consumer")
+        self.lag = LagTracker()
+        self.joined = False
+        self.backlog = None
+        self.metrics = StoreMetrics()
+        self._monitor: Monitor | None = None
         self._ctx = SinkContext(
             output_topic=self.store.dead_letter_topic,
             dead_letter_topic=self.store.dead_letter_topic,
@@ -251,7 +389,35 @@ class PredictionStore:
             server="PostgreSQL",
             policy=self._policy,
             outage=pg.is_outage,  # a stop signal waits: it never drops a held batch
+            keepalive=self._retried,
         )
+
+    def _retried(self) -> None:
+        """Before asking the database again: count it, and say it is not ready meanwhile."""
+        self.metrics.database_retries.inc()
+        self.metrics.last_progress.set(time.time())  # retrying is progress: alive, not ready
+        if self._monitor is not None:
+            self._monitor.check("database_reachable", False)
+
+    # -- what the monitor reads (worker.health.SourceView) ---------------------------------
+
+    @property
+    def broker_reachable(self) -> bool:
+        """A broker has answered since start and not every broker is down now."""
+        return self._broker_seen and self._down_since is None
+
+    @property
+    def assignment(self) -> set[TP]:
+        """The partitions assigned."""
+        return set(self._expected)
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+            self.lag.update_from_stats(stats, self.assignment)
+            self._saw_brokers(stats)
+        except Exception as exc:  # statistics are advisory; a callback never raises
+            log.warning("cannot parse librdkafka statistics: %s", exc)
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -279,12 +445,15 @@ class PredictionStore:
                 raise
 
         try:
-            return self._retrying(what)(attempt)
+            out = self._retrying(what)(attempt)
         except DatabaseError as exc:
             raise DatabaseError(
                 f"{what}: PostgreSQL did not answer for store.unavailable_timeout_s "
                 f"({self.store.unavailable_timeout_s:g} s): {exc}"
             ) from exc
+        if self._monitor is not None:
+            self._monitor.check("database_reachable", True)
+        return out
 
     def prepare(self) -> list[str]:
         """Create or migrate the prediction table and the offsets table; return added columns."""
@@ -308,6 +477,7 @@ class PredictionStore:
             start = (
                 OFFSET_BEGINNING if self.cfg.input.auto_offset_reset == "earliest" else OFFSET_END
             )
+            self.joined = self._broker_seen = True
             for p in partitions:
                 offset = stored.get((p.topic, p.partition))
                 self._expected[(p.topic, p.partition)] = offset
@@ -332,9 +502,12 @@ class PredictionStore:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            for p in partitions:  # what is held of them is the next owner's to store
-                self._batch.drop((p.topic, p.partition))
-                self._expected.pop((p.topic, p.partition), None)
+            tps = [(p.topic, p.partition) for p in partitions]
+            for tp in tps:  # what is held of them is the next owner's to store
+                self._batch.drop(tp)
+                self._expected.pop(tp, None)
+            self.lag.forget(tps)
+            self.metrics.forget_partitions(tps)
         except BaseException as exc:
             self._callback_error = exc
         if self._incremental:
@@ -343,11 +516,6 @@ class PredictionStore:
             consumer.unassign()
 
     # -- a batch ---------------------------------------------------------------------------
-
-    def _row(self, good: Decoded) -> tuple[Any, ...]:
-        msg, record = good.message, good.record
-        values = [record.get(name) for name in self._fields]
-        return (*values, msg.topic(), msg.partition(), msg.offset())
 
     def _dead_letters(self, dead: list[DeadLetter]) -> None:
         """Produce ``dead`` and wait for the broker's acknowledgements (before the commit)."""
@@ -372,8 +540,10 @@ class PredictionStore:
                 f"{failures[:1] or [f'{left} left after flush']}"
             )
         self.report.dead_letters += len(dead)
+        for dl in dead:
+            self.metrics.dead_letters.labels(dl.stage, dl.reason).inc()
 
-    def _write(self, conn: psycopg.Connection, rows_of: dict[TP, list[tuple[Any, ...]]],
+    def _write(self, conn: psycopg.Connection, rows_of: dict[TP, PartRows],
                ends: dict[TP, int]) -> tuple[int, int, list[TP]]:  # fmt: skip
         """One transaction: the offsets advanced, then the rows; (stored, duplicates, fenced)."""
         fenced: list[TP] = []
@@ -384,14 +554,14 @@ class PredictionStore:
             if fenced:
                 conn.rollback()
                 return 0, 0, fenced
-            rows = [row for tp in ends for row in rows_of.get(tp, [])]
+            rows = _joined([rows_of[tp] for tp in ends if tp in rows_of])
             try:
                 with conn.transaction():  # a savepoint: a repeated key retries below
                     pg.copy_rows(cur, self.store.table, self.columns, rows)
-                stored, duplicates = len(rows), 0
+                stored, duplicates = _count(rows), 0
             except psycopg.errors.UniqueViolation:
                 stored = pg.insert_new_rows(cur, self.store.table, self.columns, rows)
-                duplicates = len(rows) - stored
+                duplicates = _count(rows) - stored
         conn.commit()
         return stored, duplicates, []
 
@@ -408,18 +578,8 @@ class PredictionStore:
         """Store the batch held: dead letters first, then one transaction; Kafka told after."""
         if not len(self._batch):
             return
-        rows_of: dict[TP, list[tuple[Any, ...]]] = {}
-        dead: list[DeadLetter] = []
-        ends: dict[TP, int] = {}
-        for tp, msgs in self._batch.records.items():
-            rows = rows_of.setdefault(tp, [])
-            for msg in msgs:
-                out = self.decoder.decode(msg)
-                if isinstance(out, Decoded):
-                    rows.append(self._row(out))
-                else:
-                    dead.append(out)
-            ends[tp] = (msgs[-1].offset() or 0) + 1
+        rows_of, dead = self.decoder.rows(self._batch.records)
+        ends = {tp: (msgs[-1].offset() or 0) + 1 for tp, msgs in self._batch.records.items()}
         self._dead_letters(dead)
         tries = 0
 
@@ -435,7 +595,7 @@ class PredictionStore:
                         rows_of.pop(tp, None)
                     else:
                         first = held[tp][0].offset() or 0
-                        rows_of[tp] = [r for r in rows_of.get(tp, []) if r[-1] >= first]
+                        rows_of[tp] = _since(rows_of.get(tp, []), first)
                 if not ends:
                     return 0, 0, []
             return self._write(conn, rows_of, ends)
@@ -443,6 +603,7 @@ class PredictionStore:
         stored, duplicates, fenced = self._call("store a batch", attempt)
         for tp in fenced:  # another member moved them: drop, re-read from the stored offset
             self.report.fenced += 1
+            self.metrics.fenced.inc()
             log.warning("%s[%d]: its stored offset moved (another member): batch dropped", *tp)
             self._batch.drop(tp)
             ends.pop(tp, None)
@@ -455,8 +616,11 @@ class PredictionStore:
         self._batch = _Batch()
         if ends:
             self.report.batches += 1
+            self.metrics.batches.inc()
         self.report.stored += stored
         self.report.duplicates += duplicates
+        self.metrics.rows_stored.inc(stored)
+        self.metrics.duplicates.inc(duplicates)
         if duplicates:
             log.info("%d predictions already stored (same event id and model version)", duplicates)
         self._signal_lag(ends)
@@ -467,8 +631,7 @@ class PredictionStore:
         For tools and the benchmark, without a consumer: the offsets table is advanced from
         where this member last stored each partition.
         """
-        for msg in messages:
-            self._batch.add(msg)
+        self._batch.extend(messages)
         self.flush()
 
     def _reseek(self, tp: TP) -> None:
@@ -481,6 +644,8 @@ class PredictionStore:
 
     def _signal_lag(self, ends: dict[TP, int]) -> None:
         """Commit the stored offsets to Kafka too: only a lag signal, never read back."""
+        for (topic, partition), end in ends.items():
+            self.lag.committed(topic, partition, end)
         if not ends or self._consumer is None:
             return
         try:
@@ -498,12 +663,32 @@ class PredictionStore:
         Raises:
             ConfigError: the database refused the credentials (exit 2).
             DatabaseError: the database did not answer for ``store.unavailable_timeout_s``.
-            BrokerError: Kafka failed (a dead letter unacknowledged, a fatal consumer error).
+            BrokerError: Kafka failed (a dead letter unacknowledged, a fatal consumer error, no
+                broker reachable for ``kafka.unreachable_timeout_s``).
         """
+        with Monitor(self.cfg, self.metrics, None) as monitor:
+            self._monitor = monitor
+            monitor.watch(self)
+            monitor.check("database_reachable", False)
+            try:
+                return self._run()
+            finally:
+                self._monitor = None
+
+    @property
+    def port(self) -> int | None:
+        """The port of the metrics and health endpoints while running (None: none or stopped)."""
+        return None if self._monitor is None else self._monitor.port
+
+    def _run(self) -> StoreReport:
         self.prepare()
         topics = list(self.cfg.stored_topics())
-        self._producer = Producer(self._producer_settings)
-        consumer = Consumer(self._consumer_settings)
+        self._producer = Producer({**self._producer_settings, "logger": client_logger("producer")})
+        settings: dict[str, Any] = dict(self._consumer_settings)
+        settings.update(
+            error_cb=self._on_error, stats_cb=self._on_stats, logger=self._client_log
+        )  # they record; the loop raises (raise_errors)
+        consumer = Consumer(settings)
         self._consumer = consumer
         consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
@@ -516,14 +701,19 @@ class PredictionStore:
                 msgs: list[Any] = consumer.consume(self.store.max_records, timeout=0.2)
                 if self._callback_error is not None:
                     raise self._callback_error
-                for msg in msgs:
-                    err = msg.error()
-                    if err is None:
-                        self._batch.add(msg)
-                    elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
-                        raise BrokerError(f"consumer: {err}")
-                if msgs:
+                self.raise_errors()  # a fatal or refused connection, or no broker for too long
+                self.metrics.last_progress.set(time.time())
+                good = [m for m in msgs if m.error() is None]
+                if len(good) != len(msgs):
+                    for msg in msgs:
+                        err = msg.error()
+                        if err and err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                            raise BrokerError(f"consumer: {err}")
+                self._batch.extend(good)
+                if good:
                     idle_since = time.monotonic()
+                    self.lag.consumed(good)
+                    self._broker_seen, self._down_since = True, None
                 held = len(self._batch)
                 if held >= self.store.max_records or (
                     held and time.monotonic() - self._batch.started >= self.store.max_wait_s
@@ -531,6 +721,7 @@ class PredictionStore:
                     self.flush()
                 elif (
                     not held
+                    and self.broker_reachable  # idle, not cut off: that is raise_errors' to say
                     and self.idle_timeout_s is not None
                     and time.monotonic() - idle_since >= self.idle_timeout_s
                 ):

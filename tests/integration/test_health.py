@@ -14,8 +14,6 @@ import os
 import signal
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,32 +30,18 @@ from support import (
     wait_for,
     write_schema,
 )
+from support import (
+    http_get as _get,
+)
+from support import (
+    metric_sample as _sample,
+)
 
 from stream_scorer.worker.supervisor import run_command
 
 pytestmark = pytest.mark.integration
 SECRET = "s3cret-Zq9-never-logged"
 ROOT = Path(__file__).parents[2]
-
-
-def _get(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, body = err.code, err.read()
-    return status, body.decode() if path == "/metrics" else json.loads(body)
-
-
-def _sample(port: int, name: str, labels: dict[str, str]) -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _code, text = _get(port, "/metrics")
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return float(s.value)
-    return None
 
 
 def _delete_topic(bootstrap: str, topic: str) -> None:

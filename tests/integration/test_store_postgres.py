@@ -20,7 +20,15 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from support import produce_raw, read_topic, ride_config, wait_for
+from support import (
+    free_ports,
+    http_get,
+    metric_sample,
+    produce_raw,
+    read_topic,
+    ride_config,
+    wait_for,
+)
 
 from stream_scorer import headers as hdr
 from stream_scorer import postgres as pg
@@ -74,6 +82,7 @@ def write_config(
             "consumer": {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"},
         },
         output={"topic": unique("predictions"), "schema": str(PREDICTION_SCHEMA_V1)},
+        metrics={"port": 0},  # two members on one host: each would need a port of its own
         store={
             "dsn": server.dsn(),
             "table": unique("preds").replace("-", "_"),
@@ -157,6 +166,80 @@ def test_rows_equal_the_predictions_with_dead_letters_and_duplicates_kept_once(
             ).fetchall()
         )
     assert sum(offsets.values()) == 304  # every record consumed, once
+
+
+def test_the_sink_serves_its_metrics_liveness_and_readiness(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    postgres_server: LocalPostgres,
+    make_topics: Callable[[dict[str, int]], None],
+    unique: Callable[[str], str],
+) -> None:
+    port = free_ports(1)[0]
+    path, raw = write_config(tmp_path, kafka_bootstrap, postgres_server, unique)
+    topic, store = raw["output"]["topic"], raw["store"]
+    make_topics({topic: 2, store["dead_letter_topic"]: 1})
+    items: list[tuple[bytes | None, bytes | None]] = [(k, v) for k, v, _ in predictions(120)]
+    produce_raw(kafka_bootstrap, topic, [*items, (b"k", b"\x02")], 2)
+    stop = StopFlag()
+    cfg = load_config(path, environ={}, overrides={"metrics": {"port": port}})
+    sink = PredictionStore(cfg, stop, member_id="m1")
+    thread = threading.Thread(target=sink.run)
+    thread.start()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metric_sample(port, name, labels)
+
+    try:
+        wait_for(lambda: sink.port == port, 30, "the endpoint listening")
+        wait_for(lambda: sample("stream_scorer_sink_rows_stored_total") == 120, 60, "rows")
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "ready")
+        code, body = http_get(port, "/readyz")
+        assert code == 200 and body["ready"] is True
+        assert body["checks"] == {
+            "database_reachable": True,
+            "broker_reachable": True,
+            "assignment_received": True,
+            "no_stalled_partitions": True,
+        }
+        assert body["assigned_partitions"] == 2
+        assert http_get(port, "/healthz")[0] == 200
+        assert sample("stream_scorer_sink_dead_letters_total", stage="decode",
+                      reason="truncated") == 1  # fmt: skip
+        assert (sample("stream_scorer_sink_batches_total") or 0) >= 1
+        assert sample("stream_scorer_sink_database_retries_total") == 0
+        assert sample("stream_scorer_ready") == 1
+        # the lag the worker reports: every record stored (the lag signal committed), so 0
+        wait_for(
+            lambda: all(
+                sample("stream_scorer_consumer_lag_records", topic=topic, partition=str(p)) == 0
+                for p in (0, 1)
+            ),
+            30, "the lag gauges at 0",
+        )  # fmt: skip
+        produce_raw(kafka_bootstrap, topic, [(k, v) for k, v, _ in predictions(10, start=500)], 2)
+        wait_for(lambda: sample("stream_scorer_sink_rows_stored_total") == 130, 60, "10 more")
+    finally:
+        stop.set("test")
+        thread.join(60)
+    assert not thread.is_alive()
+    assert sink.report.stored == 130
+
+
+def test_no_broker_for_the_unreachable_timeout_exits_1_saying_so(
+    tmp_path: Path,
+    postgres_server: LocalPostgres,
+    unique: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dead = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    path, raw = write_config(tmp_path, dead, postgres_server, unique)
+    raw["kafka"]["unreachable_timeout_s"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sink", "postgres", "--config", str(path), "--idle-timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"no broker reachable at {dead}" in err
+    assert "kafka.unreachable_timeout_s = 3" in err
 
 
 def _member(path: Path, name: str, log: Path) -> subprocess.Popen[bytes]:

@@ -24,6 +24,7 @@ FAST_PATH_TESTS = (
     "tests/unit/test_fast_differential.py",
     "tests/unit/test_fast_decode.py",
     "tests/unit/test_fast_pipeline.py",
+    "tests/unit/test_fast_read.py",
     "tests/unit/test_framing.py",
 )
 #: Reads one element past the end of a 3-element view of a larger array: without bounds checks
