@@ -39,6 +39,7 @@ from stream_scorer.config.keys import (
 )
 from stream_scorer.config.sections import (
     AT_LEAST_ONCE,
+    DEFAULT_MODEL_NAME,
     EXACTLY_ONCE,
     BatchConfig,
     Config,
@@ -50,6 +51,8 @@ from stream_scorer.config.sections import (
     LoggingConfig,
     MetricsConfig,
     ModelConfig,
+    ModelEntry,
+    ModelEntryConfig,
     OutputConfig,
     RegistryConfig,
     WorkerConfig,
@@ -67,6 +70,7 @@ __all__ = [
     "CLIENT_BATCH_SIZE",
     "CLIENT_MESSAGE_MAX_BYTES",
     "CLIENT_MESSAGE_MAX_BYTES_LIMIT",
+    "DEFAULT_MODEL_NAME",
     "ENV_PREFIX",
     "EXACTLY_ONCE",
     "LOGGABLE_KEYS",
@@ -84,6 +88,8 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "ModelConfig",
+    "ModelEntry",
+    "ModelEntryConfig",
     "OutputConfig",
     "RegistryConfig",
     "WorkerConfig",
