@@ -269,13 +269,22 @@ def build_pipeline(
     features = scorer.manifest.features
     columns = share_columns(
         {} if builders is None else builders,
-        repr(features),
+        feature_key(features),
         partial(_columns, cfg, input_schema, features),
     )
     if isinstance(columns, FramedColumns):
         log.info("decoder: confluent wire format, each writer schema resolved against %s",
                  cfg.input.schema)  # fmt: skip
     return Pipeline(columns, scorer, encoder, timer=metrics.observe_stage), scorer
+
+
+def feature_key(features: Sequence[FeatureSpec]) -> str:
+    """What makes two models' decode + features steps the same (their sharing key).
+
+    Each feature, in order, with the value policy that applies to it (the manifest-wide one
+    with its overrides).
+    """
+    return repr([(f, f.effective_policy) for f in features])
 
 
 def _columns(

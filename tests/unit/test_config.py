@@ -334,7 +334,8 @@ def test_output_schema_defaults_to_the_packaged_prediction_schema(
     del base["output"]["schema"]
     cfg = load_config(_write(tmp_path, base), environ={})
     assert cfg.first.output.schema == PREDICTION_SCHEMA_V1
-    assert cfg.first.output.schema.read_bytes() == (ROOT / "schemas" / "prediction.v1.avsc").read_bytes()
+    packaged = (ROOT / "schemas" / "prediction.v1.avsc").read_bytes()
+    assert cfg.first.output.schema.read_bytes() == packaged
     PredictionEncoder(load_schema(cfg.first.output.schema))  # a schema the encoder takes
     # an installation's path is no default a JSON Schema can state
     assert "default" not in config_schema()["$defs"]["OutputConfig"]["properties"]["schema"]
