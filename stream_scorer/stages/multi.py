@@ -45,12 +45,14 @@ class Scoring:
         topic: its output topic.
         pipeline: decode/features (its ``columns``, maybe shared) and its model.
         shadow: a shadow entry (failures are its own, no dead letters).
+        copy_headers: the input headers copied onto its predictions (None: the sink's).
     """
 
     name: str
     topic: str
     pipeline: Pipeline
     shadow: bool = False
+    copy_headers: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ModelOutput:
         refused: the records a shadow could not score (no dead letter for them).
         failed: the exception a shadow raised on the whole batch (no output at all), or None.
         seconds: the time its predict and encode took.
+        copy_headers: the input headers copied onto its predictions (None: the sink's).
     """
 
     name: str
@@ -74,6 +77,7 @@ class ModelOutput:
     refused: int = 0
     failed: BaseException | None = None
     seconds: float = 0.0
+    copy_headers: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,10 @@ def score_batch(
                 result.scored, own, result.unseen, result.model_version, result.values,
                 result.labels,
             )  # fmt: skip
-        outputs.append(ModelOutput(m.name, m.topic, result, seconds=time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        outputs.append(
+            ModelOutput(m.name, m.topic, result, seconds=seconds, copy_headers=m.copy_headers)
+        )
     if not several:
         unseen = dict(outputs[0].result.unseen) if outputs else {}
     return MultiResult(outputs, shared, unseen)
@@ -173,12 +180,16 @@ def _shadow(m: Scoring, cols: Columns, t0: float) -> ModelOutput:
         result = m.pipeline.score(cols, isolate=False)
     except Exception as exc:  # the shadow's failure, never the batch's
         empty = BatchResult(Scored([], [], []), [], {}, m.pipeline.model.model_version)
-        return ModelOutput(m.name, m.topic, empty, True, 0, exc, time.perf_counter() - t0)
+        return ModelOutput(
+            m.name, m.topic, empty, True, 0, exc, time.perf_counter() - t0, m.copy_headers
+        )
     refused = len(cols.messages) + len(cols.dead) - len(result.scored)
     quiet = BatchResult(
         result.scored, [], result.unseen, result.model_version, result.values, result.labels
     )
-    return ModelOutput(m.name, m.topic, quiet, True, refused, None, time.perf_counter() - t0)
+    return ModelOutput(
+        m.name, m.topic, quiet, True, refused, None, time.perf_counter() - t0, m.copy_headers
+    )
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ class Slot:
             self.entry.output.topic,
             self.loaded.pipeline,
             self.shadow,
+            frozenset(self.entry.output.copy_headers),
         )
 
     def swap(self) -> LoadedModel | None:
