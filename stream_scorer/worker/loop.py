@@ -677,6 +677,7 @@ class Models:
         self._monitor = monitor
         self._main = next(s for s in self._slots if not s.shadow)
         self._by_name = {s.name: s for s in self._slots}
+        self._named = any(s.scoring_name for s in self._slots)
 
     @property
     def model_version(self) -> str:
@@ -729,11 +730,11 @@ class Models:
                 self._metrics.model_swapped(old.model_version, new.model_version)
                 self._monitor.set_model_version(new.model_version)
             log.info(
-                "model %s swapped: %s -> %s (version %s); every batch from now on is scored by it",
-                slot.name,
+                "model swapped: %s -> %s (version %s); every batch from now on is scored by it%s",
                 None if old is None else old.model_version,
                 new.model_version,
                 new.source_version,
+                f" (model {slot.name})" if self._named else "",
             )
         return changed
 

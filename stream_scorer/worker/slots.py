@@ -74,6 +74,11 @@ class Slot:
         return self.entry.name
 
     @property
+    def scoring_name(self) -> str:
+        """The name its outputs carry: its name in the ``models:`` form, else none."""
+        return self.name if self._named else ""
+
+    @property
     def failed(self) -> bool:
         """A shadow marked failed (not scoring, being retried)."""
         return self.loaded is None
@@ -111,7 +116,7 @@ class Slot:
         if self.loaded is None:
             return None
         return Scoring(
-            self.name if self._named else "",
+            self.scoring_name,
             self.entry.output.topic,
             self.loaded.pipeline,
             self.shadow,
