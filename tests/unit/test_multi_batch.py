@@ -31,6 +31,7 @@ from stream_scorer.stages.records import Columns, DeadLetter, Message, Reason, S
 from stream_scorer.stages.score import Predictions
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
+from stream_scorer.worker.refresh import LoadedModel
 from stream_scorer.worker.sink import Sink, SinkContext
 from stream_scorer.worker.slots import Slot
 
@@ -401,3 +402,55 @@ def test_a_failed_shadow_is_marked_retried_with_backoff_and_swapped_in_between_b
     assert slot.failed
     assert failed("stream_scorer_shadow_failed", {"model": "s"}) == 1
     slot.close()
+
+
+def test_a_shadow_raising_on_a_batch_is_marked_failed_and_its_champion_scores_on(
+    tmp_path: Path,
+) -> None:
+    from stream_scorer.worker.loop import Models
+
+    metrics = Metrics()
+    shared = Builder()
+    pipelines = {
+        "champ": Pipeline(shared, Model("c-1", 1.0, threshold=2.5), ENCODER),
+        "twin": Pipeline(shared, Model("t-1", 1.0, threshold=3.5), ENCODER),
+        "bad": Pipeline(shared, Model("b-1", 1.0, always=True), ENCODER),
+    }
+    slots = []
+    for name, role in (("champ", "serve"), ("twin", "shadow"), ("bad", "shadow")):
+        entry = ModelEntry(
+            name, ModelConfig(path=tmp_path), OutputConfig(topic=name), role, "champ", name
+        )
+        slot = Slot(
+            entry,
+            Source(tmp_path),
+            lambda _d: (pipelines["champ"], pipelines["champ"].model),  # type: ignore[arg-type, return-value]
+            metrics,
+            refresh_s=0,
+            policy=RetryPolicy(initial_s=60, max_s=60),  # no reload during the test
+            named=True,
+        )
+        pipeline = pipelines[name]
+        slot._use(LoadedModel("1", pipeline, pipeline.model, tmp_path), None)  # type: ignore[arg-type]
+        slots.append(slot)
+    models = Models(slots, metrics, None)  # type: ignore[arg-type]
+    result = models.score(MSGS)
+    by_name = {o.name: o for o in result.outputs}
+    assert _offsets(by_name["champ"].result.scored.messages) == [0, 1, 3, 4, 5]
+    assert _offsets(by_name["twin"].result.scored.messages) == [0, 1, 3, 4, 5]
+    assert by_name["bad"].failed is not None and not by_name["bad"].result.dead
+    assert slots[2].failed and slots[2].scoring() is None
+    sample = metrics.prometheus.get_sample_value
+    assert sample("stream_scorer_shadow_failed", {"model": "bad"}) == 1
+    assert sample("stream_scorer_shadow_failed", {"model": "twin"}) == 0
+    # the twin predicts the same values; its labels differ where 2.5 <= value < 3.5 (offset 3)
+    assert sample("stream_scorer_shadow_compared_records_total", {"model": "twin"}) == 5
+    assert sample("stream_scorer_shadow_agreed_records_total", {"model": "twin"}) == 4
+    # signed deltas: negative buckets, so no _count/_sum (OpenMetrics); +Inf counts them all
+    delta = "stream_scorer_shadow_prediction_delta_bucket"
+    assert sample(delta, {"model": "twin", "le": "+Inf"}) == 5
+    assert sample(delta, {"model": "twin", "le": "0.0"}) == 5  # the same values: all 0
+    # the next batch: the failed shadow is not scored at all
+    assert [o.name for o in models.score(MSGS).outputs] == ["champ", "twin"]
+    for slot in slots:
+        slot.close()
