@@ -32,6 +32,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from stream_scorer.config.messages import section_type
+
 #: The folder of the generated pages, relative to the repository's top level.
 DEFAULT_DIR = Path("docs/manual/reference")
 #: The command that rewrites them (named by every page and by the freshness test).
@@ -150,10 +152,13 @@ def configuration_page() -> str:
     ]
     sections = _fields(config.Config)
     for section, ref in schema["properties"].items():
-        model = defs[ref["$ref"].rsplit("/", 1)[1]]
+        target = next(
+            (r for r in (ref, ref.get("items", {}), *ref.get("anyOf", ())) if "$ref" in r), ref
+        )
+        model = defs[target["$ref"].rsplit("/", 1)[1]]
         required = set(model.get("required", []))
-        annotation = sections[section].annotation
-        fields = _fields(annotation) if isinstance(annotation, type) else {}
+        annotation = section_type(sections[section].annotation)
+        fields = _fields(annotation) if annotation is not None else {}
         env = f"{config.ENV_PREFIX}{section.upper()}__"
         out.append(f"## `{section}`\n")
         out.append(f"{_cell(model.get('description', ref.get('description', '')))}\n")
@@ -161,7 +166,7 @@ def configuration_page() -> str:
         out.append(f"Environment: `{env}<KEY>`{optional}.\n")
         rows = []
         for name, prop in model["properties"].items():
-            key = f"{section}.{name}"
+            key = f"{section}[].{name}" if "items" in ref else f"{section}.{name}"
             secret = name in config._PASSTHROUGH or config._is_secret(name)
             rows.append(
                 (
