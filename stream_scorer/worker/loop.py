@@ -491,7 +491,6 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         model = main.loaded
         assert model is not None  # a serve slot that cannot load raised
         scorer = model.scorer
-        log.info("model %s from %s", scorer.model_version, main.source.describe())
         metrics.model_swapped(None, scorer.model_version)
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
         drift = {s.name: DriftWatch(model_name(cfg, s.entry), cfg.drift, metrics) for s in slots}

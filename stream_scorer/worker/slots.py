@@ -99,8 +99,10 @@ class Slot:
                 raise
             self.fail(exc)
             return
+        of = f" (model {self.name})" if self._named else ""
+        log.info("model %s from %s%s", loaded.model_version, self.source.describe(), of)
         if loaded.split is not None:
-            log.info("%s from %s", loaded.describe(), self.source.describe())
+            log.info("%s from %s%s", loaded.describe(), self.source.describe(), of)
         self._use(loaded, None)
 
     def _use(self, loaded: LoadedModel, old: str | None) -> None:
