@@ -30,7 +30,10 @@ from support import (
 from stream_scorer import headers as hdr
 from stream_scorer.config import load_config
 from stream_scorer.contracts.manifest import FeatureSpec
+from stream_scorer.model.rollout import make
+from stream_scorer.model.store import ModelStore, promote, start_rollout
 from stream_scorer.stages.decode import load_schema
+from stream_scorer.stages.route import split_keys
 from stream_scorer.worker.loop import run_worker
 
 pytestmark = pytest.mark.integration
@@ -104,15 +107,20 @@ class Stream:
     unique: Callable[[str], str]
     make_topics: Callable[[dict[str, int]], None]
 
-    def config(self, tmp: Path, entries: list[tuple[str, Path, str]], **extra: Any) -> Path:
-        """A configuration scoring with ``entries`` (name, model directory, role[:champion])."""
+    def config(self, tmp: Path, entries: list[tuple[str, Path | str, str]], **extra: Any) -> Path:
+        """A configuration scoring with ``entries`` (name, model directory or source spec,
+        role[:champion])."""
         models = []
         for name, directory, role in entries:
             out = self.unique(f"out-{name}")
             self.make_topics({out: PARTITIONS})
             entry: dict[str, Any] = {
                 "name": name,
-                "model": {"path": str(directory)},
+                "model": (
+                    {"source": directory}
+                    if isinstance(directory, str)
+                    else {"path": str(directory)}
+                ),
                 "output": {"topic": out, "schema": str(PREDICTION)},
             }
             if role.startswith("shadow:"):
@@ -291,3 +299,42 @@ def test_a_shadow_that_cannot_load_never_stops_its_champion(
     assert committed_lag(stream.bootstrap, cfg.input.group_id, stream.topic) == dict.fromkeys(
         range(PARTITIONS), 0
     )
+
+
+def test_a_canary_on_one_entry_routes_by_key_while_another_scores_everything(
+    tmp_path: Path, stream: Stream, models: Models
+) -> None:
+    store = ModelStore(tmp_path / "store", "fraud")
+    v1, v2 = (store.publish(d) for d in (models.fraud, models.challenger))
+    promote(store, v1)
+    start_rollout(store, make("canary", v1, [(v2, 30)], "test"))
+    path = stream.config(
+        tmp_path,
+        [("fraud", f"store:{store.model_dir}@champion", "serve"), ("spend", models.spend, "serve")],
+        delivery={"mode": "exactly-once"},
+    )
+    cfg = load_config(path, environ={}, overrides={"worker": {"max_messages": len(stream.items)}})
+    assert run_worker(cfg).consumed == len(stream.items)
+
+    topics = _topics(path)
+    by_id = {r["txn_id"]: r for r in stream.recs}
+    ids = sorted(by_id)
+    # the canary's entry: each key scored by the version its key routes to, and stamped with it
+    fraud = _outputs(stream.bootstrap, topics["fraud"])
+    assert set(fraud) == set(by_id)
+    routes = split_keys([i.encode() for i in ids], [30])
+    want = {i: v2 if r == 0 else v1 for i, r in zip(ids, routes, strict=True)}
+    assert {i: d["model_version"] for i, d in fraud.items()} == want
+    assert 0.15 < sum(v == v2 for v in want.values()) / len(want) < 0.45
+    for version, directory in ((v1, models.fraud), (v2, models.challenger)):
+        mine = [i for i in ids if want[i] == version]
+        expected = _expected(directory, [by_id[i] for i in mine]).astype(np.float64)
+        np.testing.assert_array_equal([fraud[i]["prediction"] for i in mine], expected)
+    # the other entry: every record, by its one version
+    spend = _outputs(stream.bootstrap, topics["spend"])
+    assert set(spend) == set(by_id)
+    assert {d["model_version"] for d in spend.values()} == {"spend-1"}
+    expected = _expected(models.spend, [by_id[i] for i in ids]).astype(np.float64)
+    np.testing.assert_array_equal([spend[i]["prediction"] for i in ids], expected)
+    keys = sorted(m.key() for m in read_topic(stream.bootstrap, stream.dlq))
+    assert keys == [b"bad-empty", b"bad-trunc"]  # one dead letter per undecodable record
