@@ -462,3 +462,124 @@ def test_a_shadow_raising_on_a_batch_is_marked_failed_and_its_champion_scores_on
     assert [o.name for o in models.score(MSGS).outputs] == ["champ", "twin"]
     for slot in slots:
         slot.close()
+
+
+# --- rollouts and drift on models: entries --------------------------------------------------
+def test_a_routed_entry_shares_the_decode_and_scores_each_record_with_its_keys_version() -> None:
+    from stream_scorer.stages.route import RoutedPipeline, split_keys
+
+    shared = Builder()
+    msgs = [Msg(b"ok", k=f"k{i}".encode(), o=i) for i in range(40)]
+    msgs[5] = Msg(b"bad", k=b"k5", o=5)
+    routed = RoutedPipeline(
+        [
+            Pipeline(shared, Model("a-2", 2.0), ENCODER),
+            Pipeline(shared, Model("a-1", 1.0), ENCODER),
+        ],
+        [50],
+    )
+    models = [
+        Scoring("a", "out-a", routed),
+        Scoring("b", "out-b", Pipeline(shared, Model("b-1", 3.0), ENCODER)),
+    ]
+    result = score_batch(models, msgs)
+    assert shared.runs == 1  # one decode for both entries and both versions
+    routes = split_keys([m.key() for m in msgs], [50])
+    want = {i: "a-2" if r == 0 else "a-1" for i, r in enumerate(routes) if i != 5}
+    assert {"a-1", "a-2"} <= set(want.values())
+    a, b = (o.result for o in result.outputs)
+    assert a.scored.versions is not None
+    assert dict(zip(_offsets(a.scored.messages), a.scored.versions, strict=True)) == want
+    scale = {"a-1": 1.0, "a-2": 2.0}
+    offsets = _offsets(a.scored.messages)
+    np.testing.assert_array_equal(a.values, [scale[want[o]] * o for o in offsets])
+    assert b.scored.versions is None and _offsets(b.scored.messages) == sorted(want)
+    # the undecodable record: one dead letter of no model in particular
+    assert [d.message.offset() for d in result.dead] == [5] and not a.dead and not b.dead
+
+
+def test_each_models_copy_headers_apply_to_its_own_predictions() -> None:
+    producer = FakeProducer()
+    ctx = SinkContext("out", "dlq", "grp", "w1", "v9", copy_headers=frozenset({"ctx"}))
+    sink = Sink(producer, ctx, OffsetTracker(), Metrics())
+    msg = Msg(b"x", hdrs=[("trace", b"t"), ("ctx", b"c"), ("other", b"o")])
+
+    def out(name: str, copy: frozenset[str] | None) -> ModelOutput:
+        result = BatchResult(Scored([msg], [b"p"], [0]), [], {}, f"{name}-1")
+        return ModelOutput(name, f"out-{name}", result, copy_headers=copy)
+
+    sink.publish_batch(MultiResult([out("a", frozenset({"trace"})), out("b", None)]))
+    copied = {
+        s["topic"]: {k for k in s["headers"] if k in ("trace", "ctx", "other")}
+        for s in producer.sent
+    }
+    assert copied == {"out-a": {"trace"}, "out-b": {"ctx"}}
+
+
+def test_delivered_counts_versions_and_feeds_each_entrys_drift_watch(tmp_path: Path) -> None:
+    from stream_scorer.worker.loop import Models, model_name
+
+    cfg = load_config(
+        _models_config(
+            tmp_path,
+            [
+                _entry("a", "o1", tmp_path),
+                _entry("b", "o2", tmp_path, role="shadow", shadow_of="a"),
+            ],
+        ),
+        environ={},
+    )
+    assert [model_name(cfg, e) for e in cfg.entries] == ["a", "b"]
+
+    class Watch:
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int]] = []
+            self.ticks = 0
+
+        def observe(self, manifest: Any, matrix: Any, values: Any) -> None:
+            self.seen.append((manifest.model_version, len(values)))
+
+        def tick(self) -> None:
+            self.ticks += 1
+
+    class Manifest:
+        def __init__(self, version: str) -> None:
+            self.model_version = version
+
+    class Scorer(Model):
+        def __init__(self, version: str, scale: float) -> None:
+            super().__init__(version, scale)
+            self.manifest = Manifest(version)
+
+    metrics = Metrics()
+    shared = Builder()
+    slots, watches = [], {}
+    for entry, scale in zip(cfg.entries, (1.0, 2.0), strict=True):
+        slot = Slot(
+            entry,
+            Source(tmp_path),
+            lambda _d: None,  # type: ignore[arg-type, return-value]
+            metrics,
+            refresh_s=0,
+            policy=RetryPolicy(),
+            named=True,
+        )
+        scorer = Scorer(f"{entry.name}-1", scale)
+        pipeline = Pipeline(shared, scorer, ENCODER)
+        slot._use(LoadedModel("1", pipeline, scorer, tmp_path), None)  # type: ignore[arg-type]
+        slots.append(slot)
+        watches[entry.name] = Watch()
+    models = Models(slots, metrics, None, watches)  # type: ignore[arg-type]
+    models.delivered(models.score(MSGS))
+    models.tick()
+    assert {n: (w.seen, w.ticks) for n, w in watches.items()} == {
+        "a": ([("a-1", 5)], 1),
+        "b": ([("b-1", 5)], 1),
+    }
+    sample = metrics.prometheus.get_sample_value
+    for name in ("a", "b"):
+        labels = {"model": name, "model_version": f"{name}-1"}
+        assert sample("stream_scorer_version_predictions_total", labels) == 5
+        assert sample("stream_scorer_rollout_weight_percent", labels) == 100
+    for slot in slots:
+        slot.close()
