@@ -51,6 +51,9 @@ CONSUMER_GROUP = "stream_scorer.consumer.group"
 #: The id of that worker (``worker.id``).
 WORKER_ID = "stream_scorer.worker.id"
 # MODEL_VERSION (above) too
+#: The name of the model (its ``models:`` entry) that refused the record; absent in the
+#: single-model form and on a record no model could decode.
+MODEL_NAME = "stream_scorer.model.name"
 #: How many times the record has been through a worker: 1, or one more than the attempt header
 #: a replay (``stream-scorer dlq replay``) put on it.
 ATTEMPT = "stream_scorer.attempt"

@@ -538,3 +538,42 @@ def metric_sample(port: int, name: str, labels: dict[str, str]) -> float | None:
             if s.name == name and s.labels == labels:
                 return float(s.value)
     return None
+
+
+class OnePipeline:
+    """The worker's ``loop.Models`` over one pipeline-like object, for tests of the main loop.
+
+    ``swap(pipeline)`` returns the pipeline of the next batch (the same: no swap).
+    """
+
+    def __init__(self, pipeline: Any, swap: Callable[[Any], Any] = lambda p: p) -> None:
+        """Score with ``pipeline`` (anything with ``process(batch) -> BatchResult``)."""
+        self.pipeline = pipeline
+        self._swap = swap
+
+    @property
+    def model_version(self) -> str:
+        """The pipeline's version, if it has one."""
+        return str(getattr(self.pipeline, "version", ""))
+
+    def score(self, batch: Any) -> Any:
+        """The pipeline's result for ``batch`` as a ``MultiResult``."""
+        from stream_scorer.stages.multi import as_multi
+
+        return as_multi(self.pipeline.process(batch))
+
+    def swap(self) -> bool:
+        """Between batches: ask ``swap`` for the next pipeline."""
+        new = self._swap(self.pipeline)
+        changed, self.pipeline = new is not self.pipeline, new
+        return bool(changed)
+
+    def columns(self) -> list[Any]:
+        """No decoders to teach writer schemas."""
+        return []
+
+    def delivered(self, result: Any) -> None:
+        """Nothing counted per model (no slots)."""
+
+    def tick(self) -> None:
+        """No drift watched."""

@@ -317,15 +317,12 @@ def load_batch_scorer(
     schema = _input_schema(cfg)
     # stored records are bare Avro (or columns): never the Confluent frame of a topic
     bare = cfg.input.model_copy(update={"format": "schemaless"})
-    files_cfg = cfg.model_copy(update={"input": bare})
+    files_cfg = cfg.single().model_copy(update={"input": bare})  # under models: the first
     if model is not None:
-        files_cfg = files_cfg.model_copy(
-            update={"model": files_cfg.model.model_copy(update={"path": None, "source": model})}
-        )
+        other = files_cfg.first.model.model_copy(update={"path": None, "source": model})
         if Path(model).is_dir():
-            files_cfg = files_cfg.model_copy(
-                update={"model": files_cfg.model.model_copy(update={"path": Path(model)})}
-            )
+            other = other.model_copy(update={"path": Path(model)})
+        files_cfg = files_cfg.model_copy(update={"model": other})
     metrics = Metrics()
     source = model_source(files_cfg)
     try:
@@ -452,7 +449,7 @@ def run_score(
     dead_path = dead_letters or dead_letter_path(output)
     readers = open_readers(scorer, inputs, exclude=(output, dead_path))
     writer = open_writer(
-        output, PREDICTION_SCHEMA, avro_schema=load_schema(cfg.output.schema), fmt=fmt
+        output, PREDICTION_SCHEMA, avro_schema=load_schema(cfg.first.output.schema), fmt=fmt
     )
     dead_fmt = fmt if dead_letters is None else ""
     dead_writer = open_writer(dead_path, DEAD_LETTER_SCHEMA, fmt=dead_fmt)

@@ -78,12 +78,12 @@ def bundle(config: Path, folder: Path) -> BatchScorer:
     Raises:
         StreamScorerError: as ``score``: the configuration, schemas or model do not fit.
     """
-    cfg = load_config(config)
+    cfg = load_config(config).single()  # under models: the first entry's model
     folder.mkdir(parents=True, exist_ok=True)
     scorer = load_batch_scorer(cfg, copy_model_to=folder / _MODEL)
     (folder / _INPUT_SCHEMA).write_text(json.dumps(_plain(scorer.schema)), encoding="utf-8")
     (folder / _OUTPUT_SCHEMA).write_text(
-        cfg.output.schema.read_text(encoding="utf-8"), encoding="utf-8"
+        cfg.first.output.schema.read_text(encoding="utf-8"), encoding="utf-8"
     )
     raw = read_file(config)
     shipped = {
@@ -93,12 +93,16 @@ def bundle(config: Path, folder: Path) -> BatchScorer:
             "schema": _INPUT_SCHEMA,
             "format": "schemaless",
         },
-        "output": {"topic": cfg.output.topic, "schema": _OUTPUT_SCHEMA},
+        "output": {"topic": cfg.first.output.topic, "schema": _OUTPUT_SCHEMA},
         "dead_letter": {"topic": cfg.dead_letter.topic},
         "model": {
             "path": _MODEL,
-            "nthread": cfg.model.nthread,
-            **({"threshold": cfg.model.threshold} if cfg.model.threshold is not None else {}),
+            "nthread": cfg.first.model.nthread,
+            **(
+                {"threshold": cfg.first.model.threshold}
+                if cfg.first.model.threshold is not None
+                else {}
+            ),
         },
     }
     (folder / _CONFIG_FILE).write_text(yaml.safe_dump(shipped), encoding="utf-8")

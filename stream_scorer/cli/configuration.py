@@ -23,27 +23,45 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.file)
     check_clients(cfg, worker_identity(cfg))  # librdkafka's own checks, as at start-up
-    model_key = "model.path" if cfg.model.path is not None else "model.source"
-    try:
-        models = model_source(cfg)
+    lines = []
+    for entry in cfg.entries:  # every model against the input schema, with its output schema
+        model_key = entry.field("model", "path" if entry.model.path is not None else "source")
         try:
-            _, scorer = build_pipeline(cfg, Metrics(), models.fetch(models.wanted()))
-        finally:
-            models.close()
-    except ConfigError:
-        raise
-    except StreamScorerError as exc:  # every problem of the file is a configuration error here
-        key = "input.schema" if isinstance(exc, SchemaError) else "config"
-        key = model_key if isinstance(exc, ModelError) else key
-        raise ConfigError(key, str(exc)) from exc
-    manifest = scorer.manifest
+            models = model_source(cfg, entry)
+            try:
+                directory = models.fetch(models.wanted())
+                _, scorer = build_pipeline(cfg, Metrics(), directory, entry=entry)
+            finally:
+                models.close()
+        except ConfigError:
+            raise
+        except StreamScorerError as exc:  # every problem of the file is a configuration error
+            key = "input.schema" if isinstance(exc, SchemaError) else "config"
+            key = model_key if isinstance(exc, ModelError) else key
+            raise ConfigError(key, str(exc)) from exc
+        manifest = scorer.manifest
+        named = "" if not cfg.models else f"{entry.name} ({entry.role}): "
+        lines.append(
+            f"{named}{cfg.input.topic} -> {entry.output.topic}; model {manifest.model_version} "
+            f"({manifest.objective}, {len(manifest.features)} features)"
+        )
+    if not cfg.models:
+        entry = cfg.first
+        print(
+            f"OK {args.file}: {cfg.input.topic} -> {entry.output.topic} "
+            f"(dead letters {cfg.dead_letter.topic}, group {cfg.input.group_id}, "
+            f"{cfg.delivery.mode}); model {manifest.model_version} ({manifest.objective}, "
+            f"{len(manifest.features)} features)",
+            flush=True,
+        )
+        return 0
     print(
-        f"OK {args.file}: {cfg.input.topic} -> {cfg.output.topic} "
-        f"(dead letters {cfg.dead_letter.topic}, group {cfg.input.group_id}, "
-        f"{cfg.delivery.mode}); model {manifest.model_version} ({manifest.objective}, "
-        f"{len(manifest.features)} features)",
+        f"OK {args.file}: {len(lines)} models (dead letters {cfg.dead_letter.topic}, group "
+        f"{cfg.input.group_id}, {cfg.delivery.mode})",
         flush=True,
     )
+    for line in lines:
+        print(f"  {line}", flush=True)
     return 0
 
 

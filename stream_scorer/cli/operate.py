@@ -103,7 +103,7 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
             raise ConfigError(name, f"must be at least 1, got {value}")
     topics = {
         cfg.input.topic: args.partitions,
-        cfg.output.topic: args.output_partitions or args.partitions,
+        **{e.output.topic: args.output_partitions or args.partitions for e in cfg.entries},
         cfg.dead_letter.topic: args.dead_letter_partitions,
     }
     bootstrap = args.bootstrap_servers or cfg.kafka.bootstrap_servers

@@ -44,10 +44,10 @@ def rollout_of(args: argparse.Namespace, cfg: Config) -> Rollout | None:
         return FixedPair(args.champion, args.challenger)
     from stream_scorer.model.store import open_store
 
-    spec = ev.decide.store or cfg.model.source
+    spec = ev.decide.store or cfg.first.model.source
     if not spec:
         raise ConfigError("evaluate.decide.store", "name the store (or use model.source)")
-    store = open_store(spec, tracking_uri=cfg.model.mlflow_tracking_uri)
+    store = open_store(spec, tracking_uri=cfg.first.model.mlflow_tracking_uri)
     if ev.decide.pair == "rollout":
         return RolloutCanary(store, ev.decide.champion_alias)
     return AliasPair(store, ev.decide.champion_alias, ev.decide.challenger_alias)

@@ -40,6 +40,7 @@ from stream_scorer.config.keys import (
 )
 from stream_scorer.config.sections import (
     AT_LEAST_ONCE,
+    DEFAULT_MODEL_NAME,
     EXACTLY_ONCE,
     BatchConfig,
     Config,
@@ -52,6 +53,8 @@ from stream_scorer.config.sections import (
     LoggingConfig,
     MetricsConfig,
     ModelConfig,
+    ModelEntry,
+    ModelEntryConfig,
     OutputConfig,
     RegistryConfig,
     StoreConfig,
@@ -70,6 +73,7 @@ __all__ = [
     "CLIENT_BATCH_SIZE",
     "CLIENT_MESSAGE_MAX_BYTES",
     "CLIENT_MESSAGE_MAX_BYTES_LIMIT",
+    "DEFAULT_MODEL_NAME",
     "ENV_PREFIX",
     "EXACTLY_ONCE",
     "LOGGABLE_KEYS",
@@ -90,6 +94,8 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "ModelConfig",
+    "ModelEntry",
+    "ModelEntryConfig",
     "OutcomesConfig",
     "OutputConfig",
     "RegistryConfig",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -21,15 +21,30 @@ from stream_scorer.config.sections import Config
 from stream_scorer.errors import ConfigError
 
 
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field's annotation: ``S``, ``S | None`` or ``tuple[S, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    if len(args) == 1:
+        return section_type(args[0])
+    return None
+
+
 def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The section model that ``loc`` (a path of field names or aliases) points into."""
+    """The section model that ``loc`` (a path of field names or aliases) points into.
+
+    A list index (``models.0.model``) stays in the list's section.
+    """
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):
+            continue
         field = field_of(model, part)
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        found = section_type(field.annotation if field is not None else None)
+        if found is None:
             return None
-        model = annotation
+        model = found
     return model
 
 
@@ -113,7 +128,7 @@ def config_error(exc: ValidationError) -> ConfigError:
     missing = [loc for e, loc in errors if e["type"] == "missing"]
     problems = []
     for err, loc in errors:
-        name = ".".join(str(p) for p in loc) or "config"
+        name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:] or "config"
         secret = (len(loc) > 1 and loc[0] == "kafka" and loc[1] in PASSTHROUGH) or any(
             is_secret(str(p)) for p in loc
         )

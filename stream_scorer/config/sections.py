@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -207,6 +208,53 @@ class ModelConfig(Section):
         if self.path is None:
             raise ConfigError("model.path", "this tool needs a model directory, not a source")
         return self.path
+
+
+#: The name of the one entry of the single ``model:``/``output:`` form (its ``model`` label).
+DEFAULT_MODEL_NAME: Final = "default"
+
+
+class ModelEntryConfig(Section):
+    """One model of ``models:``: its source (a ``model`` section) and its ``output``."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    """Unique name: the ``model`` label of the per-model metrics and the
+    ``stream_scorer.model.name`` header of its dead letters."""
+    model: ModelConfig
+    """Where this model comes from (every key of the top-level ``model`` section)."""
+    output: OutputConfig
+    """Where this model's predictions go (every key of the top-level ``output`` section)."""
+    role: Literal["serve", "shadow"] = "serve"
+    """``serve``: its predictions are a product; ``shadow``: a challenger scoring every batch
+    into its own topic beside ``shadow_of``, compared with it in metrics, and never stopping it
+    (a failure marks it failed and is retried)."""
+    shadow_of: str = ""
+    """``role: shadow``: the name of the ``serve`` entry it challenges."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model a worker scores with, whichever form configured it.
+
+    Attributes:
+        name: its name (``DEFAULT_MODEL_NAME`` in the single form).
+        model: its source.
+        output: where its predictions go.
+        role: ``serve`` or ``shadow``.
+        shadow_of: the champion's name (shadow only).
+        key: the configuration key of the entry, named in errors (``model`` or ``models[i]``).
+    """
+
+    name: str
+    model: ModelConfig
+    output: OutputConfig
+    role: str = "serve"
+    shadow_of: str = ""
+    key: str = "model"
+
+    def field(self, section: str, name: str) -> str:
+        """The full key of ``section.name`` here (``model.path``, ``models[1].model.path``)."""
+        return f"{section}.{name}" if self.key == "model" else f"{self.key}.{section}.{name}"
 
 
 class BatchConfig(Section):
@@ -454,12 +502,15 @@ class Config(Section):
     """Connection to Kafka."""
     input: InputConfig
     """The input topic and its contract."""
-    output: OutputConfig
-    """Where predictions go."""
+    output: OutputConfig | None = None
+    """Where predictions go (the single-model form; or give ``models``)."""
     dead_letter: DeadLetterConfig
     """Where records that cannot be scored go."""
-    model: ModelConfig
-    """The model to score with."""
+    model: ModelConfig | None = None
+    """The model to score with (the single-model form; or give ``models``)."""
+    models: tuple[ModelEntryConfig, ...] = ()
+    """Several models scoring the same stream, each with its own ``output`` (instead of
+    ``model`` and ``output``); one consume and one decode per batch for all of them."""
     batch: BatchConfig = Field(default_factory=BatchConfig)
     """Micro-batching."""
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
@@ -482,8 +533,8 @@ class Config(Section):
     """``sink postgres``: where and how the predictions are stored."""
 
     def stored_topics(self) -> tuple[str, ...]:
-        """The topics ``sink postgres`` stores: ``store.topics``, else ``output.topic``."""
-        return self.store.topics or (self.output.topic,)
+        """The topics ``sink postgres`` stores: ``store.topics``, else every output topic."""
+        return self.store.topics or tuple(e.output.topic for e in self.entries)
 
     evaluate: Annotated[EvaluateConfig | None, BeforeValidator(none_words)] = None
     """``stream-scorer evaluate``: live outcomes joined with the predictions (none: unused)."""
@@ -492,6 +543,32 @@ class Config(Section):
     def _cross_checks(self) -> Config:
         _check(self)
         return self
+
+    @property
+    def entries(self) -> tuple[ModelEntry, ...]:
+        """The models this worker scores with: ``models``, or the one of ``model``/``output``."""
+        if not self.models:
+            if self.model is None or self.output is None:  # refused by the checks
+                raise ConfigError("models", "give models, or model and output")
+            return (ModelEntry(DEFAULT_MODEL_NAME, self.model, self.output),)
+        return tuple(
+            ModelEntry(e.name, e.model, e.output, e.role, e.shadow_of, f"models[{i}]")
+            for i, e in enumerate(self.models)
+        )
+
+    @property
+    def first(self) -> ModelEntry:
+        """The first model entry (tools that read one model: the benchmarks)."""
+        return self.entries[0]
+
+    def single(self) -> Config:
+        """This configuration with its first model entry in the single form (``model``/``output``).
+
+        The commands over stored records (``score``, ``model compare``, Spark) score with one
+        model: under ``models:``, the first entry's.
+        """
+        entry = self.first
+        return self.model_copy(update={"models": (), "model": entry.model, "output": entry.output})
 
 
 def _check(cfg: Config) -> None:
@@ -519,21 +596,25 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
             "batch.max_processing_s",
             f"must be at most half of kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
-    own = [h for h in cfg.output.copy_headers if h.startswith(headers.OWN_PREFIX)]
-    if own:
-        yield (
-            "output.copy_headers",
-            f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
-        )
-    if (cfg.model.path is None) == (not cfg.model.source):
-        yield "model.source", "give exactly one of model.path and model.source"
+    yield from _entry_problems(cfg)
+    entries = () if _form_problems(cfg) else cfg.entries
+    for e in entries:
+        own = [h for h in e.output.copy_headers if h.startswith(headers.OWN_PREFIX)]
+        if own:
+            yield (
+                e.field("output", "copy_headers"),
+                f"{own[0]!r}: headers named {headers.OWN_PREFIX}* are the prediction's own",
+            )
+        if (e.model.path is None) == (not e.model.source):
+            yield (
+                e.field("model", "source"),
+                f"give exactly one of {e.field('model', 'path')} and {e.field('model', 'source')}",
+            )
     if cfg.input.reader_subject and cfg.input.format != "confluent":
         yield "input.reader_subject", "needs input.format: confluent"
-    framed = [
-        k
-        for k, f in (("input.format", cfg.input.format), ("output.format", cfg.output.format))
-        if f == "confluent"
-    ]
+    formats = [("input.format", cfg.input.format)]
+    formats += [(e.field("output", "format"), e.output.format) for e in entries]
+    framed = [k for k, f in formats if f == "confluent"]
     if framed and not cfg.registry.url:
         yield "registry.url", f"is required by {framed[0]}: confluent"
     # the wait for a registry that does not answer happens between polls (input format only)
@@ -543,11 +624,9 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
             "registry.unavailable_timeout_s",
             f"must be below kafka.consumer.max.poll.interval.ms ({poll_ms} ms)",
         )
+    outputs = [(e.field("output", "topic"), e.output.topic) for e in entries]
     for name in cfg.input.topics:
-        for key, out in (
-            ("output.topic", cfg.output.topic),
-            ("dead_letter.topic", cfg.dead_letter.topic),
-        ):
+        for key, out in (*outputs, ("dead_letter.topic", cfg.dead_letter.topic)):
             if name == out or (name.startswith("^") and _matches(name, out)):
                 yield "input.topics", f"{name!r} would consume {key} {out!r}"
     if cfg.input.group_type == "share" and cfg.delivery.mode == EXACTLY_ONCE:
@@ -559,17 +638,19 @@ def _cross_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         )
     if cfg.dead_letter.payload == "encrypt" and cfg.dead_letter.public_key is None:
         yield "dead_letter.public_key", "is required with dead_letter.payload = encrypt"
-    topics = {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
-    if len(topics) != 3:
-        yield "output.topic", "input, output and dead-letter topics must differ"
+    topics = [cfg.input.topic, cfg.dead_letter.topic, *(t for _, t in outputs)]
+    if len(set(topics)) != len(topics):
+        key = outputs[0][0] if outputs else "output.topic"
+        more = " (one output topic per model)" if cfg.models else ""
+        yield key, f"input, output and dead-letter topics must differ{more}"
     if cfg.retry.max_backoff_s < cfg.retry.initial_backoff_s:
         yield "retry.max_backoff_s", "must be at least retry.initial_backoff_s"
     if not cfg.drift.window_s and cfg.drift.min_events > cfg.drift.window_events:
         yield "drift.min_events", "must be at most drift.window_events"
-    if cfg.store.dsn:
+    if cfg.store.dsn and entries:
         yield from _store_problems(cfg, cfg.store, poll_ms)
     if cfg.evaluate is not None:
-        yield from _evaluate_problems(cfg, cfg.evaluate)
+        yield from _evaluate_problems(cfg, cfg.evaluate, tuple(e.output.topic for e in entries))
     if (cfg.metrics.tls_cert is None) != (cfg.metrics.tls_key is None):
         missing = "metrics.tls_key" if cfg.metrics.tls_key is None else "metrics.tls_cert"
         yield missing, "is required with the other of tls_cert and tls_key"
@@ -599,15 +680,51 @@ def _store_problems(
         )
 
 
-def _evaluate_problems(cfg: Config, ev: EvaluateConfig) -> Iterator[tuple[str, str]]:
-    """The ``evaluate`` section's checks against the rest."""
+def _evaluate_problems(
+    cfg: Config, ev: EvaluateConfig, outputs: tuple[str, ...]
+) -> Iterator[tuple[str, str]]:
+    """The ``evaluate`` section's checks against the rest (``outputs``: the models' topics)."""
     if ev.outcomes.format == "confluent" and not cfg.registry.url:
         yield "registry.url", "is required by evaluate.outcomes.format: confluent"
-    read = {*(ev.prediction_topics or (cfg.output.topic,)), ev.outcomes.topic}
+    read = {*(ev.prediction_topics or outputs), ev.outcomes.topic}
     if ev.topic in read:
         yield "evaluate.topic", f"{ev.topic!r} is also read by the evaluator"
-    if ev.outcomes.topic in (ev.prediction_topics or (cfg.output.topic,)):
+    if ev.outcomes.topic in (ev.prediction_topics or outputs):
         yield "evaluate.outcomes.topic", "must differ from the prediction topics"
+
+
+def _form_problems(cfg: Config) -> list[tuple[str, str]]:
+    """The single form (``model`` and ``output``) or the list (``models``), exactly one."""
+    single = cfg.model is not None or cfg.output is not None
+    if cfg.models and single:
+        given = "model" if cfg.model is not None else "output"
+        return [("models", f"give either models or {given} (and its pair), not both")]
+    if not cfg.models and (cfg.model is None or cfg.output is None):
+        missing = "model" if cfg.model is None else "output"
+        return [(missing, "is required (or give models: a list of models with their outputs)")]
+    return []
+
+
+def _entry_problems(cfg: Config) -> Iterator[tuple[str, str]]:
+    """The form, and the ``models`` list: unique names, shadows of serve entries."""
+    yield from _form_problems(cfg)
+    names: dict[str, str] = {}
+    for i, e in enumerate(cfg.models):
+        if e.name in names:
+            yield f"models[{i}].name", f"{e.name!r} is also the name of models[{names[e.name]}]"
+        names.setdefault(e.name, str(i))
+    roles = {e.name: e.role for e in cfg.models}
+    for i, e in enumerate(cfg.models):
+        if e.role == "shadow" and roles.get(e.shadow_of) != "serve":
+            yield (
+                f"models[{i}].shadow_of",
+                f"{e.shadow_of!r} is not the name of a serve entry of models "
+                f"(serve entries: {', '.join(n for n, r in roles.items() if r == 'serve')})",
+            )
+        if e.role == "serve" and e.shadow_of:
+            yield f"models[{i}].shadow_of", "is only for role: shadow"
+    if cfg.models and "serve" not in roles.values():
+        yield "models", "needs at least one entry with role: serve"
 
 
 def _matches(pattern: str, topic: str) -> bool:

@@ -153,7 +153,7 @@ def profile_fast_path(
 
     fast = FastColumns(
         load_schema(cfg.input.schema),
-        read_manifest(cfg.model.directory).features,
+        read_manifest(cfg.first.model.directory).features,
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
         max_message_bytes=cfg.input.max_message_bytes,
@@ -212,7 +212,7 @@ def profile_framed(
     from stream_scorer.stages.features import FeatureBuilder
     from stream_scorer.stages.framing import frame_key
 
-    features = read_manifest(cfg.model.directory).features
+    features = read_manifest(cfg.first.model.directory).features
     reader_v1 = load_schema(cfg.input.schema)
     v2_text = _json.dumps(evolved_ride_schemas()["v2"])
     v1_text = _json.dumps(_json.loads(RIDE_SCHEMA_PATH.read_text(encoding="utf-8")))

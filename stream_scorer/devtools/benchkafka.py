@@ -173,11 +173,11 @@ def _naive_step(args: dict[str, Any], stages: dict[str, float]) -> Callable[[Any
 
     cfg = load_config(EXAMPLE_CONFIG, environ={}, overrides={"model": {"path": args["model"]}})
     schema = load_schema(cfg.input.schema)
-    manifest = read_manifest(cfg.model.directory)
-    booster = xgb.Booster(model_file=str(cfg.model.directory / manifest.model_file))
+    manifest = read_manifest(cfg.first.model.directory)
+    booster = xgb.Booster(model_file=str(cfg.first.model.directory / manifest.model_file))
     booster.set_param({"nthread": 1})
     features = FeatureBuilder(manifest.features)
-    encoder = PredictionEncoder(load_schema(cfg.output.schema))
+    encoder = PredictionEncoder(load_schema(cfg.first.output.schema))
     get_id = field_getter(cfg.input.id_field)
     get_time = field_getter(cfg.input.event_time_field)
 

@@ -134,6 +134,8 @@ def _ref(prop: Mapping[str, Any]) -> str | None:
     """The ``$defs`` name a property refers to (itself, or the one non-null member of anyOf)."""
     if "$ref" in prop:
         return str(prop["$ref"]).rsplit("/", 1)[1]
+    if "items" in prop:  # a list of sections (``models``)
+        return _ref(prop["items"])
     refs = [p["$ref"] for p in prop.get("anyOf", ()) if "$ref" in p]
     return str(refs[0]).rsplit("/", 1)[1] if len(refs) == 1 else None
 
@@ -170,8 +172,9 @@ def _section(
     out.append(f"Environment: `{env}<KEY>`{' (optional section)' if optional else ''}.\n")
     rows = []
     nested = []
+    listed = f"{section}[]" if "items" in ref else section  # a list's entries: ``models[].name``
     for name, prop in model["properties"].items():
-        key = f"{section}.{name}"
+        key = f"{listed}.{name}"
         if _ref(prop) is not None and "properties" in defs[_ref(prop) or ""]:
             info = fields.get(name)
             nested.append((key, prop, info.annotation if info else None, name not in required))

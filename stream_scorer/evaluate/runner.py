@@ -198,13 +198,13 @@ class Evaluator:
             raise ConfigError("evaluate.decide", "--decide needs an evaluate.decide section")
         self.cfg, self.ev = cfg, ev
         self.group = ev.group_id or f"{cfg.input.group_id}-evaluate"
-        self.prediction_topics = ev.prediction_topics or (cfg.output.topic,)
+        self.prediction_topics = ev.prediction_topics or tuple(e.output.topic for e in cfg.entries)
         self.rollout, self.apply, self.on_decision = rollout, apply, on_decision
         self.metrics = metrics or EvaluationMetrics(ev.model_name, ev.max_versions)
         registry = RegistryClient.from_config(cfg.registry) if cfg.registry.url else None
         self._predictions = AvroReader(
-            cfg.output.schema.read_text(encoding="utf-8"),
-            cfg.output.format == "confluent",
+            cfg.first.output.schema.read_text(encoding="utf-8"),
+            cfg.first.output.format == "confluent",
             registry,
         )
         out = ev.outcomes

@@ -111,7 +111,7 @@ def role_grants(cfg: Config, role: str) -> list[Grant]:
             Grant("topic", topic, "read"),
             *more,
             Grant("group", group, "member"),
-            Grant("topic", cfg.output.topic, "write"),
+            *(Grant("topic", e.output.topic, "write") for e in cfg.entries),
             Grant("topic", cfg.dead_letter.topic, "write"),
             Grant("topic", cfg.dead_letter.topic, "configs"),
         ]

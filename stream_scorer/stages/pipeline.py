@@ -48,7 +48,9 @@ class BatchResult:
         model_version: the version of the model that scored the whole batch (every prediction
             and dead letter carries it; empty: the sink's default).
         features: the feature matrix of the rows the model scored (drift; None: not kept).
-        values: their predictions, row for row with ``features``.
+        values: the prediction of each record of ``scored`` (row for row with ``features``:
+            drift; a shadow compared with its champion).
+        labels: their labels, for a binary classifier.
     """
 
     scored: Scored
@@ -56,7 +58,8 @@ class BatchResult:
     unseen: Mapping[str, int] = field(default_factory=dict)
     model_version: str = ""
     features: Matrix | None = None
-    values: npt.NDArray[np.float64] | None = None
+    values: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    labels: npt.NDArray[np.int64] | None = None
 
 
 class ColumnBuilder(Protocol):
@@ -112,16 +115,25 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         cols = self._columns.run(messages)
-        kept, ids, times, matrix, dead, t1 = (
-            cols.messages,
-            cols.ids,
-            cols.event_ms,
-            cols.matrix,
-            cols.dead,
-            cols.decode_done,
-        )
+        self._timer("decode", cols.decode_done - t0)
+        self._timer("features", time.perf_counter() - cols.decode_done)
+        return self.score(cols)
+
+    def score(self, cols: Columns, *, isolate: bool = True) -> BatchResult:
+        """Predict and encode a batch's columns (``columns.run``); ``cols`` is left unchanged.
+
+        Several models with the same features score the same ``cols``, each getting its own
+        dead letters (those of ``cols`` first). ``isolate``: a model failing on the batch is
+        split in halves down to the records it fails on (dead-lettered); False: its exception
+        propagates (a shadow model, whose failure is not its records').
+        """
+        kept, ids, times, matrix = cols.messages, cols.ids, cols.event_ms, cols.matrix
+        dead = list(cols.dead)
         t2 = time.perf_counter()
-        rows, values, labels = self.predict(kept, matrix, dead)
+        if isolate:
+            rows, values, labels = self.predict(kept, matrix, dead)
+        else:
+            rows, values, labels = self._predict_all(kept, matrix, dead)
         t3 = time.perf_counter()
         if len(rows) != len(kept):
             matrix = matrix[rows]
@@ -133,16 +145,29 @@ class Pipeline:
             times = [m.timestamp()[1] if t is None else t for m, t in zip(kept, times, strict=True)]
         event_ms: list[int] = times  # type: ignore[assignment]
         texts = [i if type(i) is str else ("" if i is None else str(i)) for i in ids]
-        scored = self._encode(kept, texts, values, labels, event_ms, dead)
+        scored, good = self._encode(kept, texts, values, labels, event_ms, dead)
+        if good is not None:  # rows the encoder refused: the others' features and values
+            matrix, values = matrix[good], values[good]
+            labels = None if labels is None else labels[good]
         t4 = time.perf_counter()
-        for stage, seconds in (
-            ("decode", t1 - t0),
-            ("features", t2 - t1),
-            ("predict", t3 - t2),
-            ("encode", t4 - t3),
-        ):
-            self._timer(stage, seconds)
-        return BatchResult(scored, dead, cols.unseen, self._scorer.model_version, matrix, values)
+        self._timer("predict", t3 - t2)
+        self._timer("encode", t4 - t3)
+        return BatchResult(
+            scored, dead, cols.unseen, self._scorer.model_version, matrix, values, labels
+        )
+
+    def _predict_all(
+        self, kept: list[Message], matrix: Matrix, dead: list[DeadLetter]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64] | None]:
+        """Predict the whole batch at once; the model's exception propagates."""
+        predictions = self._scorer.predict(matrix)
+        values = np.asarray(predictions.values, dtype=np.float64)
+        labels = None if predictions.labels is None else predictions.labels.astype(np.int64)
+        finite = np.isfinite(values)
+        rows = np.arange(len(kept))
+        if finite.all():
+            return rows, values, labels
+        return rows[finite], values[finite], None if labels is None else labels[finite]
 
     def _encode(
         self,
@@ -152,19 +177,23 @@ class Pipeline:
         labels: npt.NDArray[np.int64] | None,
         event_ms: list[int],
         dead: list[DeadLetter],
-    ) -> Scored:
-        """Encode the predictions; when the batch cannot be, row by row, dead-lettering failures."""
+    ) -> tuple[Scored, list[int] | None]:
+        """Encode the predictions; when the batch cannot be, row by row, dead-lettering failures.
+
+        Returns the predictions encoded and the rows they are of (None: every row).
+        """
         version = self._scorer.model_version
         now_ms = int(self._clock() * 1000)
         try:
             encoded = self._encoder.encode_batch(ids, values, labels, version, event_ms, now_ms)
-            return Scored(kept, encoded, event_ms)
+            return Scored(kept, encoded, event_ms), None
         except Exception:  # find the rows the encoder refuses
             pass
         out = Scored([], [], [])
         marks = [None] * len(kept) if labels is None else labels.tolist()
-        for msg, rid, value, label, event in zip(
-            kept, ids, values.tolist(), marks, event_ms, strict=True
+        good: list[int] = []
+        for row, (msg, rid, value, label, event) in enumerate(
+            zip(kept, ids, values.tolist(), marks, event_ms, strict=True)
         ):
             try:
                 encoded_one = self._encoder.encode(rid, value, label, version, event, now_ms)
@@ -178,7 +207,8 @@ class Pipeline:
             out.messages.append(msg)
             out.encoded.append(encoded_one)
             out.event_ms.append(event)
-        return out
+            good.append(row)
+        return out, good
 
     def predict(
         self, kept: Sequence[Message], matrix: Matrix, dead: list[DeadLetter]

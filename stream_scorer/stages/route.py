@@ -11,7 +11,9 @@ A record without a Kafka key is routed by its value bytes: deterministic (a batc
 after an abort is routed as before) but not sticky per entity; key the input for that.
 
 ``RoutedPipeline`` runs each version's own ``Pipeline`` on the records routed to it and merges
-the results: every prediction's value and headers carry the version that made it.
+the results: every prediction's value and headers carry the version that made it. The batch is
+decoded once (the champion's decode + features step; a version with another feature list decodes
+its own records), so a routed entry of ``models:`` shares the decode of the other entries.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_scorer.stages.pipeline import BatchResult, ColumnBuilder, Model, Pipeline
-from stream_scorer.stages.records import DeadLetter, Message, Scored
+from stream_scorer.stages.records import Columns, DeadLetter, Message, Scored
 
 #: Buckets of the split: weights are honoured to 0.01 percent.
 BUCKETS: Final = 10_000
@@ -80,8 +82,8 @@ def _routing_key(msg: Message) -> bytes | None:
 class RoutedPipeline:
     """Scores each record of a batch with the version its key is routed to (module doc).
 
-    Looks like a ``Pipeline`` to the worker: ``process``, ``model`` (the champion's) and
-    ``columns`` (the champion's decoder).
+    Looks like a ``Pipeline`` to the worker: ``process``, ``score``, ``model`` (the champion's)
+    and ``columns`` (the champion's decoder).
     """
 
     def __init__(self, pipelines: Sequence[Pipeline], challenger_percents: Sequence[float]):
@@ -112,22 +114,67 @@ class RoutedPipeline:
             for pipeline in self.pipelines[:-1]:
                 pipeline.process(messages)  # warm-up of every version
             return self.pipelines[-1].process(messages)
-        picks = route(key_buckets([_routing_key(m) for m in messages]), self.bounds)
+        return self.score(self.columns.run(messages))
+
+    def score(self, cols: Columns, *, isolate: bool = True) -> BatchResult:
+        """Score the champion decoder's ``cols`` (``Pipeline.score``), each row by its version.
+
+        A version with the champion's decode + features step (the same feature list: the
+        worker shares one) scores its rows of ``cols`` as they are; another decodes its records
+        itself. A record the champion's step refused is a dead letter of the version its key
+        routes to. ``isolate``: as ``Pipeline.score`` (False: a shadow's failure propagates).
+        """
+        kept, dead = cols.messages, cols.dead
+        picks = route(key_buckets([_routing_key(m) for m in kept]), self.bounds)
+        dead_picks = route(key_buckets([_routing_key(d.message) for d in dead]), self.bounds)
         scored = Scored([], [], [], [])
-        dead: list[DeadLetter] = []
-        unseen: dict[str, int] = {}
-        for i in np.unique(picks).tolist():
-            rows = np.flatnonzero(picks == i).tolist()
-            part = self.pipelines[i].process([messages[r] for r in rows])
+        assert scored.versions is not None
+        out_dead: list[DeadLetter] = []
+        values: list[npt.NDArray[np.float64]] = []
+        labels: list[npt.NDArray[np.int64]] = []
+        unlabelled = False
+        for i, pipeline in enumerate(self.pipelines):
+            rows = np.flatnonzero(picks == i)
+            own = [d for d, p in zip(dead, dead_picks.tolist(), strict=True) if p == i]
+            if not len(rows) and not own:
+                continue
+            if pipeline.columns is self.columns:
+                part = pipeline.score(_take(cols, rows, own), isolate=isolate)
+            else:  # another feature list: the version decodes its own records
+                msgs = [*(kept[r] for r in rows.tolist()), *(d.message for d in own)]
+                part = pipeline.score(pipeline.columns.run(msgs), isolate=isolate)
             version = self.versions[i]
             scored.messages.extend(part.scored.messages)
             scored.encoded.extend(part.scored.encoded)
             scored.event_ms.extend(part.scored.event_ms)
-            assert scored.versions is not None
             scored.versions.extend([version] * len(part.scored))
-            dead.extend(
+            out_dead.extend(
                 d if d.model_version else replace(d, model_version=version) for d in part.dead
             )
-            for name, n in part.unseen.items():
-                unseen[name] = unseen.get(name, 0) + n
-        return BatchResult(scored, dead, unseen, self.versions[-1])
+            values.append(part.values)
+            if part.labels is None:
+                unlabelled = True
+            else:
+                labels.append(part.labels)
+        return BatchResult(
+            scored,
+            out_dead,
+            cols.unseen,
+            self.versions[-1],
+            values=np.concatenate(values) if values else np.empty(0),
+            labels=None if unlabelled or not labels else np.concatenate(labels),
+        )
+
+
+def _take(cols: Columns, rows: npt.NDArray[np.int64], dead: list[DeadLetter]) -> Columns:
+    """The columns of ``rows`` of ``cols`` with ``dead`` as their dead letters."""
+    picked = rows.tolist()
+    return Columns(
+        [cols.messages[r] for r in picked],
+        [cols.ids[r] for r in picked],
+        [cols.event_ms[r] for r in picked],
+        cols.matrix[rows],
+        dead,
+        cols.decode_done,
+        {},
+    )

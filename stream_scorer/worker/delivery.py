@@ -30,6 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from stream_scorer.errors import AccessDeniedError, BrokerError, FencedError, broker_unreachable
 from stream_scorer.kafka.access import AUTHORIZATION_CODES, Grant, denied
 from stream_scorer.logs import client_logger
+from stream_scorer.stages.multi import MultiResult, as_multi
 from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Partitions, Position, Ticket
@@ -136,7 +137,7 @@ class Delivery(Protocol):
     #: True while the input is paused because outputs await acknowledgement.
     paused: bool
 
-    def deliver(self, ticket: Ticket, result: BatchResult) -> bool:
+    def deliver(self, ticket: Ticket, result: BatchResult | MultiResult) -> bool:
         """Publish a batch's outputs; False when it was rolled back (to be consumed again)."""
         ...
 
@@ -349,12 +350,12 @@ class AtLeastOnce:
         self.paused = False
         self._drained = False
 
-    def deliver(self, ticket: Ticket, result: BatchResult) -> bool:
+    def deliver(self, ticket: Ticket, result: BatchResult | MultiResult) -> bool:
         """Produce the batch's outputs (True); their acknowledgements move the watermark later.
 
         Never rolled back: an output the broker refuses stops the worker (``service``).
         """
-        self.sink.publish(result.scored, result.dead, ticket, result.model_version)
+        self.sink.publish_batch(as_multi(result), ticket)
         if self._wait:
             self.sink.flush(self._flush_timeout)
             self.service()
@@ -542,7 +543,7 @@ class ExactlyOnce:
             )
         return BrokerError(f"{what}: {exc}")
 
-    def deliver(self, ticket: Ticket, result: BatchResult) -> bool:
+    def deliver(self, ticket: Ticket, result: BatchResult | MultiResult) -> bool:
         """Publish the batch and commit it with its offsets; return False if it was rolled back.
 
         Raises:
@@ -552,7 +553,7 @@ class ExactlyOnce:
         offsets = [TopicPartition(t, p, o) for t, p, o in ticket.next_offsets]
         try:
             self._producer.begin_transaction()
-            self.sink.publish(result.scored, result.dead, ticket, result.model_version)
+            self.sink.publish_batch(as_multi(result), ticket)
             self._send_offsets(offsets)
             bounded(
                 partial(self._producer.commit_transaction, self._timeout),

@@ -11,7 +11,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -25,6 +25,7 @@ from stream_scorer.config import (
     CLIENT_MESSAGE_MAX_BYTES,
     EXACTLY_ONCE,
     Config,
+    ModelEntry,
     check_clients,
     client_settings,
     consumer_settings,
@@ -34,6 +35,7 @@ from stream_scorer.config import (
     transactional_id,
     worker_identity,
 )
+from stream_scorer.contracts.manifest import FeatureSpec
 from stream_scorer.envelope import Protector, load_public_key
 from stream_scorer.errors import (
     BrokerError,
@@ -67,7 +69,15 @@ from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.features import FeatureBuilder, check_schema
 from stream_scorer.stages.fields import resolve, type_name
 from stream_scorer.stages.framing import MAGIC_ID, FramedColumns
+from stream_scorer.stages.multi import (
+    ModelOutput,
+    MultiResult,
+    compare,
+    score_batch,
+    share_columns,
+)
 from stream_scorer.stages.pipeline import ColumnBuilder, Pipeline
+from stream_scorer.stages.records import Message
 from stream_scorer.stages.score import Scorer
 from stream_scorer.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, Input, ProducerEvents
 from stream_scorer.worker.drift import DriftWatch, warm_up_drift
@@ -83,10 +93,11 @@ from stream_scorer.worker.health import Monitor
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker
 from stream_scorer.worker.progress import Progress
-from stream_scorer.worker.refresh import LoadedModel, ModelRefresher, columns_of, load_initial
+from stream_scorer.worker.refresh import LoadedModel, columns_of
 from stream_scorer.worker.schemas import WriterSchemas
 from stream_scorer.worker.share import ShareSource, configure_group, share_group_configs
 from stream_scorer.worker.sink import Sink, SinkContext
+from stream_scorer.worker.slots import Slot
 from stream_scorer.worker.source import Source
 
 log = logging.getLogger(__name__)
@@ -108,31 +119,41 @@ class WorkerReport:
     orphaned_lag: OrphanedLag | None = None
 
 
-def model_source(cfg: Config) -> ModelSource:
-    """The configured model source (``model.source``, or the directory ``model.path``)."""
-    if cfg.model.path is not None:
-        return DirectorySource(cfg.model.path)
+def model_source(cfg: Config, entry: ModelEntry | None = None) -> ModelSource:
+    """The configured model source (``model.source``, or the directory ``model.path``).
+
+    ``entry``: the model entry's (default: the first).
+    """
+    model = (entry or cfg.first).model
+    if model.path is not None:
+        return DirectorySource(model.path)
     return open_source(
-        cfg.model.source,
-        tracking_uri=cfg.model.mlflow_tracking_uri,
+        model.source,
+        tracking_uri=model.mlflow_tracking_uri,
         retry_deadline_s=cfg.retry.model_registry_timeout_s,
         policy=cfg.retry.policy(),
     )
 
 
-def model_name(cfg: Config) -> str:
-    """The ``model`` label of the worker's model (drift gauges).
+def model_name(cfg: Config, entry: ModelEntry | None = None) -> str:
+    """The ``model`` label of a model entry's drift gauges (``entry``: default the first).
 
-    The store's or MLflow's model name, else the model directory's name.
+    Under ``models:`` the entry's name; the single ``model:`` form: the store's or MLflow's
+    model name, else the model directory's name.
     """
-    spec = cfg.model.source
+    entry = entry or cfg.first
+    if cfg.models:
+        return entry.name
+    spec = entry.model.source
     if spec.startswith((STORE_SCHEME, MLFLOW_SCHEME)):
         return parse_ref(spec).name
-    path = cfg.model.path if cfg.model.path is not None else Path(spec)
+    path = entry.model.path if entry.model.path is not None else Path(spec)
     return path.resolve().name or "model"
 
 
-def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
+def output_prefix(
+    cfg: Config, client: RegistryClient | None = None, entry: ModelEntry | None = None
+) -> bytes:
     """``output.format: confluent``: the frame before every prediction (magic 0 and the id).
 
     Registers the prediction schema under ``<output topic>-value`` (``output.auto_register``)
@@ -143,12 +164,16 @@ def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
         RefusedError: the registry refused the credentials (401/403) or the schema (409, 422:
             its message quoted, field ``output.schema``).
         RegistryError: the registry did not answer for ``registry.unavailable_timeout_s``.
+
+    ``entry``: the model entry whose output it is (default: the first).
     """
-    if cfg.output.format != "confluent":
+    entry = entry or cfg.first
+    output = entry.output
+    if output.format != "confluent":
         return b""
     client = client or RegistryClient.from_config(cfg.registry)
-    subject = f"{cfg.output.topic}-value"
-    text = json.dumps(json.loads(cfg.output.schema.read_text(encoding="utf-8")))
+    subject = f"{output.topic}-value"
+    text = json.dumps(json.loads(output.schema.read_text(encoding="utf-8")))
     for attempt in retrying(
         cfg.registry.unavailable_timeout_s,
         f"subject {subject}",
@@ -159,24 +184,24 @@ def output_prefix(cfg: Config, client: RegistryClient | None = None) -> bytes:
             try:
                 schema_id = (
                     client.register(subject, text)
-                    if cfg.output.auto_register
+                    if output.auto_register
                     else client.lookup(subject, text)
                 )
             except RefusedError as exc:
                 if exc.status in (401, 403):
                     raise
                 raise RefusedError(  # 409 incompatible, 422 invalid: the schema is to fix
-                    "output.schema",
-                    f"{cfg.output.schema} under subject {subject!r}: {exc.detail}",
+                    entry.field("output", "schema"),
+                    f"{output.schema} under subject {subject!r}: {exc.detail}",
                     url=exc.url,
                     status=exc.status,
                     principal=exc.principal,
                 ) from exc
             except NotFound:
                 raise ConfigError(
-                    "output.auto_register",
+                    entry.field("output", "auto_register"),
                     f"is false and subject {subject!r} at {cfg.registry.url} does not hold "
-                    f"the prediction schema {cfg.output.schema}: register it first",
+                    f"the prediction schema {output.schema}: register it first",
                 ) from None
     log.info("predictions framed with schema id %d (subject %s)", schema_id, subject)
     return bytes([MAGIC_ID]) + schema_id.to_bytes(4, "big")
@@ -225,6 +250,8 @@ def build_pipeline(
     *,
     prefix: bytes = b"",
     reader: dict[str, Any] | None = None,
+    entry: ModelEntry | None = None,
+    builders: dict[str, ColumnBuilder] | None = None,
 ) -> tuple[Pipeline, Scorer]:
     """Load the schemas and the model and check they fit each other.
 
@@ -235,11 +262,15 @@ def build_pipeline(
         prefix: written before every prediction (``output_prefix``).
         reader: the input's reader schema when it does not come from ``input.schema``
             (``reader_schema``).
+        entry: the model entry (default: the first).
+        builders: the decode + features steps built so far, by feature list: a model whose
+            manifest lists the same features (and policies) shares one (``multi``).
     """
-    model_dir = model_dir or cfg.model.path
+    entry = entry or cfg.first
+    model_dir = model_dir or entry.model.path
     if model_dir is None:
-        raise ConfigError("model.path", "no model directory")
-    scorer = Scorer(model_dir, nthread=cfg.model.nthread, threshold=cfg.model.threshold)
+        raise ConfigError(entry.field("model", "path"), "no model directory")
+    scorer = Scorer(model_dir, nthread=entry.model.nthread, threshold=entry.model.threshold)
     input_schema = reader if reader is not None else load_schema(cfg.input.schema)
     check_schema(scorer.manifest.features, input_schema)
     # a malformed reference is refused here; the drift counts' kernel compiled (or loaded from
@@ -271,39 +302,59 @@ def build_pipeline(
                 )
     try:
         encoder = PredictionEncoder(
-            load_schema(cfg.output.schema), prefix=prefix, batch_writer=write_v1_batch
+            load_schema(entry.output.schema), prefix=prefix, batch_writer=write_v1_batch
         )
     except SchemaError as exc:
-        raise ConfigError("output.schema", str(exc)) from exc
+        raise ConfigError(entry.field("output", "schema"), str(exc)) from exc
+    features = scorer.manifest.features
+    columns = share_columns(
+        {} if builders is None else builders,
+        feature_key(features),
+        partial(_columns, cfg, input_schema, features),
+    )
+    if isinstance(columns, FramedColumns):
+        log.info("decoder: confluent wire format, each writer schema resolved against %s",
+                 cfg.input.schema)  # fmt: skip
+    return Pipeline(columns, scorer, encoder, timer=metrics.observe_stage), scorer
+
+
+def feature_key(features: Sequence[FeatureSpec]) -> str:
+    """What makes two models' decode + features steps the same (their sharing key).
+
+    Each feature, in order, with the value policy that applies to it (the manifest-wide one
+    with its overrides).
+    """
+    return repr([(f, f.effective_policy) for f in features])
+
+
+def _columns(
+    cfg: Config, input_schema: dict[str, Any], features: Sequence[FeatureSpec]
+) -> ColumnBuilder:
+    """The decode + features step for ``features``: framed, compiled, or fastavro."""
     if cfg.input.format == "confluent":
-        framed = build_framed_columns(
+        return build_framed_columns(
             input_schema,
-            scorer.manifest.features,
+            features,
             id_field=cfg.input.id_field,
             event_time_field=cfg.input.event_time_field,
             max_message_bytes=cfg.input.max_message_bytes,
             fast_path=cfg.input.fast_path,
             max_schemas=cfg.registry.max_schemas,
         )
-        log.info("decoder: confluent wire format, each writer schema resolved against %s",
-                 cfg.input.schema)  # fmt: skip
-        return Pipeline(framed, scorer, encoder, timer=metrics.observe_stage), scorer
     fast = build_fast_path(
         input_schema,
-        scorer.manifest.features,
+        features,
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
         max_message_bytes=cfg.input.max_message_bytes,
         enabled=cfg.input.fast_path,
     )
-    columns = fast or AvroColumns(
+    return fast or AvroColumns(
         Decoder(input_schema, cfg.input.max_message_bytes),
-        FeatureBuilder(scorer.manifest.features),
+        FeatureBuilder(features),
         id_field=cfg.input.id_field,
         event_time_field=cfg.input.event_time_field,
     )
-    pipeline = Pipeline(columns, scorer, encoder, timer=metrics.observe_stage)
-    return pipeline, scorer
 
 
 def _writer_schemas(cfg: Config, columns: ColumnBuilder, metrics: Metrics) -> WriterSchemas | None:
@@ -431,33 +482,30 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
     tracker = OffsetTracker()
     with ExitStack() as stack:
         stack.enter_context(stop.on_signals())  # first: a SIGTERM during start-up stops cleanly
-        prefix, reader = output_prefix(cfg), reader_schema(cfg)
-
-        def load(directory: Path) -> tuple[Pipeline, Scorer]:
-            return build_pipeline(cfg, metrics, directory, prefix=prefix, reader=reader)
-
-        models = model_source(cfg)
-        stack.callback(models.close)
-        model = load_initial(models, load, metrics)
+        reader = reader_schema(cfg)
+        slots = _slots(cfg, metrics, reader)
+        for slot in slots:
+            stack.callback(slot.close)
+            slot.start()
+        main = next(slot for slot in slots if not slot.shadow)
+        model = main.loaded
+        assert model is not None  # a serve slot that cannot load raised
         scorer = model.scorer
-        log.info("model %s from %s", scorer.model_version, models.describe())
-        if model.split is not None:
-            log.info("%s from %s", model.describe(), models.describe())
         metrics.model_swapped(None, scorer.model_version)
-        metrics.routing(model.weights())
-        refresher = ModelRefresher(models, model, load, metrics, cfg.model.refresh_s)
-        schemas = _writer_schemas(cfg, model.pipeline.columns, metrics)
-        if schemas is not None and model.split is not None:
-            schemas.follow(*columns_of(model))
         monitor = stack.enter_context(Monitor(cfg, metrics, scorer.model_version))
+        drift = {s.name: DriftWatch(model_name(cfg, s.entry), cfg.drift, metrics) for s in slots}
+        models = Models(slots, metrics, monitor, drift)
+        schemas = _writer_schemas(cfg, models.columns()[0], metrics)
+        if schemas is not None:
+            schemas.follow(*models.columns())  # a rollout's or another entry's decoders too
         ctx = SinkContext(
-            cfg.output.topic,
+            main.entry.output.topic,
             cfg.dead_letter.topic,
             cfg.input.group_id,
             worker_id,
             scorer.model_version,
             cfg.kafka.unreachable_timeout_s,
-            frozenset(cfg.output.copy_headers),
+            frozenset(main.entry.output.copy_headers),
             principal_of(client_settings(cfg)),
             _protector(cfg),
             signer=_signer(cfg),
@@ -474,7 +522,7 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
                     for i, t in enumerate(cfg.input.topics)
                     if not t.startswith("^")
                 },
-                "output.topic": cfg.output.topic,
+                **{e.field("output", "topic"): e.output.topic for e in cfg.entries},
                 "dead_letter.topic": cfg.dead_letter.topic,
             },
             unreachable_timeout_s=cfg.kafka.unreachable_timeout_s,
@@ -494,7 +542,6 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
         stack.enter_context(source)
         delivery = _delivery(cfg, worker_id, ctx, source, tracker, metrics)
         monitor.watch(source)
-        stack.enter_context(refresher)
         # the ~130k objects of start-up (xgboost, numba, numpy, the clients) live as long as
         # the worker: frozen, the collector's full passes skip them (each took ~50 ms and
         # showed as periodic latency spikes under load)
@@ -510,22 +557,20 @@ def run_worker(cfg: Config, stop: StopFlag | None = None) -> WorkerReport:
 
             schemas.keepalive = keepalive
             schemas.stopping = lambda: bool(stop)
-        model.pipeline.process([])  # warm-up: the first real batch can be scored at once
+        models.score([])  # warm-up: the first real batch can be scored at once
         metrics.could_score()
         monitor.scorable()
         rolled_back = _loop(
             cfg,
             source,
-            model,
+            models,
             delivery,
             tracker,
             metrics,
             report,
             stop,
-            partial(_swap, refresher, metrics, monitor),
             schemas=schemas,
             progress=Progress(metrics, cfg.logging.progress_interval_s),
-            drift=DriftWatch(model_name(cfg), cfg.drift, metrics),
         )
         remaining = delivery.drain()
         metrics.in_flight.set(tracker.pending)
@@ -624,55 +669,181 @@ def check_clean_stop(
         )
 
 
-def _swap(
-    refresher: ModelRefresher, metrics: Metrics, monitor: Monitor, model: LoadedModel
-) -> LoadedModel:
-    """The model to score the next batch with: a version the refresher has ready, or ``model``.
+def _slots(cfg: Config, metrics: Metrics, reader: dict[str, Any] | None) -> list[Slot]:
+    """A slot per model entry; those with the same features share one decode + features step."""
+    builders: dict[str, ColumnBuilder] = {}
+    slots = []
+    for entry in cfg.entries:
+        load = partial(
+            _load_entry, cfg, metrics, entry, output_prefix(cfg, entry=entry), reader, builders
+        )
+        slots.append(
+            Slot(
+                entry,
+                model_source(cfg, entry),
+                load,
+                metrics,
+                refresh_s=entry.model.refresh_s,
+                policy=cfg.retry.policy(),
+                named=bool(cfg.models),
+            )
+        )
+    return slots
 
-    Called between batches only.
+
+def _load_entry(
+    cfg: Config,
+    metrics: Metrics,
+    entry: ModelEntry,
+    prefix: bytes,
+    reader: dict[str, Any] | None,
+    builders: dict[str, ColumnBuilder],
+    directory: Path,
+) -> tuple[Pipeline, Scorer]:
+    """Build the pipeline of ``entry``'s model in ``directory`` (a ``refresh.Loader``)."""
+    return build_pipeline(
+        cfg, metrics, directory, prefix=prefix, reader=reader, entry=entry, builders=builders
+    )
+
+
+class Models:
+    """The worker's model slots as the main loop sees them: score a batch, swap between batches.
+
+    The single ``model:`` form is one unnamed slot, scored and delivered as before ``models:``.
+    Each slot may be a rollout (its records routed by key over its versions); each has its own
+    drift watch (``drift``: by slot name).
     """
-    new = refresher.take()
-    if new is None:
-        return model
-    metrics.model_swapped(model.model_version, new.model_version)
-    metrics.routing(new.weights())
-    monitor.set_model_version(new.model_version)
-    if model.split is None and new.split is None:
+
+    def __init__(
+        self,
+        slots: Sequence[Slot],
+        metrics: Metrics,
+        monitor: Monitor,
+        drift: Mapping[str, DriftWatch] | None = None,
+    ) -> None:
+        """Score with ``slots`` (in configuration order; at least one serve slot)."""
+        self._slots = list(slots)
+        self._metrics = metrics
+        self._monitor = monitor
+        self._drift = dict(drift or {})
+        self._main = next(s for s in self._slots if not s.shadow)
+        self._by_name = {s.name: s for s in self._slots}
+        self._named = any(s.scoring_name for s in self._slots)
+
+    @property
+    def model_version(self) -> str:
+        """The first serve model's version (the worker's in health and logs)."""
+        return self._main.loaded.model_version if self._main.loaded else ""
+
+    def columns(self) -> list[ColumnBuilder]:
+        """The distinct decode + features steps scoring now (every version of a rollout's)."""
+        found: dict[int, ColumnBuilder] = {}
+        for s in self._slots:
+            for columns in [] if s.loaded is None else columns_of(s.loaded):
+                found.setdefault(id(columns), columns)
+        return list(found.values())
+
+    def _slot(self, out: ModelOutput) -> Slot | None:
+        return self._by_name.get(out.name) if out.name else self._main
+
+    def score(self, messages: Sequence[Message]) -> MultiResult:
+        """Score a batch with every model that scores now; note shadows' failures and agreement."""
+        scorings = [x for x in (s.scoring() for s in self._slots) if x is not None]
+        result = score_batch(scorings, messages, self._metrics.observe_stage)
+        serve = {o.name: o.result for o in result.outputs if not o.shadow}
+        for out in result.outputs:
+            slot = self._slot(out)
+            self._metrics.model_stage_seconds.labels(slot.name if slot else "").observe(out.seconds)
+            if not out.shadow or slot is None:
+                continue
+            if out.failed is not None:
+                slot.fail(out.failed)
+                continue
+            slot.scored()
+            name = slot.name
+            if out.refused:
+                self._metrics.shadow_refused.labels(name).inc(out.refused)
+            champion = serve.get(slot.entry.shadow_of)
+            if champion is not None and messages:
+                seen = compare(champion, out.result)
+                self._metrics.shadow_compared.labels(name).inc(seen.compared)
+                self._metrics.shadow_agreed.labels(name).inc(seen.agreed)
+                self._metrics.shadow_delta.observe_many(seen.deltas, name)
+        return result
+
+    def delivered(self, result: MultiResult) -> None:
+        """A batch was delivered: each model's predictions counted per version, drift observed.
+
+        Called before ``swap``: each slot still holds the model that scored the batch.
+        """
+        for out in result.outputs:
+            slot = self._slot(out)
+            if slot is None or slot.loaded is None:
+                continue
+            r = out.result
+            self._metrics.count_versions(slot.name, r.scored, r.model_version)
+            watch = self._drift.get(slot.name)
+            if watch is not None:  # a rollout's merged batch has no features: not observed
+                watch.observe(slot.loaded.scorer.manifest, r.features, r.values)
+
+    def tick(self) -> None:
+        """Between batches: drift exported on time (a time window slides without traffic)."""
+        for watch in self._drift.values():
+            watch.tick()
+
+    def swap(self) -> bool:
+        """Between batches: swap in each slot's ready version or split; True if any changed."""
+        changed = False
+        for slot in self._slots:
+            old = slot.loaded
+            new = slot.swap()
+            if new is None:
+                continue
+            changed = True
+            if slot is self._main and old is not None:
+                self._metrics.model_swapped(old.model_version, new.model_version)
+                self._monitor.set_model_version(new.model_version)
+            _log_swap(old, new, f" (model {slot.name})" if self._named else "")
+        return changed
+
+
+def _log_swap(old: LoadedModel | None, new: LoadedModel, of: str) -> None:
+    """The swap's log line (``of``: which model, under ``models:``)."""
+    if (old is None or old.split is None) and new.split is None:
         log.info(
-            "model swapped: %s -> %s (version %s); every batch from now on is scored by it",
-            model.model_version,
+            "model swapped: %s -> %s (version %s); every batch from now on is scored by it%s",
+            None if old is None else old.model_version,
             new.model_version,
             new.source_version,
+            of,
         )
     else:
         log.info(
-            "routing swapped: %s -> %s; every batch from now on is routed by it",
-            model.describe(),
+            "routing swapped: %s -> %s; every batch from now on is routed by it%s",
+            None if old is None else old.describe(),
             new.describe(),
+            of,
         )
-    return new
 
 
 def _loop(
     cfg: Config,
     source: Source | ShareSource,
-    model: LoadedModel,
+    models: Models,
     delivery: Delivery,
     tracker: OffsetTracker,
     metrics: Metrics,
     report: WorkerReport,
     stop: StopFlag,
-    swap: Callable[[LoadedModel], LoadedModel] = lambda model: model,
     *,
     schemas: WriterSchemas | None = None,
     progress: Progress | None = None,
-    drift: DriftWatch | None = None,
 ) -> int:
     """The main loop: poll → score → deliver (→ offsets) → swap the model → health.
 
-    The model is swapped only here, between batches: after ``deliver`` returned, the batch's
+    Models are swapped only here, between batches: after ``deliver`` returned, the batch's
     transaction has committed (or was rolled back, its records to be consumed again) or its
-    outputs are with the producer (at-least-once); a batch is scored by one model.
+    outputs are with the producer (at-least-once); a batch is scored by one version per model.
 
     Returns how many records the last batch had if its delivery was rolled back (0 when the
     last batch was delivered).
@@ -691,17 +862,18 @@ def _loop(
         batch = source.poll_batch(want, max_wait)
         if batch:
             if schemas is not None:  # unknown writer schemas: fetched, waiting out an outage
-                schemas.prepare(batch)
+                schemas.prepare(batch)  # every decoder scoring now learns them
                 metrics.registry_waiting.set(0)
             t0 = time.monotonic()
             ticket = tracker.track(batch)
             metrics.records_consumed.inc(len(batch))
             metrics.batch_size.observe(len(batch))
             fresh, spent = source.split(batch)  # share groups: past the delivery limit
-            result = model.pipeline.process(fresh)
+            result = models.score(fresh)
             result.dead.extend(spent)
             if poison.enabled:
                 dead = {id(d.message) for d in result.dead}
+                dead.update(id(d.message) for o in result.outputs for d in o.result.dead)
                 poison.observe([id(m) in dead for m in batch])
             t1 = time.perf_counter()
             delivered = delivery.deliver(ticket, result)  # False: rolled back, consumed again
@@ -712,23 +884,18 @@ def _loop(
                 report.batches += 1
                 if report.batches == 1:
                     metrics.first_batch()
-                metrics.observe_latency(result.scored.event_ms)
-                metrics.count_versions(result.scored, result.model_version)
+                metrics.observe_latency(result.main.scored.event_ms)
                 if progress is None:
                     metrics.count_unseen(result.unseen)
                 else:
-                    progress.unseen(result.unseen, result.model_version)
-                if drift is not None:
-                    drift.observe(model.scorer.manifest, result.features, result.values)
+                    progress.unseen(result.unseen, result.main.model_version)
+                models.delivered(result)  # per model: versions counted, drift observed
             metrics.batch_limit.set(sizer.observe(len(batch), time.monotonic() - t0))
-        swapped = swap(model)
-        if swapped is not model and schemas is not None:
-            schemas.follow(*columns_of(swapped))  # the writer schemas fetched so far
-        model = swapped
+        if models.swap() and schemas is not None:
+            schemas.follow(*models.columns())  # the writer schemas fetched so far
         if progress is not None:
-            progress.tick(model.model_version)
-        if drift is not None:
-            drift.tick()
+            progress.tick(models.model_version)
+        models.tick()
         delivery.service()
         source.raise_errors()
         metrics.in_flight.set(tracker.pending)

@@ -41,6 +41,8 @@ _STAGE_BUCKETS = (
 )
 
 
+#: A shadow's prediction minus its champion's (probabilities, or small regression values).
+_DELTA_BUCKETS = (-100, -10, -1, -0.5, -0.1, -0.01, -0.001, 0, 0.001, 0.01, 0.1, 0.5, 1, 10, 100)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -216,14 +218,16 @@ class Metrics(ConsumerMetrics):
         self.rollout_weight = Gauge(
             "stream_scorer_rollout_weight_percent",
             "Percent of keys each model version scores now (a canary, A/B or blue-green "
-            "rollout: model rollout; one version: 100).",
-            ["model_version"],
+            "rollout: model rollout; one version: 100), by model entry (the single form: "
+            "default) and version.",
+            ["model", "model_version"],
             registry=r,
         )
         self.predictions_by_version = Counter(
             "stream_scorer_version_predictions",
-            "Predictions of delivered batches, by the model version that made them.",
-            ["model_version"],
+            "Predictions of delivered batches, by model entry (the single form: default) and the "
+            "model version that made them.",
+            ["model", "model_version"],
             registry=r,
         )
         self.rollout_unreadable = Gauge(
@@ -274,7 +278,65 @@ class Metrics(ConsumerMetrics):
             "The current batch size limit (shrinks when batches take too long).",
             registry=r,
         )
-
+        # --- per model (``models:``; the single form is the model ``default``) -------------
+        self.model_predictions = Counter(
+            "stream_scorer_model_predictions_produced",
+            "Predictions acknowledged by the broker, by model (models: entries only).",
+            ["model"],
+            registry=r,
+        )
+        self.model_stage_seconds = Histogram(
+            "stream_scorer_model_stage_duration_seconds",
+            "Time per batch each model spent scoring it (predict and encode), by model.",
+            ["model"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.model_version_info = Gauge(
+            "stream_scorer_model_version_info",
+            "The version each model entry scores with (value 1), by model, version and role.",
+            ["model", "model_version", "role"],
+            registry=r,
+        )
+        self.model_entry_swaps = Counter(
+            "stream_scorer_model_entry_swaps",
+            "New versions swapped in between batches, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_failed = Gauge(
+            "stream_scorer_shadow_failed",
+            "1 while a shadow model is failed (did not load, or raised on a batch) and being "
+            "retried with backoff; its champion scores on.",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_compared = Counter(
+            "stream_scorer_shadow_compared_records",
+            "Records both a shadow model and its champion scored, by shadow model.",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_agreed = Counter(
+            "stream_scorer_shadow_agreed_records",
+            "Of the records compared, those a classifier shadow labelled as its champion did "
+            "(at each one's threshold); agreement rate = agreed / compared.",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_delta = BatchHistogram(
+            "stream_scorer_shadow_prediction_delta",
+            "A shadow model's prediction minus its champion's, per record compared.",
+            _DELTA_BUCKETS,
+            label="model",
+        )
+        r.register(self.shadow_delta)
+        self.shadow_refused = Counter(
+            "stream_scorer_shadow_refused_records",
+            "Records a shadow model could not score (no dead letter is written for them).",
+            ["model"],
+            registry=r,
+        )
         # drift (worker.drift): per model version, per feature of its manifest (bounded by the
         # manifest's features); the predictions' PSI is a gauge of its own
         self.drift_psi = Gauge(
@@ -318,6 +380,14 @@ class Metrics(ConsumerMetrics):
             registry=r,
         )
 
+    def entry_version(self, model: str, role: str, old: str | None, new: str) -> None:
+        """Show ``new`` as the version model entry ``model`` scores with (``old``: replaced)."""
+        if old is not None:
+            with suppress(KeyError):
+                self.model_version_info.remove(model, old, role)
+            self.model_entry_swaps.labels(model).inc()
+        self.model_version_info.labels(model, new, role).set(1)
+
     def model_swapped(self, old: str | None, new: str) -> None:
         """Show ``new`` as the model in use (``old``: the one it replaced, None at start-up)."""
         if old is not None:
@@ -327,24 +397,25 @@ class Metrics(ConsumerMetrics):
         self.model_info.labels(new).set(1)
         self.model_loaded_at.set(time.time())
 
-    def routing(self, weights: Mapping[str, float]) -> None:
-        """Show the percent of keys per version now scoring (``stream_scorer_rollout_weight``)."""
+    def routing(self, model: str, weights: Mapping[str, float]) -> None:
+        """Show the percent of keys per version model entry ``model`` scores with now."""
         for metric in self.rollout_weight.collect():
             for sample in metric.samples:
-                if sample.labels["model_version"] not in weights:
+                labels = sample.labels
+                if labels["model"] == model and labels["model_version"] not in weights:
                     with suppress(KeyError):
-                        self.rollout_weight.remove(sample.labels["model_version"])
+                        self.rollout_weight.remove(model, labels["model_version"])
         for version, percent in weights.items():
-            self.rollout_weight.labels(version).set(percent)
+            self.rollout_weight.labels(model, version).set(percent)
 
-    def count_versions(self, scored: Scored, model_version: str) -> None:
-        """Add a delivered batch's predictions to ``stream_scorer_version_predictions``."""
+    def count_versions(self, model: str, scored: Scored, model_version: str) -> None:
+        """Add model entry ``model``'s delivered predictions of a batch, per version."""
         if scored.versions is None:
             if scored.messages:
-                self.predictions_by_version.labels(model_version).inc(len(scored.messages))
+                self.predictions_by_version.labels(model, model_version).inc(len(scored.messages))
             return
         for version, n in Counter_(scored.versions).items():
-            self.predictions_by_version.labels(version).inc(n)
+            self.predictions_by_version.labels(model, version).inc(n)
 
     def could_score(self) -> None:
         """Record that the worker could score a batch now (``stream_scorer_startup_seconds``)."""
@@ -415,39 +486,53 @@ class BatchHistogram(Collector):
 
     The exposition is the same as ``prometheus_client.Histogram``'s (``_bucket``, ``_count``,
     ``_sum``); observing 1,000 values costs one ``searchsorted`` instead of 1,000 locked calls.
+    With ``label``, one histogram per value of that label (``observe_many(values, value)``).
     """
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], label: str | None = None
+    ) -> None:
         """Create an empty histogram with ``buckets`` upper bounds (``+Inf`` is added)."""
         self._name = name
         self._doc = documentation
+        self._label = label
         self._bounds = np.asarray(sorted(buckets), dtype=np.float64)
-        self._counts = np.zeros(len(self._bounds) + 1, dtype=np.int64)
-        self._sum = 0.0
+        #: label value ("" without a label) -> (bucket counts, sum)
+        self._series: dict[str, tuple[npt.NDArray[np.int64], list[float]]] = {}
+        if label is None:
+            self._series[""] = (np.zeros(len(self._bounds) + 1, dtype=np.int64), [0.0])
         self._lock = threading.Lock()
 
-    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
-        """Observe every value of ``values``."""
+    def observe_many(self, values: npt.NDArray[np.float64], label: str = "") -> None:
+        """Observe every value of ``values`` (in the series of ``label``, with a label)."""
         if values.size == 0:
             return
         slots = np.searchsorted(self._bounds, values, side="left")  # the first bound >= value
-        counts = np.bincount(slots, minlength=len(self._counts))
+        counts = np.bincount(slots, minlength=len(self._bounds) + 1)
         with self._lock:
-            self._counts += counts
-            self._sum += float(values.sum())
+            series = self._series.get(label)
+            if series is None:
+                zero = np.zeros(len(self._bounds) + 1, dtype=np.int64)
+                series = self._series[label] = (zero, [0.0])
+            series[0][:] += counts
+            series[1][0] += float(values.sum())
 
     def collect(self) -> Iterator[Metric]:
         """Yield the histogram family (cumulative buckets)."""
         with self._lock:
-            counts, total = self._counts.copy(), self._sum
-        cumulative = np.cumsum(counts).tolist()
+            copies = [(k, c.copy(), t[0]) for k, (c, t) in self._series.items()]
         les = [repr(b) for b in self._bounds.tolist()]  # as prometheus_client writes `le`
-        yield HistogramMetricFamily(
-            self._name,
-            self._doc,
-            buckets=[*zip(les, cumulative[:-1], strict=True), ("+Inf", cumulative[-1])],
-            sum_value=total,
+        family = HistogramMetricFamily(
+            self._name, self._doc, labels=None if self._label is None else [self._label]
         )
+        for value, counts, total in copies:
+            cumulative = np.cumsum(counts).tolist()
+            family.add_metric(
+                [] if self._label is None else [value],
+                [*zip(les, cumulative[:-1], strict=True), ("+Inf", cumulative[-1])],
+                total,
+            )
+        yield family
 
     def describe(self) -> Iterator[Metric]:
         """Yield the family without samples (the Prometheus registry checks names with it)."""

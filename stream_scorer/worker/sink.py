@@ -28,6 +28,8 @@ from stream_scorer.envelope import Protector
 from stream_scorer.errors import BrokerError, DeliveryError
 from stream_scorer.kafka.access import Grant, denied
 from stream_scorer.letters import Signer, fits, framed_size, strip
+from stream_scorer.stages.multi import ModelOutput, MultiResult, as_multi
+from stream_scorer.stages.pipeline import BatchResult
 from stream_scorer.stages.records import DeadLetter, Message, Scored
 from stream_scorer.worker.metrics import Metrics
 from stream_scorer.worker.offsets import OffsetTracker, Span, Ticket
@@ -75,18 +77,19 @@ class SinkContext:
 
 
 def dead_letter_headers(
-    dl: DeadLetter, ctx: SinkContext, model_version: str = ""
+    dl: DeadLetter, ctx: SinkContext, model_version: str = "", model_name: str = ""
 ) -> list[tuple[str, bytes | None]]:
     """Return the original headers followed by the error context headers.
 
-    ``model_version``: the model the record's batch was scored with (default: ``ctx``'s).
+    ``model_version``: the model the record's batch was scored with (default: ``ctx``'s);
+    ``model_name``: the ``models:`` entry that refused it (none: no header).
     """
-    original, context = _header_parts(dl, ctx, model_version)
+    original, context = _header_parts(dl, ctx, model_version, model_name)
     return original + context
 
 
 def _header_parts(
-    dl: DeadLetter, ctx: SinkContext, model_version: str = ""
+    dl: DeadLetter, ctx: SinkContext, model_version: str = "", model_name: str = ""
 ) -> tuple[list[tuple[str, bytes | None]], list[tuple[str, bytes | None]]]:
     """The record's own headers (its attempt header left out) and the error context headers."""
     msg = dl.message
@@ -113,20 +116,23 @@ def _header_parts(
         hdr.MODEL_VERSION: model_version or ctx.model_version,
         hdr.ATTEMPT: attempt.decode(errors="replace"),
     }
+    if model_name:
+        added[hdr.MODEL_NAME] = model_name
     own: list[tuple[str, bytes | None]] = [(k, v) for k, v in original if k != hdr.ATTEMPT]
     return own, [(k, v.encode()) for k, v in added.items()]
 
 
 def dead_letter(
-    dl: DeadLetter, ctx: SinkContext, model_version: str = ""
+    dl: DeadLetter, ctx: SinkContext, model_version: str = "", model_name: str = ""
 ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]], bool]:
     """The dead letter of ``dl`` as written: key, value, headers, and whether it was stripped.
 
     Protected as ``ctx.protector`` says, stripped when the whole letter would not fit
-    ``ctx.dead_letter_max_bytes``, signed last when ``ctx.signer`` is set.
+    ``ctx.dead_letter_max_bytes``, signed last when ``ctx.signer`` is set. ``model_name``: the
+    ``models:`` entry that refused the record (``headers.MODEL_NAME``; none: no header).
     """
     msg = dl.message
-    original, context = _header_parts(dl, ctx, model_version)
+    original, context = _header_parts(dl, ctx, model_version, model_name)
     key, value = msg.key(), msg.value()
     extra: list[tuple[str, bytes | None]] = []
     if ctx.protector is not None:
@@ -181,18 +187,25 @@ def _refused(msg: Message, topic: str, exc: Exception, principal: str = "") -> B
 class _Outputs:
     """The outputs of one batch's records of one partition, awaiting acknowledgement.
 
-    When none is left, the span is acknowledged to the tracker. The bound methods are the
-    delivery callbacks of these outputs (one object per batch and partition, not one closure
-    per record). They never raise.
+    Every model's prediction and every dead letter of these records counts (``expect``); the
+    span is acknowledged to the tracker when the broker acknowledged all of them and the batch
+    is fully produced (``produced``: until then one count is held back, so acknowledgements
+    served while the batch is still being produced cannot release the span early). The bound
+    methods are the delivery callbacks of these outputs (one object per batch and partition,
+    not one closure per record). They never raise.
     """
 
     __slots__ = ("left", "scored", "sink", "span")
 
-    def __init__(self, sink: Sink, span: Span | None, scored: Scored) -> None:
+    def __init__(self, sink: Sink, span: Span | None) -> None:
         self.sink = sink
         self.span = span
-        self.scored = scored
-        self.left = 0 if span is None else span.records
+        self.scored: list[Scored] = []
+        self.left = 1  # held back until ``produced``
+
+    def produced(self) -> None:
+        """Every output of these records was produced: release the count held back."""
+        self._one_done()
 
     def _one_done(self) -> None:
         self.left -= 1
@@ -201,10 +214,12 @@ class _Outputs:
 
     def _input_of(self, msg: Any) -> Message | None:
         """The input record of a refused prediction (error path only: a linear search)."""
-        try:
-            return self.scored.messages[self.scored.encoded.index(msg.value())]
-        except Exception:
-            return None
+        for scored in self.scored:
+            try:
+                return scored.messages[scored.encoded.index(msg.value())]
+            except Exception:
+                continue
+        return None
 
     def prediction(self, err: Any, msg: Any) -> None:
         try:
@@ -215,6 +230,16 @@ class _Outputs:
             self._one_done()
         except Exception:  # pragma: no cover - defensive: a callback must not raise
             self.sink.failed("prediction", traceback.format_exc(), None, None)
+
+    def model_prediction(self, name: str, err: Any, msg: Any) -> None:
+        """A named model's prediction (``models:``): also counted per model."""
+        try:
+            if err is None:
+                acked = self.sink.acked_by_model
+                acked[name] = acked.get(name, 0) + 1
+        except Exception:  # pragma: no cover - defensive: a callback must not raise
+            pass
+        self.prediction(err, msg)
 
     def dead_letter(self, dl: DeadLetter, stripped: bool, err: Any, msg: Any) -> None:
         try:
@@ -241,11 +266,11 @@ class Sink:
         self.tracker = tracker
         self.metrics = metrics
         self._errors: list[BrokerError] = []
-        self._version = ctx.model_version
-        self._version_header = self._version.encode()
         self.acked_predictions = 0
+        #: model name -> predictions acknowledged since the last poll (``models:`` only)
+        self.acked_by_model: dict[str, int] = {}
         #: (topic, partition) -> the model-version, source-topic and source-partition headers
-        self._source_headers: dict[tuple[str, int], list[tuple[str, bytes | None]]] = {}
+        self._source_headers: dict[tuple[str, str, int], list[tuple[str, bytes | None]]] = {}
 
     def failed(self, what: str, err: Any, source: Message | None, to: str | None) -> None:
         """Record that the broker refused the output of ``source`` (from delivery callbacks).
@@ -303,21 +328,18 @@ class Sink:
         except Exception as exc:
             raise _refused(msg, topic, exc, self._ctx.principal) from exc
 
-    def _headers_of(self, tp: tuple[str, int]) -> list[tuple[str, bytes | None]]:
-        common = self._source_headers.get(tp)
+    def _headers_of(self, tp: tuple[str, int], version: str) -> list[tuple[str, bytes | None]]:
+        """The headers every prediction of ``version`` for records of ``tp`` starts with."""
+        common = self._source_headers.get((version, *tp))
         if common is None:
-            common = self._source_headers[tp] = [
-                (hdr.MODEL_VERSION, self._version_header),
+            if len(self._source_headers) > 4096:  # versions swapped in over a long life
+                self._source_headers.clear()
+            common = self._source_headers[(version, *tp)] = [
+                (hdr.MODEL_VERSION, version.encode()),
                 (hdr.SOURCE_TOPIC, tp[0].encode()),
                 (hdr.SOURCE_PARTITION, str(tp[1]).encode()),
             ]
         return common
-
-    def _versioned(
-        self, common: list[tuple[str, bytes | None]], version: str
-    ) -> list[tuple[str, bytes | None]]:
-        """``common`` with the model-version header of ``version`` (a routed batch's row)."""
-        return [(hdr.MODEL_VERSION, version.encode()), *common[1:]]
 
     def publish(
         self,
@@ -333,23 +355,47 @@ class Sink:
         ``model_version``: the model that scored the batch, in every output's headers
         (default: the context's).
         """
-        ctx = self._ctx
-        version = model_version or ctx.model_version
-        if version != self._version:  # a model swapped in: the cached headers name the old one
-            self._version, self._version_header = version, version.encode()
-            self._source_headers.clear()
-        spans = {} if ticket is None else ticket.spans
-        #: (topic, partition) -> (the prediction headers they share, their outputs)
-        groups: dict[tuple[str, int], tuple[list[tuple[str, bytes | None]], _Outputs]] = {}
+        result = BatchResult(scored, list(dead), model_version=model_version)
+        self.publish_batch(as_multi(result, self._ctx.output_topic), ticket)
 
-        def group(msg: Message) -> tuple[list[tuple[str, bytes | None]], _Outputs]:
+    def publish_batch(self, batch: MultiResult, ticket: Ticket | None = None) -> None:
+        """Produce every model's predictions and every dead letter of a batch (asynchronously).
+
+        Each model's predictions go to its topic, stamped with its version; a dead letter of a
+        model names it (``headers.MODEL_NAME``). Each span of ``ticket`` is acknowledged once
+        the broker acknowledged every output of all its records; None: nothing is tracked.
+        """
+        ctx = self._ctx
+        spans = {} if ticket is None else ticket.spans
+        groups: dict[tuple[str, int], _Outputs] = {}
+
+        def group(msg: Message) -> _Outputs:
             tp = (msg.topic() or "", msg.partition() or 0)
             found = groups.get(tp)
             if found is None:
-                found = groups[tp] = (self._headers_of(tp), _Outputs(self, spans.get(tp), scored))
+                found = groups[tp] = _Outputs(self, spans.get(tp))
             return found
 
-        produce, topic, copied = self._producer.produce, ctx.output_topic, ctx.copy_headers
+        main = next((o for o in batch.outputs if not o.shadow), None)
+        default = (main.result.model_version if main else "") or ctx.model_version
+        for out in batch.outputs:
+            self._predictions(out, group)
+        for out in batch.outputs:
+            version = out.result.model_version or ctx.model_version
+            for dl in out.result.dead:
+                self._dead_letter(dl, version, out.name, group(dl.message))
+        for dl in batch.dead:
+            self._dead_letter(dl, default, "", group(dl.message))
+        for outputs in groups.values():
+            outputs.produced()
+        self.poll(0)
+
+    def _predictions(self, out: ModelOutput, group: Callable[[Message], _Outputs]) -> None:
+        """Produce one model's predictions of the batch to its topic."""
+        ctx, scored = self._ctx, out.result.scored
+        version = out.result.model_version or ctx.model_version
+        produce, topic = self._producer.produce, out.topic or ctx.output_topic
+        copied = ctx.copy_headers if out.copy_headers is None else out.copy_headers
         offset_header = hdr.SOURCE_OFFSET  # a local: looked up once per batch, not per record
         last: tuple[str, int] | None = None
         versions = scored.versions  # a routed batch (a rollout): the version of each row
@@ -357,15 +403,17 @@ class Sink:
             tp = (msg.topic() or "", msg.partition() or 0)
             if tp != last:  # consumed records come in runs per partition
                 last = tp
-                common, outputs = group(msg)
-                done = outputs.prediction
-            if versions is None:
-                headers = [*common, (offset_header, b"%d" % (msg.offset() or 0))]
-            else:
-                headers = [
-                    *self._versioned(common, versions[i]),
-                    (offset_header, b"%d" % (msg.offset() or 0)),
-                ]
+                outputs = group(msg)
+                if not outputs.scored or outputs.scored[-1] is not scored:
+                    outputs.scored.append(scored)
+                common = self._headers_of(tp, version)
+                done = (
+                    partial(outputs.model_prediction, out.name) if out.name else outputs.prediction
+                )
+            if versions is not None:  # a rollout's row: stamped with the version that scored it
+                common = self._headers_of(tp, versions[i])
+            outputs.left += 1
+            headers = [*common, (offset_header, b"%d" % (msg.offset() or 0))]
             if copied:
                 headers.extend((k, v) for k, v in msg.headers() or () if k in copied)
             try:
@@ -373,36 +421,48 @@ class Sink:
             except BufferError:  # the local queue is full: wait for room
                 self._produce_waiting(msg, topic, value, headers, done)
             except Exception as exc:
+                outputs.left -= 1
                 raise _refused(msg, topic, exc, ctx.principal) from exc
-        for dl in dead:
-            dl_key, dl_value, dl_headers, stripped = dead_letter(
-                dl, ctx, dl.model_version or version
+
+    def _dead_letter(self, dl: DeadLetter, version: str, name: str, outputs: _Outputs) -> None:
+        """Produce the dead letter of ``dl`` (``name``: the model that refused it, if one)."""
+        ctx = self._ctx
+        dl_key, dl_value, dl_headers, stripped = dead_letter(
+            dl, ctx, dl.model_version or version, name
+        )
+        if stripped:
+            m = dl.message
+            log.warning(
+                "dead letter of %s[%s]@%s (%s) is larger than the %d bytes the dead-letter "
+                "topic takes: written without its key and value (size and SHA-256 kept)",
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                dl.reason,
+                ctx.dead_letter_max_bytes,
             )
-            if stripped:
-                m = dl.message
-                log.warning(
-                    "dead letter of %s[%s]@%s (%s) is larger than the %d bytes the dead-letter "
-                    "topic takes: written without its key and value (size and SHA-256 kept)",
-                    m.topic(),
-                    m.partition(),
-                    m.offset(),
-                    dl.reason,
-                    ctx.dead_letter_max_bytes,
-                )
+        outputs.left += 1
+        try:
             self._produce_waiting(
                 dl.message,
                 ctx.dead_letter_topic,
                 dl_value,
                 dl_headers,
-                partial(group(dl.message)[1].dead_letter, dl, stripped),
+                partial(outputs.dead_letter, dl, stripped),
                 dl_key,
             )
-        self.poll(0)
+        except BaseException:
+            outputs.left -= 1
+            raise
 
     def _count_acks(self) -> None:
         if self.acked_predictions:
             self.metrics.predictions.inc(self.acked_predictions)
             self.acked_predictions = 0
+        if self.acked_by_model:
+            for name, count in self.acked_by_model.items():
+                self.metrics.model_predictions.labels(name).inc(count)
+            self.acked_by_model = {}
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve delivery reports."""

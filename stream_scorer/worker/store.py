@@ -207,12 +207,15 @@ class PredictionDecoder:
     def __init__(self, cfg: Config) -> None:
         """Decode with ``output.schema``, framed when ``output.format`` is ``confluent``.
 
+        Under ``models:``: the first entry's output (the stored topics share one table).
+
         Raises:
             SchemaError: the compiled reader disagrees with the decode stage on a probe.
         """
-        self.schema = load_schema(cfg.output.schema)
+        output = cfg.first.output
+        self.schema = load_schema(output.schema)
         self._max = cfg.input.max_message_bytes
-        self._framed = cfg.output.format == "confluent"
+        self._framed = output.format == "confluent"
         self._plain = Decoder(self.schema, self._max)
         self._registry = RegistryClient.from_config(cfg.registry) if self._framed else None
         self._by_key: dict[tuple[SchemaKey, int], Decoder | None] = {}

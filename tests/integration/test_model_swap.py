@@ -93,6 +93,22 @@ def _all_run(run: FaultRun, version: str) -> int | None:
     return latest
 
 
+def _all_joined(run: FaultRun) -> int | None:
+    """When the last worker joined the group (its first ``assigned`` line, ms), or None."""
+    latest = 0
+    for worker in run.workers.values():
+        joined = [
+            _ms(entry["ts"])
+            for line in worker.log.read_text(errors="replace").splitlines()
+            if line.startswith("{") and '"assigned ' in line
+            for entry in [json.loads(line)]
+        ]
+        if not joined:
+            return None
+        latest = max(latest, joined[0])
+    return latest
+
+
 def _all_refused(run: FaultRun, since_ms: int) -> int | None:
     """When the last live worker logged a refusal since ``since_ms``, or None."""
     latest = 0
@@ -234,6 +250,10 @@ def _rollout(run: FaultRun, models: Models, schema: dict[str, Any]) -> None:
     t: dict[str, int] = {}
     models.promote("v1")
     run.start_all()
+    # the events are produced on a clock: started before the workers can consume (their
+    # start-up takes seconds on a busy machine), the first quarter was all produced and scored
+    # by v1 before v2 was even promoted
+    run.until(lambda: _all_joined(run), "every worker joined the group")
     run.produce_in_background(0, quarter)
     when_committed(run, 0.5 / PHASES)
     # 1. promote v2, kill -9 a worker at once (while the others load v2), restart it

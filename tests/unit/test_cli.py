@@ -175,7 +175,9 @@ def test_config_schema_prints_the_files_json_schema() -> None:
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
     assert schema["additionalProperties"] is False
-    assert set(schema["required"]) == {"kafka", "input", "output", "dead_letter", "model"}
+    # model and output, or models: exactly one of the two forms (a cross check)
+    assert set(schema["required"]) == {"kafka", "input", "dead_letter"}
+    assert {"model", "output", "models"} <= set(schema["properties"])
     batch = schema["$defs"]["BatchConfig"]["properties"]["max_records"]
     assert (batch["type"], batch["exclusiveMinimum"], batch["default"]) == ("integer", 0, 1000)
 

@@ -143,8 +143,8 @@ threshold = 0.3
     path = tmp_path / "c.toml"
     path.write_text(toml)
     cfg = load_config(path, environ={})
-    assert cfg.model.path == tmp_path / "model"
-    assert cfg.model.threshold == 0.3
+    assert cfg.first.model.path == tmp_path / "model"
+    assert cfg.first.model.threshold == 0.3
     assert cfg.batch.max_records == 1000  # default
 
 
@@ -307,7 +307,7 @@ def test_json_schema_accepts_the_shipped_configs_and_refuses_bad_ones(
 
 def test_the_configuration_reference_documents_every_key() -> None:
     page = (ROOT / "docs" / "manual" / "reference" / "configuration.md").read_text()
-    rows = {m[1] for m in re.finditer(r"^\| `([a-z_]+\.[a-z_.]+)`", page, re.MULTILINE)}
+    rows = {m[1] for m in re.finditer(r"^\| `([a-z_]+(?:\[\])?\.[a-z_.]+)`", page, re.MULTILINE)}
 
     def model_of(annotation: Any) -> Any:
         """The section model of a field (itself, or inside ``X | None``), else None."""
@@ -331,7 +331,7 @@ def test_the_configuration_reference_documents_every_key() -> None:
     for section, field in Config.model_fields.items():
         model = model_of(field.annotation)
         assert model is not None, section
-        keys |= keys_of(section, model)
+        keys |= keys_of(f"{section}[]" if section == "models" else section, model)
     assert len(keys) > 50
     assert rows == keys
 
@@ -344,7 +344,7 @@ def test_copy_headers_refuses_the_predictions_own_names(
         load_config(_write(tmp_path, base), environ={})
     base["output"]["copy_headers"] = ["traceparent"]
     cfg = load_config(_write(tmp_path, base), environ={})
-    assert cfg.output.copy_headers == ("traceparent",)
+    assert cfg.first.output.copy_headers == ("traceparent",)
 
 
 def test_output_schema_defaults_to_the_packaged_prediction_schema(
@@ -352,9 +352,10 @@ def test_output_schema_defaults_to_the_packaged_prediction_schema(
 ) -> None:
     del base["output"]["schema"]
     cfg = load_config(_write(tmp_path, base), environ={})
-    assert cfg.output.schema == PREDICTION_SCHEMA_V1
-    assert cfg.output.schema.read_bytes() == (ROOT / "schemas" / "prediction.v1.avsc").read_bytes()
-    PredictionEncoder(load_schema(cfg.output.schema))  # a schema the encoder takes
+    assert cfg.first.output.schema == PREDICTION_SCHEMA_V1
+    packaged = (ROOT / "schemas" / "prediction.v1.avsc").read_bytes()
+    assert cfg.first.output.schema.read_bytes() == packaged
+    PredictionEncoder(load_schema(cfg.first.output.schema))  # a schema the encoder takes
     # an installation's path is no default a JSON Schema can state
     assert "default" not in config_schema()["$defs"]["OutputConfig"]["properties"]["schema"]
 

@@ -168,7 +168,7 @@ def test_compose_services_form_the_whole_stack(tmp_path: Path) -> None:
 def test_compose_topics_are_the_configured_ones(tmp_path: Path) -> None:
     cfg = _example_config(tmp_path)
     partitions = _topic_partitions()
-    assert set(partitions) == {cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic}
+    assert set(partitions) == {cfg.input.topic, cfg.first.output.topic, cfg.dead_letter.topic}
     assert partitions[cfg.input.topic] >= 4
 
 
@@ -185,7 +185,7 @@ def test_compose_worker_and_producer_commands_parse(tmp_path: Path) -> None:
     assert produce.bootstrap_servers == cfg.kafka.bootstrap_servers == "kafka:9092"
     assert 0 < produce.malformed_fraction < 0.1
     # the workers and the producer use the compose file's registry, in the Confluent format
-    assert produce.format == cfg.input.format == cfg.output.format == "confluent"
+    assert produce.format == cfg.input.format == cfg.first.output.format == "confluent"
     assert produce.registry_url == cfg.registry.url
     registry = services["registry"]
     assert registry["image"].startswith("apicurio/apicurio-registry:")
@@ -389,12 +389,12 @@ def test_k8s_configmap_and_deployment_environment_load_as_a_config(tmp_path: Pat
         "from-secret-registry-username",
         "from-secret-registry-password",
     )
-    assert cfg.input.format == cfg.output.format == "confluent" and cfg.registry.url
+    assert cfg.input.format == cfg.first.output.format == "confluent" and cfg.registry.url
     assert cfg.worker.id == "stream-scorer-abc12"
     example = _example_config(tmp_path)
-    assert (cfg.input.topic, cfg.output.topic, cfg.dead_letter.topic) == (
+    assert (cfg.input.topic, cfg.first.output.topic, cfg.dead_letter.topic) == (
         example.input.topic,
-        example.output.topic,
+        example.first.output.topic,
         example.dead_letter.topic,
     )
 

@@ -346,8 +346,8 @@ def test_example_init_writes_a_config_that_loads(tmp_path: Path) -> None:
     (tmp_path / "ex" / MODEL_SUBDIR).mkdir(parents=True)
     cfg = load_config(tmp_path / "ex" / CONFIG_NAME, environ={})
     assert cfg.input.schema == tmp_path / "ex" / "ride_request.v1.avsc"
-    assert cfg.output.schema == tmp_path / "ex" / "prediction.v1.avsc"
-    assert cfg.model.path == tmp_path / "ex" / MODEL_SUBDIR
+    assert cfg.first.output.schema == tmp_path / "ex" / "prediction.v1.avsc"
+    assert cfg.first.model.path == tmp_path / "ex" / MODEL_SUBDIR
 
 
 def test_deploy_config_is_the_shipped_example_but_for_its_paths() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from support import Msg
+from support import Msg, OnePipeline
 
 from stream_scorer.config import load_config
 from stream_scorer.errors import BrokerError
@@ -239,7 +238,7 @@ def _run_loop(
     rolled_back = _loop(
         cfg,
         _Source([Msg(b"x", o=i) for i in range(4)], stop, polls),  # type: ignore[arg-type]
-        SimpleNamespace(pipeline=_Pipeline()),  # type: ignore[arg-type]  # a LoadedModel
+        OnePipeline(_Pipeline()),  # type: ignore[arg-type]  # the worker's Models
         delivery or _Delivered(tracker),  # type: ignore[arg-type]
         tracker,
         Metrics(),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Msg, http_server, train_payment_classifier
+from support import Msg, OnePipeline, http_server, train_payment_classifier
 from test_pipeline_sink import FakeProducer
 
 from stream_scorer import headers as hdr
@@ -345,8 +345,8 @@ def test_metrics_and_readiness_follow_a_swap() -> None:
 
 
 def test_the_loop_swaps_the_model_between_batches_only(tmp_path: Path) -> None:
-    from types import SimpleNamespace
 
+    from stream_scorer.stages.multi import MultiResult
     from stream_scorer.stages.pipeline import BatchResult
     from stream_scorer.worker.flow import StopFlag
     from stream_scorer.worker.loop import WorkerReport, _loop
@@ -384,8 +384,8 @@ def test_the_loop_swaps_the_model_between_batches_only(tmp_path: Path) -> None:
     class Delivery:
         paused = False
 
-        def deliver(self, _ticket: Any, result: BatchResult) -> bool:
-            events.append(f"deliver {result.model_version}")
+        def deliver(self, _ticket: Any, result: MultiResult) -> bool:
+            events.append(f"deliver {result.main.model_version}")
             return True
 
         def service(self) -> None:
@@ -399,19 +399,18 @@ def test_the_loop_swaps_the_model_between_batches_only(tmp_path: Path) -> None:
             version = next(models, None)
             if version is not None:
                 events.append(f"swap {version}")
-                return SimpleNamespace(pipeline=Pipeline(version))
+                return Pipeline(version)
         return model
 
     _loop(
         _config(tmp_path, {"path": str(tmp_path)}),
         Source(),  # type: ignore[arg-type]
-        SimpleNamespace(pipeline=Pipeline("v1")),  # type: ignore[arg-type]
+        OnePipeline(Pipeline("v1"), swap),  # type: ignore[arg-type]
         Delivery(),  # type: ignore[arg-type]
         OffsetTracker(),
         Metrics(),
         WorkerReport("w"),
         stop,
-        swap,
     )
     assert events == [
         "process v1",

@@ -312,9 +312,9 @@ def test_a_worker_starts_with_its_rollout(tmp_path: Path, trained: dict[str, Pat
     metrics = Metrics()
     model = load_initial(source, _loader, metrics)
     assert model.weights() == {"v2": 25.0, "v1": 75.0}
-    metrics.routing(model.weights())
+    metrics.routing("default", model.weights())
     assert _weights(metrics) == {"v2": 25.0, "v1": 75.0}
-    metrics.routing({"v1": 100.0})
+    metrics.routing("default", {"v1": 100.0})
     assert _weights(metrics) == {"v1": 100.0}  # a version no longer routed leaves the gauge
 
     store.set_rollout("champion", "{broken")  # malformed at start-up: the champion alone
@@ -360,10 +360,11 @@ def test_each_record_is_scored_and_stamped_by_its_version(trained: dict[str, Pat
         **{("out", i): v for i, v in got.items()},
         ("dlq", 7): expected[7],
     }
-    metrics.count_versions(result.scored, result.model_version)
+    metrics.count_versions("default", result.scored, result.model_version)
     for version in ("v1", "v2"):
         assert metrics.prometheus.get_sample_value(
-            "stream_scorer_version_predictions_total", {"model_version": version}
+            "stream_scorer_version_predictions_total",
+            {"model": "default", "model_version": version},
         ) == sum(v == version for v in got.values())
 
 
