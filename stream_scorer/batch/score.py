@@ -544,8 +544,7 @@ def run_score(
             )(attempt)  # fmt: skip
         except DatabaseError as exc:
             raise DatabaseError(
-                f"PostgreSQL did not answer for store.unavailable_timeout_s ({deadline:g} s): "
-                f"{exc}"
+                f"PostgreSQL did not answer for store.unavailable_timeout_s ({deadline:g} s): {exc}"
             ) from exc
     report.output = str(output) if output_table is None else f"table {output_table}"
     report.dead_letter_output = (

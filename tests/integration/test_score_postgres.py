@@ -112,9 +112,12 @@ def test_a_table_and_a_parquet_file_give_the_same_predictions_and_dead_letters(
     assert _bits(from_table.column("prediction").to_pylist()) == _bits(
         from_file.column("prediction").to_pylist()
     )
-    assert from_table.column("event_time").cast(pa.int64()).to_pylist() == (
-        from_file.column("event_time").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    ).to_pylist()
+    assert (
+        from_table.column("event_time").cast(pa.int64()).to_pylist()
+        == (
+            from_file.column("event_time").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        ).to_pylist()
+    )
 
     # the same records dead-lettered for the same reasons, to a table too
     file_dead = pq.read_table(tmp_path / "p.dead-letters.parquet").to_pylist()
