@@ -16,9 +16,9 @@ What ``sink postgres`` (``worker.store``) needs of the database, without Kafka:
   is assigned and written in the transaction of the rows, guarded (a member writes a
   partition's offsets only from where it last read them: a member that lost the partition
   cannot write behind the new owner's back).
-- ``read_query`` and ``TableWriter``: a query read as Arrow batches (memory bounded by the batch
-  size), and Arrow batches written as a whole table in one transaction (a staging table swapped
-  in), for scoring stored data; pyarrow is imported only by them.
+- ``QueryResult`` (``read_query``) and ``TableWriter``: a query read as Arrow batches (memory
+  bounded by the batch size), and Arrow batches written as a whole table in one transaction (a
+  staging table swapped in), for scoring stored data; pyarrow is imported only by them.
 
 Depends only on the error tree and psycopg.
 """
@@ -427,37 +427,69 @@ def _arrow_type(name: str) -> Any:
     return getattr(pa, name)()
 
 
+class QueryResult:
+    """A query's rows through a server-side cursor: its Arrow ``schema`` first, then batches.
+
+    The query is declared when the result is made (so its columns are known, and a query the
+    server refuses fails here) and read ``batch_rows`` at a time by ``batches``: memory is
+    bounded by ``batch_rows``, not by the result. Column types follow the result's (integers,
+    floats, booleans, text, bytea, dates, timestamps; NUMERIC and any other type as text). Runs
+    in the connection's transaction.
+    """
+
+    def __init__(
+        self, conn: psycopg.Connection, query: str, params: Sequence[Any] | None = None,
+        *, batch_rows: int = 65_536,
+    ) -> None:  # fmt: skip
+        """Declare ``query`` (with ``params``) on ``conn``."""
+        import pyarrow as pa
+
+        self._rows = batch_rows
+        self._cur = conn.cursor(name="stream_scorer_read")
+        self._cur.itersize = batch_rows
+        self._cur.execute(query, params)
+        assert self._cur.description is not None
+        names = [d.name for d in self._cur.description]
+        self._kinds = [_ARROW_OF_OID.get(d.type_code, "string") for d in self._cur.description]
+        self.schema = pa.schema(
+            [pa.field(n, _arrow_type(k)) for n, k in zip(names, self._kinds, strict=True)]
+        )
+
+    def batches(self) -> Iterator[Any]:
+        """The rows as ``pyarrow.RecordBatch``es of at most ``batch_rows`` rows; then closed."""
+        import pyarrow as pa
+
+        try:
+            while True:
+                rows = self._cur.fetchmany(self._rows)
+                if not rows:
+                    return
+                columns = list(zip(*rows, strict=True))
+                arrays = [
+                    pa.array([None if v is None else str(v) for v in col], pa.string())
+                    if kind == "string"
+                    else pa.array(col, _arrow_type(kind))
+                    for col, kind in zip(columns, self._kinds, strict=True)
+                ]
+                yield pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the cursor (the connection stays open)."""
+        if not self._cur.closed:
+            self._cur.close()
+
+
 def read_query(
     conn: psycopg.Connection, query: str, params: Sequence[Any] | None = None,
     *, batch_rows: int = 65_536,
 ) -> Iterator[Any]:  # fmt: skip
     """The rows of ``query`` as ``pyarrow.RecordBatch``es of at most ``batch_rows`` rows.
 
-    Read through a server-side cursor, so memory is bounded by ``batch_rows``, not by the
-    result. Column types follow the result's (integers, floats, booleans, text, bytea, dates,
-    timestamps; NUMERIC and any other type as text). Runs in the connection's transaction.
+    ``QueryResult``'s batches (memory bounded by ``batch_rows``).
     """
-    import pyarrow as pa
-
-    with conn.cursor(name="stream_scorer_read") as cur:
-        cur.itersize = batch_rows
-        cur.execute(query, params)
-        assert cur.description is not None
-        names = [d.name for d in cur.description]
-        kinds = [_ARROW_OF_OID.get(d.type_code, "string") for d in cur.description]
-        schema = pa.schema([pa.field(n, _arrow_type(k)) for n, k in zip(names, kinds, strict=True)])
-        while True:
-            rows = cur.fetchmany(batch_rows)
-            if not rows:
-                return
-            columns = list(zip(*rows, strict=True))
-            arrays = [
-                pa.array([None if v is None else str(v) for v in col], pa.string())
-                if kind == "string"
-                else pa.array(col, _arrow_type(kind))
-                for col, kind in zip(columns, kinds, strict=True)
-            ]
-            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+    yield from QueryResult(conn, query, params, batch_rows=batch_rows).batches()
 
 
 #: Arrow type ids (``str(type)``) to PostgreSQL column types and binary COPY names.
@@ -477,6 +509,10 @@ _SQL_OF_ARROW: Final = {
 
 
 def _sql_of_arrow(field: Any) -> tuple[str, str]:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(field.type):  # a dictionary-encoded column: its values' type
+        field = field.with_type(field.type.value_type)
     kind = str(field.type)
     if kind.startswith("timestamp["):
         tz = getattr(field.type, "tz", None)

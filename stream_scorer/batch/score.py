@@ -17,6 +17,7 @@ UTC millisecond timestamps); dead letters with the record (``value``: its Avro b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,9 +45,11 @@ from stream_scorer.batch.files import (
     open_writer,
     prefetched,
 )
+from stream_scorer.batch.tables import QueryReader, TableOutput, database, table_name
 from stream_scorer.config import Config
-from stream_scorer.errors import InputError
+from stream_scorer.errors import ConfigError, DatabaseError, InputError
 from stream_scorer.fast.arrow import ArrowColumns, RowMessage, kept_rows
+from stream_scorer.retry import retrying
 from stream_scorer.stages.avro_guard import AvroGuard
 from stream_scorer.stages.decode import load_schema
 from stream_scorer.stages.pipeline import Pipeline
@@ -433,38 +436,117 @@ def score_all(
 def run_score(
     cfg: Config,
     inputs: Sequence[str],
-    output: Path,
+    output: Path | None,
     *,
     dead_letters: Path | None = None,
     fmt: str = "",
     batch_size: int | None = None,
     stopped: Callable[[], bool] = lambda: False,
+    query: str | None = None,
+    output_table: str | None = None,
+    dead_letter_table: str | None = None,
+    dsn: str | None = None,
 ) -> ScoreReport:
     """``stream-scorer score``: see the module docstring.
+
+    Reads the files ``inputs`` or the PostgreSQL ``query``; writes the file ``output`` or the
+    table ``output_table``, and the dead letters to ``dead_letters`` or ``dead_letter_table``
+    (default: beside the predictions, ``NAME.dead-letters.EXT`` or ``TABLE_dead_letters``).
+    The database is ``dsn``'s, else the configuration's ``store.dsn``. A database outage is
+    retried (the whole run again, nothing written before) with the retry policy until
+    ``store.unavailable_timeout_s``.
 
     Raises:
         StreamScorerError: exit 2 for configuration, schema and model errors, 1 otherwise.
     """
+    if (query is None) == (not inputs):
+        raise ConfigError("--input", "give input files or --input-query, one of them")
+    if (output is None) == (output_table is None):
+        raise ConfigError("--output", "give --output or --output-table, one of them")
+    if dead_letters is not None and dead_letter_table is not None:
+        raise ConfigError("--dead-letters", "give --dead-letters or --dead-letter-table, not both")
+    if output_table is not None:
+        output_table = table_name(output_table, "--output-table")
+        if dead_letters is None:
+            dead_letter_table = table_name(
+                dead_letter_table or f"{output_table}_dead_letters", "--dead-letter-table"
+            )
+    elif dead_letter_table is not None:
+        dead_letter_table = table_name(dead_letter_table, "--dead-letter-table")
+    if output_table is not None and output_table == dead_letter_table:
+        raise ConfigError("--dead-letter-table", "must differ from --output-table")
+    needs_db = query is not None or output_table is not None or dead_letter_table is not None
+    db = database(cfg, dsn) if needs_db else None
     scorer = load_batch_scorer(cfg)
-    dead_path = dead_letters or dead_letter_path(output)
-    readers = open_readers(scorer, inputs, exclude=(output, dead_path))
-    writer = open_writer(
-        output, PREDICTION_SCHEMA, avro_schema=load_schema(cfg.first.output.schema), fmt=fmt
+    rows = batch_size or DEFAULT_BATCH_ROWS
+    dead_path = None
+    if dead_letter_table is None:
+        if dead_letters is not None:
+            dead_path = dead_letters
+        else:
+            assert output is not None
+            dead_path = dead_letter_path(output)
+
+    def attempt() -> ScoreReport:
+        with contextlib.ExitStack() as opened:
+            readers: list[BatchReader]
+            if query is not None:
+                assert db is not None
+                reader = QueryReader(db, query, rows)
+                opened.callback(reader.close)
+                scorer.arrow.check(reader.schema, "--input-query")
+                readers = [reader]
+            else:
+                excluded = tuple(p for p in (output, dead_path) if p is not None)
+                readers = open_readers(scorer, inputs, exclude=excluded)
+            writer: BatchWriter
+            if output_table is not None:
+                assert db is not None
+                writer = TableOutput(db, output_table, PREDICTION_SCHEMA)
+            else:
+                assert output is not None
+                avro_schema = load_schema(cfg.first.output.schema)
+                writer = open_writer(output, PREDICTION_SCHEMA, avro_schema=avro_schema, fmt=fmt)
+            opened.callback(writer.abort)  # after a commit: nothing left to drop
+            dead_writer: BatchWriter
+            if dead_letter_table is not None:
+                assert db is not None
+                dead_writer = TableOutput(db, dead_letter_table, DEAD_LETTER_SCHEMA)
+            else:
+                assert dead_path is not None
+                dead_fmt = fmt if dead_letters is None else ""
+                dead_writer = open_writer(dead_path, DEAD_LETTER_SCHEMA, fmt=dead_fmt)
+            opened.callback(dead_writer.abort)
+            totals = [r.total_rows() for r in readers]
+            known = None if any(t is None for t in totals) else sum(t or 0 for t in totals)
+            return score_all(
+                scorer,
+                readers,
+                BackgroundWriter(writer),
+                dead_writer,
+                batch_size=rows,
+                progress=ProgressLine(known),
+                stopped=stopped,
+            )
+
+    if db is None:
+        report = attempt()
+    else:
+        log.info("reading and writing %s", db.describe())
+        deadline = cfg.store.unavailable_timeout_s
+        try:
+            report = retrying(
+                deadline, "score", server="PostgreSQL", policy=cfg.retry.policy(),
+                stopping=stopped,
+            )(attempt)  # fmt: skip
+        except DatabaseError as exc:
+            raise DatabaseError(
+                f"PostgreSQL did not answer for store.unavailable_timeout_s ({deadline:g} s): {exc}"
+            ) from exc
+    report.output = str(output) if output_table is None else f"table {output_table}"
+    report.dead_letter_output = (
+        str(dead_path) if dead_letter_table is None else f"table {dead_letter_table}"
     )
-    dead_fmt = fmt if dead_letters is None else ""
-    dead_writer = open_writer(dead_path, DEAD_LETTER_SCHEMA, fmt=dead_fmt)
-    totals = [r.total_rows() for r in readers]
-    known = None if any(t is None for t in totals) else sum(t or 0 for t in totals)
-    report = score_all(
-        scorer,
-        readers,
-        BackgroundWriter(writer),
-        dead_writer,
-        batch_size=batch_size or DEFAULT_BATCH_ROWS,
-        progress=ProgressLine(known),
-        stopped=stopped,
-    )
-    report.output, report.dead_letter_output = str(output), str(dead_path)
     return report
 
 

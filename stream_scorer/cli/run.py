@@ -116,12 +116,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
             raise ConfigError("--batch-size", f"must be at least 1, got {args.batch_size}")
         report = run_score(
             cfg,
-            args.input,
+            args.input or (),
             args.output,
             dead_letters=args.dead_letters,
             fmt=args.format or "",
             batch_size=args.batch_size,
             stopped=lambda: bool(stop),
+            query=args.input_query,
+            output_table=args.output_table,
+            dead_letter_table=args.dead_letter_table,
+            dsn=args.dsn,
         )
     sys.stdout.write(json.dumps(asdict(report)) + "\n")
     sys.stdout.flush()
@@ -170,25 +174,46 @@ def add_commands(sub: Commands) -> None:
         sub,
         "score",
         "score --config rides.yaml --input 'rides/*.parquet' --output predictions.parquet",
-        help="score stored records with the pipeline of run: files in, predictions out",
-        description="Score Parquet or Avro container files (files, directories, globs) with "
-        "the configuration's schemas, features, policies and model, as run scores the stream; "
-        "write the predictions and the dead letters to files, each renamed into place only "
-        "when complete. Prints the counts as JSON; exit 2 for a configuration, schema or "
-        "model error, 1 for any other failure.",
+        help="score stored records with the pipeline of run: files or a query in",
+        description="Score Parquet or Avro container files (files, directories, globs), or the "
+        "rows of a PostgreSQL query, with the configuration's schemas, features, policies and "
+        "model, as run scores the stream; write the predictions and the dead letters to files, "
+        "each renamed into place only when complete, or to PostgreSQL tables, each swapped in "
+        "whole in one transaction. The database is --dsn's, else the configuration's store.dsn "
+        "(its password never shown; prefer PGPASSWORD, ~/.pgpass or store.password_file to a "
+        "password in --dsn); an outage is retried until store.unavailable_timeout_s. Prints "
+        "the counts as JSON; exit 2 for a configuration, schema, model or credential error, 1 "
+        "for any other failure.",
     )
     score.add_argument("--config", type=Path, required=True, help="the configuration of run")
-    score.add_argument(
-        "--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs"
+    inputs = score.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--input", nargs="+", metavar="PATH", help="files, directories or globs")
+    inputs.add_argument(
+        "--input-query",
+        metavar="SQL",
+        help="a PostgreSQL query; its columns feed the input schema's fields by name",
     )
-    score.add_argument(
-        "--output", type=Path, required=True, help="the predictions file (.parquet or .avro)"
+    outputs = score.add_mutually_exclusive_group(required=True)
+    outputs.add_argument("--output", type=Path, help="the predictions file (.parquet or .avro)")
+    outputs.add_argument(
+        "--output-table", metavar="TABLE", help="the predictions table (replaced whole)"
     )
-    score.add_argument(
+    dead = score.add_mutually_exclusive_group()
+    dead.add_argument(
         "--dead-letters",
         type=Path,
         metavar="PATH",
         help="the dead-letter file (default: OUTPUT's name + .dead-letters)",
+    )
+    dead.add_argument(
+        "--dead-letter-table",
+        metavar="TABLE",
+        help="the dead-letter table (default with --output-table: TABLE_dead_letters)",
+    )
+    score.add_argument(
+        "--dsn",
+        metavar="DSN",
+        help="the PostgreSQL connection string or URI (default: store.dsn)",
     )
     score.add_argument(
         "--format", choices=("parquet", "avro"), help="output format (default: by extension)"
