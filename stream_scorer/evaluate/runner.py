@@ -721,17 +721,32 @@ class Evaluator:
 
 
 def decision_dict(decision: Decision, applied: bool) -> dict[str, Any]:
-    """A decision and its evidence as plain data (``--dry-run`` prints it as a JSON line)."""
-    return {
+    """A decision and its evidence as plain data (``--dry-run`` prints it as a JSON line).
+
+    The drift evidence (each version's ``predictions``, ``psi``, ``psi_expected``, and
+    ``psi_bound``) only when the rule has ``max_prediction_psi``: the line is unchanged without.
+    """
+    drift = decision.psi_bound is not None
+
+    def evidence(e: Evidence) -> dict[str, Any]:
+        out = vars(e).copy()
+        if not drift:
+            for key in ("predictions", "psi", "psi_expected"):
+                out.pop(key)
+        return out
+
+    out = {
         "action": decision.action,
         "applied": applied,
         "metric": decision.metric,
-        "champion": vars(decision.champion),
-        "challenger": vars(decision.challenger),
+        "champion": evidence(decision.champion),
+        "challenger": evidence(decision.challenger),
         "gap": decision.gap,
-        "psi_bound": decision.psi_bound,
         "reason": decision.reason,
     }
+    if drift:
+        out["psi_bound"] = decision.psi_bound
+    return out
 
 
 def serve_metrics(metrics: EvaluationMetrics, host: str, port: int) -> Mapping[str, Any] | None:
