@@ -26,6 +26,7 @@ from stream_scorer.clients import read_to_end, topic_end_offsets
 from stream_scorer.config import load_config
 from stream_scorer.contracts.manifest import FeatureSpec, Manifest, sha256_file, write_manifest
 from stream_scorer.devtools.localkafka import default_cache_dir
+from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.kafka import topics
 from stream_scorer.stages.records import Message, PlainMessage
 from stream_scorer.worker.metrics import Metrics
@@ -317,7 +318,7 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -
 
 
 def exported_metric_names() -> set[str]:
-    """Every series name a worker's registry can expose (samples or not yet)."""
+    """Every series name a worker's or the evaluator's registry can expose (samples or not)."""
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -326,7 +327,11 @@ def exported_metric_names() -> set[str]:
         "info": ("_info",),
     }
     names: set[str] = set()
-    for family in Metrics().prometheus.collect():
+    families = [
+        *Metrics().prometheus.collect(),
+        *EvaluationMetrics("model").prometheus.collect(),
+    ]
+    for family in families:
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names
 

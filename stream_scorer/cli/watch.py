@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,35 @@ def rollout_of(args: argparse.Namespace, cfg: Config) -> Rollout | None:
     return AliasPair(store, ev.decide.champion_alias, ev.decide.challenger_alias)
 
 
+def fetch_of(args: argparse.Namespace, cfg: Config) -> Callable[[str], Path] | None:
+    """A version's model directory, for the prediction drift check (None: no check).
+
+    Only with ``--decide`` and ``evaluate.decide.max_prediction_psi``, from the store the
+    pair comes from (``evaluate.decide.store`` or ``model.source``'s store).
+
+    Raises:
+        ModelError: the store cannot be opened.
+    """
+    ev = cfg.evaluate
+    if not args.decide or ev is None or ev.decide is None or ev.decide.max_prediction_psi is None:
+        return None
+    spec = ev.decide.store or cfg.first.model.source
+    if not spec:
+        return None
+    from stream_scorer.model.store import MLFLOW_SCHEME, open_source
+
+    base = spec.partition("@")[0]
+    if base.startswith(MLFLOW_SCHEME):  # models:/<name>[/<version>]: the model
+        base = MLFLOW_SCHEME + base[len(MLFLOW_SCHEME) :].partition("/")[0]
+    source = open_source(
+        f"{base}@{ev.decide.champion_alias}",
+        tracking_uri=cfg.first.model.mlflow_tracking_uri,
+        retry_deadline_s=cfg.retry.model_registry_timeout_s,
+        policy=cfg.retry.policy(),
+    )
+    return source.fetch
+
+
 def _print_decision(decision: Decision, applied: bool) -> None:
     from stream_scorer.evaluate.runner import decision_dict
 
@@ -84,6 +114,7 @@ def _evaluate(args: argparse.Namespace, stop: Any) -> int:
         rollout=rollout_of(args, cfg),
         apply=args.decide and not args.dry_run,
         on_decision=_print_decision,
+        fetch=fetch_of(args, cfg),
     )
     port = cfg.evaluate.metrics_port if args.metrics_port is None else args.metrics_port
     serve_metrics(evaluator.metrics, cfg.metrics.host, port)

@@ -59,6 +59,14 @@ class DecideConfig(Section):
     units; negative: it must be better by at least as much)."""
     rollback_margin: Number = Field(default=0.02, ge=0)
     """Roll back at once when the challenger is worse by more than this."""
+    max_prediction_psi: Annotated[Number | None, BeforeValidator(none_words)] = Field(
+        default=None, gt=0
+    )
+    """Roll back at once when the challenger's prediction PSI (against the prediction
+    reference packed with its version, ``model pack --sample``) exceeds the PSI expected of the
+    window's predictions under no drift by more than this. Needs no outcomes, but at least
+    ``min_outcomes`` predictions of the challenger in the window; a version packed without a
+    reference is not checked. none: off."""
     store: str = ""
     """The alias store holding the pair (``store:<root>/<name>`` or ``models:/<name>``);
     empty: ``model.source``'s store."""

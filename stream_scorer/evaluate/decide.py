@@ -14,6 +14,13 @@ metric where lower is better (log loss, Brier, MAE, RMSE) ``challenger - champio
 
 ``rollback_margin`` must be at least ``promote_margin`` (checked with the configuration), so
 the two never overlap.
+
+Drift (``max_prediction_psi``, off when None), judged first: **rollback** when the challenger's
+prediction PSI (against the prediction reference packed with its version) exceeds its expected
+no-drift noise for the window (``stages.drift.expected_psi``) by more than the bound. It needs
+no outcomes (the point of a label-free trigger: it acts before the labels mature), but at least
+``min_outcomes`` *predictions* of the challenger in the window, so a handful of predictions
+never trips it. Without a reference (PSI None) there is no drift check.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class Rule:
     min_outcomes: int
     promote_margin: float
     rollback_margin: float
+    max_prediction_psi: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,12 @@ class Evidence:
     version: str
     n: int
     value: float | None
+    predictions: int = 0
+    """Predictions of the version in the window (joined or not)."""
+    psi: float | None = None
+    """PSI of those predictions against the version's packed reference (None: no reference)."""
+    psi_expected: float = 0.0
+    """The PSI expected of that many predictions when nothing drifted (the noise)."""
 
 
 @dataclass(frozen=True)
@@ -58,13 +72,28 @@ class Decision:
     metric: str
     gap: float | None
     reason: str
+    psi_bound: float | None = None
 
 
 def decide(rule: Rule, champion: Evidence, challenger: Evidence) -> Decision:
     """Apply ``rule`` to the two versions' evidence (see the module doc)."""
 
     def made(action: Action, gap: float | None, reason: str) -> Decision:
-        return Decision(action, champion, challenger, rule.metric, gap, reason)
+        return Decision(
+            action, champion, challenger, rule.metric, gap, reason, rule.max_prediction_psi
+        )
+
+    bound, psi = rule.max_prediction_psi, challenger.psi
+    if bound is not None and psi is not None and challenger.predictions >= rule.min_outcomes:
+        excess = psi - challenger.psi_expected
+        if excess > bound:
+            return made(
+                ROLLBACK,
+                None,
+                f"prediction PSI {psi:.4g} exceeds its no-drift noise "
+                f"{challenger.psi_expected:.2g} by {excess:.4g} > bound {bound} "
+                f"({challenger.predictions} predictions)",
+            )
 
     short = [e for e in (champion, challenger) if e.n < rule.min_outcomes]
     if short:

@@ -45,6 +45,13 @@ class EvaluationMetrics:
             _VERSIONED,
             registry=reg,
         )
+        self.prediction_psi = Gauge(
+            f"{_PREFIX}prediction_psi",
+            "PSI of the version's predictions in its last closed window against the prediction "
+            "reference packed with it (evaluate.decide.max_prediction_psi)",
+            _VERSIONED,
+            registry=reg,
+        )
         self.joined = Counter(
             f"{_PREFIX}joined",
             "Predictions joined with their outcome (counted in a window)",
@@ -106,6 +113,7 @@ class EvaluationMetrics:
             for metric in (
                 *self.live.values(),
                 self.window_outcomes,
+                self.prediction_psi,
                 self.joined,
                 self.unlabelled,
             ):
@@ -116,9 +124,17 @@ class EvaluationMetrics:
         """The versions exported now, least recently seen first."""
         return list(self._versions)
 
-    def observe_window(self, version: str, n: int, summary: Mapping[str, float | None]) -> None:
-        """Export one version's closed window."""
+    def observe_window(
+        self,
+        version: str,
+        n: int,
+        summary: Mapping[str, float | None],
+        prediction_psi: float | None = None,
+    ) -> None:
+        """Export one version's closed window (its predictions' PSI when there is one)."""
         self.touch(version)
+        if prediction_psi is not None:
+            self.prediction_psi.labels(self.model, version).set(prediction_psi)
         self.window_outcomes.labels(self.model, version).set(n)
         self.joined.labels(self.model, version).inc(n)
         for name, value in summary.items():

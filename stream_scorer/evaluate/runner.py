@@ -25,9 +25,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import fastavro
+import numpy as np
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -38,7 +40,15 @@ from confluent_kafka import (
 
 from stream_scorer.config import Config, EvaluateConfig, client_settings, kafka_client
 from stream_scorer.contracts import EVALUATION_SCHEMA_V1
-from stream_scorer.errors import BrokerError, ConfigError, DeliveryError, SchemaError
+from stream_scorer.contracts.manifest import read_manifest
+from stream_scorer.errors import (
+    BrokerError,
+    ConfigError,
+    DeliveryError,
+    ModelError,
+    SchemaError,
+    StreamScorerError,
+)
 from stream_scorer.evaluate.decide import Decision, Evidence, Rollout, Rule, decide
 from stream_scorer.evaluate.join import JoinState, Outcome, Pair, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
@@ -46,6 +56,13 @@ from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats, Stats
 from stream_scorer.kafka.topics import kafka_busy
 from stream_scorer.registry import RegistryClient, SchemaKey
 from stream_scorer.retry import retrying
+from stream_scorer.stages.drift import (
+    Counts,
+    bins_of,
+    expected_psi,
+    population_stability,
+    reference_counts,
+)
 from stream_scorer.stages.framing import SchemaSource, frame_of
 from stream_scorer.stages.records import Message, Reason
 
@@ -127,6 +144,8 @@ class Window:
     stats: dict[str, Stats] = field(default_factory=dict)
     unlabelled: dict[str, int] = field(default_factory=dict)
     pairs: int = 0
+    predicted: dict[str, Counts] = field(default_factory=dict)
+    """Per version with a prediction reference: its predictions' counts per reference bin."""
 
     def add(self, pair: Pair) -> bool:
         """Count a pair; False when its outcome does not fit the task (not a 0/1 label)."""
@@ -148,6 +167,18 @@ class Window:
             stats.add(p.value, o.value)
         self.pairs += 1
         return True
+
+
+@dataclass(frozen=True)
+class PredictionReference:
+    """A version's packed prediction reference (``Manifest.reference["prediction"]``)."""
+
+    shares: Mapping[str, Any]
+    """Its ``edges``, ``shares`` and ``missing`` (``stages.drift.reference_counts``)."""
+    rows: int
+    """The reference sample's rows."""
+    bins: int
+    """Bins with a reference share above 0 (missing included): ``expected_psi``'s B."""
 
 
 @dataclass
@@ -178,6 +209,7 @@ class Evaluator:
         apply: bool = False,
         metrics: EvaluationMetrics | None = None,
         on_decision: Callable[[Decision, bool], None] | None = None,
+        fetch: Callable[[str], Path] | None = None,
     ) -> None:
         """Prepare (no I/O yet).
 
@@ -187,6 +219,8 @@ class Evaluator:
             apply: carry decisions out (False: ``--dry-run``, decisions only written).
             metrics: the Prometheus metrics (default: a new registry).
             on_decision: called with each decision and whether it was applied.
+            fetch: a version's model directory (the store's ``fetch``), whose manifest's
+                prediction reference the predictions' PSI is taken against (None: no PSI).
 
         Raises:
             ConfigError: no ``evaluate`` section, or a ``--decide`` without ``evaluate.decide``.
@@ -225,6 +259,9 @@ class Evaluator:
         self._delivery_errors: list[str] = []
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._fetch = fetch
+        self._references: dict[str, PredictionReference | None] = {}
+        self._values: dict[str, list[float]] = {}
 
     # --- Kafka ---------------------------------------------------------------------------
 
@@ -379,7 +416,71 @@ class Evaluator:
             log.debug("evaluate: unreadable prediction: %s", exc)
             self.metrics.invalid.labels(PREDICTION).inc()
             return None
+        if self._fetch is not None and not p.seen:  # seen: in a window written before
+            values = self._values.setdefault(p.version, [])
+            values.append(value)
+            if len(values) >= 4096:
+                self._count_predictions()
         return self.state.add_prediction(event_id, p)
+
+    # --- prediction drift ----------------------------------------------------------------
+
+    def _reference(self, version: str) -> PredictionReference | None:
+        """The prediction reference packed with ``version`` (cached); None: none to compare.
+
+        A version without one (or with a malformed one) is said once; a version that cannot be
+        fetched now is said and asked again at the next window (a store outage passes).
+        """
+        if version in self._references:
+            return self._references[version]
+        assert self._fetch is not None
+        try:
+            manifest = read_manifest(self._fetch(version))
+        except StreamScorerError as exc:
+            log.warning(
+                "evaluate: no prediction drift for version %s this window: %s", version, exc
+            )
+            return None
+        ref: PredictionReference | None = None
+        try:
+            bins = bins_of(manifest.reference, manifest.features)
+        except ModelError as exc:
+            log.warning("evaluate: version %s: %s: no drift check", version, exc)
+        else:
+            if bins is None:
+                log.info(
+                    "evaluate: version %s was packed without reference bins "
+                    "(model pack --sample): no drift check",
+                    version,
+                )
+            else:
+                ref = PredictionReference(
+                    manifest.reference["prediction"],
+                    bins.rows,
+                    int(np.count_nonzero(bins.prediction_reference > 0)),
+                )
+        self._references[version] = ref
+        return ref
+
+    def _count_predictions(self) -> None:
+        """Bin the buffered prediction values into the window's counts, per version."""
+        values, self._values = self._values, {}
+        for version, batch in values.items():
+            ref = self._reference(version)
+            if ref is None:
+                continue
+            counts = reference_counts(ref.shares, batch)
+            have = self.window.predicted.get(version)
+            self.window.predicted[version] = counts if have is None else have + counts
+
+    def _drift(self, window: Window, version: str) -> tuple[int, float | None, float]:
+        """(predictions, their PSI, its no-drift noise) of ``version`` in ``window``."""
+        counts = window.predicted.get(version)
+        ref = self._references.get(version)
+        if counts is None or ref is None:
+            return 0, None, 0.0
+        n = int(counts.sum())
+        return n, population_stability(ref.shares, counts), expected_psi(ref.bins, ref.rows, n)
 
     def _outcome(self, msg: Message) -> Pair | None:
         out = self.ev.outcomes
@@ -429,10 +530,11 @@ class Evaluator:
             DeliveryError: an evaluation record was not written.
         """
         self._take_counts()
+        self._count_predictions()
         window = self.window
         now_ms = int(time.time() * 1000)
         self.window = Window(self.ev.bins, now_ms)
-        versions = sorted(set(window.stats) | set(window.unlabelled))
+        versions = sorted(set(window.stats) | set(window.unlabelled) | set(window.predicted))
         if not versions:
             return
         decided = self._decide(window)
@@ -441,7 +543,8 @@ class Evaluator:
             stats = window.stats.get(version)
             summary = stats.summary() if stats is not None else {}
             n = stats.n if stats is not None else 0
-            self.metrics.observe_window(version, n, summary)
+            predicted, psi, noise = self._drift(window, version)
+            self.metrics.observe_window(version, n, summary, psi)
             record: dict[str, Any] = {
                 "evaluator": self.group,
                 "model": self.ev.model_name,
@@ -453,6 +556,9 @@ class Evaluator:
                 "positives": stats.positives if isinstance(stats, ClassifierStats) else None,
                 "unlabelled": window.unlabelled.get(version, 0),
                 **summary,
+                "predictions": predicted if psi is not None else None,
+                "prediction_psi": psi,
+                "prediction_psi_expected": noise if psi is not None else None,
                 "decision": decided.get(version),
             }
             records.append(record)
@@ -513,16 +619,20 @@ class Evaluator:
             rule_cfg.min_outcomes,
             rule_cfg.promote_margin,
             rule_cfg.rollback_margin,
+            rule_cfg.max_prediction_psi,
         )
 
         def evidence(version: str) -> Evidence:
+            predicted, psi, noise = self._drift(window, version)
             stats = window.stats.get(version)
             if stats is None:
-                return Evidence(version, 0, None)
-            return Evidence(version, stats.n, stats.summary().get(rule.metric))
+                return Evidence(version, 0, None, predicted, psi, noise)
+            return Evidence(
+                version, stats.n, stats.summary().get(rule.metric), predicted, psi, noise
+            )
 
         champion, challenger = pair
-        if challenger not in window.stats:
+        if challenger not in window.stats and challenger not in window.predicted:
             return {}
         decision = decide(rule, evidence(champion), evidence(challenger))
         applied = False
@@ -554,6 +664,10 @@ class Evaluator:
                 "challenger_outcomes": decision.challenger.n,
                 "gap": decision.gap,
                 "reason": decision.reason,
+                "challenger_predictions": decision.challenger.predictions,
+                "challenger_psi": decision.challenger.psi,
+                "challenger_psi_expected": decision.challenger.psi_expected,
+                "psi_bound": decision.psi_bound,
             }
         }
 
@@ -607,16 +721,32 @@ class Evaluator:
 
 
 def decision_dict(decision: Decision, applied: bool) -> dict[str, Any]:
-    """A decision and its evidence as plain data (``--dry-run`` prints it as a JSON line)."""
-    return {
+    """A decision and its evidence as plain data (``--dry-run`` prints it as a JSON line).
+
+    The drift evidence (each version's ``predictions``, ``psi``, ``psi_expected``, and
+    ``psi_bound``) only when the rule has ``max_prediction_psi``: the line is unchanged without.
+    """
+    drift = decision.psi_bound is not None
+
+    def evidence(e: Evidence) -> dict[str, Any]:
+        out = vars(e).copy()
+        if not drift:
+            for key in ("predictions", "psi", "psi_expected"):
+                out.pop(key)
+        return out
+
+    out = {
         "action": decision.action,
         "applied": applied,
         "metric": decision.metric,
-        "champion": vars(decision.champion),
-        "challenger": vars(decision.challenger),
+        "champion": evidence(decision.champion),
+        "challenger": evidence(decision.challenger),
         "gap": decision.gap,
         "reason": decision.reason,
     }
+    if drift:
+        out["psi_bound"] = decision.psi_bound
+    return out
 
 
 def serve_metrics(metrics: EvaluationMetrics, host: str, port: int) -> Mapping[str, Any] | None:

@@ -30,10 +30,11 @@ from confluent_kafka import Producer
 from support import REPO, load_raw, read_topic, ride_config, train_payment_classifier, wait_for
 
 from stream_scorer.config import Config
-from stream_scorer.contracts.manifest import write_manifest
+from stream_scorer.contracts.manifest import read_manifest, write_manifest
 from stream_scorer.errors import ConfigError
 from stream_scorer.evaluate.rollout import AliasPair, FixedPair, RolloutCanary
 from stream_scorer.evaluate.runner import Evaluator, read_evaluation
+from stream_scorer.model.pack import reference_bins
 from stream_scorer.model.rollout import Rollout
 from stream_scorer.model.store import ModelStore, promote, read_rollout, start_rollout
 from stream_scorer.registry import RegistryClient
@@ -410,6 +411,90 @@ def alias_store(folder: Path) -> ModelStore:
     promote(store, "v1", "champion")
     promote(store, "v2", "challenger")
     return store
+
+
+def drift_store(folder: Path) -> ModelStore:
+    """A store with v1 (champion) and v2 (challenger) packed with reference bins: predictions
+    uniform on [0, 1] (10 decile bins of 10,000 rows)."""
+    store = alias_store(folder)
+    rng = np.random.default_rng(11)
+    for version in ("v1", "v2"):
+        manifest = read_manifest(store.version_dir(version))
+        features = {
+            f.name: reference_bins(rng.random(10_000), len(f.categories)) for f in manifest.features
+        }
+        reference = {
+            "rows": 10_000,
+            "features": features,
+            "prediction": reference_bins(rng.random(10_000)),
+        }
+        write_manifest(
+            store.version_dir(version), dataclasses.replace(manifest, reference=reference)
+        )
+    return store
+
+
+def test_a_challenger_whose_predictions_drift_is_rolled_back_without_outcomes(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: Callable[[str], str],
+    make_topics: Callable[[dict[str, int]], None],
+    running: Callable[[Evaluator], threading.Event],
+) -> None:
+    rule = {
+        "metric": "log_loss",
+        "min_outcomes": 100,
+        "rollback_margin": 0.05,
+        "max_prediction_psi": 0.2,
+    }
+    s = Setup(tmp_path, kafka_bootstrap, unique, make_topics, window_s=1, decide=rule)
+    store = drift_store(tmp_path)
+    start_rollout(store, Rollout("canary", "v1", (("v2", 20.0),)), "champion")
+    rng = np.random.default_rng(12)
+    t0 = int(time.time() * 1000) - 30_000
+    # the champion's predictions look like its reference; the challenger's all sit in the
+    # upper half (a shifted score distribution); no outcome at all is written
+    items = []
+    for i in range(2000):
+        version, p = ("v2", 0.5 + 0.5 * rng.random()) if i % 2 else ("v1", rng.random())
+        items.append(prediction(f"d{i}", p, int(p >= 0.5), version, t0 + i))
+    produce(kafka_bootstrap, s.predictions, items)
+    ev = Evaluator(
+        s.cfg, rollout=RolloutCanary(store, "champion"), apply=True, fetch=store.version_dir
+    )
+    running(ev)
+    wait_for(
+        lambda: any(d["applied"] for d in ev.report.decisions), 60, "the drift rollback applied"
+    )
+    d = next(d for d in ev.report.decisions if d["applied"])
+    assert d["action"] == "rollback" and d["psi_bound"] == 0.2
+    assert d["challenger"]["n"] == 0 and d["challenger"]["predictions"] >= 100
+    assert d["challenger"]["psi"] - d["challenger"]["psi_expected"] > 0.2
+    assert read_rollout(store, "champion") is None and store.get_alias("champion") == "v1"
+    # the evidence in the evaluation topic: the challenger's record and its decision; the
+    # champion's predictions, drawn like its reference, stay near the no-drift noise
+    wait_for(
+        lambda: any(r["decision"] and r["decision"]["applied"] for r in s.records()),
+        60,
+        "the applied decision in the evaluation topic",
+    )
+
+    def champion_records() -> list[dict[str, Any]]:
+        return [r for r in s.records() if r["model_version"] == "v1" and r["predictions"]]
+
+    wait_for(
+        lambda: sum(r["predictions"] for r in champion_records()) == 1000,
+        60,
+        "every champion prediction counted once",
+    )
+    records = s.records()
+    rec = next(r for r in records if r["decision"] and r["decision"]["applied"])
+    assert rec["model_version"] == "v2" and rec["outcomes"] == 0
+    assert rec["decision"]["challenger_psi"] == rec["prediction_psi"] > 0.2
+    assert rec["decision"]["psi_bound"] == 0.2
+    assert rec["decision"]["challenger_predictions"] == rec["predictions"]
+    big = max(champion_records(), key=lambda r: r["predictions"])
+    assert big["prediction_psi"] < 5 * big["prediction_psi_expected"] + 0.05
 
 
 def test_topics_not_co_partitioned_stop_the_start(

@@ -590,6 +590,9 @@ def test_promtool_unit_tests_of_the_alerts_pass() -> None:
         ("StreamScorerPartitionStalled", "for: 2m", "for: 20m"),
         ("StreamScorerNoPredictions", "and on ()", "or on ()"),
         ("StreamScorerWorkersDown", "== 0", "< 0"),
+        ("StreamScorerEvaluatorDroppingJoinState", "for: 10m", "for: 30m"),
+        ("StreamScorerChampionWorsening", ">= 50", ">= 0"),  # the canary is not the champion
+        ("StreamScorerChampionWorsening", "> 1.2 * label_replace", "> 1.6 * label_replace"),
     ],
 )
 def test_alert_unit_tests_catch_a_changed_rule(

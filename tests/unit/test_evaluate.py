@@ -5,6 +5,7 @@ Every metric is checked against a reference formula written here with numpy on t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -20,15 +21,17 @@ from confluent_kafka import TopicPartition
 from support import REPO, avro, load_raw, ride_config, train_payment_classifier
 
 from stream_scorer.cli import main
+from stream_scorer.cli.watch import fetch_of
 from stream_scorer.contracts import PREDICTION_SCHEMA_V1
 from stream_scorer.contracts.manifest import write_manifest
-from stream_scorer.errors import ConfigError
+from stream_scorer.errors import ConfigError, ModelError
 from stream_scorer.evaluate.decide import Evidence, Rule, decide
 from stream_scorer.evaluate.join import JoinState, Outcome, Prediction
 from stream_scorer.evaluate.metrics import EvaluationMetrics
 from stream_scorer.evaluate.rollout import AliasPair, FixedPair, RolloutCanary
 from stream_scorer.evaluate.runner import AvroReader, Evaluator
 from stream_scorer.evaluate.stats import ClassifierStats, RegressorStats
+from stream_scorer.model.pack import reference_bins
 from stream_scorer.model.rollout import Rollout
 from stream_scorer.model.store import ModelStore, promote, read_rollout, start_rollout
 from stream_scorer.stages.encode import PredictionEncoder
@@ -209,6 +212,55 @@ def test_decide(
         assert d.gap is not None
 
 
+DRIFT = Rule(
+    "log_loss", min_outcomes=100, promote_margin=0.0, rollback_margin=0.05, max_prediction_psi=0.2
+)
+
+
+@pytest.mark.parametrize(
+    ("rule", "outcomes", "log_loss", "predictions", "psi", "noise", "action"),
+    [
+        # drifted predictions: rolled back without a single outcome (labels not needed)
+        (DRIFT, 0, None, 1000, 0.5, 0.01, "rollback"),
+        # drifted, and the metric says promote: drift wins
+        (DRIFT, 500, 0.25, 1000, 0.5, 0.01, "rollback"),
+        # the bound is on the excess over the no-drift noise: 0.25 - 0.09 <= 0.2
+        (DRIFT, 500, 0.25, 100, 0.25, 0.09, "promote"),
+        (DRIFT, 500, 0.25, 100, 0.30, 0.09, "rollback"),  # 0.21 > 0.2
+        # too few predictions: no drift check, however large the PSI
+        (DRIFT, 0, None, 99, 3.0, 0.1, "keep"),
+        # no reference for the version: no drift check
+        (DRIFT, 500, 0.25, 1000, None, 0.0, "promote"),
+        # the bound off: drift ignored
+        (LOSS, 500, 0.25, 1000, 3.0, 0.01, "promote"),
+        # within the bound, worse metric: the metric's rollback as before
+        (DRIFT, 500, 0.40, 1000, 0.1, 0.01, "rollback"),
+    ],
+)
+def test_decide_rolls_back_on_prediction_drift(
+    rule: Rule,
+    outcomes: int,
+    log_loss: float | None,
+    predictions: int,
+    psi: float | None,
+    noise: float,
+    action: str,
+) -> None:
+    champion = Evidence("v1", 1000, 0.30, 5000, 0.01, 0.002)
+    challenger = Evidence("v2", outcomes, log_loss, predictions, psi, noise)
+    d = decide(rule, champion, challenger)
+    assert d.action == action, d.reason
+    assert d.psi_bound == rule.max_prediction_psi
+    if action == "rollback" and d.gap is None:  # the drift trigger: its evidence in the reason
+        assert psi is not None and f"{psi:.4g}" in d.reason and "bound 0.2" in d.reason
+
+
+def test_a_drifting_champion_is_not_rolled_back() -> None:
+    champion = Evidence("v1", 1000, 0.30, 5000, 2.0, 0.002)
+    challenger = Evidence("v2", 1000, 0.30, 5000, 0.01, 0.002)
+    assert decide(DRIFT, champion, challenger).action == "promote"
+
+
 # --- metrics and configuration --------------------------------------------------------------
 
 
@@ -234,6 +286,13 @@ def evaluate_section(**changes: Any) -> dict[str, Any]:
 def test_evaluate_section_is_validated(tmp_path: Path) -> None:
     cfg = load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section()))
     assert cfg.evaluate.outcomes.id_field == "input_id" and cfg.evaluate.decide is None
+    drift = evaluate_section(decide={"metric": "auc", "max_prediction_psi": 0.25})
+    decide = load_raw(tmp_path, ride_config(tmp_path, evaluate=drift)).evaluate.decide
+    assert decide is not None and decide.max_prediction_psi == 0.25
+    off = load_raw(
+        tmp_path, ride_config(tmp_path, evaluate=evaluate_section(decide={"metric": "auc"}))
+    )
+    assert off.evaluate.decide is not None and off.evaluate.decide.max_prediction_psi is None
     bad = [
         (evaluate_section(windw_s=3), "evaluate.windw_s"),
         (evaluate_section(outcomes={"topic": "o"}), "evaluate.outcomes.schema"),
@@ -244,6 +303,10 @@ def test_evaluate_section_is_validated(tmp_path: Path) -> None:
             "evaluate.decide.rollback_margin",
         ),
         (evaluate_section(decide={"metric": "accuracy"}), "evaluate.decide.metric"),
+        (
+            evaluate_section(decide={"metric": "auc", "max_prediction_psi": 0}),
+            "evaluate.decide.max_prediction_psi",
+        ),
         (
             evaluate_section(
                 outcomes={
@@ -420,3 +483,70 @@ def test_the_rollout_canary_judges_one_challenger_and_acts_through_the_record(
     start_rollout(store, Rollout("canary", "v1", (("v3", 10.0),)), "champion")
     assert "champion: v1 -> v3" in canary.promote()
     assert read_rollout(store, "champion") is None and store.get_alias("champion") == "v3"
+
+
+def test_the_command_fetches_versions_from_the_decision_store_only_for_the_drift_check(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "store" / "fraud" / "v7").mkdir(parents=True)
+    rule: dict[str, Any] = {"metric": "auc", "store": f"store:{tmp_path / 'store' / 'fraud'}"}
+    args = argparse.Namespace(decide=True)
+    off = load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section(decide=rule)))
+    assert fetch_of(args, off) is None
+    rule["max_prediction_psi"] = 0.2
+    cfg = load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section(decide=rule)))
+    assert fetch_of(argparse.Namespace(decide=False), cfg) is None
+    fetch = fetch_of(args, cfg)
+    assert fetch is not None and fetch("v7") == tmp_path / "store" / "fraud" / "v7"
+    with pytest.raises(ModelError):
+        fetch("v8")
+
+
+def test_prediction_drift_per_version_reference_cached_and_a_version_without_one_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = train_payment_classifier(tmp_path / "v1")
+    shutil.copytree(tmp_path / "v1", tmp_path / "v0")  # v0: packed without reference bins
+    rng = np.random.default_rng(3)
+    prediction = reference_bins(rng.random(10_000))
+    reference = {
+        "rows": 10_000,
+        "features": {
+            f.name: reference_bins(rng.random(100), len(f.categories)) for f in manifest.features
+        },
+        "prediction": prediction,
+    }
+    write_manifest(tmp_path / "v1", dataclasses.replace(manifest, reference=reference))
+    fetched: list[str] = []
+
+    def fetch(version: str) -> Path:
+        fetched.append(version)
+        return tmp_path / version
+
+    cfg = load_raw(tmp_path, ride_config(tmp_path, evaluate=evaluate_section()))
+    ev = Evaluator(cfg, fetch=fetch)
+    enc = PredictionEncoder(json.loads(PREDICTION_SCHEMA_V1.read_text(encoding="utf-8")))
+    caplog.set_level("INFO", logger="stream_scorer.evaluate.runner")
+    for _ in range(2):  # two windows
+        for i in range(5000):  # the upper half only: a large PSI against uniform [0, 1]
+            p = 0.5 + 0.5 * float(rng.random())
+            ev.handle(PlainMessage(enc.encode(f"a{i}", p, 1, "v1", 1000, 1000), t="out"))
+            ev.handle(PlainMessage(enc.encode(f"b{i}", p, 1, "v0", 1000, 1000), t="out"))
+        ev._count_predictions()
+        counts = ev.window.predicted["v1"]
+        assert counts.sum() == 5000 and "v0" not in ev.window.predicted
+        shares = np.asarray([*prediction["shares"], 0.0])
+        ours = float(
+            np.sum(
+                (np.maximum(counts / 5000, 1e-4) - np.maximum(shares, 1e-4))
+                * np.log(np.maximum(counts / 5000, 1e-4) / np.maximum(shares, 1e-4))
+            )
+        )
+        n, psi, noise = ev._drift(ev.window, "v1")
+        assert n == 5000 and psi is not None and psi == pytest.approx(ours) and psi > 0.5
+        assert noise == pytest.approx(9 * (1 / 10_000 + 1 / 5000))
+        assert ev._drift(ev.window, "v0") == (0, None, 0.0)
+        ev.close_window()
+    assert sorted(fetched) == ["v0", "v1"]  # once per version
+    said = [r for r in caplog.records if "v0 was packed without reference bins" in r.getMessage()]
+    assert len(said) == 1
