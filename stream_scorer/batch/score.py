@@ -45,7 +45,6 @@ from stream_scorer.batch.files import (
     open_writer,
     prefetched,
 )
-from stream_scorer.batch.tables import QueryReader, TableOutput, database, table_name
 from stream_scorer.config import Config
 from stream_scorer.errors import ConfigError, DatabaseError, InputError
 from stream_scorer.fast.arrow import ArrowColumns, RowMessage, kept_rows
@@ -461,6 +460,15 @@ def run_score(
     """
     if (query is None) == (not inputs):
         raise ConfigError("--input", "give input files or --input-query, one of them")
+    if query is not None or output_table is not None or dead_letter_table is not None:
+        try:  # PostgreSQL support is the optional extra `postgres` (psycopg)
+            from stream_scorer.batch.tables import QueryReader, TableOutput, database, table_name
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                "--input-query" if query is not None else "--output-table",
+                f"needs PostgreSQL support ({exc.name} is not installed): "
+                "pip install 'stream-scorer[postgres]'",
+            ) from exc
     if (output is None) == (output_table is None):
         raise ConfigError("--output", "give --output or --output-table, one of them")
     if dead_letters is not None and dead_letter_table is not None:

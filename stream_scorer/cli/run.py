@@ -85,7 +85,15 @@ def _cmd_sink_postgres(args: argparse.Namespace) -> int:
     stop = StopFlag()
     with stop.on_signals():
         from stream_scorer.config import load_config
-        from stream_scorer.worker.store import PredictionStore
+
+        try:  # PostgreSQL support is the optional extra `postgres` (psycopg)
+            from stream_scorer.worker.store import PredictionStore
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                "sink postgres",
+                f"needs PostgreSQL support ({exc.name} is not installed): "
+                "pip install 'stream-scorer[postgres]'",
+            ) from exc
 
         overrides: dict[str, Any] = {}
         if args.bootstrap_servers is not None:

@@ -81,6 +81,6 @@ def test_workers_are_measured_through_their_metrics(
         workers.stop()
     assert reached > 0  # the rate the feeder reached: reported by the bench, never asserted
     assert 0 < events <= EVENTS and seconds > 0
-    assert set(stages) == set(bk.STAGES) and stages["decode"] > 0
+    assert set(stages) == {*bk.STAGES, "drift"} and stages["decode"] > 0
     assert rss[0] > 50
     assert len(bk.latencies(kafka_bootstrap, topics[0], topics[1])) == EVENTS
