@@ -430,7 +430,7 @@ def describe_group(admin: AdminClient, group: str, timeout_s: float = 10.0) -> A
         return admin.describe_consumer_groups([group], request_timeout=timeout_s)[group].result(
             timeout=timeout_s
         )
-    except KafkaException:
+    except (KafkaException, TimeoutError):  # the future's own timeout: no answer in time
         return None
 
 
