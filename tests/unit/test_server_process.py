@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +39,22 @@ def test_spawn_record_status_and_stop(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def test_a_killed_process_is_reaped_when_its_record_is_forgotten(tmp_path: Path) -> None:
+    """kill -9 of a server, then a new start (the fault suite's broker restart): ``forget``
+    reaps the old child, so the dropped ``Popen`` never warns "still running" when collected."""
+    server = ServerProcess(tmp_path, "the sleeper", (b"--k",), LocalKafkaError, log=print)
+    proc = server.spawn([sys.executable, "-c", SLEEPER, "--k"], tmp_path / "out", {})
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        server.forget()
+        assert proc.returncode == -signal.SIGKILL  # reaped: no zombie, no warning at collection
+        assert server.recorded() is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_a_stale_record_is_not_running_and_is_removed_by_stop(tmp_path: Path) -> None:
