@@ -76,6 +76,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         paced_seconds=args.paced_seconds,
         fmt=args.format,
         registry_port=args.registry_port,
+        controller_port=args.controller_port,
     )
 
 
@@ -348,6 +349,11 @@ def add_commands(sub: Commands) -> None:
     demo.add_argument("--events", type=int, default=100_000)
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--port", type=int, default=39092)
+    demo.add_argument(
+        "--controller-port",
+        type=int,
+        help="the broker's KRaft controller port (default: --port + 1)",
+    )
     demo.add_argument("--malformed-fraction", type=float, default=0.005)
     demo.add_argument(
         "--paced-rate", type=float, default=1000.0, help="events/s of the latency phase"

@@ -152,6 +152,7 @@ def run_demo(
     paced_seconds: float = 5.0,
     fmt: str = "schemaless",
     registry_port: int = 39081,
+    controller_port: int | None = None,
 ) -> int:
     """Run the demo; return the process exit code.
 
@@ -159,10 +160,11 @@ def run_demo(
     then ``paced_rate`` events per second for ``paced_seconds`` (the end-to-end latency of a
     stream the workers keep up with). ``fmt`` ``confluent``: a local Schema Registry
     (``registry_port``) too, the events framed with the ride schema's id and the predictions
-    with the prediction schema's.
+    with the prediction schema's. ``controller_port``: the broker's KRaft controller port
+    (default ``port`` + 1).
     """
     state = default_cache_dir() / f"demo-broker-{port}"
-    broker = LocalKafka(state, port=port)
+    broker = LocalKafka(state, port=port, controller_port=controller_port)
     running = broker.status()
     ours = running is None or not running.answering
     _say(

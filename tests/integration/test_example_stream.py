@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xgboost as xgb
-from support import committed_lag, read_record, read_topic, wait_for
+from support import committed_lag, free_ports, read_record, read_topic, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import expected_reasons, produce_events
@@ -114,14 +114,11 @@ def test_two_workers_score_the_example_stream_with_every_malformed_kind_dead_let
 
 
 def test_demo_balances_its_books() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # both ports reserved: --port + 1 (the controller's default) may be another process's
+    port, controller = free_ports(2)
     demo = _cli(
-        "demo", "--events", "5000", "--port", str(port), "--paced-rate", "400",
-        "--paced-seconds", "2",
+        "demo", "--events", "5000", "--port", str(port), "--controller-port", str(controller),
+        "--paced-rate", "400", "--paced-seconds", "2",
     )  # fmt: skip
     out, err = demo.communicate(timeout=300)
     assert demo.returncode == 0, out + err

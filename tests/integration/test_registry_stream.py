@@ -371,10 +371,12 @@ def test_the_framed_bench_profile_sets_the_stock_deserializer_beside_the_fast_pa
 
 
 def test_the_demo_balances_its_books_with_framed_events() -> None:
-    port, _controller, registry_port, _management = free_ports(4)
+    # every port reserved: --port + 1 (the controller's default) may be another process's
+    port, controller, registry_port, _management = free_ports(4)
     demo = subprocess.run(
         [sys.executable, "-m", "stream_scorer", "demo", "--events", "2000", "--port", str(port),
-         "--registry-port", str(registry_port), "--paced-rate", "400", "--paced-seconds", "1",
+         "--controller-port", str(controller), "--registry-port", str(registry_port),
+         "--paced-rate", "400", "--paced-seconds", "1",
          "--format", "confluent"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
