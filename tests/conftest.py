@@ -203,3 +203,19 @@ def make_topics(kafka_bootstrap: str) -> Callable[[dict[str, int]], None]:
         ensure_topics(kafka_bootstrap, topics)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server per module (`make mlflow-tools`); fails under CI if absent."""
+    from mlflow_server import mlflow_server
+
+    from stream_scorer.errors import LocalMlflowError
+
+    try:
+        with mlflow_server(tmp_path_factory.mktemp("mlflow"), free_ports(1)[0]) as uri:
+            yield uri
+    except LocalMlflowError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no MLflow server: {exc}")
+        pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")

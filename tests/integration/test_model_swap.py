@@ -189,18 +189,6 @@ def _in_mlflow(uri: str, dirs: dict[str, Path]) -> Models:
     return models
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (``make mlflow-tools``); fails under CI when absent."""
-    try:
-        with mlflow_server(tmp_path_factory.mktemp("mlflow"), free_ports(1)[0]) as uri:
-            yield uri
-    except LocalMlflowError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"no MLflow server for the registry tests: {exc}")
-        pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")
-
-
 def _check_stamps(
     run: FaultRun, models: Models, t: dict[str, int], schema: dict[str, Any]
 ) -> dict[str, int]:

@@ -31,11 +31,9 @@ from pathlib import Path
 
 import pytest
 from faults import PARTITIONS, FaultRun, tail
-from mlflow_server import mlflow_server
-from support import free_ports, parse_record_schema, read_record, read_topic
+from support import parse_record_schema, read_record, read_topic
 
 from stream_scorer import headers as hdr
-from stream_scorer.errors import LocalMlflowError
 from stream_scorer.example.train import train
 from stream_scorer.model.mlflow import MlflowRegistry
 from stream_scorer.model.rollout import make
@@ -251,18 +249,6 @@ def test_canary_10_then_50_then_rollback_on_two_workers_with_kill_9(
     late = [v for rows in batches.values() for _, v, ts in rows if t["all50"] <= ts < t["rollback"]]
     assert len(late) > PHASES[1] // 3, len(late)
     assert _within_binomial(late.count(v2), len(late), 0.5), (late.count(v2), len(late))
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (``make mlflow-tools``); fails under CI when absent."""
-    try:
-        with mlflow_server(tmp_path_factory.mktemp("mlflow"), free_ports(1)[0]) as uri:
-            yield uri
-    except LocalMlflowError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"no MLflow server for the rollout tests: {exc}")
-        pytest.skip(f"no MLflow server ({exc}); `make mlflow-tools` installs one")
 
 
 @pytest.mark.integration
