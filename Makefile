@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup tools mlflow-tools demo test lint docs unit integration faults boundscheck clean
+.PHONY: setup tools mlflow-tools demo test test-slow test-all lint docs unit integration faults boundscheck clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
@@ -55,18 +55,27 @@ docs: $(STAMP)
 	$(BIN)/python -m stream_scorer.devtools.manual docs/manual/reference
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml
 
-# everything: lint; every tier but the faults on TEST_WORKERS processes (pytest-xdist; a module's
-# tests stay on one worker, each worker starts its own broker and registry); then the fault
-# suite alone (it measures recovery times: no other test may share the CPUs); then the manual
-# (after the tests: `docs` rewrites the generated pages, whose freshness a unit test checks as
-# committed). A failing (or empty: pytest's exit 5) step fails `make test`.
+# `make test` (what .ci/run and CI run; about 10 min here): lint; every test but the slow tier
+# and the faults on TEST_WORKERS processes (pytest-xdist; a module's tests stay on one worker,
+# each worker starts its own broker and registry); then the manual (after the tests: `docs`
+# rewrites the generated pages, whose freshness a unit test checks as committed).
+# `make test-slow`: the slow tier (bounds checks, session and idle timeouts waited out, longer
+# variants of faster tests) on TEST_WORKERS processes, then the fault suite alone (it measures
+# recovery times: no other test may share the CPUs). `make test-all`: both, every test once.
+# A failing (or empty: pytest's exit 5) step fails the target.
 TEST_WORKERS ?= 2
-PARALLEL_TESTS := -m "not faults"
+FAST_TESTS := -m "not slow and not boundscheck and not faults"
+SLOW_TESTS := -m "(slow or boundscheck) and not faults"
 SERIAL_TESTS := -m faults
 test: setup mlflow-tools lint
-	$(BIN)/pytest $(PARALLEL_TESTS) -n $(TEST_WORKERS) --dist loadfile --durations=25
-	$(BIN)/pytest $(SERIAL_TESTS) --durations=12
+	$(BIN)/pytest $(FAST_TESTS) -n $(TEST_WORKERS) --dist loadfile --durations=25
 	$(MAKE) --no-print-directory docs
+
+test-slow: setup mlflow-tools
+	$(BIN)/pytest $(SLOW_TESTS) -n $(TEST_WORKERS) --dist loadfile --durations=12
+	$(BIN)/pytest $(SERIAL_TESTS) --durations=12
+
+test-all: test test-slow
 
 # the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),
 # boundscheck (the numba kernel's tests compiled with bounds checks; no server, slow)

@@ -197,6 +197,7 @@ def test_idle_stops_a_worker_that_read_and_delivered_everything(env: Env, mode: 
 
 
 # --- (a) a worker does not stop while the group is rebalancing towards it ------------------
+@pytest.mark.slow  # a member killed, its session timeout, a rebalance
 def test_idle_waits_for_a_rebalance_that_hands_a_dead_members_partitions_over(env: Env) -> None:
     produce_raw(env.bootstrap, env.topic, _items(600, seed=33), PARTITIONS)
     dead = _Member(env.bootstrap, env.topic, env.group)
@@ -235,6 +236,7 @@ def test_idle_waits_for_a_rebalance_that_hands_a_dead_members_partitions_over(en
 
 
 # --- (d) without partitions: idle only once the group has settled --------------------------
+@pytest.mark.slow  # idle timeouts around a rebalance
 def test_a_worker_without_partitions_stops_only_after_the_group_settled(
     env: Env, unique: Callable[[str], str], make_topics: Callable[[dict[str, int]], None]
 ) -> None:
@@ -273,6 +275,7 @@ def test_a_worker_without_partitions_stops_only_after_the_group_settled(
 
 
 # --- (b) a failing run never ends in 0 -----------------------------------------------------
+@pytest.mark.slow  # transactions that time out one by one
 def test_exactly_once_with_its_output_topic_gone_fails_instead_of_idling_out(env: Env) -> None:
     # records keep arriving (10 s), so the worker is never idle before its transactions fail;
     # each failing one blocks until its outputs time out (6 s), longer than the idle timeout
@@ -313,6 +316,7 @@ def test_exactly_once_with_its_output_topic_gone_fails_instead_of_idling_out(env
 
 
 # --- (e) an idle stop that leaves a dead member's records behind says so --------------------
+@pytest.mark.slow  # a member killed, its session timeout
 def test_an_idle_stop_names_the_records_a_dead_member_left_and_exits_3(env: Env) -> None:
     admin = AdminClient({"bootstrap.servers": env.bootstrap})
 

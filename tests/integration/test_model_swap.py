@@ -324,6 +324,7 @@ def test_model_store_rollout_with_kill_9_rollback_and_a_refused_version(
     _rollout(run, models, prediction_schema)
 
 
+@pytest.mark.slow  # the MLflow variant of the fault suite's model-store rollout
 @pytest.mark.integration
 def test_mlflow_registry_rollout_with_kill_9_rollback_and_a_refused_version(
     make_run: MakeRun,

@@ -370,6 +370,7 @@ def test_the_framed_bench_profile_sets_the_stock_deserializer_beside_the_fast_pa
     assert all(v > 0 for v in got.values())
 
 
+@pytest.mark.slow  # the whole demo again, framed (test_example_stream runs it plain)
 def test_the_demo_balances_its_books_with_framed_events() -> None:
     # every port reserved: --port + 1 (the controller's default) may be another process's
     port, controller, registry_port, _management = free_ports(4)

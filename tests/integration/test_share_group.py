@@ -77,6 +77,7 @@ def workers() -> Iterator[list[Worker]]:
             w.proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # four workers, a kill -9, lock expiry
 def test_four_share_workers_on_one_partition_all_receive_and_kill_9_loses_nothing(
     tmp_path: Path,
     kafka_bootstrap: str,

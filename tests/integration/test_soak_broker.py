@@ -13,6 +13,7 @@ from stream_scorer.example.train import train
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # a soak, however short
 def test_a_short_soak_samples_memory_and_accounts_for_every_event(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
