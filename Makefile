@@ -55,25 +55,33 @@ docs: $(STAMP)
 	$(BIN)/python -m stream_scorer.devtools.manual docs/manual/reference
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml
 
-# `make test` (what .ci/run and CI run; about 10 min here): lint; every test but the slow tier
-# and the faults on TEST_WORKERS processes (pytest-xdist; a module's tests stay on one worker,
-# each worker starts its own broker and registry); then the manual (after the tests: `docs`
+# `make test` (what .ci/run and CI run; about 10 min here): lint; every test but the slow tier and
+# the faults on TEST_WORKERS processes (pytest-xdist; a module's tests stay on one worker, each
+# worker starts its own broker and registry); the fault suite's kill -9 runs alone (no other test
+# may share the CPUs while faults are injected); then the manual (after the tests: `docs`
 # rewrites the generated pages, whose freshness a unit test checks as committed).
 # `make test-slow`: the slow tier (bounds checks, session and idle timeouts waited out, longer
-# variants of faster tests) on TEST_WORKERS processes, then the fault suite alone (it measures
-# recovery times: no other test may share the CPUs). `make test-all`: both, every test once.
+# variants of faster tests) on TEST_WORKERS processes, then the rest of the fault suite alone
+# (broker kill and restarts, whose recovery times it measures, rolling restarts, a zombie,
+# fencing, rollouts). `make test-all`: both, every test once.
+# --no-loadscope-reorder: files go out in collection order, the integration modules (few tests,
+# long fixtures) first and the many short unit modules last to fill in; xdist's default sends the
+# files with the most tests first, which left a long integration module running alone at the end.
 # A failing (or empty: pytest's exit 5) step fails the target.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 FAST_TESTS := -m "not slow and not boundscheck and not faults"
+FAST_FAULTS := -m "faults and not slow"
 SLOW_TESTS := -m "(slow or boundscheck) and not faults"
-SERIAL_TESTS := -m faults
+SLOW_FAULTS := -m "faults and slow"
 test: setup mlflow-tools lint
-	$(BIN)/pytest $(FAST_TESTS) -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/pytest $(FAST_TESTS) $(XDIST) --durations=25
+	$(BIN)/pytest $(FAST_FAULTS) --durations=5
 	$(MAKE) --no-print-directory docs
 
 test-slow: setup mlflow-tools
-	$(BIN)/pytest $(SLOW_TESTS) -n $(TEST_WORKERS) --dist loadfile --durations=12
-	$(BIN)/pytest $(SERIAL_TESTS) --durations=12
+	$(BIN)/pytest $(SLOW_TESTS) $(XDIST) --durations=12
+	$(BIN)/pytest $(SLOW_FAULTS) --durations=12
 
 test-all: test test-slow
 

@@ -11,6 +11,7 @@ in between (``faults.FaultWindow``). The outcome line of each run is printed
 (``pytest -s``) and appended to ``$FAULT_REPORT`` when set.
 
 These tests use a broker of their own (they kill it), started like the session's local broker.
+`make test` runs the kill -9 runs; the others are in the slow tier (`make test-slow`).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def test_kill_9_five_times(make_run: MakeRun, mode: str) -> None:
     assert not outcome.unexpected_exits, outcome.unexpected_exits
 
 
+@pytest.mark.slow
 def test_kill_9_with_framed_input_exactly_once(make_run: MakeRun, schema_registry: str) -> None:
     """Confluent-framed input (the writer schema from a real registry) through three kill -9s."""
     events = max(EVENTS // 2, 3000)
@@ -180,6 +182,7 @@ def test_kill_9_with_framed_input_exactly_once(make_run: MakeRun, schema_registr
     assert not outcome.unexpected_exits, outcome.unexpected_exits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [EOS, ALO])
 def test_rolling_sigterm_restart(make_run: MakeRun, mode: str) -> None:
     run = make_run(mode, "rolling-sigterm")
@@ -209,6 +212,7 @@ def _member_left(bootstrap: str, group: str, client_id: str) -> bool:
     return described is not None and client_id not in {m.client_id for m in described.members}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [EOS, ALO])
 def test_zombie_sigstop_past_max_poll_interval(make_run: MakeRun, mode: str) -> None:
     run = make_run(mode, "zombie-sigstop")
@@ -235,6 +239,7 @@ def test_zombie_sigstop_past_max_poll_interval(make_run: MakeRun, mode: str) -> 
     assert not outcome.unexpected_exits, outcome.unexpected_exits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [EOS, ALO])
 def test_broker_kill_9_and_restart(make_run: MakeRun, broker: LocalKafka, mode: str) -> None:
     run = make_run(mode, "broker-kill-9")
@@ -270,6 +275,7 @@ RESTART_RATE, RESTART_SLICE = 3000.0, 60_000
 RECOVERY_BOUND_S = 10.0
 
 
+@pytest.mark.slow
 def test_every_exactly_once_worker_recovers_soon_after_each_broker_restart(
     make_run: MakeRun, broker: LocalKafka
 ) -> None:
@@ -343,6 +349,7 @@ def test_every_exactly_once_worker_recovers_soon_after_each_broker_restart(
     assert len(rounds) == RESTART_ROUNDS and all(len(r) == 3 for r in rounds)
 
 
+@pytest.mark.slow
 def test_second_worker_with_the_same_transactional_id_fences_the_first(make_run: MakeRun) -> None:
     run = make_run(EOS, "same-txn-id")
     run.start_all()

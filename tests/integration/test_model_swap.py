@@ -311,6 +311,7 @@ def prediction_schema() -> dict[str, Any]:
     return parse_record_schema(json.loads((ROOT / "schemas" / "prediction.v1.avsc").read_text()))
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.faults
 def test_model_store_rollout_with_kill_9_rollback_and_a_refused_version(
