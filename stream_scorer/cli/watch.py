@@ -101,6 +101,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, stop: Any) -> int:
     from stream_scorer.config import load_config
     from stream_scorer.evaluate.runner import Evaluator, serve_metrics
+    from stream_scorer.worker.health import tls_context
 
     overrides: dict[str, Any] = {}
     if args.bootstrap_servers is not None:
@@ -117,7 +118,7 @@ def _evaluate(args: argparse.Namespace, stop: Any) -> int:
         fetch=fetch_of(args, cfg),
     )
     port = cfg.evaluate.metrics_port if args.metrics_port is None else args.metrics_port
-    serve_metrics(evaluator.metrics, cfg.metrics.host, port)
+    serve_metrics(evaluator.metrics, cfg.metrics.host, port, tls_context(cfg))
     report = evaluator.run(lambda: bool(stop))
     sys.stdout.write(json.dumps({"windows": report.windows, "pairs": report.pairs}) + "\n")
     sys.stdout.flush()

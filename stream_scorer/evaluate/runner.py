@@ -21,10 +21,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 
@@ -749,19 +751,31 @@ def decision_dict(decision: Decision, applied: bool) -> dict[str, Any]:
     return out
 
 
-def serve_metrics(metrics: EvaluationMetrics, host: str, port: int) -> Mapping[str, Any] | None:
-    """Serve ``/metrics`` on ``host:port`` (0: not at all); the server and its thread."""
+def serve_metrics(
+    metrics: EvaluationMetrics, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> ThreadingHTTPServer | None:
+    """Serve ``/metrics`` on ``host:port`` (0: not at all), HTTPS with ``tls``; the server.
+
+    The worker's server (``worker.health.http_server``), so ``metrics.tls_cert``/``tls_key``
+    hold here too. It serves from a daemon thread until the process ends or it is shut down.
+    """
     if not port:
         return None
-    from prometheus_client import start_http_server
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from stream_scorer.worker.health import http_server
+
+    def render() -> tuple[int, bytes, str]:
+        return 200, generate_latest(metrics.prometheus), CONTENT_TYPE_LATEST
 
     try:
-        server, thread = start_http_server(port, host, registry=metrics.prometheus)
+        server = http_server(host, port, {"/metrics": render}, tls)
     except OSError as exc:
         raise ConfigError(
-            "evaluate.metrics_port", f"cannot listen on {host}:{port}: {exc}"
+            "evaluate.metrics_port", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from exc
-    return {"server": server, "thread": thread}
+    threading.Thread(target=server.serve_forever, name="evaluate-http", daemon=True).start()
+    return server
 
 
 __all__ = ["EvaluateReport", "Evaluator", "SchemaError", "serve_metrics"]

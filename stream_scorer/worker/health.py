@@ -221,7 +221,7 @@ class Monitor:
         if self._cfg.metrics.port:
             host, port = self._cfg.metrics.host, self._cfg.metrics.port
             try:
-                self._server = _make_server(self, host, port, _tls_context(self._cfg))
+                self._server = _make_server(self, host, port, tls_context(self._cfg))
             except OSError as exc:
                 raise ConfigError(
                     "metrics.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
@@ -261,8 +261,10 @@ class Monitor:
                 log.exception("health refresh failed")
 
 
-def _tls_context(cfg: Config) -> ssl.SSLContext | None:
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The HTTPS context of ``metrics.tls_cert``/``tls_key``, or None (plain HTTP).
+
+    Every HTTP endpoint of the process uses it (the worker's, the sink's, the evaluator's).
 
     Raises:
         ConfigError: the certificate or key cannot be loaded.
@@ -301,30 +303,46 @@ class _HttpsServer(ThreadingHTTPServer):
 _HANDSHAKE_S = 10.0
 
 
+#: A path's answer: HTTP status, body, content type.
+Route = Callable[[], tuple[int, bytes, str]]
+
+
 def _make_server(
     monitor: Monitor, host: str, port: int, tls: ssl.SSLContext | None = None
 ) -> ThreadingHTTPServer:
     metrics = monitor._metrics
 
+    def as_json(code_body: tuple[bool, dict[str, Any]]) -> tuple[int, bytes, str]:
+        ok, body = code_body
+        return 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json"
+
+    def ready() -> tuple[int, bytes, str]:
+        monitor.refresh()
+        return as_json(monitor.readiness())
+
+    routes: dict[str, Route] = {
+        "/metrics": lambda: (200, metrics.render(), CONTENT_TYPE_LATEST),
+        "/healthz": lambda: as_json(monitor.liveness()),
+        "/readyz": ready,
+    }
+    return http_server(host, port, routes, tls)
+
+
+def http_server(
+    host: str, port: int, routes: Mapping[str, Route], tls: ssl.SSLContext | None = None
+) -> ThreadingHTTPServer:
+    """A threaded HTTP server answering GET on ``routes`` (HTTPS with ``tls``), not yet serving.
+
+    Each request runs in its own daemon thread; with TLS, so does each handshake, bounded in
+    time, so a client that never completes one blocks nobody. Raises OSError when it cannot
+    listen.
+    """
+    missing = f"not found: try {', '.join(routes)}\n".encode()
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                alive, body = monitor.liveness()
-                self._send_json(200 if alive else 503, body)
-            elif path == "/readyz":
-                monitor.refresh()
-                ready, body = monitor.readiness()
-                self._send_json(200 if ready else 503, body)
-            else:
-                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
-
-        def _send_json(self, code: int, body: dict[str, Any]) -> None:
-            self._send(code, json.dumps(body).encode() + b"\n", "application/json")
-
-        def _send(self, code: int, data: bytes, content_type: str) -> None:
+            route = routes.get(self.path.split("?", 1)[0])
+            code, data, content_type = (404, missing, "text/plain") if route is None else route()
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))

@@ -77,3 +77,40 @@ def test_cert_and_key_come_together(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"metrics\.tls_cert: cannot load"):
         Monitor(cfg, Metrics(), "m").__enter__()
+
+
+def test_the_evaluators_metrics_use_the_same_https_and_only_serve_metrics(tmp_path: Path) -> None:
+    """``stream-scorer evaluate`` serves its /metrics with ``metrics.tls_cert``/``tls_key`` too."""
+    from stream_scorer.evaluate.metrics import EvaluationMetrics
+    from stream_scorer.evaluate.runner import serve_metrics
+    from stream_scorer.worker.health import tls_context
+
+    files = make_tls(tmp_path / "tls")
+    metrics = {"tls_cert": str(files.server_cert), "tls_key": str(files.server_key)}
+    port = free_ports(1)[0]
+    server = serve_metrics(
+        EvaluationMetrics("m"), "127.0.0.1", port, tls_context(_cfg(tmp_path, metrics))
+    )
+    assert server is not None
+    try:
+        trusting = ssl.create_default_context(cafile=str(files.ca))
+        url = f"https://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5, context=trusting) as resp:
+            assert resp.status == 200
+            assert b"stream_scorer_evaluation_" in resp.read()
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{url}/healthz", timeout=5, context=trusting)
+        assert missing.value.code == 404 and b"try /metrics" in missing.value.read()
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # port 0: no server; a port taken: a configuration error naming the field
+    assert serve_metrics(EvaluationMetrics("m"), "127.0.0.1", 0) is None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=r"evaluate\.metrics_port: cannot listen"):
+            serve_metrics(EvaluationMetrics("m"), "127.0.0.1", busy)
