@@ -39,6 +39,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream_scorer.config import Config, EvaluateConfig, client_settings, kafka_client
 from stream_scorer.contracts import EVALUATION_SCHEMA_V1
@@ -761,12 +762,10 @@ def serve_metrics(
     """
     if not port:
         return None
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
     from stream_scorer.worker.health import http_server
 
     def render() -> tuple[int, bytes, str]:
-        return 200, generate_latest(metrics.prometheus), CONTENT_TYPE_LATEST
+        return 200, metrics.render(), CONTENT_TYPE_LATEST
 
     try:
         server = http_server(host, port, {"/metrics": render}, tls)

@@ -312,8 +312,8 @@ def _make_server(
 ) -> ThreadingHTTPServer:
     metrics = monitor._metrics
 
-    def as_json(code_body: tuple[bool, dict[str, Any]]) -> tuple[int, bytes, str]:
-        ok, body = code_body
+    def as_json(answer: tuple[bool, dict[str, Any]]) -> tuple[int, bytes, str]:
+        ok, body = answer
         return 200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json"
 
     def ready() -> tuple[int, bytes, str]:

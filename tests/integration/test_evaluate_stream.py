@@ -27,7 +27,15 @@ import numpy as np
 import pytest
 import yaml
 from confluent_kafka import Producer
-from support import REPO, load_raw, read_topic, ride_config, train_payment_classifier, wait_for
+from support import (
+    REPO,
+    load_raw,
+    read_topic,
+    reference_classifier,
+    ride_config,
+    train_payment_classifier,
+    wait_for,
+)
 
 from stream_scorer.config import Config
 from stream_scorer.contracts.manifest import read_manifest, write_manifest
@@ -161,22 +169,8 @@ def stopped(evaluator: Evaluator, stop: threading.Event) -> None:
     wait_for(lambda: evaluator._consumer is None, 60, "the evaluator to stop")
 
 
-def reference(p: np.ndarray, y: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    q = np.clip(p, 1e-15, 1 - 1e-15)
-    pos, neg = p[y == 1], p[y == 0]
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    tp = float(((labels == 1) & (y == 1)).sum())
-    return {
-        "log_loss": float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))),
-        "brier": float(np.mean((p - y) ** 2)),
-        "auc": float(wins / (len(pos) * len(neg))),
-        "precision": tp / float((labels == 1).sum()),
-        "recall": tp / float((y == 1).sum()),
-    }
-
-
 def check_window(record: dict[str, Any], p: np.ndarray, y: np.ndarray, lab: np.ndarray) -> None:
-    want = reference(p, y, lab)
+    want = reference_classifier(p, y, lab)
     assert record["outcomes"] == len(p) and record["positives"] == int(y.sum())
     for name in ("log_loss", "brier", "precision", "recall"):
         assert record[name] == pytest.approx(want[name], rel=1e-9), name

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support import committed_lag, free_ports, read_topic, wait_for
+from support import committed_lag, free_ports, read_topic, unavailable, wait_for
 
 from stream_scorer import headers as hdr
 from stream_scorer.example.produce import expected_reasons, produce_events
@@ -49,9 +49,7 @@ def image(capsys: pytest.CaptureFixture[str]) -> Iterator[str]:
     elif os.geteuid() != 0:
         why = "building the image with podman and mmdebstrap needs root"
     if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(why)
     started = time.monotonic()
     done = subprocess.run(
         ["sh", "deploy/tools/build-image.sh"],

@@ -18,7 +18,14 @@ import numpy.typing as npt
 import pytest
 import yaml
 from confluent_kafka import TopicPartition
-from support import REPO, avro, load_raw, ride_config, train_payment_classifier
+from support import (
+    REPO,
+    avro,
+    load_raw,
+    reference_classifier,
+    ride_config,
+    train_payment_classifier,
+)
 
 from stream_scorer.cli import main
 from stream_scorer.cli.watch import fetch_of
@@ -38,21 +45,6 @@ from stream_scorer.stages.encode import PredictionEncoder
 from stream_scorer.stages.records import PlainMessage
 
 F = npt.NDArray[np.float64]
-
-
-def reference_classifier(p: F, y: F, labels: F) -> dict[str, float]:
-    """Log loss, Brier, exact AUC (all pairs, ties half), precision, recall: numpy only."""
-    q = np.clip(p, 1e-15, 1 - 1e-15)
-    pos, neg = p[y == 1], p[y == 0]
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    tp = float(((labels == 1) & (y == 1)).sum())
-    return {
-        "log_loss": float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))),
-        "brier": float(np.mean((p - y) ** 2)),
-        "auc": float(wins / (len(pos) * len(neg))),
-        "precision": tp / float((labels == 1).sum()),
-        "recall": tp / float((y == 1).sum()),
-    }
 
 
 def classifier_sample(n: int, seed: int) -> tuple[F, F, F]:
