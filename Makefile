@@ -87,7 +87,7 @@ test-slow: setup mlflow-tools
 
 test-all: test test-slow
 
-# the tiers alone: unit (no server, under a minute), integration (real broker), faults (minutes),
+# the tiers alone: unit (no server, ~3 min on one process), integration (real broker), faults (minutes),
 # boundscheck (the numba kernel's tests compiled with bounds checks; no server, slow)
 unit: $(STAMP)
 	$(BIN)/pytest -m "unit and not boundscheck"
